@@ -1,0 +1,180 @@
+"""The stack's configuration: one dataclass per concern, all parsed from the same argv/env.
+
+Every process (`neo serve`, `neo gateway`, `neo gpu-worker`, `neo cpu-attention`) reads the whole
+:class:`NeoConfig`, so a launcher (or a Kubernetes ConfigMap through ``NEO_*`` variables) can hand
+the same settings to all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Sequence
+
+from neo_common.settings import ConfigError, Settings, option
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+OFFLOAD_MODES = ("off", "auto", "full")
+
+
+@dataclasses.dataclass
+class ModelConfig(Settings):
+    """Which weights to serve and how to load them."""
+
+    model: str = option(DEFAULT_MODEL, "HF folder, .gguf file, dummy geometry name, or the embedded default")
+    load_format: str = option("auto", "how to read `model`", choices=("auto", "hf", "gguf", "dummy"))
+    dtype: str = option("auto", "compute dtype (auto: bfloat16 on CUDA, float32 on CPU)",
+                        choices=("auto", "float32", "bfloat16", "float16"))
+    served_model_name: str = option("", "name clients use in `model` (default: derived from `model`)")
+    max_model_len: int = option(0, "context length limit in tokens (0: the model's own)")
+    seed: int = option(0, "seed for dummy weights")
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError("--model must not be empty")
+        if self.max_model_len < 0:
+            raise ConfigError("--max-model-len must be >= 0")
+
+
+@dataclasses.dataclass
+class CacheConfig(Settings):
+    """Paged KV cache geometry and budgets for both pools."""
+
+    block_size: int = option(16, "tokens per KV block")
+    num_gpu_blocks: int = option(0, "GPU KV blocks (0: size from --gpu-memory-utilization)")
+    gpu_memory_utilization: float = option(0.9, "fraction of device memory the worker may use")
+    cpu_device_kv_gb: float = option(1.0, "KV budget in GiB when the worker runs on the CPU device")
+    num_cpu_blocks: int = option(0, "host KV blocks for CPU-resident requests (0: none)")
+
+    def validate(self) -> None:
+        if self.block_size not in (8, 16, 32):
+            raise ConfigError("--block-size must be 8, 16 or 32")
+        if self.num_gpu_blocks < 0 or self.num_cpu_blocks < 0:
+            raise ConfigError("--num-gpu-blocks and --num-cpu-blocks must be >= 0")
+        if not 0.05 <= self.gpu_memory_utilization <= 1.0:
+            raise ConfigError("--gpu-memory-utilization must be within [0.05, 1.0]")
+        if self.cpu_device_kv_gb <= 0:
+            raise ConfigError("--cpu-device-kv-gb must be > 0")
+
+
+@dataclasses.dataclass
+class SchedulerConfig(Settings):
+    """Batching budgets and the offload policy."""
+
+    max_num_seqs: int = option(256, "most requests in one iteration")
+    max_num_batched_tokens: int = option(2048, "token budget of one iteration (prefill chunks + decodes)")
+    max_waiting: int = option(4096, "waiting-queue bound; beyond it requests get 429")
+    offload_mode: str = option("off", "where decodes may run", choices=OFFLOAD_MODES)
+    swap_in_threshold: float = option(0.95, "swap CPU requests back in only below this GPU KV use")
+
+    def validate(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ConfigError("--max-num-seqs must be >= 1")
+        if self.max_num_batched_tokens < 16:
+            raise ConfigError("--max-num-batched-tokens must be >= 16")
+        if self.max_waiting < 1:
+            raise ConfigError("--max-waiting must be >= 1")
+        if not 0.0 < self.swap_in_threshold <= 1.0:
+            raise ConfigError("--swap-in-threshold must be within (0, 1]")
+
+
+@dataclasses.dataclass
+class DeviceConfig(Settings):
+    """Where the GPU worker computes."""
+
+    device: str = option("auto", "torch device for the GPU worker (auto: cuda if present, else cpu)")
+    cpu_threads: int = option(0, "threads for CPU attention (0: the CPUs this process may use)")
+
+    def validate(self) -> None:
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ConfigError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
+        if self.cpu_threads < 0:
+            raise ConfigError("--cpu-threads must be >= 0")
+
+
+@dataclasses.dataclass
+class IpcConfig(Settings):
+    """Addresses between the processes of one replica (the gateway binds, workers connect)."""
+
+    worker_addr: str = option("tcp://127.0.0.1:5601", "ZeroMQ address gateway <-> gpu_worker")
+    cpu_attention_addr: str = option("tcp://127.0.0.1:5602", "ZeroMQ address gateway <-> cpu_attention")
+    shm_name: str = option("", "POSIX shared-memory segment for the CPU KV pool (default: per port)")
+    worker_timeout_s: float = option(120.0, "an iteration taking longer than this marks the worker dead")
+
+    def validate(self) -> None:
+        for name in ("worker_addr", "cpu_attention_addr"):
+            if "://" not in getattr(self, name):
+                raise ConfigError(f"--{name.replace('_', '-')} must look like tcp://HOST:PORT")
+        if self.worker_timeout_s <= 0:
+            raise ConfigError("--worker-timeout-s must be > 0")
+
+
+@dataclasses.dataclass
+class HttpConfig(Settings):
+    """The OpenAI-compatible HTTP front and its input limits."""
+
+    host: str = option("127.0.0.1", "address the HTTP server listens on")
+    port: int = option(8000, "HTTP port")
+    max_request_bytes: int = option(4 * 1024 * 1024, "largest accepted request body")
+    max_tokens_limit: int = option(0, "largest accepted max_tokens (0: context length)")
+    max_stop_strings: int = option(16, "most stop strings per request")
+    max_stop_length: int = option(256, "longest stop string in characters")
+    log_level: str = option("info", "logging level", choices=("debug", "info", "warning", "error"))
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("--port must be within 0..65535")
+        if self.max_request_bytes < 1024:
+            raise ConfigError("--max-request-bytes must be >= 1024")
+
+
+SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig, IpcConfig, HttpConfig)
+
+
+@dataclasses.dataclass
+class NeoConfig:
+    """Everything one replica needs; each field is one section above."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    cache: CacheConfig = dataclasses.field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
+    device: DeviceConfig = dataclasses.field(default_factory=DeviceConfig)
+    ipc: IpcConfig = dataclasses.field(default_factory=IpcConfig)
+    http: HttpConfig = dataclasses.field(default_factory=HttpConfig)
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        for section in SECTIONS:
+            section.add_arguments(parser)
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace, env: dict[str, str] | None = None) -> "NeoConfig":
+        env = dict(os.environ) if env is None else env
+        parts = [section.from_namespace(ns, env) for section in SECTIONS]
+        return cls(*parts)
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> "NeoConfig":
+        parser = argparse.ArgumentParser()
+        cls.add_arguments(parser)
+        return cls.from_namespace(parser.parse_args(argv), env)
+
+    def to_args(self) -> list[str]:
+        return [arg for section in self.sections() for arg in section.to_args()]
+
+    def to_env(self) -> dict[str, str]:
+        env: dict[str, str] = {}
+        for section in self.sections():
+            env.update(section.to_env())
+        return env
+
+    def sections(self) -> list[Settings]:
+        return [self.model, self.cache, self.scheduler, self.device, self.ipc, self.http]
+
+    @property
+    def shm_name(self) -> str:
+        """Segment name: explicit, else unique per worker port so two replicas on a host don't clash."""
+        if self.ipc.shm_name:
+            return self.ipc.shm_name
+        return "neo-kv-" + self.ipc.cpu_attention_addr.rsplit(":", 1)[-1]
