@@ -1,0 +1,244 @@
+"""The typed, versioned wire protocol between the gateway and the workers (ZeroMQ + msgpack).
+
+A frame is one message-type byte followed by a msgpack map. Enums travel as integers and arrays as
+raw little-endian bytes with an explicit dtype (columnar, so a 256-request plan costs a few
+microseconds to pack, not one Python dict per request). Every map carries the protocol version; a
+peer with another version is refused at the handshake instead of misreading frames later.
+
+Direction and purpose:
+- ``Hello`` (worker -> gateway): a worker process connected; sent until the gateway answers.
+- ``WorkerReady`` (gpu_worker -> gateway): model loaded, KV pool sized; carries the geometry.
+- ``IterationPlan`` (gateway -> gpu_worker): what to run this iteration, per request.
+- ``IterationResult`` (gpu_worker -> gateway): sampled tokens and worker-side timings.
+- ``CpuAttentionPlan`` (gateway -> cpu_attention): the CPU-resident rows of each sub-batch.
+- ``Shutdown`` (gateway -> worker), ``WorkerError`` (worker -> gateway).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any, ClassVar
+
+import msgpack
+import numpy as np
+
+PROTOCOL_VERSION = 1
+
+
+class MsgType(enum.IntEnum):
+    HELLO = 1
+    WORKER_READY = 2
+    ITERATION_PLAN = 3
+    ITERATION_RESULT = 4
+    CPU_ATTENTION_PLAN = 5
+    SHUTDOWN = 6
+    WORKER_ERROR = 7
+
+
+class Place(enum.IntEnum):
+    """Where a request's KV lives (wholly): decides which pool its block table indexes."""
+
+    GPU = 0
+    CPU = 1
+
+
+class WorkerKind(enum.IntEnum):
+    GPU_WORKER = 0
+    CPU_ATTENTION = 1
+
+
+class ProtocolError(ValueError):
+    pass
+
+
+def _arr(a: np.ndarray) -> dict[str, Any]:
+    a = np.ascontiguousarray(a)
+    return {"d": a.dtype.str, "s": list(a.shape), "b": a.tobytes()}
+
+
+def _unarr(obj: dict[str, Any]) -> np.ndarray:
+    return np.frombuffer(obj["b"], dtype=np.dtype(obj["d"])).reshape(obj["s"])
+
+
+class Message:
+    """Base of every message: dataclass fields <-> msgpack map; ndarray fields travel as raw bytes."""
+
+    TYPE: ClassVar[MsgType]
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {"v": PROTOCOL_VERSION}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, np.ndarray):
+                value = _arr(value)
+            elif isinstance(value, enum.IntEnum):
+                value = int(value)
+            body[f.name] = value
+        return bytes([self.TYPE]) + msgpack.packb(body, use_bin_type=True)
+
+    @classmethod
+    def _decode_body(cls, body: dict[str, Any]) -> "Message":
+        kwargs = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name not in body:
+                continue
+            value = body[f.name]
+            if isinstance(value, dict) and set(value) == {"d", "s", "b"}:
+                value = _unarr(value)
+            kwargs[f.name] = value
+        return cls(**kwargs)
+
+
+@dataclasses.dataclass
+class Hello(Message):
+    TYPE: ClassVar[MsgType] = MsgType.HELLO
+    kind: int = WorkerKind.GPU_WORKER
+    pid: int = 0
+    rank: int = 0
+
+
+@dataclasses.dataclass
+class WorkerReady(Message):
+    """The worker finished loading. ``geometry`` is ModelGeometry.to_dict()."""
+
+    TYPE: ClassVar[MsgType] = MsgType.WORKER_READY
+    kind: int = WorkerKind.GPU_WORKER
+    pid: int = 0
+    num_gpu_blocks: int = 0
+    block_size: int = 16
+    max_model_len: int = 0
+    geometry: dict = dataclasses.field(default_factory=dict)
+    device: str = ""
+    dtype: str = ""
+
+
+@dataclasses.dataclass
+class IterationPlan(Message):
+    """One iteration, columnar over its B requests (row i describes request ``seq_ids[i]``).
+
+    - ``num_tokens[i]`` tokens of ``token_ids`` (concatenated, in row order) are fed at positions
+      ``start_pos[i] ..``; a prompt chunk during prefill, the last sampled token during decode.
+    - ``block_tables`` is ``[B, max_blocks]`` (padded with -1) into the pool named by ``places[i]``.
+    - ``sample[i]``: sample a token after this row's last position (false for non-final chunks).
+    - ``sub_batch[i]``: 0 or 1, the pipeline sub-batch (all 0 in sequential mode).
+    - sampling columns: ``temperature`` (0 = greedy), ``top_p``, ``top_k`` (-1 = off), ``seeds``
+      (-1 = unseeded) and ``steps`` (tokens generated so far; with a seed it makes each step's draw
+      reproducible regardless of batch composition).
+    - ``swap_out``/``swap_in``: ``[n, 3]`` runs of (src_block, dst_block, count) copied before the
+      forward, GPU->CPU and CPU->GPU pools.
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.ITERATION_PLAN
+    iteration_id: int = 0
+    seq_ids: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    places: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.uint8))
+    sub_batch: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.uint8))
+    start_pos: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    num_tokens: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    token_ids: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    block_tables: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), np.int32))
+    sample: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.uint8))
+    temperature: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float32))
+    top_p: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float32))
+    top_k: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    seeds: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    steps: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    swap_out: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.int32))
+    swap_in: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.int32))
+    trace: dict = dataclasses.field(default_factory=dict)
+    t_sent: float = 0.0
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.seq_ids.shape[0])
+
+
+@dataclasses.dataclass
+class IterationResult(Message):
+    """Sampled tokens (``token_ids[i]`` for ``seq_ids[i]``, rows with sample=1 only) and timings.
+
+    Times are the worker's own monotonic clock, only ever differenced with each other.
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.ITERATION_RESULT
+    iteration_id: int = 0
+    seq_ids: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    token_ids: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    forward_s: float = 0.0
+    sample_s: float = 0.0
+    total_s: float = 0.0
+    stage_s: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class CpuAttentionPlan(Message):
+    """The CPU-resident decode rows of one iteration, per sub-batch, in staging-slot order.
+
+    Row r of sub-batch j attends for request ``seq_ids[j][r]`` with ``seq_lens[j][r]`` tokens of
+    context (including the token appended this iteration) over CPU-pool blocks
+    ``block_tables[j][r]`` (padded with -1).
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.CPU_ATTENTION_PLAN
+    iteration_id: int = 0
+    seq_ids: list = dataclasses.field(default_factory=list)        # per sub-batch: int64 array
+    seq_lens: list = dataclasses.field(default_factory=list)       # per sub-batch: int32 array
+    block_tables: list = dataclasses.field(default_factory=list)   # per sub-batch: [B, max_blocks] int32
+    trace: dict = dataclasses.field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        body = {
+            "v": PROTOCOL_VERSION,
+            "iteration_id": self.iteration_id,
+            "seq_ids": [_arr(np.asarray(a, np.int64)) for a in self.seq_ids],
+            "seq_lens": [_arr(np.asarray(a, np.int32)) for a in self.seq_lens],
+            "block_tables": [_arr(np.asarray(a, np.int32)) for a in self.block_tables],
+            "trace": self.trace,
+        }
+        return bytes([self.TYPE]) + msgpack.packb(body, use_bin_type=True)
+
+    @classmethod
+    def _decode_body(cls, body: dict[str, Any]) -> "CpuAttentionPlan":
+        return cls(
+            iteration_id=body["iteration_id"],
+            seq_ids=[_unarr(a) for a in body["seq_ids"]],
+            seq_lens=[_unarr(a) for a in body["seq_lens"]],
+            block_tables=[_unarr(a) for a in body["block_tables"]],
+            trace=body.get("trace") or {},
+        )
+
+
+@dataclasses.dataclass
+class Shutdown(Message):
+    TYPE: ClassVar[MsgType] = MsgType.SHUTDOWN
+    reason: str = ""
+
+
+@dataclasses.dataclass
+class WorkerError(Message):
+    """A worker could not run an iteration (or could not start); the gateway fails what was in it."""
+
+    TYPE: ClassVar[MsgType] = MsgType.WORKER_ERROR
+    iteration_id: int = -1
+    message: str = ""
+    fatal: bool = True
+
+
+_BY_TYPE: dict[int, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (Hello, WorkerReady, IterationPlan, IterationResult, CpuAttentionPlan, Shutdown, WorkerError)
+}
+
+
+def decode(frame: bytes) -> Message:
+    """Decode one frame; raises ProtocolError on an unknown type or another protocol version."""
+    if not frame:
+        raise ProtocolError("empty frame")
+    cls = _BY_TYPE.get(frame[0])
+    if cls is None:
+        raise ProtocolError(f"unknown message type {frame[0]}")
+    body = msgpack.unpackb(frame[1:], raw=False)
+    if body.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"{cls.__name__}: protocol version {body.get('v')} != {PROTOCOL_VERSION}")
+    return cls._decode_body(body)
