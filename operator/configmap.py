@@ -1,0 +1,58 @@
+"""The engine-config ConfigMap: ``NEO_*`` variables every container reads with ``envFrom``.
+
+The names come from :meth:`neo_common.config.NeoConfig.to_env`, so the config dataclasses stay the only
+place that knows them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from neo_common.config import (CacheConfig, DeviceConfig, HttpConfig, ModelConfig, NeoConfig,
+                               SchedulerConfig)
+from neo_operator import constants as c
+from neo_operator.labels import child_labels
+from neo_operator.sizing import SizingDecision
+from neo_operator.spec import NeoServiceSpec
+
+
+def configmap_name(name: str) -> str:
+    return f"{name}-config"
+
+
+def model_path(spec: NeoServiceSpec) -> str:
+    if spec.model.source == "dummy":
+        return spec.model.geometry.name
+    return f"{c.MODEL_MOUNT}/{spec.model.path}"
+
+
+def engine_config(spec: NeoServiceSpec, decision: SizingDecision) -> NeoConfig:
+    return NeoConfig(
+        model=ModelConfig(model=model_path(spec), load_format=spec.model.source, dtype=spec.model.dtype,
+                          served_model_name=spec.model.served_name, max_model_len=spec.model.max_context),
+        cache=CacheConfig(block_size=decision.block_size, num_gpu_blocks=decision.gpu_kv_blocks,
+                          gpu_memory_utilization=spec.gpu.memory_utilization,
+                          num_cpu_blocks=decision.cpu_kv_blocks),
+        scheduler=SchedulerConfig(max_num_seqs=spec.engine.max_num_seqs,
+                                  max_num_batched_tokens=spec.engine.max_num_batched_tokens,
+                                  max_waiting=spec.engine.max_waiting, offload_mode=decision.offload_mode),
+        device=DeviceConfig(device="cuda", cpu_threads=decision.cpu_attention_threads),
+        # The three containers share the pod's network namespace: the workers reach the gateway on
+        # localhost (IpcConfig defaults); only HTTP listens on all interfaces.
+        http=HttpConfig(host="0.0.0.0", port=c.GATEWAY_PORT, log_level=spec.engine.log_level),
+    )
+
+
+def config_hash(data: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_configmap(name: str, spec: NeoServiceSpec, decision: SizingDecision) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": configmap_name(name), "labels": child_labels(name, "config")},
+        "data": engine_config(spec, decision).to_env(),
+    }

@@ -1,0 +1,125 @@
+"""The Deployment: one replica = one pod with the gateway, gpu-worker and cpu-attention containers.
+
+The three containers share the pod's network namespace (they talk over localhost) and a
+memory-backed emptyDir at /dev/shm that holds the CPU KV pool and the per-layer staging area, sized by
+the sizing decision.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from neo_operator import constants as c
+from neo_operator.configmap import configmap_name
+from neo_operator.labels import child_labels, selector_labels
+from neo_operator.sizing import SizingDecision
+from neo_operator.spec import NeoServiceSpec
+
+# A fixed non-root identity: works whatever USER the image declares (runAsNonRoot needs a number).
+RUN_AS_USER = 10001
+
+
+def _resources(computed: dict[str, str], override: dict[str, Any], limits: dict[str, str] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"requests": dict(computed)}
+    if limits:
+        out["limits"] = dict(limits)
+    for part in ("requests", "limits"):
+        if override.get(part):
+            out.setdefault(part, {}).update({k: str(v) for k, v in override[part].items()})
+    return out
+
+
+def _http_probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period, "failureThreshold": failures,
+            "timeoutSeconds": 3}
+
+
+def _container(name: str, image: str, command: str, spec: NeoServiceSpec, name_: str,
+               resources: dict[str, Any], model: bool) -> dict[str, Any]:
+    mounts = [{"name": "shm", "mountPath": c.SHM_PATH}]
+    if model and spec.model.source != "dummy":
+        mounts.append({"name": "model", "mountPath": c.MODEL_MOUNT, "readOnly": True})
+    return {
+        "name": name,
+        "image": image,
+        "imagePullPolicy": spec.images.pull_policy,
+        "command": ["neo", command],
+        "envFrom": [{"configMapRef": {"name": configmap_name(name_)}}],
+        "resources": resources,
+        "volumeMounts": mounts,
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def _affinity(products: tuple[str, ...], override: dict[str, Any] | None) -> dict[str, Any]:
+    """Pin pods to the GPU products the sizing was done for, AND-ed into any user node affinity."""
+    ours = {"key": c.GPU_PRODUCT_LABEL, "operator": "In", "values": list(products)}
+    affinity = copy.deepcopy(override) if override else {}
+    node = affinity.setdefault("nodeAffinity", {})
+    required = node.setdefault("requiredDuringSchedulingIgnoredDuringExecution", {})
+    terms = required.get("nodeSelectorTerms") or [{}]
+    for term in terms:
+        term.setdefault("matchExpressions", []).append(ours)
+    required["nodeSelectorTerms"] = terms
+    return affinity
+
+
+def build_pod_template(name: str, spec: NeoServiceSpec, decision: SizingDecision, config_hash: str) -> dict[str, Any]:
+    res = spec.resources
+    req = decision.requests
+    gateway = _container("gateway", spec.images.gateway, "gateway", spec, name,
+                         _resources(req["gateway"], res.get("gateway", {})), model=True)
+    gateway["ports"] = [{"name": "http", "containerPort": c.GATEWAY_PORT, "protocol": "TCP"}]
+    gateway["readinessProbe"] = _http_probe("/ready", 5, 3)
+    gateway["livenessProbe"] = _http_probe("/health", 10, 6)  # a worker down for a minute restarts the replica
+    gateway["startupProbe"] = _http_probe("/health", 10, 90)  # weights may take minutes to load
+    worker = _container("gpu-worker", spec.images.gpu_worker, "gpu-worker", spec, name,
+                        _resources(req["gpuWorker"], res.get("gpuWorker", {}),
+                                   limits={spec.gpu.resource_name: str(spec.gpu.count)}), model=True)
+    cpu_att = _container("cpu-attention", spec.images.cpu_attention, "cpu-attention", spec, name,
+                         _resources(req["cpuAttention"], res.get("cpuAttention", {})), model=False)
+
+    volumes: list[dict[str, Any]] = [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": decision.shm_quantity}}]
+    if spec.model.source != "dummy":
+        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": spec.model.claim_name, "readOnly": True}})
+
+    overrides = spec.pod_spec
+    pod_spec: dict[str, Any] = {
+        "containers": [gateway, worker, cpu_att],
+        "volumes": volumes,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER,
+                            "fsGroup": RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"}},
+        "affinity": _affinity(decision.gpu_products, overrides.get("affinity")),
+        "tolerations": [{"key": spec.gpu.resource_name, "operator": "Exists", "effect": "NoSchedule"},
+                        *copy.deepcopy(overrides.get("tolerations") or [])],
+        "terminationGracePeriodSeconds": 60,
+    }
+    node_selector = {**spec.gpu.node_selector, **(overrides.get("nodeSelector") or {})}
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    for key in ("priorityClassName", "imagePullSecrets", "serviceAccountName", "runtimeClassName", "schedulerName"):
+        if overrides.get(key):
+            pod_spec[key] = copy.deepcopy(overrides[key])
+
+    labels = {**spec.pod_metadata.get("labels", {}), **child_labels(name)}
+    annotations = {**spec.pod_metadata.get("annotations", {}), c.CONFIG_HASH_ANNOTATION: config_hash}
+    return {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec}
+
+
+def build_deployment(name: str, spec: NeoServiceSpec, decision: SizingDecision, config_hash: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "labels": child_labels(name)},
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": selector_labels(name)},
+            # GPUs are scarce: replace pods one at a time instead of asking for a spare GPU to surge into.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+            "revisionHistoryLimit": 5,
+            "progressDeadlineSeconds": 1800,
+            "template": build_pod_template(name, spec, decision, config_hash),
+        },
+    }

@@ -1,0 +1,82 @@
+"""kopf handlers: thin glue from watch events to :mod:`neo_operator.reconcile` and the probe flow.
+
+Importing this module registers the handlers with kopf's default registry (``neo operator`` does).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from neo_operator import constants as c
+from neo_operator.kube import Kube
+from neo_operator.nodes import is_gpu_node, parse_bandwidth
+from neo_operator.opconfig import OperatorConfig
+from neo_operator.probes import ProbeCollector, ensure_probe_jobs
+from neo_operator.reconcile import reconcile, workload_update
+
+log = logging.getLogger(__name__)
+
+OWNED = {c.MANAGED_BY_LABEL: c.MANAGED_BY}
+
+
+@kopf.on.startup()
+def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # Keep kopf's bookkeeping in annotations under our group: the CRD's status schema is ours alone.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=c.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=c.GROUP, key="last-handled-configuration")
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 60
+    if "config" not in memo:
+        memo.config = OperatorConfig.from_args([])
+    memo.kube = Kube()
+    memo.collector = ProbeCollector(memo.kube, memo.config.probe_namespace, memo.config.retry_seconds)
+    memo.collector.start()
+
+
+@kopf.on.cleanup()
+def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    if "collector" in memo:
+        memo.collector.stop()
+
+
+def _reconcile(body: kopf.Body, memo: kopf.Memo) -> None:
+    kube: Kube = memo.kube
+    meta = body["metadata"]
+    upd = reconcile(kube, memo.config, body)
+    kube.update_neoservice_status(meta["namespace"], meta["name"], lambda obj: upd.apply(obj.get("status") or {}))
+    if upd.pending:
+        raise kopf.TemporaryError(upd.pending, delay=memo.config.retry_seconds)
+
+
+@kopf.on.resume(c.GROUP, c.VERSION, c.PLURAL)
+@kopf.on.create(c.GROUP, c.VERSION, c.PLURAL)
+@kopf.on.update(c.GROUP, c.VERSION, c.PLURAL, field="spec")
+def neoservice_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    _reconcile(body, memo)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=OWNED)
+def deployment_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Follow the Deployment's status into the owning NeoService's status."""
+    owner = next((ref["name"] for ref in body["metadata"].get("ownerReferences") or []
+                  if ref.get("kind") == c.KIND), None)
+    if owner is None:
+        return
+    deployment = None if type == "DELETED" else dict(body)
+    upd = workload_update(deployment, None)
+    memo.kube.update_neoservice_status(body["metadata"]["namespace"], owner,
+                                       lambda obj: upd.apply(obj.get("status") or {}))
+
+
+@kopf.on.event("", "v1", "nodes", labels={c.GPU_PRODUCT_LABEL: kopf.PRESENT})
+def gpu_node_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Every GPU node gets one bandwidth probe, until its bandwidth annotation exists."""
+    if type == "DELETED" or not is_gpu_node(body):
+        return
+    gbps, _threads = parse_bandwidth(body["metadata"].get("annotations") or {})
+    if gbps is None:
+        ensure_probe_jobs(memo.kube, memo.config, [dict(body)])

@@ -1,0 +1,182 @@
+"""The operator's only door to the API server: the official `kubernetes` client, wrapped thinly.
+
+Objects go in and come out as plain dicts (the shape the builders produce and the tests read).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any, Callable, Mapping
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from neo_operator import constants as c
+
+log = logging.getLogger(__name__)
+
+APPLIED_HASH_ANNOTATION = f"{c.GROUP}/applied-hash"
+
+
+def _hash(obj: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Kube:
+    """Typed API groups over one ApiClient; every method speaks dicts."""
+
+    def __init__(self, api_client: client.ApiClient | None = None) -> None:
+        self.api = api_client or client.ApiClient()
+        self.core = client.CoreV1Api(self.api)
+        self.apps = client.AppsV1Api(self.api)
+        self.batch = client.BatchV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+
+    def _dict(self, obj: Any) -> dict[str, Any]:
+        return self.api.sanitize_for_serialization(obj)
+
+    # -- reads ----------------------------------------------------------------------------------
+    def list_nodes(self) -> list[dict[str, Any]]:
+        return [self._dict(n) for n in self.core.list_node().items]
+
+    def get_pvc(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._dict(self.core.read_namespaced_persistent_volume_claim(name, namespace))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def get_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._dict(self.apps.read_namespaced_deployment(name, namespace))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def get_neoservice(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.custom.get_namespaced_custom_object(c.GROUP, c.VERSION, namespace, c.PLURAL, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    # -- writes ---------------------------------------------------------------------------------
+    def _ops(self, kind: str) -> tuple[Callable, Callable, Callable]:
+        ops = {
+            "ConfigMap": (self.core.read_namespaced_config_map, self.core.create_namespaced_config_map,
+                          self.core.replace_namespaced_config_map),
+            "Service": (self.core.read_namespaced_service, self.core.create_namespaced_service,
+                        self.core.replace_namespaced_service),
+            "Deployment": (self.apps.read_namespaced_deployment, self.apps.create_namespaced_deployment,
+                           self.apps.replace_namespaced_deployment),
+        }
+        return ops[kind]
+
+    def apply(self, obj: dict[str, Any]) -> str:
+        """Create ``obj`` or replace the live object when the desired state changed; returns what it did.
+
+        The desired object's hash is stored on the live one, so an unchanged spec costs one GET and no
+        write (and no rollout), and anything the operator owns that someone edited by hand is put back
+        on the next change.
+        """
+        kind, meta = obj["kind"], obj["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        read, create, replace = self._ops(kind)
+        desired = json.loads(json.dumps(obj))
+        digest = _hash(desired)
+        desired["metadata"].setdefault("annotations", {})[APPLIED_HASH_ANNOTATION] = digest
+        try:
+            live = self._dict(read(name, namespace))
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            create(namespace, desired)
+            log.info("created %s %s/%s", kind, namespace, name)
+            return "created"
+        if (live["metadata"].get("annotations") or {}).get(APPLIED_HASH_ANNOTATION) == digest:
+            return "unchanged"
+        desired["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
+        if kind == "Service":
+            # allocated by the API server and immutable: carry them over
+            for key in ("clusterIP", "clusterIPs", "healthCheckNodePort"):
+                if live["spec"].get(key):
+                    desired["spec"][key] = live["spec"][key]
+            live_ports = {p.get("name"): p for p in live["spec"].get("ports") or []}
+            for port in desired["spec"]["ports"]:
+                if "nodePort" in live_ports.get(port["name"], {}) and desired["spec"]["type"] != "ClusterIP":
+                    port["nodePort"] = live_ports[port["name"]]["nodePort"]
+        replace(name, namespace, desired)
+        log.info("updated %s %s/%s", kind, namespace, name)
+        return "updated"
+
+    def update_neoservice_status(self, namespace: str, name: str,
+                                 compute: Callable[[dict[str, Any]], dict[str, Any] | None], attempts: int = 8) -> bool:
+        """Read-modify-write of the status subresource with optimistic concurrency (the reconciler and the
+        Deployment follower both write it). ``compute`` gets the fresh object and returns the new status
+        (None: nothing to write). Returns False when the NeoService is gone."""
+        for _ in range(attempts):
+            obj = self.get_neoservice(namespace, name)
+            if obj is None:
+                return False
+            status = compute(obj)
+            if status is None or status == obj.get("status"):
+                return True
+            body = {"apiVersion": c.API_VERSION, "kind": c.KIND,
+                    "metadata": {"name": name, "namespace": namespace,
+                                 "resourceVersion": obj["metadata"]["resourceVersion"]},
+                    "spec": obj["spec"], "status": status}
+            try:
+                self.custom.replace_namespaced_custom_object_status(c.GROUP, c.VERSION, namespace, c.PLURAL, name, body)
+                return True
+            except ApiException as exc:
+                if exc.status == 409:
+                    continue
+                if exc.status == 404:
+                    return False
+                raise
+        raise RuntimeError(f"status of {namespace}/{name} kept conflicting")
+
+    # -- bandwidth probe --------------------------------------------------------------------------
+    def job_exists(self, namespace: str, name: str) -> bool:
+        try:
+            self.batch.read_namespaced_job(name, namespace)
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+    def create_job(self, job: dict[str, Any]) -> bool:
+        """Create unless it exists; True when created."""
+        try:
+            self.batch.create_namespaced_job(job["metadata"]["namespace"], job)
+            return True
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        try:
+            self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        return [self._dict(p) for p in self.core.list_namespaced_pod(namespace, label_selector=selector).items]
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        try:
+            self.core.delete_namespaced_pod(name, namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def annotate_node(self, name: str, annotations: Mapping[str, str]) -> None:
+        self.core.patch_node(name, {"metadata": {"annotations": dict(annotations)}})

@@ -1,0 +1,111 @@
+"""What the operator reads from Node objects: GPU labels, allocatable resources, measured bandwidth.
+
+Pure functions over node dicts (``ApiClient().sanitize_for_serialization(node)`` or raw JSON), so
+the sizing can be tested without a cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from typing import Any, Iterable, Mapping
+
+from kubernetes.utils import parse_quantity
+
+from neo_operator import constants as c
+from neo_operator.gpus import lookup_product
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeFacts:
+    """One GPU node as sizing sees it. ``read_gbps`` is None until the probe (or an admin) recorded it."""
+
+    name: str
+    gpu_product: str
+    gpu_memory_mib: int | None  # per GPU; None when neither the label nor the product table knows
+    gpu_count: int
+    memory_bytes: int  # allocatable
+    cpus: float  # allocatable
+    read_gbps: float | None
+    probe_threads: int | None
+
+
+def _labels(node: Mapping[str, Any]) -> dict[str, str]:
+    return dict((node.get("metadata") or {}).get("labels") or {})
+
+
+def _annotations(node: Mapping[str, Any]) -> dict[str, str]:
+    return dict((node.get("metadata") or {}).get("annotations") or {})
+
+
+def is_gpu_node(node: Mapping[str, Any]) -> bool:
+    return c.GPU_PRODUCT_LABEL in _labels(node)
+
+
+def parse_bandwidth(annotations: Mapping[str, str]) -> tuple[float | None, int | None]:
+    """(GB/s, threads) from the node's annotations; (None, None) when absent or malformed."""
+    raw = annotations.get(c.READ_GBPS_ANNOTATION)
+    if raw is None:
+        return None, None
+    try:
+        gbps = float(raw)
+    except ValueError:
+        log.warning("ignoring malformed %s=%r", c.READ_GBPS_ANNOTATION, raw)
+        return None, None
+    if gbps <= 0:
+        return None, None
+    threads = None
+    detail = annotations.get(c.PROBE_RESULT_ANNOTATION)
+    if detail:
+        try:
+            threads = int(json.loads(detail).get("threads") or 0) or None
+        except (ValueError, AttributeError, TypeError):
+            threads = None
+    return gbps, threads
+
+
+def node_facts(node: Mapping[str, Any], resource_name: str = "nvidia.com/gpu") -> NodeFacts:
+    labels = _labels(node)
+    allocatable = (node.get("status") or {}).get("allocatable") or {}
+    product = labels.get(c.GPU_PRODUCT_LABEL, "")
+    memory_mib: int | None = None
+    if labels.get(c.GPU_MEMORY_LABEL, "").isdigit():
+        memory_mib = int(labels[c.GPU_MEMORY_LABEL])
+    elif lookup_product(product):
+        memory_mib = lookup_product(product).memory_mib  # type: ignore[union-attr]
+    count = 0
+    if resource_name in allocatable:
+        count = int(parse_quantity(str(allocatable[resource_name])))
+    elif labels.get(c.GPU_COUNT_LABEL, "").isdigit():
+        count = int(labels[c.GPU_COUNT_LABEL])
+    gbps, threads = parse_bandwidth(_annotations(node))
+    return NodeFacts(
+        name=(node.get("metadata") or {}).get("name", ""),
+        gpu_product=product,
+        gpu_memory_mib=memory_mib,
+        gpu_count=count,
+        memory_bytes=int(parse_quantity(str(allocatable.get("memory", "0")))),
+        cpus=float(parse_quantity(str(allocatable.get("cpu", "0")))),
+        read_gbps=gbps,
+        probe_threads=threads,
+    )
+
+
+def matching_nodes(nodes: Iterable[Mapping[str, Any]], products: Iterable[str],
+                   node_selector: Mapping[str, str]) -> list[Mapping[str, Any]]:
+    """GPU nodes whose labels match the selector and whose product is accepted (any, if none listed)."""
+    accepted = set(products)
+    out = []
+    for node in nodes:
+        labels = _labels(node)
+        if c.GPU_PRODUCT_LABEL not in labels:
+            continue
+        if accepted and labels[c.GPU_PRODUCT_LABEL] not in accepted:
+            continue
+        if any(labels.get(k) != v for k, v in node_selector.items()):
+            continue
+        out.append(node)
+    return sorted(out, key=lambda n: n["metadata"]["name"])

@@ -1,0 +1,34 @@
+"""The operator's own settings (flags or ``NEO_OPERATOR_*``-free ``NEO_*`` env, like every neo process)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from neo_common.settings import ConfigError, Settings, option
+
+
+@dataclasses.dataclass
+class OperatorConfig(Settings):
+    """Where the operator works and which images it uses when a NeoService names none."""
+
+    namespace: list = option([], "namespaces to watch (comma-separated; empty: all namespaces)")
+    probe_namespace: str = option("default", "namespace of the bandwidth probe Jobs (the operator's own)")
+    probe_image: str = option("", "image with `neo probe-bandwidth` (default: the cpu-attention image)")
+    gateway_image: str = option("", "default gateway image")
+    gpu_worker_image: str = option("", "default gpu-worker image")
+    cpu_attention_image: str = option("", "default cpu-attention image")
+    retry_seconds: float = option(10.0, "how often a NeoService waiting for a bandwidth probe is retried")
+    liveness: str = option("", "kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz (empty: none)")
+    verbose: bool = option(False, "debug logging")
+
+    def validate(self) -> None:
+        if self.retry_seconds <= 0:
+            raise ConfigError("--retry-seconds must be > 0")
+
+    def default_images(self) -> dict[str, str]:
+        return {"gateway": self.gateway_image, "gpuWorker": self.gpu_worker_image,
+                "cpuAttention": self.cpu_attention_image}
+
+    @property
+    def effective_probe_image(self) -> str:
+        return self.probe_image or self.cpu_attention_image

@@ -1,0 +1,111 @@
+"""The bandwidth probe: a Job per GPU node running the image's own ``neo probe-bandwidth --json``.
+
+The probe pod needs no API access: it prints one JSON line ending in its termination message
+(``FallbackToLogsOnError`` takes the log tail when /dev/termination-log is empty), and the operator
+reads it from the finished pod and records it as node annotations (:func:`probe_annotations`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from typing import Any, Mapping
+
+from neo_operator import constants as c
+
+JOB_PREFIX = "neo-bw-probe-"
+
+
+def probe_job_name(node_name: str) -> str:
+    """A DNS-1123 label (<= 63 chars) unique per node."""
+    clean = re.sub(r"[^a-z0-9-]", "-", node_name.lower()).strip("-")
+    digest = hashlib.sha256(node_name.encode()).hexdigest()[:8]
+    return f"{JOB_PREFIX}{clean[: 63 - len(JOB_PREFIX) - 9]}-{digest}".replace("--", "-")
+
+
+def probe_labels(node_name: str) -> dict[str, str]:
+    return {c.NAME_LABEL: c.APP_NAME, c.COMPONENT_LABEL: c.PROBE_COMPONENT, c.MANAGED_BY_LABEL: c.MANAGED_BY,
+            c.PROBE_NODE_LABEL: probe_job_name(node_name)}
+
+
+def build_probe_job(node: Mapping[str, Any], image: str, namespace: str) -> dict[str, Any]:
+    """A Job pinned to ``node`` (nodeName bypasses the scheduler), tolerating its taints, owned by the Node
+    so that deleting the node garbage-collects it."""
+    meta = node["metadata"]
+    node_name = meta["name"]
+    labels = probe_labels(node_name)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": probe_job_name(node_name),
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": {c.PROBE_NODE_LABEL: node_name},
+        },
+        "spec": {
+            "backoffLimit": 2,
+            "activeDeadlineSeconds": 900,
+            "template": {
+                "metadata": {"labels": labels, "annotations": {c.PROBE_NODE_LABEL: node_name}},
+                "spec": {
+                    "nodeName": node_name,
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "tolerations": [{"operator": "Exists"}],
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
+                                        "seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [{
+                        "name": "probe",
+                        "image": image,
+                        "command": ["neo", "probe-bandwidth", "--json"],
+                        "terminationMessagePolicy": "FallbackToLogsOnError",
+                        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
+                        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                    }],
+                },
+            },
+        },
+    }
+
+
+class ProbeResultError(ValueError):
+    """The probe pod finished but its termination message is not a probe result."""
+
+
+def parse_probe_message(message: str) -> dict[str, Any]:
+    """The last JSON object line of the termination message, checked."""
+    for line in reversed((message or "").strip().splitlines()):
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        gbps = data.get("read_gbps")
+        if not isinstance(gbps, (int, float)) or isinstance(gbps, bool) or gbps <= 0:
+            raise ProbeResultError(f"probe result has no positive read_gbps: {line}")
+        return data
+    raise ProbeResultError(f"no JSON line in the probe's termination message: {message[-200:]!r}")
+
+
+def probe_pod_result(pod: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The probe result of a Succeeded pod, None while it has not finished successfully."""
+    status = pod.get("status") or {}
+    if status.get("phase") != "Succeeded":
+        return None
+    for cs in status.get("containerStatuses") or []:
+        terminated = (cs.get("state") or {}).get("terminated") or {}
+        if cs.get("name") == "probe" and terminated.get("exitCode") == 0:
+            return parse_probe_message(terminated.get("message", ""))
+    raise ProbeResultError("Succeeded probe pod has no terminated 'probe' container status")
+
+
+def probe_annotations(result: Mapping[str, Any], now: float | None = None) -> dict[str, str]:
+    detail = {k: result[k] for k in ("read_gbps", "threads", "cpu_model") if k in result}
+    detail["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now if now is not None else time.time()))
+    return {c.READ_GBPS_ANNOTATION: f"{float(result['read_gbps']):.1f}",
+            c.PROBE_RESULT_ANNOTATION: json.dumps(detail, sort_keys=True)}

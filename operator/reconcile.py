@@ -1,0 +1,121 @@
+"""One reconcile pass of a NeoService: validate, size, build the children, apply them, report.
+
+Everything that can fail for a reason the user can fix (spec, model, nodes, sizing) is decided
+before the first child is written, so a bad spec never leaves half-built children; it leaves a
+condition that says what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable, Mapping
+
+import kopf
+
+from neo_operator import constants as c
+from neo_operator import status as st
+from neo_operator.configmap import build_configmap, config_hash
+from neo_operator.deployment import build_deployment
+from neo_operator.kube import Kube
+from neo_operator.labels import selector_string
+from neo_operator.nodes import matching_nodes, node_facts
+from neo_operator.opconfig import OperatorConfig
+from neo_operator.probes import ensure_probe_jobs
+from neo_operator.service import build_service, service_url
+from neo_operator.sizing import SizingError, SizingPending, size
+from neo_operator.spec import SpecError, parse_spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class StatusUpdate:
+    """Conditions and fields one pass decided, applied onto the freshest status at write time."""
+
+    generation: int | None
+    conditions: list[tuple[str, bool, str, str]] = dataclasses.field(default_factory=list)
+    fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+    pending: str | None = None  # set when the pass must be retried later (waiting for a probe)
+
+    def cond(self, type_: str, ok: bool, reason: str, message: str) -> "StatusUpdate":
+        self.conditions.append((type_, ok, reason, message))
+        return self
+
+    def apply(self, current: Mapping[str, Any]) -> dict[str, Any]:
+        status = dict(current or {})
+        conds = list(status.get("conditions") or [])
+        for type_, ok, reason, message in self.conditions:
+            conds = st.set_condition(conds, type_, ok, reason, message, self.generation)
+        status["conditions"] = conds
+        status.update(self.fields)
+        if self.generation is not None:
+            status["observedGeneration"] = self.generation
+        return st.derive(status, self.generation)
+
+
+def workload_update(deployment: Mapping[str, Any] | None, generation: int | None) -> StatusUpdate:
+    ok, reason, message, replicas, ready = st.workload_condition(deployment)
+    upd = StatusUpdate(generation=None)  # following the Deployment does not mean the spec was observed
+    upd.cond("WorkloadReady", ok, reason, message)
+    upd.fields.update({"replicas": replicas, "readyReplicas": ready})
+    return upd
+
+
+def reconcile(kube: Kube, config: OperatorConfig, body: Mapping[str, Any],
+              adopt: Callable[[list[dict[str, Any]], Mapping[str, Any]], None] | None = None) -> StatusUpdate:
+    """Bring the children of the NeoService ``body`` to its spec; returns the status to record."""
+    meta = body["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    upd = StatusUpdate(generation=meta.get("generation"))
+    try:
+        spec = parse_spec(body.get("spec") or {}, config.default_images())
+    except SpecError as exc:
+        return upd.cond("SpecValid", False, exc.reason, str(exc))
+    upd.cond("SpecValid", True, "Valid", "spec accepted")
+
+    if spec.model.source != "dummy" and kube.get_pvc(namespace, spec.model.claim_name) is None:
+        return upd.cond("ModelAvailable", False, "ModelMissing",
+                        f"PersistentVolumeClaim {spec.model.claim_name!r} not found in namespace {namespace}; create it "
+                        f"with the model at {spec.model.path!r}, or fix spec.model.volume.claimName")
+    upd.cond("ModelAvailable", True, "Found", "dummy weights" if spec.model.source == "dummy"
+             else f"{spec.model.source} model on PersistentVolumeClaim {spec.model.claim_name}")
+
+    nodes = matching_nodes(kube.list_nodes(), spec.gpu.products, spec.gpu.node_selector)
+    try:
+        decision = size(spec, [node_facts(n, spec.gpu.resource_name) for n in nodes])
+    except SizingPending as exc:
+        ensure_probe_jobs(kube, config, [n for n in nodes if n["metadata"]["name"] in exc.nodes])
+        upd.pending = str(exc)
+        return upd.cond("Sized", False, "BandwidthProbePending",
+                        f"{exc}; the probe Job in namespace {config.probe_namespace} records "
+                        f"{c.READ_GBPS_ANNOTATION} on each node (an administrator may also set it by hand), "
+                        "or set spec.cpuOffload.mode to off or full to size without it")
+    except SizingError as exc:
+        return upd.cond("Sized", False, exc.reason, exc.message)
+    upd.cond("Sized", True, "Sized", decision.reason)
+
+    configmap = build_configmap(name, spec, decision)
+    deployment = build_deployment(name, spec, decision, config_hash(configmap["data"]))
+    service = build_service(name, spec)
+    children = [configmap, service, deployment]
+    (adopt or _kopf_adopt)(children, body)
+    for child in children:  # ConfigMap first: the pods read it at start
+        kube.apply(child)
+
+    upd.fields.update({
+        "sizing": decision.to_status(),
+        "gpu": st.gpu_summary(spec.gpu.count, decision.gpu_products),
+        "offload": f"{decision.offload_mode} ({decision.cpu_kv_blocks} CPU blocks)" if decision.offload else "off",
+        "url": service_url(name, namespace),
+        "selector": selector_string(name),
+    })
+    follow = workload_update(kube.get_deployment(namespace, name), upd.generation)
+    upd.conditions += follow.conditions
+    upd.fields.update(follow.fields)
+    return upd
+
+
+def _kopf_adopt(children: list[dict[str, Any]], owner: Mapping[str, Any]) -> None:
+    """Owner reference (for garbage collection), the owner's namespace, and the owner's labels."""
+    kopf.adopt(children, owner=dict(owner))

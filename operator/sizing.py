@@ -1,0 +1,235 @@
+"""Sizing: from model geometry, the GPU nodes and the host's measured bandwidth to pool sizes.
+
+All formulas are documented in docs/operator.md; the names here follow that page. The basis is the
+weakest matching node (least GPU memory, slowest HBM and host memory, fewest cores), so every pod
+the Deployment may place fits wherever it lands.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+from neo_operator.gpus import lookup_product
+from neo_operator.nodes import NodeFacts
+from neo_operator.spec import NeoServiceSpec
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+GPU_RUNTIME_RESERVE = 512 * MiB  # CUDA context, allocator slack, graphs
+GATEWAY_CPU = 1  # HTTP, tokenizer, scheduler
+GATEWAY_MEMORY = 1 * GiB
+GPU_WORKER_CPU = 2  # launch thread + copy/IPC thread
+GPU_WORKER_MEMORY = 4 * GiB  # CUDA runtime and host staging; weights stream through the page cache
+CPU_ATTENTION_MEMORY = 512 * MiB  # the process itself, besides the shared segment
+SHM_SLACK = 64 * MiB  # doorbells, alignment and other users of /dev/shm
+OFFLOAD_MIN_GAIN = 0.05  # offload only when it is predicted to add at least 5% decode throughput
+
+
+class SizingError(Exception):
+    """Sizing is impossible with this spec on these nodes; ``reason`` is a CamelCase condition reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class SizingPending(Exception):
+    """Sizing needs facts not known yet (the host bandwidth of ``nodes``)."""
+
+    def __init__(self, nodes: Sequence[str]) -> None:
+        super().__init__(f"waiting for the bandwidth probe on {', '.join(nodes)}")
+        self.nodes = list(nodes)
+
+
+@dataclasses.dataclass(frozen=True)
+class SizingDecision:
+    """What the operator decided for one replica, as shown in ``status.sizing``."""
+
+    nodes: tuple[str, ...]
+    gpu_products: tuple[str, ...]
+    gpu_memory_mib: int
+    hbm_gbps: float
+    host_read_gbps: float | None
+    block_size: int
+    kv_bytes_per_block: int
+    context_tokens: int
+    weight_bytes: int
+    gpu_kv_blocks: int
+    cpu_kv_blocks: int
+    shm_bytes: int
+    cpu_attention_threads: int
+    cpu_attention_gbps: float | None
+    offload: bool
+    offload_mode: str  # what the engine gets: "off", "auto" or "full"
+    predicted_gain: float | None
+    reason: str
+    requests: dict[str, dict[str, str]]
+
+    @property
+    def shm_quantity(self) -> str:
+        return f"{self.shm_bytes // MiB}Mi"
+
+    def to_status(self) -> dict[str, Any]:
+        return {
+            "nodes": list(self.nodes),
+            "gpuProducts": list(self.gpu_products),
+            "gpuMemoryMiB": self.gpu_memory_mib,
+            "hbmGBps": self.hbm_gbps,
+            "hostReadGBps": self.host_read_gbps,
+            "blockSize": self.block_size,
+            "kvBytesPerBlock": self.kv_bytes_per_block,
+            "contextTokens": self.context_tokens,
+            "gpuKvBlocks": self.gpu_kv_blocks,
+            "cpuKvBlocks": self.cpu_kv_blocks,
+            "shmSize": self.shm_quantity,
+            "cpuAttentionThreads": self.cpu_attention_threads,
+            "cpuAttentionGBps": self.cpu_attention_gbps,
+            "offload": self.offload,
+            "offloadMode": self.offload_mode,
+            "predictedGain": self.predicted_gain,
+            "reason": self.reason,
+            "requests": self.requests,
+        }
+
+
+def dtype_bytes(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.1f}Gi"
+
+
+def _check_nodes(spec: NeoServiceSpec, nodes: Sequence[NodeFacts]) -> list[NodeFacts]:
+    if not nodes:
+        products = ", ".join(spec.gpu.products) or "any"
+        raise SizingError("NoMatchingNodes", f"no node carries {'nvidia.com/gpu.product'} in [{products}] and matches "
+                          f"spec.gpu.nodeSelector {spec.gpu.node_selector or {}}; label the GPU nodes (GPU Feature "
+                          "Discovery) or widen spec.gpu.products / spec.gpu.nodeSelector")
+    for node in nodes:
+        if lookup_product(node.gpu_product) is None and not spec.gpu.hbm_gbps:
+            raise SizingError("UnknownGpuProduct", f"GPU product {node.gpu_product!r} on node {node.name} is not in the "
+                              "operator's table; set spec.gpu.memoryBandwidthGBps to its HBM bandwidth, or restrict "
+                              "spec.gpu.products to known products")
+        if node.gpu_memory_mib is None:
+            raise SizingError("UnknownGpuProduct", f"node {node.name} has no nvidia.com/gpu.memory label and GPU "
+                              f"product {node.gpu_product!r} is not in the operator's table; run GPU Feature "
+                              "Discovery on the node or restrict spec.gpu.products")
+    enough = [n for n in nodes if n.gpu_count >= spec.gpu.count]
+    if not enough:
+        raise SizingError("InsufficientGpus", f"spec.gpu.count is {spec.gpu.count} but the matching nodes have at most "
+                          f"{max(n.gpu_count for n in nodes)} allocatable {spec.gpu.resource_name}; lower spec.gpu.count")
+    return enough
+
+
+def size(spec: NeoServiceSpec, nodes: Sequence[NodeFacts]) -> SizingDecision:
+    """Decide pool sizes and requests for one replica; raises SizingError or SizingPending."""
+    nodes = _check_nodes(spec, nodes)
+    mode = spec.offload.mode
+    if mode == "auto":
+        missing = [n.name for n in nodes if n.read_gbps is None]
+        if missing:
+            raise SizingPending(missing)
+
+    g = spec.model.geometry
+    eng = spec.engine
+    dt = dtype_bytes(spec.model.dtype)
+    count = spec.gpu.count
+    gpu_mem_mib = min(n.gpu_memory_mib or 0 for n in nodes)
+    hbm = spec.gpu.hbm_gbps or min(lookup_product(n.gpu_product).hbm_gbps for n in nodes)  # type: ignore[union-attr]
+    host_gbps = min((n.read_gbps for n in nodes if n.read_gbps is not None), default=None)
+    node_cpus = min(n.cpus for n in nodes)
+    node_mem = min(n.memory_bytes for n in nodes)
+    gpus_per_node = min(n.gpu_count for n in nodes)
+    ctx = spec.model.max_context or g.max_position_embeddings
+    block_bytes = g.kv_bytes_per_block(eng.block_size, dt)
+
+    # -- GPU pool ------------------------------------------------------------------------------
+    weights = g.weight_bytes(dt)
+    workspace = (GPU_RUNTIME_RESERVE
+                 + eng.max_num_batched_tokens * (4 * g.hidden_size + 2 * g.intermediate_size) * dt
+                 + eng.max_num_seqs * g.vocab_size * 4)
+    budget = int(spec.gpu.memory_utilization * gpu_mem_mib * MiB * count)
+    gpu_kv = budget - weights - workspace
+    blocks_per_request = math.ceil(ctx / eng.block_size)
+    if gpu_kv < blocks_per_request * block_bytes:
+        raise SizingError("ModelDoesNotFit", f"{g.name} needs {_gib(weights)} of weights and {_gib(workspace)} of "
+                          f"workspace; {count} x {gpu_mem_mib} MiB at utilization {spec.gpu.memory_utilization} leaves "
+                          f"{_gib(max(gpu_kv, 0))}, less than one {ctx}-token request's KV ({_gib(blocks_per_request * block_bytes)}); "
+                          "raise spec.gpu.count or spec.gpu.memoryUtilization, lower spec.model.maxContext, "
+                          "or choose larger GPUs in spec.gpu.products")
+    gpu_blocks = gpu_kv // block_bytes
+
+    # -- CPU-attention threads and bandwidth ------------------------------------------------------
+    host_share = node_cpus * count / max(gpus_per_node, 1)  # the host cores that come with our GPUs
+    if spec.offload.cores:
+        threads = spec.offload.cores
+    else:
+        threads = max(1, int(host_share) - GATEWAY_CPU - GPU_WORKER_CPU)
+    cpu_gbps = None
+    if host_gbps is not None:
+        probe_threads = min((n.probe_threads for n in nodes if n.probe_threads), default=None)
+        probe_threads = probe_threads or max(1, int(node_cpus))
+        cpu_gbps = host_gbps * min(1.0, threads / probe_threads)
+
+    # -- offload decision -------------------------------------------------------------------------
+    requested_cpu_blocks = spec.offload.kv_memory_bytes // block_bytes if mode != "off" else 0
+    avg_ctx = max(1, ctx // 2)  # a running request is on average half-way through its context
+    gpu_batch = min(eng.max_num_seqs, gpu_blocks * eng.block_size / avg_ctx)
+    gain: float | None = None
+    if mode == "off":
+        offload, reason = False, "cpuOffload.mode is off"
+    elif requested_cpu_blocks == 0:
+        offload, reason = False, "cpuOffload.kvMemory holds less than one KV block"
+    elif mode == "full":
+        offload, reason = True, "cpuOffload.mode is full"
+    else:
+        assert cpu_gbps is not None
+        t_linear = weights / (hbm * count * 1e9)  # dense part of a decode iteration: all weights read once
+        cpu_tokens = t_linear * cpu_gbps * 1e9 / g.kv_bytes_per_token(dt)  # CPU attention hidden behind it
+        cpu_batch = max(0.0, min(eng.max_num_seqs - gpu_batch, cpu_tokens / avg_ctx,
+                                 requested_cpu_blocks * eng.block_size / avg_ctx))
+        gain = round(cpu_batch / gpu_batch, 3) if gpu_batch > 0 else math.inf
+        offload = gain >= OFFLOAD_MIN_GAIN
+        if gpu_batch >= eng.max_num_seqs:
+            reason = f"GPU KV holds all {eng.max_num_seqs} sequences at {avg_ctx} tokens; offload adds nothing"
+        else:
+            reason = (f"GPU batch ~{gpu_batch:.1f}, CPU can add ~{cpu_batch:.1f} at {cpu_gbps:.0f} GB/s: "
+                      f"predicted gain {gain:.0%} ({'>=' if offload else '<'} {OFFLOAD_MIN_GAIN:.0%})")
+    cpu_blocks = requested_cpu_blocks if offload else 0
+
+    # -- shared memory and requests ---------------------------------------------------------------
+    # q, k, v in and o out for one layer, two sub-batches, fp32 staging
+    staging = 2 * eng.max_num_seqs * (2 * g.num_heads + 2 * g.num_kv_heads) * g.head_dim * 4
+    shm = cpu_blocks * block_bytes + staging + SHM_SLACK
+    shm = -(-shm // MiB) * MiB
+    att_threads = threads if offload else 1
+    pod_memory = GATEWAY_MEMORY + GPU_WORKER_MEMORY + CPU_ATTENTION_MEMORY + shm
+    if pod_memory > node_mem:
+        fits = max(0, node_mem - (pod_memory - cpu_blocks * block_bytes))
+        raise SizingError("KvMemoryExceedsNode", f"one replica needs {_gib(pod_memory)} of host memory ({_gib(shm)} of "
+                          f"/dev/shm for {cpu_blocks} CPU KV blocks) but the smallest matching node has {_gib(node_mem)} "
+                          f"allocatable; lower spec.cpuOffload.kvMemory to at most {_gib(fits)}")
+    pod_cpus = GATEWAY_CPU + GPU_WORKER_CPU + att_threads
+    if pod_cpus > node_cpus:
+        raise SizingError("CpuExceedsNode", f"one replica needs {pod_cpus} CPUs ({att_threads} for CPU attention) but the "
+                          f"smallest matching node has {node_cpus:g} allocatable; lower spec.cpuOffload.cores")
+    requests = {
+        "gateway": {"cpu": str(GATEWAY_CPU), "memory": f"{GATEWAY_MEMORY // MiB}Mi"},
+        "gpuWorker": {"cpu": str(GPU_WORKER_CPU), "memory": f"{GPU_WORKER_MEMORY // MiB}Mi"},
+        "cpuAttention": {"cpu": str(att_threads), "memory": f"{(CPU_ATTENTION_MEMORY + shm) // MiB}Mi"},
+    }
+    return SizingDecision(
+        nodes=tuple(n.name for n in nodes),
+        gpu_products=tuple(sorted({n.gpu_product for n in nodes})),
+        gpu_memory_mib=gpu_mem_mib, hbm_gbps=hbm, host_read_gbps=host_gbps,
+        block_size=eng.block_size, kv_bytes_per_block=block_bytes, context_tokens=ctx, weight_bytes=weights,
+        gpu_kv_blocks=gpu_blocks, cpu_kv_blocks=cpu_blocks, shm_bytes=shm,
+        cpu_attention_threads=att_threads, cpu_attention_gbps=round(cpu_gbps, 1) if cpu_gbps is not None else None,
+        offload=offload, offload_mode=("full" if mode == "full" else "auto") if offload else "off",
+        predicted_gain=gain, reason=reason, requests=requests,
+    )

@@ -1,0 +1,232 @@
+"""The NeoService spec as typed values, with the checks the CRD schema cannot express.
+
+The CRD's OpenAPI schema (charts/neo/crds/) rejects wrong types, out-of-range numbers and unknown
+enum values at admission time and fills defaults. This module repeats the defaults (so the builders
+work on partial specs in unit tests) and checks what a v1.20 schema cannot: cross-field rules such
+as "a file-backed model needs a volume" and quantities that must parse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from kubernetes.utils import parse_quantity
+
+from neo_common.geometry import GEOMETRIES, ModelGeometry
+
+MODEL_SOURCES = ("dummy", "hf", "gguf")
+OFFLOAD_MODES = ("auto", "off", "full")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+# pod template fields a user may override (merged into the pod spec the operator builds)
+POD_OVERRIDE_FIELDS = ("nodeSelector", "tolerations", "affinity", "priorityClassName", "imagePullSecrets",
+                       "serviceAccountName", "runtimeClassName", "schedulerName")
+
+
+class SpecError(ValueError):
+    """A spec the operator cannot serve; ``field`` is the spec path, the message says what to change."""
+
+    def __init__(self, field: str, message: str, reason: str = "InvalidSpec") -> None:
+        super().__init__(f"spec.{field}: {message}")
+        self.field = field
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    source: str
+    name: str
+    geometry: ModelGeometry
+    claim_name: str
+    path: str
+    served_name: str
+    max_context: int
+    dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuSpec:
+    count: int
+    products: tuple[str, ...]
+    resource_name: str
+    memory_utilization: float
+    node_selector: dict[str, str]
+    hbm_gbps: float  # 0: from the operator's product table
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadSpec:
+    mode: str
+    kv_memory_bytes: int
+    cores: int  # 0: derived from the node
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    block_size: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_waiting: int
+    log_level: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagesSpec:
+    gateway: str
+    gpu_worker: str
+    cpu_attention: str
+    pull_policy: str
+
+
+@dataclasses.dataclass(frozen=True)
+class NeoServiceSpec:
+    """A validated NeoService spec; build it with :func:`parse_spec`."""
+
+    replicas: int
+    model: ModelSpec
+    gpu: GpuSpec
+    offload: OffloadSpec
+    engine: EngineSpec
+    images: ImagesSpec
+    resources: dict[str, dict[str, Any]]
+    pod_metadata: dict[str, dict[str, str]]
+    pod_spec: dict[str, Any]
+    service_type: str
+
+
+def _quantity_bytes(field: str, value: Any) -> int:
+    try:
+        q = parse_quantity(str(value))
+    except ValueError as exc:
+        raise SpecError(field, f"{value!r} is not a Kubernetes quantity (e.g. 32Gi): {exc}") from None
+    if q < 0:
+        raise SpecError(field, f"{value!r} must not be negative")
+    return int(q)
+
+
+def _int(field: str, value: Any, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(field, f"{value!r} is not an integer")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"within {low}..{high}"
+        raise SpecError(field, f"{value} must be {bound}")
+    return value
+
+
+def _choice(field: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise SpecError(field, f"{value!r} is not one of {', '.join(choices)}")
+    return str(value)
+
+
+def _parse_model(raw: Mapping[str, Any]) -> ModelSpec:
+    source = _choice("model.source", raw.get("source", "dummy"), MODEL_SOURCES)
+    name = str(raw.get("name", ""))
+    geometry_name = str(raw.get("geometry", "") or (name if source == "dummy" else ""))
+    if not geometry_name:
+        raise SpecError("model.geometry", f"a {source} model needs spec.model.geometry, one of "
+                        f"{', '.join(sorted(GEOMETRIES))}, so the operator can size the KV cache")
+    if geometry_name not in GEOMETRIES:
+        raise SpecError("model.geometry" if raw.get("geometry") else "model.name",
+                        f"unknown model geometry {geometry_name!r}; use one of {', '.join(sorted(GEOMETRIES))}",
+                        reason="UnknownModel")
+    geometry = GEOMETRIES[geometry_name]
+    volume = raw.get("volume") or {}
+    claim = str(volume.get("claimName", ""))
+    path = str(volume.get("path", ""))
+    if source != "dummy":
+        if not claim:
+            raise SpecError("model.volume.claimName", f"a {source} model is read from a PersistentVolumeClaim; "
+                            "set spec.model.volume.claimName")
+        if not path or path.startswith("/") or ".." in path.split("/"):
+            raise SpecError("model.volume.path", "set the model's path relative to the volume root "
+                            "(e.g. llama-3-8b or models/llama.gguf), without '..'")
+        if source == "gguf" and not path.endswith(".gguf"):
+            raise SpecError("model.volume.path", f"{path!r}: a gguf model is a file ending in .gguf")
+    max_context = _int("model.maxContext", raw.get("maxContext", 0), 0)
+    if max_context > geometry.max_position_embeddings:
+        raise SpecError("model.maxContext", f"{max_context} exceeds {geometry.name}'s "
+                        f"{geometry.max_position_embeddings} positions; lower it or set 0 for the model's own")
+    return ModelSpec(
+        source=source, name=name or geometry_name, geometry=geometry, claim_name=claim, path=path,
+        served_name=str(raw.get("servedName", "")), max_context=max_context,
+        dtype=_choice("model.dtype", raw.get("dtype", "auto"), DTYPES),
+    )
+
+
+def _parse_gpu(raw: Mapping[str, Any]) -> GpuSpec:
+    util = raw.get("memoryUtilization", 0.9)
+    if not isinstance(util, (int, float)) or not 0.05 <= float(util) <= 1.0:
+        raise SpecError("gpu.memoryUtilization", f"{util!r} must be within [0.05, 1.0]")
+    hbm = raw.get("memoryBandwidthGBps", 0)
+    if not isinstance(hbm, (int, float)) or hbm < 0:
+        raise SpecError("gpu.memoryBandwidthGBps", f"{hbm!r} must be a number >= 0")
+    selector = raw.get("nodeSelector") or {}
+    return GpuSpec(
+        count=_int("gpu.count", raw.get("count", 1), 1, 16),
+        products=tuple(str(p) for p in raw.get("products") or ()),
+        resource_name=str(raw.get("resourceName", "nvidia.com/gpu")),
+        memory_utilization=float(util),
+        node_selector={str(k): str(v) for k, v in selector.items()},
+        hbm_gbps=float(hbm),
+    )
+
+
+def _parse_offload(raw: Mapping[str, Any]) -> OffloadSpec:
+    mode = _choice("cpuOffload.mode", raw.get("mode", "auto"), OFFLOAD_MODES)
+    kv = _quantity_bytes("cpuOffload.kvMemory", raw.get("kvMemory", "8Gi"))
+    if mode != "off" and kv == 0:
+        raise SpecError("cpuOffload.kvMemory", f"mode {mode} needs host KV memory; set kvMemory (e.g. 16Gi) "
+                        "or mode off")
+    return OffloadSpec(mode=mode, kv_memory_bytes=kv, cores=_int("cpuOffload.cores", raw.get("cores", 0), 0, 512))
+
+
+def _parse_engine(raw: Mapping[str, Any]) -> EngineSpec:
+    block = raw.get("blockSize", 16)
+    if block not in (8, 16, 32):
+        raise SpecError("engine.blockSize", f"{block!r} must be 8, 16 or 32")
+    return EngineSpec(
+        block_size=block,
+        max_num_seqs=_int("engine.maxNumSeqs", raw.get("maxNumSeqs", 256), 1, 4096),
+        max_num_batched_tokens=_int("engine.maxNumBatchedTokens", raw.get("maxNumBatchedTokens", 2048), 16),
+        max_waiting=_int("engine.maxWaiting", raw.get("maxWaiting", 4096), 1),
+        log_level=_choice("engine.logLevel", raw.get("logLevel", "info"), ("debug", "info", "warning", "error")),
+    )
+
+
+def parse_spec(raw: Mapping[str, Any], default_images: Mapping[str, str]) -> NeoServiceSpec:
+    """Validate a NeoService ``spec`` dict; raises :class:`SpecError` naming the field to fix."""
+    if not isinstance(raw, Mapping):
+        raise SpecError("", "spec must be an object")
+    images = raw.get("images") or {}
+    resolved = {key: str(images.get(key) or default_images.get(key, "")) for key in ("gateway", "gpuWorker", "cpuAttention")}
+    for key, image in resolved.items():
+        if not image:
+            raise SpecError(f"images.{key}", "no image given and the operator has no default; set it")
+    template = raw.get("podTemplate") or {}
+    meta = template.get("metadata") or {}
+    pod_spec = dict(template.get("spec") or {})
+    unknown = sorted(set(pod_spec) - set(POD_OVERRIDE_FIELDS))
+    if unknown:
+        raise SpecError("podTemplate.spec", f"cannot override {', '.join(unknown)}; "
+                        f"allowed: {', '.join(POD_OVERRIDE_FIELDS)}")
+    resources = raw.get("resources") or {}
+    for key in resources:
+        if key not in ("gateway", "gpuWorker", "cpuAttention"):
+            raise SpecError(f"resources.{key}", "resources are set per container: gateway, gpuWorker, cpuAttention")
+    service = raw.get("service") or {}
+    return NeoServiceSpec(
+        replicas=_int("replicas", raw.get("replicas", 1), 0, 1000),
+        model=_parse_model(raw.get("model") or {}),
+        gpu=_parse_gpu(raw.get("gpu") or {}),
+        offload=_parse_offload(raw.get("cpuOffload") or {}),
+        engine=_parse_engine(raw.get("engine") or {}),
+        images=ImagesSpec(gateway=resolved["gateway"], gpu_worker=resolved["gpuWorker"],
+                          cpu_attention=resolved["cpuAttention"],
+                          pull_policy=_choice("images.pullPolicy", images.get("pullPolicy", "IfNotPresent"),
+                                              ("Always", "IfNotPresent", "Never"))),
+        resources={k: dict(v or {}) for k, v in resources.items()},
+        pod_metadata={"labels": dict(meta.get("labels") or {}), "annotations": dict(meta.get("annotations") or {})},
+        pod_spec=pod_spec,
+        service_type=_choice("service.type", service.get("type", "ClusterIP"), ("ClusterIP", "NodePort", "LoadBalancer")),
+    )

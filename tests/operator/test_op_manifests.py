@@ -1,0 +1,176 @@
+"""The pure manifest builders: ConfigMap, Deployment, Service, bandwidth probe Job."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from neo_common.config import NeoConfig
+from neo_operator import constants as c
+from neo_operator.configmap import build_configmap, config_hash, configmap_name
+from neo_operator.deployment import build_deployment
+from neo_operator.probejob import (ProbeResultError, build_probe_job, parse_probe_message, probe_annotations,
+                                   probe_job_name, probe_pod_result)
+from neo_operator.service import build_service, service_url
+from neo_operator.sizing import size
+
+from conftest import make_node, make_spec, node_dict
+
+
+@pytest.fixture
+def decided():
+    spec = make_spec(cpuOffload={"mode": "full", "kvMemory": "4Gi"})
+    return spec, size(spec, [make_node()])
+
+
+def test_configmap_carries_the_engine_config_as_neo_env(decided) -> None:
+    spec, d = decided
+    cm = build_configmap("svc", spec, d)
+    assert cm["kind"] == "ConfigMap" and cm["metadata"]["name"] == configmap_name("svc") == "svc-config"
+    data = cm["data"]
+    assert all(k.startswith("NEO_") and isinstance(v, str) for k, v in data.items())
+    # what a container reads back through envFrom is exactly the decided config
+    cfg = NeoConfig.from_args([], env=data)
+    assert cfg.cache.num_gpu_blocks == d.gpu_kv_blocks
+    assert cfg.cache.num_cpu_blocks == d.cpu_kv_blocks == 2048
+    assert cfg.cache.block_size == 16
+    assert cfg.scheduler.offload_mode == "full"
+    assert cfg.device.cpu_threads == d.cpu_attention_threads
+    assert cfg.model.model == "llama-3-8b" and cfg.model.load_format == "dummy"
+    assert cfg.http.host == "0.0.0.0" and cfg.http.port == 8000
+    assert cfg.ipc.worker_addr.startswith("tcp://127.0.0.1:")
+
+
+def test_configmap_for_a_model_on_a_volume() -> None:
+    spec = make_spec(model={"source": "gguf", "geometry": "smollm2-135m",
+                            "volume": {"claimName": "models", "path": "smol/model.gguf"}, "servedName": "smol"})
+    d = size(spec, [make_node()])
+    cfg = NeoConfig.from_args([], env=build_configmap("s", spec, d)["data"])
+    assert cfg.model.model == "/models/smol/model.gguf" and cfg.model.load_format == "gguf"
+    assert cfg.model.served_model_name == "smol"
+
+
+def test_config_hash_changes_with_the_data() -> None:
+    assert config_hash({"A": "1"}) == config_hash({"A": "1"})
+    assert config_hash({"A": "1"}) != config_hash({"A": "2"})
+
+
+def test_deployment_one_pod_three_containers_shared_shm(decided) -> None:
+    spec, d = decided
+    dep = build_deployment("svc", spec, d, "abc123")
+    assert dep["apiVersion"] == "apps/v1" and dep["spec"]["replicas"] == 1
+    tpl = dep["spec"]["template"]
+    sel = dep["spec"]["selector"]["matchLabels"]
+    assert all(tpl["metadata"]["labels"][k] == v for k, v in sel.items())
+    assert tpl["metadata"]["annotations"][c.CONFIG_HASH_ANNOTATION] == "abc123"
+    pod = tpl["spec"]
+    containers = {ct["name"]: ct for ct in pod["containers"]}
+    assert list(containers) == ["gateway", "gpu-worker", "cpu-attention"]
+    assert containers["gateway"]["command"] == ["neo", "gateway"]
+    assert containers["gpu-worker"]["command"] == ["neo", "gpu-worker"]
+    assert containers["cpu-attention"]["command"] == ["neo", "cpu-attention"]
+    shm = next(v for v in pod["volumes"] if v["name"] == "shm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": d.shm_quantity}
+    for ct in containers.values():
+        assert {"name": "shm", "mountPath": "/dev/shm"} in ct["volumeMounts"]
+        assert ct["envFrom"] == [{"configMapRef": {"name": "svc-config"}}]
+        assert ct["securityContext"]["allowPrivilegeEscalation"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    gw = containers["gateway"]
+    assert gw["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert gw["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert gw["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert containers["gpu-worker"]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert containers["cpu-attention"]["resources"]["requests"] == d.requests["cpuAttention"]
+    assert "limits" not in containers["cpu-attention"]["resources"]
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert terms == [{"matchExpressions": [{"key": c.GPU_PRODUCT_LABEL, "operator": "In", "values": ["NVIDIA-A10G"]}]}]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+
+
+def test_deployment_overrides_merge_without_losing_the_gpu_constraint() -> None:
+    user_affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}},
+        "podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}}
+    spec = make_spec(
+        replicas=3,
+        gpu={"count": 2, "resourceName": "nvidia.com/mig-3g.40gb", "nodeSelector": {"pool": "gpu"}},
+        resources={"gpuWorker": {"limits": {"memory": "64Gi"}}, "gateway": {"requests": {"cpu": "2"}}},
+        podTemplate={"metadata": {"labels": {"team": "x"}, "annotations": {"a": "b"}},
+                     "spec": {"affinity": user_affinity, "priorityClassName": "high",
+                              "tolerations": [{"key": "dedicated", "operator": "Exists"}],
+                              "nodeSelector": {"extra": "1"}}},
+        model={"source": "hf", "geometry": "llama-3-8b", "volume": {"claimName": "models", "path": "llama"}},
+        cpuOffload={"mode": "off"},
+    )
+    d = size(spec, [make_node(gpus=2)])
+    dep = build_deployment("svc", spec, d, "h")
+    pod = dep["spec"]["template"]["spec"]
+    assert dep["spec"]["replicas"] == 3
+    assert dep["spec"]["template"]["metadata"]["labels"]["team"] == "x"
+    assert dep["spec"]["template"]["metadata"]["annotations"]["a"] == "b"
+    exprs = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]["matchExpressions"]
+    assert [e["key"] for e in exprs] == ["zone", c.GPU_PRODUCT_LABEL]
+    assert "podAntiAffinity" in pod["affinity"]
+    assert user_affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0][
+        "matchExpressions"] == [{"key": "zone", "operator": "In", "values": ["a"]}], "input must not be mutated"
+    assert pod["nodeSelector"] == {"pool": "gpu", "extra": "1"}
+    assert pod["priorityClassName"] == "high"
+    assert {"key": "dedicated", "operator": "Exists"} in pod["tolerations"]
+    containers = {ct["name"]: ct for ct in pod["containers"]}
+    assert containers["gpu-worker"]["resources"]["limits"] == {"nvidia.com/mig-3g.40gb": "2", "memory": "64Gi"}
+    assert containers["gateway"]["resources"]["requests"]["cpu"] == "2"
+    model_vol = next(v for v in pod["volumes"] if v["name"] == "model")
+    assert model_vol["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+    assert {"name": "model", "mountPath": "/models", "readOnly": True} in containers["gpu-worker"]["volumeMounts"]
+    assert all(m["name"] != "model" for m in containers["cpu-attention"]["volumeMounts"])
+
+
+def test_service_routes_to_the_gateways(decided) -> None:
+    spec, _ = decided
+    svc = build_service("svc", spec)
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert svc["spec"]["selector"] == {c.NAME_LABEL: "neo", c.INSTANCE_LABEL: "svc"}
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}]
+    assert service_url("svc", "team-a") == "http://svc.team-a.svc:8000"
+
+
+def test_probe_job_pins_the_node_and_needs_no_api_access() -> None:
+    node = node_dict("gpu-node-" + "x" * 80, {c.GPU_PRODUCT_LABEL: "NVIDIA-H100-80GB-HBM3"})
+    job = build_probe_job(node, "neo/cpu-attention:t", "neo-system")
+    name = job["metadata"]["name"]
+    assert len(name) <= 63 and name.startswith("neo-bw-probe-gpu-node-")
+    assert name == probe_job_name(node["metadata"]["name"]) != probe_job_name("gpu-node-" + "x" * 81)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["nodeName"] == node["metadata"]["name"]
+    assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+    ct = pod["containers"][0]
+    assert ct["command"] == ["neo", "probe-bandwidth", "--json"]
+    assert ct["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert job["spec"]["template"]["metadata"]["annotations"][c.PROBE_NODE_LABEL] == node["metadata"]["name"]
+
+
+def test_probe_message_parsing() -> None:
+    line = json.dumps({"read_gbps": 98.1, "threads": 16, "cpu_model": "Xeon"})
+    assert parse_probe_message("warming up\n" + line + "\n")["read_gbps"] == 98.1
+    with pytest.raises(ProbeResultError):
+        parse_probe_message("Traceback: boom")
+    with pytest.raises(ProbeResultError):
+        parse_probe_message('{"read_gbps": 0}')
+    ann = probe_annotations({"read_gbps": 98.14, "threads": 16, "cpu_model": "Xeon"}, now=0)
+    assert ann[c.READ_GBPS_ANNOTATION] == "98.1"
+    assert json.loads(ann[c.PROBE_RESULT_ANNOTATION]) == {"read_gbps": 98.14, "threads": 16, "cpu_model": "Xeon",
+                                                          "measured_at": "1970-01-01T00:00:00Z"}
+
+
+def test_probe_pod_result_only_for_succeeded_pods() -> None:
+    msg = json.dumps({"read_gbps": 50.0, "threads": 8})
+    running = {"status": {"phase": "Running"}}
+    done = {"status": {"phase": "Succeeded", "containerStatuses": [
+        {"name": "probe", "state": {"terminated": {"exitCode": 0, "message": msg}}}]}}
+    assert probe_pod_result(running) is None
+    assert probe_pod_result(done) == {"read_gbps": 50.0, "threads": 8}
+    with pytest.raises(ProbeResultError):
+        probe_pod_result({"status": {"phase": "Succeeded", "containerStatuses": []}})

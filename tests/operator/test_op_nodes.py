@@ -1,0 +1,52 @@
+"""Reading GPU nodes: GPU Feature Discovery labels, allocatable resources, the bandwidth annotation."""
+
+from __future__ import annotations
+
+import json
+
+from neo_operator import constants as c
+from neo_operator.nodes import is_gpu_node, matching_nodes, node_facts, parse_bandwidth
+
+from conftest import node_dict
+
+H100 = "NVIDIA-H100-80GB-HBM3"
+
+
+def test_node_facts_from_labels_allocatable_and_annotations() -> None:
+    node = node_dict("n1", {c.GPU_PRODUCT_LABEL: H100, c.GPU_MEMORY_LABEL: "81559", c.GPU_COUNT_LABEL: "8"},
+                     {"nvidia.com/gpu": "8", "memory": "2000Gi", "cpu": "190500m"},
+                     {c.READ_GBPS_ANNOTATION: "210.5",
+                      c.PROBE_RESULT_ANNOTATION: json.dumps({"read_gbps": 210.5, "threads": 96})})
+    f = node_facts(node)
+    assert (f.name, f.gpu_product, f.gpu_memory_mib, f.gpu_count) == ("n1", H100, 81559, 8)
+    assert f.memory_bytes == 2000 << 30 and f.cpus == 190.5
+    assert (f.read_gbps, f.probe_threads) == (210.5, 96)
+
+
+def test_memory_falls_back_to_the_product_table_and_count_to_the_label() -> None:
+    f = node_facts(node_dict("n", {c.GPU_PRODUCT_LABEL: "NVIDIA-A10G", c.GPU_COUNT_LABEL: "4"}, {"memory": "1Gi"}))
+    assert f.gpu_memory_mib == 23028 and f.gpu_count == 4 and f.read_gbps is None
+    unknown = node_facts(node_dict("n", {c.GPU_PRODUCT_LABEL: "Mystery"}))
+    assert unknown.gpu_memory_mib is None and unknown.gpu_count == 0
+
+
+def test_bandwidth_annotation_parsing() -> None:
+    assert parse_bandwidth({}) == (None, None)
+    assert parse_bandwidth({c.READ_GBPS_ANNOTATION: "fast"}) == (None, None)
+    assert parse_bandwidth({c.READ_GBPS_ANNOTATION: "-1"}) == (None, None)
+    assert parse_bandwidth({c.READ_GBPS_ANNOTATION: "42"}) == (42.0, None)  # set by hand, no probe detail
+
+
+def test_matching_nodes_filters_by_product_and_selector() -> None:
+    nodes = [
+        node_dict("cpu", {"pool": "a"}),
+        node_dict("h100-b", {c.GPU_PRODUCT_LABEL: H100, "pool": "b"}),
+        node_dict("h100-a", {c.GPU_PRODUCT_LABEL: H100, "pool": "a"}),
+        node_dict("a10g-a", {c.GPU_PRODUCT_LABEL: "NVIDIA-A10G", "pool": "a"}),
+    ]
+    assert not is_gpu_node(nodes[0]) and is_gpu_node(nodes[1])
+    names = lambda ns: [n["metadata"]["name"] for n in ns]  # noqa: E731
+    assert names(matching_nodes(nodes, [], {})) == ["a10g-a", "h100-a", "h100-b"]
+    assert names(matching_nodes(nodes, [H100], {})) == ["h100-a", "h100-b"]
+    assert names(matching_nodes(nodes, [H100], {"pool": "a"})) == ["h100-a"]
+    assert matching_nodes(nodes, ["NVIDIA-H200"], {}) == []

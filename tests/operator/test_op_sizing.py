@@ -1,0 +1,167 @@
+"""The sizing formulas (docs/operator.md) and the decisions they make across GPUs and host bandwidths."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from neo_common.geometry import GEOMETRIES
+from neo_operator import sizing
+from neo_operator.gpus import GPU_PRODUCTS
+from neo_operator.sizing import GiB, MiB, SizingError, SizingPending, size
+
+from conftest import make_node, make_spec
+
+
+def test_gpu_blocks_follow_the_documented_formula() -> None:
+    spec = make_spec()
+    node = make_node(product="NVIDIA-A10G", memory_mib=23028)
+    d = size(spec, [node])
+    g = GEOMETRIES["llama-3-8b"]
+    # bf16: 2 bytes; K and V, 32 layers, 8 KV heads of 128, 16 tokens per block
+    assert d.kv_bytes_per_block == 16 * 2 * 32 * 8 * 128 * 2 == 2 * MiB
+    weights = g.num_parameters() * 2
+    workspace = 512 * MiB + 2048 * (4 * 4096 + 2 * 14336) * 2 + 256 * 128256 * 4
+    expected = (int(0.9 * 23028 * MiB) - weights - workspace) // d.kv_bytes_per_block
+    assert d.gpu_kv_blocks == expected
+    assert 2000 < d.gpu_kv_blocks < 2600  # ~4.7 GiB of KV after 15 GiB of weights on a 24 GB GPU
+
+
+def test_cpu_blocks_shm_and_requests() -> None:
+    spec = make_spec(cpuOffload={"mode": "full", "kvMemory": "16Gi"})
+    d = size(spec, [make_node()])
+    assert d.offload and d.offload_mode == "full"
+    assert d.cpu_kv_blocks == 16 * GiB // d.kv_bytes_per_block == 8192
+    staging = 2 * 256 * (2 * 32 + 2 * 8) * 128 * 4
+    assert d.shm_bytes == math.ceil((16 * GiB + staging + 64 * MiB) / MiB) * MiB
+    assert d.shm_quantity == f"{d.shm_bytes // MiB}Mi"
+    # one GPU of one: the whole host less gateway (1) and gpu-worker (2)
+    assert d.cpu_attention_threads == 32 - 3
+    assert d.requests["cpuAttention"] == {"cpu": "29", "memory": f"{(512 * MiB + d.shm_bytes) // MiB}Mi"}
+    assert d.requests["gpuWorker"]["cpu"] == "2"
+
+
+def test_threads_are_the_host_share_of_our_gpus_and_scale_bandwidth() -> None:
+    # 8 GPUs on a 64-core host: one GPU comes with 8 cores, 5 of them for attention
+    d = size(make_spec(cpuOffload={"mode": "full"}), [make_node(gpus=8, cpus=64, gbps=200.0, threads=64)])
+    assert d.cpu_attention_threads == 5
+    assert d.cpu_attention_gbps == pytest.approx(200.0 * 5 / 64, abs=0.05)
+    # explicit cores win
+    d = size(make_spec(cpuOffload={"mode": "full", "cores": 12}), [make_node(gpus=8, cpus=64, gbps=200.0, threads=64)])
+    assert d.cpu_attention_threads == 12
+
+
+def test_mode_off_allocates_no_cpu_pool_and_needs_no_bandwidth() -> None:
+    d = size(make_spec(cpuOffload={"mode": "off"}), [make_node(gbps=None)])
+    assert not d.offload and d.offload_mode == "off" and d.cpu_kv_blocks == 0
+    assert d.shm_bytes < 128 * MiB
+    assert d.requests["cpuAttention"]["cpu"] == "1"
+
+
+def test_auto_waits_for_the_bandwidth_probe() -> None:
+    with pytest.raises(SizingPending) as info:
+        size(make_spec(), [make_node("a", gbps=50.0), make_node("b", gbps=None)])
+    assert info.value.nodes == ["b"]
+
+
+def test_weakest_node_is_the_basis() -> None:
+    d = size(make_spec(cpuOffload={"mode": "full"}),
+             [make_node("big", memory_mib=81559, product="NVIDIA-H100-80GB-HBM3", cpus=64, gbps=150.0),
+              make_node("small", memory_mib=23028, cpus=16, gbps=40.0)])
+    assert d.gpu_memory_mib == 23028 and d.host_read_gbps == 40.0 and d.hbm_gbps == 600.0
+    assert d.gpu_products == ("NVIDIA-A10G", "NVIDIA-H100-80GB-HBM3")
+
+
+# GPU product x host bandwidth -> offload decision (mode auto, 32 Gi of host KV, 256 sequences).
+# Each row: product, GPUs per replica (= per node), model, max context, host GB/s (probe over all
+# cores), host cores, expected offload.
+DECISIONS = [
+    ("Tesla-T4", 1, "llama-2-7b", 2048, 2.0, 4, False),
+    ("Tesla-T4", 1, "llama-2-7b", 2048, 10.0, 8, True),
+    ("Tesla-T4", 1, "llama-2-7b", 2048, 40.0, 16, True),
+    ("NVIDIA-A10G", 1, "llama-3-8b", 0, 12.0, 8, False),
+    ("NVIDIA-A10G", 1, "llama-3-8b", 0, 60.0, 32, True),
+    ("NVIDIA-L4", 1, "llama-3-8b", 0, 60.0, 32, True),
+    ("NVIDIA-A100-SXM4-80GB", 1, "llama-3-8b", 0, 100.0, 32, False),
+    ("NVIDIA-H100-80GB-HBM3", 1, "llama-3-8b", 0, 103.0, 16, False),
+    ("NVIDIA-H200", 1, "llama-3-8b", 0, 103.0, 16, False),
+    ("NVIDIA-H100-80GB-HBM3", 2, "llama-3-70b", 0, 30.0, 16, False),
+    ("NVIDIA-H100-80GB-HBM3", 2, "llama-3-70b", 0, 200.0, 64, True),
+    ("NVIDIA-H200", 2, "llama-3-70b", 0, 103.0, 16, False),
+]
+
+
+def _decide(product: str, count: int, model: str, ctx: int, gbps: float, cores: int):
+    spec = make_spec(model={"name": model, "maxContext": ctx}, cpuOffload={"kvMemory": "32Gi"},
+                     gpu={"memoryUtilization": 0.95, "count": count})
+    mem = GPU_PRODUCTS[product].memory_mib
+    return size(spec, [make_node(product=product, memory_mib=mem, gpus=count, cpus=cores, gbps=gbps, threads=cores)])
+
+
+def test_decision_table(capsys: pytest.CaptureFixture[str]) -> None:
+    rows = []
+    for product, count, model, ctx, gbps, cores, expected in DECISIONS:
+        d = _decide(product, count, model, ctx, gbps, cores)
+        rows.append((f"{count}x {product}", model, gbps, cores, d.gpu_kv_blocks, d.cpu_kv_blocks, d.cpu_attention_threads,
+                     d.predicted_gain, d.offload, expected))
+    with capsys.disabled():
+        print("\n%-27s %-12s %6s %5s %8s %8s %7s %7s %s" % ("GPU", "model", "GB/s", "cores", "GPU blk", "CPU blk",
+                                                            "threads", "gain", "offload"))
+        for r in rows:
+            print("%-27s %-12s %6.0f %5d %8d %8d %7d %7.1f%% %s" % (*r[:7], 100 * r[7], r[8]))
+    assert [r[8] for r in rows] == [r[9] for r in rows]
+
+
+def test_more_host_bandwidth_never_turns_offload_off() -> None:
+    gains = [_decide("NVIDIA-A10G", 1, "llama-3-8b", 0, bw, 32).predicted_gain for bw in (5, 20, 40, 80, 160)]
+    assert gains == sorted(gains) and gains[-1] > gains[0]
+
+
+def test_more_gpu_memory_never_raises_the_gain() -> None:
+    gains = [_decide(p, 1, "llama-3-8b", 0, 60.0, 32).predicted_gain
+             for p in ("NVIDIA-A10G", "NVIDIA-L40S", "NVIDIA-H100-80GB-HBM3")]
+    assert gains == sorted(gains, reverse=True)
+
+
+# -- failures that become conditions -----------------------------------------------------------------
+def _reason(spec, nodes) -> str:
+    with pytest.raises(SizingError) as info:
+        size(spec, nodes)
+    assert "spec." in info.value.message, "the message must say which field to change"
+    return info.value.reason
+
+
+def test_no_matching_nodes() -> None:
+    assert _reason(make_spec(gpu={"products": ["NVIDIA-H200"]}), []) == "NoMatchingNodes"
+
+
+def test_unknown_gpu_product() -> None:
+    assert _reason(make_spec(), [make_node(product="NVIDIA-Mystery-9000", memory_mib=32768)]) == "UnknownGpuProduct"
+    # given the HBM bandwidth, an unknown product with a memory label sizes fine
+    d = size(make_spec(gpu={"memoryBandwidthGBps": 900}), [make_node(product="NVIDIA-Mystery-9000", memory_mib=32768)])
+    assert d.hbm_gbps == 900 and d.gpu_memory_mib == 32768
+
+
+def test_insufficient_gpus() -> None:
+    assert _reason(make_spec(gpu={"count": 4}), [make_node(gpus=2)]) == "InsufficientGpus"
+
+
+def test_model_does_not_fit() -> None:
+    assert _reason(make_spec(model={"name": "llama-3-70b"}), [make_node()]) == "ModelDoesNotFit"
+
+
+def test_kv_memory_larger_than_node() -> None:
+    with pytest.raises(SizingError) as info:
+        size(make_spec(cpuOffload={"mode": "full", "kvMemory": "200Gi"}), [make_node(host_gib=64)])
+    assert info.value.reason == "KvMemoryExceedsNode"
+    assert "lower spec.cpuOffload.kvMemory to at most" in info.value.message
+
+
+def test_cores_larger_than_node() -> None:
+    assert _reason(make_spec(cpuOffload={"mode": "full", "cores": 64}), [make_node(cpus=16)]) == "CpuExceedsNode"
+
+
+def test_constants_are_what_the_docs_say() -> None:
+    assert sizing.OFFLOAD_MIN_GAIN == 0.05
+    assert (sizing.GATEWAY_CPU, sizing.GPU_WORKER_CPU) == (1, 2)
