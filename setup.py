@@ -1,7 +1,38 @@
 """Native extensions of the package (built by `pip install`, no manual step).
 
-Project metadata lives in pyproject.toml; this file only declares compiled code.
+Project metadata lives in pyproject.toml; this file only declares compiled code:
+``neo_cpu_attention._native``, the CPU decode-attention kernel. The kernel source is compiled once per
+instruction set (AVX-512, AVX2, portable) inside the one extension and picked at run time, so a
+build works on any x86-64 host (and the portable part on other architectures).
 """
+import os
+import platform
+
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import setup
 
-setup(ext_modules=[])
+CSRC = "services/cpu_attention/csrc"
+SOURCES = ["binding.cpp", "dispatch.cpp", "pool.cpp", "kernel_generic.cpp"]
+if platform.machine().lower() in ("x86_64", "amd64"):
+    SOURCES += ["kernel_avx2.cpp", "kernel_avx512.cpp"]
+
+# -O3 for the inner loops; no -march: the per-ISA units pick their own targets with
+# `#pragma GCC target` and the dispatcher checks the CPU at run time. NEO_NATIVE_DEBUG=1 for -O0 -g.
+if os.environ.get("NEO_NATIVE_DEBUG"):
+    FLAGS = ["-O0", "-g"]
+else:
+    FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+
+ParallelCompile("NEO_BUILD_JOBS").install()  # compile the units in parallel (default: all CPUs)
+
+ext = Pybind11Extension(
+    "neo_cpu_attention._native",
+    [f"{CSRC}/{name}" for name in SOURCES],
+    depends=[f"{CSRC}/{name}" for name in ("neo_attn.h", "isa.h", "simd.h", "kernel_impl.h", "pool.h")],
+    include_dirs=[CSRC],
+    cxx_std=20,
+    extra_compile_args=FLAGS + ["-Wall", "-Wno-psabi"],
+    extra_link_args=["-pthread"],
+)
+
+setup(ext_modules=[ext], cmdclass={"build_ext": build_ext})

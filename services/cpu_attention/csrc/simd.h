@@ -1,0 +1,173 @@
+// Per-ISA SIMD primitives. Included by exactly one translation unit per ISA, after that unit's
+// `#pragma GCC target`, with one of NEO_ISA_AVX512 / NEO_ISA_AVX2 / NEO_ISA_GENERIC defined.
+// Everything here has internal linkage (anonymous namespace), so code built for one ISA can never be
+// merged by the linker into another ISA's unit.
+#pragma once
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#if defined(NEO_ISA_AVX512) || defined(NEO_ISA_AVX2)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+static inline float bf16_bits_to_f32(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+static inline float f16_bits_to_f32(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
+  if (exp == 0) {
+    if (man == 0) {
+      u = sign;
+    } else {  // subnormal: normalize
+      int e = -1;
+      do { man <<= 1; ++e; } while (!(man & 0x400));
+      u = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
+    }
+  } else if (exp == 31) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else {
+    u = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+static inline uint16_t f32_to_bf16_bits(float f) {  // round to nearest even, NaN kept quiet
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+static inline uint16_t f32_to_f16_bits(float f) {  // round to nearest even
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  uint32_t sign = (u >> 16) & 0x8000u;
+  uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);          // NaN
+  if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);         // overflow -> inf
+  if (a < 0x38800000u) {                                            // subnormal or zero in fp16
+    if (a < 0x33000000u) return (uint16_t)sign;                     // < half of smallest subnormal
+    uint32_t e = a >> 23, m = (a & 0x7fffffu) | 0x800000u;
+    uint32_t shift = 126 - e;                                       // 14 + (113 - e) - ... see below
+    // value = m * 2^(e-150); fp16 subnormal unit = 2^-24 -> mantissa = m >> (126 - e)
+    uint32_t r = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (r & 1u))) ++r;
+    return (uint16_t)(sign | r);
+  }
+  uint32_t r = a - 0x38000000u;                                     // rebias exponent 127 -> 15
+  r += 0xfffu + ((r >> 13) & 1u);
+  return (uint16_t)(sign | (r >> 13));
+}
+
+template <int DT> static inline float kv_to_f32(uint16_t h) {
+  return DT == 0 ? bf16_bits_to_f32(h) : f16_bits_to_f32(h);
+}
+template <int DT> static inline uint16_t f32_to_kv(float f) {
+  return DT == 0 ? f32_to_bf16_bits(f) : f32_to_f16_bits(f);
+}
+
+#if defined(NEO_ISA_AVX512)
+struct Simd {
+  using V = __m512;
+  static constexpr int L = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V vmax(V a, V b) { return _mm512_max_ps(a, b); }
+  static float hsum(V v) { return _mm512_reduce_add_ps(v); }
+  template <int DT> static V load_kv(const uint16_t* p) {
+    __m256i h = _mm256_loadu_si256((const __m256i*)p);
+    if (DT == 0) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+  }
+  static V exp(V x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, set1(-87.0f)), set1(88.0f));
+    V n = _mm512_roundscale_ps(_mm512_mul_ps(x, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    V r = _mm512_fnmadd_ps(n, set1(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, set1(-2.12194440e-4f), r);
+    V p = set1(1.9875691500E-4f);
+    p = fma(p, r, set1(1.3981999507E-3f));
+    p = fma(p, r, set1(8.3334519073E-3f));
+    p = fma(p, r, set1(4.1665795894E-2f));
+    p = fma(p, r, set1(1.6666665459E-1f));
+    p = fma(p, r, set1(5.0000001201E-1f));
+    p = fma(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, set1(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+  }
+  static void prefetch(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_T0); }
+};
+#elif defined(NEO_ISA_AVX2)
+struct Simd {
+  using V = __m256;
+  static constexpr int L = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V vmax(V a, V b) { return _mm256_max_ps(a, b); }
+  static float hsum(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  template <int DT> static V load_kv(const uint16_t* p) {
+    __m128i h = _mm_loadu_si128((const __m128i*)p);
+    if (DT == 0) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+  }
+  static V exp(V x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, set1(-87.0f)), set1(88.0f));
+    V n = _mm256_round_ps(_mm256_mul_ps(x, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    V r = _mm256_fnmadd_ps(n, set1(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, set1(-2.12194440e-4f), r);
+    V p = set1(1.9875691500E-4f);
+    p = fma(p, r, set1(1.3981999507E-3f));
+    p = fma(p, r, set1(8.3334519073E-3f));
+    p = fma(p, r, set1(4.1665795894E-2f));
+    p = fma(p, r, set1(1.6666665459E-1f));
+    p = fma(p, r, set1(5.0000001201E-1f));
+    p = fma(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, set1(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  }
+  static void prefetch(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_T0); }
+};
+#else
+struct Simd {  // portable scalar fallback (any architecture)
+  using V = float;
+  static constexpr int L = 1;
+  static V zero() { return 0.0f; }
+  static V set1(float x) { return x; }
+  static V load(const float* p) { return *p; }
+  static void store(float* p, V v) { *p = v; }
+  static V fma(V a, V b, V c) { return a * b + c; }
+  static V mul(V a, V b) { return a * b; }
+  static V add(V a, V b) { return a + b; }
+  static V vmax(V a, V b) { return a > b ? a : b; }
+  static float hsum(V v) { return v; }
+  template <int DT> static V load_kv(const uint16_t* p) { return kv_to_f32<DT>(*p); }
+  static V exp(V x) { return expf(x < -87.0f ? -87.0f : x); }
+  static void prefetch(const void* p) { __builtin_prefetch(p); }
+};
+#endif
+
+}  // namespace
