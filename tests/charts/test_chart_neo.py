@@ -1,0 +1,160 @@
+"""charts/neo with the real helm binary: lint, template, and the rendered objects validated offline
+against the Kubernetes schemas (kubernetes-validate, strict: unknown fields are errors)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "neo"
+CACHE = Path(os.environ.get("NEO_K8S_CACHE", Path.home() / ".cache" / "neo-k8s")) / os.environ.get("NEO_K8S_VERSION", "1.20.2")
+# the oldest schema set kubernetes-validate ships, and its newest
+K8S_SCHEMA_VERSIONS = ("1.25.0", kubernetes_validate.latest_version())
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    binary = CACHE / "helm"
+    if not binary.exists():
+        pytest.fail(f"{binary} missing: run `make k8s-tools` (scripts/k8s-tools.sh) first")
+    return subprocess.run([str(binary), *args], capture_output=True, text=True, check=check)
+
+
+def render(*sets: str, namespace: str = "neo-system") -> list[dict[str, Any]]:
+    args = ["template", "neo", str(CHART), "--namespace", namespace, "--include-crds"]
+    for s in sets:
+        args += ["--set", s]
+    return [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
+
+
+def crd() -> dict[str, Any]:
+    return yaml.safe_load((CHART / "crds" / "neoservices.neo.serving.io.yaml").read_text())
+
+
+def validate(doc: dict[str, Any]) -> None:
+    if doc["kind"] == "NeoService":
+        schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        jsonschema.validate(doc, schema)
+        return
+    if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+        return  # a CRD kind kubernetes-validate has no schema for; its shape is checked in its own test
+    for version in K8S_SCHEMA_VERSIONS:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+VALUE_SETS = {
+    "defaults": (),
+    "everything": ("example.enabled=true", "serviceMonitor.enabled=true", "operator.verbose=true",
+                   "imagePullSecrets[0].name=regcred", "operator.nodeSelector.role=infra"),
+    "namespaced": ("operator.watchNamespaces={team-a,team-b}", "serviceMonitor.enabled=true"),
+}
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_helm_lint(name: str) -> None:
+    args = ["lint", str(CHART), "--strict"]
+    for s in VALUE_SETS[name]:
+        args += ["--set", s]
+    result = helm(*args, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_rendered_objects_validate(name: str) -> None:
+    docs = render(*VALUE_SETS[name])
+    kinds = [d["kind"] for d in docs]
+    assert "CustomResourceDefinition" in kinds and "Deployment" in kinds and "ServiceAccount" in kinds
+    for doc in docs:
+        validate(doc)
+
+
+def test_operator_deployment_has_liveness_and_runs_as_its_service_account() -> None:
+    docs = render()
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    (sa,) = [d for d in docs if d["kind"] == "ServiceAccount"]
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == sa["metadata"]["name"] == "neo-operator"
+    (ct,) = pod["containers"]
+    assert ct["command"] == ["neo", "operator"]
+    env = {e["name"]: e.get("value") for e in ct["env"]}
+    assert env["NEO_LIVENESS"] == "http://0.0.0.0:8080/healthz"
+    assert ct["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in ct["ports"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    assert env["NEO_CPU_ATTENTION_IMAGE"] == "neo/cpu-attention:0.1.0"
+
+
+def _rules(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [r for d in docs if d["kind"] == kind for r in d["rules"]]
+
+
+def test_rbac_is_least_privilege() -> None:
+    docs = render()
+    cluster_rules = _rules(docs, "ClusterRole")
+    ns_rules = _rules(docs, "Role")
+    for rule in cluster_rules + ns_rules:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
+    cluster_resources = {res for r in cluster_rules for res in r["resources"]}
+    # secrets are never touched; pods and jobs only in the release namespace (probe Jobs)
+    assert "secrets" not in cluster_resources
+    assert not {"pods", "jobs"} & cluster_resources
+    assert {res for r in ns_rules for res in r["resources"]} == {"pods", "jobs"}
+    assert all(d["metadata"]["namespace"] == "neo-system" for d in docs if d["kind"] in ("Role", "RoleBinding"))
+    for rule in cluster_rules:
+        if {"configmaps", "services", "deployments"} & set(rule["resources"]):
+            assert "delete" not in rule["verbs"], "children are removed by garbage collection, not the operator"
+
+
+def test_watch_namespaces_binds_workload_rights_per_namespace() -> None:
+    docs = render("operator.watchNamespaces={team-a,team-b}")
+    bindings = [d for d in docs if d["kind"] == "RoleBinding" and d["roleRef"]["name"].endswith("-workloads")]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    assert not [d for d in docs if d["kind"] == "ClusterRoleBinding" and d["roleRef"]["name"].endswith("-workloads")]
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["NEO_NAMESPACE"] == "team-a,team-b"
+
+
+def test_example_neoservice_and_servicemonitor() -> None:
+    docs = render("example.enabled=true", "serviceMonitor.enabled=true")
+    (ns,) = [d for d in docs if d["kind"] == "NeoService"]
+    assert ns["spec"]["model"] == {"source": "dummy", "name": "llama-3-8b"}
+    (sm,) = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    assert sm["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "30s"}]
+    assert sm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/managed-by"] == "neo-operator"
+    assert sm["spec"]["namespaceSelector"] == {"any": True}
+    assert not [d for d in render() if d["kind"] in ("NeoService", "ServiceMonitor")]
+
+
+@pytest.mark.parametrize("bad", [
+    "operator.retrySeconds=-1",
+    "image.pullPolicy=Sometimes",
+    "example.cpuOffload.mode=maybe",
+    "serviceMonitor.interval=soon",
+    "unknownKey=1",
+])
+def test_values_schema_rejects_bad_values(bad: str) -> None:
+    result = helm("template", "neo", str(CHART), "--set", bad, check=False)
+    assert result.returncode != 0
+    assert "schema" in (result.stderr + result.stdout).lower()
+
+
+def test_invalid_neoservice_fails_the_crd_schema() -> None:
+    schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    good = {"apiVersion": "neo.serving.io/v1alpha1", "kind": "NeoService", "metadata": {"name": "x"},
+            "spec": {"model": {"name": "llama-3-8b"}, "cpuOffload": {"mode": "auto", "kvMemory": "16Gi"}}}
+    jsonschema.validate(good, schema)
+    for spec in ({"model": {"name": "a"}, "cpuOffload": {"mode": "sometimes"}},
+                 {"model": {"name": "a"}, "cpuOffload": {"kvMemory": "lots"}},
+                 {"model": {"name": "a"}, "replicas": -1},
+                 {"model": {"name": "a"}, "engine": {"blockSize": 12}}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({**good, "spec": spec}, schema)
