@@ -47,11 +47,13 @@ static int attend_raw(uintptr_t q, uintptr_t k_new, uintptr_t v_new, uintptr_t o
   return neo_attn_decode(&a);
 }
 
-// slot tuple: (req_addr, done_addr, status_addr, q, k_new, v_new, o, rows, seq_lens_addr, bt_addr, bt_stride)
+// slot tuple: (req_addr, done_addr, status_addr, q, k_new, v_new, o, rows, seq_lens_addr, bt_addr,
+//              bt_stride, next_layer)
 using SlotTuple = std::tuple<uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, int,
-                             uintptr_t, uintptr_t, int>;
+                             uintptr_t, uintptr_t, int, int>;
 
-static std::pair<int, int> serve_iteration(uintptr_t k_pool, uintptr_t v_pool, uintptr_t abort_word,
+// Returns (status, failed_layer, next_layer per slot).
+static std::tuple<int, int, std::vector<int>> serve_iteration(uintptr_t k_pool, uintptr_t v_pool, uintptr_t abort_word,
                                            int num_layers, int num_blocks, int hq, int hkv, int head_dim,
                                            int block_size, int dtype, float scale, uint64_t iteration_id,
                                            const std::vector<SlotTuple>& slots, int64_t spin_us,
@@ -84,6 +86,7 @@ static std::pair<int, int> serve_iteration(uintptr_t k_pool, uintptr_t v_pool, u
     d.seq_lens = ptr<const int32_t>(std::get<8>(t));
     d.block_tables = ptr<const int32_t>(std::get<9>(t));
     d.bt_stride = std::get<10>(t);
+    d.next_layer = std::get<11>(t);
   }
   s.iteration_id = iteration_id;
   s.spin_us = spin_us;
@@ -94,7 +97,9 @@ static std::pair<int, int> serve_iteration(uintptr_t k_pool, uintptr_t v_pool, u
     py::gil_scoped_release nogil;
     rc = neo_serve_iteration(&s, &failed);
   }
-  return {rc, failed};
+  std::vector<int> next;
+  for (size_t i = 0; i < slots.size(); ++i) next.push_back(s.slots[i].next_layer);
+  return {rc, failed, next};
 }
 
 PYBIND11_MODULE(_native, m) {

@@ -353,7 +353,7 @@ uint64_t neo_wait_u64(const uint64_t* addr, uint64_t target, int64_t spin_us, in
   }
 }
 
-int neo_serve_iteration(const neo_serve_args* s, int32_t* failed_layer) {
+int neo_serve_iteration(neo_serve_args* s, int32_t* failed_layer) {
   if (failed_layer) *failed_layer = -1;
   if (!s || s->num_slots < 0 || s->num_slots > 4 || s->num_layers < 1 || s->num_layers > 65534) return NEO_EINVAL;
   const size_t layer_bytes =
@@ -361,9 +361,15 @@ int neo_serve_iteration(const neo_serve_args* s, int32_t* failed_layer) {
   int next_layer[4] = {0, 0, 0, 0};
   int remaining = 0;
   for (int i = 0; i < s->num_slots; ++i) {
-    if (s->slots[i].rows > 0) remaining += s->num_layers;
-    else next_layer[i] = s->num_layers;
+    next_layer[i] = s->slots[i].rows > 0 ? std::max(0, std::min(s->slots[i].next_layer, s->num_layers))
+                                         : s->num_layers;
+    remaining += s->num_layers - next_layer[i];
   }
+  struct Save {  // report progress back however we leave
+    neo_serve_args* s;
+    int* nl;
+    ~Save() { for (int i = 0; i < s->num_slots; ++i) s->slots[i].next_layer = nl[i]; }
+  } save{s, next_layer};
   const uint64_t last_seq = neo_job_seq(s->iteration_id, (uint32_t)(s->num_layers - 1));
   int64_t t_last = now_us();  // last progress: spin and timeout budgets count from here
   int64_t sleep_ns = 2000;

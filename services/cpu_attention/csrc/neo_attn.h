@@ -91,6 +91,7 @@ typedef struct neo_slot_desc {
   const int32_t* seq_lens;
   const int32_t* block_tables;
   int32_t bt_stride;
+  int32_t next_layer;     /* in/out: first layer not yet served (0 for a fresh iteration) */
 } neo_slot_desc;
 
 typedef struct neo_serve_args {
@@ -111,11 +112,13 @@ static inline uint64_t neo_job_seq(uint64_t iteration_id, uint32_t layer) {
   return (iteration_id << 16) | (uint64_t)(layer + 1);
 }
 
-/* For every layer and every slot with rows > 0: wait for req_seq >= job seq, run the kernel on the
- * slot's staging, write status then done_seq = job seq. Slots are served in whatever order their
- * doorbells ring (layers in order within a slot). Returns NEO_OK or the first error (after marking
- * the failing job done with that status, so the peer never waits on it). */
-int neo_serve_iteration(const neo_serve_args* args, int32_t* failed_layer);
+/* For every layer (from slot.next_layer on) and every slot with rows > 0: wait for req_seq >= job
+ * seq, run the kernel on the slot's staging, write status then done_seq = job seq. Slots are served
+ * in whatever order their doorbells ring (layers in order within a slot). Returns NEO_OK when all are
+ * served, NEO_ETIMEOUT when no doorbell rang for timeout_us (call again to resume: next_layer is
+ * updated), NEO_EABORT when the abort word names this iteration, or the first kernel error (after
+ * marking the rest of that slot's jobs done with the error status, so the peer never waits on them). */
+int neo_serve_iteration(neo_serve_args* args, int32_t* failed_layer);
 
 #ifdef __cplusplus
 }

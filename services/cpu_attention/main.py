@@ -1,0 +1,23 @@
+"""``neo cpu-attention``: the CPU decode-attention process of one replica (no torch)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+from neo_common.config import NeoConfig
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = NeoConfig.from_args(argv)
+    logging.basicConfig(level=config.http.log_level.upper(),
+                        format="%(asctime)s %(levelname)s cpu_attention %(name)s: %(message)s")
+    from neo_cpu_attention.server import CpuAttentionServer, install_signal_handlers
+
+    server = CpuAttentionServer(config)
+    install_signal_handlers(server)
+    return server.run()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,258 @@
+"""The cpu_attention service loop: ZeroMQ plans from the gateway, doorbells from the GPU worker.
+
+Per ``CpuAttentionPlan`` the process serves, for every layer and every sub-batch with CPU rows, one
+job: wait for the slot's doorbell, run the kernel on the slot's staging rows (appending k/v to the
+pool), publish completion (see ``segment`` for the protocol). The whole iteration runs in native code
+with the GIL released; Python only regains control between time slices to notice a Shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import numpy as np
+import zmq
+
+from neo_common import protocol
+from neo_common.config import NeoConfig
+from neo_cpu_attention import _native, kernel
+from neo_cpu_attention.segment import KvSegment, SegmentError
+
+log = logging.getLogger(__name__)
+
+HELLO_INTERVAL_S = 1.0
+SLICE_US = 200_000          # native serve slice; between slices we look at the socket
+SPIN_US = 2_000             # spin this long on a doorbell before sleep-polling
+ERRORS = {-2: "block id out of range", -3: "bad sequence length", -1: "invalid arguments",
+          -4: "timeout", -5: "aborted"}
+
+
+class CpuAttentionServer:
+    """One cpu_attention process.
+
+    Fields (and when they change):
+    - ``config``: the replica's NeoConfig (fixed).
+    - ``segment``: the attached KvSegment, None until the GPU worker has created it (attached lazily,
+      then fixed until exit).
+    - ``threads``: kernel pool size (fixed at start).
+    - ``gateway_seen``: True once any frame arrived from the gateway (stops the Hello resends).
+    - ``connected`` / ``disconnected_at``: TCP state of the gateway link from the socket monitor;
+      after ``gateway_grace_s`` without a connection the process exits (the gateway is gone).
+    - ``stopping``: set by Shutdown or SIGTERM/SIGINT; the loop exits at the next check.
+    - ``iterations`` / ``jobs``: counters of served plans and (layer, sub-batch) jobs.
+    - ``_pending``: frames that arrived while an iteration ran (served next, in order).
+    """
+
+    def __init__(self, config: NeoConfig, gateway_grace_s: float | None = None,
+                 attach_timeout_s: float = 30.0) -> None:
+        self.config = config
+        # a gateway that dropped the connection gets this long to come back before we exit
+        self.gateway_grace_s = min(10.0, config.ipc.worker_timeout_s) if gateway_grace_s is None else gateway_grace_s
+        self.attach_timeout_s = attach_timeout_s
+        self.segment: KvSegment | None = None
+        self.threads = kernel.set_num_threads(config.device.cpu_threads)
+        self.gateway_seen = False
+        self.connected = False
+        self.disconnected_at: float | None = time.monotonic()
+        self.stopping = False
+        self.iterations = 0
+        self.jobs = 0
+        self._pending: list[bytes] = []   # frames read while an iteration was running
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+
+    # -- main loop --------------------------------------------------------------------------------
+    def run(self) -> int:
+        addr = self.config.ipc.cpu_attention_addr
+        log.info("cpu_attention pid %d: %d threads, ISA %s, gateway %s, segment %s",
+                 os.getpid(), self.threads, kernel.isa(), addr, self.config.shm_name)
+        self.sock.connect(addr)
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
+        last_hello = 0.0
+        code = 0
+        try:
+            while not self.stopping:
+                now = time.monotonic()
+                if not self.gateway_seen and now - last_hello >= HELLO_INTERVAL_S:
+                    self._send(protocol.Hello(kind=protocol.WorkerKind.CPU_ATTENTION, pid=os.getpid()))
+                    last_hello = now
+                if self._gateway_gone(now):
+                    log.error("gateway %s unreachable for %.0fs; exiting", addr, self.gateway_grace_s)
+                    code = 1
+                    break
+                if self.segment is None:
+                    self._try_attach(0.0)
+                events = dict(poller.poll(100))
+                if self.monitor in events:
+                    self._drain_monitor()
+                if self.sock in events or self._pending:
+                    self._drain_socket()
+        finally:
+            self.close()
+        return code
+
+    def close(self) -> None:
+        if self.segment is not None:
+            try:
+                self.segment.set_cpu_state(os.getpid(), 2)
+            except Exception:  # the mapping may be half gone at exit; nothing to save
+                pass
+            self.segment.close()
+            self.segment.unlink()   # ours to remove too: a replica's segment dies with either worker
+            self.segment = None
+        self.sock.disable_monitor()
+        self.monitor.close(0)
+        self.sock.close(0)
+
+    def request_stop(self, *_args) -> None:
+        self.stopping = True
+
+    # -- gateway link -----------------------------------------------------------------------------
+    def _send(self, msg: protocol.Message) -> None:
+        try:
+            self.sock.send(msg.encode(), zmq.NOBLOCK)
+        except zmq.Again:
+            log.debug("gateway not connected; dropped %s", type(msg).__name__)
+
+    def _gateway_gone(self, now: float) -> bool:
+        if self.connected or self.disconnected_at is None:
+            return False
+        grace = self.gateway_grace_s if self.gateway_seen else self.config.ipc.worker_timeout_s
+        return now - self.disconnected_at > grace
+
+    def _drain_monitor(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)["event"]
+            if event == zmq.EVENT_CONNECTED:
+                self.connected, self.disconnected_at = True, None
+            elif event == zmq.EVENT_DISCONNECTED and self.connected:
+                log.warning("gateway disconnected")
+                self.connected, self.disconnected_at = False, time.monotonic()
+
+    def _drain_socket(self) -> None:
+        while not self.stopping:
+            if self._pending:
+                frame = self._pending.pop(0)
+            else:
+                try:
+                    frame = self.sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    return
+            self.gateway_seen = True
+            try:
+                msg = protocol.decode(frame)
+            except protocol.ProtocolError as exc:
+                log.error("bad frame from gateway: %s", exc)
+                self._send(protocol.WorkerError(message=f"cpu_attention: {exc}", fatal=False))
+                continue
+            if isinstance(msg, protocol.Shutdown):
+                log.info("shutdown requested: %s", msg.reason or "-")
+                self.stopping = True
+            elif isinstance(msg, protocol.CpuAttentionPlan):
+                self.serve_plan(msg)
+            else:
+                log.debug("ignoring %s", type(msg).__name__)
+
+    # -- segment ----------------------------------------------------------------------------------
+    def _try_attach(self, timeout_s: float) -> bool:
+        try:
+            self.segment = KvSegment.attach(self.config.shm_name, timeout_s)
+        except SegmentError as exc:
+            if timeout_s > 0:
+                log.error("%s", exc)
+            return False
+        self.segment.set_cpu_state(os.getpid(), 1)
+        lay = self.segment.layout
+        log.info("attached segment %s: %d layers x %d blocks, %d/%d heads, head_dim %d, %s",
+                 self.segment.name, lay.num_layers, lay.num_blocks, lay.num_q_heads, lay.num_kv_heads,
+                 lay.head_dim, lay.dtype)
+        self._send(protocol.WorkerReady(kind=protocol.WorkerKind.CPU_ATTENTION, pid=os.getpid(),
+                                        block_size=lay.block_size, device="cpu", dtype=lay.dtype))
+        return True
+
+    # -- one iteration ----------------------------------------------------------------------------
+    def serve_plan(self, plan: protocol.CpuAttentionPlan) -> None:
+        it = int(plan.iteration_id)
+        rows = [int(np.asarray(s).shape[0]) for s in plan.seq_lens]
+        if sum(rows) == 0:
+            return
+        if self.segment is None and not self._try_attach(self.attach_timeout_s):
+            self._fail(it, f"shared-memory segment {self.config.shm_name} not available")
+            return
+        seg = self.segment
+        lay = seg.layout
+        if len(rows) > lay.num_slots or max(rows) > lay.max_rows:
+            self._fail(it, f"plan has sub-batches {rows}; segment holds {lay.num_slots} x {lay.max_rows} rows")
+            return
+        keep = []  # arrays whose addresses the native loop uses
+        slots = []
+        for s, n in enumerate(rows):
+            lens = np.ascontiguousarray(plan.seq_lens[s], dtype=np.int32)
+            bt = np.ascontiguousarray(plan.block_tables[s], dtype=np.int32)
+            if n and (bt.ndim != 2 or bt.shape[0] != n):
+                self._fail(it, f"sub-batch {s}: block_tables shape {bt.shape} for {n} rows")
+                return
+            keep += [lens, bt]
+            slots.append((
+                seg.base_address + lay.req_off(s), seg.base_address + lay.done_off(s),
+                seg.base_address + lay.status_off(s), seg.address("q", s), seg.address("k_new", s),
+                seg.address("v_new", s), seg.address("o", s), n, lens.ctypes.data,
+                bt.ctypes.data if n else 0, int(bt.shape[1]) if n else 0, 0,
+            ))
+        budget_s = self.config.ipc.worker_timeout_s
+        idle_since = time.monotonic()
+        while True:
+            rc, failed, next_layers = _native.serve_iteration(
+                seg.address("k_pool"), seg.address("v_pool"), seg.base_address + 512, lay.num_layers,
+                lay.num_blocks, lay.num_q_heads, lay.num_kv_heads, lay.head_dim, lay.block_size,
+                0 if lay.dtype == "bfloat16" else 1, lay.attn_scale, it, slots, SPIN_US, SLICE_US)
+            progressed = [sl[11] for sl in slots] != list(next_layers)
+            slots = [sl[:11] + (nl,) for sl, nl in zip(slots, next_layers)]
+            if rc != -4:  # anything but "no doorbell for a while" ends the iteration
+                break
+            now = time.monotonic()
+            if progressed:
+                idle_since = now
+            if now - idle_since > budget_s:
+                break
+            self._poll_control()
+            if self.stopping:
+                log.warning("iteration %d interrupted by shutdown", it)
+                return
+        self.iterations += 1
+        self.jobs += sum(next_layers)
+        if rc == 0:
+            return
+        if rc == -5:
+            log.info("iteration %d aborted by the GPU worker", it)
+            return
+        self._fail(it, f"iteration {it} layer {failed}: {ERRORS.get(rc, rc)}")
+
+    def _poll_control(self) -> None:
+        """Between native slices: notice a Shutdown (other frames are kept for the main loop)."""
+        if self.monitor.poll(0):
+            self._drain_monitor()
+        while self.sock.poll(0):
+            frame = self.sock.recv()
+            if frame[:1] == bytes([protocol.MsgType.SHUTDOWN]):
+                self.stopping = True
+                return
+            self._pending.append(frame)   # served by the main loop after this iteration
+
+    def _fail(self, it: int, message: str) -> None:
+        log.error("%s", message)
+        self._send(protocol.WorkerError(iteration_id=it, message=f"cpu_attention: {message}", fatal=False))
+
+
+def install_signal_handlers(server: CpuAttentionServer) -> None:
+    signal.signal(signal.SIGTERM, server.request_stop)
+    signal.signal(signal.SIGINT, server.request_stop)

@@ -1,0 +1,228 @@
+"""Two real processes on one segment: the `neo cpu-attention` process and a GPU-worker stand-in.
+
+The test plays the gateway (a ZeroMQ ROUTER): it receives the Hello, sends CpuAttentionPlans, and
+checks that the answers that came back through the doorbell path equal the in-process kernel's, bit
+for bit, and that the segment is gone after both exit, also when one of them is killed by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+
+import numpy as np
+import pytest
+import zmq
+
+from neo_common import protocol
+from neo_cpu_attention import _native, kernel
+from neo_cpu_attention.segment import SegmentLayout
+
+pytestmark = pytest.mark.integration
+HERE = os.path.dirname(os.path.abspath(__file__))
+LAYOUT = SegmentLayout(num_layers=3, num_blocks=64, num_kv_heads=3, num_q_heads=9, head_dim=64,
+                       block_size=16, max_rows=8, dtype="bfloat16", num_slots=2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shm_exists(name: str) -> bool:
+    return os.path.exists(f"/dev/shm/{name}")
+
+
+def bf16(rng, shape) -> np.ndarray:
+    return (rng.standard_normal(shape, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def make_inputs(folder, rng):
+    """Two iterations; slot 0 has 3 rows, slot 1 has 2 rows (the second iteration's lengths + 1)."""
+    lay = LAYOUT
+    perm = rng.permutation(lay.num_blocks).astype(np.int32)
+    lens0 = [[40, 1, 17], [16, 33]]
+    tables, off = [], 0
+    for lens in lens0:
+        t = np.full((len(lens), 5), -1, np.int32)
+        for r, n in enumerate(lens):
+            nb = (n + 1 + 15) // 16
+            t[r, :nb] = perm[off:off + nb]
+            off += nb
+        tables.append(t)
+    iterations = [
+        {"iteration_id": 7, "seq_lens": lens0, "block_tables": [t.tolist() for t in tables]},
+        {"iteration_id": 8, "seq_lens": [[n + 1 for n in l] for l in lens0],
+         "block_tables": [t.tolist() for t in tables]},
+    ]
+    arrays = {"k_pool": bf16(rng, lay.pool_shape), "v_pool": bf16(rng, lay.pool_shape)}
+    for it in range(2):
+        for layer in range(lay.num_layers):
+            for s, lens in enumerate(lens0):
+                arrays[f"q_{it}_{layer}_{s}"] = bf16(rng, (len(lens), lay.num_q_heads, lay.head_dim))
+                arrays[f"k_new_{it}_{layer}_{s}"] = bf16(rng, (len(lens), lay.num_kv_heads, lay.head_dim))
+                arrays[f"v_new_{it}_{layer}_{s}"] = bf16(rng, (len(lens), lay.num_kv_heads, lay.head_dim))
+    np.savez(f"{folder}/inputs.npz", **arrays)
+    with open(f"{folder}/meta.json", "w") as f:
+        json.dump({"layout": {k: getattr(lay, k) for k in lay.__dataclass_fields__}, "iterations": iterations}, f)
+    return arrays, iterations
+
+
+def expected_outputs(arrays, iterations):
+    """The same jobs run in this process, in the same order, on copies of the pool."""
+    lay = LAYOUT
+    k_pool, v_pool = arrays["k_pool"].copy(), arrays["v_pool"].copy()
+    out = {}
+    for it, plan in enumerate(iterations):
+        for layer in range(lay.num_layers):
+            for s, lens in enumerate(plan["seq_lens"]):
+                out[f"o_{it}_{layer}_{s}"] = kernel.attend(
+                    arrays[f"q_{it}_{layer}_{s}"], k_pool[layer], v_pool[layer],
+                    np.asarray(plan["block_tables"][s], np.int32), np.asarray(lens, np.int32),
+                    k_new=arrays[f"k_new_{it}_{layer}_{s}"], v_new=arrays[f"v_new_{it}_{layer}_{s}"])
+    out["k_pool"], out["v_pool"] = k_pool, v_pool
+    return out
+
+
+class Replica:
+    """The two processes plus the gateway socket of one test."""
+
+    def __init__(self, tmp_path, grace_s: float = 60.0):
+        self.name = f"neo-test-{uuid.uuid4().hex[:10]}"
+        self.folder = str(tmp_path)
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        port = free_port()
+        self.router.bind(f"tcp://127.0.0.1:{port}")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.cpu = subprocess.Popen(
+            [sys.executable, "-m", "neo_cpu_attention.main", "--cpu-attention-addr", f"tcp://127.0.0.1:{port}",
+             "--shm-name", self.name, "--cpu-threads", "2", "--worker-timeout-s", str(grace_s),
+             "--log-level", "info"], env=env, stderr=open(f"{self.folder}/cpu.log", "w"))
+        self.driver = subprocess.Popen([sys.executable, f"{HERE}/driver.py", self.folder, self.name],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.identity = None
+
+    def hello(self) -> protocol.Hello:
+        assert self.router.poll(30_000), "no Hello from cpu_attention"
+        self.identity, frame = self.router.recv_multipart()
+        msg = protocol.decode(frame)
+        assert isinstance(msg, protocol.Hello)
+        return msg
+
+    def send(self, msg: protocol.Message) -> None:
+        self.router.send_multipart([self.identity, msg.encode()])
+
+    def recv(self, timeout_ms: int = 10_000) -> protocol.Message | None:
+        if not self.router.poll(timeout_ms):
+            return None
+        return protocol.decode(self.router.recv_multipart()[1])
+
+    def driver_line(self) -> str:
+        return self.driver.stdout.readline().strip()
+
+    def driver_go(self) -> None:
+        self.driver.stdin.write("go\n")
+        self.driver.stdin.flush()
+
+    def close(self) -> None:
+        for p in (self.cpu, self.driver):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        self.router.close(0)
+        self.ctx.term()
+        if shm_exists(self.name):  # never leave one behind, even when the test failed
+            os.unlink(f"/dev/shm/{self.name}")
+
+    def cpu_log(self) -> str:
+        return open(f"{self.folder}/cpu.log").read()
+
+
+def send_plans(rep: Replica, iterations) -> None:
+    for plan in iterations:
+        rep.send(protocol.CpuAttentionPlan(
+            iteration_id=plan["iteration_id"],
+            seq_ids=[np.arange(len(l), dtype=np.int64) for l in plan["seq_lens"]],
+            seq_lens=[np.asarray(l, np.int32) for l in plan["seq_lens"]],
+            block_tables=[np.asarray(t, np.int32) for t in plan["block_tables"]]))
+
+
+def test_answers_arrive_through_the_doorbells_and_segment_is_removed(tmp_path):
+    arrays, iterations = make_inputs(tmp_path, np.random.default_rng(0))
+    _native.set_num_threads(2)   # same split as the child's pool: results must match bit for bit
+    expected = expected_outputs(arrays, iterations)
+    rep = Replica(tmp_path)
+    try:
+        hello = rep.hello()
+        assert hello.kind == protocol.WorkerKind.CPU_ATTENTION and hello.pid == rep.cpu.pid
+        assert rep.driver_line() == "READY"
+        assert shm_exists(rep.name)
+        send_plans(rep, iterations)
+        rep.driver_go()
+        assert rep.driver_line() == "DONE", rep.cpu_log()
+        got = np.load(f"{tmp_path}/out.npz")
+        for key, want in expected.items():
+            np.testing.assert_array_equal(got[key], want, err_msg=key)
+        ready = rep.recv()
+        assert isinstance(ready, protocol.WorkerReady) and ready.kind == protocol.WorkerKind.CPU_ATTENTION
+        rep.send(protocol.Shutdown(reason="test"))
+        assert rep.cpu.wait(20) == 0
+        rep.driver_go()
+        assert rep.driver.wait(20) == 0
+        assert not shm_exists(rep.name)
+    finally:
+        rep.close()
+
+
+@pytest.mark.parametrize("victim", ["driver", "cpu"])
+def test_segment_is_gone_after_a_process_is_killed(tmp_path, victim):
+    make_inputs(tmp_path, np.random.default_rng(1))
+    rep = Replica(tmp_path)
+    try:
+        rep.hello()
+        assert rep.driver_line() == "READY"
+        assert isinstance(rep.recv(), protocol.WorkerReady)   # cpu side attached
+        if victim == "driver":
+            os.kill(rep.driver.pid, signal.SIGKILL)
+            rep.driver.wait(10)
+            rep.send(protocol.Shutdown(reason="peer died"))
+            assert rep.cpu.wait(20) == 0
+        else:
+            os.kill(rep.cpu.pid, signal.SIGKILL)
+            rep.cpu.wait(10)
+            rep.driver.stdin.close()     # EOF: the driver skips its jobs' wait and exits
+            rep.driver.wait(30)
+        assert not shm_exists(rep.name)
+    finally:
+        rep.close()
+
+
+def test_exits_when_the_gateway_vanishes(tmp_path):
+    make_inputs(tmp_path, np.random.default_rng(2))
+    rep = Replica(tmp_path, grace_s=1.5)
+    try:
+        rep.hello()
+        rep.router.close(0)   # the gateway goes away without a Shutdown
+        assert rep.cpu.wait(30) == 1
+        assert "unreachable" in rep.cpu_log()
+    finally:
+        rep.driver.kill()
+        rep.close()
+
+
+def test_product_modules_import_no_torch():
+    code = ("import sys; import neo_cpu_attention.main, neo_cpu_attention.server, neo_cpu_attention.segment, "
+            "neo_cpu_attention.kernel, neo_cpu_attention.membw; "
+            "from neo_common.config import NeoConfig; from neo_cpu_attention.server import CpuAttentionServer; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
