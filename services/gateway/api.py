@@ -1,0 +1,204 @@
+"""HTTP routes: OpenAI-compatible completions and chat (streaming or not), models, health."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from neo_gateway.api_models import ChatCompletionRequest, CompletionRequest
+from neo_gateway.engine import Engine, EngineOverloaded, EngineUnavailable, RequestOutput
+from neo_gateway.errors import APIError, error_body, install_handlers
+from neo_gateway.sampling_params import ParamError, SamplingParams
+
+
+class _BodyLimit:
+    """Rejects bodies over ``limit`` bytes before they are read whole (413)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = dict(scope.get("headers") or []).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.limit:
+                resp = JSONResponse(error_body(413, f"request body exceeds {self.limit} bytes", "body"), 413)
+                await resp(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(engine: Engine, served_name: str) -> FastAPI:
+    app = FastAPI(title="NEO serving stack", version="0.1.0")
+    install_handlers(app)
+    app.add_middleware(_BodyLimit, limit=engine.config.http.max_request_bytes)
+    created = int(time.time())
+
+    def check_model(name: str) -> None:
+        if name != served_name:
+            raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+
+    def check_ready() -> None:
+        if not engine.ready:
+            raise APIError(503, "the engine is not ready (a worker is down or still loading)",
+                           headers={"Retry-After": "5"})
+
+    def plan_request(prompt_ids: list[int], params_of, prompt_param: str) -> SamplingParams:
+        """Validate lengths against the context; build SamplingParams (vLLM's wording on overflow)."""
+        limit = engine.max_model_len
+        if not prompt_ids:
+            raise APIError(400, "the prompt is empty", prompt_param)
+        vocab = engine.tokenizer.vocab_size if engine.link.ready is None else engine.link.ready.geometry["vocab_size"]
+        if max(prompt_ids) >= vocab or min(prompt_ids) < 0:
+            raise APIError(400, f"prompt token ids must be in [0, {vocab})", prompt_param)
+        try:
+            params = params_of(max(1, limit - len(prompt_ids)))
+        except ParamError as exc:
+            raise APIError(400, str(exc), exc.param) from None
+        cap = engine.config.http.max_tokens_limit
+        if cap and params.max_tokens > cap:
+            raise APIError(400, f"max_tokens must be at most {cap}", "max_tokens")
+        if len(params.stop) > engine.config.http.max_stop_strings:
+            raise APIError(400, f"at most {engine.config.http.max_stop_strings} stop strings", "stop")
+        if any(len(s) > engine.config.http.max_stop_length for s in params.stop):
+            raise APIError(400, f"stop strings are limited to {engine.config.http.max_stop_length} characters", "stop")
+        total = len(prompt_ids) + params.max_tokens
+        if len(prompt_ids) >= limit or total > limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                f"{total} tokens ({len(prompt_ids)} in the messages, {params.max_tokens} in the "
+                                f"completion). Please reduce the length of the messages or completion.",
+                           "max_tokens" if len(prompt_ids) < limit else prompt_param)
+        why = engine.check_capacity(total)
+        if why:
+            raise APIError(400, why, "max_tokens")
+        return params
+
+    async def start_stream(request_id: str, prompt_ids: list[int], params: SamplingParams) -> tuple[AsyncIterator[RequestOutput], RequestOutput | None]:
+        try:
+            stream = engine.generate(request_id, prompt_ids, params)
+            first = await stream.__anext__()
+        except EngineUnavailable as exc:
+            raise APIError(503, str(exc), headers={"Retry-After": "5"}) from None
+        except EngineOverloaded as exc:
+            raise APIError(429, f"server overloaded: {exc}", headers={"Retry-After": "1"}) from None
+        return stream, first
+
+    async def collect(stream: AsyncIterator[RequestOutput], first: RequestOutput) -> RequestOutput:
+        text, last = first.text, first
+        while not last.finished:
+            last = await stream.__anext__()
+            text += last.text
+        if last.error:
+            raise APIError(500, f"generation failed: {last.error}")
+        return RequestOutput(text, [], True, last.finish_reason, last.prompt_tokens, last.completion_tokens)
+
+    def usage(out: RequestOutput) -> dict:
+        return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+                "total_tokens": out.prompt_tokens + out.completion_tokens}
+
+    async def sse(stream, first: RequestOutput, chunk, include_usage: bool, header: dict | None) -> AsyncIterator[str]:
+        out = first
+        try:
+            if header is not None:
+                yield f"data: {json.dumps(header)}\n\n"
+            while True:
+                if out.error:
+                    yield f"data: {json.dumps({'error': {'message': out.error, 'type': 'server_error', 'code': 500}})}\n\n"
+                    break
+                if out.text or out.finished:
+                    yield f"data: {json.dumps(chunk(out))}\n\n"
+                if out.finished:
+                    if include_usage:
+                        yield f"data: {json.dumps(chunk(None) | {'choices': [], 'usage': usage(out)})}\n\n"
+                    break
+                out = await stream.__anext__()
+            yield "data: [DONE]\n\n"
+        finally:
+            await stream.aclose()
+
+    # -- routes -------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.link.alive:
+            return JSONResponse({"status": "unhealthy", "reason": "gpu_worker is down"}, 503,
+                                headers={"Retry-After": "5"})
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        return JSONResponse({"ready": engine.ready}, 200 if engine.ready else 503)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": served_name, "object": "model", "created": created,
+                                             "owned_by": "neo", "root": served_name,
+                                             "max_model_len": engine.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        check_model(body.model)
+        check_ready()
+        if body.echo or body.suffix:
+            raise APIError(400, "echo and suffix are not supported", "echo" if body.echo else "suffix")
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (list, str)):
+            if len(prompt) != 1:
+                raise APIError(400, "a batch of prompts is not supported; send one prompt per request", "prompt")
+            prompt = prompt[0]
+        prompt_ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        params = plan_request(prompt_ids, lambda _room: body.sampling_params(16), "prompt")  # OpenAI's default
+        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        stream, first = await start_stream(rid, prompt_ids, params)
+
+        def chunk(out: RequestOutput | None) -> dict:
+            choices = [] if out is None else [{"index": 0, "text": out.text, "logprobs": None,
+                                               "finish_reason": out.finish_reason}]
+            return {"id": rid, "object": "text_completion", "created": now, "model": served_name, "choices": choices}
+
+        if body.stream:
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(sse(stream, first, chunk, include, None), media_type="text/event-stream")
+        out = await collect(stream, first)
+        return JSONResponse(chunk(out) | {"usage": usage(out)})
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+        check_model(body.model)
+        check_ready()
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            text = engine.tokenizer.apply_chat_template(messages, body.add_generation_prompt)
+        except ParamError as exc:
+            raise APIError(400, str(exc), exc.param) from None
+        except Exception as exc:  # template errors are the request's fault (e.g. role order)
+            raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from None
+        prompt_ids = engine.tokenizer.encode(text, add_special_tokens=False)
+        if body.max_completion_tokens is not None and body.max_tokens is None:
+            body.max_tokens = body.max_completion_tokens
+        params = plan_request(prompt_ids, body.sampling_params, "messages")
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        stream, first = await start_stream(rid, prompt_ids, params)
+
+        def chunk(out: RequestOutput | None) -> dict:
+            choices = [] if out is None else [{"index": 0, "delta": {"content": out.text} if out.text else {},
+                                               "logprobs": None, "finish_reason": out.finish_reason}]
+            return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": served_name,
+                    "choices": choices}
+
+        if body.stream:
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            header = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": served_name,
+                      "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                   "logprobs": None, "finish_reason": None}]}
+            return StreamingResponse(sse(stream, first, chunk, include, header), media_type="text/event-stream")
+        out = await collect(stream, first)
+        return JSONResponse({"id": rid, "object": "chat.completion", "created": now, "model": served_name,
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
+                                          "logprobs": None, "finish_reason": out.finish_reason}],
+                             "usage": usage(out)})
+
+    return app

@@ -1,0 +1,101 @@
+"""Request bodies of the OpenAI-compatible API (the subset we serve, plus vLLM's extensions).
+
+Pydantic checks types and ranges; :meth:`sampling_params` turns a body into SamplingParams. Fields
+clients commonly send but that we do not support are accepted when they ask for the default and
+rejected with a 400 naming the field otherwise, so nothing is silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
+
+from neo_gateway.sampling_params import ParamError, SamplingParams
+
+
+class StreamOptions(BaseModel):
+    include_usage: Optional[bool] = False
+
+
+class _GenerationRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    temperature: Optional[float] = Field(default=None, ge=0.0, le=100.0)
+    top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(default=None, ge=-1)
+    seed: Optional[int] = Field(default=None, ge=0, lt=2**63)
+    stop: Optional[Union[str, list[str]]] = None
+    stop_token_ids: Optional[list[int]] = None
+    ignore_eos: StrictBool = False
+    n: int = Field(default=1, ge=1)
+    stream: StrictBool = False
+    stream_options: Optional[StreamOptions] = None
+    logprobs: Optional[Any] = None
+    presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
+    user: Optional[str] = None
+
+    def check_supported(self) -> None:
+        if self.n != 1:
+            raise ParamError("n", "only n=1 is supported")
+        if self.logprobs not in (None, False, 0):
+            raise ParamError("logprobs", "logprobs are not supported")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0, 0.0):
+                raise ParamError(name, f"{name} is not supported")
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        self.check_supported()
+        return SamplingParams(
+            max_tokens=self.max_tokens if self.max_tokens is not None else default_max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=-1 if self.top_k is None else self.top_k,
+            seed=self.seed,
+            stop=self.stop_list(),
+            stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos,
+        )
+
+
+class CompletionRequest(_GenerationRequest):
+    """POST /v1/completions. ``prompt`` is text or token ids (a batch of one is accepted too)."""
+
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    echo: StrictBool = False
+    suffix: Optional[str] = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: Union[str, list[dict[str, Any]], None] = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for i, part in enumerate(self.content):
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ParamError(f"messages.content.{i}", "only text content parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    add_generation_prompt: StrictBool = True

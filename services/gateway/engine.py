@@ -1,0 +1,220 @@
+"""The gateway's engine: request intake, the iteration loop, and per-request output streams.
+
+One asyncio task runs the loop: schedule -> send the plan to the GPU worker -> apply sampled tokens
+-> detokenize, check stops, push deltas to each request's queue. HTTP handlers only add requests
+and read their queues, so the loop is the single writer of scheduler state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+from typing import AsyncIterator
+
+import zmq.asyncio
+
+from neo_common.config import NeoConfig
+from neo_common.protocol import IterationResult, Place
+from neo_gateway.block_manager import BlockManager
+from neo_gateway.detokenizer import IncrementalDetokenizer
+from neo_gateway.sampling_params import SamplingParams
+from neo_gateway.scheduler import Scheduler, SchedulerOutput
+from neo_gateway.sequence import FinishReason, Sequence, SeqStatus
+from neo_gateway.tokenizer import TextTokenizer
+from neo_gateway.worker_link import IterationFailed, WorkerDown, WorkerLink
+
+log = logging.getLogger(__name__)
+
+
+class EngineUnavailable(RuntimeError):
+    """No worker can take the request now (503 + Retry-After)."""
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full (429 + Retry-After)."""
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """One step of a request's stream: new text, and the final state once ``finished``."""
+
+    text: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class _Request:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    queue: asyncio.Queue
+
+
+class Engine:
+    """Owns every live request and the scheduler; talks to the GPU worker through ``link``.
+
+    - ``scheduler``: created when the worker first reports ready (its pool size decides the
+      block manager), recreated when a restarted worker reports ready again.
+    - ``requests``: seq_id -> live request (removed when finished).
+    - ``max_model_len``: context limit (config, else the model's).
+    """
+
+    def __init__(self, config: NeoConfig, tokenizer: TextTokenizer, ctx: zmq.asyncio.Context) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.link = WorkerLink(ctx, config.ipc.worker_addr, "gpu_worker", config.ipc.worker_timeout_s)
+        self.link.on_down.append(self._on_worker_down)
+        self.scheduler: Scheduler | None = None
+        self.requests: dict[int, _Request] = {}
+        self.max_model_len = 0
+        self.eos_token_ids: tuple[int, ...] = ()
+        self._ids = itertools.count(1)
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self._ready_seen = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self.link.start()
+        self._loop_task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._loop_task:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        await self.link.close()
+
+    @property
+    def ready(self) -> bool:
+        return self.link.alive and self.scheduler is not None
+
+    def _adopt_worker(self) -> None:
+        """(Re)build the scheduler for the worker that just reported ready."""
+        ready = self.link.ready
+        assert ready is not None
+        limit = self.config.model.max_model_len
+        self.max_model_len = min(limit, ready.max_model_len) if limit else ready.max_model_len
+        self.eos_token_ids = self.tokenizer.eos_token_ids or tuple(ready.geometry.get("eos_token_ids") or ())
+        gpu = BlockManager(ready.num_gpu_blocks, ready.block_size, Place.GPU)
+        old = self.scheduler
+        self.scheduler = Scheduler(self.config.scheduler, gpu)
+        if old is not None:  # requests that were only queued survive a worker restart
+            for seq in old.waiting:
+                self.scheduler.add(seq)
+        self._ready_seen = self.link.generation
+
+    # -- intake -------------------------------------------------------------------------------
+    def check_capacity(self, num_tokens: int) -> str | None:
+        """Why a request of this many tokens can never run here (None if it can)."""
+        sched = self.scheduler
+        if sched is not None and sched.gpu.blocks_for(num_tokens) > sched.gpu.num_blocks:
+            return (f"the request needs {num_tokens} tokens of KV cache but the cache holds "
+                    f"{sched.gpu.num_blocks * sched.gpu.block_size}")
+        return None
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; closing the iterator early aborts the request."""
+        if not self.ready:
+            raise EngineUnavailable("the GPU worker is not ready")
+        assert self.scheduler is not None
+        if self.scheduler.num_waiting >= self.config.scheduler.max_waiting:
+            raise EngineOverloaded(f"{self.scheduler.num_waiting} requests are already waiting")
+        seq = Sequence(next(self._ids), request_id, prompt_ids, params, self.eos_token_ids, self.max_model_len)
+        req = _Request(seq, IncrementalDetokenizer(self.tokenizer, params.stop), asyncio.Queue())
+        self.requests[seq.seq_id] = req
+        self.scheduler.add(seq)
+        self._wake.set()
+        try:
+            while True:
+                out: RequestOutput = await req.queue.get()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            if not seq.is_finished:
+                self.abort(seq, FinishReason.ABORT)
+
+    def abort(self, seq: Sequence, reason: FinishReason) -> None:
+        if self.scheduler is not None and not seq.is_finished:
+            self.scheduler.finish(seq, reason)
+        seq.status, seq.finish_reason = SeqStatus.FINISHED, seq.finish_reason or reason
+        self.requests.pop(seq.seq_id, None)
+
+    # -- the loop -----------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            if not self.link.alive:
+                await self.link.ready_event.wait()
+            if self.scheduler is None or self._ready_seen != self.link.generation:
+                self._adopt_worker()
+            sched = self.scheduler
+            assert sched is not None
+            if not sched.has_work():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            output = sched.schedule()
+            if output.is_empty:
+                await asyncio.sleep(0.001)  # everything is waiting on blocks held by finishing requests
+                continue
+            try:
+                result = await self.link.call(output.to_plan(sched.gpu))
+            except WorkerDown as exc:
+                self._fail_running(str(exc))
+                continue
+            except IterationFailed as exc:
+                self._fail_rows(output, str(exc))
+                continue
+            assert isinstance(result, IterationResult)
+            self._apply(output, result)
+
+    def _apply(self, output: SchedulerOutput, result: IterationResult) -> None:
+        assert self.scheduler is not None
+        sampled = dict(zip(result.seq_ids.tolist(), result.token_ids.tolist()))
+        for seq, token, reason in self.scheduler.update(output, sampled):
+            req = self.requests.get(seq.seq_id)
+            if req is None:
+                continue
+            text = req.detok.add(token)
+            if reason is None and req.detok.stopped:
+                reason = FinishReason.STOP
+                self.scheduler.finish(seq, reason)
+            if reason is not None:
+                text += req.detok.flush()
+            self._push(req, text, [token], reason)
+
+    def _push(self, req: _Request, text: str, tokens: list[int], reason: FinishReason | None,
+              error: str | None = None) -> None:
+        seq = req.seq
+        req.queue.put_nowait(RequestOutput(
+            text=text, token_ids=tokens, finished=reason is not None,
+            finish_reason=reason.value if reason is not None else None,
+            prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids), error=error))
+        if reason is not None:
+            self.requests.pop(seq.seq_id, None)
+
+    def _fail_rows(self, output: SchedulerOutput, message: str) -> None:
+        for row in output.rows:
+            req = self.requests.get(row.seq.seq_id)
+            if req is not None and not row.seq.is_finished:
+                self.abort(row.seq, FinishReason.ERROR)
+                self._push(req, "", [], FinishReason.ERROR, message)
+
+    def _fail_running(self, message: str) -> None:
+        """The worker is gone with the KV: requests that held KV end with an error now."""
+        if self.scheduler is None:
+            return
+        for seq in list(self.scheduler.running):
+            req = self.requests.get(seq.seq_id)
+            self.abort(seq, FinishReason.ERROR)
+            if req is not None:
+                self._push(req, "", [], FinishReason.ERROR, message)
+
+    def _on_worker_down(self, reason: str) -> None:
+        self._fail_running(reason)

@@ -1,0 +1,89 @@
+"""`neo serve`: run one replica (gateway + gpu worker [+ cpu attention]) as processes on this machine.
+
+Every child gets the same configuration flags, exactly as the containers of a pod get the same
+ConfigMap. The launcher watches them: Ctrl-C or SIGTERM stops all of them; if one exits on its own,
+the others are stopped and the launcher exits non-zero, so a supervisor sees the failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+from neo_common.config import NeoConfig
+from neo_common.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+_STOP_GRACE_S = 10.0
+
+
+class Replica:
+    """The child processes of one replica, by role; ``procs`` holds each live Popen."""
+
+    def __init__(self, config: NeoConfig) -> None:
+        self.config = config
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def roles(self) -> list[str]:
+        roles = ["gpu-worker", "gateway"]
+        if self.config.scheduler.offload_mode != "off":
+            roles.insert(0, "cpu-attention")
+        return roles
+
+    def start(self) -> None:
+        args = self.config.to_args()
+        for role in self.roles():
+            cmd = [sys.executable, "-m", "neo_common.cli", role, *args]
+            self.procs[role] = subprocess.Popen(cmd)
+            log.info("started %s (pid %d)", role, self.procs[role].pid)
+
+    def wait_any(self) -> tuple[str, int] | None:
+        """Block until a child exits; returns its role and exit code."""
+        while True:
+            for role, proc in self.procs.items():
+                code = proc.poll()
+                if code is not None:
+                    return role, code
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + _STOP_GRACE_S
+        for role, proc in self.procs.items():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s (pid %d) ignored SIGTERM; killing it", role, proc.pid)
+                proc.kill()
+                proc.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="neo serve", description=__doc__)
+    NeoConfig.add_arguments(parser)
+    config = NeoConfig.from_namespace(parser.parse_args(argv))
+    setup_logging(config.http.log_level, "launcher")
+    replica = Replica(config)
+
+    def on_signal(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        replica.start()
+        role, code = replica.wait_any()
+        log.error("%s exited with code %d; stopping the replica", role, code)
+        return code or 1
+    except KeyboardInterrupt:
+        log.info("stopping")
+        return 0
+    finally:
+        replica.stop()

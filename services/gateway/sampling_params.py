@@ -1,0 +1,53 @@
+"""Per-request generation settings (vLLM's ``SamplingParams``), validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+class ParamError(ValueError):
+    """A request parameter is out of range; ``param`` names the field for the error body."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """How to pick and when to stop generating tokens.
+
+    ``temperature`` 0 means greedy; ``top_k`` -1 and ``top_p`` 1.0 disable those filters; ``seed``
+    None draws from the worker's generator; ``stop`` strings end the text before the match;
+    ``stop_token_ids`` and (unless ``ignore_eos``) the model's EOS tokens end it after the token.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: list[str] = dataclasses.field(default_factory=list)
+    stop_token_ids: list[int] = dataclasses.field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ParamError("max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not math.isfinite(self.temperature) or not 0.0 <= self.temperature <= 100.0:
+            raise ParamError("temperature", f"temperature must be in [0, 100], got {self.temperature}")
+        if not math.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ParamError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ParamError("top_k", f"top_k must be -1 (disabled) or at least 1, got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ParamError("seed", f"seed must be in [0, 2^63), got {self.seed}")
+        if any(not s for s in self.stop):
+            raise ParamError("stop", "stop strings must not be empty")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ParamError("stop_token_ids", "stop_token_ids must be non-negative")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

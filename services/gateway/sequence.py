@@ -1,0 +1,86 @@
+"""A request's generation state as the scheduler sees it."""
+
+from __future__ import annotations
+
+import enum
+import time
+
+from neo_common.protocol import Place
+from neo_gateway.sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"      # queued; no KV (new, or preempted by recompute)
+    RUNNING = "running"      # holds KV blocks; prefilling (chunk by chunk) or decoding
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"            # EOS, a stop token or a stop string
+    LENGTH = "length"        # max_tokens or the context length
+    ABORT = "abort"          # client went away
+    ERROR = "error"          # a worker failed while the request was in flight
+
+
+class Sequence:
+    """One request (n=1) from admission to finish.
+
+    - ``prompt_ids``: fixed at admission. ``output_ids``: grows by one per sampled token.
+    - ``num_computed``: tokens whose KV is in the pool; reset to 0 when preempted by recompute.
+    - ``place``: which pool holds the KV (GPU only until CPU offloading is on).
+    - ``status``/``finish_reason``: lifecycle; set by the scheduler and the engine.
+    - ``arrival``/``first_token_time``/``last_token_time``: monotonic times for latency metrics.
+    """
+
+    def __init__(self, seq_id: int, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 eos_token_ids: tuple[int, ...], max_model_len: int) -> None:
+        self.seq_id = seq_id
+        self.request_id = request_id
+        self.prompt_ids = list(prompt_ids)
+        self.output_ids: list[int] = []
+        self.params = params
+        self.max_model_len = max_model_len
+        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
+        self.num_computed = 0
+        self.place = Place.GPU
+        self.status = SeqStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.num_preemptions = 0
+        self.arrival = time.monotonic()
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without building the concatenation."""
+        p = len(self.prompt_ids)
+        if end <= p:
+            return self.prompt_ids[start:end]
+        if start >= p:
+            return self.output_ids[start - p:end - p]
+        return self.prompt_ids[start:] + self.output_ids[:end - p]
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens not yet in the KV cache: the rest of the prompt, or the last sampled token."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    def append_token(self, token: int) -> FinishReason | None:
+        """Record a sampled token; returns why generation ends now, if it does."""
+        now = time.monotonic()
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.last_token_time = now
+        self.output_ids.append(token)
+        if token in self.stop_ids:
+            return FinishReason.STOP
+        if len(self.output_ids) >= self.params.max_tokens or self.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None

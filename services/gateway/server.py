@@ -1,0 +1,57 @@
+"""`neo gateway`: the control-plane process (HTTP API, tokenizer, scheduler, worker links)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+from typing import Sequence
+
+import uvicorn
+import zmq.asyncio
+
+from neo_common.config import NeoConfig
+from neo_common.logs import setup_logging
+from neo_common.model_source import resolve
+from neo_gateway.api import create_app
+from neo_gateway.engine import Engine
+from neo_gateway.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+
+def build(config: NeoConfig):
+    """The FastAPI app with an engine that starts and stops with the app."""
+    source = resolve(config.model)
+    tokenizer = TextTokenizer.load(source.tokenizer_kind, source.tokenizer_path)
+    ctx = zmq.asyncio.Context()
+    engine = Engine(config, tokenizer, ctx)
+    app = create_app(engine, source.served_name)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        engine.start()
+        log.info("gateway for %s listening on http://%s:%d; waiting for the GPU worker on %s",
+                 source.served_name, config.http.host, config.http.port, config.ipc.worker_addr)
+        try:
+            yield
+        finally:
+            await engine.stop()
+            ctx.term()
+
+    app.router.lifespan_context = lifespan
+    return app, engine
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="neo gateway", description=__doc__)
+    NeoConfig.add_arguments(parser)
+    config = NeoConfig.from_namespace(parser.parse_args(argv))
+    setup_logging(config.http.log_level, "gateway")
+    app, _ = build(config)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.http.host, port=config.http.port,
+                                           log_level=config.http.log_level, access_log=False,
+                                           timeout_graceful_shutdown=5))
+    asyncio.run(server.serve())
+    return 0

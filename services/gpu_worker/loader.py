@@ -1,0 +1,104 @@
+"""Build the model on its device and fill it from an HF folder, a GGUF file, or random (dummy)."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import logging
+import os
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from neo_common.geometry import ModelGeometry
+from neo_common.gguf_file import GGUFFile, open_gguf
+from neo_common.model_source import ModelSource, read_geometry
+from neo_gpu_worker.dequant import dequantize
+from neo_gpu_worker.model import LlamaModel
+
+log = logging.getLogger(__name__)
+
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_GGUF_GLOBAL_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
+                      "output.weight": "lm_head.weight"}
+
+
+def build_model(geometry: ModelGeometry, max_positions: int, device: torch.device, dtype: torch.dtype) -> LlamaModel:
+    """Allocate the model straight on its device (no host copy of a 70B model first)."""
+    with torch.device("meta"):
+        model = LlamaModel(geometry)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    model.setup_rope(max_positions, device)
+    return model.eval()
+
+
+def load_model(source: ModelSource, max_positions: int, device: torch.device, dtype: torch.dtype,
+               seed: int = 0) -> LlamaModel:
+    geometry = read_geometry(source)
+    if source.kind == "gguf":
+        reader = open_gguf(source.path)
+        has_output = any(t.name == "output.weight" for t in reader.tensors)
+        geometry = dataclasses.replace(geometry, tie_word_embeddings=not has_output)
+        model = build_model(geometry, max_positions, device, dtype)
+        model.load_weights(_gguf_tensors(reader, geometry))
+    elif source.kind == "hf":
+        model = build_model(geometry, max_positions, device, dtype)
+        model.load_weights(_safetensors(source.path, device))
+    else:
+        model = build_model(geometry, max_positions, device, dtype)
+        model.init_random(seed)
+    log.info("loaded %s (%s, %.1fM params) on %s as %s", source.served_name, source.kind,
+             geometry.num_parameters() / 1e6, device, dtype)
+    return model
+
+
+def _safetensors(folder: str, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors files")
+    for path in files:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's conversion of q/k rows from rotate-half order to interleaved pairs."""
+    half = w.shape[0] // heads // 2
+    return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_tensors(reader: GGUFFile, g: ModelGeometry) -> Iterator[tuple[str, torch.Tensor]]:
+    from gguf import GGMLQuantizationType
+
+    for t in reader.tensors:
+        if t.name in _GGUF_GLOBAL_NAMES:
+            name = _GGUF_GLOBAL_NAMES[t.name]
+        elif t.name.startswith("blk."):
+            _, idx, kind, suffix = t.name.split(".", 3)
+            if kind not in _GGUF_LAYER_NAMES:
+                raise KeyError(f"GGUF tensor {t.name!r} is not understood")
+            name = f"layers.{idx}.{_GGUF_LAYER_NAMES[kind]}.{suffix}"
+        elif t.name == "rope_freqs.weight":
+            continue  # Llama-3.1 GGUFs carry scaling factors; config-driven rope_scaling covers HF folders
+        else:
+            raise KeyError(f"GGUF tensor {t.name!r} is not understood")
+        raw = reader.tensor_data(t)
+        if t.qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            data = np.asarray(raw)
+        else:
+            data = dequantize(raw, t.qtype, t.shape)
+        data = data.astype(np.float32)
+        if t.name.startswith("blk.") and name.endswith(("q_proj.weight", "q_proj.bias")):
+            data = unpermute_rope_rows(data, g.num_heads)
+        elif t.name.startswith("blk.") and name.endswith(("k_proj.weight", "k_proj.bias")):
+            data = unpermute_rope_rows(data, g.num_kv_heads)
+        yield name, torch.from_numpy(np.ascontiguousarray(data))

@@ -1,0 +1,117 @@
+"""`neo gpu-worker`: the data-plane process that holds the weights and the GPU KV pool.
+
+It connects to the gateway, loads the model, sizes the KV pool, says WorkerReady, and then runs
+each IterationPlan it receives, answering with an IterationResult. It keeps no request state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+import traceback
+from typing import Sequence
+
+import torch
+import zmq
+
+from neo_common.config import NeoConfig
+from neo_common.logs import setup_logging
+from neo_common.model_source import read_geometry, resolve
+from neo_common.settings import ConfigError
+from neo_common.protocol import (Hello, IterationPlan, ProtocolError, Shutdown, WorkerError, WorkerKind,
+                                 WorkerReady, decode)
+from neo_gpu_worker.loader import load_model
+from neo_gpu_worker.model_runner import ModelRunner, num_kv_blocks
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name}: no CUDA device is visible to this process")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def build_runner(config: NeoConfig) -> tuple[ModelRunner, WorkerReady]:
+    device = pick_device(config.device.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dtype = pick_dtype(config.model.dtype, device)
+    source = resolve(config.model)
+    trained = read_geometry(source).max_position_embeddings
+    max_len = config.model.max_model_len or trained
+    if max_len > trained:
+        raise ConfigError(f"--max-model-len {max_len} exceeds the model's context length {trained}")
+    model = load_model(source, max_len, device, dtype, config.model.seed)
+    g = model.geometry
+    blocks = num_kv_blocks(model, device, config.cache.block_size, dtype, config.cache.num_gpu_blocks,
+                           config.cache.gpu_memory_utilization, config.cache.cpu_device_kv_gb)
+    runner = ModelRunner(model, blocks, config.cache.block_size, device, dtype)
+    ready = WorkerReady(kind=WorkerKind.GPU_WORKER, pid=os.getpid(), num_gpu_blocks=blocks,
+                        block_size=config.cache.block_size, max_model_len=max_len, geometry=g.to_dict(),
+                        device=str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
+                        dtype=str(dtype).removeprefix("torch."))
+    log.info("KV pool: %d blocks x %d tokens on %s", blocks, config.cache.block_size, device)
+    return runner, ready
+
+
+def serve(config: NeoConfig) -> int:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(config.ipc.worker_addr)
+    sock.send(Hello(kind=WorkerKind.GPU_WORKER, pid=os.getpid()).encode())
+    try:
+        runner, ready = build_runner(config)
+    except Exception as exc:
+        log.exception("worker failed to start")
+        sock.send(WorkerError(message=f"worker failed to start: {exc}", fatal=True).encode())
+        time.sleep(0.2)  # let the frame leave before the socket closes
+        return 1
+    sock.send(ready.encode())
+    try:
+        while True:
+            frame = sock.recv()
+            try:
+                msg = decode(frame)
+            except ProtocolError as exc:
+                log.error("dropping unreadable frame: %s", exc)
+                sock.send(WorkerError(message=str(exc), fatal=False).encode())
+                continue
+            if isinstance(msg, IterationPlan):
+                try:
+                    result = runner.execute(msg)
+                except Exception as exc:
+                    log.error("iteration %d failed: %s", msg.iteration_id, traceback.format_exc())
+                    sock.send(WorkerError(iteration_id=msg.iteration_id, message=str(exc), fatal=False).encode())
+                    continue
+                sock.send(result.encode(), copy=False)
+            elif isinstance(msg, Hello):
+                sock.send(ready.encode())  # a (re)started gateway asks who is there
+            elif isinstance(msg, Shutdown):
+                log.info("shutdown requested: %s", msg.reason)
+                return 0
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="neo gpu-worker", description=__doc__)
+    NeoConfig.add_arguments(parser)
+    config = NeoConfig.from_namespace(parser.parse_args(argv))
+    setup_logging(config.http.log_level, "gpu_worker")
+    return serve(config)

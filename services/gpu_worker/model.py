@@ -1,0 +1,156 @@
+"""LLaMA-family decoder (Llama 2/3/3.1, SmolLM2, Qwen2-style QKV bias) over a paged KV cache.
+
+Weights arrive as Hugging Face names (whatever the file format) and are fused on load: q/k/v into
+one ``qkv_proj`` and gate/up into one ``gate_up_proj``, so a layer runs four matmuls.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neo_common.geometry import ModelGeometry
+from neo_gpu_worker.attention import AttentionMetadata, paged_attention, write_kv
+from neo_gpu_worker.rope import RotaryEmbedding
+
+log = logging.getLogger(__name__)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, g: ModelGeometry) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = g.num_heads, g.num_kv_heads, g.head_dim
+        self.q_size = g.num_heads * g.head_dim
+        self.kv_size = g.num_kv_heads * g.head_dim
+        self.qkv_proj = nn.Linear(g.hidden_size, self.q_size + 2 * self.kv_size, bias=g.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, g.hidden_size, bias=False)
+        self.scale = g.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
+                kv_layer: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = rope.apply(positions, q, k)
+        write_kv(kv_layer, meta.slot_mapping, k, v.contiguous())
+        out = paged_attention(q, kv_layer, meta, self.scale)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, g: ModelGeometry) -> None:
+        super().__init__()
+        self.intermediate = g.intermediate_size
+        self.gate_up_proj = nn.Linear(g.hidden_size, 2 * g.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(g.intermediate_size, g.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, g: ModelGeometry) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(g.hidden_size, g.rms_norm_eps)
+        self.self_attn = Attention(g)
+        self.post_attention_layernorm = RMSNorm(g.hidden_size, g.rms_norm_eps)
+        self.mlp = MLP(g)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
+                kv_layer: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv_layer, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """The decoder stack plus LM head. ``forward`` returns final hidden states of every token."""
+
+    def __init__(self, g: ModelGeometry) -> None:
+        super().__init__()
+        self.geometry = g
+        self.embed_tokens = nn.Embedding(g.vocab_size, g.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(g) for _ in range(g.num_layers))
+        self.norm = RMSNorm(g.hidden_size, g.rms_norm_eps)
+        self.lm_head = None if g.tie_word_embeddings else nn.Linear(g.hidden_size, g.vocab_size, bias=False)
+        self.rope: RotaryEmbedding | None = None  # set by the loader once the model is on its device
+
+    def setup_rope(self, max_positions: int, device: torch.device) -> None:
+        g = self.geometry
+        self.rope = RotaryEmbedding(g.head_dim, max_positions, g.rope_theta, g.rope_scaling, device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, self.rope, kv_cache[i], meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    # -- weights ------------------------------------------------------------------------------
+    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors in, fusing q/k/v and gate/up; every parameter must be covered."""
+        params = dict(self.named_parameters())
+        g = self.geometry
+        q, kv = g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim
+        fused = {
+            "q_proj": ("qkv_proj", 0, q), "k_proj": ("qkv_proj", q, kv), "v_proj": ("qkv_proj", q + kv, kv),
+            "gate_proj": ("gate_up_proj", 0, g.intermediate_size),
+            "up_proj": ("gate_up_proj", g.intermediate_size, g.intermediate_size),
+        }
+        filled: dict[str, int] = {}
+        for name, tensor in tensors:
+            name = name.removeprefix("model.")
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: some checkpoints still ship a copy
+            if "rotary_emb" in name:
+                continue
+            parts = name.split(".")
+            target, offset, size = name, 0, None
+            if len(parts) >= 2 and parts[-2] in fused:
+                new, offset, size = fused[parts[-2]]
+                target = ".".join(parts[:-2] + [new, parts[-1]])
+            if target not in params:
+                raise KeyError(f"checkpoint tensor {name!r} has no place in the model")
+            param = params[target]
+            with torch.no_grad():
+                dest = param if size is None else param.narrow(0, offset, size)
+                if dest.shape != tensor.shape:
+                    raise ValueError(f"{name}: shape {tuple(tensor.shape)} != expected {tuple(dest.shape)}")
+                dest.copy_(tensor.to(dtype=param.dtype, device=param.device))
+            filled[target] = filled.get(target, 0) + tensor.numel()
+        missing = [n for n, p in params.items() if filled.get(n, 0) != p.numel()]
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def init_random(self, seed: int) -> None:
+        """Random weights of the right scale (dummy load format, for benchmarks)."""
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                gen = torch.Generator(device=p.device).manual_seed(seed)
+                seed += 1
+                if name.endswith("layernorm.weight") or name == "norm.weight":
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02, generator=gen)
