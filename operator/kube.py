@@ -39,7 +39,8 @@ class Kube:
 
     # -- reads ----------------------------------------------------------------------------------
     def list_nodes(self) -> list[dict[str, Any]]:
-        return [self._dict(n) for n in self.core.list_node().items]
+        # list items come without apiVersion/kind; owner references built from them need both
+        return [{"apiVersion": "v1", "kind": "Node", **self._dict(n)} for n in self.core.list_node().items]
 
     def get_pvc(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:

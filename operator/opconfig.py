@@ -1,4 +1,4 @@
-"""The operator's own settings (flags or ``NEO_OPERATOR_*``-free ``NEO_*`` env, like every neo process)."""
+"""The operator's own settings: flags, or the `NEO_*` variables the chart sets (like every neo process)."""
 
 from __future__ import annotations
 

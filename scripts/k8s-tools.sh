@@ -35,7 +35,7 @@ APT_UPDATED=0
 apt_update_once() {
     if [ "$APT_UPDATED" = 0 ]; then
         log "apt-get update"
-        $SUDO apt-get update -qq >&2 || die "apt-get update failed"
+        $SUDO apt-get -o DPkg::Lock::Timeout=900 update -qq >&2 || die "apt-get update failed"
         APT_UPDATED=1
     fi
 }
@@ -50,7 +50,7 @@ apt_install() {
     [ "${#missing[@]}" = 0 ] && return 0
     apt_update_once
     log "apt-get install ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 \
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends "${missing[@]}" >&2 \
         || die "apt-get install ${missing[*]} failed"
 }
 
@@ -97,10 +97,11 @@ write_deb_src() {
     [ "$n" -gt 0 ] || die "no apt sources found to derive deb-src entries from"
 }
 
-# apt-get with a private source list and private package lists, so the machine's apt state is untouched.
+# apt-get/apt-cache ($2) with a private source list and private package lists, so the machine's apt
+# state is untouched.
 apt_src() {
-    local state="$1"; shift
-    apt-get -o Dir::Etc::SourceList=/dev/null -o Dir::Etc::SourceParts="$state/sources.list.d" \
+    local state="$1" tool="$2"; shift 2
+    "$tool" -o Dir::Etc::SourceList=/dev/null -o Dir::Etc::SourceParts="$state/sources.list.d" \
         -o Dir::State::Lists="$state/lists" -o Dir::Cache="$state/cache" "$@"
 }
 
@@ -110,12 +111,12 @@ fetch_kubernetes_source() {
     mkdir -p "$state/lists/partial" "$state/cache/archives/partial"
     write_deb_src "$state/sources.list.d"
     log "apt-get update (deb-src, private lists)"
-    apt_src "$state" update -qq >&2 || die "deb-src apt-get update failed"
+    apt_src "$state" apt-get update -qq >&2 || die "deb-src apt-get update failed"
     local ver
-    ver="$(apt_src "$state" showsrc kubernetes 2>/dev/null | awk '/^Version:/{print $2}' | grep -F "$K8S_VERSION" | head -1 || true)"
+    ver="$(apt_src "$state" apt-cache showsrc kubernetes 2>/dev/null | awk '/^Version:/{print $2}' | grep -F "$K8S_VERSION" | head -1 || true)"
     [ -n "$ver" ] || die "no kubernetes source package of version $K8S_VERSION in this machine's apt sources"
     log "apt-get source kubernetes=$ver"
-    (cd "$work" && apt_src "$state" source --download-only -qq "kubernetes=$ver" >&2) \
+    (cd "$work" && apt_src "$state" apt-get source --download-only -qq "kubernetes=$ver" >&2) \
         || die "apt-get source kubernetes=$ver failed"
     local dsc
     dsc="$(ls "$work"/kubernetes_*.dsc | head -1)"

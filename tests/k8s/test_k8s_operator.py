@@ -1,0 +1,296 @@
+"""The operator against a real API server: children, status, updates, garbage collection, bad input,
+and the bandwidth probe flow. All tests share one control plane and one operator process."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from neo_operator import constants as c
+from neo_operator.nodes import node_facts
+from neo_operator.probejob import probe_job_name
+from neo_operator.sizing import size
+from neo_operator.spec import parse_spec
+
+from conftest import OPERATOR_NAMESPACE, Cluster, Operator, wait_for
+
+pytestmark = pytest.mark.k8s
+
+NS = "team-a"
+IMAGES = {"gateway": "neo/gateway:test", "gpuWorker": "neo/gpu-worker:test", "cpuAttention": "neo/cpu-attention:test"}
+A10G = "NVIDIA-A10G"
+
+
+@pytest.fixture(scope="module")
+def apis(cluster: Cluster, operator: Operator) -> dict[str, Any]:
+    api = cluster.api
+    core = client.CoreV1Api(api)
+    try:
+        core.create_namespace({"metadata": {"name": NS}})
+    except ApiException as exc:
+        assert exc.status == 409
+    return {"core": core, "apps": client.AppsV1Api(api), "batch": client.BatchV1Api(api),
+            "custom": client.CustomObjectsApi(api), "api": api, "operator": operator}
+
+
+def make_node(core: client.CoreV1Api, name: str, product: str | None, memory_mib: int | None = None,
+              gpus: int = 1, cpus: str = "32", memory: str = "128Gi", annotations: dict | None = None) -> dict:
+    labels = {"kubernetes.io/hostname": name}
+    if product:
+        labels[c.GPU_PRODUCT_LABEL] = product
+        labels[c.GPU_COUNT_LABEL] = str(gpus)
+        if memory_mib:
+            labels[c.GPU_MEMORY_LABEL] = str(memory_mib)
+    core.create_node({"metadata": {"name": name, "labels": labels, "annotations": annotations or {}}})
+    resources = {"cpu": cpus, "memory": memory, "pods": "110"}
+    if product:
+        resources["nvidia.com/gpu"] = str(gpus)
+    core.patch_node_status(name, {"status": {"capacity": resources, "allocatable": resources}})
+    return core.api_client.sanitize_for_serialization(core.read_node(name))
+
+
+def neoservice(name: str, **spec: Any) -> dict:
+    return {"apiVersion": c.API_VERSION, "kind": c.KIND, "metadata": {"name": name, "namespace": NS}, "spec": spec}
+
+
+def get_ns(apis: dict, name: str) -> dict:
+    return apis["custom"].get_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, name)
+
+
+def cond(obj: dict, type_: str) -> dict | None:
+    return next((x for x in (obj.get("status") or {}).get("conditions") or [] if x["type"] == type_), None)
+
+
+def exists(read, *args) -> bool:
+    try:
+        read(*args)
+        return True
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+
+
+def children_exist(apis: dict, name: str) -> dict[str, bool]:
+    return {"configmap": exists(apis["core"].read_namespaced_config_map, f"{name}-config", NS),
+            "service": exists(apis["core"].read_namespaced_service, name, NS),
+            "deployment": exists(apis["apps"].read_namespaced_deployment, name, NS)}
+
+
+def fake_kubelet_complete_probe(apis: dict, node: str, read_gbps: float, threads: int) -> None:
+    """Plays the kubelet's part, which this control plane lacks: marks the probe pod the job controller
+    created for ``node`` as finished, with the probe's JSON line as its termination message."""
+    core = apis["core"]
+    job = probe_job_name(node)
+
+    def pod():
+        pods = core.list_namespaced_pod(OPERATOR_NAMESPACE, label_selector=f"job-name={job}").items
+        return pods[0] if pods else None
+
+    p = wait_for(pod, timeout=30, what=f"job controller to create the probe pod of {job}")
+    assert p.spec.node_name == node
+    message = json.dumps({"read_gbps": read_gbps, "threads": threads, "cpu_model": "Fake CPU"})
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    core.patch_namespaced_pod_status(p.metadata.name, OPERATOR_NAMESPACE, {"status": {
+        "phase": "Succeeded",
+        "containerStatuses": [{
+            "name": "probe", "image": p.spec.containers[0].image, "imageID": "", "ready": False, "restartCount": 0,
+            "state": {"terminated": {"exitCode": 0, "reason": "Completed", "message": message,
+                                     "startedAt": now, "finishedAt": now}},
+        }],
+    }})
+
+
+def test_probe_job_for_gpu_nodes_and_result_recorded(apis: dict) -> None:
+    core, batch = apis["core"], apis["batch"]
+    make_node(core, "cpu-only-1", None)
+    make_node(core, "gpu-a10g-1", A10G, 23028, gpus=1, cpus="32")
+    job = wait_for(lambda: batch.read_namespaced_job(probe_job_name("gpu-a10g-1"), OPERATOR_NAMESPACE),
+                   what="probe job for the GPU node")
+    pod = job.spec.template.spec
+    assert pod.node_name == "gpu-a10g-1"
+    assert pod.containers[0].command == ["neo", "probe-bandwidth", "--json"]
+    assert pod.containers[0].image == "neo/cpu-attention:test"
+    assert job.metadata.owner_references[0].kind == "Node"
+    assert not exists(batch.read_namespaced_job, probe_job_name("cpu-only-1"), OPERATOR_NAMESPACE)
+
+    fake_kubelet_complete_probe(apis, "gpu-a10g-1", 61.5, 32)
+    ann = wait_for(lambda: (core.read_node("gpu-a10g-1").metadata.annotations or {}).get(c.READ_GBPS_ANNOTATION),
+                   what="bandwidth annotation on the node")
+    assert ann == "61.5"
+    detail = json.loads(core.read_node("gpu-a10g-1").metadata.annotations[c.PROBE_RESULT_ANNOTATION])
+    assert detail["threads"] == 32 and detail["cpu_model"] == "Fake CPU"
+    wait_for(lambda: not exists(batch.read_namespaced_job, probe_job_name("gpu-a10g-1"), OPERATOR_NAMESPACE),
+             what="probe job removed after recording")
+
+
+SPEC = {"model": {"source": "dummy", "name": "llama-3-8b"}, "gpu": {"products": [A10G]},
+        "cpuOffload": {"mode": "auto", "kvMemory": "16Gi"}}
+
+
+def expected_decision(apis: dict, spec: dict):
+    """The sizing the operator should reach, from the same nodes through the pure functions."""
+    nodes = [apis["api"].sanitize_for_serialization(n) for n in apis["core"].list_node().items]
+    nodes = [n for n in nodes if (n["metadata"].get("labels") or {}).get(c.GPU_PRODUCT_LABEL) in spec["gpu"]["products"]]
+    return size(parse_spec(spec, IMAGES), [node_facts(n) for n in nodes])
+
+
+def test_neoservice_creates_adopted_children_with_computed_sizes(apis: dict) -> None:
+    custom, core, appsv1 = apis["custom"], apis["core"], apis["apps"]
+    wait_for(lambda: (core.read_node("gpu-a10g-1").metadata.annotations or {}).get(c.READ_GBPS_ANNOTATION),
+             what="measured bandwidth (previous test)")
+    custom.create_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, neoservice("llama", **SPEC))
+    obj = wait_for(lambda: (o := get_ns(apis, "llama")).get("status", {}).get("sizing") and o, what="sizing in status")
+    decision = expected_decision(apis, obj["spec"])
+    sizing = obj["status"]["sizing"]
+    assert sizing["gpuKvBlocks"] == decision.gpu_kv_blocks > 0
+    assert sizing["cpuKvBlocks"] == decision.cpu_kv_blocks
+    assert sizing["offload"] is decision.offload is True  # A10G with 61.5 GB/s over 32 cores: worth it
+    assert sizing["hostReadGBps"] == 61.5 and sizing["shmSize"] == decision.shm_quantity
+    assert cond(obj, "Sized")["status"] == "True" and cond(obj, "SpecValid")["status"] == "True"
+    assert obj["status"]["url"] == f"http://llama.{NS}.svc:8000"
+    assert obj["status"]["gpu"] == f"1x {A10G}" and obj["status"]["observedGeneration"] == 1
+    assert obj["status"]["phase"] == "Deploying"  # no pods in this cluster until the test writes status
+
+    uid = obj["metadata"]["uid"]
+    cm = core.read_namespaced_config_map("llama-config", NS)
+    dep = appsv1.read_namespaced_deployment("llama", NS)
+    svc = core.read_namespaced_service("llama", NS)
+    for child in (cm, dep, svc):
+        (ref,) = child.metadata.owner_references
+        assert (ref.uid, ref.kind, ref.controller) == (uid, c.KIND, True)
+    assert cm.data["NEO_NUM_GPU_BLOCKS"] == str(decision.gpu_kv_blocks)
+    assert cm.data["NEO_NUM_CPU_BLOCKS"] == str(decision.cpu_kv_blocks)
+    assert cm.data["NEO_OFFLOAD_MODE"] == "auto"
+    assert cm.data["NEO_CPU_THREADS"] == str(decision.cpu_attention_threads)
+    pod = dep.spec.template.spec
+    assert [ct.name for ct in pod.containers] == ["gateway", "gpu-worker", "cpu-attention"]
+    shm = next(v for v in pod.volumes if v.name == "shm")
+    assert shm.empty_dir.medium == "Memory" and shm.empty_dir.size_limit == decision.shm_quantity
+    cpu_att = pod.containers[2]
+    assert cpu_att.resources.requests == decision.requests["cpuAttention"]
+    assert pod.containers[1].resources.limits == {"nvidia.com/gpu": "1"}
+    assert svc.spec.selector == dep.spec.selector.match_labels
+
+
+def _set_deployment_status(apis: dict, name: str, ready: int) -> None:
+    dep = apis["apps"].read_namespaced_deployment(name, NS)
+    n = dep.spec.replicas
+    apis["apps"].patch_namespaced_deployment_status(name, NS, {"status": {
+        "observedGeneration": dep.metadata.generation, "replicas": n, "updatedReplicas": n,
+        "readyReplicas": ready, "availableReplicas": ready}})
+
+
+def test_status_follows_the_deployment(apis: dict) -> None:
+    _set_deployment_status(apis, "llama", ready=1)
+    obj = wait_for(lambda: (o := get_ns(apis, "llama"))["status"].get("phase") == "Ready" and o, what="phase Ready")
+    assert obj["status"]["readyReplicas"] == 1 and obj["status"]["replicas"] == 1
+    assert cond(obj, "Ready")["status"] == "True" and cond(obj, "WorkloadReady")["reason"] == "AllReplicasReady"
+    _set_deployment_status(apis, "llama", ready=0)
+    obj = wait_for(lambda: (o := get_ns(apis, "llama"))["status"].get("phase") == "Deploying" and o,
+                   what="phase back to Deploying")
+    assert cond(obj, "Ready")["status"] == "False" and obj["status"]["readyReplicas"] == 0
+
+
+def test_spec_change_rolls_the_children(apis: dict) -> None:
+    custom, core, appsv1 = apis["custom"], apis["core"], apis["apps"]
+    before = appsv1.read_namespaced_deployment("llama", NS)
+    old_hash = before.spec.template.metadata.annotations[c.CONFIG_HASH_ANNOTATION]
+    custom.patch_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, "llama",
+                                          {"spec": {"engine": {"maxNumSeqs": 64}, "cpuOffload": {"kvMemory": "8Gi"}}})
+    cm = wait_for(lambda: (m := core.read_namespaced_config_map("llama-config", NS)).data["NEO_MAX_NUM_SEQS"] == "64" and m,
+                  what="ConfigMap updated")
+    assert cm.data["NEO_NUM_CPU_BLOCKS"] == str((8 << 30) // (2 << 20))
+    dep = appsv1.read_namespaced_deployment("llama", NS)
+    assert dep.spec.template.metadata.annotations[c.CONFIG_HASH_ANNOTATION] != old_hash  # pods roll
+    assert dep.metadata.generation > before.metadata.generation
+    obj = wait_for(lambda: (o := get_ns(apis, "llama"))["status"].get("observedGeneration") == 2 and o,
+                   what="observedGeneration 2")
+    assert obj["status"]["sizing"]["cpuKvBlocks"] == 4096
+
+    # the scale subresource (what an HPA uses) drives the Deployment's replicas
+    custom.patch_namespaced_custom_object_scale(c.GROUP, c.VERSION, NS, c.PLURAL, "llama", {"spec": {"replicas": 2}})
+    wait_for(lambda: appsv1.read_namespaced_deployment("llama", NS).spec.replicas == 2, what="Deployment scaled to 2")
+    scale = custom.get_namespaced_custom_object_scale(c.GROUP, c.VERSION, NS, c.PLURAL, "llama")
+    assert scale["status"]["selector"] == "app.kubernetes.io/instance=llama,app.kubernetes.io/name=neo"
+
+
+def test_deleting_the_neoservice_garbage_collects_children(apis: dict) -> None:
+    assert all(children_exist(apis, "llama").values())
+    apis["custom"].delete_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, "llama")
+    wait_for(lambda: not any(children_exist(apis, "llama").values()), timeout=60,
+             what="garbage collection of ConfigMap, Service and Deployment")
+
+
+def test_schema_rejects_what_it_can(apis: dict) -> None:
+    for spec in ({"model": {"name": "llama-3-8b"}, "cpuOffload": {"mode": "sometimes"}},
+                 {"model": {"name": "llama-3-8b"}, "cpuOffload": {"kvMemory": "lots"}},
+                 {"model": {"name": "llama-3-8b"}, "replicas": -1},
+                 {"model": {"name": "llama-3-8b", "source": "pytorch"}}):
+        with pytest.raises(ApiException) as info:
+            apis["custom"].create_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, neoservice("bad", **spec))
+        assert info.value.status == 422, info.value.body
+
+
+BAD_INPUT = [
+    ("unknown-gpu", {"model": {"name": "llama-3-8b"}, "gpu": {"products": ["NVIDIA-Mystery-1"]},
+                     "cpuOffload": {"mode": "off"}}, "Sized", "UnknownGpuProduct", "spec.gpu.memoryBandwidthGBps"),
+    ("kv-too-big", {"model": {"name": "llama-3-8b"}, "gpu": {"products": [A10G]},
+                    "cpuOffload": {"mode": "full", "kvMemory": "10Ti"}}, "Sized", "KvMemoryExceedsNode",
+     "lower spec.cpuOffload.kvMemory"),
+    ("no-model-file", {"model": {"source": "gguf", "geometry": "smollm2-135m",
+                                 "volume": {"claimName": "models", "path": "smol.gguf"}}},
+     "ModelAvailable", "ModelMissing", "PersistentVolumeClaim 'models' not found"),
+    ("unknown-geometry", {"model": {"name": "gpt-17"}}, "SpecValid", "UnknownModel", "llama-3-8b"),
+    ("too-big-model", {"model": {"name": "llama-3-70b"}, "gpu": {"products": [A10G]}, "cpuOffload": {"mode": "off"}},
+     "Sized", "ModelDoesNotFit", "spec.gpu.count"),
+]
+
+
+def test_bad_input_becomes_conditions_without_children(apis: dict) -> None:
+    make_node(apis["core"], "gpu-mystery-1", "NVIDIA-Mystery-1", 32768, annotations={c.READ_GBPS_ANNOTATION: "50"})
+    for name, spec, _, _, _ in BAD_INPUT:
+        apis["custom"].create_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, neoservice(name, **spec))
+    for name, _, ctype, reason, hint in BAD_INPUT:
+        obj = wait_for(lambda: (o := get_ns(apis, name)) and cond(o, ctype) and o, what=f"{ctype} on {name}")
+        got = cond(obj, ctype)
+        assert (got["status"], got["reason"]) == ("False", reason), got
+        assert hint in got["message"]
+        assert obj["status"]["phase"] == "Failed"
+        assert cond(obj, "Ready")["status"] == "False"
+        assert not any(children_exist(apis, name).values()), f"{name} left children behind"
+
+
+def test_fixing_a_bad_spec_recovers(apis: dict) -> None:
+    apis["custom"].patch_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, "kv-too-big",
+                                                  {"spec": {"cpuOffload": {"kvMemory": "4Gi"}}})
+    obj = wait_for(lambda: (o := get_ns(apis, "kv-too-big")) and cond(o, "Sized")["status"] == "True" and o,
+                   what="kv-too-big sized after the fix")
+    assert obj["status"]["sizing"]["cpuKvBlocks"] == 2048
+    assert all(children_exist(apis, "kv-too-big").values())
+
+
+def test_waits_for_the_probe_then_sizes(apis: dict) -> None:
+    core = apis["core"]
+    make_node(core, "gpu-h100-1", "NVIDIA-H100-80GB-HBM3", 81559, gpus=8, cpus="128", memory="1Ti")
+    spec = {"model": {"name": "llama-3-8b"}, "gpu": {"products": ["NVIDIA-H100-80GB-HBM3"]},
+            "cpuOffload": {"mode": "auto", "kvMemory": "64Gi"}}
+    apis["custom"].create_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, neoservice("h100", **spec))
+    obj = wait_for(lambda: (o := get_ns(apis, "h100")) and cond(o, "Sized") and o, what="Sized condition")
+    assert cond(obj, "Sized")["reason"] == "BandwidthProbePending" and obj["status"]["phase"] == "Pending"
+    assert "gpu-h100-1" in cond(obj, "Sized")["message"]
+    assert not any(children_exist(apis, "h100").values())
+
+    fake_kubelet_complete_probe(apis, "gpu-h100-1", 210.0, 128)
+    obj = wait_for(lambda: (o := get_ns(apis, "h100")) and cond(o, "Sized")["status"] == "True" and o, timeout=45,
+                   what="sized after the probe")
+    decision = expected_decision(apis, obj["spec"])
+    assert obj["status"]["sizing"]["hostReadGBps"] == 210.0
+    assert obj["status"]["sizing"]["offload"] is decision.offload is False  # an H100 holds 8B's batch itself
+    assert obj["status"]["offload"] == "off"
+    assert apis["core"].read_namespaced_config_map("h100-config", NS).data["NEO_OFFLOAD_MODE"] == "off"
