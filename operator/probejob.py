@@ -1,8 +1,9 @@
 """The bandwidth probe: a Job per GPU node running the image's own ``neo probe-bandwidth --json``.
 
-The probe pod needs no API access: it prints one JSON line ending in its termination message
-(``FallbackToLogsOnError`` takes the log tail when /dev/termination-log is empty), and the operator
-reads it from the finished pod and records it as node annotations (:func:`probe_annotations`).
+The probe pod needs no API access: its one JSON line goes to the container's termination-message
+file, which the kubelet copies into the pod status; the operator reads it from the finished pod and
+records it as node annotations (:func:`probe_annotations`). On failure the file stays empty and
+``FallbackToLogsOnError`` puts the log tail (the error) there instead.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from typing import Any, Mapping
 from neo_operator import constants as c
 
 JOB_PREFIX = "neo-bw-probe-"
+TERMINATION_LOG = "/dev/termination-log"
+# The kubelet reports a successful container's termination message only from the file, not from its
+# logs, so stdout goes there (exec keeps the probe's exit status).
+PROBE_COMMAND = ["/bin/sh", "-c", f"exec neo probe-bandwidth --json > {TERMINATION_LOG}"]
 
 
 def probe_job_name(node_name: str) -> str:
@@ -60,7 +65,8 @@ def build_probe_job(node: Mapping[str, Any], image: str, namespace: str) -> dict
                     "containers": [{
                         "name": "probe",
                         "image": image,
-                        "command": ["neo", "probe-bandwidth", "--json"],
+                        "command": list(PROBE_COMMAND),
+                        "terminationMessagePath": TERMINATION_LOG,
                         "terminationMessagePolicy": "FallbackToLogsOnError",
                         "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
                         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},

@@ -4,6 +4,10 @@ and the bandwidth probe flow. All tests share one control plane and one operator
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from typing import Any
 
@@ -82,9 +86,11 @@ def children_exist(apis: dict, name: str) -> dict[str, bool]:
             "deployment": exists(apis["apps"].read_namespaced_deployment, name, NS)}
 
 
-def fake_kubelet_complete_probe(apis: dict, node: str, read_gbps: float, threads: int) -> None:
+def fake_kubelet_complete_probe(apis: dict, node: str, read_gbps: float | None = None, threads: int = 0) -> str:
     """Plays the kubelet's part, which this control plane lacks: marks the probe pod the job controller
-    created for ``node`` as finished, with the probe's JSON line as its termination message."""
+    created for ``node`` as finished, with the probe's JSON line as its termination message. With
+    ``read_gbps`` None it runs the pod's real command on this machine (the termination-message file
+    mounted at a temp path, as the kubelet would) and reports what it wrote; returns the message."""
     core = apis["core"]
     job = probe_job_name(node)
 
@@ -94,7 +100,16 @@ def fake_kubelet_complete_probe(apis: dict, node: str, read_gbps: float, threads
 
     p = wait_for(pod, timeout=30, what=f"job controller to create the probe pod of {job}")
     assert p.spec.node_name == node
-    message = json.dumps({"read_gbps": read_gbps, "threads": threads, "cpu_model": "Fake CPU"})
+    if read_gbps is None:
+        ct = p.spec.containers[0]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "termination-log")
+            cmd = [part.replace(ct.termination_message_path, path) for part in ct.command]
+            env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}
+            subprocess.run(cmd, check=True, env=env, timeout=120)
+            message = open(path).read()
+    else:
+        message = json.dumps({"read_gbps": read_gbps, "threads": threads, "cpu_model": "Fake CPU"})
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     core.patch_namespaced_pod_status(p.metadata.name, OPERATOR_NAMESPACE, {"status": {
         "phase": "Succeeded",
@@ -104,6 +119,7 @@ def fake_kubelet_complete_probe(apis: dict, node: str, read_gbps: float, threads
                                      "startedAt": now, "finishedAt": now}},
         }],
     }})
+    return message
 
 
 def test_probe_job_for_gpu_nodes_and_result_recorded(apis: dict) -> None:
@@ -114,7 +130,7 @@ def test_probe_job_for_gpu_nodes_and_result_recorded(apis: dict) -> None:
                    what="probe job for the GPU node")
     pod = job.spec.template.spec
     assert pod.node_name == "gpu-a10g-1"
-    assert pod.containers[0].command == ["neo", "probe-bandwidth", "--json"]
+    assert "neo probe-bandwidth --json" in " ".join(pod.containers[0].command)
     assert pod.containers[0].image == "neo/cpu-attention:test"
     assert job.metadata.owner_references[0].kind == "Node"
     assert not exists(batch.read_namespaced_job, probe_job_name("cpu-only-1"), OPERATOR_NAMESPACE)
@@ -286,11 +302,12 @@ def test_waits_for_the_probe_then_sizes(apis: dict) -> None:
     assert "gpu-h100-1" in cond(obj, "Sized")["message"]
     assert not any(children_exist(apis, "h100").values())
 
-    fake_kubelet_complete_probe(apis, "gpu-h100-1", 210.0, 128)
+    # the real probe, run on this machine in the kubelet's place
+    measured = json.loads(fake_kubelet_complete_probe(apis, "gpu-h100-1"))
     obj = wait_for(lambda: (o := get_ns(apis, "h100")) and cond(o, "Sized")["status"] == "True" and o, timeout=45,
                    what="sized after the probe")
     decision = expected_decision(apis, obj["spec"])
-    assert obj["status"]["sizing"]["hostReadGBps"] == 210.0
+    assert obj["status"]["sizing"]["hostReadGBps"] == round(measured["read_gbps"], 1) > 0
     assert obj["status"]["sizing"]["offload"] is decision.offload is False  # an H100 holds 8B's batch itself
     assert obj["status"]["offload"] == "off"
     assert apis["core"].read_namespaced_config_map("h100-config", NS).data["NEO_OFFLOAD_MODE"] == "off"

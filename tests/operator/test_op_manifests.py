@@ -147,9 +147,28 @@ def test_probe_job_pins_the_node_and_needs_no_api_access() -> None:
     assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
     assert pod["tolerations"] == [{"operator": "Exists"}]
     ct = pod["containers"][0]
-    assert ct["command"] == ["neo", "probe-bandwidth", "--json"]
+    assert ct["command"] == ["/bin/sh", "-c", "exec neo probe-bandwidth --json > /dev/termination-log"]
+    assert ct["terminationMessagePath"] == "/dev/termination-log"
     assert ct["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert job["spec"]["template"]["metadata"]["annotations"][c.PROBE_NODE_LABEL] == node["metadata"]["name"]
+
+
+def test_probe_command_output_parses(tmp_path) -> None:
+    """Run the probe Job's own command (as the kubelet would, with the termination-message file mounted
+    elsewhere) and parse what it leaves there."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from neo_operator.probejob import PROBE_COMMAND, TERMINATION_LOG
+
+    message = tmp_path / "termination-log"
+    cmd = [part.replace(TERMINATION_LOG, str(message)) for part in PROBE_COMMAND]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    subprocess.run(cmd, check=True, env=env, timeout=120)
+    result = parse_probe_message(message.read_text())
+    assert result["read_gbps"] > 0 and result["threads"] >= 1 and isinstance(result["cpu_model"], str)
 
 
 def test_probe_message_parsing() -> None:
