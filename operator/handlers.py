@@ -61,15 +61,24 @@ def neoservice_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.event("apps", "v1", "deployments", labels=OWNED)
 def deployment_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Follow the Deployment's status into the owning NeoService's status."""
-    owner = next((ref["name"] for ref in body["metadata"].get("ownerReferences") or []
-                  if ref.get("kind") == c.KIND), None)
+    """Follow the Deployment's status into the owning NeoService's status; recreate a Deployment
+    deleted while its NeoService lives."""
+    owner = next((ref for ref in body["metadata"].get("ownerReferences") or []
+                  if ref.get("kind") == c.KIND and ref.get("controller")), None)
     if owner is None:
         return
-    deployment = None if type == "DELETED" else dict(body)
-    upd = workload_update(deployment, None)
-    memo.kube.update_neoservice_status(body["metadata"]["namespace"], owner,
-                                       lambda obj: upd.apply(obj.get("status") or {}))
+    kube: Kube = memo.kube
+    namespace = body["metadata"]["namespace"]
+    if type == "DELETED":
+        neo = kube.get_neoservice(namespace, owner["name"])
+        if neo is None or neo["metadata"].get("deletionTimestamp") or neo["metadata"]["uid"] != owner.get("uid"):
+            return  # garbage collection after the NeoService went away
+        log.info("Deployment %s/%s was deleted; recreating it", namespace, body["metadata"]["name"])
+        upd = reconcile(kube, memo.config, neo)
+        kube.update_neoservice_status(namespace, owner["name"], lambda obj: upd.apply(obj.get("status") or {}))
+        return
+    upd = workload_update(dict(body), None)
+    kube.update_neoservice_status(namespace, owner["name"], lambda obj: upd.apply(obj.get("status") or {}))
 
 
 @kopf.on.event("", "v1", "nodes", labels={c.GPU_PRODUCT_LABEL: kopf.PRESENT})

@@ -78,6 +78,23 @@ class Kube:
         }
         return ops[kind]
 
+    def conflicting(self, obj: Mapping[str, Any]) -> str | None:
+        """Describes a live object of ``obj``'s kind and name that ``obj``'s controller does not own
+        (someone else's); None when the name is free or already ours."""
+        kind, meta = obj["kind"], obj["metadata"]
+        read = self._ops(kind)[0]
+        try:
+            live = self._dict(read(meta["name"], meta["namespace"]))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        ours = {ref["uid"] for ref in meta.get("ownerReferences") or [] if ref.get("controller")}
+        theirs = {ref.get("uid") for ref in live["metadata"].get("ownerReferences") or [] if ref.get("controller")}
+        if ours & theirs:
+            return None
+        return f"{kind} {meta['namespace']}/{meta['name']}"
+
     def apply(self, obj: dict[str, Any]) -> str:
         """Create ``obj`` or replace the live object when the desired state changed; returns what it did.
 

@@ -100,6 +100,11 @@ def reconcile(kube: Kube, config: OperatorConfig, body: Mapping[str, Any],
     service = build_service(name, spec)
     children = [configmap, service, deployment]
     (adopt or _kopf_adopt)(children, body)
+    taken = [what for child in children if (what := kube.conflicting(child))]
+    if taken:
+        return upd.cond("SpecValid", False, "NameConflict",
+                        f"{', '.join(taken)} already exist(s) and belong(s) to something else; rename this "
+                        "NeoService or remove them")
     for child in children:  # ConfigMap first: the pods read it at start
         kube.apply(child)
 

@@ -21,7 +21,7 @@ from neo_operator.probejob import probe_job_name
 from neo_operator.sizing import size
 from neo_operator.spec import parse_spec
 
-from conftest import OPERATOR_NAMESPACE, Cluster, Operator, wait_for
+from conftest import ADMIN_TOKEN, OPERATOR_NAMESPACE, Cluster, Operator, wait_for
 
 pytestmark = pytest.mark.k8s
 
@@ -39,7 +39,7 @@ def apis(cluster: Cluster, operator: Operator) -> dict[str, Any]:
     except ApiException as exc:
         assert exc.status == 409
     return {"core": core, "apps": client.AppsV1Api(api), "batch": client.BatchV1Api(api),
-            "custom": client.CustomObjectsApi(api), "api": api, "operator": operator}
+            "custom": client.CustomObjectsApi(api), "api": api, "operator": operator, "cluster": cluster}
 
 
 def make_node(core: client.CoreV1Api, name: str, product: str | None, memory_mib: int | None = None,
@@ -202,11 +202,31 @@ def _set_deployment_status(apis: dict, name: str, ready: int) -> None:
         "readyReplicas": ready, "availableReplicas": ready}})
 
 
+def printer_columns(apis: dict, name: str) -> dict[str, Any]:
+    """The row `kubectl get neoservice` shows, as the API server renders it (server-side Table)."""
+    import ssl
+    import urllib.request
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    url = f"{apis['cluster'].server}/apis/{c.GROUP}/{c.VERSION}/namespaces/{NS}/{c.PLURAL}/{name}"
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}",
+                                               "Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"})
+    with urllib.request.urlopen(req, context=ctx, timeout=5) as resp:
+        table = json.load(resp)
+    names = [col["name"] for col in table["columnDefinitions"]]
+    return dict(zip(names, table["rows"][0]["cells"]))
+
+
 def test_status_follows_the_deployment(apis: dict) -> None:
     _set_deployment_status(apis, "llama", ready=1)
     obj = wait_for(lambda: (o := get_ns(apis, "llama"))["status"].get("phase") == "Ready" and o, what="phase Ready")
     assert obj["status"]["readyReplicas"] == 1 and obj["status"]["replicas"] == 1
     assert cond(obj, "Ready")["status"] == "True" and cond(obj, "WorkloadReady")["reason"] == "AllReplicasReady"
+    row = printer_columns(apis, "llama")
+    assert row["Ready"] == "True" and row["Phase"] == "Ready" and row["GPU"] == f"1x {A10G}"
+    assert row["Offload"] == f"auto ({obj['status']['sizing']['cpuKvBlocks']} CPU blocks)"
+    assert row["URL"] == f"http://llama.{NS}.svc:8000" and row["Age"]
     _set_deployment_status(apis, "llama", ready=0)
     obj = wait_for(lambda: (o := get_ns(apis, "llama"))["status"].get("phase") == "Deploying" and o,
                    what="phase back to Deploying")
@@ -234,6 +254,15 @@ def test_spec_change_rolls_the_children(apis: dict) -> None:
     wait_for(lambda: appsv1.read_namespaced_deployment("llama", NS).spec.replicas == 2, what="Deployment scaled to 2")
     scale = custom.get_namespaced_custom_object_scale(c.GROUP, c.VERSION, NS, c.PLURAL, "llama")
     assert scale["status"]["selector"] == "app.kubernetes.io/instance=llama,app.kubernetes.io/name=neo"
+
+
+def test_a_deleted_deployment_is_recreated(apis: dict) -> None:
+    appsv1 = apis["apps"]
+    old = appsv1.read_namespaced_deployment("llama", NS)
+    appsv1.delete_namespaced_deployment("llama", NS)
+    new = wait_for(lambda: (d := appsv1.read_namespaced_deployment("llama", NS)).metadata.uid != old.metadata.uid and d,
+                   what="Deployment recreated")
+    assert new.spec.replicas == 2 and new.spec.template.metadata.annotations == old.spec.template.metadata.annotations
 
 
 def test_deleting_the_neoservice_garbage_collects_children(apis: dict) -> None:
@@ -311,3 +340,15 @@ def test_waits_for_the_probe_then_sizes(apis: dict) -> None:
     assert obj["status"]["sizing"]["offload"] is decision.offload is False  # an H100 holds 8B's batch itself
     assert obj["status"]["offload"] == "off"
     assert apis["core"].read_namespaced_config_map("h100-config", NS).data["NEO_OFFLOAD_MODE"] == "off"
+
+
+def test_name_taken_by_someone_else(apis: dict) -> None:
+    core = apis["core"]
+    core.create_namespaced_config_map(NS, {"metadata": {"name": "taken-config"}, "data": {"mine": "yes"}})
+    apis["custom"].create_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, neoservice("taken", **SPEC))
+    obj = wait_for(lambda: (o := get_ns(apis, "taken")) and cond(o, "SpecValid") and o, what="SpecValid on taken")
+    got = cond(obj, "SpecValid")
+    assert (got["status"], got["reason"]) == ("False", "NameConflict") and "ConfigMap team-a/taken-config" in got["message"]
+    assert core.read_namespaced_config_map("taken-config", NS).data == {"mine": "yes"}
+    assert not exists(apis["apps"].read_namespaced_deployment, "taken", NS)
+    assert not exists(core.read_namespaced_service, "taken", NS)
