@@ -91,6 +91,9 @@ def geometry_from_hf_config(c: dict[str, Any], name: str) -> ModelGeometry:
     archs = c.get("architectures") or []
     eos = c.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+    # transformers >= 5 writes `rope_parameters` (theta and scaling together) instead of the two keys.
+    rope = c.get("rope_parameters") or {}
+    scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     return ModelGeometry(
         name=name,
         hidden_size=c["hidden_size"],
@@ -101,11 +104,11 @@ def geometry_from_hf_config(c: dict[str, Any], name: str) -> ModelGeometry:
         intermediate_size=c["intermediate_size"],
         vocab_size=c["vocab_size"],
         max_position_embeddings=c.get("max_position_embeddings", 4096),
-        rope_theta=float(c.get("rope_theta", 10000.0)),
+        rope_theta=float(c.get("rope_theta", rope.get("rope_theta", 10000.0))),
         rms_norm_eps=float(c.get("rms_norm_eps", 1e-5)),
         tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
         qkv_bias=bool(c.get("attention_bias", False)) or any("Qwen2" in a for a in archs),
-        rope_scaling=c.get("rope_scaling"),
+        rope_scaling=scaling,
         bos_token_id=c.get("bos_token_id"),
         eos_token_ids=eos_ids,
     )

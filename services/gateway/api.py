@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from neo_gateway.api_models import ChatCompletionRequest, CompletionRequest
 from neo_gateway.engine import Engine, EngineOverloaded, EngineUnavailable, RequestOutput
+from neo_gateway.metrics import GatewayMetrics
 from neo_gateway.errors import APIError, error_body, install_handlers
 from neo_gateway.sampling_params import ParamError, SamplingParams
 
@@ -37,6 +38,8 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
     install_handlers(app)
     app.add_middleware(_BodyLimit, limit=engine.config.http.max_request_bytes)
     created = int(time.time())
+    metrics = GatewayMetrics(engine, served_name)
+    engine.finished_hooks.append(metrics.observe_finished)
 
     def check_model(name: str) -> None:
         if name != served_name:
@@ -126,7 +129,11 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
         if not engine.link.alive:
             return JSONResponse({"status": "unhealthy", "reason": "gpu_worker is down"}, 503,
                                 headers={"Retry-After": "5"})
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", "workers": {"gpu_worker": {"pid": engine.link.ready.pid}}})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/ready")
     async def ready() -> Response:

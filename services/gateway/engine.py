@@ -78,6 +78,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._ready_seen = 0
+        self.finished_hooks: list = []  # callbacks(seq) when a request ends (metrics)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -198,6 +199,8 @@ class Engine:
             prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids), error=error))
         if reason is not None:
             self.requests.pop(seq.seq_id, None)
+            for hook in self.finished_hooks:
+                hook(seq)
 
     def _fail_rows(self, output: SchedulerOutput, message: str) -> None:
         for row in output.rows:
