@@ -89,7 +89,7 @@ def test_operator_deployment_has_liveness_and_runs_as_its_service_account() -> N
     assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in ct["ports"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert dep["spec"]["strategy"] == {"type": "Recreate"}
-    assert env["NEO_CPU_ATTENTION_IMAGE"] == "neo/cpu-attention:0.1.0"
+    assert env["NEO_CPU_ATTENTION_IMAGE"] == "neo-cpu-attention:0.1.0"
 
 
 def _rules(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
