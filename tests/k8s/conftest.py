@@ -186,13 +186,46 @@ def helm_template(*args: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
-@dataclasses.dataclass
 class Operator:
-    proc: subprocess.Popen
-    log: Path
+    """A real `neo operator` process authenticated as the chart's ServiceAccount; restartable (as in
+    an upgrade), stopped by PID."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.log = cluster.workdir / "operator.log"
+        self.health_port = free_port()
+        self.proc: subprocess.Popen | None = None
 
     def tail(self, lines: int = 80) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def start(self) -> None:
+        env = {**os.environ, "KUBECONFIG": str(self.cluster.operator_kubeconfig)}
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "neo_common.cli", "operator",
+                 "--probe-namespace", OPERATOR_NAMESPACE, "--retry-seconds", "1",
+                 "--gateway-image", "neo/gateway:test", "--gpu-worker-image", "neo/gpu-worker:test",
+                 "--cpu-attention-image", "neo/cpu-attention:test",
+                 "--liveness", f"http://127.0.0.1:{self.health_port}/healthz"],
+                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = self.proc
+
+        def alive() -> bool:
+            assert proc.poll() is None, "operator exited:\n" + self.tail()
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as resp:
+                return resp.status == 200
+
+        wait_for(alive, timeout=60, what="operator liveness endpoint")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            assert self.proc.returncode == 0, "operator did not exit cleanly on SIGTERM:\n" + self.tail()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
 
 
 @pytest.fixture(scope="module")
@@ -224,25 +257,11 @@ def operator(cluster: Cluster) -> Iterator[Operator]:
     sa_names = {d["metadata"]["name"] for d in rendered if d["kind"] == "ServiceAccount"}
     assert OPERATOR_SA in sa_names, f"chart ServiceAccount is {sa_names}, the static token expects {OPERATOR_SA}"
 
-    log = cluster.workdir / "operator.log"
-    health_port = free_port()
-    env = {**os.environ, "KUBECONFIG": str(cluster.operator_kubeconfig)}
-    proc = _start([sys.executable, "-m", "neo_common.cli", "operator",
-                   "--probe-namespace", OPERATOR_NAMESPACE, "--retry-seconds", "1",
-                   "--gateway-image", "neo/gateway:test", "--gpu-worker-image", "neo/gpu-worker:test",
-                   "--cpu-attention-image", "neo/cpu-attention:test",
-                   "--liveness", f"http://127.0.0.1:{health_port}/healthz"], log, env=env)
-    op = Operator(proc, log)
-
-    def alive() -> bool:
-        assert proc.poll() is None, "operator exited:\n" + op.tail()
-        with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=2) as resp:
-            return resp.status == 200
-
+    op = Operator(cluster)
     try:
-        wait_for(alive, timeout=60, what="operator liveness endpoint")
+        op.start()
         yield op
     finally:
-        stop(proc)
+        op.stop()
         if os.environ.get("NEO_K8S_SHOW_LOGS"):
             sys.stderr.write(op.tail(400) + "\n")
