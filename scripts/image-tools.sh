@@ -10,9 +10,11 @@
 #
 # Usage: scripts/image-tools.sh [--env]
 #   --env   after ensuring the tools, print shell assignments the tests read:
-#           NEO_HADOLINT, NEO_PODMAN_ROOT, NEO_PODMAN_RUNROOT, NEO_BASE_IMAGE
+#           NEO_HADOLINT, NEO_PODMAN_ROOT, NEO_PODMAN_RUNROOT, NEO_PODMAN_STORAGE_DRIVER, NEO_BASE_IMAGE
 # Environment:
 #   NEO_IMAGE_CACHE   cache folder (default: ~/.cache/neo-images)
+#   NEO_PODMAN_STORAGE_DRIVER  overlay or vfs (default: overlay where this kernel mounts it, else vfs;
+#                     vfs copies the whole root file system for every build step, overlay does not)
 #   NEO_DEBIAN_MIRROR override the mirror taken from the apt sources
 #   NEO_DEBIAN_SUITE  Debian release of the base (default: bookworm, matching the Dockerfiles)
 set -euo pipefail
@@ -23,17 +25,37 @@ SUITE=${NEO_DEBIAN_SUITE:-bookworm}
 RECIPE=1
 CACHE=${NEO_IMAGE_CACHE:-$HOME/.cache/neo-images}
 ROOT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PODMAN_ROOT=$CACHE/storage
-PODMAN_RUNROOT=${XDG_RUNTIME_DIR:-/tmp}/neo-images-run-$(id -u)
 
 PRINT_ENV=0
 [[ ${1:-} == --env ]] && PRINT_ENV=1
 
 log() { echo "image-tools: $*" >&2; }
 as_root() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
-podman_() { podman --root "$PODMAN_ROOT" --runroot "$PODMAN_RUNROOT" --storage-driver vfs "$@"; }
+podman_() { podman --root "$PODMAN_ROOT" --runroot "$PODMAN_RUNROOT" --storage-driver "$DRIVER" "$@"; }
 
 mkdir -p "$CACHE"
+
+# --- podman storage: overlay if the kernel lets us mount it here, else vfs -------------------------
+overlay_works() {
+    local d
+    d=$(mktemp -d "$CACHE/.overlay-probe.XXXXXX")
+    mkdir -p "$d/lower" "$d/upper" "$d/work" "$d/merged"
+    local ok=1
+    if as_root mount -t overlay overlay -o "lowerdir=$d/lower,upperdir=$d/upper,workdir=$d/work" \
+        "$d/merged" 2>/dev/null; then
+        ok=0
+        as_root umount "$d/merged"
+    fi
+    as_root rm -rf "$d"
+    return $ok
+}
+DRIVER=${NEO_PODMAN_STORAGE_DRIVER:-}
+if [[ -z $DRIVER ]]; then
+    DRIVER=vfs
+    overlay_works && DRIVER=overlay
+fi
+PODMAN_ROOT=$CACHE/storage-$DRIVER
+PODMAN_RUNROOT=${XDG_RUNTIME_DIR:-/tmp}/neo-images-run-$(id -u)-$DRIVER
 
 # --- Debian packages -------------------------------------------------------------------------------
 need_pkgs=()
@@ -142,6 +164,7 @@ if ((PRINT_ENV)); then
     printf 'NEO_HADOLINT=%q\n' "$HADOLINT"
     printf 'NEO_PODMAN_ROOT=%q\n' "$PODMAN_ROOT"
     printf 'NEO_PODMAN_RUNROOT=%q\n' "$PODMAN_RUNROOT"
+    printf 'NEO_PODMAN_STORAGE_DRIVER=%q\n' "$DRIVER"
     printf 'NEO_BASE_IMAGE=%q\n' "$BASE_IMAGE"
 fi
-log "ready: hadolint, podman, base image $BASE_IMAGE"
+log "ready: hadolint, podman ($DRIVER storage), base image $BASE_IMAGE"
