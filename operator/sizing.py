@@ -11,6 +11,7 @@ import dataclasses
 import math
 from typing import Any, Sequence
 
+from neo_operator.constants import GPU_PRODUCT_LABEL
 from neo_operator.gpus import lookup_product
 from neo_operator.nodes import NodeFacts
 from neo_operator.spec import NeoServiceSpec
@@ -107,7 +108,7 @@ def _gib(n: float) -> str:
 def _check_nodes(spec: NeoServiceSpec, nodes: Sequence[NodeFacts]) -> list[NodeFacts]:
     if not nodes:
         products = ", ".join(spec.gpu.products) or "any"
-        raise SizingError("NoMatchingNodes", f"no node carries {'nvidia.com/gpu.product'} in [{products}] and matches "
+        raise SizingError("NoMatchingNodes", f"no node carries {GPU_PRODUCT_LABEL} in [{products}] and matches "
                           f"spec.gpu.nodeSelector {spec.gpu.node_selector or {}}; label the GPU nodes (GPU Feature "
                           "Discovery) or widen spec.gpu.products / spec.gpu.nodeSelector")
     for node in nodes:

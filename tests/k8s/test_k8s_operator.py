@@ -21,7 +21,7 @@ from neo_operator.probejob import probe_job_name
 from neo_operator.sizing import size
 from neo_operator.spec import parse_spec
 
-from conftest import ADMIN_TOKEN, OPERATOR_NAMESPACE, Cluster, Operator, wait_for
+from kube_cluster import ADMIN_TOKEN, OPERATOR_NAMESPACE, Cluster, Operator, wait_for
 
 pytestmark = pytest.mark.k8s
 
@@ -242,8 +242,9 @@ def test_spec_change_rolls_the_children(apis: dict) -> None:
     cm = wait_for(lambda: (m := core.read_namespaced_config_map("llama-config", NS)).data["NEO_MAX_NUM_SEQS"] == "64" and m,
                   what="ConfigMap updated")
     assert cm.data["NEO_NUM_CPU_BLOCKS"] == str((8 << 30) // (2 << 20))
-    dep = appsv1.read_namespaced_deployment("llama", NS)
-    assert dep.spec.template.metadata.annotations[c.CONFIG_HASH_ANNOTATION] != old_hash  # pods roll
+    # the ConfigMap is written before the Deployment: wait for the pod template's new hash (pods roll)
+    dep = wait_for(lambda: (d := appsv1.read_namespaced_deployment("llama", NS)).spec.template.metadata.annotations[
+        c.CONFIG_HASH_ANNOTATION] != old_hash and d, what="pod template carries the new config hash")
     assert dep.metadata.generation > before.metadata.generation
     obj = wait_for(lambda: (o := get_ns(apis, "llama"))["status"].get("observedGeneration") == 2 and o,
                    what="observedGeneration 2")

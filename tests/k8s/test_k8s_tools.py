@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import CACHE, REPO, tool
+from kube_cluster import CACHE, REPO, tool
 
 pytestmark = pytest.mark.k8s
 

@@ -9,7 +9,7 @@ import yaml
 from neo_operator import constants as c
 from neo_operator.spec import DTYPES, MODEL_SOURCES, OFFLOAD_MODES, POD_OVERRIDE_FIELDS, parse_spec
 
-from conftest import IMAGES
+from op_helpers import IMAGES
 
 CRD = Path(__file__).resolve().parents[2] / "charts" / "neo" / "crds" / "neoservices.neo.serving.io.yaml"
 

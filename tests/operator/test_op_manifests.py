@@ -15,7 +15,7 @@ from neo_operator.probejob import (ProbeResultError, build_probe_job, parse_prob
 from neo_operator.service import build_service, service_url
 from neo_operator.sizing import size
 
-from conftest import make_node, make_spec, node_dict
+from op_helpers import make_node, make_spec, node_dict
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import json
 from neo_operator import constants as c
 from neo_operator.nodes import is_gpu_node, matching_nodes, node_facts, parse_bandwidth
 
-from conftest import node_dict
+from op_helpers import node_dict
 
 H100 = "NVIDIA-H100-80GB-HBM3"
 

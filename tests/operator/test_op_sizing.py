@@ -11,7 +11,7 @@ from neo_operator import sizing
 from neo_operator.gpus import GPU_PRODUCTS
 from neo_operator.sizing import GiB, MiB, SizingError, SizingPending, size
 
-from conftest import make_node, make_spec
+from op_helpers import make_node, make_spec
 
 
 def test_gpu_blocks_follow_the_documented_formula() -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from neo_operator.spec import SpecError, parse_spec
 
-from conftest import IMAGES, make_spec
+from op_helpers import IMAGES, make_spec
 
 
 def test_defaults_fill_a_minimal_spec() -> None:

@@ -13,7 +13,7 @@ from neo_operator.probejob import build_probe_job
 from neo_operator.service import build_service
 from neo_operator.sizing import size
 
-from conftest import make_node, make_spec, node_dict
+from op_helpers import make_node, make_spec, node_dict
 
 OWNER = {"apiVersion": c.API_VERSION, "kind": c.KIND,
          "metadata": {"name": "svc", "namespace": "team-a", "uid": "1234-5678", "labels": {"team": "x"}}}

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
 from neo_operator.nodes import NodeFacts
 from neo_operator.spec import NeoServiceSpec, parse_spec
 
@@ -33,8 +31,3 @@ def node_dict(name: str, labels: dict[str, str], allocatable: dict[str, str] | N
               annotations: dict[str, str] | None = None) -> dict[str, Any]:
     return {"metadata": {"name": name, "labels": labels, "annotations": annotations or {}},
             "status": {"allocatable": allocatable or {}}}
-
-
-@pytest.fixture
-def spec() -> NeoServiceSpec:
-    return make_spec()
