@@ -53,6 +53,27 @@ def _container(name: str, image: str, command: str, spec: NeoServiceSpec, name_:
     }
 
 
+def _model_check(spec: NeoServiceSpec) -> dict[str, Any]:
+    """An init container that fails fast, with a message saying what to fix, when the model file is not
+    on the volume (the operator can see that the claim exists, not what is on it)."""
+    path = f"{c.MODEL_MOUNT}/{spec.model.path}"
+    kind = "file" if spec.model.source == "gguf" else "folder"
+    test = "-f" if spec.model.source == "gguf" else "-d"
+    message = (f"model {kind} {spec.model.path} not found on PersistentVolumeClaim {spec.model.claim_name}; "
+               "fix spec.model.volume.path or copy the model there")
+    return {
+        "name": "model-check",
+        "image": spec.images.gateway,
+        "imagePullPolicy": spec.images.pull_policy,
+        "command": ["/bin/sh", "-c", f'test {test} "$0" || {{ echo "$1" > /dev/termination-log; exit 1; }}',
+                    path, message],
+        "volumeMounts": [{"name": "model", "mountPath": c.MODEL_MOUNT, "readOnly": True}],
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}},
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
 def _affinity(products: tuple[str, ...], override: dict[str, Any] | None) -> dict[str, Any]:
     """Pin pods to the GPU products the sizing was done for, AND-ed into any user node affinity."""
     ours = {"key": c.GPU_PRODUCT_LABEL, "operator": "In", "values": list(products)}
@@ -88,6 +109,7 @@ def build_pod_template(name: str, spec: NeoServiceSpec, decision: SizingDecision
     overrides = spec.pod_spec
     pod_spec: dict[str, Any] = {
         "containers": [gateway, worker, cpu_att],
+        **({"initContainers": [_model_check(spec)]} if spec.model.source != "dummy" else {}),
         "volumes": volumes,
         "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER,
                             "fsGroup": RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"}},

@@ -77,6 +77,7 @@ def test_deployment_one_pod_three_containers_shared_shm(decided) -> None:
         assert ct["envFrom"] == [{"configMapRef": {"name": "svc-config"}}]
         assert ct["securityContext"]["allowPrivilegeEscalation"] is False
     assert pod["securityContext"]["runAsNonRoot"] is True
+    assert "initContainers" not in pod  # dummy weights: nothing to check on a volume
     gw = containers["gateway"]
     assert gw["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
     assert gw["readinessProbe"]["httpGet"]["path"] == "/ready"
@@ -125,6 +126,31 @@ def test_deployment_overrides_merge_without_losing_the_gpu_constraint() -> None:
     assert model_vol["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
     assert {"name": "model", "mountPath": "/models", "readOnly": True} in containers["gpu-worker"]["volumeMounts"]
     assert all(m["name"] != "model" for m in containers["cpu-attention"]["volumeMounts"])
+    (check,) = pod["initContainers"]
+    assert check["name"] == "model-check" and check["command"][3] == "/models/llama"
+
+
+@pytest.mark.parametrize("source,path,make", [("hf", "llama", "dir"), ("gguf", "m/smol.gguf", "file")])
+def test_model_check_init_container_runs(tmp_path, source: str, path: str, make: str) -> None:
+    """Run the init container's real command against a folder standing in for the volume."""
+    import subprocess
+
+    geometry = "smollm2-135m"
+    spec = make_spec(model={"source": source, "geometry": geometry, "volume": {"claimName": "models", "path": path}},
+                     cpuOffload={"mode": "off"})
+    pod = build_deployment("s", spec, size(spec, [make_node()]), "h")["spec"]["template"]["spec"]
+    (check,) = pod["initContainers"]
+    volume = tmp_path / "models"
+    cmd = [part.replace("/models", str(volume)).replace("/dev/termination-log", str(tmp_path / "term"))
+           for part in check["command"]]
+    volume.mkdir()
+    missing = subprocess.run(cmd)
+    assert missing.returncode == 1
+    assert "not found on PersistentVolumeClaim models; fix spec.model.volume.path" in (tmp_path / "term").read_text()
+    target = volume / path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.mkdir() if make == "dir" else target.write_bytes(b"GGUF")
+    assert subprocess.run(cmd).returncode == 0
 
 
 def test_service_routes_to_the_gateways(decided) -> None:

@@ -35,6 +35,14 @@ def test_children_validate(offload: str) -> None:
         kubernetes_validate.validate(child, "1.25.0", strict=True)
 
 
+def test_children_of_a_volume_model_validate() -> None:
+    spec = make_spec(model={"source": "hf", "geometry": "llama-3-8b", "volume": {"claimName": "models", "path": "l3"}})
+    d = size(spec, [make_node()])
+    dep = build_deployment("svc", spec, d, "h")
+    kopf.adopt([dep], owner=OWNER)
+    kubernetes_validate.validate(dep, "1.25.0", strict=True)
+
+
 def test_probe_job_validates() -> None:
     node = node_dict("gpu-1", {c.GPU_PRODUCT_LABEL: "NVIDIA-A10G"})
     node["apiVersion"], node["kind"], node["metadata"]["uid"] = "v1", "Node", "n-uid"
