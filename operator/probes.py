@@ -32,7 +32,9 @@ def ensure_probe_jobs(kube: Kube, config: OperatorConfig, nodes: list[Mapping[st
         if kube.job_exists(config.probe_namespace, name):
             continue
         job = build_probe_job(node, image, config.probe_namespace)
-        kopf.append_owner_reference(job, owner=dict(node))  # deleting the node garbage-collects its probe
+        # Owned by the Node: deleting the node garbage-collects its probe. Not kopf.adopt: that would also
+        # move the Job into the (cluster-scoped) owner's namespace and copy the node's labels onto it.
+        kopf.append_owner_reference(job, owner=dict(node))
         if kube.create_job(job):
             log.info("created bandwidth probe job %s/%s for node %s", config.probe_namespace, name,
                      node["metadata"]["name"])
