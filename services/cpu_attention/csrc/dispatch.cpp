@@ -125,6 +125,15 @@ Scratch& scratch() {
   return s;
 }
 
+// NEO_CPU_PREFETCH_BYTES: how much of the next block's K and V to prefetch when a block starts.
+int prefetch_bytes() {
+  static const int v = [] {
+    const char* e = getenv("NEO_CPU_PREFETCH_BYTES");
+    return e ? atoi(e) : 512;
+  }();
+  return v;
+}
+
 int check_args(const neo_attn_args* a) {
   if (!a || a->batch < 0 || a->num_kv_heads < 1 || a->num_q_heads < 1) return NEO_EINVAL;
   if (a->num_q_heads % a->num_kv_heads) return NEO_EINVAL;
@@ -200,7 +209,7 @@ int attn_locked(const neo_attn_args* a) {
   Job job;
   job.ctx = KernelCtx{(const uint16_t*)a->q, (uint16_t*)a->o, (const uint16_t*)a->k_cache,
                       (const uint16_t*)a->v_cache, a->block_tables, a->seq_lens, a->num_q_heads,
-                      Hkv, D, bs, a->bt_stride, a->dtype, a->scale, s.parts.data()};
+                      Hkv, D, bs, a->bt_stride, a->dtype, a->scale, s.parts.data(), prefetch_bytes()};
   job.k = &isa();
   job.chunks = s.chunks.data();
   job.num_chunks = (int)s.chunks.size();

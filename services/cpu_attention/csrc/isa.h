@@ -25,6 +25,7 @@ struct KernelCtx {
   int32_t num_q_heads, num_kv_heads, head_dim, block_size, bt_stride, dtype;
   float scale;
   float* parts;      // [num_parts, G, head_dim + 2]: m, l, acc[head_dim]
+  int32_t prefetch_bytes;  // of the next block's K and V, issued when a block starts (0: none)
 };
 
 struct IsaKernels {

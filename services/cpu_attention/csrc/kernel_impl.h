@@ -16,65 +16,123 @@ using neo::Chunk;
 using neo::KernelCtx;
 using V = Simd::V;
 constexpr int L = Simd::L;
-constexpr int SB = neo::kMaxBlock;  // score row stride
+constexpr int SB = neo::kMaxBlock + 32;  // score row stride (room for padded lanes)
 
-// s[g*SB + t] = q_g . k_t  for t < n, g < NG
-template <int D, int NG, int DT>
-static inline void scores(const float* __restrict q, const uint16_t* __restrict kp, int n, float* __restrict s) {
-  for (int t = 0; t < n; ++t) {
-    const uint16_t* kr = kp + (size_t)t * D;
-    V a[NG], b[NG];
-    for (int g = 0; g < NG; ++g) { a[g] = Simd::zero(); b[g] = Simd::zero(); }
-    for (int i = 0; i < D; i += 2 * L) {
-      V k0 = Simd::template load_kv<DT>(kr + i);
-      V k1 = Simd::template load_kv<DT>(kr + i + L);
-      for (int g = 0; g < NG; ++g) {
-        a[g] = Simd::fma(Simd::load(q + g * D + i), k0, a[g]);
-        b[g] = Simd::fma(Simd::load(q + g * D + i + L), k1, b[g]);
-      }
-    }
-    for (int g = 0; g < NG; ++g) s[g * SB + t] = Simd::hsum(Simd::add(a[g], b[g]));
+// Two vectors of KV elements [p, p + 2L). For bf16 they come from one load, even-indexed elements in
+// v0 and odd-indexed in v1 ("pair order"); q and the accumulators are kept in the same order, and
+// pos<DT>() maps a natural element index to its place. fp16 keeps the natural order.
+template <int DT>
+static inline void load2(const uint16_t* p, V& v0, V& v1) {
+  if (DT == 0) {
+    Simd::load_bf16_pair(p, v0, v1);
+  } else {
+    v0 = Simd::template load_kv<DT>(p);
+    v1 = Simd::template load_kv<DT>(p + L);
   }
 }
 
-// acc_g = acc_g * alpha_g + sum_t p[g*SB + t] * v_t
+template <int DT>
+static inline int pos(int e) {
+  if (DT != 0) return e;
+  const int grp = e / (2 * L) * (2 * L), r = e % (2 * L);
+  return grp + (r & 1) * L + (r >> 1);
+}
+
+// s[g*SB + t] = q_g . k_t  for t < n, g < NG (s is written up to the next multiple of 8).
+// Each K row is converted once and used by all NG heads while in registers; the per-token dot
+// products are reduced 8 tokens at a time (hsum8) instead of one horizontal sum each.
+template <int D, int NG, int DT>
+static inline void scores(const float* __restrict q, const uint16_t* __restrict kp, int n, float* __restrict s,
+                          const uint16_t* next_k, int next_rows) {
+  // Prefetch the next block's K while computing this one, a row per token, so the misses overlap
+  // with the arithmetic instead of arriving in one burst that stalls the fill buffers.
+  const int rows_per_t = next_k ? (next_rows + n - 1) / n : 0;
+  for (int t0 = 0; t0 < n; t0 += 8) {
+    V part[NG][8];
+    const int nt = n - t0 < 8 ? n - t0 : 8;
+    for (int tt = 0; tt < 8; ++tt) {
+      if (tt >= nt) {
+        for (int g = 0; g < NG; ++g) part[g][tt] = Simd::zero();
+        continue;
+      }
+      const uint16_t* kr = kp + (size_t)(t0 + tt) * D;
+      for (int r = 0; r < rows_per_t; ++r) {
+        const int row = (t0 + tt) * rows_per_t + r;
+        if (row < next_rows)
+          for (int off = 0; off < D * 2; off += 64) Simd::prefetch((const char*)(next_k + (size_t)row * D) + off);
+      }
+      V a[NG], b[NG];
+      for (int g = 0; g < NG; ++g) { a[g] = Simd::zero(); b[g] = Simd::zero(); }
+      for (int i = 0; i < D; i += 2 * L) {
+        V k0, k1;
+        load2<DT>(kr + i, k0, k1);
+        for (int g = 0; g < NG; ++g) {
+          a[g] = Simd::fma(Simd::load(q + g * D + i), k0, a[g]);
+          b[g] = Simd::fma(Simd::load(q + g * D + i + L), k1, b[g]);
+        }
+      }
+      for (int g = 0; g < NG; ++g) part[g][tt] = Simd::add(a[g], b[g]);
+    }
+    for (int g = 0; g < NG; ++g) Simd::hsum8(part[g], s + g * SB + t0);
+  }
+}
+
+// acc_g = acc_g * alpha_g + sum_t p[g*SB + t] * v_t. IC column chunks per pass give NG*IC independent
+// FMA chains (enough to hide FMA latency) and share each broadcast probability across IC chunks.
 template <int D, int NG, int DT>
 static inline void accumulate(float* __restrict acc, const float* __restrict p, const float* alpha,
-                              const uint16_t* __restrict vp, int n) {
-  for (int i = 0; i < D; i += L) {
-    V a[NG];
-    for (int g = 0; g < NG; ++g) a[g] = Simd::mul(Simd::load(acc + g * D + i), Simd::set1(alpha[g]));
-    for (int t = 0; t < n; ++t) {
-      V v = Simd::template load_kv<DT>(vp + (size_t)t * D + i);
-      for (int g = 0; g < NG; ++g) a[g] = Simd::fma(Simd::set1(p[g * SB + t]), v, a[g]);
+                              const uint16_t* __restrict vp, int n, const uint16_t* next_v, int next_rows) {
+  // enough independent FMA chains (8 with 16 registers, 16 with 32), in pairs of column chunks
+  constexpr int CHAINS = L >= 16 ? 16 : 8;
+  constexpr int IC1 = (CHAINS / NG) & ~1;
+  constexpr int IC0 = IC1 < 2 ? 2 : IC1;
+  constexpr int IC = IC0 * L > D ? D / L : IC0;
+  constexpr int PASSES = D / (IC * L);
+  const size_t next_bytes = next_v ? (size_t)next_rows * D * 2 : 0;
+  const size_t per_pass = ((next_bytes + PASSES - 1) / PASSES + 63) & ~(size_t)63;
+  for (int i = 0; i < D; i += IC * L) {
+    if (next_v) {  // spread the next block's V prefetch over the passes
+      const size_t lo = (size_t)(i / (IC * L)) * per_pass;
+      for (size_t off = lo; off < lo + per_pass && off < next_bytes; off += 64)
+        Simd::prefetch((const char*)next_v + off);
     }
-    for (int g = 0; g < NG; ++g) Simd::store(acc + g * D + i, a[g]);
+    V a[NG][IC];
+    for (int g = 0; g < NG; ++g) {
+      const V al = Simd::set1(alpha[g]);
+      for (int c = 0; c < IC; ++c) a[g][c] = Simd::mul(Simd::load(acc + g * D + i + c * L), al);
+    }
+    for (int t = 0; t < n; ++t) {
+      V v[IC];
+      for (int c = 0; c < IC; c += 2) load2<DT>(vp + (size_t)t * D + i + c * L, v[c], v[c + 1]);
+      for (int g = 0; g < NG; ++g) {
+        const V pg = Simd::set1(p[g * SB + t]);
+        for (int c = 0; c < IC; ++c) a[g][c] = Simd::fma(pg, v[c], a[g][c]);
+      }
+    }
+    for (int g = 0; g < NG; ++g)
+      for (int c = 0; c < IC; ++c) Simd::store(acc + g * D + i + c * L, a[g][c]);
   }
 }
 
 template <int D, int DT>
-static void scores_n(int ng, const float* q, const uint16_t* kp, int n, float* s) {
+static void scores_n(int ng, const float* q, const uint16_t* kp, int n, float* s, const uint16_t* nk, int nr) {
   switch (ng) {
-    case 1: scores<D, 1, DT>(q, kp, n, s); break;
-    case 2: scores<D, 2, DT>(q, kp, n, s); break;
-    case 3: scores<D, 3, DT>(q, kp, n, s); break;
-    default: scores<D, 4, DT>(q, kp, n, s); break;
+    case 1: scores<D, 1, DT>(q, kp, n, s, nk, nr); break;
+    case 2: scores<D, 2, DT>(q, kp, n, s, nk, nr); break;
+    case 3: scores<D, 3, DT>(q, kp, n, s, nk, nr); break;
+    default: scores<D, 4, DT>(q, kp, n, s, nk, nr); break;
   }
 }
 
 template <int D, int DT>
-static void accumulate_n(int ng, float* acc, const float* p, const float* alpha, const uint16_t* vp, int n) {
+static void accumulate_n(int ng, float* acc, const float* p, const float* alpha, const uint16_t* vp, int n,
+                         const uint16_t* nv, int nr) {
   switch (ng) {
-    case 1: accumulate<D, 1, DT>(acc, p, alpha, vp, n); break;
-    case 2: accumulate<D, 2, DT>(acc, p, alpha, vp, n); break;
-    case 3: accumulate<D, 3, DT>(acc, p, alpha, vp, n); break;
-    default: accumulate<D, 4, DT>(acc, p, alpha, vp, n); break;
+    case 1: accumulate<D, 1, DT>(acc, p, alpha, vp, n, nv, nr); break;
+    case 2: accumulate<D, 2, DT>(acc, p, alpha, vp, n, nv, nr); break;
+    case 3: accumulate<D, 3, DT>(acc, p, alpha, vp, n, nv, nr); break;
+    default: accumulate<D, 4, DT>(acc, p, alpha, vp, n, nv, nr); break;
   }
-}
-
-static inline void prefetch_block(const uint16_t* p, size_t bytes) {
-  const char* c = (const char*)p;
-  for (size_t off = 0; off < bytes; off += 64) Simd::prefetch(c + off);
 }
 
 template <int D, int DT>
@@ -91,7 +149,8 @@ static void chunk_impl(const KernelCtx& ctx, const Chunk& c) {
   float m[neo::kMaxGroup], l[neo::kMaxGroup], alpha[neo::kMaxGroup];
 
   const uint16_t* qsrc = ctx.q + ((size_t)c.b * Hq + (size_t)c.h * G) * D;
-  for (int i = 0; i < G * D; ++i) qf[i] = kv_to_f32<DT>(qsrc[i]) * ctx.scale;
+  for (int g = 0; g < G; ++g)
+    for (int d = 0; d < D; ++d) qf[g * D + pos<DT>(d)] = kv_to_f32<DT>(qsrc[g * D + d]) * ctx.scale;
   for (int i = 0; i < G * D; ++i) acc[i] = 0.0f;
   for (int g = 0; g < G; ++g) { m[g] = -1e30f; l[g] = 0.0f; }
 
@@ -100,14 +159,18 @@ static void chunk_impl(const KernelCtx& ctx, const Chunk& c) {
     const size_t base = (size_t)bt[j] * block_stride + (size_t)c.h * head_stride;
     const uint16_t* kp = ctx.k_cache + base;
     const uint16_t* vp = ctx.v_cache + base;
-    if (j + 1 < c.j1) {  // the next block is elsewhere in memory: start fetching it now
+    // The next block is elsewhere in memory: its K and V are prefetched while this one computes.
+    const uint16_t *nk = nullptr, *nv = nullptr;
+    int nrows = 0;
+    if (j + 1 < c.j1 && ctx.prefetch_bytes) {
       const size_t nb = (size_t)bt[j + 1] * block_stride + (size_t)c.h * head_stride;
-      prefetch_block(ctx.k_cache + nb, head_stride * 2);
-      prefetch_block(ctx.v_cache + nb, head_stride * 2);
+      nk = ctx.k_cache + nb;
+      nv = ctx.v_cache + nb;
+      nrows = (len - (j + 1) * bs) < bs ? (len - (j + 1) * bs) : bs;
     }
     for (int g0 = 0; g0 < G; g0 += 4) {
       const int ng = G - g0 < 4 ? G - g0 : 4;
-      scores_n<D, DT>(ng, qf + g0 * D, kp, n, s + g0 * SB);
+      scores_n<D, DT>(ng, qf + g0 * D, kp, n, s + g0 * SB, g0 ? nullptr : nk, nrows);
     }
     for (int g = 0; g < G; ++g) {
       float* sg = s + g * SB;
@@ -115,7 +178,7 @@ static void chunk_impl(const KernelCtx& ctx, const Chunk& c) {
       for (int t = 0; t < n; ++t) mx = sg[t] > mx ? sg[t] : mx;
       alpha[g] = mx > m[g] ? expf(m[g] - mx) : 1.0f;
       m[g] = mx;
-      for (int t = n; t < ((n + L - 1) / L) * L; ++t) sg[t] = -1e30f;
+      for (int t = n; t < ((n + 7) / 8) * 8 + L; ++t) sg[t] = -1e30f;  // lanes past n
       V sum = Simd::zero(), mv = Simd::set1(mx);
       for (int t = 0; t < n; t += L) {
         V p = Simd::exp(Simd::add(Simd::load(sg + t), Simd::mul(mv, Simd::set1(-1.0f))));
@@ -126,7 +189,7 @@ static void chunk_impl(const KernelCtx& ctx, const Chunk& c) {
     }
     for (int g0 = 0; g0 < G; g0 += 4) {
       const int ng = G - g0 < 4 ? G - g0 : 4;
-      accumulate_n<D, DT>(ng, acc + g0 * D, s + g0 * SB, alpha + g0, vp, n);
+      accumulate_n<D, DT>(ng, acc + g0 * D, s + g0 * SB, alpha + g0, vp, n, g0 ? nullptr : nv, nrows);
     }
   }
 
@@ -134,7 +197,7 @@ static void chunk_impl(const KernelCtx& ctx, const Chunk& c) {
     uint16_t* out = ctx.o + ((size_t)c.b * Hq + (size_t)c.h * G) * D;
     for (int g = 0; g < G; ++g) {
       const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
-      for (int d = 0; d < D; ++d) out[g * D + d] = f32_to_kv<DT>(acc[g * D + d] * inv);
+      for (int d = 0; d < D; ++d) out[g * D + d] = f32_to_kv<DT>(acc[g * D + pos<DT>(d)] * inv);
     }
   } else {
     float* part = ctx.parts + (size_t)c.part * G * (D + 2);
@@ -142,7 +205,7 @@ static void chunk_impl(const KernelCtx& ctx, const Chunk& c) {
       float* pg = part + (size_t)g * (D + 2);
       pg[0] = m[g];
       pg[1] = l[g];
-      for (int d = 0; d < D; ++d) pg[2 + d] = acc[g * D + d];
+      for (int d = 0; d < D; ++d) pg[2 + d] = acc[g * D + pos<DT>(d)];
     }
   }
 }

@@ -34,7 +34,9 @@ ThreadPool::~ThreadPool() {
 }
 
 void ThreadPool::worker(int tid) {
-  uint32_t seen = generation_.load(std::memory_order_acquire);
+  // Jobs are counted from 0 at construction: a worker that starts late must still see the first
+  // job (or the stop) that the constructor's caller may already have posted.
+  uint32_t seen = 0;
   for (;;) {
     uint32_t g = generation_.load(std::memory_order_acquire);
     if (g == seen) {

@@ -89,10 +89,29 @@ struct Simd {
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static V vmax(V a, V b) { return _mm512_max_ps(a, b); }
   static float hsum(V v) { return _mm512_reduce_add_ps(v); }
+  // out[k] = sum of the lanes of a[k], k < 8: fold each to 256 bits, then the AVX2 hadd tree
+  static void hsum8(const V* a, float* out) {
+    __m256 h[8];
+    for (int k = 0; k < 8; ++k)
+      h[k] = _mm256_add_ps(_mm512_castps512_ps256(a[k]),
+                           _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[k]), 1)));
+    __m256 s01 = _mm256_hadd_ps(h[0], h[1]), s23 = _mm256_hadd_ps(h[2], h[3]);
+    __m256 s45 = _mm256_hadd_ps(h[4], h[5]), s67 = _mm256_hadd_ps(h[6], h[7]);
+    __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                                        _mm256_permute2f128_ps(s0123, s4567, 0x31)));
+  }
   template <int DT> static V load_kv(const uint16_t* p) {
     __m256i h = _mm256_loadu_si256((const __m256i*)p);
     if (DT == 0) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     return _mm512_cvtph_ps(h);
+  }
+  // 2L bf16 values in one load, split into even- and odd-indexed elements (a permuted order that the
+  // kernel's q and accumulators use as well): half the loads and conversions of load_kv.
+  static void load_bf16_pair(const uint16_t* p, V& even, V& odd) {
+    __m512i x = _mm512_loadu_si512((const void*)p);
+    even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+    odd = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32((int)0xffff0000u)));
   }
   static V exp(V x) {
     x = _mm512_min_ps(_mm512_max_ps(x, set1(-87.0f)), set1(88.0f));
@@ -129,10 +148,23 @@ struct Simd {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  // out[k] = sum of the lanes of a[k], k < 8 (hadd tree: ~9 shuffles/adds for 8 sums)
+  static void hsum8(const V* a, float* out) {
+    __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+    __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+    __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                                        _mm256_permute2f128_ps(s0123, s4567, 0x31)));
+  }
   template <int DT> static V load_kv(const uint16_t* p) {
     __m128i h = _mm_loadu_si128((const __m128i*)p);
     if (DT == 0) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     return _mm256_cvtph_ps(h);
+  }
+  static void load_bf16_pair(const uint16_t* p, V& even, V& odd) {
+    __m256i x = _mm256_loadu_si256((const __m256i*)p);
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+    odd = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32((int)0xffff0000u)));
   }
   static V exp(V x) {
     x = _mm256_min_ps(_mm256_max_ps(x, set1(-87.0f)), set1(88.0f));
@@ -164,7 +196,12 @@ struct Simd {  // portable scalar fallback (any architecture)
   static V add(V a, V b) { return a + b; }
   static V vmax(V a, V b) { return a > b ? a : b; }
   static float hsum(V v) { return v; }
+  static void hsum8(const V* a, float* out) { for (int k = 0; k < 8; ++k) out[k] = a[k]; }
   template <int DT> static V load_kv(const uint16_t* p) { return kv_to_f32<DT>(*p); }
+  static void load_bf16_pair(const uint16_t* p, V& even, V& odd) {
+    even = bf16_bits_to_f32(p[0]);
+    odd = bf16_bits_to_f32(p[1]);
+  }
   static V exp(V x) { return expf(x < -87.0f ? -87.0f : x); }
   static void prefetch(const void* p) { __builtin_prefetch(p); }
 };
