@@ -118,6 +118,9 @@ def test_watch_namespaces_binds_workload_rights_per_namespace() -> None:
     bindings = [d for d in docs if d["kind"] == "RoleBinding" and d["roleRef"]["name"].endswith("-workloads")]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     assert not [d for d in docs if d["kind"] == "ClusterRoleBinding" and d["roleRef"]["name"].endswith("-workloads")]
+    # kopf lists namespaces to match its namespace patterns; only this mode needs that
+    assert {"namespaces"} <= {res for r in _rules(docs, "ClusterRole") for res in r["resources"]}
+    assert "namespaces" not in {res for r in _rules(render(), "ClusterRole") for res in r["resources"]}
     (dep,) = [d for d in docs if d["kind"] == "Deployment"]
     env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["NEO_NAMESPACE"] == "team-a,team-b"

@@ -38,6 +38,10 @@ ADMIN_TOKEN = "neo-test-admin-token"
 OPERATOR_TOKEN = "neo-test-operator-token"
 OPERATOR_NAMESPACE = "neo-system"
 OPERATOR_SA = "neo-operator"  # the chart's ServiceAccount name for release "neo"
+# a second release, watching chosen namespaces only (the chart's namespaced RBAC)
+SCOPED_TOKEN = "neo-test-scoped-token"
+SCOPED_NAMESPACE = "neo-scoped"
+SCOPED_SA = "neo-scoped-operator"
 
 
 def tool(name: str) -> Path:
@@ -97,6 +101,7 @@ class Cluster:
     server: str
     admin_kubeconfig: Path
     operator_kubeconfig: Path
+    scoped_kubeconfig: Path
     workdir: Path
     logs: dict[str, Path]
     api: Any = None
@@ -140,10 +145,13 @@ def cluster() -> Iterator[Cluster]:
         ], logs["etcd"]))
         subprocess.run(["openssl", "genrsa", "-out", str(work / "sa.key"), "2048"], check=True,
                        capture_output=True)
-        sa_user = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SA}"
-        (work / "tokens.csv").write_text(
-            f"{ADMIN_TOKEN},admin,1,system:masters\n"
-            f'{OPERATOR_TOKEN},{sa_user},2,"system:serviceaccounts,system:serviceaccounts:{OPERATOR_NAMESPACE}"\n')
+        # static tokens that authenticate exactly as the chart's ServiceAccounts would
+        lines = [f"{ADMIN_TOKEN},admin,1,system:masters"]
+        for uid, (token, ns, sa) in enumerate([(OPERATOR_TOKEN, OPERATOR_NAMESPACE, OPERATOR_SA),
+                                               (SCOPED_TOKEN, SCOPED_NAMESPACE, SCOPED_SA)], start=2):
+            lines.append(f'{token},system:serviceaccount:{ns}:{sa},{uid},'
+                         f'"system:serviceaccounts,system:serviceaccounts:{ns}"')
+        (work / "tokens.csv").write_text("\n".join(lines) + "\n")
         procs.append(_start([
             str(apiserver), f"--etcd-servers=http://127.0.0.1:{client_port}", "--bind-address=127.0.0.1",
             f"--secure-port={api_port}", "--insecure-port=0", f"--cert-dir={work / 'certs'}",
@@ -163,6 +171,7 @@ def cluster() -> Iterator[Cluster]:
             time.sleep(0.3)
         admin = kubeconfig(work / "admin.kubeconfig", server, ADMIN_TOKEN)
         operator = kubeconfig(work / "operator.kubeconfig", server, OPERATOR_TOKEN)
+        scoped = kubeconfig(work / "scoped.kubeconfig", server, SCOPED_TOKEN)
         procs.append(_start([
             str(kcm), f"--kubeconfig={admin}", "--leader-elect=false",
             # GC removes a deleted NeoService's children; the job controller gives probe Jobs their pods.
@@ -170,7 +179,8 @@ def cluster() -> Iterator[Cluster]:
         ], logs["controller-manager"]))
         from kubernetes import config
         api = config.new_client_from_config(str(admin))
-        yield Cluster(server=server, admin_kubeconfig=admin, operator_kubeconfig=operator, workdir=work,
+        yield Cluster(server=server, admin_kubeconfig=admin, operator_kubeconfig=operator,
+                      scoped_kubeconfig=scoped, workdir=work,
                       logs=logs, api=api)
     finally:
         # controller-manager, then the API server, then etcd
@@ -179,8 +189,8 @@ def cluster() -> Iterator[Cluster]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def helm_template(*args: str) -> list[dict[str, Any]]:
-    out = subprocess.run([str(tool("helm")), "template", "neo", str(CHART), *args], check=True,
+def helm_template(*args: str, release: str = "neo") -> list[dict[str, Any]]:
+    out = subprocess.run([str(tool("helm")), "template", release, str(CHART), *args], check=True,
                          capture_output=True, text=True).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
@@ -189,9 +199,13 @@ class Operator:
     """A real `neo operator` process authenticated as the chart's ServiceAccount; restartable (as in
     an upgrade), stopped by PID."""
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, kubeconfig: Path, probe_namespace: str, args: tuple[str, ...] = (),
+                 name: str = "operator") -> None:
         self.cluster = cluster
-        self.log = cluster.workdir / "operator.log"
+        self.kubeconfig = kubeconfig
+        self.probe_namespace = probe_namespace
+        self.args = args
+        self.log = cluster.workdir / f"{name}.log"
         self.health_port = free_port()
         self.proc: subprocess.Popen | None = None
 
@@ -199,11 +213,11 @@ class Operator:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
     def start(self) -> None:
-        env = {**os.environ, "KUBECONFIG": str(self.cluster.operator_kubeconfig)}
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "neo_common.cli", "operator",
-                 "--probe-namespace", OPERATOR_NAMESPACE, "--retry-seconds", "1",
+                [sys.executable, "-m", "neo_common.cli", "operator", *self.args,
+                 "--probe-namespace", self.probe_namespace, "--retry-seconds", "1",
                  "--gateway-image", "neo/gateway:test", "--gpu-worker-image", "neo/gpu-worker:test",
                  "--cpu-attention-image", "neo/cpu-attention:test",
                  "--liveness", f"http://127.0.0.1:{self.health_port}/healthz"],
@@ -227,11 +241,8 @@ class Operator:
         self.start()
 
 
-@pytest.fixture(scope="module")
-def operator(cluster: Cluster) -> Iterator[Operator]:
-    """The CRD from the chart, the chart's RBAC, and a real `neo operator` process running as its
-    ServiceAccount."""
-    from kubernetes import client, utils
+def install_crd(cluster: Cluster) -> None:
+    from kubernetes import client
 
     ext = client.ApiextensionsV1Api(cluster.api)
     crd = yaml.safe_load(CRD_FILE.read_text())
@@ -243,20 +254,40 @@ def operator(cluster: Cluster) -> Iterator[Operator]:
         return any(c.type == "Established" and c.status == "True" for c in got.status.conditions or [])
 
     wait_for(established, what="CRD Established")
-    core = client.CoreV1Api(cluster.api)
-    with contextlib.suppress(client.ApiException):
-        core.create_namespace({"metadata": {"name": OPERATOR_NAMESPACE}})
-    rbac_kinds = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
-    rendered = helm_template("--namespace", OPERATOR_NAMESPACE)
-    for doc in rendered:
-        if doc["kind"] in rbac_kinds:
-            doc["metadata"].setdefault("namespace", OPERATOR_NAMESPACE)
-            with contextlib.suppress(utils.FailToCreateError):
-                utils.create_from_dict(cluster.api, doc, namespace=OPERATOR_NAMESPACE)
-    sa_names = {d["metadata"]["name"] for d in rendered if d["kind"] == "ServiceAccount"}
-    assert OPERATOR_SA in sa_names, f"chart ServiceAccount is {sa_names}, the static token expects {OPERATOR_SA}"
 
-    op = Operator(cluster)
+
+def create_namespace(cluster: Cluster, name: str) -> None:
+    from kubernetes import client
+
+    with contextlib.suppress(client.ApiException):
+        client.CoreV1Api(cluster.api).create_namespace({"metadata": {"name": name}})
+
+
+def install_rbac(cluster: Cluster, release: str, namespace: str, *sets: str) -> set[str]:
+    """Apply the chart's ServiceAccount and RBAC objects (rendered by helm); returns the SA names."""
+    from kubernetes import utils
+
+    create_namespace(cluster, namespace)
+    args = ["--namespace", namespace]
+    for s in sets:
+        args += ["--set", s]
+    rendered = helm_template(*args, release=release)
+    for doc in rendered:
+        if doc["kind"] in {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}:
+            ns = doc["metadata"].setdefault("namespace", namespace)
+            with contextlib.suppress(utils.FailToCreateError):
+                utils.create_from_dict(cluster.api, doc, namespace=ns)
+    return {d["metadata"]["name"] for d in rendered if d["kind"] == "ServiceAccount"}
+
+
+@pytest.fixture(scope="module")
+def operator(cluster: Cluster) -> Iterator[Operator]:
+    """The CRD from the chart, the chart's RBAC, and a real `neo operator` process running as its
+    ServiceAccount, watching all namespaces."""
+    install_crd(cluster)
+    sa_names = install_rbac(cluster, "neo", OPERATOR_NAMESPACE)
+    assert OPERATOR_SA in sa_names, f"chart ServiceAccount is {sa_names}, the static token expects {OPERATOR_SA}"
+    op = Operator(cluster, cluster.operator_kubeconfig, OPERATOR_NAMESPACE)
     try:
         op.start()
         yield op
