@@ -27,6 +27,8 @@ class ModelConfig(Settings):
     dtype: str = option("auto", "compute dtype (auto: bfloat16 on CUDA, float32 on CPU)",
                         choices=("auto", "float32", "bfloat16", "float16"))
     served_model_name: str = option("", "name clients use in `model` (default: derived from `model`)")
+    tokenizer: str = option("", "HF folder or .gguf with the tokenizer (default: the model's own; "
+                                "for dummy weights, the embedded model's)")
     max_model_len: int = option(0, "context length limit in tokens (0: the model's own)")
     seed: int = option(0, "seed for dummy weights")
 

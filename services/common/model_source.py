@@ -31,14 +31,19 @@ class ModelSource:
     kind: str
     path: str
     served_name: str
+    tokenizer: str = ""  # explicit --tokenizer (folder or .gguf), else derived below
 
     @property
     def tokenizer_path(self) -> str:
-        """Where the tokenizer comes from: the model itself, or (dummy) the embedded model's."""
+        """Where the tokenizer comes from: --tokenizer, the model itself, or (dummy) the embedded model's."""
+        if self.tokenizer:
+            return self.tokenizer
         return embedded_gguf_path() if self.kind == "dummy" else self.path
 
     @property
     def tokenizer_kind(self) -> str:
+        if self.tokenizer:
+            return "gguf" if self.tokenizer.endswith(".gguf") else "hf"
         return "gguf" if self.kind == "dummy" else self.kind
 
 
@@ -54,6 +59,15 @@ def embedded_gguf_path() -> str:
 
 
 def resolve(cfg: ModelConfig) -> ModelSource:
+    source = _resolve_weights(cfg)
+    if cfg.tokenizer:
+        if not os.path.exists(cfg.tokenizer):
+            raise ModelNotFound(f"--tokenizer {cfg.tokenizer!r}: no such file or folder")
+        source = dataclasses.replace(source, tokenizer=cfg.tokenizer)
+    return source
+
+
+def _resolve_weights(cfg: ModelConfig) -> ModelSource:
     model, fmt = cfg.model, cfg.load_format
     if fmt == "dummy" or (fmt == "auto" and model in GEOMETRIES and not os.path.exists(model)):
         if model not in GEOMETRIES:

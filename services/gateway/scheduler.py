@@ -21,7 +21,7 @@ import logging
 import numpy as np
 
 from neo_common.config import SchedulerConfig
-from neo_common.protocol import IterationPlan, Place
+from neo_common.protocol import IterationPlan
 from neo_gateway.block_manager import BlockManager
 from neo_gateway.sequence import FinishReason, Sequence, SeqStatus
 

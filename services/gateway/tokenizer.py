@@ -101,6 +101,18 @@ class TextTokenizer:
     def load(cls, kind: str, path: str) -> "TextTokenizer":
         return cls.from_gguf(path) if kind == "gguf" else cls.from_hf_folder(path)
 
+    def save(self, folder: str) -> None:
+        """Write an HF-style folder (tokenizer.json + tokenizer_config.json) that loads back the same."""
+        os.makedirs(folder, exist_ok=True)
+        self.tok.save(os.path.join(folder, "tokenizer.json"))
+        cfg = {"chat_template": self.chat_template, "bos_token": self.bos_token or None,
+               "eos_token": self.eos_token or None}
+        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+            json.dump(cfg, f)
+        if self.eos_token_ids:
+            with open(os.path.join(folder, "generation_config.json"), "w") as f:
+                json.dump({"eos_token_id": list(self.eos_token_ids)}, f)
+
     # -- use ----------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self.tok.encode(text, add_special_tokens=add_special_tokens).ids

@@ -56,3 +56,13 @@ def test_held_back_prefix_is_released_when_it_is_not_a_stop(tok):
     d = IncrementalDetokenizer(tok, ["STOP"])
     out = "".join(d.add(t) for t in tok.encode("a ST b")) + d.flush()
     assert out == "a ST b" and not d.stopped
+
+
+def test_saved_folder_loads_back_identical(tok, tmp_path):
+    tok.save(str(tmp_path))
+    back = TextTokenizer.from_hf_folder(str(tmp_path))
+    for text in TEXTS:
+        assert back.encode(text) == tok.encode(text)
+    messages = [{"role": "user", "content": "hi"}]
+    assert back.apply_chat_template(messages) == tok.apply_chat_template(messages)
+    assert back.eos_token_ids == tok.eos_token_ids

@@ -1,0 +1,100 @@
+"""`neo serve` as a process tree: Ctrl-C stops every child; a crashed worker makes the service
+unhealthy, fails in-flight requests promptly, and the launcher exits non-zero instead of hanging."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from support.replica import descendants, pid_alive
+
+pytestmark = pytest.mark.integration
+
+MODEL = "smollm2-135m-instruct"
+
+
+def wait_until(cond, timeout: float, step: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(step)
+    return False
+
+
+def test_ctrl_c_stops_every_child(replica_factory):
+    r = replica_factory("--num-gpu-blocks", "32")
+    children = descendants(r.proc.pid)
+    assert len(children) >= 2
+    r.proc.send_signal(signal.SIGINT)
+    assert r.proc.wait(timeout=30) == 0
+    assert wait_until(lambda: not any(pid_alive(p) for p in children), 15)
+
+
+def test_killed_worker_fails_in_flight_requests_and_the_launcher_exits_nonzero(replica_factory):
+    r = replica_factory("--num-gpu-blocks", "64")
+    worker = httpx.get(r.url + "/health").json()["workers"]["gpu_worker"]["pid"]
+    result: dict = {}
+
+    def long_request() -> None:
+        t0 = time.monotonic()
+        try:
+            resp = httpx.post(r.url + "/v1/completions", timeout=120, json={
+                "model": MODEL, "prompt": "Tell a long story.", "max_tokens": 400, "temperature": 0,
+                "ignore_eos": True})
+            result["status"] = resp.status_code
+        except httpx.HTTPError as exc:  # the gateway itself may go first when the launcher stops it
+            result["status"] = type(exc).__name__
+        result["elapsed"] = time.monotonic() - t0
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    time.sleep(3.0)  # mid-decode
+    os.kill(worker, signal.SIGKILL)
+    t.join(timeout=60)
+    assert not t.is_alive(), "the in-flight request hung after the worker died"
+    assert result["status"] != 200 and result["elapsed"] < 60
+    assert r.proc.wait(timeout=30) != 0
+    assert wait_until(lambda: not any(pid_alive(p) for p in descendants(r.proc.pid)), 15)
+
+
+def test_gateway_reports_unhealthy_while_the_worker_is_down(tmp_path):
+    """Gateway alone (as in a pod whose worker container crashed): /health is 503 until a worker comes."""
+    import subprocess
+    import sys
+
+    from support.replica import free_port
+
+    port, wport = free_port(), free_port()
+    args = ["--port", str(port), "--worker-addr", f"tcp://127.0.0.1:{wport}", "--num-gpu-blocks", "32"]
+    log = open(tmp_path / "gw.log", "wb")
+    gw = subprocess.Popen([sys.executable, "-m", "neo_common.cli", "gateway", *args], stdout=log, stderr=log)
+    worker = None
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert wait_until(lambda: _status(url + "/health") == 503, 60)
+        resp = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x"})
+        assert resp.status_code == 503 and resp.headers.get("retry-after")
+        worker = subprocess.Popen([sys.executable, "-m", "neo_common.cli", "gpu-worker", *args], stdout=log, stderr=log)
+        assert wait_until(lambda: _status(url + "/ready") == 200, 180)
+        worker.kill()
+        worker.wait()
+        assert wait_until(lambda: _status(url + "/health") == 503, 10), "a dead worker must turn /health 503 at once"
+    finally:
+        for p in (gw, worker):
+            if p is not None and p.poll() is None:
+                p.terminate()
+                p.wait(timeout=30)
+        log.close()
+
+
+def _status(url: str) -> int:
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.HTTPError:
+        return -1
