@@ -160,6 +160,21 @@ EOF
         "$BASE_DIR/rootfs.tar" "$BASE_IMAGE" >&2
 fi
 
+# --- keep the build cache bounded ------------------------------------------------------------------
+# Every source change leaves a few hundred MB of untagged layers behind; past NEO_IMAGE_CACHE_GB
+# (default 12) drop untagged images unused for two days, and past twice that all untagged images.
+limit_gb=${NEO_IMAGE_CACHE_GB:-12}
+used_gb=$(du -sx --block-size=1G "$PODMAN_ROOT" 2>/dev/null | cut -f1 || echo 0)
+if ((used_gb > limit_gb)); then
+    log "build cache ${used_gb} GB > ${limit_gb} GB: pruning untagged images older than 48 h"
+    podman_ image prune -f --filter until=48h >/dev/null || true
+    used_gb=$(du -sx --block-size=1G "$PODMAN_ROOT" 2>/dev/null | cut -f1 || echo 0)
+    if ((used_gb > 2 * limit_gb)); then
+        log "build cache still ${used_gb} GB: pruning all untagged images"
+        podman_ image prune -f >/dev/null || true
+    fi
+fi
+
 if ((PRINT_ENV)); then
     printf 'NEO_HADOLINT=%q\n' "$HADOLINT"
     printf 'NEO_PODMAN_ROOT=%q\n' "$PODMAN_ROOT"
