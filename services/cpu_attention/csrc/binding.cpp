@@ -112,6 +112,14 @@ PYBIND11_MODULE(_native, m) {
   m.def("isa_name", &neo_isa_name);
   m.def("force_isa", [](const std::string& n) { return neo_force_isa(n.c_str()); });
   m.def("measure_read_gbps", &neo_measure_read_gbps, py::call_guard<py::gil_scoped_release>());
+  m.def("measure_read", [](size_t size, int reps) {  // (wall GB/s, CPU-time-normalized GB/s)
+    double cpu = 0.0, wall;
+    {
+      py::gil_scoped_release nogil;
+      wall = neo_measure_read(size, reps, &cpu);
+    }
+    return std::make_pair(wall, cpu);
+  });
   m.def("store_u64", [](uintptr_t a, uint64_t v) { neo_store_u64(ptr<uint64_t>(a), v); });
   m.def("load_u64", [](uintptr_t a) { return neo_load_u64(ptr<const uint64_t>(a)); });
   m.def(

@@ -68,6 +68,9 @@ int neo_force_isa(const char* name);
 
 /* STREAM-style read of size_bytes (allocated, first-touched and read by the pool); best of reps, GB/s. */
 double neo_measure_read_gbps(size_t size_bytes, int reps);
+/* Same, also giving the best CPU-time-normalized figure: bytes / (process CPU seconds / threads),
+ * which does not count time the threads spent descheduled (useful on a shared machine). */
+double neo_measure_read(size_t size_bytes, int reps, double* cpu_gbps);
 
 /* ---- doorbells (control words in shared memory) ---- */
 void neo_store_u64(uint64_t* addr, uint64_t value);             /* release store */
