@@ -1,0 +1,294 @@
+"""The per-iteration offload decision of DESIGN.md section 3, as a pure function of a candidate batch.
+
+``decide(candidate, costs, mode)`` builds both plans and keeps one:
+
+1. Sequential: one stage per layer with every prefill and GPU decode; CPU-resident decodes wait.
+2. Pipelined (asymmetric): sub-batch 0 holds every prefill and GPU decode. CPU decodes are taken in
+   FCFS order; each goes to the sub-batch with more slack, where the slack of sub-batch j is
+   ``linr(S_other) + pref_j + gdec_j - (cdec_j + lnch)``, and is kept only if afterwards, for both
+   sub-batches j that hold CPU rows, ``linr(S_other) + pref_j + gdec_j >= cdec_j + lnch`` (CPU
+   attention of j hides behind the GPU work of its stage). If it fits neither sub-batch the scan
+   stops there (FCFS: later requests do not overtake it) and the rest wait. A sub-batch without CPU
+   rows launches no CPU work, so its CPU side is 0 and it needs no hiding.
+
+GPU time per layer (what "requests served per unit GPU time" divides by), from the tables:
+
+- a stage costs ``max(G, C) + lnch``: ``G`` is the GPU work queued in it, ``C`` the CPU attention it
+  waits for (``cdec + lnch`` of its CPU rows, 0 without), and ``lnch`` the fixed host overhead every
+  stage pays (launch and synchronisation, during which the GPU idles at the stage boundary);
+- sequential: one stage, ``G = linr(S) + sum pref + gdec(N_gpu)``, ``C = 0``;
+- pipelined: stage j has ``G_j = linr(S_{1-j}) + pref_j + gdec_j`` (stage A runs sub-batch 1's dense
+  work beside sub-batch 0's attention, stage B the converse), so the two stages together run every
+  dense and GPU-attention kernel once, split in two, plus one more ``lnch``. With the inequality
+  held, ``max(G_j, C_j) = G_j``: the CPU costs no GPU time, and what pipelining pays is the dense
+  work split into two smaller, less efficient matmuls plus the extra stage overhead.
+
+Requests served counts rows (each prefill chunk and each decode). The pipelined plan is kept only
+when it serves strictly more rows per second of GPU time (a tie keeps the simpler sequential plan).
+Modes: ``off`` always sequential; ``full`` pipelines every CPU decode without the inequality (for
+comparison runs; the CPU may then be the bottleneck, which the stage times show); ``auto`` as above.
+If neither plan would serve anything (only CPU-resident decodes, none hideable), ``auto`` runs them
+unhidden like ``full`` rather than stall them: idle GPU time is free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Sequence
+
+import numpy as np
+
+from neo_common.protocol import Place
+from neo_gateway.cost_model import CostTables
+
+MODES = ("off", "auto", "full")
+WAIT = -1  # sub-batch index of a CPU decode that does not run this iteration
+
+
+class PlanKind(enum.IntEnum):
+    SEQUENTIAL = 0
+    PIPELINED = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchCandidate:
+    """What could run this iteration, after the scheduler applied its budgets.
+
+    - ``prefill_lens[i]``: new prompt tokens of prefill row i; ``prefill_starts[i]`` the tokens of
+      that prompt already cached (chunked prefill; empty means all 0).
+    - ``gpu_decode_lens``: context length (including the new token) of each GPU-resident decode.
+    - ``cpu_decode_lens``: the same for CPU-resident decodes, in FCFS order (CPU queue order).
+    """
+
+    prefill_lens: Sequence[int] = ()
+    gpu_decode_lens: Sequence[int] = ()
+    cpu_decode_lens: Sequence[int] = ()
+    prefill_starts: Sequence[int] = ()
+
+    def __post_init__(self) -> None:
+        if self.prefill_starts and len(self.prefill_starts) != len(self.prefill_lens):
+            raise ValueError("prefill_starts must be empty or match prefill_lens")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageCost:
+    """Predicted per-layer times of one stage (seconds). ``gpu_s`` G, ``cpu_s`` C, ``stage_s`` the stage."""
+
+    tokens: int          # batch tokens of the sub-batch whose attention runs in this stage
+    dense_tokens: int    # batch tokens of the dense work in this stage (the other sub-batch when pipelined)
+    linr: float
+    pref: float
+    gdec: float
+    cdec: float
+    gpu_s: float
+    cpu_s: float
+    stage_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadDecision:
+    """The plan kept for one iteration.
+
+    Prefill rows and GPU decode rows always run in sub-batch 0. ``cpu_sub_batch[i]`` is the
+    sub-batch (0/1) of CPU decode i of the candidate, or ``WAIT``. ``stages`` holds one StageCost
+    (sequential) or two (pipelined: stage j hides sub-batch j's CPU attention). Times are per layer.
+    """
+
+    kind: PlanKind
+    mode: str
+    cpu_sub_batch: tuple[int, ...]
+    stages: tuple[StageCost, ...]
+    layer_s: float               # predicted GPU time per layer of the kept plan
+    rows: int                    # rows served by the kept plan
+    sequential_rate: float       # rows per second of per-layer GPU time, each candidate plan
+    pipelined_rate: float
+    reason: str
+
+    @property
+    def cpu_waiting(self) -> list[int]:
+        return [i for i, j in enumerate(self.cpu_sub_batch) if j == WAIT]
+
+    def cpu_rows(self, sub_batch: int) -> list[int]:
+        return [i for i, j in enumerate(self.cpu_sub_batch) if j == sub_batch]
+
+    def predicted_forward_s(self, num_layers: int) -> float:
+        """Predicted time of the whole decoder stack (metrics compare it with the measured forward)."""
+        return self.layer_s * num_layers
+
+
+@dataclasses.dataclass
+class _SubBatch:
+    tokens: int = 0
+    pref: float = 0.0
+    gdec_tokens: int = 0
+    cpu_rows: int = 0
+    cpu_tokens: int = 0
+
+
+def _stage(costs: CostTables, att: _SubBatch, dense: _SubBatch | None) -> StageCost:
+    """Stage whose attention is ``att``'s and whose dense work is ``dense``'s (itself when sequential)."""
+    dense = att if dense is None else dense
+    linr, gdec = costs.linr(dense.tokens), costs.gdec(att.gdec_tokens)
+    cdec = costs.cdec(att.cpu_rows, att.cpu_tokens)
+    gpu = linr + att.pref + gdec
+    cpu = cdec + costs.lnch if att.cpu_rows else 0.0
+    return StageCost(att.tokens, dense.tokens, linr, att.pref, gdec, cdec, gpu, cpu, max(gpu, cpu) + costs.lnch)
+
+
+def _slack(costs: CostTables, sbs: list[_SubBatch], j: int) -> float:
+    s = _stage(costs, sbs[j], sbs[1 - j])
+    return s.gpu_s - (s.cdec + costs.lnch)
+
+
+def hidden(stage: StageCost) -> bool:
+    """The slack inequality for one stage (vacuous without CPU rows)."""
+    return stage.cpu_s == 0.0 or stage.gpu_s >= stage.cpu_s
+
+
+def _base(costs: CostTables, c: BatchCandidate) -> _SubBatch:
+    starts = c.prefill_starts or [0] * len(c.prefill_lens)
+    sb = _SubBatch()
+    sb.tokens = sum(c.prefill_lens) + len(c.gpu_decode_lens)
+    sb.pref = sum(costs.prefill_chunk(n, s) for n, s in zip(c.prefill_lens, starts))
+    sb.gdec_tokens = sum(c.gpu_decode_lens)
+    return sb
+
+
+def _assign(costs: CostTables, c: BatchCandidate, enforce: bool) -> tuple[list[int], list[_SubBatch]]:
+    """Greedy FCFS placement of CPU decodes into the sub-batch with more slack (ties: sub-batch 1)."""
+    sbs = [_base(costs, c), _SubBatch()]
+    where = [WAIT] * len(c.cpu_decode_lens)
+    for i, n in enumerate(c.cpu_decode_lens):
+        first = 0 if _slack(costs, sbs, 0) > _slack(costs, sbs, 1) else 1
+        for j in (first, 1 - first) if enforce else (first,):
+            sb = sbs[j]
+            sb.tokens, sb.cpu_rows, sb.cpu_tokens = sb.tokens + 1, sb.cpu_rows + 1, sb.cpu_tokens + n
+            stages = (_stage(costs, sbs[0], sbs[1]), _stage(costs, sbs[1], sbs[0]))
+            if not enforce or all(hidden(s) for s in stages):
+                where[i] = j
+                break
+            sb.tokens, sb.cpu_rows, sb.cpu_tokens = sb.tokens - 1, sb.cpu_rows - 1, sb.cpu_tokens - n
+        if where[i] == WAIT:
+            break  # FCFS: nothing behind it overtakes
+    return where, sbs
+
+
+def decide(candidate: BatchCandidate, costs: CostTables, mode: str = "auto") -> OffloadDecision:
+    """Choose this iteration's plan; pure (no state, no I/O). See the module docstring."""
+    if mode not in MODES:
+        raise ValueError(f"offload mode must be one of {MODES}, not {mode!r}")
+    c = candidate
+    n_cpu = len(c.cpu_decode_lens)
+    seq_rows = len(c.prefill_lens) + len(c.gpu_decode_lens)
+    seq_stage = _stage(costs, _base(costs, c), None)
+    seq_rate = seq_rows / seq_stage.stage_s if seq_rows and seq_stage.stage_s > 0 else 0.0
+    sequential = OffloadDecision(PlanKind.SEQUENTIAL, mode, (WAIT,) * n_cpu, (seq_stage,), seq_stage.stage_s,
+                                 seq_rows, seq_rate, 0.0, "")
+    if mode == "off" or n_cpu == 0:
+        why = "offload off" if mode == "off" else "no CPU-resident decodes"
+        return dataclasses.replace(sequential, reason=why)
+
+    where, sbs = _assign(costs, c, enforce=(mode == "auto"))
+    reason = "full offload" if mode == "full" else "pipelined serves more rows per GPU second"
+    if mode == "auto" and all(j == WAIT for j in where):
+        if seq_rows:
+            return dataclasses.replace(sequential, reason="no CPU decode can hide behind the GPU work")
+        where, sbs = _assign(costs, c, enforce=False)
+        reason = "only CPU decodes: run them unhidden rather than stall"
+    stages = (_stage(costs, sbs[0], sbs[1]), _stage(costs, sbs[1], sbs[0]))
+    layer_s = stages[0].stage_s + stages[1].stage_s
+    rows = seq_rows + sum(j != WAIT for j in where)
+    pipe_rate = rows / layer_s if layer_s > 0 else 0.0
+    if mode == "auto" and seq_rows and pipe_rate <= seq_rate:
+        return dataclasses.replace(sequential, pipelined_rate=pipe_rate,
+                                   reason="sequential serves at least as many rows per GPU second")
+    return OffloadDecision(PlanKind.PIPELINED, mode, tuple(where), stages, layer_s, rows, seq_rate, pipe_rate,
+                           reason)
+
+
+# -- placement and swapping (pure helpers the scheduler applies to its queues and block managers) ----
+def place_admissions(blocks_needed: Sequence[int], gpu_free: int, cpu_free: int, mode: str = "auto",
+                     gpu_reserve: int = 0) -> list[Place | None]:
+    """Where each request of one admission round (FCFS) puts its KV; None: it stays waiting.
+
+    GPU first while ``gpu_free - gpu_reserve`` holds it; once one request of the round goes to the
+    CPU, every later one does too (a later, smaller prompt must not take GPU room ahead of an earlier
+    one). The first request that fits nowhere ends the round (FCFS). ``off`` never places on the
+    CPU, ``full`` always does (a CPU-bound prompt is still prefilled on the GPU and streamed out).
+    """
+    if mode not in MODES:
+        raise ValueError(f"offload mode must be one of {MODES}, not {mode!r}")
+    out: list[Place | None] = []
+    to_cpu = mode == "full"
+    gpu_room, cpu_room = gpu_free - gpu_reserve, cpu_free
+    for need in blocks_needed:
+        if not to_cpu and need <= gpu_room:
+            out.append(Place.GPU)
+            gpu_room -= need
+            continue
+        if mode != "off" and need <= cpu_room:
+            to_cpu = True
+            out.append(Place.CPU)
+            cpu_room -= need
+            continue
+        break
+    return out + [None] * (len(blocks_needed) - len(out))
+
+
+def choose_swap_out(gpu_running: Sequence[tuple[int, int]], blocks_short: int, cpu_free: int) -> list[int]:
+    """GPU requests to swap out so ``blocks_short`` more GPU blocks are free.
+
+    ``gpu_running`` is (seq_id, blocks held) in admission order (oldest first). Victims are taken
+    newest first while the CPU pool can hold them; returned in that order, and the scheduler pushes
+    each to the FRONT of the CPU queue in turn, so the oldest victim ends first in line (FCFS kept).
+    An empty list with ``blocks_short > 0`` means swapping cannot make room (CPU pool full).
+    """
+    victims: list[int] = []
+    for seq_id, held in reversed(gpu_running):
+        if blocks_short <= 0 or held > cpu_free:
+            break
+        victims.append(seq_id)
+        blocks_short -= held
+        cpu_free -= held
+    return victims
+
+
+def choose_swap_in(cpu_queue: Sequence[tuple[int, int]], gpu_used: int, gpu_total: int,
+                   threshold: float) -> list[int]:
+    """CPU requests to bring back to the GPU, oldest (front of the queue) first.
+
+    ``cpu_queue`` is (seq_id, blocks held) in queue order. A request comes back only if GPU use stays
+    at or below ``threshold`` (SchedulerConfig.swap_in_threshold) *after* its blocks arrive. Swap-out
+    happens only when the GPU pool runs out (use 100%), so the band between the threshold and 100%
+    is the hysteresis: a request swapped in leaves room for the others to grow before anyone has to
+    leave again, instead of swapping out and in every iteration. FCFS: the first that does not fit
+    ends the scan.
+    """
+    chosen: list[int] = []
+    limit = threshold * gpu_total
+    for seq_id, held in cpu_queue:
+        if gpu_used + held > limit:
+            break
+        chosen.append(seq_id)
+        gpu_used += held
+    return chosen
+
+
+def merge_runs(src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> np.ndarray:
+    """Block copies as ``[n, 3]`` int32 runs (src, dst, count), merging runs contiguous in both pools.
+
+    This is IterationPlan.swap_out / swap_in: a whole request moved between pools becomes a few
+    large copies instead of one per block. Order is kept; pairs of several requests may be
+    concatenated (a run may then span two requests, which is still one valid copy).
+    """
+    src = np.asarray(src_blocks, dtype=np.int64)
+    dst = np.asarray(dst_blocks, dtype=np.int64)
+    if src.shape != dst.shape or src.ndim != 1:
+        raise ValueError("src_blocks and dst_blocks must be 1-D and of equal length")
+    if len(src) == 0:
+        return np.zeros((0, 3), np.int32)
+    # A new run starts wherever either side is not the previous block + 1.
+    starts = np.flatnonzero(np.r_[True, (np.diff(src) != 1) | (np.diff(dst) != 1)])
+    counts = np.diff(np.r_[starts, len(src)])
+    return np.stack([src[starts], dst[starts], counts], axis=1).astype(np.int32)
