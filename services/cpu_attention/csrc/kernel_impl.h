@@ -43,9 +43,9 @@ static inline int pos(int e) {
 // products are reduced 8 tokens at a time (hsum8) instead of one horizontal sum each.
 template <int D, int NG, int DT>
 static inline void scores(const float* __restrict q, const uint16_t* __restrict kp, int n, float* __restrict s,
-                          const uint16_t* next_k, int next_rows) {
-  // Prefetch the next block's K while computing this one, a row per token, so the misses overlap
-  // with the arithmetic instead of arriving in one burst that stalls the fill buffers.
+                          const uint16_t* next_k, const uint16_t* next_v, int next_rows) {
+  // Prefetch the next block's K and V rows while computing this one, a row of each per token, so the
+  // misses overlap with the arithmetic instead of arriving in one burst that stalls the fill buffers.
   const int rows_per_t = next_k ? (next_rows + n - 1) / n : 0;
   for (int t0 = 0; t0 < n; t0 += 8) {
     V part[NG][8];
@@ -58,8 +58,10 @@ static inline void scores(const float* __restrict q, const uint16_t* __restrict 
       const uint16_t* kr = kp + (size_t)(t0 + tt) * D;
       for (int r = 0; r < rows_per_t; ++r) {
         const int row = (t0 + tt) * rows_per_t + r;
-        if (row < next_rows)
+        if (row < next_rows) {
           for (int off = 0; off < D * 2; off += 64) Simd::prefetch((const char*)(next_k + (size_t)row * D) + off);
+          for (int off = 0; off < D * 2; off += 64) Simd::prefetch((const char*)(next_v + (size_t)row * D) + off);
+        }
       }
       V a[NG], b[NG];
       for (int g = 0; g < NG; ++g) { a[g] = Simd::zero(); b[g] = Simd::zero(); }
@@ -81,21 +83,13 @@ static inline void scores(const float* __restrict q, const uint16_t* __restrict 
 // FMA chains (enough to hide FMA latency) and share each broadcast probability across IC chunks.
 template <int D, int NG, int DT>
 static inline void accumulate(float* __restrict acc, const float* __restrict p, const float* alpha,
-                              const uint16_t* __restrict vp, int n, const uint16_t* next_v, int next_rows) {
+                              const uint16_t* __restrict vp, int n) {
   // enough independent FMA chains (8 with 16 registers, 16 with 32), in pairs of column chunks
   constexpr int CHAINS = L >= 16 ? 16 : 8;
   constexpr int IC1 = (CHAINS / NG) & ~1;
   constexpr int IC0 = IC1 < 2 ? 2 : IC1;
   constexpr int IC = IC0 * L > D ? D / L : IC0;
-  constexpr int PASSES = D / (IC * L);
-  const size_t next_bytes = next_v ? (size_t)next_rows * D * 2 : 0;
-  const size_t per_pass = ((next_bytes + PASSES - 1) / PASSES + 63) & ~(size_t)63;
   for (int i = 0; i < D; i += IC * L) {
-    if (next_v) {  // spread the next block's V prefetch over the passes
-      const size_t lo = (size_t)(i / (IC * L)) * per_pass;
-      for (size_t off = lo; off < lo + per_pass && off < next_bytes; off += 64)
-        Simd::prefetch((const char*)next_v + off);
-    }
     V a[NG][IC];
     for (int g = 0; g < NG; ++g) {
       const V al = Simd::set1(alpha[g]);
@@ -115,23 +109,23 @@ static inline void accumulate(float* __restrict acc, const float* __restrict p, 
 }
 
 template <int D, int DT>
-static void scores_n(int ng, const float* q, const uint16_t* kp, int n, float* s, const uint16_t* nk, int nr) {
+static void scores_n(int ng, const float* q, const uint16_t* kp, int n, float* s, const uint16_t* nk,
+                     const uint16_t* nv, int nr) {
   switch (ng) {
-    case 1: scores<D, 1, DT>(q, kp, n, s, nk, nr); break;
-    case 2: scores<D, 2, DT>(q, kp, n, s, nk, nr); break;
-    case 3: scores<D, 3, DT>(q, kp, n, s, nk, nr); break;
-    default: scores<D, 4, DT>(q, kp, n, s, nk, nr); break;
+    case 1: scores<D, 1, DT>(q, kp, n, s, nk, nv, nr); break;
+    case 2: scores<D, 2, DT>(q, kp, n, s, nk, nv, nr); break;
+    case 3: scores<D, 3, DT>(q, kp, n, s, nk, nv, nr); break;
+    default: scores<D, 4, DT>(q, kp, n, s, nk, nv, nr); break;
   }
 }
 
 template <int D, int DT>
-static void accumulate_n(int ng, float* acc, const float* p, const float* alpha, const uint16_t* vp, int n,
-                         const uint16_t* nv, int nr) {
+static void accumulate_n(int ng, float* acc, const float* p, const float* alpha, const uint16_t* vp, int n) {
   switch (ng) {
-    case 1: accumulate<D, 1, DT>(acc, p, alpha, vp, n, nv, nr); break;
-    case 2: accumulate<D, 2, DT>(acc, p, alpha, vp, n, nv, nr); break;
-    case 3: accumulate<D, 3, DT>(acc, p, alpha, vp, n, nv, nr); break;
-    default: accumulate<D, 4, DT>(acc, p, alpha, vp, n, nv, nr); break;
+    case 1: accumulate<D, 1, DT>(acc, p, alpha, vp, n); break;
+    case 2: accumulate<D, 2, DT>(acc, p, alpha, vp, n); break;
+    case 3: accumulate<D, 3, DT>(acc, p, alpha, vp, n); break;
+    default: accumulate<D, 4, DT>(acc, p, alpha, vp, n); break;
   }
 }
 
@@ -170,15 +164,17 @@ static void chunk_impl(const KernelCtx& ctx, const Chunk& c) {
     }
     for (int g0 = 0; g0 < G; g0 += 4) {
       const int ng = G - g0 < 4 ? G - g0 : 4;
-      scores_n<D, DT>(ng, qf + g0 * D, kp, n, s + g0 * SB, g0 ? nullptr : nk, nrows);
+      scores_n<D, DT>(ng, qf + g0 * D, kp, n, s + g0 * SB, g0 ? nullptr : nk, nv, nrows);
     }
     for (int g = 0; g < G; ++g) {
       float* sg = s + g * SB;
-      float mx = m[g];
-      for (int t = 0; t < n; ++t) mx = sg[t] > mx ? sg[t] : mx;
+      for (int t = n; t < (n + L - 1) / L * L; ++t) sg[t] = -1e30f;  // lanes past n
+      V vmx = Simd::load(sg);
+      for (int t = L; t < n; t += L) vmx = Simd::vmax(vmx, Simd::load(sg + t));
+      const float bmx = Simd::hmax(vmx);
+      const float mx = bmx > m[g] ? bmx : m[g];
       alpha[g] = mx > m[g] ? expf(m[g] - mx) : 1.0f;
       m[g] = mx;
-      for (int t = n; t < ((n + 7) / 8) * 8 + L; ++t) sg[t] = -1e30f;  // lanes past n
       V sum = Simd::zero(), mv = Simd::set1(mx);
       for (int t = 0; t < n; t += L) {
         V p = Simd::exp(Simd::add(Simd::load(sg + t), Simd::mul(mv, Simd::set1(-1.0f))));
@@ -189,7 +185,7 @@ static void chunk_impl(const KernelCtx& ctx, const Chunk& c) {
     }
     for (int g0 = 0; g0 < G; g0 += 4) {
       const int ng = G - g0 < 4 ? G - g0 : 4;
-      accumulate_n<D, DT>(ng, acc + g0 * D, s + g0 * SB, alpha + g0, vp, n, g0 ? nullptr : nv, nrows);
+      accumulate_n<D, DT>(ng, acc + g0 * D, s + g0 * SB, alpha + g0, vp, n);
     }
   }
 

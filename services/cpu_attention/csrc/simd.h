@@ -89,6 +89,7 @@ struct Simd {
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static V vmax(V a, V b) { return _mm512_max_ps(a, b); }
   static float hsum(V v) { return _mm512_reduce_add_ps(v); }
+  static float hmax(V v) { return _mm512_reduce_max_ps(v); }
   // out[k] = sum of the lanes of a[k], k < 8: fold each to 256 bits, then the AVX2 hadd tree
   static void hsum8(const V* a, float* out) {
     __m256 h[8];
@@ -148,6 +149,12 @@ struct Simd {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  static float hmax(V v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
   // out[k] = sum of the lanes of a[k], k < 8 (hadd tree: ~9 shuffles/adds for 8 sums)
   static void hsum8(const V* a, float* out) {
     __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
@@ -196,6 +203,7 @@ struct Simd {  // portable scalar fallback (any architecture)
   static V add(V a, V b) { return a + b; }
   static V vmax(V a, V b) { return a > b ? a : b; }
   static float hsum(V v) { return v; }
+  static float hmax(V v) { return v; }
   static void hsum8(const V* a, float* out) { for (int k = 0; k < 8; ++k) out[k] = a[k]; }
   template <int DT> static V load_kv(const uint16_t* p) { return kv_to_f32<DT>(*p); }
   static void load_bf16_pair(const uint16_t* p, V& even, V& odd) {
