@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gpu-worker": ("neo_gpu_worker.main:main", "run the GPU worker (data plane)"),
     "cpu-attention": ("neo_cpu_attention.main:main", "run the CPU attention process (data plane)"),
     "probe-bandwidth": ("neo_cpu_attention.membw:main", "measure host memory read bandwidth"),
+    "profile": ("neo_gpu_worker.profiler:main", "measure the cost tables of this machine"),
     "operator": ("neo_operator.main:main", "run the Kubernetes operator"),
 }
 
