@@ -17,8 +17,8 @@ RUN apt-get update \
     && useradd --system --no-log-init --uid 10001 --gid neo --create-home --home-dir /home/neo \
         --shell /usr/sbin/nologin neo
 
-# --- builder: compiler and headers, a venv with the requirements and the package -------------------
-FROM runtime-base AS builder
+# --- toolchain: compiler, headers and a venv, shared by the stages that build ---------------------
+FROM runtime-base AS toolchain
 ARG DEBIAN_FRONTEND=noninteractive
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -33,6 +33,18 @@ ENV PATH=/opt/neo/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY dockerfiles/pyproject-deps.py pyproject.toml ./
+
+# --- native: the C++ extension alone, so Python-only changes do not recompile it -------------------
+FROM toolchain AS native
+COPY setup.py README.md ./
+COPY services/cpu_attention/csrc ./services/cpu_attention/csrc
+RUN --mount=type=secret,id=pipconf --mount=type=secret,id=cacert \
+    python3 pyproject-deps.py pyproject.toml --build-system > build-requirements.txt \
+    && pip install --no-cache-dir -r build-requirements.txt \
+    && python3 setup.py -q build_ext
+
+# --- builder: the requirements and the package in the venv ----------------------------------------
+FROM toolchain AS builder
 RUN --mount=type=secret,id=pipconf --mount=type=secret,id=cacert \
     python3 pyproject-deps.py pyproject.toml --exclude torch > requirements.txt \
     && pip install --no-cache-dir -r requirements.txt
@@ -47,6 +59,8 @@ RUN --mount=type=secret,id=pipconf --mount=type=secret,id=cacert \
 COPY setup.py README.md ./
 COPY services ./services
 COPY operator ./operator
+# setuptools skips an extension whose built file is newer than its sources: the one from `native`.
+COPY --from=native /src/build ./build
 RUN --mount=type=secret,id=pipconf --mount=type=secret,id=cacert \
     pip install --no-cache-dir --no-deps . \
     && neo --help > /dev/null

@@ -6,6 +6,7 @@ this list, so each image can leave out what its processes never import (torch, f
 images) while pyproject.toml stays the single list of dependencies.
 
 usage: pyproject-deps.py PYPROJECT [--extra NAME]... [--exclude NAME]...
+       pyproject-deps.py PYPROJECT --build-system     (the [build-system] requirements)
 """
 
 from __future__ import annotations
@@ -41,9 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("pyproject")
     parser.add_argument("--extra", action="append", default=[], help="also list this extra's requirements")
     parser.add_argument("--exclude", action="append", default=[], help="leave out this project")
+    parser.add_argument("--build-system", action="store_true", help="list [build-system] requires")
     args = parser.parse_args(argv)
     with open(args.pyproject, "rb") as f:
         data = tomllib.load(f)
+    if args.build_system:
+        sys.stdout.write("".join(req + "\n" for req in data.get("build-system", {}).get("requires", [])))
+        return 0
     sys.stdout.write("".join(req + "\n" for req in requirements(data, args.extra, args.exclude)))
     return 0
 
