@@ -25,7 +25,8 @@ GPU time per layer (what "requests served per unit GPU time" divides by), from t
 
 Requests served counts rows (each prefill chunk and each decode). The pipelined plan is kept only
 when it serves strictly more rows per second of GPU time (a tie keeps the simpler sequential plan).
-Modes: ``off`` always sequential; ``full`` pipelines every CPU decode without the inequality (for
+Modes: ``off`` always sequential; ``full`` pipelines every CPU decode without the inequality (with
+``place_admissions`` sending every request to the CPU, every decode is then a CPU decode; for
 comparison runs; the CPU may then be the bottleneck, which the stage times show); ``auto`` as above.
 If neither plan would serve anything (only CPU-resident decodes, none hideable), ``auto`` runs them
 unhidden like ``full`` rather than stall them: idle GPU time is free.
@@ -136,11 +137,6 @@ def _stage(costs: CostTables, att: _SubBatch, dense: _SubBatch | None) -> StageC
     return StageCost(att.tokens, dense.tokens, linr, att.pref, gdec, cdec, gpu, cpu, max(gpu, cpu) + costs.lnch)
 
 
-def _slack(costs: CostTables, sbs: list[_SubBatch], j: int) -> float:
-    s = _stage(costs, sbs[j], sbs[1 - j])
-    return s.gpu_s - (s.cdec + costs.lnch)
-
-
 def hidden(stage: StageCost) -> bool:
     """The slack inequality for one stage (vacuous without CPU rows)."""
     return stage.cpu_s == 0.0 or stage.gpu_s >= stage.cpu_s
@@ -156,19 +152,32 @@ def _base(costs: CostTables, c: BatchCandidate) -> _SubBatch:
 
 
 def _assign(costs: CostTables, c: BatchCandidate, enforce: bool) -> tuple[list[int], list[_SubBatch]]:
-    """Greedy FCFS placement of CPU decodes into the sub-batch with more slack (ties: sub-batch 1)."""
+    """Greedy FCFS placement of CPU decodes into the sub-batch with more slack (ties: sub-batch 1).
+
+    Plain floats, one ``linr`` and one ``cdec`` lookup per decode: this runs every iteration over up
+    to a few hundred CPU decodes, inside the scheduler's overhead budget. The numbers are the same
+    calls ``_stage`` makes, so the StageCosts built afterwards agree with the checks made here.
+    """
     sbs = [_base(costs, c), _SubBatch()]
+    lnch = costs.lnch
+    att = [sbs[0].pref + costs.gdec(sbs[0].gdec_tokens), 0.0]     # GPU attention of each stage
+    lin = [costs.linr(sbs[0].tokens), 0.0]                           # dense work of each sub-batch
+    cd = [0.0, 0.0]                                                   # CPU attention of each sub-batch
     where = [WAIT] * len(c.cpu_decode_lens)
     for i, n in enumerate(c.cpu_decode_lens):
-        first = 0 if _slack(costs, sbs, 0) > _slack(costs, sbs, 1) else 1
+        slack0 = lin[1] + att[0] - cd[0] - lnch
+        slack1 = lin[0] + att[1] - cd[1] - lnch
+        first = 0 if slack0 > slack1 else 1
         for j in (first, 1 - first) if enforce else (first,):
-            sb = sbs[j]
-            sb.tokens, sb.cpu_rows, sb.cpu_tokens = sb.tokens + 1, sb.cpu_rows + 1, sb.cpu_tokens + n
-            stages = (_stage(costs, sbs[0], sbs[1]), _stage(costs, sbs[1], sbs[0]))
-            if not enforce or all(hidden(s) for s in stages):
-                where[i] = j
+            k, sb, other = 1 - j, sbs[j], sbs[1 - j]
+            new_lin = costs.linr(sb.tokens + 1)
+            new_cd = costs.cdec(sb.cpu_rows + 1, sb.cpu_tokens + n)
+            ok = (lin[k] + att[j] >= new_cd + lnch
+                  and (other.cpu_rows == 0 or new_lin + att[k] >= cd[k] + lnch))
+            if ok or not enforce:
+                sb.tokens, sb.cpu_rows, sb.cpu_tokens = sb.tokens + 1, sb.cpu_rows + 1, sb.cpu_tokens + n
+                lin[j], cd[j], where[i] = new_lin, new_cd, j
                 break
-            sb.tokens, sb.cpu_rows, sb.cpu_tokens = sb.tokens - 1, sb.cpu_rows - 1, sb.cpu_tokens - n
         if where[i] == WAIT:
             break  # FCFS: nothing behind it overtakes
     return where, sbs

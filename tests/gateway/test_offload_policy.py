@@ -204,3 +204,12 @@ def test_merge_runs():
     runs = merge_runs(src, dst)
     expanded = [(s + k, d + k) for s, d, n in runs for k in range(n)]
     assert expanded == list(zip(src.tolist(), dst.tolist()))
+
+
+def test_chunked_prefill_costs_the_causal_area_it_adds():
+    costs = synthetic()
+    d = decide(BatchCandidate(prefill_lens=[100], prefill_starts=[400]), costs, "auto")
+    assert d.stages[0].pref == pytest.approx(costs.pref(500) - costs.pref(400))
+    assert d.stages[0].tokens == 100
+    with pytest.raises(ValueError):
+        BatchCandidate(prefill_lens=[1, 2], prefill_starts=[0])
