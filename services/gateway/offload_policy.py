@@ -30,6 +30,11 @@ Modes: ``off`` always sequential; ``full`` pipelines every CPU decode without th
 comparison runs; the CPU may then be the bottleneck, which the stage times show); ``auto`` as above.
 If neither plan would serve anything (only CPU-resident decodes, none hideable), ``auto`` runs them
 unhidden like ``full`` rather than stall them: idle GPU time is free.
+
+Per iteration the scheduler (1) swaps out with ``choose_swap_out`` if the GPU pool cannot grow its
+requests, else swaps in with ``choose_swap_in``; copies become ``merge_runs`` runs; (2) places new
+prompts with ``place_admissions``; (3) calls ``decide`` on what could run and schedules prefills
+and GPU decodes in sub-batch 0, CPU decode i in ``cpu_sub_batch[i]``, and leaves ``cpu_waiting``.
 """
 
 from __future__ import annotations
