@@ -137,7 +137,7 @@ def _stage(costs: CostTables, att: _SubBatch, dense: _SubBatch | None) -> StageC
     dense = att if dense is None else dense
     linr, gdec = costs.linr(dense.tokens), costs.gdec(att.gdec_tokens)
     cdec = costs.cdec(att.cpu_rows, att.cpu_tokens)
-    gpu = linr + att.pref + gdec
+    gpu = linr + (att.pref + gdec)  # summed as _assign sums it, so both agree to the last bit
     cpu = cdec + costs.lnch if att.cpu_rows else 0.0
     return StageCost(att.tokens, dense.tokens, linr, att.pref, gdec, cdec, gpu, cpu, max(gpu, cpu) + costs.lnch)
 
