@@ -15,8 +15,9 @@ the total over those layers divided by their count, so weights are not unrealist
   cpu_attention process, which that process's own tests measure.
 
 Each point is the median of ``reps`` timed runs after a warm-up. Noise can make a larger size time
-a hair faster; tables are made monotone with a running maximum (more work never costs less), and
-the raw medians are kept under ``meta.raw``.
+a hair faster; tables are made monotone with a running maximum (more work never costs less; for
+``cdec`` along both axes, which is conservative where B requests over the same N tokens ran faster
+than fewer, longer ones), and the raw medians are kept under ``meta.raw``.
 """
 
 from __future__ import annotations
