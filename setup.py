@@ -2,8 +2,9 @@
 
 Project metadata lives in pyproject.toml; this file only declares compiled code:
 ``neo_cpu_attention._native``, the CPU decode-attention kernel. The kernel source is compiled once per
-instruction set (AVX-512, AVX2, portable) inside the one extension and picked at run time, so a
-build works on any x86-64 host (and the portable part on other architectures).
+instruction set (AVX-512, AVX2, portable 16-lane vectors, scalar) inside the one extension and
+picked at run time, so a build works on any x86-64 host (and the portable parts on other
+architectures).
 """
 import os
 import platform
@@ -12,7 +13,7 @@ from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import setup
 
 CSRC = "services/cpu_attention/csrc"
-SOURCES = ["binding.cpp", "dispatch.cpp", "pool.cpp", "kernel_generic.cpp"]
+SOURCES = ["binding.cpp", "dispatch.cpp", "pool.cpp", "kernel_generic.cpp", "kernel_vec16.cpp"]
 if platform.machine().lower() in ("x86_64", "amd64"):
     SOURCES += ["kernel_avx2.cpp", "kernel_avx512.cpp"]
 

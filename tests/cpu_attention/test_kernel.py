@@ -18,7 +18,7 @@ BLOCK = 16
 
 def available_isas() -> list[str]:
     best = kernel.isa()
-    order = ["avx512", "avx2", "generic"]
+    order = ["avx512", "avx2", "vec16", "generic"]
     return order[order.index(best):]
 
 

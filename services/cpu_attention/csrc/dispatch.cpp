@@ -29,15 +29,28 @@ const IsaKernels* pick_isa() {
       isa_avx2())
     return isa_avx2();
 #endif
-  return isa_generic();
+  return isa_vec16();
 }
 
 std::atomic<const IsaKernels*> g_isa{nullptr};
 
+const IsaKernels* named_isa(const char* name) {
+  const IsaKernels* best = pick_isa();
+  if (!strcmp(name, "avx512")) return best == isa_avx512() ? best : nullptr;
+  if (!strcmp(name, "avx2")) return (best == isa_avx512() || best == isa_avx2()) ? isa_avx2() : nullptr;
+  if (!strcmp(name, "vec16")) return isa_vec16();
+  if (!strcmp(name, "generic")) return isa_generic();
+  if (!strcmp(name, "auto")) return best;
+  return nullptr;
+}
+
+// The best ISA of this CPU, unless NEO_CPU_ISA names another one it supports.
 const IsaKernels& isa() {
   const IsaKernels* k = g_isa.load(std::memory_order_acquire);
   if (!k) {
-    k = pick_isa();
+    const char* env = getenv("NEO_CPU_ISA");
+    k = env ? named_isa(env) : nullptr;
+    if (!k) k = pick_isa();
     g_isa.store(k, std::memory_order_release);
   }
   return *k;
@@ -289,13 +302,7 @@ void neo_set_spin_us(int us) { ThreadPool::spin_us.store(us < 0 ? 0 : us); }
 const char* neo_isa_name(void) { return isa().name; }
 
 int neo_force_isa(const char* name) {
-  const IsaKernels* k = nullptr;
-  if (!strcmp(name, "avx512")) k = pick_isa() == isa_avx512() ? isa_avx512() : nullptr;
-  else if (!strcmp(name, "avx2")) {
-    const IsaKernels* best = pick_isa();
-    k = (best == isa_avx512() || best == isa_avx2()) ? isa_avx2() : nullptr;
-  } else if (!strcmp(name, "generic")) k = isa_generic();
-  else if (!strcmp(name, "auto")) k = pick_isa();
+  const IsaKernels* k = named_isa(name);
   if (!k) return -1;
   g_isa.store(k, std::memory_order_release);
   return 0;

@@ -38,6 +38,7 @@ struct IsaKernels {
 
 const IsaKernels* isa_avx512();
 const IsaKernels* isa_avx2();
+const IsaKernels* isa_vec16();
 const IsaKernels* isa_generic();
 
 }  // namespace neo

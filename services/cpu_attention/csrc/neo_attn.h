@@ -61,9 +61,10 @@ void neo_set_num_threads(int n);
 int neo_get_num_threads(void);
 /* How long idle pool threads spin before sleeping, in microseconds. */
 void neo_set_spin_us(int us);
-/* Name of the instruction set the dispatcher picked ("avx512", "avx2", "generic"). */
+/* Name of the instruction set the dispatcher picked: "avx512", "avx2", "vec16" (portable 16-lane
+ * vectors, the default off x86) or "generic" (scalar; only when forced). */
 const char* neo_isa_name(void);
-/* Force an ISA ("avx512", "avx2", "generic"); returns 0, or -1 if the CPU lacks it. */
+/* Force an ISA (one of the names above, or "auto"); returns 0, or -1 if the CPU lacks it. */
 int neo_force_isa(const char* name);
 
 /* STREAM-style read of size_bytes (allocated, first-touched and read by the pool); best of reps, GB/s. */

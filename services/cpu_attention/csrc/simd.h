@@ -190,6 +190,70 @@ struct Simd {
   }
   static void prefetch(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_T0); }
 };
+#elif defined(NEO_ISA_VEC16)
+// Portable 16-lane SIMD through GCC vector extensions: the compiler lowers it to whatever the target
+// has (4 x SSE2 on a baseline x86-64, 4 x NEON on aarch64). Same 16-lane shape as AVX-512.
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+struct Simd {
+  using V = v16f;
+  static constexpr int L = 16;
+  static V zero() { return V{}; }
+  static V set1(float x) { return V{} + x; }
+  static V load(const float* p) { V v; memcpy(&v, p, sizeof v); return v; }
+  static void store(float* p, V v) { memcpy(p, &v, sizeof v); }
+  static V fma(V a, V b, V c) { return a * b + c; }
+  static V mul(V a, V b) { return a * b; }
+  static V add(V a, V b) { return a + b; }
+  static V vmax(V a, V b) { return a > b ? a : b; }
+  static float hsum(V v) {
+    float s = 0.0f;
+    for (int i = 0; i < L; ++i) s += v[i];
+    return s;
+  }
+  static float hmax(V v) {
+    float m = v[0];
+    for (int i = 1; i < L; ++i) m = v[i] > m ? v[i] : m;
+    return m;
+  }
+  static void hsum8(const V* a, float* out) { for (int k = 0; k < 8; ++k) out[k] = hsum(a[k]); }
+  template <int DT> static V load_kv(const uint16_t* p) {
+    if (DT == 0) {
+      v16h h;
+      memcpy(&h, p, sizeof h);
+      return (V)(__builtin_convertvector(h, v16u) << 16);
+    }
+    V v;
+    for (int i = 0; i < L; ++i) v[i] = f16_bits_to_f32(p[i]);
+    return v;
+  }
+  static void load_bf16_pair(const uint16_t* p, V& even, V& odd) {
+    v16u x;
+    memcpy(&x, p, sizeof x);
+    even = (V)(x << 16);
+    odd = (V)(x & 0xffff0000u);
+  }
+  static V exp(V x) {
+    x = vmax(x, set1(-87.0f));
+    x = x < 88.0f ? x : set1(88.0f);
+    V n = x * 1.44269504088896341f;
+    v16i ni = __builtin_convertvector(n + (n >= 0.0f ? set1(0.5f) : set1(-0.5f)), v16i);  // round
+    V nf = __builtin_convertvector(ni, V);
+    V r = x - nf * 0.693359375f;
+    r = r - nf * -2.12194440e-4f;
+    V p = set1(1.9875691500E-4f);
+    p = p * r + 1.3981999507E-3f;
+    p = p * r + 8.3334519073E-3f;
+    p = p * r + 4.1665795894E-2f;
+    p = p * r + 1.6666665459E-1f;
+    p = p * r + 5.0000001201E-1f;
+    p = p * (r * r) + (r + 1.0f);
+    return p * (V)((ni + 127) << 23);
+  }
+  static void prefetch(const void* p) { __builtin_prefetch(p); }
+};
 #else
 struct Simd {  // portable scalar fallback (any architecture)
   using V = float;
