@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import platform
 import statistics
 import time
@@ -231,6 +232,9 @@ def profile(g: ModelGeometry, device: torch.device, dtype: torch.dtype, block_si
     kv_dtype = "float16" if dtype == torch.float16 else "bfloat16"
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     key = CostKey.from_geometry(g, gpu, str(dtype).removeprefix("torch."), block_size, threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > os.cpu_count():  # other work competes for the cores: every time below is inflated
+        log.warning("host is busy (load %.1f on %d CPUs): the tables will overstate costs", load, os.cpu_count())
     bench = _Bench(g, device, dtype, block_size, layers, max(linr_x + pref_x))
     timeit = _timer(device, reps)
     bar = Progress(len(linr_x) + len(pref_x) + len(gdec_x) + len(cdec_b) * len(cdec_n) + 1,
@@ -257,7 +261,8 @@ def profile(g: ModelGeometry, device: torch.device, dtype: torch.dtype, block_si
     cdec_y = np.maximum.accumulate(np.maximum.accumulate(np.asarray(raw["cdec"]), axis=0), axis=1)
     meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": time.perf_counter() - t0,
             "layers": layers, "reps": reps, "decode_ctx": decode_ctx, "cpu_kv_dtype": kv_dtype,
-            "cpu_isa": kernel.isa(), "torch": torch.__version__, "host": platform.machine(), "raw": raw}
+            "cpu_isa": kernel.isa(), "torch": torch.__version__, "host": platform.machine(),
+            "load_before": load, "raw": raw}
     tables = CostTables(key, list(linr_x), _monotone(raw["linr"]), list(pref_x), _monotone(raw["pref"]),
                         list(gdec_x), _monotone(raw["gdec"]), list(cdec_b), list(cdec_n),
                         [[float(v) for v in row] for row in cdec_y], float(lnch), meta)
