@@ -6,11 +6,7 @@ from typing import Iterator
 
 import pytest
 
-from support.replica import Replica
-
-
-SMALL_POOL_BLOCKS = 48
-SMALL_POOL_MAX_LEN = 512
+from support.replica import SMALL_POOL_BLOCKS, SMALL_POOL_MAX_LEN, Replica
 
 
 @pytest.fixture(scope="session")

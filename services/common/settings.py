@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 import os
 import typing
-from typing import Any, Sequence, TypeVar
+from typing import Any, Iterator, Sequence, TypeVar
 
 ENV_PREFIX = "NEO_"
 
@@ -123,31 +123,26 @@ class Settings:
         cls.add_arguments(parser)
         return cls.from_namespace(parser.parse_args(argv), env)
 
-    def to_args(self) -> list[str]:
-        """Flags that reproduce this config in a child process (defaults included, explicit)."""
-        out: list[str] = []
+    def _as_text(self) -> Iterator[tuple[str, str]]:
+        """(field name, value as text that parses back to it) for every set field."""
         for f, kind in self._fields():
             value = getattr(self, f.name)
             if value is None:
                 continue
             if kind is list:
-                value = ",".join(str(v) for v in value)
-            out += [self.flag(f.name), str(value)]
-        return out
+                yield f.name, ",".join(str(v) for v in value)
+            elif kind is bool:
+                yield f.name, "true" if value else "false"
+            else:
+                yield f.name, str(value)
+
+    def to_args(self) -> list[str]:
+        """Flags that reproduce this config in a child process (defaults included, explicit)."""
+        return [part for name, text in self._as_text() for part in (self.flag(name), text)]
 
     def to_env(self) -> dict[str, str]:
         """Environment variables that reproduce this config (for ConfigMaps)."""
-        env: dict[str, str] = {}
-        for f, kind in self._fields():
-            value = getattr(self, f.name)
-            if value is None:
-                continue
-            if kind is list:
-                value = ",".join(str(v) for v in value)
-            elif kind is bool:
-                value = "true" if value else "false"
-            env[self.env_name(f.name)] = str(value)
-        return env
+        return {self.env_name(name): text for name, text in self._as_text()}
 
     def replace(self: T, **changes: Any) -> T:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]

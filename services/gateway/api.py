@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -11,10 +12,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from neo_gateway.api_models import ChatCompletionRequest, CompletionRequest
-from neo_gateway.engine import Engine, EngineOverloaded, EngineUnavailable, RequestOutput
+from neo_gateway.engine import Engine, EngineOverloaded, EngineUnavailable, RequestOutput, RequestStream
 from neo_gateway.metrics import GatewayMetrics
 from neo_gateway.errors import APIError, error_body, install_handlers
 from neo_gateway.sampling_params import ParamError, SamplingParams
+
+
+_DISCONNECT_POLL_S = 0.25
 
 
 class _BodyLimit:
@@ -80,35 +84,48 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
             raise APIError(400, why, "max_tokens")
         return params
 
-    async def start_stream(request_id: str, prompt_ids: list[int], params: SamplingParams) -> tuple[AsyncIterator[RequestOutput], RequestOutput | None]:
+    def submit(request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
         try:
-            stream = engine.generate(request_id, prompt_ids, params)
-            first = await stream.__anext__()
+            return engine.submit(request_id, prompt_ids, params)
         except EngineUnavailable as exc:
             raise APIError(503, str(exc), headers={"Retry-After": "5"}) from None
         except EngineOverloaded as exc:
             raise APIError(429, f"server overloaded: {exc}", headers={"Retry-After": "1"}) from None
-        return stream, first
 
-    async def collect(stream: AsyncIterator[RequestOutput], first: RequestOutput) -> RequestOutput:
-        text, last = first.text, first
-        while not last.finished:
-            last = await stream.__anext__()
-            text += last.text
+    async def collect(stream: RequestStream, request: Request) -> RequestOutput:
+        """All of a request's text; aborts it if the client goes away while waiting."""
+        async def drain() -> RequestOutput:
+            text = ""
+            async for out in stream:
+                text += out.text
+                if out.finished:
+                    return RequestOutput(text, [], True, out.finish_reason, out.prompt_tokens,
+                                         out.completion_tokens, out.error)
+            raise RuntimeError("stream ended without a final output")
+
+        task = asyncio.ensure_future(drain())
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+                if not task.done() and await request.is_disconnected():
+                    task.cancel()
+                    raise APIError(499, "client closed the request")
+        finally:
+            await stream.aclose()
+        last = task.result()
         if last.error:
             raise APIError(500, f"generation failed: {last.error}")
-        return RequestOutput(text, [], True, last.finish_reason, last.prompt_tokens, last.completion_tokens)
+        return last
 
     def usage(out: RequestOutput) -> dict:
         return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
                 "total_tokens": out.prompt_tokens + out.completion_tokens}
 
-    async def sse(stream, first: RequestOutput, chunk, include_usage: bool, header: dict | None) -> AsyncIterator[str]:
-        out = first
+    async def sse(stream: RequestStream, chunk, include_usage: bool, header: dict | None) -> AsyncIterator[str]:
         try:
             if header is not None:
                 yield f"data: {json.dumps(header)}\n\n"
-            while True:
+            async for out in stream:
                 if out.error:
                     yield f"data: {json.dumps({'error': {'message': out.error, 'type': 'server_error', 'code': 500}})}\n\n"
                     break
@@ -118,7 +135,6 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
                     if include_usage:
                         yield f"data: {json.dumps(chunk(None) | {'choices': [], 'usage': usage(out)})}\n\n"
                     break
-                out = await stream.__anext__()
             yield "data: [DONE]\n\n"
         finally:
             await stream.aclose()
@@ -159,7 +175,7 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
         prompt_ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         params = plan_request(prompt_ids, lambda _room: body.sampling_params(16), "prompt")  # OpenAI's default
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        stream, first = await start_stream(rid, prompt_ids, params)
+        stream = submit(rid, prompt_ids, params)
 
         def chunk(out: RequestOutput | None) -> dict:
             choices = [] if out is None else [{"index": 0, "text": out.text, "logprobs": None,
@@ -168,8 +184,8 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
 
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(sse(stream, first, chunk, include, None), media_type="text/event-stream")
-        out = await collect(stream, first)
+            return StreamingResponse(sse(stream, chunk, include, None), media_type="text/event-stream")
+        out = await collect(stream, request)
         return JSONResponse(chunk(out) | {"usage": usage(out)})
 
     @app.post("/v1/chat/completions")
@@ -188,7 +204,7 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
             body.max_tokens = body.max_completion_tokens
         params = plan_request(prompt_ids, body.sampling_params, "messages")
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        stream, first = await start_stream(rid, prompt_ids, params)
+        stream = submit(rid, prompt_ids, params)
 
         def chunk(out: RequestOutput | None) -> dict:
             choices = [] if out is None else [{"index": 0, "delta": {"content": out.text} if out.text else {},
@@ -201,8 +217,8 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
             header = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": served_name,
                       "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                    "logprobs": None, "finish_reason": None}]}
-            return StreamingResponse(sse(stream, first, chunk, include, header), media_type="text/event-stream")
-        out = await collect(stream, first)
+            return StreamingResponse(sse(stream, chunk, include, header), media_type="text/event-stream")
+        out = await collect(stream, request)
         return JSONResponse({"id": rid, "object": "chat.completion", "created": now, "model": served_name,
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
                                           "logprobs": None, "finish_reason": out.finish_reason}],

@@ -11,8 +11,6 @@ import asyncio
 import dataclasses
 import itertools
 import logging
-from typing import AsyncIterator
-
 import zmq.asyncio
 
 from neo_common.config import NeoConfig
@@ -54,6 +52,25 @@ class _Request:
     seq: Sequence
     detok: IncrementalDetokenizer
     queue: asyncio.Queue
+
+
+class RequestStream:
+    """Async iterator over one request's outputs; closing it before the end aborts the request."""
+
+    def __init__(self, engine: "Engine", req: _Request) -> None:
+        self.engine, self.req = engine, req
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.req.seq.is_finished and self.req.queue.empty():
+            raise StopAsyncIteration
+        return await self.req.queue.get()
+
+    async def aclose(self) -> None:
+        if not self.req.seq.is_finished:
+            self.engine.abort(self.req.seq, FinishReason.ABORT)
 
 
 class Engine:
@@ -119,8 +136,8 @@ class Engine:
                     f"{sched.gpu.num_blocks * sched.gpu.block_size}")
         return None
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; closing the iterator early aborts the request."""
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> "RequestStream":
+        """Queue a request; raises at once when it cannot be taken, else returns its output stream."""
         if not self.ready:
             raise EngineUnavailable("the GPU worker is not ready")
         assert self.scheduler is not None
@@ -131,15 +148,7 @@ class Engine:
         self.requests[seq.seq_id] = req
         self.scheduler.add(seq)
         self._wake.set()
-        try:
-            while True:
-                out: RequestOutput = await req.queue.get()
-                yield out
-                if out.finished:
-                    return
-        finally:
-            if not seq.is_finished:
-                self.abort(seq, FinishReason.ABORT)
+        return RequestStream(self, req)
 
     def abort(self, seq: Sequence, reason: FinishReason) -> None:
         if self.scheduler is not None and not seq.is_finished:

@@ -12,6 +12,11 @@ import time
 import httpx
 
 
+# The session-wide replica of tests/conftest.py: a small GPU pool so concurrency forces preemption.
+SMALL_POOL_BLOCKS = 48
+SMALL_POOL_MAX_LEN = 512
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
