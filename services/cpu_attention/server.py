@@ -84,7 +84,7 @@ class CpuAttentionServer:
                     self._send(protocol.Hello(kind=protocol.WorkerKind.CPU_ATTENTION, pid=os.getpid()))
                     last_hello = now
                 if self._gateway_gone(now):
-                    log.error("gateway %s unreachable for %.0fs; exiting", addr, self.gateway_grace_s)
+                    log.error("gateway %s unreachable for %.0fs; exiting", addr, now - self.disconnected_at)
                     code = 1
                     break
                 if self.segment is None:

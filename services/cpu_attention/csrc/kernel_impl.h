@@ -143,9 +143,14 @@ static void chunk_impl(const KernelCtx& ctx, const Chunk& c) {
   float m[neo::kMaxGroup], l[neo::kMaxGroup], alpha[neo::kMaxGroup];
 
   const uint16_t* qsrc = ctx.q + ((size_t)c.b * Hq + (size_t)c.h * G) * D;
-  for (int g = 0; g < G; ++g)
-    for (int d = 0; d < D; ++d) qf[g * D + pos<DT>(d)] = kv_to_f32<DT>(qsrc[g * D + d]) * ctx.scale;
-  for (int i = 0; i < G * D; ++i) acc[i] = 0.0f;
+  const V vscale = Simd::set1(ctx.scale);
+  for (int i = 0; i < G * D; i += 2 * L) {  // q -> fp32 (pair order for bf16), pre-scaled
+    V q0, q1;
+    load2<DT>(qsrc + i, q0, q1);
+    Simd::store(qf + i, Simd::mul(q0, vscale));
+    Simd::store(qf + i + L, Simd::mul(q1, vscale));
+  }
+  for (int i = 0; i < G * D; i += L) Simd::store(acc + i, Simd::zero());
   for (int g = 0; g < G; ++g) { m[g] = -1e30f; l[g] = 0.0f; }
 
   for (int j = c.j0; j < c.j1; ++j) {
@@ -173,7 +178,7 @@ static void chunk_impl(const KernelCtx& ctx, const Chunk& c) {
       for (int t = L; t < n; t += L) vmx = Simd::vmax(vmx, Simd::load(sg + t));
       const float bmx = Simd::hmax(vmx);
       const float mx = bmx > m[g] ? bmx : m[g];
-      alpha[g] = mx > m[g] ? expf(m[g] - mx) : 1.0f;
+      alpha[g] = mx > m[g] ? (m[g] <= -1e29f ? 0.0f : expf(m[g] - mx)) : 1.0f;
       m[g] = mx;
       V sum = Simd::zero(), mv = Simd::set1(mx);
       for (int t = 0; t < n; t += L) {
@@ -192,8 +197,16 @@ static void chunk_impl(const KernelCtx& ctx, const Chunk& c) {
   if (c.part < 0) {
     uint16_t* out = ctx.o + ((size_t)c.b * Hq + (size_t)c.h * G) * D;
     for (int g = 0; g < G; ++g) {
-      const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
-      for (int d = 0; d < D; ++d) out[g * D + d] = f32_to_kv<DT>(acc[g * D + pos<DT>(d)] * inv);
+      const V inv = Simd::set1(l[g] > 0.0f ? 1.0f / l[g] : 0.0f);
+      for (int i = g * D; i < (g + 1) * D; i += 2 * L) {
+        const V a0 = Simd::mul(Simd::load(acc + i), inv), a1 = Simd::mul(Simd::load(acc + i + L), inv);
+        if (DT == 0) {
+          Simd::store_bf16_pair(out + i, a0, a1);   // undoes the pair order
+        } else {
+          Simd::store_f16(out + i, a0);
+          Simd::store_f16(out + i + L, a1);
+        }
+      }
     }
   } else {
     float* part = ctx.parts + (size_t)c.part * G * (D + 2);

@@ -114,6 +114,18 @@ struct Simd {
     even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
     odd = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32((int)0xffff0000u)));
   }
+  // Store even/odd-ordered fp32 vectors as 2L natural-order bf16 (round to nearest even).
+  static void store_bf16_pair(uint16_t* p, V even, V odd) {
+    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+    __m512i e = _mm512_castps_si512(even), o = _mm512_castps_si512(odd);
+    e = _mm512_add_epi32(e, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(e, 16), one)));
+    o = _mm512_add_epi32(o, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(o, 16), one)));
+    __m512i r = _mm512_or_si512(_mm512_srli_epi32(e, 16), _mm512_and_si512(o, _mm512_set1_epi32((int)0xffff0000u)));
+    _mm512_storeu_si512((void*)p, r);
+  }
+  static void store_f16(uint16_t* p, V v) {
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
   static V exp(V x) {
     x = _mm512_min_ps(_mm512_max_ps(x, set1(-87.0f)), set1(88.0f));
     V n = _mm512_roundscale_ps(_mm512_mul_ps(x, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -172,6 +184,17 @@ struct Simd {
     __m256i x = _mm256_loadu_si256((const __m256i*)p);
     even = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
     odd = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32((int)0xffff0000u)));
+  }
+  static void store_bf16_pair(uint16_t* p, V even, V odd) {
+    const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff);
+    __m256i e = _mm256_castps_si256(even), o = _mm256_castps_si256(odd);
+    e = _mm256_add_epi32(e, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(e, 16), one)));
+    o = _mm256_add_epi32(o, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(o, 16), one)));
+    __m256i r = _mm256_or_si256(_mm256_srli_epi32(e, 16), _mm256_and_si256(o, _mm256_set1_epi32((int)0xffff0000u)));
+    _mm256_storeu_si256((__m256i*)p, r);
+  }
+  static void store_f16(uint16_t* p, V v) {
+    _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
   static V exp(V x) {
     x = _mm256_min_ps(_mm256_max_ps(x, set1(-87.0f)), set1(88.0f));
@@ -235,6 +258,14 @@ struct Simd {
     even = (V)(x << 16);
     odd = (V)(x & 0xffff0000u);
   }
+  static void store_bf16_pair(uint16_t* p, V even, V odd) {
+    v16u e = (v16u)even, o = (v16u)odd;
+    e = e + (0x7fffu + ((e >> 16) & 1u));
+    o = o + (0x7fffu + ((o >> 16) & 1u));
+    v16u r = (e >> 16) | (o & 0xffff0000u);
+    memcpy(p, &r, sizeof r);
+  }
+  static void store_f16(uint16_t* p, V v) { for (int i = 0; i < L; ++i) p[i] = f32_to_f16_bits(v[i]); }
   static V exp(V x) {
     x = vmax(x, set1(-87.0f));
     x = x < 88.0f ? x : set1(88.0f);
@@ -274,6 +305,11 @@ struct Simd {  // portable scalar fallback (any architecture)
     even = bf16_bits_to_f32(p[0]);
     odd = bf16_bits_to_f32(p[1]);
   }
+  static void store_bf16_pair(uint16_t* p, V even, V odd) {
+    p[0] = f32_to_bf16_bits(even);
+    p[1] = f32_to_bf16_bits(odd);
+  }
+  static void store_f16(uint16_t* p, V v) { *p = f32_to_f16_bits(v); }
   static V exp(V x) { return expf(x < -87.0f ? -87.0f : x); }
   static void prefetch(const void* p) { __builtin_prefetch(p); }
 };
