@@ -1,0 +1,161 @@
+"""Decode and prefill of the GPU worker's model runner against the roofline of the same GPU.
+
+In one run: measure HBM bandwidth (a large device copy, bytes read + written) and the bf16 matmul
+rate, then time decode iterations of a dummy-weight geometry at several batch sizes and contexts
+(the floor is max(bytes of weights + KV read / bandwidth, FLOPs / matmul rate)) and single-prompt
+prefill (FLOPs over the measured matmul rate). Prints a table, writes JSON and a PNG.
+
+    python benchmarks/roofline.py --geometry llama-3-8b --out docs/benchmarks/roofline
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import numpy as np
+import torch
+
+from neo_common.geometry import lookup
+from neo_common.protocol import IterationPlan
+from neo_gpu_worker.loader import build_model
+from neo_gpu_worker.model_runner import ModelRunner
+
+BLOCK = 16
+
+
+def timed(fn, reps: int) -> float:
+    """Median seconds of fn() with CUDA events (warm-up first)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def hbm_bandwidth() -> float:
+    src = torch.randn(512 * 1024 * 1024, device="cuda", dtype=torch.float16)  # 1 GiB
+    dst = torch.empty_like(src)
+    t = timed(lambda: dst.copy_(src), 20)
+    return 2 * src.numel() * src.element_size() / t
+
+
+def matmul_rate() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = timed(lambda: a @ b, 20)
+    return 2 * 8192**3 / t
+
+
+def decode_plan(batch: int, ctx: int, tables: np.ndarray) -> IterationPlan:
+    return IterationPlan(
+        iteration_id=1, seq_ids=np.arange(batch, dtype=np.int64), places=np.zeros(batch, np.uint8),
+        sub_batch=np.zeros(batch, np.uint8), start_pos=np.full(batch, ctx, np.int32),
+        num_tokens=np.ones(batch, np.int32), token_ids=np.full(batch, 7, np.int32), block_tables=tables,
+        sample=np.ones(batch, np.uint8), temperature=np.zeros(batch, np.float32), top_p=np.ones(batch, np.float32),
+        top_k=np.full(batch, -1, np.int32), seeds=np.full(batch, -1, np.int64), steps=np.zeros(batch, np.int32))
+
+
+def prefill_plan(length: int) -> IterationPlan:
+    plan = decode_plan(1, 0, np.arange(-(-length // BLOCK), dtype=np.int32)[None, :])
+    plan.num_tokens = np.array([length], np.int32)
+    plan.token_ids = np.full(length, 7, np.int32)
+    return plan
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--geometry", default="llama-3-8b")
+    ap.add_argument("--batches", default="1,8,32,64,128,256")
+    ap.add_argument("--contexts", default="512,2048")
+    ap.add_argument("--prefills", default="512,1024,2048,4096,8192")
+    ap.add_argument("--kv-gb", type=float, default=40.0, help="KV pool size; points that do not fit are skipped")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--out", default="roofline-out")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    torch.manual_seed(0)
+    bw, flops = hbm_bandwidth(), matmul_rate()
+    g = lookup(args.geometry)
+    dtype, device = torch.bfloat16, torch.device("cuda", 0)
+    model = build_model(g, g.max_position_embeddings, device, dtype)
+    model.init_random(0)
+    per_block = g.kv_bytes_per_block(BLOCK, 2)
+    blocks = int(args.kv_gb * 1024**3 // per_block)
+    runner = ModelRunner(model, blocks, BLOCK, device, dtype)
+    weight_bytes = g.weight_bytes(2)
+    kv_token = g.kv_bytes_per_token(2)
+    rows = []
+    for ctx in map(int, args.contexts.split(",")):
+        for batch in map(int, args.batches.split(",")):
+            need = -(-(ctx + 1) // BLOCK)
+            if batch * need > blocks:
+                rows.append({"kind": "decode", "batch": batch, "ctx": ctx, "skipped": "KV does not fit"})
+                continue
+            tables = np.arange(batch * need, dtype=np.int32).reshape(batch, need)
+            plan = decode_plan(batch, ctx, tables)
+            t = timed(lambda: runner.execute(plan), args.reps)
+            byte_floor = (weight_bytes + batch * (ctx + 1) * kv_token) / bw
+            flop_floor = 2 * g.num_parameters() * batch / flops
+            floor = max(byte_floor, flop_floor)
+            rows.append({"kind": "decode", "batch": batch, "ctx": ctx, "time_s": t, "floor_s": floor,
+                         "byte_floor_s": byte_floor, "flop_floor_s": flop_floor, "ratio": t / floor})
+    for length in map(int, args.prefills.split(",")):
+        if -(-length // BLOCK) > blocks:
+            continue
+        plan = prefill_plan(length)
+        t = timed(lambda: runner.execute(plan), max(3, args.reps // 3))
+        attn = 2 * 2 * g.num_layers * g.num_heads * g.head_dim * length * length / 2  # causal QK^T and PV
+        work = 2 * g.num_parameters() * length + attn
+        rows.append({"kind": "prefill", "tokens": length, "time_s": t, "flop_floor_s": work / flops,
+                     "matmul_fraction": work / t / flops})
+    result = {"geometry": g.name, "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+              "hbm_bytes_per_s": bw, "matmul_flop_per_s": flops, "rows": rows}
+    with open(os.path.join(args.out, f"roofline_{g.name}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"{g.name} on {result['gpu']}: HBM {bw / 1e12:.2f} TB/s (read+write), bf16 matmul {flops / 1e12:.0f} TFLOP/s")
+    print(f"{'kind':8} {'batch/tok':>9} {'ctx':>6} {'time ms':>9} {'floor ms':>9} {'x floor':>8}")
+    for r in rows:
+        if r.get("skipped"):
+            print(f"{r['kind']:8} {r['batch']:>9} {r['ctx']:>6} {'skipped: ' + r['skipped']:>28}")
+        elif r["kind"] == "decode":
+            print(f"{'decode':8} {r['batch']:>9} {r['ctx']:>6} {r['time_s'] * 1e3:>9.2f} {r['floor_s'] * 1e3:>9.2f} "
+                  f"{r['ratio']:>8.2f}")
+        else:
+            print(f"{'prefill':8} {r['tokens']:>9} {'':>6} {r['time_s'] * 1e3:>9.2f} {r['flop_floor_s'] * 1e3:>9.2f} "
+                  f"{1 / r['matmul_fraction']:>8.2f}")
+    plot(result, os.path.join(args.out, f"roofline_{g.name}.png"))
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    decode = [r for r in result["rows"] if r["kind"] == "decode" and not r.get("skipped")]
+    for ctx in sorted({r["ctx"] for r in decode}):
+        pts = [r for r in decode if r["ctx"] == ctx]
+        ax.plot([r["batch"] for r in pts], [r["time_s"] * 1e3 for r in pts], "o-", label=f"measured, ctx {ctx}")
+        ax.plot([r["batch"] for r in pts], [r["floor_s"] * 1e3 for r in pts], "--", label=f"floor, ctx {ctx}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("decode batch")
+    ax.set_ylabel("iteration time (ms)")
+    ax.set_title(f"{result['geometry']} decode on {result['gpu']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
