@@ -9,6 +9,7 @@
 #   NEO_BASE_IMAGE        --build-arg BASE_IMAGE (default: the Dockerfile's pinned public image)
 #   NEO_PODMAN_ROOT, NEO_PODMAN_RUNROOT, NEO_PODMAN_STORAGE_DRIVER
 #                         podman storage (scripts/image-tools.sh --env prints the ones it prepared)
+#   NEO_BUILD_CONTEXT     build from this copy of the repository (default: the repository itself)
 #   NEO_PIP_SECRETS       1 (default): hand this machine's pip index settings and CA bundle to pip
 #                         inside the build as build secrets (never stored in a layer); 0: plain PyPI
 # With podman, builds run with --isolation=chroot (no daemon, no user namespaces) and --format docker
@@ -18,9 +19,10 @@ set -euo pipefail
 IMAGE=${1:?usage: dockerfiles/build.sh IMAGE [EXTRA BUILD ARGS...]}
 shift
 ROOT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-DOCKERFILE=$ROOT_DIR/dockerfiles/$IMAGE.Dockerfile
+CONTEXT=${NEO_BUILD_CONTEXT:-$ROOT_DIR}
+DOCKERFILE=$CONTEXT/dockerfiles/$IMAGE.Dockerfile
 [[ -f $DOCKERFILE ]] || { echo "build.sh: no $DOCKERFILE" >&2; exit 2; }
-VERSION=$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$ROOT_DIR/pyproject.toml" | head -n1)
+VERSION=$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$CONTEXT/pyproject.toml" | head -n1)
 TAG=${NEO_IMAGE_TAG:-neo-$IMAGE:${VERSION:-dev}}
 BUILDER=${NEO_BUILDER:-podman}
 
@@ -81,5 +83,5 @@ EOF
     [[ -f $secrets_dir/cacert ]] && args+=(--secret "id=cacert,src=$secrets_dir/cacert")
 fi
 
-echo "build.sh: ${cmd[*]} ${args[*]} $* $ROOT_DIR" >&2
-"${cmd[@]}" "${args[@]}" "$@" "$ROOT_DIR"
+echo "build.sh: ${cmd[*]} ${args[*]} $* $CONTEXT" >&2
+"${cmd[@]}" "${args[@]}" "$@" "$CONTEXT"

@@ -43,10 +43,10 @@ RUN --mount=type=secret,id=pipconf --mount=type=secret,id=cacert \
     && pip install --no-cache-dir -r build-requirements.txt \
     && python3 setup.py -q build_ext
 
-# --- builder: the requirements and the package in the venv ----------------------------------------
+# --- builder: the requirements (with the `operator` extra) and the package in the venv -----------
 FROM toolchain AS builder
 RUN --mount=type=secret,id=pipconf --mount=type=secret,id=cacert \
-    python3 pyproject-deps.py pyproject.toml --exclude torch > requirements.txt \
+    python3 pyproject-deps.py pyproject.toml --extra operator --exclude torch > requirements.txt \
     && pip install --no-cache-dir -r requirements.txt
 # No torch: should the operator come to import it, build with --build-arg TORCH_VERSION=X.Y.Z (CPU
 # wheels from TORCH_INDEX_URL).
@@ -64,10 +64,6 @@ COPY --from=native /src/build ./build
 RUN --mount=type=secret,id=pipconf --mount=type=secret,id=cacert \
     pip install --no-cache-dir --no-deps . \
     && neo --help > /dev/null
-# The `operator` extra (kopf, kubernetes, pyyaml) last, so the layers above are the other CPU images'.
-RUN --mount=type=secret,id=pipconf --mount=type=secret,id=cacert \
-    python3 pyproject-deps.py pyproject.toml --extra operator --exclude torch > requirements-operator.txt \
-    && pip install --no-cache-dir -r requirements-operator.txt
 
 # --- runtime: interpreter + venv, non-root ----------------------------------------------------------
 FROM runtime-base AS runtime

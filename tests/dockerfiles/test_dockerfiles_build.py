@@ -5,15 +5,20 @@ debootstrapped base (no registry is reachable) and check what they hold and that
 set rlimits, for one); then the checks run the image with `buildah run --isolation=chroot` on a
 working container made from it: the image's own root file system, user, environment and working
 directory, without an OCI runtime. The test output says which one ran.
+
+The three images are built from one snapshot of the build context taken at the start, so they see one
+state of a checkout that others may be editing and share their builder layers.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -27,8 +32,9 @@ BUILD_TIMEOUT_S = 1500
 class Images:
     """Builds each image once per session and runs commands in them."""
 
-    def __init__(self, tools: dict[str, str]) -> None:
+    def __init__(self, tools: dict[str, str], context: Path) -> None:
         self.tools = tools
+        self.context = context
         self.storage = ["--root", tools["NEO_PODMAN_ROOT"], "--runroot", tools["NEO_PODMAN_RUNROOT"],
                         "--storage-driver", tools["NEO_PODMAN_STORAGE_DRIVER"]]
         self.built: dict[str, str] = {}
@@ -47,7 +53,7 @@ class Images:
         if name not in self.built:
             tag = f"localhost/neo-{name}:test-{os.getpid()}"
             env = {**os.environ, **{k: v for k, v in self.tools.items() if k.startswith("NEO_")},
-                   "NEO_IMAGE_TAG": tag}
+                   "NEO_IMAGE_TAG": tag, "NEO_BUILD_CONTEXT": str(self.context)}
             start = time.monotonic()
             proc = subprocess.run(["bash", str(ROOT / "dockerfiles" / "build.sh"), name], env=env, cwd=ROOT,
                                   capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
@@ -91,9 +97,24 @@ class Images:
             self.podman("untag", tag, check=False)
 
 
+def snapshot_context(dest: Path) -> Path:
+    """Copy what the images are built from, once: the three builds see one state of a checkout that
+    others may be editing, and share their builder layers."""
+    admitted = [line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.startswith("!")]
+    junk = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "*.egg-info", ".pytest_cache")
+    for name in [".dockerignore", *admitted]:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=junk)
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+    return dest
+
+
 @pytest.fixture(scope="module")
-def images(image_tools: dict[str, str]) -> Iterator[Images]:
-    imgs = Images(image_tools)
+def images(image_tools: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
+    imgs = Images(image_tools, snapshot_context(tmp_path_factory.mktemp("context")))
     yield imgs
     imgs.untag_all()
     print(f"image-tools.sh: {image_tools['elapsed_s']} s; builds: "
