@@ -7,8 +7,9 @@ One run measures, with one thread count:
    Llama-3-8B shapes (32 q heads, 8 KV heads, head_dim 128, bf16, block 16, scattered block tables)
    at batch x context; combinations whose pool would exceed --max-gb are skipped and listed;
 3. handoff latency through the real segment and native service loop: a second process serves
-   (iteration, layer) jobs of near-empty work (1 row, 1 token); this process rings the doorbell and
-   spins on completion; p50/p99 of ring -> done seen.
+   (iteration, layer) jobs of near-empty work (1 row, 1 token; iterations of 32 layers, the Python
+   step between iterations included); this process rings the doorbell and spins on completion;
+   p50/p99 of ring -> done seen.
 Prints a table; writes cpu_attention.json and cpu_attention.png under --out.
 
     python benchmarks/cpu_attention.py --out docs/benchmarks/cpu_attention/<host>
@@ -91,9 +92,9 @@ def bench_kernel(batch: int, ctx: int, reps: int, min_s: float, rng: np.random.G
 
 # -- handoff latency -------------------------------------------------------------------------------
 def handoff_child(name: str, jobs: int, threads: int) -> int:
-    """Serve `jobs` near-empty jobs of iteration 1 on slot 0 through the native service loop."""
+    """Serve near-empty jobs on slot 0 through the native service loop: iterations 1.. of all layers."""
     kernel.set_num_threads(threads)
-    seg = KvSegment.attach(name, timeout_s=30)
+    seg = KvSegment.attach(name, timeout_s=30, populate=True)
     lay = seg.layout
     lens = np.ones(1, np.int32)
     bt = np.zeros((1, 1), np.int32)
@@ -101,17 +102,23 @@ def handoff_child(name: str, jobs: int, threads: int) -> int:
             seg.base_address + lay.status_off(0), seg.address("q", 0), seg.address("k_new", 0),
             seg.address("v_new", 0), seg.address("o", 0), 1, lens.ctypes.data, bt.ctypes.data, 1, 0)
     print("ATTACHED", flush=True)
-    rc, _, _ = _native.serve_iteration(seg.address("k_pool"), seg.address("v_pool"), seg.base_address + 512,
-                                       lay.num_layers, lay.num_blocks, lay.num_q_heads, lay.num_kv_heads,
-                                       lay.head_dim, lay.block_size, 0, lay.attn_scale, 1, [slot],
-                                       1_000_000, 30_000_000)
+    rc = 0
+    for it in range(1, jobs // lay.num_layers + 1):
+        rc, _, _ = _native.serve_iteration(seg.address("k_pool"), seg.address("v_pool"), seg.base_address + 512,
+                                           lay.num_layers, lay.num_blocks, lay.num_q_heads, lay.num_kv_heads,
+                                           lay.head_dim, lay.block_size, 0, lay.attn_scale, it, [slot],
+                                           1_000_000, 30_000_000)
+        if rc:
+            break
     seg.close()
     return 0 if rc == 0 else 1
 
 
 def bench_handoff(jobs: int, threads: int) -> tuple[dict, list[float]]:
     name = f"neo-bench-{uuid.uuid4().hex[:8]}"
-    layout = SegmentLayout(num_layers=jobs, num_blocks=4, num_kv_heads=HKV, num_q_heads=HQ, head_dim=D,
+    layers = 32   # jobs run as iterations of 32 layers, as in serving (pool pages stay mapped)
+    jobs = max(1, jobs // layers) * layers
+    layout = SegmentLayout(num_layers=layers, num_blocks=4, num_kv_heads=HKV, num_q_heads=HQ, head_dim=D,
                            block_size=BS, max_rows=1, num_slots=1)
     seg = KvSegment.create(name, layout)
     child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--handoff-child", name,
@@ -121,14 +128,14 @@ def bench_handoff(jobs: int, threads: int) -> tuple[dict, list[float]]:
         done_addr = seg.base_address + layout.done_off(0)
         req_addr = seg.base_address + layout.req_off(0)
         lat = []
-        for layer in range(jobs):
-            seq = job_seq(1, layer)
+        for job in range(jobs):
+            seq = job_seq(1 + job // layers, job % layers)
             t0 = time.perf_counter_ns()
             _native.store_u64(req_addr, seq)
             _, flag = _native.wait_u64(done_addr, seq, 10_000_000, 30_000_000)
             t1 = time.perf_counter_ns()
             if flag:
-                raise TimeoutError(f"job {layer} not served")
+                raise TimeoutError(f"job {job} not served")
             lat.append((t1 - t0) / 1e3)
         child.wait(30)
     finally:

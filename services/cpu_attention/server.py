@@ -165,7 +165,7 @@ class CpuAttentionServer:
     # -- segment ----------------------------------------------------------------------------------
     def _try_attach(self, timeout_s: float) -> bool:
         try:
-            self.segment = KvSegment.attach(self.config.shm_name, timeout_s)
+            self.segment = KvSegment.attach(self.config.shm_name, timeout_s, populate=True)
         except SegmentError as exc:
             if timeout_s > 0:
                 log.error("%s", exc)
