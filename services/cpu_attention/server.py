@@ -54,6 +54,7 @@ class CpuAttentionServer:
         self.attach_timeout_s = attach_timeout_s
         self.segment: KvSegment | None = None
         self.threads = kernel.set_num_threads(config.device.cpu_threads)
+        _native.set_spin_us(SPIN_US)   # pool threads stay hot across the stages of an iteration
         self.gateway_seen = False
         self.connected = False
         self.disconnected_at: float | None = time.monotonic()
