@@ -13,6 +13,9 @@ import itertools
 import logging
 import zmq.asyncio
 
+from opentelemetry import trace
+
+from neo_common import tracing
 from neo_common.config import NeoConfig
 from neo_common.protocol import IterationResult, Place
 from neo_gateway.block_manager import BlockManager
@@ -20,6 +23,7 @@ from neo_gateway.detokenizer import IncrementalDetokenizer
 from neo_gateway.sampling_params import SamplingParams
 from neo_gateway.scheduler import Scheduler, SchedulerOutput
 from neo_gateway.sequence import FinishReason, Sequence, SeqStatus
+from neo_gateway.request_trace import iteration_trace, record_phases
 from neo_gateway.tokenizer import TextTokenizer
 from neo_gateway.worker_link import IterationFailed, WorkerDown, WorkerLink
 
@@ -82,8 +86,10 @@ class Engine:
     - ``max_model_len``: context limit (config, else the model's).
     """
 
-    def __init__(self, config: NeoConfig, tokenizer: TextTokenizer, ctx: zmq.asyncio.Context) -> None:
+    def __init__(self, config: NeoConfig, tokenizer: TextTokenizer, ctx: zmq.asyncio.Context,
+                 served_name: str = "") -> None:
         self.config = config
+        self.served_name = served_name
         self.tokenizer = tokenizer
         self.link = WorkerLink(ctx, config.ipc.worker_addr, "gpu_worker", config.ipc.worker_timeout_s)
         self.link.on_down.append(self._on_worker_down)
@@ -144,6 +150,8 @@ class Engine:
         if self.scheduler.num_waiting >= self.config.scheduler.max_waiting:
             raise EngineOverloaded(f"{self.scheduler.num_waiting} requests are already waiting")
         seq = Sequence(next(self._ids), request_id, prompt_ids, params, self.eos_token_ids, self.max_model_len)
+        if tracing.enabled():
+            seq.span = trace.get_current_span()  # the request's server span (TracingMiddleware)
         req = _Request(seq, IncrementalDetokenizer(self.tokenizer, params.stop), asyncio.Queue())
         self.requests[seq.seq_id] = req
         self.scheduler.add(seq)
@@ -173,8 +181,11 @@ class Engine:
             if output.is_empty:
                 await asyncio.sleep(0.001)  # everything is waiting on blocks held by finishing requests
                 continue
+            plan = output.to_plan(sched.gpu)
+            if tracing.enabled():
+                plan.trace = iteration_trace(output)
             try:
-                result = await self.link.call(output.to_plan(sched.gpu))
+                result = await self.link.call(plan)
             except WorkerDown as exc:
                 self._fail_running(str(exc))
                 continue
@@ -210,6 +221,8 @@ class Engine:
             self.requests.pop(seq.seq_id, None)
             for hook in self.finished_hooks:
                 hook(seq)
+            if seq.span is not None:
+                record_phases(seq, self.served_name)
 
     def _fail_rows(self, output: SchedulerOutput, message: str) -> None:
         for row in output.rows:

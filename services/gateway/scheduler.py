@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import time
 
 import numpy as np
 
@@ -153,6 +154,8 @@ class Scheduler:
             self.waiting.popleft()
             self.gpu.allocate(seq.seq_id, seq.num_computed + n)
             seq.status = SeqStatus.RUNNING
+            if seq.scheduled_time is None:
+                seq.scheduled_time = time.monotonic()
             self.running.append(seq)
             rows.append(ScheduledSeq(seq, seq.num_computed, n, seq.num_computed + n == seq.num_tokens))
             budget -= n

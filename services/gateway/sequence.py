@@ -29,7 +29,9 @@ class Sequence:
     - ``num_computed``: tokens whose KV is in the pool; reset to 0 when preempted by recompute.
     - ``place``: which pool holds the KV (GPU only until CPU offloading is on).
     - ``status``/``finish_reason``: lifecycle; set by the scheduler and the engine.
-    - ``arrival``/``first_token_time``/``last_token_time``: monotonic times for latency metrics.
+    - ``arrival``/``scheduled_time``/``first_token_time``/``last_token_time``: monotonic times for
+      latency metrics and trace phases; ``arrival_ns`` anchors them to wall time for tracing.
+    - ``span``: the request's tracing span (None when tracing is off).
     """
 
     def __init__(self, seq_id: int, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -47,8 +49,15 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.num_preemptions = 0
         self.arrival = time.monotonic()
+        self.arrival_ns = time.time_ns()
+        self.scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
+        self.span = None
+
+    def wall_ns(self, monotonic_time: float) -> int:
+        """A monotonic timestamp of this request as epoch nanoseconds (for span start/end times)."""
+        return self.arrival_ns + int((monotonic_time - self.arrival) * 1e9)
 
     @property
     def num_tokens(self) -> int:

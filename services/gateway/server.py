@@ -11,6 +11,7 @@ from typing import Sequence
 import uvicorn
 import zmq.asyncio
 
+from neo_common import tracing
 from neo_common.config import NeoConfig
 from neo_common.logs import setup_logging
 from neo_common.model_source import resolve
@@ -26,8 +27,11 @@ def build(config: NeoConfig):
     source = resolve(config.model)
     tokenizer = TextTokenizer.load(source.tokenizer_kind, source.tokenizer_path)
     ctx = zmq.asyncio.Context()
-    engine = Engine(config, tokenizer, ctx)
+    engine = Engine(config, tokenizer, ctx, source.served_name)
     app = create_app(engine, source.served_name)
+    # FastAPI's own telemetry makes the HTTP server spans once a tracer provider is installed; the
+    # engine hangs each request's phases and the workers' iteration spans under them.
+    tracing.setup_tracing("neo-gateway")
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -39,6 +43,7 @@ def build(config: NeoConfig):
         finally:
             await engine.stop()
             ctx.term()
+            tracing.shutdown_tracing()
 
     app.router.lifespan_context = lifespan
     return app, engine

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import time
 import traceback
 from typing import Sequence
@@ -16,16 +17,18 @@ from typing import Sequence
 import torch
 import zmq
 
+from neo_common import tracing
 from neo_common.config import NeoConfig
 from neo_common.logs import setup_logging
 from neo_common.model_source import read_geometry, resolve
 from neo_common.settings import ConfigError
-from neo_common.protocol import (Hello, IterationPlan, ProtocolError, Shutdown, WorkerError, WorkerKind,
-                                 WorkerReady, decode)
+from neo_common.protocol import (Hello, IterationPlan, IterationResult, ProtocolError, Shutdown, WorkerError,
+                                 WorkerKind, WorkerReady, decode)
 from neo_gpu_worker.loader import load_model
 from neo_gpu_worker.model_runner import ModelRunner, num_kv_blocks
 
 log = logging.getLogger(__name__)
+_tracer = tracing.tracer("neo.gpu_worker")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -71,6 +74,23 @@ def build_runner(config: NeoConfig) -> tuple[ModelRunner, WorkerReady]:
     return runner, ready
 
 
+def run_traced(runner: ModelRunner, plan: IterationPlan) -> IterationResult:
+    """Execute under an iteration span: child of the oldest traced request, linked to the others."""
+    parent = tracing.context_from_traceparent(plan.trace.get("traceparent"))
+    with _tracer.start_as_current_span("gpu_worker.iteration", context=parent,
+                                       links=tracing.links_from(plan.trace.get("links", ()))) as span:
+        span.set_attribute("neo.iteration_id", plan.iteration_id)
+        span.set_attribute("neo.batch_size", plan.batch_size)
+        span.set_attribute("neo.num_tokens", int(plan.num_tokens.sum()))
+        result = runner.execute(plan)
+        span.set_attribute("neo.forward_s", result.forward_s)
+        return result
+
+
+def _exit_on_sigterm(signum, _frame) -> None:
+    raise SystemExit(0)  # unwinds through `finally`, so queued spans are flushed
+
+
 def serve(config: NeoConfig) -> int:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -96,7 +116,7 @@ def serve(config: NeoConfig) -> int:
                 continue
             if isinstance(msg, IterationPlan):
                 try:
-                    result = runner.execute(msg)
+                    result = run_traced(runner, msg) if msg.trace else runner.execute(msg)
                 except Exception as exc:
                     log.error("iteration %d failed: %s", msg.iteration_id, traceback.format_exc())
                     sock.send(WorkerError(iteration_id=msg.iteration_id, message=str(exc), fatal=False).encode())
@@ -117,4 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     NeoConfig.add_arguments(parser)
     config = NeoConfig.from_namespace(parser.parse_args(argv))
     setup_logging(config.http.log_level, "gpu_worker")
-    return serve(config)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    tracing.setup_tracing("neo-gpu-worker")
+    try:
+        return serve(config)
+    finally:
+        tracing.shutdown_tracing()

@@ -49,14 +49,14 @@ def pid_alive(pid: int) -> bool:
 class Replica:
     """A `neo serve` process tree started by a test; stopped and reaped by PID."""
 
-    def __init__(self, args: list[str], log_path: str) -> None:
+    def __init__(self, args: list[str], log_path: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.args = ["--port", str(self.port), "--worker-addr", f"tcp://127.0.0.1:{free_port()}",
                      "--cpu-attention-addr", f"tcp://127.0.0.1:{free_port()}", *args]
         self.log_path = log_path
         self.log = open(log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "neo_common.cli", "serve", *self.args],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+                                     stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 240.0) -> None:
