@@ -9,9 +9,12 @@ import uuid
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from neo_gateway.api_models import ChatCompletionRequest, CompletionRequest
+from neo_gateway.api_models import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+                                    CompletionChunk, CompletionRequest, CompletionResponse, ModelList,
+                                    generation_responses, stream_components)
 from neo_gateway.engine import Engine, EngineOverloaded, EngineUnavailable, RequestOutput, RequestStream
 from neo_gateway.metrics import GatewayMetrics
 from neo_gateway.errors import APIError, error_body, install_handlers
@@ -37,8 +40,27 @@ class _BodyLimit:
         await self.app(scope, receive, send)
 
 
+def _openapi_without_422(app: FastAPI):
+    """FastAPI documents a 422 for every body; invalid bodies get a 400 here (errors.py), so drop it.
+    Also adds the SSE chunk schemas the streaming responses refer to."""
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for item in schema.get("paths", {}).values():
+                for op in item.values():
+                    op.get("responses", {}).pop("422", None)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.pop(name, None)
+            components.update({k: v for k, v in stream_components().items() if k not in components})
+            app.openapi_schema = schema
+        return app.openapi_schema
+    return openapi
+
+
 def create_app(engine: Engine, served_name: str) -> FastAPI:
     app = FastAPI(title="NEO serving stack", version="0.1.0")
+    app.openapi = _openapi_without_422(app)
     install_handlers(app)
     app.add_middleware(_BodyLimit, limit=engine.config.http.max_request_bytes)
     created = int(time.time())
@@ -140,28 +162,30 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
             await stream.aclose()
 
     # -- routes -------------------------------------------------------------------------------
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "A worker is down (Retry-After)",
+                                         "content": {"application/json": {"schema": {"type": "object"}}}}})
     async def health() -> Response:
         if not engine.link.alive:
             return JSONResponse({"status": "unhealthy", "reason": "gpu_worker is down"}, 503,
                                 headers={"Retry-After": "5"})
         return JSONResponse({"status": "ok", "workers": {"gpu_worker": {"pid": engine.link.ready.pid}}})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/ready")
+    @app.get("/ready", responses={503: {"description": "Not ready yet (or a worker is down)",
+                                        "content": {"application/json": {"schema": {"type": "object"}}}}})
     async def ready() -> Response:
         return JSONResponse({"ready": engine.ready}, 200 if engine.ready else 503)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList)
     async def models() -> dict:
         return {"object": "list", "data": [{"id": served_name, "object": "model", "created": created,
                                              "owned_by": "neo", "root": served_name,
                                              "max_model_len": engine.max_model_len}]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=generation_responses(CompletionResponse, CompletionChunk))
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
         check_ready()
@@ -188,7 +212,7 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
         out = await collect(stream, request)
         return JSONResponse(chunk(out) | {"usage": usage(out)})
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=generation_responses(ChatCompletionResponse, ChatCompletionChunk))
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
         check_ready()

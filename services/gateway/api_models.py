@@ -99,3 +99,161 @@ class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     add_generation_prompt: StrictBool = True
+
+
+# -- response bodies: documented in the OpenAPI schema (the routes build them as plain dicts) --------
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: Optional[str]
+    code: Union[str, int, None]
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx body: OpenAI's shape, ``param`` naming the offending field where there is one."""
+
+    error: ErrorInfo
+    object: Literal["error"] = "error"
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+
+
+FinishReason = Optional[Literal["stop", "length", "abort", "error"]]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+def error_responses(*statuses: int) -> dict[int, dict]:
+    """OpenAPI ``responses`` entries for error statuses, all with the OpenAI error body."""
+    words = {400: "Invalid request (the error's param names the field)", 404: "Unknown model",
+             413: "Request body too large", 429: "Waiting queue full (Retry-After)",
+             499: "Client closed the request", 500: "Generation failed",
+             503: "Engine not ready or a worker is down (Retry-After)"}
+    return {s: {"model": ErrorResponse, "description": words[s]} for s in statuses}
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class CompletionChunk(BaseModel):
+    """One SSE event of a streamed completion (``choices`` empty in the final usage event)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Optional[Usage] = None
+
+
+class Delta(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletionChunk(BaseModel):
+    """One SSE event of a streamed chat completion (``choices`` empty in the final usage event)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Optional[Usage] = None
+
+
+STREAM_MODELS = (CompletionChunk, ChatCompletionChunk, ErrorResponse)
+_REF = "#/components/schemas/{model}"
+
+
+def stream_components() -> dict[str, dict]:
+    """Component schemas the SSE documentation refers to (FastAPI only adds models routes name)."""
+    out: dict[str, dict] = {}
+    for model in STREAM_MODELS:
+        schema = model.model_json_schema(ref_template=_REF)
+        out.update(schema.pop("$defs", {}))
+        out[model.__name__] = schema
+    return out
+
+
+def _sse_event(chunk: type[BaseModel]) -> dict:
+    """One server-sent event (OpenAPI 3.2 reading: ``schema`` describes each event): ``data`` is a JSON
+    chunk, an error event in OpenAI's error shape, or the final ``[DONE]``."""
+    payload = {"type": "string", "contentMediaType": "application/json",
+               "contentSchema": {"anyOf": [{"$ref": _REF.format(model=chunk.__name__)},
+                                           {"$ref": _REF.format(model="ErrorResponse")}]}}
+    return {"type": "object", "required": ["data"],
+            "properties": {"data": {"anyOf": [{"const": "[DONE]"}, payload]}}}
+
+
+def generation_responses(model: type[BaseModel], chunk: type[BaseModel]) -> dict[int, dict]:
+    """A generation route: JSON body, or SSE when ``stream`` is true; errors as :func:`error_responses`."""
+    ok = {"model": model, "description": "The completion, or with `stream: true` server-sent events "
+                                          "(chunks, then `data: [DONE]`)",
+          "content": {"text/event-stream": {"schema": _sse_event(chunk)}}}
+    return {200: ok, **error_responses(400, 404, 413, 429, 500, 503)}
