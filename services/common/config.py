@@ -103,6 +103,8 @@ class IpcConfig(Settings):
     cpu_attention_addr: str = option("tcp://127.0.0.1:5602", "ZeroMQ address gateway <-> cpu_attention")
     shm_name: str = option("", "POSIX shared-memory segment for the CPU KV pool (default: per port)")
     worker_timeout_s: float = option(120.0, "an iteration taking longer than this marks the worker dead")
+    max_worker_restarts: int = option(3, "crashed workers `neo serve` restarts within 10 minutes before "
+                                         "giving up (0: stop at the first crash)")
 
     def validate(self) -> None:
         for name in ("worker_addr", "cpu_attention_addr"):
@@ -110,6 +112,8 @@ class IpcConfig(Settings):
                 raise ConfigError(f"--{name.replace('_', '-')} must look like tcp://HOST:PORT")
         if self.worker_timeout_s <= 0:
             raise ConfigError("--worker-timeout-s must be > 0")
+        if self.max_worker_restarts < 0:
+            raise ConfigError("--max-worker-restarts must be >= 0")
 
 
 @dataclasses.dataclass

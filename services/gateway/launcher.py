@@ -1,8 +1,9 @@
 """`neo serve`: run one replica (gateway + gpu worker [+ cpu attention]) as processes on this machine.
 
 Every child gets the same configuration flags, exactly as the containers of a pod get the same
-ConfigMap. The launcher watches them: Ctrl-C or SIGTERM stops all of them; if one exits on its own,
-the others are stopped and the launcher exits non-zero, so a supervisor sees the failure.
+ConfigMap. The launcher watches them: Ctrl-C or SIGTERM stops all of them. A crashed worker is
+restarted (up to --max-worker-restarts times in ten minutes); if the gateway dies or workers keep
+crashing, the others are stopped and the launcher exits non-zero, so a supervisor sees the failure.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from neo_common.logs import setup_logging
 log = logging.getLogger(__name__)
 
 _STOP_GRACE_S = 10.0
+_RESTART_WINDOW_S = 600.0
 
 
 class Replica:
@@ -37,11 +39,30 @@ class Replica:
         return roles
 
     def start(self) -> None:
-        args = self.config.to_args()
         for role in self.roles():
-            cmd = [sys.executable, "-m", "neo_common.cli", role, *args]
-            self.procs[role] = subprocess.Popen(cmd)
-            log.info("started %s (pid %d)", role, self.procs[role].pid)
+            self.start_role(role)
+
+    def start_role(self, role: str) -> None:
+        cmd = [sys.executable, "-m", "neo_common.cli", role, *self.config.to_args()]
+        self.procs[role] = subprocess.Popen(cmd)
+        log.info("started %s (pid %d)", role, self.procs[role].pid)
+
+    def supervise(self) -> int:
+        """Restart crashed workers (the gateway keeps queued requests meanwhile); give up, with the
+        crashed child's exit code, when the gateway dies or workers crash too often."""
+        limit = self.config.ipc.max_worker_restarts
+        recent: list[float] = []
+        while True:
+            role, code = self.wait_any()
+            now = time.monotonic()
+            recent = [t for t in recent if now - t < _RESTART_WINDOW_S]
+            if role == "gateway" or len(recent) >= limit:
+                log.error("%s exited with code %d; stopping the replica", role, code)
+                return code or 1
+            recent.append(now)
+            log.warning("%s exited with code %d; restarting it (%d of %d within %.0f s)", role, code,
+                        len(recent), limit, _RESTART_WINDOW_S)
+            self.start_role(role)
 
     def wait_any(self) -> tuple[str, int] | None:
         """Block until a child exits; returns its role and exit code."""
@@ -79,9 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         replica.start()
-        role, code = replica.wait_any()
-        log.error("%s exited with code %d; stopping the replica", role, code)
-        return code or 1
+        return replica.supervise()
     except KeyboardInterrupt:
         log.info("stopping")
         return 0

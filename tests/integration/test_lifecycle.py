@@ -37,7 +37,7 @@ def test_ctrl_c_stops_every_child(replica_factory):
 
 
 def test_killed_worker_fails_in_flight_requests_and_the_launcher_exits_nonzero(replica_factory):
-    r = replica_factory("--num-gpu-blocks", "64")
+    r = replica_factory("--num-gpu-blocks", "64", "--max-worker-restarts", "0")
     worker = httpx.get(r.url + "/health").json()["workers"]["gpu_worker"]["pid"]
     result: dict = {}
 
@@ -98,3 +98,34 @@ def _status(url: str) -> int:
         return httpx.get(url, timeout=2).status_code
     except httpx.HTTPError:
         return -1
+
+
+def test_crashed_worker_is_restarted_and_queued_requests_survive(replica_factory):
+    r = replica_factory("--num-gpu-blocks", "64", "--max-num-seqs", "1")
+    worker = httpx.get(r.url + "/health").json()["workers"]["gpu_worker"]["pid"]
+    body = {"model": MODEL, "prompt": "Tell a long story.", "max_tokens": 300, "temperature": 0, "ignore_eos": True}
+    results: dict = {}
+
+    def post(name: str, payload: dict) -> None:
+        t0 = time.monotonic()
+        resp = httpx.post(r.url + "/v1/completions", json=payload, timeout=300)
+        results[name] = (resp.status_code, time.monotonic() - t0, resp.json())
+
+    running = threading.Thread(target=post, args=("running", body))
+    running.start()
+    time.sleep(2.0)  # the first request is decoding; with --max-num-seqs 1 the next one must wait
+    queued = threading.Thread(target=post, args=("queued", body | {"max_tokens": 5, "prompt": "Hello"}))
+    queued.start()
+    time.sleep(0.5)
+    os.kill(worker, signal.SIGKILL)
+    running.join(timeout=60)
+    assert not running.is_alive(), "the in-flight request hung after the worker died"
+    status, elapsed, payload = results["running"]
+    assert status == 500 and "error" in payload and elapsed < 60
+    assert wait_until(lambda: _status(r.url + "/health") == 503, 10) or _status(r.url + "/ready") == 200
+    assert wait_until(lambda: _status(r.url + "/ready") == 200, 240), "the restarted worker never got ready"
+    new_pid = httpx.get(r.url + "/health").json()["workers"]["gpu_worker"]["pid"]
+    assert new_pid != worker and r.proc.poll() is None
+    queued.join(timeout=240)
+    status, _, payload = results["queued"]
+    assert status == 200 and payload["usage"]["completion_tokens"] == 5, "the queued request was served after restart"
