@@ -6,5 +6,6 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 mkdir -p /tmp/neo_pkgs
 for p in common gateway gpu_worker cpu_attention; do ln -sfn "$PWD/services/$p" "/tmp/neo_pkgs/neo_$p"; done
 ln -sfn "$PWD/operator" /tmp/neo_pkgs/neo_operator
+ln -sfn "$PWD/benchmarks" /tmp/neo_pkgs/neo_bench
 export PYTHONPATH=/tmp/neo_pkgs:/tmp/site:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1

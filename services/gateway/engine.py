@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import time
 import zmq.asyncio
 
 from opentelemetry import trace
@@ -102,6 +103,7 @@ class Engine:
         self._loop_task: asyncio.Task | None = None
         self._ready_seen = 0
         self.finished_hooks: list = []  # callbacks(seq) when a request ends (metrics)
+        self.iteration_hooks: list = []  # callbacks(output, result, wall_s) after each iteration (metrics)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -181,6 +183,7 @@ class Engine:
             if output.is_empty:
                 await asyncio.sleep(0.001)  # everything is waiting on blocks held by finishing requests
                 continue
+            t_start = time.perf_counter()
             plan = output.to_plan(sched.gpu)
             if tracing.enabled():
                 plan.trace = iteration_trace(output)
@@ -194,6 +197,9 @@ class Engine:
                 continue
             assert isinstance(result, IterationResult)
             self._apply(output, result)
+            wall = time.perf_counter() - t_start
+            for hook in self.iteration_hooks:
+                hook(output, result, wall)
 
     def _apply(self, output: SchedulerOutput, result: IterationResult) -> None:
         assert self.scheduler is not None

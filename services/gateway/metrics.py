@@ -21,6 +21,10 @@ _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 
                     10.0, 20.0, 40.0, 80.0)
 
 
+_STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
+                 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
 class _SchedulerState(Collector):
     def __init__(self, engine: "Engine", model: str) -> None:
         self.engine, self.model = engine, model
@@ -61,8 +65,23 @@ class GatewayMetrics:
                               buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.itl = Histogram("neo:inter_token_latency_seconds", "Mean time between tokens of a request.",
                              labels, buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.iteration = Histogram("neo:iteration_duration_seconds", "Gateway wall time of one iteration: "
+                                   "schedule, plan, IPC, worker, outputs.", labels, buckets=_STEP_BUCKETS,
+                                   registry=self.registry)
+        self.worker_iteration = Histogram("neo:worker_iteration_seconds", "Worker-side time of one iteration "
+                                          "(its own clock).", labels, buckets=_STEP_BUCKETS, registry=self.registry)
+        self.batch_tokens = Counter("neo:iteration_tokens", "Tokens fed to the model, summed over iterations.",
+                                    labels, registry=self.registry)
+        engine.iteration_hooks.append(self.observe_iteration)
         self.e2e = Histogram("neo:e2e_request_latency_seconds", "Arrival to last token.", labels,
                              buckets=_LATENCY_BUCKETS, registry=self.registry)
+
+    def observe_iteration(self, output, result, wall_s: float) -> None:
+        """Gateway wall vs worker time per iteration: their gap is scheduler + IPC overhead."""
+        m = self.model
+        self.iteration.labels(m).observe(wall_s)
+        self.worker_iteration.labels(m).observe(result.total_s)
+        self.batch_tokens.labels(m).inc(sum(r.num_tokens for r in output.rows))
 
     def observe_finished(self, seq: "Sequence") -> None:
         m = self.model

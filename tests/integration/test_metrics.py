@@ -44,5 +44,8 @@ def test_counters_and_histograms_move_by_the_traffic(small_pool_replica):
     for hist in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "inter_token_latency_seconds"):
         assert delta(f"neo:{hist}_count{{{label}}}") == 4, hist
         assert delta(f"neo:{hist}_sum{{{label}}}") > 0, hist
+    iterations = delta(f"neo:iteration_duration_seconds_count{{{label}}}")
+    assert iterations >= 15 + 4 and delta(f"neo:worker_iteration_seconds_count{{{label}}}") == iterations
+    assert 0 < delta(f"neo:worker_iteration_seconds_sum{{{label}}}") < delta(f"neo:iteration_duration_seconds_sum{{{label}}}")
     assert after[f"neo:num_requests_running{{{label}}}"] == 0
     assert after[f"neo:kv_cache_usage_perc{{{label}}}"] == 0.0
