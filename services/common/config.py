@@ -166,6 +166,17 @@ class NeoConfig:
         cls.add_arguments(parser)
         return cls.from_namespace(parser.parse_args(argv), env)
 
+    @classmethod
+    def for_process(cls, prog: str, description: str | None, argv: Sequence[str] | None, role: str) -> "NeoConfig":
+        """Parse a process's argv (+ NEO_* env) and set up its logging: the start of every `neo` process."""
+        from neo_common.logs import setup_logging
+
+        parser = argparse.ArgumentParser(prog=prog, description=description)
+        cls.add_arguments(parser)
+        config = cls.from_namespace(parser.parse_args(argv))
+        setup_logging(config.http.log_level, role)
+        return config
+
     def to_args(self) -> list[str]:
         return [arg for section in self.sections() for arg in section.to_args()]
 

@@ -8,7 +8,6 @@ crashing, the others are stopped and the launcher exits non-zero, so a superviso
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import subprocess
@@ -17,7 +16,6 @@ import time
 from typing import Sequence
 
 from neo_common.config import NeoConfig
-from neo_common.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +86,7 @@ class Replica:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="neo serve", description=__doc__)
-    NeoConfig.add_arguments(parser)
-    config = NeoConfig.from_namespace(parser.parse_args(argv))
-    setup_logging(config.http.log_level, "launcher")
+    config = NeoConfig.for_process("neo serve", __doc__, argv, "launcher")
     replica = Replica(config)
 
     def on_signal(signum, _frame):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -13,7 +12,6 @@ import zmq.asyncio
 
 from neo_common import tracing
 from neo_common.config import NeoConfig
-from neo_common.logs import setup_logging
 from neo_common.model_source import resolve
 from neo_gateway.api import create_app
 from neo_gateway.engine import Engine
@@ -50,10 +48,7 @@ def build(config: NeoConfig):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="neo gateway", description=__doc__)
-    NeoConfig.add_arguments(parser)
-    config = NeoConfig.from_namespace(parser.parse_args(argv))
-    setup_logging(config.http.log_level, "gateway")
+    config = NeoConfig.for_process("neo gateway", __doc__, argv, "gateway")
     app, _ = build(config)
     server = uvicorn.Server(uvicorn.Config(app, host=config.http.host, port=config.http.port,
                                            log_level=config.http.log_level, access_log=False,

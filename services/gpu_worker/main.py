@@ -6,7 +6,6 @@ each IterationPlan it receives, answering with an IterationResult. It keeps no r
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -19,7 +18,6 @@ import zmq
 
 from neo_common import tracing
 from neo_common.config import NeoConfig
-from neo_common.logs import setup_logging
 from neo_common.model_source import read_geometry, resolve
 from neo_common.settings import ConfigError
 from neo_common.protocol import (Hello, IterationPlan, IterationResult, ProtocolError, Shutdown, WorkerError,
@@ -133,10 +131,7 @@ def serve(config: NeoConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="neo gpu-worker", description=__doc__)
-    NeoConfig.add_arguments(parser)
-    config = NeoConfig.from_namespace(parser.parse_args(argv))
-    setup_logging(config.http.log_level, "gpu_worker")
+    config = NeoConfig.for_process("neo gpu-worker", __doc__, argv, "gpu_worker")
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     tracing.setup_tracing("neo-gpu-worker")
     try:
