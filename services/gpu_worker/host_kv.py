@@ -1,0 +1,55 @@
+"""The GPU worker's side of the shared KV segment: create it, pin it for CUDA, view it as tensors.
+
+The cpu_attention process attaches the same segment by name. Registering the mapping with
+``cudaHostRegister`` makes device<->host copies into it run at pinned speed (no staging through a
+driver bounce buffer); on a machine without CUDA the views work the same, unpinned.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from neo_cpu_attention.segment import KvSegment, SegmentLayout
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HostKv:
+    """A created segment plus torch views of its regions.
+
+    - ``segment``: the mapping (owned: removed by :meth:`close`).
+    - ``pinned``: whether CUDA registered the mapping (only on a CUDA machine, once).
+    - ``k_pool``/``v_pool``: ``[layers, blocks, kv_heads, block_size, head_dim]`` tensors over the pool.
+    """
+
+    def __init__(self, name: str, layout: SegmentLayout, pin: bool | None = None) -> None:
+        self.segment = KvSegment.create(name, layout)
+        self.dtype = _DTYPES[layout.dtype]
+        self.pinned = False
+        if pin if pin is not None else torch.cuda.is_available():
+            err = torch.cuda.cudart().cudaHostRegister(self.segment.base_address, self.segment.size, 0)
+            if int(err) != 0:
+                self.segment.close()
+                self.segment.unlink()
+                raise RuntimeError(f"cudaHostRegister of {self.segment.size} bytes failed with error {int(err)}")
+            self.pinned = True
+        self.k_pool = self.region("k_pool")
+        self.v_pool = self.region("v_pool")
+        log.info("host KV segment %s: %.2f GiB%s", name, self.segment.size / 2**30, " (pinned)" if self.pinned else "")
+
+    def region(self, name: str, slot: int = 0) -> torch.Tensor:
+        """A tensor aliasing one region of the segment (no copy)."""
+        array = self.segment.view(name, slot)
+        return torch.from_numpy(array).view(self.dtype)
+
+    def close(self) -> None:
+        self.k_pool = self.v_pool = None  # drop aliases before the mapping goes
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.segment.base_address)
+            self.pinned = False
+        self.segment.close()
+        self.segment.unlink()
