@@ -67,6 +67,12 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
     metrics = GatewayMetrics(engine, served_name)
     engine.finished_hooks.append(metrics.observe_finished)
 
+    def encode(text: str, param: str, **kwargs) -> list[int]:
+        try:
+            return engine.tokenizer.encode(text, **kwargs)
+        except (TypeError, ValueError, UnicodeError):  # e.g. a lone surrogate escape ("\ud800") in the JSON
+            raise APIError(400, "the text is not valid Unicode (unpaired surrogate?)", param) from None
+
     def check_model(name: str) -> None:
         if name != served_name:
             raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
@@ -196,7 +202,7 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
             if len(prompt) != 1:
                 raise APIError(400, "a batch of prompts is not supported; send one prompt per request", "prompt")
             prompt = prompt[0]
-        prompt_ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        prompt_ids = encode(prompt, "prompt") if isinstance(prompt, str) else list(prompt)
         params = plan_request(prompt_ids, lambda _room: body.sampling_params(16), "prompt")  # OpenAI's default
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         stream = submit(rid, prompt_ids, params)
@@ -223,7 +229,7 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
             raise APIError(400, str(exc), exc.param) from None
         except Exception as exc:  # template errors are the request's fault (e.g. role order)
             raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from None
-        prompt_ids = engine.tokenizer.encode(text, add_special_tokens=False)
+        prompt_ids = encode(text, "messages", add_special_tokens=False)
         if body.max_completion_tokens is not None and body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
         params = plan_request(prompt_ids, body.sampling_params, "messages")

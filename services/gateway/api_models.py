@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from neo_gateway.sampling_params import ParamError, SamplingParams
 
 
+_INT32_MAX = 2**31 - 1
+
+
 class StreamOptions(BaseModel):
     include_usage: Optional[bool] = False
 
@@ -58,7 +61,8 @@ class _GenerationRequest(BaseModel):
             max_tokens=self.max_tokens if self.max_tokens is not None else default_max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=-1 if self.top_k is None else self.top_k,
+            # any top_k at or above the vocabulary disables the filter; clamp so it fits the plan's int32
+            top_k=-1 if self.top_k is None else min(self.top_k, _INT32_MAX),
             seed=self.seed,
             stop=self.stop_list(),
             stop_token_ids=list(self.stop_token_ids or []),

@@ -25,7 +25,13 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
+def _utf8(text: str | None) -> str | None:
+    """Text that encodes as UTF-8: JSON may carry lone surrogates ("\\ud800") that a message can echo."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    message, param = _utf8(message), _utf8(param)
     return {"error": {"message": message, "type": _TYPES.get(status, "server_error" if status >= 500 else
                                                                 "invalid_request_error"),
                       "param": param, "code": code}, "object": "error"}

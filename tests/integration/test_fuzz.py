@@ -130,3 +130,32 @@ def test_fuzz_api_from_its_openapi_schema(small_pool_replica) -> None:
     out = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "The capital of France is",
                                                     "max_tokens": 3, "temperature": 0}, timeout=60)
     assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] >= 1
+
+
+# Found by fuzzing; each once broke the server. (body, status, param)
+REGRESSIONS = [
+    # top_k past int32 overflowed the iteration plan inside the engine loop: the loop died silently and
+    # every later request waited forever while /health said 200
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 2, "top_k": 10**30}, 200, None),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 2, "top_k": 2**31}, 200, None),
+    # lone surrogate escapes are valid JSON but not text: the tokenizer raised (500), and an error
+    # message echoing one could not be encoded (500)
+    ({"model": MODEL, "prompt": "\x00\ud800", "max_tokens": 2}, 400, "prompt"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "\udc00x"}], "max_tokens": 2}, 400, "messages"),
+    ({"model": "x\ud800", "prompt": "hi", "max_tokens": 2}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize("body,status,param", REGRESSIONS)
+def test_inputs_found_by_fuzzing(small_pool_replica, body, status, param) -> None:
+    url = small_pool_replica.url
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    resp = httpx.post(url + path, content=json.dumps(body), headers={"content-type": "application/json"},
+                      timeout=REQUEST_TIMEOUT_S)
+    assert resp.status_code == status, resp.text
+    if status >= 400:
+        assert resp.json()["error"]["param"] == param, resp.text
+    after = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 2},
+                       timeout=REQUEST_TIMEOUT_S)
+    assert after.status_code == 200, after.text
+    wait_idle(small_pool_replica)
