@@ -1,5 +1,5 @@
 """charts/neo/dashboards/neo.json: valid JSON, every PromQL expression names only series the gateway
-really exports (the exposition text of a real GatewayMetrics registry), and the chart ships it as a
+really exports (scraped from a real replica's /metrics), and the chart ships it as a
 Grafana-sidecar ConfigMap that renders and validates with the real helm binary."""
 
 from __future__ import annotations
@@ -9,15 +9,13 @@ import os
 import re
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import kubernetes_validate
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-
-from neo_gateway.metrics import GatewayMetrics
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "neo"
@@ -30,18 +28,19 @@ REQUIRED = {"neo:num_requests_running", "neo:num_requests_waiting", "neo:kv_cach
             "neo:gpu_kv_blocks_total", "neo:num_preemptions_total", "neo:worker_up",
             "neo:time_to_first_token_seconds_bucket", "neo:inter_token_latency_seconds_bucket",
             "neo:e2e_request_latency_seconds_bucket", "neo:prompt_tokens_total", "neo:generation_tokens_total",
-            "neo:request_success_total"}
+            "neo:request_success_total", "neo:iteration_duration_seconds_bucket",
+            "neo:worker_iteration_seconds_bucket", "neo:iteration_tokens_total"}
 
 
-def exported_samples() -> dict[str, set[str]]:
-    """Sample name -> label names, parsed from a real registry's /metrics text after one finished request."""
-    engine = SimpleNamespace(scheduler=None, link=SimpleNamespace(alive=True))
-    metrics = GatewayMetrics(engine, "m")
-    seq = SimpleNamespace(prompt_ids=[1, 2, 3], output_ids=[4, 5], finish_reason=SimpleNamespace(value="stop"),
-                          arrival=0.0, first_token_time=0.1, last_token_time=0.2)
-    metrics.observe_finished(seq)
+@pytest.fixture(scope="module")
+def exported_samples(small_pool_replica) -> dict[str, set[str]]:
+    """Sample name -> label names, scraped from a real replica's /metrics after one finished request."""
+    url = small_pool_replica.url
+    done = httpx.post(url + "/v1/completions", json={"model": "smollm2-135m-instruct", "prompt": "Hi",
+                                                     "max_tokens": 2}, timeout=120)
+    assert done.status_code == 200, done.text
     out: dict[str, set[str]] = {}
-    for family in text_string_to_metric_families(metrics.render().decode()):
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
         for sample in family.samples:
             out.setdefault(sample.name, set()).update(sample.labels)
     return out
@@ -58,8 +57,9 @@ def panels(dash: dict[str, Any]) -> list[dict[str, Any]]:
     return [p for p in out if p["type"] != "row"]
 
 
-def test_every_expression_uses_exported_series_and_labels() -> None:
-    samples = exported_samples()
+@pytest.mark.integration
+def test_every_expression_uses_exported_series_and_labels(exported_samples) -> None:
+    samples = exported_samples
     dash = dashboard()
     used: set[str] = set()
     exprs = [t["expr"] for p in panels(dash) for t in p["targets"]]
@@ -94,7 +94,8 @@ def test_panels_use_the_datasource_variable_and_filter_by_model() -> None:
             assert t["datasource"]["uid"] == "${datasource}"
             assert 'model_name=~"$model_name"' in t["expr"], t["expr"]
     quantiles = [t["expr"] for p in panels(dash) for t in p["targets"] if "histogram_quantile" in t["expr"]]
-    for metric in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds"):
+    for metric in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
+                   "iteration_duration_seconds", "worker_iteration_seconds"):
         qs = {e.split(",")[0] for e in quantiles if metric in e}
         assert qs == {"histogram_quantile(0.5", "histogram_quantile(0.99"}, metric
 
