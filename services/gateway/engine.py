@@ -168,6 +168,8 @@ class Engine:
 
     # -- the loop -----------------------------------------------------------------------------
     async def _loop(self) -> None:
+        """Run iterations forever. A bug hit while building or applying one iteration fails the
+        requests in it, never the loop: a dead loop would wedge every later request."""
         while True:
             if not self.link.alive:
                 await self.link.ready_event.wait()
@@ -183,23 +185,30 @@ class Engine:
             if output.is_empty:
                 await asyncio.sleep(0.001)  # everything is waiting on blocks held by finishing requests
                 continue
-            t_start = time.perf_counter()
-            plan = output.to_plan(sched.gpu)
-            if tracing.enabled():
-                plan.trace = iteration_trace(output)
             try:
-                result = await self.link.call(plan)
-            except WorkerDown as exc:
-                self._fail_running(str(exc))
-                continue
-            except IterationFailed as exc:
-                self._fail_rows(output, str(exc))
-                continue
-            assert isinstance(result, IterationResult)
-            self._apply(output, result)
-            wall = time.perf_counter() - t_start
-            for hook in self.iteration_hooks:
-                hook(output, result, wall)
+                await self._iterate(sched, output)
+            except Exception as exc:  # noqa: BLE001 (the loop must survive; the requests in it may not)
+                log.exception("iteration %d failed in the gateway", output.iteration_id)
+                self._fail_rows(output, f"internal error: {type(exc).__name__}: {exc}")
+
+    async def _iterate(self, sched: Scheduler, output: SchedulerOutput) -> None:
+        t_start = time.perf_counter()
+        plan = output.to_plan(sched.gpu)
+        if tracing.enabled():
+            plan.trace = iteration_trace(output)
+        try:
+            result = await self.link.call(plan)
+        except WorkerDown as exc:
+            self._fail_running(str(exc))
+            return
+        except IterationFailed as exc:
+            self._fail_rows(output, str(exc))
+            return
+        assert isinstance(result, IterationResult)
+        self._apply(output, result)
+        wall = time.perf_counter() - t_start
+        for hook in self.iteration_hooks:
+            hook(output, result, wall)
 
     def _apply(self, output: SchedulerOutput, result: IterationResult) -> None:
         assert self.scheduler is not None
