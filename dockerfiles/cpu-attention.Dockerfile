@@ -56,9 +56,8 @@ RUN --mount=type=secret,id=pipconf --mount=type=secret,id=cacert \
     if [ -n "$TORCH_VERSION" ]; then \
         pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" "torch==$TORCH_VERSION"; \
     fi
-COPY setup.py README.md ./
-COPY services ./services
-COPY operator ./operator
+# Everything .dockerignore admits: the package's folders (pyproject's package-dir) and metadata.
+COPY . ./
 # setuptools skips an extension whose built file is newer than its sources: the one from `native`.
 COPY --from=native /src/build ./build
 RUN --mount=type=secret,id=pipconf --mount=type=secret,id=cacert \

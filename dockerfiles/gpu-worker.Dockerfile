@@ -59,9 +59,8 @@ RUN --mount=type=secret,id=pipconf --mount=type=secret,id=cacert \
 RUN --mount=type=secret,id=pipconf --mount=type=secret,id=cacert \
     python3 pyproject-deps.py pyproject.toml --exclude torch > requirements.txt \
     && pip install --no-cache-dir -r requirements.txt
-COPY setup.py README.md ./
-COPY services ./services
-COPY operator ./operator
+# Everything .dockerignore admits: the package's folders (pyproject's package-dir) and metadata.
+COPY . ./
 # setuptools skips an extension whose built file is newer than its sources: the one from `native`.
 COPY --from=native /src/build ./build
 RUN --mount=type=secret,id=pipconf --mount=type=secret,id=cacert \

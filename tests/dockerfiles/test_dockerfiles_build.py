@@ -146,6 +146,9 @@ def test_image_runs_neo(images: Images, name: str) -> None:
     assert top.returncode == 0 and "usage: neo COMMAND" in top.stdout, top.stdout + top.stderr
     own = images.run(name, "neo", IMAGES[name], "--help")
     assert own.returncode == 0 and "usage:" in own.stdout, own.stdout + own.stderr
+    if name == "cpu-attention":  # the operator's per-node bandwidth probe Job runs this image
+        probe = images.run(name, "neo", "probe-bandwidth", "--help")
+        assert probe.returncode == 0 and "usage:" in probe.stdout, probe.stdout + probe.stderr
     who = images.run(name, "id", "-u")
     assert who.stdout.strip() == "10001", who.stdout + who.stderr
 

@@ -138,9 +138,25 @@ def test_dockerignore_admits_what_the_dockerfiles_copy() -> None:
                 continue
             sources = [a for a in args.split() if not a.startswith("--")][:-1]
             for src in sources:
+                if src == ".":
+                    continue
                 top = src.split("/")[0]
                 assert top in allowed, f"{name}: COPY {src} is excluded by .dockerignore"
                 assert (ROOT / src).exists(), f"{name}: COPY {src}: no such path"
+
+
+def test_dockerignore_admits_every_package_folder() -> None:
+    """`COPY . ./` takes what .dockerignore admits: every folder pyproject maps a package onto."""
+    import tomllib
+
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    folders = {path.split("/")[0] for path in pyproject["tool"]["setuptools"]["package-dir"].values()}
+    missing = sorted(folders - allowed)
+    assert not missing, f"add !{'/, !'.join(missing)}/ to .dockerignore: the images need those packages"
+    for name in ("pyproject.toml", "setup.py", "README.md", "dockerfiles"):
+        assert name in allowed, name
 
 
 def test_pyproject_deps_lists_requirements() -> None:
