@@ -17,12 +17,19 @@ from neo_gateway.sampling_params import ParamError, SamplingParams
 _INT32_MAX = 2**31 - 1
 
 
+# strict: no lax coercion ("5" or 5.5 as an integer, 0 as a boolean, true as a token id); the bodies
+# accept what their OpenAPI schema says and nothing the schema forbids (found by schemathesis)
+_STRICT = ConfigDict(extra="allow", strict=True)
+
+
 class StreamOptions(BaseModel):
+    model_config = _STRICT
+
     include_usage: Optional[bool] = False
 
 
 class _GenerationRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = _STRICT
 
     model: str
     max_tokens: Optional[int] = Field(default=None, ge=1)
@@ -79,7 +86,7 @@ class CompletionRequest(_GenerationRequest):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = _STRICT
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Union[str, list[dict[str, Any]], None] = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,10 +43,14 @@ def error_response(exc: APIError) -> JSONResponse:
                         headers=exc.headers)
 
 
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|(list|dict|set|tuple|literal|function-\w+)\[.*\])$")
+
+
 def _param_of(loc: tuple) -> str | None:
     parts = [str(p) for p in loc if p != "body"]
     # Union members appear in the location as type names; they say nothing about the field.
-    parts = [p for p in parts if not p.startswith(("str", "list[", "int", "function-"))] or parts
+    # (match whole tags: a prefix test dropped real fields such as "stream_options")
+    parts = [p for p in parts if not _UNION_TAG.match(p)] or parts
     return ".".join(parts) or None
 
 

@@ -6,12 +6,13 @@ refused with a 4xx, and afterwards the server healthy with every KV block free."
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis import checks as C
@@ -26,6 +27,10 @@ EXAMPLES = {"GET": 10, "POST": 80}      # per operation and generation mode
 BUDGET_S = {"GET": 10.0, "POST": 60.0}  # per operation and mode; examples past it are skipped
 MAX_TOKENS = 3                          # decoding on a 2-core CPU costs ~60-100 ms per token
 REQUEST_TIMEOUT_S = 60.0                # a request running longer counts as a hang
+# Unset: the same examples every run (a regression suite). Set: another walk, e.g. to hunt for new bugs;
+# NEO_FUZZ_SCALE multiplies the example counts and time budgets.
+SEED = os.environ.get("NEO_FUZZ_SEED")
+SCALE = float(os.environ.get("NEO_FUZZ_SCALE", "1"))
 CHECKS = [C.not_a_server_error, C.status_code_conformance, C.content_type_conformance,
           C.response_schema_conformance, C.negative_data_rejection]
 
@@ -75,10 +80,10 @@ def fuzz_operation(url: str, op, mode: GenerationMode, stats: dict) -> None:
     method = op.method.upper()
     strategy = st.tuples(op.as_strategy(generation_mode=mode), st.integers(0, 7)).map(
         lambda t: tame(*t))
-    deadline = time.monotonic() + BUDGET_S[method]
+    deadline = time.monotonic() + BUDGET_S[method] * SCALE
     seen = stats.setdefault(f"{op.label} {mode.value}", {})
 
-    @settings(max_examples=EXAMPLES[method], deadline=None, database=None, derandomize=True,
+    @settings(max_examples=int(EXAMPLES[method] * SCALE), deadline=None, database=None, derandomize=SEED is None,
               phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
     @given(strategy)
     def run(case) -> None:
@@ -93,7 +98,7 @@ def fuzz_operation(url: str, op, mode: GenerationMode, stats: dict) -> None:
         case.validate_response(resp, checks=CHECKS)
         check_openai_shape(resp)
 
-    run()
+    (seed(int(SEED))(run) if SEED else run)()
 
 
 def wait_idle(replica, timeout: float = 30.0) -> None:
@@ -143,6 +148,11 @@ REGRESSIONS = [
     ({"model": MODEL, "prompt": "\x00\ud800", "max_tokens": 2}, 400, "prompt"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "\udc00x"}], "max_tokens": 2}, 400, "messages"),
     ({"model": "x\ud800", "prompt": "hi", "max_tokens": 2}, 404, "model"),
+    # lax coercion accepted what the schema forbids: 0 as a boolean, "2" as an integer, true as a token id
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 2, "stream_options": {"include_usage": 0}}, 400,
+     "stream_options.include_usage"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": "2"}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": [True, False], "max_tokens": 2}, 400, "prompt"),
 ]
 
 
