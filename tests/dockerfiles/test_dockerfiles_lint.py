@@ -168,11 +168,11 @@ def test_pyproject_deps_lists_requirements() -> None:
                              check=True).stdout
         return [re.split(r"[<>=!~ ;\[]", line, maxsplit=1)[0].lower() for line in out.splitlines()]
 
-    everything = run()
-    no_torch = run("--exclude", "torch")
+    everything = run("--extra", "worker")  # torch comes only with the GPU worker's extra
+    no_torch = run("--extra", "worker", "--exclude", "torch")
     operator = run("--exclude", "torch", "--extra", "operator")
-    assert "torch" in everything and "torch" not in no_torch
-    assert set(no_torch) == set(everything) - {"torch"}
+    assert "torch" in everything and "torch" not in no_torch and "torch" not in run()
+    assert set(no_torch) == set(everything) - {"torch"} == set(run())
     assert {"kopf", "kubernetes", "pyyaml"} <= set(operator) and "kopf" not in no_torch
     bad = subprocess.run([sys.executable, script, pyproject, "--extra", "nope"], capture_output=True,
                          text=True, check=False)
