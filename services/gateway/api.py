@@ -171,6 +171,8 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
     @app.get("/health", responses={503: {"description": "A worker is down (Retry-After)",
                                          "content": {"application/json": {"schema": {"type": "object"}}}}})
     async def health() -> Response:
+        if not engine.loop_alive:
+            return JSONResponse({"status": "unhealthy", "reason": "the engine loop stopped"}, 503)
         if not engine.link.alive:
             return JSONResponse({"status": "unhealthy", "reason": "gpu_worker is down"}, 503,
                                 headers={"Retry-After": "5"})

@@ -117,8 +117,13 @@ class Engine:
         await self.link.close()
 
     @property
+    def loop_alive(self) -> bool:
+        """False once the iteration loop has ended (it only should at shutdown): /health reports it."""
+        return self._loop_task is not None and not self._loop_task.done()
+
+    @property
     def ready(self) -> bool:
-        return self.link.alive and self.scheduler is not None
+        return self.loop_alive and self.link.alive and self.scheduler is not None
 
     def _adopt_worker(self) -> None:
         """(Re)build the scheduler for the worker that just reported ready."""

@@ -51,7 +51,10 @@ def test_a_failing_iteration_fails_its_requests_and_the_loop_goes_on():
 
             first = await asyncio.wait_for(collect("a"), 10)  # a dead loop would never answer
             second = await asyncio.wait_for(collect("b"), 10)
+            assert engine.loop_alive and engine.ready
             engine._loop_task.cancel()
+            await asyncio.gather(engine._loop_task, return_exceptions=True)
+            assert not engine.loop_alive and not engine.ready, "/health and /ready must see a dead loop"
             return first, second
         finally:
             SchedulerOutput.to_plan = real_to_plan
