@@ -42,29 +42,24 @@ class Kube:
         # list items come without apiVersion/kind; owner references built from them need both
         return [{"apiVersion": "v1", "kind": "Node", **self._dict(n)} for n in self.core.list_node().items]
 
-    def get_pvc(self, namespace: str, name: str) -> dict[str, Any] | None:
+    def _read_or_none(self, read: Callable[..., Any], *args: Any) -> dict[str, Any] | None:
+        """A read that answers None for an object that does not exist (404); other errors raise."""
         try:
-            return self._dict(self.core.read_namespaced_persistent_volume_claim(name, namespace))
+            return self._dict(read(*args))
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
+
+    def get_pvc(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._read_or_none(self.core.read_namespaced_persistent_volume_claim, name, namespace)
 
     def get_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self._dict(self.apps.read_namespaced_deployment(name, namespace))
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return self._read_or_none(self.apps.read_namespaced_deployment, name, namespace)
 
     def get_neoservice(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self.custom.get_namespaced_custom_object(c.GROUP, c.VERSION, namespace, c.PLURAL, name)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return self._read_or_none(self.custom.get_namespaced_custom_object, c.GROUP, c.VERSION, namespace,
+                                  c.PLURAL, name)
 
     # -- writes ---------------------------------------------------------------------------------
     def _ops(self, kind: str) -> tuple[Callable, Callable, Callable]:
@@ -82,13 +77,9 @@ class Kube:
         """Describes a live object of ``obj``'s kind and name that ``obj``'s controller does not own
         (someone else's); None when the name is free or already ours."""
         kind, meta = obj["kind"], obj["metadata"]
-        read = self._ops(kind)[0]
-        try:
-            live = self._dict(read(meta["name"], meta["namespace"]))
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        live = self._read_or_none(self._ops(kind)[0], meta["name"], meta["namespace"])
+        if live is None:
+            return None
         ours = {ref["uid"] for ref in meta.get("ownerReferences") or [] if ref.get("controller")}
         theirs = {ref.get("uid") for ref in live["metadata"].get("ownerReferences") or [] if ref.get("controller")}
         if ours & theirs:
@@ -161,13 +152,7 @@ class Kube:
 
     # -- bandwidth probe --------------------------------------------------------------------------
     def job_exists(self, namespace: str, name: str) -> bool:
-        try:
-            self.batch.read_namespaced_job(name, namespace)
-            return True
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise
+        return self._read_or_none(self.batch.read_namespaced_job, name, namespace) is not None
 
     def create_job(self, job: dict[str, Any]) -> bool:
         """Create unless it exists; True when created."""
