@@ -47,7 +47,12 @@ class CacheConfig(Settings):
     num_gpu_blocks: int = option(0, "GPU KV blocks (0: size from --gpu-memory-utilization)")
     gpu_memory_utilization: float = option(0.9, "fraction of device memory the worker may use")
     cpu_device_kv_gb: float = option(1.0, "KV budget in GiB when the worker runs on the CPU device")
-    num_cpu_blocks: int = option(0, "host KV blocks for CPU-resident requests (0: none)")
+    num_cpu_blocks: int = option(0, "host KV blocks for CPU-resident requests (0: size from --cpu-kv-gb "
+                                    "when offloading is on)")
+    cpu_kv_gb: float = option(4.0, "host KV budget in GiB when --num-cpu-blocks is 0 and offloading is on")
+    kv_cache_dtype: str = option("auto", "KV cache dtype (auto: the compute dtype if 16-bit, else bfloat16 "
+                                         "with offloading on, else the compute dtype)",
+                                 choices=("auto", "bfloat16", "float16", "float32"))
 
     def validate(self) -> None:
         if self.block_size not in (8, 16, 32):
@@ -58,6 +63,17 @@ class CacheConfig(Settings):
             raise ConfigError("--gpu-memory-utilization must be within [0.05, 1.0]")
         if self.cpu_device_kv_gb <= 0:
             raise ConfigError("--cpu-device-kv-gb must be > 0")
+        if self.cpu_kv_gb <= 0:
+            raise ConfigError("--cpu-kv-gb must be > 0")
+
+    def resolve_kv_dtype(self, compute_dtype: str, offload: bool) -> str:
+        """The KV dtype name for a compute dtype. The host pool (and so, with offloading, the whole
+        KV cache: swaps copy blocks verbatim) holds 16-bit values, which the CPU kernel reads."""
+        if self.kv_cache_dtype != "auto":
+            return self.kv_cache_dtype
+        if compute_dtype in ("bfloat16", "float16"):
+            return compute_dtype
+        return "bfloat16" if offload else compute_dtype
 
 
 @dataclasses.dataclass
@@ -69,6 +85,8 @@ class SchedulerConfig(Settings):
     max_waiting: int = option(4096, "waiting-queue bound; beyond it requests get 429")
     offload_mode: str = option("off", "where decodes may run", choices=OFFLOAD_MODES)
     swap_in_threshold: float = option(0.95, "swap CPU requests back in only below this GPU KV use")
+    cost_tables: str = option("", "cost tables JSON for the offload policy (default: the cached profile of "
+                                  "this machine, profiled at the first start)")
 
     def validate(self) -> None:
         if self.max_num_seqs < 1:
@@ -148,6 +166,15 @@ class NeoConfig:
     device: DeviceConfig = dataclasses.field(default_factory=DeviceConfig)
     ipc: IpcConfig = dataclasses.field(default_factory=IpcConfig)
     http: HttpConfig = dataclasses.field(default_factory=HttpConfig)
+
+    def __post_init__(self) -> None:
+        if self.offload_enabled and self.cache.kv_cache_dtype == "float32":
+            raise ConfigError("--kv-cache-dtype float32 cannot be offloaded: the CPU attention kernel reads "
+                              "bfloat16 or float16 KV; pick one of those or --offload-mode off")
+
+    @property
+    def offload_enabled(self) -> bool:
+        return self.scheduler.offload_mode != "off"
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -100,7 +100,12 @@ class Hello(Message):
 
 @dataclasses.dataclass
 class WorkerReady(Message):
-    """The worker finished loading. ``geometry`` is ModelGeometry.to_dict()."""
+    """The worker finished loading. ``geometry`` is ModelGeometry.to_dict().
+
+    With offloading on, the GPU worker also reports the host pool it created (``num_cpu_blocks``
+    blocks in the shared segment) and the cost tables of this machine (``CostTables.to_dict()``,
+    profiled or loaded from the cache), which the gateway's offload policy plans with.
+    """
 
     TYPE: ClassVar[MsgType] = MsgType.WORKER_READY
     kind: int = WorkerKind.GPU_WORKER
@@ -111,6 +116,9 @@ class WorkerReady(Message):
     geometry: dict = dataclasses.field(default_factory=dict)
     device: str = ""
     dtype: str = ""
+    kv_dtype: str = ""
+    num_cpu_blocks: int = 0
+    cost_tables: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -159,6 +167,8 @@ class IterationResult(Message):
     """Sampled tokens (``token_ids[i]`` for ``seq_ids[i]``, rows with sample=1 only) and timings.
 
     Times are the worker's own monotonic clock, only ever differenced with each other.
+    ``cpu_wait_s``: time the worker's host thread spent waiting on CPU attention beyond the GPU work
+    it had queued (0 when the CPU hid behind the GPU: the pipeline balance); ``swap_s``: the swaps.
     """
 
     TYPE: ClassVar[MsgType] = MsgType.ITERATION_RESULT
@@ -169,6 +179,8 @@ class IterationResult(Message):
     sample_s: float = 0.0
     total_s: float = 0.0
     stage_s: list = dataclasses.field(default_factory=list)
+    cpu_wait_s: float = 0.0
+    swap_s: float = 0.0
 
 
 @dataclasses.dataclass

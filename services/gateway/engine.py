@@ -18,8 +18,9 @@ from opentelemetry import trace
 
 from neo_common import tracing
 from neo_common.config import NeoConfig
-from neo_common.protocol import IterationResult, Place
+from neo_common.protocol import IterationResult, Place, WorkerError
 from neo_gateway.block_manager import BlockManager
+from neo_gateway.cost_model import CostModelError, CostTables
 from neo_gateway.detokenizer import IncrementalDetokenizer
 from neo_gateway.sampling_params import SamplingParams
 from neo_gateway.scheduler import Scheduler, SchedulerOutput
@@ -79,10 +80,14 @@ class RequestStream:
 
 
 class Engine:
-    """Owns every live request and the scheduler; talks to the GPU worker through ``link``.
+    """Owns every live request and the scheduler; talks to the GPU worker through ``link`` and,
+    with offloading on, to the cpu_attention process through ``cpu_link``.
 
-    - ``scheduler``: created when the worker first reports ready (its pool size decides the
-      block manager), recreated when a restarted worker reports ready again.
+    - ``scheduler``: created when the worker first reports ready (its pool sizes decide the block
+      managers, its cost tables the offload policy), recreated when a restarted worker reports
+      ready again.
+    - ``cpu_link``: None in GPU-only mode. The CPU process gets each iteration's CpuAttentionPlan
+      before the GPU worker gets the IterationPlan; it answers only with errors.
     - ``requests``: seq_id -> live request (removed when finished).
     - ``max_model_len``: context limit (config, else the model's).
     """
@@ -94,6 +99,11 @@ class Engine:
         self.tokenizer = tokenizer
         self.link = WorkerLink(ctx, config.ipc.worker_addr, "gpu_worker", config.ipc.worker_timeout_s)
         self.link.on_down.append(self._on_worker_down)
+        self.cpu_link: WorkerLink | None = None
+        if config.offload_enabled:
+            self.cpu_link = WorkerLink(ctx, config.ipc.cpu_attention_addr, "cpu_attention",
+                                       config.ipc.worker_timeout_s)
+            self.cpu_link.on_down.append(self._on_cpu_attention_down)
         self.scheduler: Scheduler | None = None
         self.requests: dict[int, _Request] = {}
         self.max_model_len = 0
@@ -107,14 +117,20 @@ class Engine:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
-        self.link.start()
+        for link in self._links:
+            link.start()
         self._loop_task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
         if self._loop_task:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
-        await self.link.close()
+        for link in self._links:
+            await link.close()
+
+    @property
+    def _links(self) -> list[WorkerLink]:
+        return [self.link] + ([self.cpu_link] if self.cpu_link is not None else [])
 
     @property
     def loop_alive(self) -> bool:
@@ -123,7 +139,7 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        return self.loop_alive and self.link.alive and self.scheduler is not None
+        return self.loop_alive and all(link.alive for link in self._links) and self.scheduler is not None
 
     def _adopt_worker(self) -> None:
         """(Re)build the scheduler for the worker that just reported ready."""
@@ -133,8 +149,17 @@ class Engine:
         self.max_model_len = min(limit, ready.max_model_len) if limit else ready.max_model_len
         self.eos_token_ids = self.tokenizer.eos_token_ids or tuple(ready.geometry.get("eos_token_ids") or ())
         gpu = BlockManager(ready.num_gpu_blocks, ready.block_size, Place.GPU)
+        cpu, costs = None, None
+        if self.cpu_link is not None and ready.num_cpu_blocks:
+            cpu = BlockManager(ready.num_cpu_blocks, ready.block_size, Place.CPU)
+            try:
+                costs = CostTables.from_dict(ready.cost_tables)
+            except CostModelError as exc:
+                log.error("the GPU worker sent unusable cost tables (%s); decoding on the GPU only", exc)
         old = self.scheduler
-        self.scheduler = Scheduler(self.config.scheduler, gpu)
+        self.scheduler = Scheduler(self.config.scheduler, gpu, cpu, costs)
+        log.info("scheduler: %d GPU blocks, %d CPU blocks, offload %s", gpu.num_blocks,
+                 cpu.num_blocks if cpu else 0, self.scheduler.mode)
         if old is not None:  # requests that were only queued survive a worker restart
             for seq in old.waiting:
                 self.scheduler.add(seq)
@@ -176,8 +201,9 @@ class Engine:
         """Run iterations forever. A bug hit while building or applying one iteration fails the
         requests in it, never the loop: a dead loop would wedge every later request."""
         while True:
-            if not self.link.alive:
-                await self.link.ready_event.wait()
+            for link in self._links:
+                if not link.alive:
+                    await link.ready_event.wait()
             if self.scheduler is None or self._ready_seen != self.link.generation:
                 self._adopt_worker()
             sched = self.scheduler
@@ -198,10 +224,15 @@ class Engine:
 
     async def _iterate(self, sched: Scheduler, output: SchedulerOutput) -> None:
         t_start = time.perf_counter()
-        plan = output.to_plan(sched.gpu)
+        plan = output.to_plan(sched.gpu, sched.cpu)
         if tracing.enabled():
             plan.trace = iteration_trace(output)
         try:
+            cpu_plan = output.to_cpu_plan(sched.cpu) if sched.cpu is not None else None
+            if cpu_plan is not None:
+                assert self.cpu_link is not None
+                cpu_plan.trace = plan.trace
+                await self.cpu_link.send(cpu_plan)
             result = await self.link.call(plan)
         except WorkerDown as exc:
             self._fail_running(str(exc))
@@ -209,6 +240,8 @@ class Engine:
         except IterationFailed as exc:
             self._fail_rows(output, str(exc))
             return
+        finally:
+            self._drain_cpu_errors()
         assert isinstance(result, IterationResult)
         self._apply(output, result)
         wall = time.perf_counter() - t_start
@@ -245,17 +278,22 @@ class Engine:
                 record_phases(seq, self.served_name)
 
     def _fail_rows(self, output: SchedulerOutput, message: str) -> None:
-        for row in output.rows:
-            req = self.requests.get(row.seq.seq_id)
-            if req is not None and not row.seq.is_finished:
-                self.abort(row.seq, FinishReason.ERROR)
+        """End the requests of a failed iteration, and those it moved between pools (their copies
+        may not have happened, so their KV cannot be trusted)."""
+        seqs = {r.seq.seq_id: r.seq for r in output.rows}
+        seqs.update((s.seq_id, s) for s in output.swapped_out + output.swapped_in)
+        for seq in seqs.values():
+            req = self.requests.get(seq.seq_id)
+            if req is not None and not seq.is_finished:
+                self.abort(seq, FinishReason.ERROR)
                 self._push(req, "", [], FinishReason.ERROR, message)
 
-    def _fail_running(self, message: str) -> None:
-        """The worker is gone with the KV: requests that held KV end with an error now."""
+    def _fail_running(self, message: str, places: tuple[Place, ...] = (Place.GPU, Place.CPU)) -> None:
+        """A worker is gone with the KV: requests that held KV there end with an error now."""
         if self.scheduler is None:
             return
-        for seq in list(self.scheduler.running):
+        held = self.scheduler.running + self.scheduler.cpu_queue
+        for seq in [s for s in held if s.place in places]:
             req = self.requests.get(seq.seq_id)
             self.abort(seq, FinishReason.ERROR)
             if req is not None:
@@ -263,3 +301,16 @@ class Engine:
 
     def _on_worker_down(self, reason: str) -> None:
         self._fail_running(reason)
+
+    def _on_cpu_attention_down(self, reason: str) -> None:
+        """CPU-resident requests cannot decode without the CPU process; GPU ones carry on."""
+        self._fail_running(reason, (Place.CPU,))
+
+    def _drain_cpu_errors(self) -> None:
+        """The CPU process reports failed jobs asynchronously; the GPU worker's reply already failed
+        the iteration, so these are logged, not acted on twice."""
+        if self.cpu_link is None:
+            return
+        for msg in self.cpu_link.drain():
+            if isinstance(msg, WorkerError):
+                log.error("cpu_attention: %s", msg.message)

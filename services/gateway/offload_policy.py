@@ -25,16 +25,16 @@ GPU time per layer (what "requests served per unit GPU time" divides by), from t
 
 Requests served counts rows (each prefill chunk and each decode). The pipelined plan is kept only
 when it serves strictly more rows per second of GPU time (a tie keeps the simpler sequential plan).
-Modes: ``off`` always sequential; ``full`` pipelines every CPU decode without the inequality (with
-``place_admissions`` sending every request to the CPU, every decode is then a CPU decode; for
-comparison runs; the CPU may then be the bottleneck, which the stage times show); ``auto`` as above.
+Modes: ``off`` always sequential; ``full`` pipelines every CPU decode without the inequality (the
+scheduler then sends every request to the CPU, so every decode is a CPU decode; for comparison runs; the CPU may then be the bottleneck, which the stage times show); ``auto`` as above.
 If neither plan would serve anything (only CPU-resident decodes, none hideable), ``auto`` runs them
 unhidden like ``full`` rather than stall them: idle GPU time is free.
 
-Per iteration the scheduler (1) swaps out with ``choose_swap_out`` if the GPU pool cannot grow its
-requests, else swaps in with ``choose_swap_in``; copies become ``merge_runs`` runs; (2) places new
-prompts with ``place_admissions``; (3) calls ``decide`` on what could run and schedules prefills
-and GPU decodes in sub-batch 0, CPU decode i in ``cpu_sub_batch[i]``, and leaves ``cpu_waiting``.
+Per iteration the scheduler (``scheduler.Scheduler``) (1) swaps the newest GPU request out if the
+GPU pool cannot grow its requests, else swaps in with ``choose_swap_in``; copies become
+``neo_common.block_runs.merge_runs`` runs; (2) places new prompts (GPU first; once one goes to the CPU the rest of the
+round follows); (3) calls ``decide`` on what could run and schedules prefills and GPU decodes in
+sub-batch 0, CPU decode i in ``cpu_sub_batch[i]``, and leaves ``cpu_waiting``.
 """
 
 from __future__ import annotations
@@ -43,9 +43,7 @@ import dataclasses
 import enum
 from typing import Sequence
 
-import numpy as np
 
-from neo_common.protocol import Place
 from neo_gateway.cost_model import CostTables
 
 MODES = ("off", "auto", "full")
@@ -222,52 +220,6 @@ def decide(candidate: BatchCandidate, costs: CostTables, mode: str = "auto") -> 
 
 
 # -- placement and swapping (pure helpers the scheduler applies to its queues and block managers) ----
-def place_admissions(blocks_needed: Sequence[int], gpu_free: int, cpu_free: int, mode: str = "auto",
-                     gpu_reserve: int = 0) -> list[Place | None]:
-    """Where each request of one admission round (FCFS) puts its KV; None: it stays waiting.
-
-    GPU first while ``gpu_free - gpu_reserve`` holds it; once one request of the round goes to the
-    CPU, every later one does too (a later, smaller prompt must not take GPU room ahead of an earlier
-    one). The first request that fits nowhere ends the round (FCFS). ``off`` never places on the
-    CPU, ``full`` always does (a CPU-bound prompt is still prefilled on the GPU and streamed out).
-    """
-    if mode not in MODES:
-        raise ValueError(f"offload mode must be one of {MODES}, not {mode!r}")
-    out: list[Place | None] = []
-    to_cpu = mode == "full"
-    gpu_room, cpu_room = gpu_free - gpu_reserve, cpu_free
-    for need in blocks_needed:
-        if not to_cpu and need <= gpu_room:
-            out.append(Place.GPU)
-            gpu_room -= need
-            continue
-        if mode != "off" and need <= cpu_room:
-            to_cpu = True
-            out.append(Place.CPU)
-            cpu_room -= need
-            continue
-        break
-    return out + [None] * (len(blocks_needed) - len(out))
-
-
-def choose_swap_out(gpu_running: Sequence[tuple[int, int]], blocks_short: int, cpu_free: int) -> list[int]:
-    """GPU requests to swap out so ``blocks_short`` more GPU blocks are free.
-
-    ``gpu_running`` is (seq_id, blocks held) in admission order (oldest first). Victims are taken
-    newest first while the CPU pool can hold them; returned in that order, and the scheduler pushes
-    each to the FRONT of the CPU queue in turn, so the oldest victim ends first in line (FCFS kept).
-    An empty list with ``blocks_short > 0`` means swapping cannot make room (CPU pool full).
-    """
-    victims: list[int] = []
-    for seq_id, held in reversed(gpu_running):
-        if blocks_short <= 0 or held > cpu_free:
-            break
-        victims.append(seq_id)
-        blocks_short -= held
-        cpu_free -= held
-    return victims
-
-
 def choose_swap_in(cpu_queue: Sequence[tuple[int, int]], gpu_used: int, gpu_total: int,
                    threshold: float) -> list[int]:
     """CPU requests to bring back to the GPU, oldest (front of the queue) first.
@@ -287,22 +239,3 @@ def choose_swap_in(cpu_queue: Sequence[tuple[int, int]], gpu_used: int, gpu_tota
         chosen.append(seq_id)
         gpu_used += held
     return chosen
-
-
-def merge_runs(src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> np.ndarray:
-    """Block copies as ``[n, 3]`` int32 runs (src, dst, count), merging runs contiguous in both pools.
-
-    This is IterationPlan.swap_out / swap_in: a whole request moved between pools becomes a few
-    large copies instead of one per block. Order is kept; pairs of several requests may be
-    concatenated (a run may then span two requests, which is still one valid copy).
-    """
-    src = np.asarray(src_blocks, dtype=np.int64)
-    dst = np.asarray(dst_blocks, dtype=np.int64)
-    if src.shape != dst.shape or src.ndim != 1:
-        raise ValueError("src_blocks and dst_blocks must be 1-D and of equal length")
-    if len(src) == 0:
-        return np.zeros((0, 3), np.int32)
-    # A new run starts wherever either side is not the previous block + 1.
-    starts = np.flatnonzero(np.r_[True, (np.diff(src) != 1) | (np.diff(dst) != 1)])
-    counts = np.diff(np.r_[starts, len(src)])
-    return np.stack([src[starts], dst[starts], counts], axis=1).astype(np.int32)

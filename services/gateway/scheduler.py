@@ -1,175 +1,266 @@
-"""Continuous batching with chunked prefill under a token budget (GPU-only mode).
+"""Continuous batching with chunked prefill, and the NEO offload policy when a host pool exists.
 
 Each ``schedule()`` call forms one iteration:
-1. running requests, oldest first: a decode token each, or the next chunk of an unfinished prompt;
-2. waiting requests, FCFS, while the token budget, the sequence budget and free blocks allow.
 
-Preemption is by recompute: when the GPU pool cannot grow a running request, the newest running
-request gives up its blocks and goes back to the front of the waiting queue with its generated
-tokens kept, to be prefilled again. Recompute is chosen because, in GPU-only mode, a swap would
-need a host pool that only exists once CPU offloading is configured, and for the prompt lengths a
-single GPU serves, re-prefilling costs less than moving the KV over PCIe twice. With offloading on,
-the NEO scheduler swaps instead, since the request then keeps decoding on the CPU.
+1. GPU-resident running requests, oldest first: a decode token each, or the next chunk of an
+   unfinished prompt. When the GPU pool cannot grow one, the newest GPU request leaves: with a host
+   pool it is *swapped out* (its blocks copied to the CPU pool; it keeps decoding there, at the
+   front of the CPU queue), otherwise, or while it is still prefilling, it is *preempted by
+   recompute* (blocks dropped, back to the front of the waiting queue, prefilled again later).
+   Recompute is the GPU-only choice because without a host pool there is nowhere to swap to, and for
+   the prompt lengths one GPU serves re-prefilling costs less than two PCIe trips.
+2. With no swap-out this iteration, CPU-resident requests come back (*swap in*, oldest first) while
+   GPU use stays below ``swap_in_threshold``; the band up to 100% is the hysteresis.
+3. Waiting requests are admitted FCFS under the token and sequence budgets and placed by
+   ``offload_policy.place_admissions``: GPU first; once one goes to the CPU, the rest of the round
+   follows. A CPU-bound prompt is prefilled on the GPU in one chunk (its KV streams to the host pool
+   layer by layer), so it must fit the iteration's remaining token budget.
+4. ``offload_policy.decide`` picks the sequential or the pipelined plan and which CPU-resident
+   decodes run in which sub-batch; the others wait for a later iteration.
+
+The scheduler owns both block managers' contents; workers only read the block tables it sends.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
-import dataclasses
 import logging
 import time
 
-import numpy as np
-
 from neo_common.config import SchedulerConfig
-from neo_common.protocol import IterationPlan
+from neo_common.protocol import Place
 from neo_gateway.block_manager import BlockManager
+from neo_gateway.cost_model import CostTables
+from neo_gateway.offload_policy import WAIT, BatchCandidate, choose_swap_in, decide
+from neo_gateway.schedule_output import ScheduledSeq, SchedulerOutput
 from neo_gateway.sequence import FinishReason, Sequence, SeqStatus
 
 log = logging.getLogger(__name__)
 
-
-@dataclasses.dataclass
-class ScheduledSeq:
-    """One row of an iteration: ``num_tokens`` new tokens of ``seq`` starting at ``start``."""
-
-    seq: Sequence
-    start: int
-    num_tokens: int
-    sample: bool
-    sub_batch: int = 0
-
-
-@dataclasses.dataclass
-class SchedulerOutput:
-    iteration_id: int
-    rows: list[ScheduledSeq]
-    preempted: list[Sequence]
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.rows
-
-    def to_plan(self, gpu_blocks: BlockManager) -> IterationPlan:
-        rows = self.rows
-        tables = [gpu_blocks.table(r.seq.seq_id) for r in rows]
-        width = max((len(t) for t in tables), default=0)
-        bt = np.full((len(rows), width), -1, dtype=np.int32)
-        for i, t in enumerate(tables):
-            bt[i, :len(t)] = t
-        tokens: list[int] = []
-        for r in rows:
-            tokens.extend(r.seq.token_slice(r.start, r.start + r.num_tokens))
-        params = [r.seq.params for r in rows]
-        return IterationPlan(
-            iteration_id=self.iteration_id,
-            seq_ids=np.array([r.seq.seq_id for r in rows], np.int64),
-            places=np.array([int(r.seq.place) for r in rows], np.uint8),
-            sub_batch=np.array([r.sub_batch for r in rows], np.uint8),
-            start_pos=np.array([r.start for r in rows], np.int32),
-            num_tokens=np.array([r.num_tokens for r in rows], np.int32),
-            token_ids=np.array(tokens, np.int32),
-            block_tables=bt,
-            sample=np.array([r.sample for r in rows], np.uint8),
-            temperature=np.array([p.temperature for p in params], np.float32),
-            top_p=np.array([p.top_p for p in params], np.float32),
-            top_k=np.array([p.top_k for p in params], np.int32),
-            seeds=np.array([-1 if p.seed is None else p.seed for p in params], np.int64),
-            steps=np.array([len(r.seq.output_ids) for r in rows], np.int32),
-        )
+__all__ = ["Scheduler", "ScheduledSeq", "SchedulerOutput"]
 
 
 class Scheduler:
-    """Decides every iteration which requests run and how many tokens each feeds.
+    """Decides every iteration which requests run, where, and how many tokens each feeds.
 
-    - ``waiting``: FCFS queue of requests without KV (new or preempted).
-    - ``running``: requests holding GPU blocks, in admission order (oldest first).
-    - ``gpu``: the GPU pool's block manager.
-    - ``iteration``: id of the last scheduled iteration.
+    - ``waiting``: FCFS queue of requests without KV (new, or preempted by recompute).
+    - ``running``: GPU-resident requests (KV in ``gpu``), in admission order (oldest first).
+    - ``cpu_queue``: CPU-resident requests (KV in ``cpu``), in CPU queue order: swapped-out requests
+      enter at the front, CPU-bound admissions at the back; swap-in takes from the front.
+    - ``gpu``/``cpu``: the two pools' block managers (``cpu`` is None in GPU-only mode).
+    - ``costs``: the machine's cost tables (the policy plans with them; None in GPU-only mode).
+    - ``mode``: ``off`` (GPU only), ``auto`` (NEO) or ``full`` (every decode on the CPU).
+    - ``iteration``: id of the last scheduled iteration; ``num_preemptions``/``num_swapped_out``/
+      ``num_swapped_in``: totals since start.
     """
 
-    def __init__(self, config: SchedulerConfig, gpu_blocks: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, gpu_blocks: BlockManager, cpu_blocks: BlockManager | None = None,
+                 costs: CostTables | None = None) -> None:
         self.config = config
         self.gpu = gpu_blocks
+        self.cpu = cpu_blocks
+        self.costs = costs
+        self.mode = config.offload_mode if cpu_blocks is not None and costs is not None else "off"
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
+        self.cpu_queue: list[Sequence] = []
         self.iteration = 0
         self.num_preemptions = 0
+        self.num_swapped_out = 0
+        self.num_swapped_in = 0
 
     # -- queue management ---------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
-        """End a request wherever it is and return its blocks at once."""
+        """End a request wherever it is and return its blocks in both pools at once."""
         if seq.status is SeqStatus.RUNNING:
-            self.running.remove(seq)
+            (self.cpu_queue if seq.place is Place.CPU else self.running).remove(seq)
         elif seq.status is SeqStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
-        self.gpu.free(seq.seq_id)
+        self._free(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.cpu_queue)
 
     @property
     def num_running(self) -> int:
-        return len(self.running)
+        return len(self.running) + len(self.cpu_queue)
 
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    @property
+    def offloading(self) -> bool:
+        return self.mode != "off"
+
     # -- the per-iteration decision -----------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         self.iteration += 1
-        budget = self.config.max_num_batched_tokens
-        rows: list[ScheduledSeq] = []
-        preempted: list[Sequence] = []
+        out = SchedulerOutput(self.iteration, [], [])
+        if self.mode == "full":  # every decode on the CPU: prompts prefilled on the GPU leave it
+            for seq in [s for s in reversed(self.running) if s.num_pending == 1]:
+                self._swap_out(seq, out)
+        budget = self._schedule_gpu_running(out, self.config.max_num_batched_tokens)
+        if self.offloading and not out.swapped_out and self.mode != "full":
+            budget -= self._swap_in(out)
+        cpu_decodes = [s for s in self.cpu_queue if s.num_pending == 1] if self.offloading else []
+        slots = self.config.max_num_seqs - len(out.rows) - len(cpu_decodes)
+        budget = self._admit(out, budget - len(cpu_decodes), slots)
+        if cpu_decodes:
+            self._place_cpu_decodes(out, cpu_decodes, budget + len(cpu_decodes))
+        elif self.offloading:
+            out.decision = decide(self._candidate(out.rows, []), self.costs, self.mode)
+        return out
 
+    def _schedule_gpu_running(self, out: SchedulerOutput, budget: int) -> int:
         for seq in list(self.running):
-            if seq.status is not SeqStatus.RUNNING:
-                continue  # preempted earlier in this loop
+            if seq.status is not SeqStatus.RUNNING or seq.place is not Place.GPU:
+                continue  # left the GPU earlier in this loop
             if budget == 0:
                 break
             n = min(seq.num_pending, budget)
             while not self.gpu.can_allocate(seq.seq_id, seq.num_computed + n):
                 victim = self.running[-1]
-                self._preempt(victim)
-                preempted.append(victim)
+                self._evict(victim, out)
                 if victim is seq:
                     break
-            if seq.status is not SeqStatus.RUNNING:
+            if seq.place is not Place.GPU or seq.status is not SeqStatus.RUNNING:
                 continue
             self.gpu.allocate(seq.seq_id, seq.num_computed + n)
-            rows.append(ScheduledSeq(seq, seq.num_computed, n, seq.num_computed + n == seq.num_tokens))
+            out.rows.append(ScheduledSeq(seq, seq.num_computed, n, seq.num_computed + n == seq.num_tokens))
             budget -= n
+        return budget
 
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
+    def _evict(self, victim: Sequence, out: SchedulerOutput) -> None:
+        """Make GPU room: swap the victim to the CPU pool if it is decoding and fits, else recompute."""
+        if not self._swap_out(victim, out):
+            self._preempt(victim)
+            out.preempted.append(victim)
+
+    def _swap_out(self, victim: Sequence, out: SchedulerOutput) -> bool:
+        """Move a decoding GPU request's KV to the front of the CPU queue; False if it cannot go."""
+        fits = self.cpu is not None and self.cpu.can_allocate(victim.seq_id, victim.num_computed + 1)
+        if self.offloading and victim.num_pending == 1 and fits:
+            self.running.remove(victim)
+            src = self.gpu.table(victim.seq_id)[:self.gpu.blocks_for(victim.num_computed)]
+            dst = self.cpu.allocate(victim.seq_id, victim.num_computed)
+            out.swap_out_pairs.append((list(src), list(dst)))
+            self.gpu.free(victim.seq_id)
+            victim.place = Place.CPU
+            self.cpu_queue.insert(0, victim)
+            out.swapped_out.append(victim)
+            self.num_swapped_out += 1
+            log.debug("swapped out seq %d (%d blocks)", victim.seq_id, len(dst))
+            return True
+        return False
+
+    def _swap_in(self, out: SchedulerOutput) -> int:
+        """Bring CPU requests back oldest first while GPU use stays under the threshold; each then
+        decodes on the GPU this iteration. Returns how many came back (a token of budget each)."""
+        queue = [(s.seq_id, self.gpu.blocks_for(s.num_computed + 1)) for s in self.cpu_queue if s.num_pending == 1]
+        chosen = set(choose_swap_in(queue, self.gpu.num_blocks - self.gpu.num_free, self.gpu.num_blocks,
+                                    self.config.swap_in_threshold))
+        for seq in [s for s in self.cpu_queue if s.seq_id in chosen]:
+            src = self.cpu.table(seq.seq_id)[:self.cpu.blocks_for(seq.num_computed)]
+            dst = self.gpu.allocate(seq.seq_id, seq.num_computed + 1)[:len(src)]
+            out.swap_in_pairs.append((list(src), list(dst)))
+            self.cpu.free(seq.seq_id)
+            self.cpu_queue.remove(seq)
+            seq.place = Place.GPU
+            bisect.insort(self.running, seq, key=lambda s: s.seq_id)  # back in admission order
+            out.swapped_in.append(seq)
+            self.num_swapped_in += 1
+            out.rows.append(ScheduledSeq(seq, seq.num_computed, 1, True))
+        return len(out.swapped_in)
+
+    def _admit(self, out: SchedulerOutput, budget: int, slots: int) -> int:
+        to_cpu_round = False
+        while self.waiting and budget > 0 and slots > 0 and not out.preempted:
             seq = self.waiting[0]
             n = min(seq.num_pending, budget)
-            if not self.gpu.can_allocate(seq.seq_id, seq.num_computed + n):
+            place = Place.GPU
+            if self.offloading:
+                place = self._place(seq, n, to_cpu_round)
+                if place is None:
+                    break
+                to_cpu_round = place is Place.CPU
+            elif not self.gpu.can_allocate(seq.seq_id, seq.num_computed + n):
                 break
             self.waiting.popleft()
-            self.gpu.allocate(seq.seq_id, seq.num_computed + n)
-            seq.status = SeqStatus.RUNNING
+            seq.status, seq.place = SeqStatus.RUNNING, place
             if seq.scheduled_time is None:
                 seq.scheduled_time = time.monotonic()
-            self.running.append(seq)
-            rows.append(ScheduledSeq(seq, seq.num_computed, n, seq.num_computed + n == seq.num_tokens))
+            if place is Place.GPU:
+                self.gpu.allocate(seq.seq_id, seq.num_computed + n)
+                self.running.append(seq)
+            else:
+                self.cpu.allocate(seq.seq_id, seq.num_tokens)
+                self.cpu_queue.append(seq)
+            out.rows.append(ScheduledSeq(seq, seq.num_computed, n, seq.num_computed + n == seq.num_tokens))
             budget -= n
-        return SchedulerOutput(self.iteration, rows, preempted)
+            slots -= 1
+        return budget
+
+    def _place(self, seq: Sequence, n: int, to_cpu_round: bool) -> Place | None:
+        """Where an admission's KV goes (None: it waits, FCFS). GPU while the chunk fits, unless an
+        earlier request of this round went to the CPU; then the CPU if the whole prompt (plus its
+        first generated token) fits there. A prompt that cannot be prefilled whole this iteration
+        cannot go to the CPU: later chunks of a CPU-bound prompt would need its earlier KV on the
+        GPU. ``full`` sends every whole prompt to the CPU; longer ones prefill on the GPU and are
+        swapped out once they decode."""
+        whole = n == seq.num_pending
+        gpu_ok = self.gpu.can_allocate(seq.seq_id, seq.num_computed + n)
+        cpu_ok = whole and self.cpu.can_allocate(seq.seq_id, seq.num_tokens + 1)
+        if self.mode == "full" or to_cpu_round:
+            if cpu_ok:
+                return Place.CPU
+            return Place.GPU if gpu_ok and not whole and not to_cpu_round else None
+        if gpu_ok:
+            return Place.GPU
+        return Place.CPU if cpu_ok else None
+
+    def _place_cpu_decodes(self, out: SchedulerOutput, cpu_decodes: list[Sequence], budget: int) -> None:
+        """Ask the policy which CPU decodes run (and in which sub-batch); grow their CPU tables."""
+        runnable = []
+        for seq in cpu_decodes[:max(0, budget)]:
+            if not self.cpu.can_allocate(seq.seq_id, seq.num_computed + 1):
+                break  # the CPU pool is full: it waits until a CPU request finishes
+            runnable.append(seq)
+        out.decision = decide(self._candidate(out.rows, runnable), self.costs, self.mode)
+        for seq, sub_batch in zip(runnable, out.decision.cpu_sub_batch):
+            if sub_batch == WAIT:
+                continue
+            self.cpu.allocate(seq.seq_id, seq.num_computed + 1)
+            out.rows.append(ScheduledSeq(seq, seq.num_computed, 1, True, sub_batch))
+
+    @staticmethod
+    def _candidate(rows: list[ScheduledSeq], cpu_decodes: list[Sequence]) -> BatchCandidate:
+        prefills = [r for r in rows if r.num_tokens > 1]
+        return BatchCandidate(
+            prefill_lens=[r.num_tokens for r in prefills], prefill_starts=[r.start for r in prefills],
+            gpu_decode_lens=[r.start + 1 for r in rows if r.num_tokens == 1],
+            cpu_decode_lens=[s.num_computed + 1 for s in cpu_decodes])
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.gpu.free(seq.seq_id)
+        self._free(seq)
         seq.num_computed = 0
-        seq.status = SeqStatus.WAITING
+        seq.status, seq.place = SeqStatus.WAITING, Place.GPU
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
         log.debug("preempted seq %d (recompute); %d free blocks", seq.seq_id, self.gpu.num_free)
+
+    def _free(self, seq: Sequence) -> None:
+        self.gpu.free(seq.seq_id)
+        if self.cpu is not None:
+            self.cpu.free(seq.seq_id)
 
     def update(self, output: SchedulerOutput, sampled: dict[int, int]) -> list[tuple[Sequence, int, FinishReason | None]]:
         """Apply an iteration's results: advance KV counts, append sampled tokens.
@@ -191,3 +282,4 @@ class Scheduler:
                 self.finish(seq, reason)
             events.append((seq, token, reason))
         return events
+

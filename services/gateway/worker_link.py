@@ -118,6 +118,13 @@ class WorkerLink:
             raise WorkerDown(f"{self.name} is not ready")
         await self.sock.send(msg.encode(), copy=False)
 
+    def drain(self) -> list[Message]:
+        """Messages the worker sent that no call waited for (a one-way peer's error reports)."""
+        out = []
+        while not self._inbox.empty():
+            out.append(self._inbox.get_nowait())
+        return out
+
     async def call(self, msg: Message) -> Message:
         """Send one message and wait for the worker's reply, its death, or the timeout."""
         generation = self.generation

@@ -46,6 +46,42 @@ class HostKv:
         array = self.segment.view(name, slot)
         return torch.from_numpy(array).view(self.dtype)
 
+    # -- copies between the GPU pool layout [blocks, bs, H, D] and the host's [blocks, H, bs, D] ----
+    def swap_out(self, kv_cache: torch.Tensor, runs) -> None:
+        """GPU pool blocks -> host pool blocks, all layers; ``runs`` rows are (gpu, host, count)."""
+        for src, dst, n in runs.tolist():
+            for layer in range(kv_cache.shape[0]):
+                for side, pool in ((0, self.k_pool), (1, self.v_pool)):
+                    pool[layer, dst:dst + n].copy_(kv_cache[layer, side, src:src + n].transpose(1, 2),
+                                                   non_blocking=True)
+
+    def swap_in(self, kv_cache: torch.Tensor, runs) -> None:
+        """Host pool blocks -> GPU pool blocks, all layers; ``runs`` rows are (host, gpu, count)."""
+        device = kv_cache.device
+        for src, dst, n in runs.tolist():
+            for layer in range(kv_cache.shape[0]):
+                for side, pool in ((0, self.k_pool), (1, self.v_pool)):
+                    block = pool[layer, src:src + n].to(device, non_blocking=True)  # contiguous: one DMA
+                    kv_cache[layer, side, dst:dst + n].copy_(block.transpose(1, 2))
+
+    def stream_out(self, layer: int, staging: torch.Tensor, runs, side_stream=None) -> None:
+        """One layer of CPU-bound prefill KV from the staging area ``[2, blocks, bs, H, D]`` to its
+        host blocks (``runs``: staging block, host block, count). On CUDA the transposed blocks are
+        made on the compute stream (so the staging area can be overwritten by the next layer at
+        once) and copied to the host on ``side_stream``, overlapping the next layer's work."""
+        for src, dst, n in runs.tolist():
+            for side, pool in ((0, self.k_pool), (1, self.v_pool)):
+                block = staging[side, src:src + n].transpose(1, 2).contiguous()
+                if side_stream is None:
+                    pool[layer, dst:dst + n].copy_(block)
+                    continue
+                ready = torch.cuda.Event()
+                ready.record()
+                side_stream.wait_event(ready)
+                with torch.cuda.stream(side_stream):
+                    pool[layer, dst:dst + n].copy_(block, non_blocking=True)
+                    block.record_stream(side_stream)
+
     def close(self) -> None:
         self.k_pool = self.v_pool = None  # drop aliases before the mapping goes
         if self.pinned:

@@ -22,6 +22,8 @@ from neo_common.model_source import read_geometry, resolve
 from neo_common.settings import ConfigError
 from neo_common.protocol import (Hello, IterationPlan, IterationResult, ProtocolError, Shutdown, WorkerError,
                                  WorkerKind, WorkerReady, decode)
+from neo_cpu_attention.segment import SegmentLayout
+from neo_gpu_worker.host_kv import HostKv
 from neo_gpu_worker.loader import load_model
 from neo_gpu_worker.model_runner import ModelRunner, num_kv_blocks
 
@@ -61,15 +63,49 @@ def build_runner(config: NeoConfig) -> tuple[ModelRunner, WorkerReady]:
         raise ConfigError(f"--max-model-len {max_len} exceeds the model's context length {trained}")
     model = load_model(source, max_len, device, dtype, config.model.seed)
     g = model.geometry
-    blocks = num_kv_blocks(model, device, config.cache.block_size, dtype, config.cache.num_gpu_blocks,
+    kv_name = config.cache.resolve_kv_dtype(str(dtype).removeprefix("torch."), config.offload_enabled)
+    kv_dtype = _DTYPES[kv_name]
+    bs = config.cache.block_size
+    host, staging, cost_tables = None, 0, {}
+    if config.offload_enabled:
+        # The cost tables first: profiling allocates and frees device memory of its own.
+        cost_tables = load_cost_tables(config).to_dict()
+        host = HostKv(config.shm_name, SegmentLayout.for_model(g, num_cpu_blocks(config, g, kv_dtype), bs,
+                                                                config.scheduler.max_num_seqs, kv_name))
+        staging = -(-config.scheduler.max_num_batched_tokens // bs) + config.scheduler.max_num_seqs
+    blocks = num_kv_blocks(model, device, bs, kv_dtype, config.cache.num_gpu_blocks,
                            config.cache.gpu_memory_utilization, config.cache.cpu_device_kv_gb)
-    runner = ModelRunner(model, blocks, config.cache.block_size, device, dtype)
+    runner = ModelRunner(model, blocks, bs, device, kv_dtype, host, staging, config.ipc.worker_timeout_s)
     ready = WorkerReady(kind=WorkerKind.GPU_WORKER, pid=os.getpid(), num_gpu_blocks=blocks,
-                        block_size=config.cache.block_size, max_model_len=max_len, geometry=g.to_dict(),
+                        block_size=bs, max_model_len=max_len, geometry=g.to_dict(),
                         device=str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
-                        dtype=str(dtype).removeprefix("torch."))
-    log.info("KV pool: %d blocks x %d tokens on %s", blocks, config.cache.block_size, device)
+                        dtype=str(dtype).removeprefix("torch."), kv_dtype=kv_name,
+                        num_cpu_blocks=host.segment.layout.num_blocks if host else 0, cost_tables=cost_tables)
+    log.info("KV pool: %d blocks x %d tokens (%s) on %s%s", blocks, bs, kv_name, device,
+             f"; host pool {ready.num_cpu_blocks} blocks" if host else "")
     return runner, ready
+
+
+def num_cpu_blocks(config: NeoConfig, g, kv_dtype: torch.dtype) -> int:
+    """Host pool blocks: as asked, else ``--cpu-kv-gb`` worth."""
+    if config.cache.num_cpu_blocks:
+        return config.cache.num_cpu_blocks
+    per_block = g.kv_bytes_per_block(config.cache.block_size, torch.empty((), dtype=kv_dtype).element_size())
+    return max(1, int(config.cache.cpu_kv_gb * 2**30 // per_block))
+
+
+def load_cost_tables(config: NeoConfig):
+    """``--cost-tables`` if given, else this machine's cached profile (profiled now if missing;
+    the quick grid on the CPU device, where the full one would take long and matters little)."""
+    from neo_gateway.cost_model import CostTables
+    from neo_gpu_worker.profiler import load_or_profile
+
+    if config.scheduler.cost_tables:
+        return CostTables.load(config.scheduler.cost_tables)
+    quick = pick_device(config.device.device).type == "cpu"
+    tables, path = load_or_profile(config, quick=quick, progress=False)
+    log.info("cost tables: %s", path)
+    return tables
 
 
 def run_traced(runner: ModelRunner, plan: IterationPlan) -> IterationResult:
@@ -126,6 +162,8 @@ def serve(config: NeoConfig) -> int:
                 log.info("shutdown requested: %s", msg.reason)
                 return 0
     finally:
+        if runner.host is not None:
+            runner.host.close()
         sock.close(linger=0)
         ctx.term()
 

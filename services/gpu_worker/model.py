@@ -42,17 +42,16 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, g.hidden_size, bias=False)
         self.scale = g.head_dim ** -0.5
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
-                kv_layer: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def project(self, x: torch.Tensor, positions: torch.Tensor,
+                rope: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k and v [T, Hkv, D] of the (normed) input, RoPE applied."""
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         q, k = rope.apply(positions, q, k)
-        write_kv(kv_layer, meta.slot_mapping, k, v.contiguous())
-        out = paged_attention(q, kv_layer, meta, self.scale)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return q, k, v
 
 
 class MLP(nn.Module):
@@ -75,10 +74,21 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(g.hidden_size, g.rms_norm_eps)
         self.mlp = MLP(g)
 
+    def pre_attn(self, x: torch.Tensor, positions: torch.Tensor,
+                 rope: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Dense work before attention: q, k, v of the residual stream ``x``."""
+        return self.self_attn.project(self.input_layernorm(x), positions, rope)
+
+    def post_attn(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Dense work after attention: O-projection, residual, MLP; the next residual stream."""
+        x = x + self.self_attn.o_proj(attn.reshape(-1, self.self_attn.q_size))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
                 kv_layer: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv_layer, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        q, k, v = self.pre_attn(x, positions, rope)
+        write_kv(kv_layer, meta.slot_mapping, k, v)
+        return self.post_attn(x, paged_attention(q, kv_layer, meta, self.self_attn.scale))
 
 
 class LlamaModel(nn.Module):

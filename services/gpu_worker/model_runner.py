@@ -1,7 +1,8 @@
-"""Run one iteration plan: build the flat batch, run the model over the paged KV pool, sample.
+"""Run one iteration plan: swaps, the forward (flat, or pipelined when rows live on the CPU), sampling.
 
 The runner is the worker's only state besides the weights: the KV pool ``[layers, 2, blocks,
-block_size, kv_heads, head_dim]``, whose contents the gateway's block manager accounts for.
+block_size, kv_heads, head_dim]`` (and, with offloading, the host pool in the shared segment), whose
+contents the gateway's block managers account for.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import numpy as np
 import torch
 
 from neo_common.protocol import IterationPlan, IterationResult, Place
-from neo_gpu_worker.attention import AttentionMetadata, PrefillSpan
+from neo_gpu_worker.batch import build_sub_batch
+from neo_gpu_worker.host_kv import HostKv
 from neo_gpu_worker.model import LlamaModel
+from neo_gpu_worker.pipeline import PipelinedExecutor
 from neo_gpu_worker.sampler import SamplingBatch, sample
 
 log = logging.getLogger(__name__)
@@ -23,68 +26,49 @@ log = logging.getLogger(__name__)
 class ModelRunner:
     """Owns the model and the KV pool on one device.
 
-    - ``kv_cache``: allocated once at start; ``num_blocks`` of ``block_size`` tokens per layer.
+    - ``kv_cache``: allocated once at start; ``num_blocks`` of ``block_size`` tokens per layer, in
+      the KV dtype (16-bit with offloading: swaps copy blocks verbatim to the host pool).
+    - ``host``: the shared host KV segment (None in GPU-only mode); ``pipeline`` runs the plans that
+      hold CPU-resident rows.
     - ``generator``: device RNG for unseeded sampling.
     """
 
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 kv_dtype: torch.dtype, host: HostKv | None = None, staging_blocks: int = 0,
+                 cpu_timeout_s: float = 60.0) -> None:
         g = model.geometry
         self.model, self.device, self.block_size, self.num_blocks = model, device, block_size, num_blocks
         self.kv_cache = torch.zeros((g.num_layers, 2, num_blocks, block_size, g.num_kv_heads, g.head_dim),
-                                    dtype=dtype, device=device)
+                                    dtype=kv_dtype, device=device)
+        self.host = host
+        self.pipeline = None if host is None else PipelinedExecutor(
+            model, self.kv_cache, host, block_size, staging_blocks, device, cpu_timeout_s)
         self.generator = torch.Generator(device=device).manual_seed(0)
-
-    # -- batch construction -------------------------------------------------------------------
-    def prepare(self, plan: IterationPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, np.ndarray]:
-        """Flat token ids, positions, attention metadata, and the flat index of each sampled row."""
-        if plan.batch_size and np.any(plan.places != Place.GPU):
-            raise ValueError("plan holds CPU-resident rows but this worker has no CPU attention attached")
-        bs = self.block_size
-        n = plan.num_tokens.astype(np.int64)
-        ends = np.cumsum(n)
-        starts = ends - n
-        total = int(ends[-1]) if len(n) else 0
-        row = np.repeat(np.arange(len(n)), n)
-        pos = plan.start_pos.astype(np.int64)[row] + (np.arange(total) - starts[row])
-        bt = plan.block_tables.astype(np.int64)
-        if np.any(bt[row, pos // bs] < 0):
-            raise ValueError("a token's position lies beyond its block table")
-        slots = bt[row, pos // bs] * bs + pos % bs
-
-        dec = np.flatnonzero(n == 1)
-        seq_lens = plan.start_pos.astype(np.int64)[dec] + 1
-        width = int(seq_lens.max()) if len(dec) else 0
-        j = np.arange(width)
-        mask = j[None, :] < seq_lens[:, None]
-        dslots = np.where(mask, bt[dec][:, j // bs] * bs + j % bs, 0) if len(dec) else np.zeros((0, 0), np.int64)
-
-        to_dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, non_blocking=True)  # noqa: E731
-        prefills = []
-        for r in np.flatnonzero(n > 1):
-            length = int(plan.start_pos[r] + n[r])
-            k = np.arange(length)
-            prefills.append(PrefillSpan(int(starts[r]), int(n[r]), int(plan.start_pos[r]),
-                                        to_dev(bt[r, k // bs] * bs + k % bs)))
-        meta = AttentionMetadata(slot_mapping=to_dev(slots), decode_token_idx=to_dev(starts[dec]),
-                                 decode_slots=to_dev(dslots), decode_mask=to_dev(mask), prefills=prefills)
-        sample_rows = np.flatnonzero(plan.sample)
-        return to_dev(plan.token_ids.astype(np.int64)), to_dev(pos), meta, (ends - 1)[sample_rows]
 
     # -- execution ----------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, plan: IterationPlan) -> IterationResult:
         t0 = time.perf_counter()
-        self.copy_blocks(plan)
         result = IterationResult(iteration_id=plan.iteration_id)
+        result.swap_s = self.copy_blocks(plan)
         if plan.batch_size == 0:
             return result
-        input_ids, positions, meta, last_idx = self.prepare(plan)
-        hidden = self.model(input_ids, positions, self.kv_cache, meta)
-        t1 = time.perf_counter()
         sample_rows = np.flatnonzero(plan.sample)
+        if np.any(plan.places != Place.GPU):
+            if self.pipeline is None:
+                raise ValueError("plan holds CPU-resident rows but this worker has no host KV pool")
+            hidden, rows = self.pipeline.forward(plan)
+            result.cpu_wait_s = self.pipeline.handoff.cpu_wait_s
+            where = np.empty(plan.batch_size, np.int64)
+            where[rows] = np.arange(len(rows))
+            last = hidden[torch.from_numpy(where[sample_rows]).to(self.device)]
+        else:
+            sb = build_sub_batch(plan, np.arange(plan.batch_size), self.block_size, self.device, 0)
+            hidden = self.model(sb.input_ids, sb.positions, self.kv_cache, sb.meta)
+            last = hidden[torch.from_numpy(sb.last_token[sample_rows]).to(self.device)]
+        t1 = time.perf_counter()
         if len(sample_rows):
-            logits = self.model.compute_logits(hidden[torch.from_numpy(last_idx).to(self.device)])
+            logits = self.model.compute_logits(last)
             params = SamplingBatch.from_columns(
                 plan.temperature[sample_rows], plan.top_p[sample_rows], plan.top_k[sample_rows],
                 plan.seeds[sample_rows], plan.steps[sample_rows], logits.shape[-1], self.device)
@@ -95,10 +79,18 @@ class ModelRunner:
         result.forward_s, result.sample_s, result.total_s = t1 - t0, t2 - t1, t2 - t0
         return result
 
-    def copy_blocks(self, plan: IterationPlan) -> None:
-        """GPU<->host swaps need the CPU pool, which arrives with CPU offloading."""
-        if len(plan.swap_out) or len(plan.swap_in):
-            raise ValueError("plan asks for swaps but this worker has no host KV pool attached")
+    def copy_blocks(self, plan: IterationPlan) -> float:
+        """Swaps between the pools, before the forward (whose rows may read or reuse those blocks)."""
+        if not len(plan.swap_out) and not len(plan.swap_in):
+            return 0.0
+        if self.host is None:
+            raise ValueError("plan asks for swaps but this worker has no host KV pool")
+        t0 = time.perf_counter()
+        self.host.swap_out(self.kv_cache, plan.swap_out)
+        self.host.swap_in(self.kv_cache, plan.swap_in)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return time.perf_counter() - t0
 
 
 def kv_block_bytes(model: LlamaModel, block_size: int, dtype: torch.dtype) -> int:

@@ -102,15 +102,9 @@ def _timer(device: torch.device, reps: int) -> Callable[[Callable[[], object]], 
 def dense_part(layer: DecoderLayer, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
                kv_layer: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """``DecoderLayer.forward`` without ``paged_attention`` (q stands in for its output: same shape)."""
-    attn = layer.self_attn
-    qkv = attn.qkv_proj(layer.input_layernorm(x))
-    q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-    q = q.view(-1, attn.num_heads, attn.head_dim)
-    k = k.view(-1, attn.num_kv_heads, attn.head_dim)
-    q, k = rope.apply(positions, q, k)
-    write_kv(kv_layer, slots, k, v.reshape(-1, attn.num_kv_heads, attn.head_dim).contiguous())
-    x = x + attn.o_proj(q.reshape(-1, attn.q_size))
-    return x + layer.mlp(layer.post_attention_layernorm(x))
+    q, k, v = layer.pre_attn(x, positions, rope)
+    write_kv(kv_layer, slots, k, v)
+    return layer.post_attn(x, q)
 
 
 def _bf16_bits(rng: np.random.Generator, shape: tuple[int, ...], kv_dtype: str) -> np.ndarray:

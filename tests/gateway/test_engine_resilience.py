@@ -28,11 +28,11 @@ def test_a_failing_iteration_fails_its_requests_and_the_loop_goes_on():
         calls = {"n": 0}
         real_to_plan = SchedulerOutput.to_plan
 
-        def flaky_to_plan(self, gpu):  # a bug in plan building, the first time only
+        def flaky_to_plan(self, gpu, cpu=None):  # a bug in plan building, the first time only
             calls["n"] += 1
             if calls["n"] == 1:
                 raise OverflowError("simulated bug")
-            return real_to_plan(self, gpu)
+            return real_to_plan(self, gpu, cpu)
 
         async def fake_worker_call(plan):
             """A FAKE worker (it answers EOS for every sampled row): the property under test is the

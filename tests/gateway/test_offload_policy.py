@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 
 from cost_tables import synthetic
-from neo_common.protocol import Place
-from neo_gateway.offload_policy import (WAIT, BatchCandidate, PlanKind, choose_swap_in, choose_swap_out, decide,
-                                        hidden, merge_runs, place_admissions)
+from neo_common.block_runs import merge_runs
+from neo_gateway.offload_policy import WAIT, BatchCandidate, PlanKind, choose_swap_in, decide, hidden
 
 FAST_CPU = dict(cpu_s_per_token=4e-9)   # a host that hides many CPU decodes behind GPU work
 
@@ -83,7 +82,6 @@ def test_mode_off_never_pipelines():
         c = random_candidate(rng)
         d = decide(c, costs, "off")
         assert d.kind is PlanKind.SEQUENTIAL and d.cpu_waiting == list(range(len(c.cpu_decode_lens)))
-    assert place_admissions([1, 1, 1], gpu_free=2, cpu_free=100, mode="off") == [Place.GPU, Place.GPU, None]
 
 
 def test_mode_full_puts_every_decode_on_cpu():
@@ -93,7 +91,6 @@ def test_mode_full_puts_every_decode_on_cpu():
     assert d.kind is PlanKind.PIPELINED and not d.cpu_waiting
     assert d.stages[0].cpu_s > d.stages[0].gpu_s, "unhidden: the stage times show the CPU bottleneck"
     assert d.stages[0].stage_s == pytest.approx(d.stages[0].cpu_s + slow.lnch)
-    assert place_admissions([4, 4], gpu_free=100, cpu_free=100, mode="full") == [Place.CPU, Place.CPU]
 
 
 def test_only_cpu_decodes_still_run_in_auto():
@@ -104,21 +101,6 @@ def test_only_cpu_decodes_still_run_in_auto():
 def test_invalid_mode():
     with pytest.raises(ValueError):
         decide(BatchCandidate(), synthetic(), "sometimes")
-
-
-def test_admission_placement_gpu_first_then_the_round_follows():
-    # the 3rd does not fit the GPU, so it and every later one (even the small 4th) go to the CPU
-    assert place_admissions([4, 4, 8, 1], gpu_free=10, cpu_free=20) == [Place.GPU, Place.GPU, Place.CPU, Place.CPU]
-    # reserve keeps GPU room for decode growth; nothing fits anywhere -> the round ends (FCFS)
-    assert place_admissions([4, 30, 1], gpu_free=10, cpu_free=20, gpu_reserve=6) == [Place.GPU, None, None]
-
-
-def test_swap_out_newest_first_until_enough():
-    running = [(1, 5), (2, 3), (3, 2)]          # admission order, oldest first
-    assert choose_swap_out(running, blocks_short=4, cpu_free=100) == [3, 2]
-    assert choose_swap_out(running, blocks_short=1, cpu_free=100) == [3]
-    assert choose_swap_out(running, blocks_short=0, cpu_free=100) == []
-    assert choose_swap_out(running, blocks_short=4, cpu_free=2) == [3]   # CPU pool takes only one
 
 
 def test_swap_in_oldest_first_below_threshold():
@@ -154,8 +136,9 @@ def simulate(threshold: float, iterations: int = 600, seed: int = 5) -> list[set
             action.add("done")
         used = sum(held[s] for s in gpu)
         if used > 100:
-            for s in choose_swap_out([(s, held[s]) for s in gpu], used - 100, cpu_free=10_000):
-                gpu.remove(s)
+            while used > 100:  # newest first, to the front of the CPU queue (as Scheduler._evict does)
+                s = gpu.pop()
+                used -= held[s]
                 cpu.insert(0, s)
                 action.add("out")
         else:

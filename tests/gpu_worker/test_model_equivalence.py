@@ -18,6 +18,7 @@ from neo_common.config import ModelConfig
 from neo_common.model_source import ModelSource, embedded_gguf_path, resolve
 from neo_common.protocol import IterationPlan
 from neo_gpu_worker.loader import load_model
+from neo_gpu_worker.batch import build_sub_batch
 from neo_gpu_worker.model_runner import ModelRunner
 
 transformers = pytest.importorskip("transformers")
@@ -87,10 +88,10 @@ def reference_greedy(model, prompt: list[int], new_tokens: int) -> tuple[list[in
 
 def last_logits(runner: ModelRunner, prompt: list[int]) -> torch.Tensor:
     plan = make_plan([(0, 0, prompt, list(range(-(-len(prompt) // BLOCK))))])
-    input_ids, pos, meta, last = runner.prepare(plan)
+    sb = build_sub_batch(plan, np.arange(plan.batch_size), BLOCK, DEVICE, 0)
     with torch.inference_mode():
-        hidden = runner.model(input_ids, pos, runner.kv_cache, meta)
-        return runner.model.compute_logits(hidden[last])[0]
+        hidden = runner.model(sb.input_ids, sb.positions, runner.kv_cache, sb.meta)
+        return runner.model.compute_logits(hidden[sb.last_token[-1:]])[0]
 
 
 def check_equivalent(ours: ModelRunner, ref, prompts: list[list[int]], atol: float) -> None:

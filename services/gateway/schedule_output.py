@@ -1,0 +1,116 @@
+"""One iteration as the scheduler decided it, and its translation into the workers' messages."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from neo_common.protocol import CpuAttentionPlan, IterationPlan, Place
+from neo_gateway.block_manager import BlockManager
+from neo_common.block_runs import merge_runs
+from neo_gateway.offload_policy import OffloadDecision, PlanKind
+from neo_gateway.sequence import Sequence
+
+
+@dataclasses.dataclass
+class ScheduledSeq:
+    """One row of an iteration: ``num_tokens`` new tokens of ``seq`` starting at ``start``, in
+    pipeline sub-batch ``sub_batch``. The row's KV pool is ``seq.place`` as of this iteration."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+    sample: bool
+    sub_batch: int = 0
+
+    @property
+    def cpu_decode(self) -> bool:
+        """Attention of this row runs in the cpu_attention process (one new token, KV on the host)."""
+        return self.seq.place is Place.CPU and self.num_tokens == 1
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    """What one ``Scheduler.schedule()`` call decided.
+
+    - ``rows``: the rows to run, GPU rows first, then CPU decodes.
+    - ``preempted``: requests that lost their KV (recompute) this iteration.
+    - ``swapped_out``/``swapped_in``: requests moved between pools; ``swap_out_pairs`` and
+      ``swap_in_pairs`` their (source blocks, destination blocks), copied before the forward.
+    - ``decision``: the offload policy's plan (None in GPU-only mode).
+    """
+
+    iteration_id: int
+    rows: list[ScheduledSeq]
+    preempted: list[Sequence]
+    swapped_out: list[Sequence] = dataclasses.field(default_factory=list)
+    swapped_in: list[Sequence] = dataclasses.field(default_factory=list)
+    swap_out_pairs: list[tuple[list[int], list[int]]] = dataclasses.field(default_factory=list)
+    swap_in_pairs: list[tuple[list[int], list[int]]] = dataclasses.field(default_factory=list)
+    decision: OffloadDecision | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.rows and not self.swap_out_pairs and not self.swap_in_pairs
+
+    @property
+    def pipelined(self) -> bool:
+        return self.decision is not None and self.decision.kind == PlanKind.PIPELINED
+
+    @property
+    def cpu_rows(self) -> list[ScheduledSeq]:
+        return [r for r in self.rows if r.cpu_decode]
+
+    def _tables(self, rows: list[ScheduledSeq], gpu: BlockManager, cpu: BlockManager | None) -> np.ndarray:
+        tables = [(cpu if r.seq.place is Place.CPU else gpu).table(r.seq.seq_id) for r in rows]
+        width = max((len(t) for t in tables), default=0)
+        bt = np.full((len(rows), width), -1, dtype=np.int32)
+        for i, t in enumerate(tables):
+            bt[i, :len(t)] = t
+        return bt
+
+    def to_plan(self, gpu: BlockManager, cpu: BlockManager | None = None) -> IterationPlan:
+        rows = self.rows
+        tokens: list[int] = []
+        for r in rows:
+            tokens.extend(r.seq.token_slice(r.start, r.start + r.num_tokens))
+        params = [r.seq.params for r in rows]
+        return IterationPlan(
+            iteration_id=self.iteration_id,
+            seq_ids=np.array([r.seq.seq_id for r in rows], np.int64),
+            places=np.array([int(r.seq.place) for r in rows], np.uint8),
+            sub_batch=np.array([r.sub_batch for r in rows], np.uint8),
+            start_pos=np.array([r.start for r in rows], np.int32),
+            num_tokens=np.array([r.num_tokens for r in rows], np.int32),
+            token_ids=np.array(tokens, np.int32),
+            block_tables=self._tables(rows, gpu, cpu),
+            sample=np.array([r.sample for r in rows], np.uint8),
+            temperature=np.array([p.temperature for p in params], np.float32),
+            top_p=np.array([p.top_p for p in params], np.float32),
+            top_k=np.array([p.top_k for p in params], np.int32),
+            seeds=np.array([-1 if p.seed is None else p.seed for p in params], np.int64),
+            steps=np.array([len(r.seq.output_ids) for r in rows], np.int32),
+            swap_out=_runs(self.swap_out_pairs),
+            swap_in=_runs(self.swap_in_pairs),
+        )
+
+    def to_cpu_plan(self, cpu: BlockManager) -> CpuAttentionPlan | None:
+        """The CPU decodes per sub-batch, in plan row order (= staging-slot row order); None if none."""
+        per_sb: list[list[ScheduledSeq]] = [[], []]
+        for r in self.cpu_rows:
+            per_sb[r.sub_batch].append(r)
+        if not per_sb[0] and not per_sb[1]:
+            return None
+        return CpuAttentionPlan(
+            iteration_id=self.iteration_id,
+            seq_ids=[np.array([r.seq.seq_id for r in rows], np.int64) for rows in per_sb],
+            seq_lens=[np.array([r.start + 1 for r in rows], np.int32) for rows in per_sb],
+            block_tables=[self._tables(rows, cpu, cpu) for rows in per_sb],
+        )
+
+
+def _runs(pairs: list[tuple[list[int], list[int]]]) -> np.ndarray:
+    src = [b for s, _ in pairs for b in s]
+    dst = [b for _, d in pairs for b in d]
+    return merge_runs(src, dst)
