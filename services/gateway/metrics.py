@@ -1,8 +1,9 @@
 """Prometheus metrics of the gateway, with vLLM-compatible names under the ``neo:`` prefix.
 
-Scheduler state (running/waiting requests, KV usage, free blocks) is read at scrape time by a
-collector, so the iteration loop pays nothing for gauges; per-request counters and histograms are
-updated once per request at its end.
+Scheduler state (running/waiting requests, KV usage of both pools, requests per pool, swaps) is read
+at scrape time by a collector, so the iteration loop pays nothing for gauges; per-request counters
+and histograms are updated once per request at its end, per-iteration ones once per iteration (the
+offload plan chosen, its predicted vs measured forward time, the wait on CPU attention).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -47,6 +48,22 @@ class _SchedulerState(Collector):
         yield gauge("num_preemptions_total", "Requests preempted (recompute) so far.",
                     sched.num_preemptions if sched else 0)
         yield gauge("worker_up", "1 while the GPU worker is connected and ready.", 1 if self.engine.link.alive else 0)
+        cpu_link = self.engine.cpu_link
+        yield gauge("cpu_attention_up", "1 while the cpu_attention process is connected and ready (0 without "
+                    "offloading).", 1 if cpu_link is not None and cpu_link.alive else 0)
+        cpu = sched.cpu if sched else None
+        yield gauge("cpu_kv_cache_usage_perc", "Fraction of host (CPU) KV blocks in use (0..1).", cpu.usage if cpu else 0)
+        yield gauge("cpu_kv_blocks_total", "Host (CPU) KV blocks in the pool.", cpu.num_blocks if cpu else 0)
+        decoding = GaugeMetricFamily("neo:num_requests_decoding", "Running requests by where their KV lives "
+                                     "(and so where they decode).", labels=labels + ["place"])
+        decoding.add_metric([self.model, "gpu"], len(sched.running) if sched else 0)
+        decoding.add_metric([self.model, "cpu"], len(sched.cpu_queue) if sched else 0)
+        yield decoding
+        swaps = CounterMetricFamily("neo:swaps", "Requests moved between the GPU and CPU KV pools.",
+                                    labels=labels + ["direction"])
+        swaps.add_metric([self.model, "out"], sched.num_swapped_out if sched else 0)
+        swaps.add_metric([self.model, "in"], sched.num_swapped_in if sched else 0)
+        yield swaps
 
 
 class GatewayMetrics:
@@ -54,6 +71,7 @@ class GatewayMetrics:
 
     def __init__(self, engine: "Engine", model: str) -> None:
         self.model = model
+        self.engine = engine
         self.registry = CollectorRegistry()
         self.registry.register(_SchedulerState(engine, model))
         labels = ["model_name"]
@@ -72,6 +90,18 @@ class GatewayMetrics:
                                           "(its own clock).", labels, buckets=_STEP_BUCKETS, registry=self.registry)
         self.batch_tokens = Counter("neo:iteration_tokens", "Tokens fed to the model, summed over iterations.",
                                     labels, registry=self.registry)
+        self.plans = Counter("neo:iteration_plan", "Iterations by the offload policy's plan.", labels + ["plan"],
+                             registry=self.registry)
+        self.forward_predicted = Histogram(
+            "neo:forward_predicted_seconds", "The cost model's forward time of an offload-mode iteration.",
+            labels + ["plan"], buckets=_STEP_BUCKETS, registry=self.registry)
+        self.forward_measured = Histogram(
+            "neo:forward_measured_seconds", "The worker's measured forward time of the same iterations (a "
+            "gap to the prediction means a stale or foreign cost table).", labels + ["plan"],
+            buckets=_STEP_BUCKETS, registry=self.registry)
+        self.cpu_wait = Histogram("neo:cpu_attention_wait_seconds", "Time per iteration the GPU worker waited on "
+                                  "the cpu_attention process (pipeline balance: ~0 when CPU attention hides "
+                                  "behind GPU work).", labels, buckets=_STEP_BUCKETS, registry=self.registry)
         engine.iteration_hooks.append(self.observe_iteration)
         self.e2e = Histogram("neo:e2e_request_latency_seconds", "Arrival to last token.", labels,
                              buckets=_LATENCY_BUCKETS, registry=self.registry)
@@ -82,6 +112,21 @@ class GatewayMetrics:
         self.iteration.labels(m).observe(wall_s)
         self.worker_iteration.labels(m).observe(result.total_s)
         self.batch_tokens.labels(m).inc(sum(r.num_tokens for r in output.rows))
+        decision = output.decision
+        if decision is None:
+            return
+        plan = "pipelined" if output.pipelined else "sequential"
+        self.plans.labels(m, plan).inc()
+        num_layers = self.num_layers()
+        if num_layers:
+            self.forward_predicted.labels(m, plan).observe(decision.predicted_forward_s(num_layers))
+            self.forward_measured.labels(m, plan).observe(result.forward_s - result.swap_s)
+        if output.cpu_rows:
+            self.cpu_wait.labels(m).observe(result.cpu_wait_s)
+
+    def num_layers(self) -> int:
+        ready = self.engine.link.ready
+        return int(ready.geometry.get("num_layers", 0)) if ready is not None else 0
 
     def observe_finished(self, seq: "Sequence") -> None:
         m = self.model

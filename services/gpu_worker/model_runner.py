@@ -66,6 +66,8 @@ class ModelRunner:
             sb = build_sub_batch(plan, np.arange(plan.batch_size), self.block_size, self.device, 0)
             hidden = self.model(sb.input_ids, sb.positions, self.kv_cache, sb.meta)
             last = hidden[torch.from_numpy(sb.last_token[sample_rows]).to(self.device)]
+        if self.host is not None and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # a true forward time for the policy's metrics
         t1 = time.perf_counter()
         if len(sample_rows):
             logits = self.model.compute_logits(last)
