@@ -91,6 +91,7 @@ MEANS = {  # report key -> histogram name (mean = _sum / _count)
     "worker_iteration_s": "neo:worker_iteration_seconds",
     "forward_predicted_s": "neo:forward_predicted_seconds",
     "forward_measured_s": "neo:forward_measured_seconds",
+    "cpu_wait_s": "neo:cpu_attention_wait_seconds",   # per iteration with CPU rows: the pipeline balance
 }
 POLLED = ("decoding_gpu", "decoding_cpu")  # gauges whose peak during the offline run is kept
 
@@ -437,7 +438,7 @@ def table(report: dict) -> str:
                      f"{off['output_throughput']:>11.1f} {_f(cmp_['offline_relative'].get(mode), '.3f'):>7} "
                      f"{_f(pk.get('decoding_gpu'), '.0f') + '/' + _f(pk.get('decoding_cpu'), '.0f'):>16}")
     lines.append(f"\n{'mode':>5} {'iters':>7} {'seq/pipe plans':>15} {'swaps out/in':>13} {'iter ms':>8} "
-                 f"{'worker ms':>9} {'fwd pred/meas ms':>17} {'pred/meas':>9}")
+                 f"{'worker ms':>9} {'fwd pred/meas ms':>17} {'pred/meas':>9} {'cpu wait ms':>11}")
     for mode, m in report["metrics"].items():
         fwd = lambda key: _f(m.get(key), ".2f", 1e3)  # noqa: E731
         lines.append(f"{mode:>5} {_f(m.get('iterations'), '.0f'):>7} "
@@ -445,7 +446,7 @@ def table(report: dict) -> str:
                      f"{_f(m.get('swaps_out'), '.0f') + '/' + _f(m.get('swaps_in'), '.0f'):>13} "
                      f"{_f(m.get('iteration_s'), '.2f', 1e3):>8} {_f(m.get('worker_iteration_s'), '.2f', 1e3):>9} "
                      f"{fwd('forward_predicted_s') + '/' + fwd('forward_measured_s'):>17} "
-                     f"{_f(m.get('forward_predicted_over_measured'), '.2f'):>9}")
+                     f"{_f(m.get('forward_predicted_over_measured'), '.2f'):>9} {fwd('cpu_wait_s'):>11}")
     p = report["prediction"] or {}
     gain = lambda x: _f(x, ".3f") + ("x" if x is not None else "")  # noqa: E731
     lines.append(f"\ngain of NEO (auto) over GPU-only, offline steady state: measured "

@@ -20,6 +20,27 @@ from neo_gpu_worker.rope import RotaryEmbedding
 log = logging.getLogger(__name__)
 
 
+# CPU BLAS picks other kernels (other summation orders) for small row counts, so one row's result
+# would depend on how many rows share its batch. Padding small batches to this many rows makes the
+# CPU device batch-invariant: a request decodes the same tokens alone, in any batch, in either
+# pipeline sub-batch, which is what the offload equivalence tests rely on. (GPU kernels are left
+# alone: padding would cost real time there.)
+_CPU_MIN_ROWS = 16
+
+
+def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` that is batch-invariant on the CPU device (see ``_CPU_MIN_ROWS``)."""
+    rows = x.shape[0]
+    if x.device.type == "cpu" and 0 < rows < _CPU_MIN_ROWS:
+        padded = torch.cat([x, x.new_zeros(_CPU_MIN_ROWS - rows, x.shape[1])])
+        return F.linear(padded, weight, bias)[:rows]
+    return F.linear(x, weight, bias)
+
+
+def _apply(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return dense(x, layer.weight, layer.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -45,7 +66,7 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor, positions: torch.Tensor,
                 rope: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [T, Hq, D], k and v [T, Hkv, D] of the (normed) input, RoPE applied."""
-        qkv = self.qkv_proj(x)
+        qkv = _apply(self.qkv_proj, x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -62,8 +83,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(g.intermediate_size, g.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate, up = _apply(self.gate_up_proj, x).split(self.intermediate, dim=-1)
+        return _apply(self.down_proj, F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -81,7 +102,7 @@ class DecoderLayer(nn.Module):
 
     def post_attn(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Dense work after attention: O-projection, residual, MLP; the next residual stream."""
-        x = x + self.self_attn.o_proj(attn.reshape(-1, self.self_attn.q_size))
+        x = x + _apply(self.self_attn.o_proj, attn.reshape(-1, self.self_attn.q_size))
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
@@ -116,7 +137,7 @@ class LlamaModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return dense(hidden, weight).float()
 
     # -- weights ------------------------------------------------------------------------------
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -7,9 +7,12 @@ Per layer i, two stages::
     stage B: GPU  post-attn(i, sb0) + pre-attn(i+1, sb0) + attention(i, sb1)   CPU  attention(i, sb1)
 
 A stage first queues the copy of its CPU rows' q/k/v to the segment's staging slot (a side stream,
-after the event that marks them computed), then queues all of its GPU work, and only then waits:
-for the copy, rings the slot's doorbell, waits for the cpu_attention process, and queues the copy
-of o back to the GPU ahead of the post-attention work that reads it. The GPU never idles on the
+after the event that marks them computed), then queues all of its GPU work, and only then waits
+(for the cpu_attention process), then queues the copy of o back to the GPU ahead of the
+post-attention work that reads it. The doorbell rings as soon as the copy has landed: between the
+launches of the stage the host polls the copy's event, so the CPU starts while the host is still
+queueing GPU work (when launches, not the GPU, bound the stage, ringing only after all of them
+would put CPU attention after the launch time instead of beside it). The GPU never idles on the
 handoff unless the CPU is slower than the stage's GPU work (which the policy's slack inequality
 prevents in ``auto`` mode). CPU-bound prefills run in sub-batch 0 over a one-layer staging area;
 their KV goes to the host pool after each layer (``HostKv.stream_out``). On the CPU device the same
@@ -52,7 +55,8 @@ def _alive(pid: int) -> bool:
 class Handoff:
     """Moves one sub-batch's CPU rows to the cpu_attention process and o back, per layer.
 
-    ``cpu_wait_s`` accumulates the host's doorbell waits of the current iteration.
+    ``cpu_wait_s`` accumulates the host's doorbell waits of the current iteration; ``unrung`` maps
+    a slot to (copy event, job) while its rows are on their way to host memory.
     """
 
     def __init__(self, host: HostKv, device: torch.device, timeout_s: float) -> None:
@@ -63,9 +67,10 @@ class Handoff:
                       for j in range(lay.num_slots)]
         self.max_rows = lay.max_rows
         self.cpu_wait_s = 0.0
+        self.unrung: dict[int, tuple] = {}
 
-    def send(self, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Queue the copy of q/k/v rows into ``slot``; returns what :meth:`finish` waits on."""
+    def send(self, slot: int, job: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Queue the copy of q/k/v rows into ``slot`` for doorbell value ``job``; ring it once landed."""
         rows = q.shape[0]
         if rows > self.max_rows:
             raise ValueError(f"{rows} CPU rows in one sub-batch; the segment holds {self.max_rows}")
@@ -73,7 +78,8 @@ class Handoff:
         if self.side is None:
             for name, src in (("q", q), ("k_new", k), ("v_new", v)):
                 dst[name][:rows].copy_(src)
-            return None
+            self.host.segment.ring(slot, job)
+            return
         dtype = self.host.dtype
         srcs = [t.to(dtype) for t in (q, k, v)]
         ready = torch.cuda.Event()
@@ -85,15 +91,24 @@ class Handoff:
                 src.record_stream(self.side)
             copied = torch.cuda.Event()
             copied.record(self.side)
-        return copied
+        self.unrung[slot] = (copied, job)
+        self.poll()
 
-    def finish(self, slot: int, iteration_id: int, layer: int, copied, out: torch.Tensor) -> None:
-        """Ring the doorbell once the rows are in host memory, wait for o, queue its copy into ``out``."""
-        if copied is not None:
+    def poll(self) -> None:
+        """Ring every slot whose rows have landed in host memory (never blocks)."""
+        for slot, (copied, job) in list(self.unrung.items()):
+            if copied.query():
+                self.host.segment.ring(slot, job)
+                del self.unrung[slot]
+
+    def finish(self, slot: int, iteration_id: int, layer: int, out: torch.Tensor) -> None:
+        """Ring the doorbell if :meth:`poll` has not yet, wait for o, queue its copy into ``out``."""
+        if slot in self.unrung:
+            copied, job = self.unrung.pop(slot)
             copied.synchronize()
+            self.host.segment.ring(slot, job)
         seg = self.host.segment
         seq = job_seq(iteration_id, layer)
-        seg.ring(slot, seq)
         t0 = time.perf_counter()
         deadline = t0 + self.timeout_s
         while True:
@@ -114,6 +129,7 @@ class Handoff:
         out.copy_(self.slots[slot]["o"][:out.shape[0]], non_blocking=True)
 
     def synchronize(self) -> None:
+        self.unrung.clear()
         if self.side is not None:
             self.side.synchronize()
 
@@ -159,39 +175,45 @@ class PipelinedExecutor:
         attn: list = [None, None]
         if live[0]:
             qkv[0] = layers[0].pre_attn(x[0], sbs[0].positions, rope)
+        poll = self.handoff.poll
         for i in range(len(layers)):
             # stage A: attention of sub-batch 0 (CPU rows on the CPU), dense work of sub-batch 1
-            pending = self._send(0, sbs[0], qkv[0]) if live[0] else None
+            if live[0]:
+                self._send(0, it, i, sbs[0], qkv[0])
             if live[1]:
                 if i > 0:
                     x[1] = layers[i - 1].post_attn(x[1], attn[1])
+                    poll()
                 qkv[1] = layers[i].pre_attn(x[1], sbs[1].positions, rope)
+                poll()
             if live[0]:
                 attn[0] = self._gpu_attention(i, sbs[0], qkv[0])
-                self._finish(0, it, i, sbs[0], pending, attn[0])
+                self._finish(0, it, i, sbs[0], attn[0])
             # stage B: attention of sub-batch 1, dense work of sub-batch 0
-            pending = self._send(1, sbs[1], qkv[1]) if live[1] else None
+            if live[1]:
+                self._send(1, it, i, sbs[1], qkv[1])
             if live[0]:
                 x[0] = layers[i].post_attn(x[0], attn[0])
+                poll()
                 if i + 1 < len(layers):
                     qkv[0] = layers[i + 1].pre_attn(x[0], sbs[0].positions, rope)
+                    poll()
             if live[1]:
                 attn[1] = self._gpu_attention(i, sbs[1], qkv[1])
-                self._finish(1, it, i, sbs[1], pending, attn[1])
+                self._finish(1, it, i, sbs[1], attn[1])
         if live[1]:
             x[1] = layers[-1].post_attn(x[1], attn[1])
         return [model.norm(xi) for xi in x]
 
-    def _send(self, slot: int, sb: SubBatch, qkv):
-        if not sb.num_cpu:
-            return None
-        q, k, v = qkv
-        c = sb.cpu_slice
-        return self.handoff.send(slot, q[c], k[c], v[c])
-
-    def _finish(self, slot: int, it: int, layer: int, sb: SubBatch, pending, attn: torch.Tensor) -> None:
+    def _send(self, slot: int, it: int, layer: int, sb: SubBatch, qkv) -> None:
         if sb.num_cpu:
-            self.handoff.finish(slot, it, layer, pending, attn[sb.cpu_slice])
+            q, k, v = qkv
+            c = sb.cpu_slice
+            self.handoff.send(slot, job_seq(it, layer), q[c], k[c], v[c])
+
+    def _finish(self, slot: int, it: int, layer: int, sb: SubBatch, attn: torch.Tensor) -> None:
+        if sb.num_cpu:
+            self.handoff.finish(slot, it, layer, attn[sb.cpu_slice])
 
     def _gpu_attention(self, i: int, sb: SubBatch, qkv) -> torch.Tensor:
         """Attention of the GPU-pool rows and the CPU-bound prefills (CPU decode rows come later)."""

@@ -23,7 +23,10 @@ from neo_common.model_source import embedded_gguf_path
 pytestmark = pytest.mark.integration
 
 NUM_REQUESTS = 64
+# A token budget that takes every prompt whole: a chunked prefill would attend through another SDPA
+# path than a whole one (a rounding apart), and only GPU-only mode chunks.
 COMMON = ["--kv-cache-dtype", "bfloat16", "--max-model-len", "512", "--max-num-seqs", "64",
+          "--max-num-batched-tokens", "4096",
           "--num-cpu-blocks", "512", "--cpu-threads", "2"]
 MODES = {"off": ["--offload-mode", "off", "--num-gpu-blocks", "512"],
          "full": ["--offload-mode", "full", "--num-gpu-blocks", "64"],
