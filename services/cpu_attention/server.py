@@ -16,12 +16,13 @@ import time
 import numpy as np
 import zmq
 
-from neo_common import protocol
+from neo_common import protocol, tracing
 from neo_common.config import NeoConfig
 from neo_cpu_attention import _native, kernel
 from neo_cpu_attention.segment import KvSegment, SegmentError
 
 log = logging.getLogger(__name__)
+_tracer = tracing.tracer("neo.cpu_attention")
 
 HELLO_INTERVAL_S = 1.0
 SLICE_US = 200_000          # native serve slice; between slices we look at the socket
@@ -182,6 +183,21 @@ class CpuAttentionServer:
 
     # -- one iteration ----------------------------------------------------------------------------
     def serve_plan(self, plan: protocol.CpuAttentionPlan) -> None:
+        """Serve one iteration, under a span (child of the oldest traced request, linked to the
+        others) when the gateway traced it."""
+        if not plan.trace:
+            return self._serve_plan(plan)
+        parent = tracing.context_from_traceparent(plan.trace.get("traceparent"))
+        with _tracer.start_as_current_span("cpu_attention.iteration", context=parent,
+                                           links=tracing.links_from(plan.trace.get("links", ()))) as span:
+            span.set_attribute("neo.iteration_id", int(plan.iteration_id))
+            span.set_attribute("neo.cpu_rows", [int(np.asarray(s).shape[0]) for s in plan.seq_lens])
+            span.set_attribute("neo.cpu_context_tokens", int(sum(int(np.asarray(s).sum()) for s in plan.seq_lens)))
+            jobs = self.jobs
+            self._serve_plan(plan)
+            span.set_attribute("neo.jobs", self.jobs - jobs)
+
+    def _serve_plan(self, plan: protocol.CpuAttentionPlan) -> None:
         it = int(plan.iteration_id)
         rows = [int(np.asarray(s).shape[0]) for s in plan.seq_lens]
         if sum(rows) == 0:

@@ -2,7 +2,8 @@
 
 gateway and gpu_worker export OTLP/HTTP to a rotel agent, which forwards to a small OTLP/HTTP
 receiver in this test; one chat request's trace must hold the gateway's server span, its queue /
-prefill / decode phases and the GPU worker's iteration spans, each with the right parent.
+prefill / decode phases, the GPU worker's iteration spans and, with every decode offloaded, the
+cpu_attention process's iteration spans, each with the right parent.
 """
 
 from __future__ import annotations
@@ -93,10 +94,19 @@ def collector(tmp_path):
         log.close()
 
 
-def test_one_request_trace_spans_gateway_and_worker(collector, tmp_path):
+OFFLOAD_FULL = ["--offload-mode", "full", "--num-cpu-blocks", "64", "--kv-cache-dtype", "bfloat16",
+                "--cpu-threads", "1"]
+
+
+@pytest.mark.parametrize("offload", ["off", "full"])
+def test_one_request_trace_spans_gateway_and_worker(offload, collector, tmp_path):
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector, "OTEL_BSP_SCHEDULE_DELAY": "100",
-           "OTEL_TRACES_SAMPLER": "parentbased_always_on"}
-    replica = Replica(["--num-gpu-blocks", "32"], str(tmp_path / "serve.log"), env=env)
+           "OTEL_TRACES_SAMPLER": "parentbased_always_on", "NEO_COST_CACHE_DIR": str(tmp_path / "cost")}
+    wanted = {"POST /v1/chat/completions", "decode", "gpu_worker.iteration"}
+    if offload == "full":  # every decode runs in the cpu_attention process: its spans join the trace
+        wanted.add("cpu_attention.iteration")
+    args = ["--num-gpu-blocks", "32"] + (OFFLOAD_FULL if offload == "full" else [])
+    replica = Replica(args, str(tmp_path / "serve.log"), env=env)
     try:
         replica.wait_ready()
         client_trace = "0af7651916cd43dd8448eb211c80319c"
@@ -108,7 +118,7 @@ def test_one_request_trace_spans_gateway_and_worker(collector, tmp_path):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             names = {s.name for _, s in _Receiver.spans if s.trace_id.hex() == client_trace}
-            if {"POST /v1/chat/completions", "decode", "gpu_worker.iteration"} <= names:
+            if wanted <= names:
                 break
             time.sleep(0.2)
     finally:
@@ -142,6 +152,12 @@ def test_one_request_trace_spans_gateway_and_worker(collector, tmp_path):
     iterations = by_name["gpu_worker.iteration"]
     assert len(iterations) >= 6, "one iteration span per prefill/decode step of this request"
     assert all(svc == "neo-gpu-worker" and s.parent_span_id == request.span_id for svc, s in iterations)
+    if offload == "full":
+        cpu = by_name["cpu_attention.iteration"]
+        assert len(cpu) >= 5, "one span per decode step the CPU attended"
+        assert all(svc == "neo-cpu-attention" and s.parent_span_id == request.span_id for svc, s in cpu)
+        rows = {a.key: a.value for a in cpu[0][1].attributes}["neo.cpu_rows"].array_value.values
+        assert sum(v.int_value for v in rows) == 1, "this request's row, in one sub-batch"
 
 
 def test_tracing_is_off_without_an_endpoint():
