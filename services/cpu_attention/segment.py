@@ -69,6 +69,19 @@ class SegmentError(RuntimeError):
     """The segment is missing, not ready in time, or does not match what the caller expects."""
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a segment peer (creator or server, by its pid in the header) still runs."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def job_seq(iteration_id: int, layer: int) -> int:
     """Doorbell value of (iteration, layer); increases over a run (layers < 65535)."""
     return (int(iteration_id) << 16) | (int(layer) + 1)
@@ -250,11 +263,13 @@ class KvSegment:
     :meth:`close`). Views returned by the accessors alias the mapping; drop them before close().
     """
 
-    def __init__(self, name: str, layout: SegmentLayout, mm: mmap.mmap, nonce: int, owner: bool) -> None:
+    def __init__(self, name: str, layout: SegmentLayout, mm: mmap.mmap, nonce: int, owner: bool,
+                 creator_pid: int = 0) -> None:
         self.name = name
         self.layout = layout
         self.nonce = nonce
         self.owner = owner
+        self.creator_pid = creator_pid or os.getpid()
         self._mm: mmap.mmap | None = mm
         self.buf: np.ndarray | None = np.frombuffer(mm, dtype=np.uint8)
         self._words = self.buf[:HEADER_BYTES].view(np.uint64)
@@ -322,13 +337,13 @@ class KvSegment:
         finally:
             os.close(fd)
         try:
-            layout, nonce, _ = SegmentLayout.unpack_header(mm)
+            layout, nonce, creator = SegmentLayout.unpack_header(mm)
             if expect is not None and expect != layout:
                 raise SegmentError(f"segment {name} geometry {layout} != expected {expect}")
         except BaseException:
             mm.close()
             raise
-        return cls(name, layout, mm, nonce, owner=False)
+        return cls(name, layout, mm, nonce, owner=False, creator_pid=creator)
 
     def close(self) -> None:
         """Unmap (idempotent). Fails softly while views are still alive (they keep the mapping)."""
@@ -342,17 +357,28 @@ class KvSegment:
             log.debug("segment %s: views still alive; unmapped when they go", self.name)
         self._mm = None
 
-    def unlink(self) -> bool:
-        """Remove the name if it still refers to this incarnation; True if removed."""
+    def _name_nonce(self) -> int | None:
+        """Nonce of the segment the name refers to now (None: no ready segment under the name)."""
         try:
             fd = _shm_open(self.name, os.O_RDONLY)
         except FileNotFoundError:
-            return False
+            return None
         try:
             head = os.pread(fd, _HDR_OFF + _HDR.size, 0)
         finally:
             os.close(fd)
-        if head[:8] == MAGIC and _HDR.unpack_from(head, _HDR_OFF)[3] != self.nonce:
+        if len(head) < _HDR_OFF + _HDR.size or head[:8] != MAGIC:
+            return None
+        return _HDR.unpack_from(head, _HDR_OFF)[3]
+
+    def is_current(self) -> bool:
+        """Whether the name still refers to this incarnation (a restarted GPU worker makes a new one)."""
+        return self._name_nonce() == self.nonce
+
+    def unlink(self) -> bool:
+        """Remove the name if it still refers to this incarnation; True if removed."""
+        nonce = self._name_nonce()
+        if nonce is not None and nonce != self.nonce:
             log.info("segment %s now belongs to another incarnation; not removing it", self.name)
             return False
         try:

@@ -19,12 +19,13 @@ import zmq
 from neo_common import protocol, tracing
 from neo_common.config import NeoConfig
 from neo_cpu_attention import _native, kernel
-from neo_cpu_attention.segment import KvSegment, SegmentError
+from neo_cpu_attention.segment import KvSegment, SegmentError, pid_alive
 
 log = logging.getLogger(__name__)
 _tracer = tracing.tracer("neo.cpu_attention")
 
 HELLO_INTERVAL_S = 1.0
+CURRENT_CHECK_S = 0.5       # how often an idle process checks that its segment was not replaced
 SLICE_US = 200_000          # native serve slice; between slices we look at the socket
 SPIN_US = 2_000             # spin this long on a doorbell before sleep-polling
 ERRORS = {-2: "block id out of range", -3: "bad sequence length", -1: "invalid arguments",
@@ -77,7 +78,7 @@ class CpuAttentionServer:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.monitor, zmq.POLLIN)
-        last_hello = 0.0
+        last_hello = last_check = 0.0
         code = 0
         try:
             while not self.stopping:
@@ -89,6 +90,9 @@ class CpuAttentionServer:
                     log.error("gateway %s unreachable for %.0fs; exiting", addr, now - self.disconnected_at)
                     code = 1
                     break
+                if self.segment is not None and now - last_check >= CURRENT_CHECK_S:
+                    last_check = now
+                    self._drop_if_replaced()
                 if self.segment is None:
                     self._try_attach(0.0)
                 events = dict(poller.poll(100))
@@ -107,7 +111,8 @@ class CpuAttentionServer:
             except Exception:  # the mapping may be half gone at exit; nothing to save
                 pass
             self.segment.close()
-            self.segment.unlink()   # ours to remove too: a replica's segment dies with either worker
+            if not pid_alive(self.segment.creator_pid):
+                self.segment.unlink()   # its GPU worker died without removing it: nobody else will
             self.segment = None
         self.sock.disable_monitor()
         self.monitor.close(0)
@@ -165,6 +170,14 @@ class CpuAttentionServer:
                 log.debug("ignoring %s", type(msg).__name__)
 
     # -- segment ----------------------------------------------------------------------------------
+    def _drop_if_replaced(self) -> None:
+        """A restarted GPU worker created a new segment under the same name: let go of the old one
+        (attaching the new one follows), else every job would wait on doorbells nobody rings."""
+        if self.segment is not None and not self.segment.is_current():
+            log.warning("segment %s was replaced (GPU worker restarted); attaching the new one", self.segment.name)
+            self.segment.close()
+            self.segment = None
+
     def _try_attach(self, timeout_s: float) -> bool:
         try:
             self.segment = KvSegment.attach(self.config.shm_name, timeout_s, populate=True)
@@ -202,6 +215,7 @@ class CpuAttentionServer:
         rows = [int(np.asarray(s).shape[0]) for s in plan.seq_lens]
         if sum(rows) == 0:
             return
+        self._drop_if_replaced()
         if self.segment is None and not self._try_attach(self.attach_timeout_s):
             self._fail(it, f"shared-memory segment {self.config.shm_name} not available")
             return

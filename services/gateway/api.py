@@ -173,10 +173,11 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
     async def health() -> Response:
         if not engine.loop_alive:
             return JSONResponse({"status": "unhealthy", "reason": "the engine loop stopped"}, 503)
-        if not engine.link.alive:
-            return JSONResponse({"status": "unhealthy", "reason": "gpu_worker is down"}, 503,
-                                headers={"Retry-After": "5"})
-        return JSONResponse({"status": "ok", "workers": {"gpu_worker": {"pid": engine.link.ready.pid}}})
+        for link in engine.links:
+            if not link.alive:
+                return JSONResponse({"status": "unhealthy", "reason": f"{link.name} is down"}, 503,
+                                    headers={"Retry-After": "5"})
+        return JSONResponse({"status": "ok", "workers": {link.name: {"pid": link.ready.pid} for link in engine.links}})
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:

@@ -117,7 +117,7 @@ class Engine:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
-        for link in self._links:
+        for link in self.links:
             link.start()
         self._loop_task = asyncio.create_task(self._loop())
 
@@ -125,11 +125,11 @@ class Engine:
         if self._loop_task:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
-        for link in self._links:
+        for link in self.links:
             await link.close()
 
     @property
-    def _links(self) -> list[WorkerLink]:
+    def links(self) -> list[WorkerLink]:
         return [self.link] + ([self.cpu_link] if self.cpu_link is not None else [])
 
     @property
@@ -139,7 +139,7 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        return self.loop_alive and all(link.alive for link in self._links) and self.scheduler is not None
+        return self.loop_alive and all(link.alive for link in self.links) and self.scheduler is not None
 
     def _adopt_worker(self) -> None:
         """(Re)build the scheduler for the worker that just reported ready."""
@@ -201,7 +201,7 @@ class Engine:
         """Run iterations forever. A bug hit while building or applying one iteration fails the
         requests in it, never the loop: a dead loop would wedge every later request."""
         while True:
-            for link in self._links:
+            for link in self.links:
                 if not link.alive:
                     await link.ready_event.wait()
             if self.scheduler is None or self._ready_seen != self.link.generation:

@@ -22,14 +22,13 @@ code runs with synchronous copies; that is how CI checks it against GPU-only exe
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import numpy as np
 import torch
 
 from neo_common.protocol import IterationPlan
-from neo_cpu_attention.segment import job_seq
+from neo_cpu_attention.segment import job_seq, pid_alive
 from neo_gpu_worker.attention import paged_attention, write_kv
 from neo_gpu_worker.batch import SubBatch, build_sub_batch
 from neo_gpu_worker.host_kv import HostKv
@@ -40,16 +39,6 @@ log = logging.getLogger(__name__)
 _POLL_S = 0.2   # doorbell waits are sliced so a dead cpu_attention process is noticed quickly
 _ERRORS = {-1: "invalid arguments", -2: "block id out of range", -3: "bad sequence length", -4: "timeout",
            -5: "aborted", -6: "out of memory"}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid > 0
 
 
 class Handoff:
@@ -116,8 +105,8 @@ class Handoff:
                 status = seg.wait_done(slot, seq, timeout_s=_POLL_S)
                 break
             except TimeoutError:
-                pid, state = seg.cpu_state()
-                if state != 1 or not _alive(int(pid)):
+                pid, state = seg.cpu_state()   # state 0: no process attached yet (it may be starting)
+                if state == 2 or (state == 1 and not pid_alive(int(pid))):
                     raise RuntimeError("the cpu_attention process is gone (it served this segment as pid "
                                        f"{pid})") from None
                 if time.perf_counter() > deadline:
