@@ -102,6 +102,10 @@ class GatewayMetrics:
         self.cpu_wait = Histogram("neo:cpu_attention_wait_seconds", "Time per iteration the GPU worker waited on "
                                   "the cpu_attention process (pipeline balance: ~0 when CPU attention hides "
                                   "behind GPU work).", labels, buckets=_STEP_BUCKETS, registry=self.registry)
+        for plan in ("sequential", "pipelined"):  # exported from the start (zeros), so dashboards see the series
+            for family in (self.plans, self.forward_predicted, self.forward_measured):
+                family.labels(model, plan)
+        self.cpu_wait.labels(model)
         engine.iteration_hooks.append(self.observe_iteration)
         self.e2e = Histogram("neo:e2e_request_latency_seconds", "Arrival to last token.", labels,
                              buckets=_LATENCY_BUCKETS, registry=self.registry)
