@@ -525,8 +525,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     pr.add_argument("--out", default=".")
     args = ap.parse_args(argv)
     args.modes = [m for m in args.modes.split(",") if m]
-    if not set(args.modes) <= {"off", "auto", "full"}:
-        ap.error("--modes takes off, auto, full")
+    if not set(args.modes) <= {"off", "auto", "full", "throughput"}:
+        ap.error("--modes takes off, auto, full, throughput")
     return args
 
 

@@ -15,7 +15,7 @@ from typing import Sequence
 from neo_common.settings import ConfigError, Settings, option
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-OFFLOAD_MODES = ("off", "auto", "full")
+OFFLOAD_MODES = ("off", "auto", "full", "throughput")
 
 
 @dataclasses.dataclass
@@ -83,7 +83,10 @@ class SchedulerConfig(Settings):
     max_num_seqs: int = option(256, "most requests in one iteration")
     max_num_batched_tokens: int = option(2048, "token budget of one iteration (prefill chunks + decodes)")
     max_waiting: int = option(4096, "waiting-queue bound; beyond it requests get 429")
-    offload_mode: str = option("off", "where decodes may run", choices=OFFLOAD_MODES)
+    offload_mode: str = option("off", "where decodes may run: off (GPU only), auto (NEO: CPU attention only "
+                                      "where it hides behind GPU work), throughput (also unhidden when that "
+                                      "serves more rows per second), full (every decode on the CPU)",
+                               choices=OFFLOAD_MODES)
     swap_in_threshold: float = option(0.95, "swap CPU requests back in only below this GPU KV use")
     cost_tables: str = option("", "cost tables JSON for the offload policy (default: the cached profile of "
                                   "this machine, profiled at the first start)")

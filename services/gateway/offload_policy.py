@@ -25,7 +25,9 @@ GPU time per layer (what "requests served per unit GPU time" divides by), from t
 
 Requests served counts rows (each prefill chunk and each decode). The pipelined plan is kept only
 when it serves strictly more rows per second of GPU time (a tie keeps the simpler sequential plan).
-Modes: ``off`` always sequential; ``full`` pipelines every CPU decode without the inequality (the
+Modes: ``throughput`` also weighs the pipeline with every CPU decode, hidden or not, and keeps
+whichever of the three plans serves the most rows per second (see ``_most_rows_per_second``; the
+slack inequality then does not bind); ``off`` always sequential; ``full`` pipelines every CPU decode without the inequality (the
 scheduler then sends every request to the CPU, so every decode is a CPU decode; for comparison runs; the CPU may then be the bottleneck, which the stage times show); ``auto`` as above.
 If neither plan would serve anything (only CPU-resident decodes, none hideable), ``auto`` runs them
 unhidden like ``full`` rather than stall them: idle GPU time is free.
@@ -46,7 +48,7 @@ from typing import Sequence
 
 from neo_gateway.cost_model import CostTables
 
-MODES = ("off", "auto", "full")
+MODES = ("off", "auto", "full", "throughput")
 WAIT = -1  # sub-batch index of a CPU decode that does not run this iteration
 
 
@@ -115,6 +117,11 @@ class OffloadDecision:
 
     def cpu_rows(self, sub_batch: int) -> list[int]:
         return [i for i, j in enumerate(self.cpu_sub_batch) if j == sub_batch]
+
+    @property
+    def rate(self) -> float:
+        """Rows per second of per-layer time of the kept plan."""
+        return self.pipelined_rate if self.kind == PlanKind.PIPELINED else self.sequential_rate
 
     def predicted_forward_s(self, num_layers: int) -> float:
         """Predicted time of the whole decoder stack (metrics compare it with the measured forward)."""
@@ -201,6 +208,8 @@ def decide(candidate: BatchCandidate, costs: CostTables, mode: str = "auto") -> 
         why = "offload off" if mode == "off" else "no CPU-resident decodes"
         return dataclasses.replace(sequential, reason=why)
 
+    if mode == "throughput":
+        return _most_rows_per_second(costs, c, sequential)
     where, sbs = _assign(costs, c, enforce=(mode == "auto"))
     reason = "full offload" if mode == "full" else "pipelined serves more rows per GPU second"
     if mode == "auto" and all(j == WAIT for j in where):
@@ -208,15 +217,40 @@ def decide(candidate: BatchCandidate, costs: CostTables, mode: str = "auto") -> 
             return dataclasses.replace(sequential, reason="no CPU decode can hide behind the GPU work")
         where, sbs = _assign(costs, c, enforce=False)
         reason = "only CPU decodes: run them unhidden rather than stall"
+    pipelined = _pipelined(costs, where, sbs, sequential, reason)
+    if mode == "auto" and seq_rows and pipelined.pipelined_rate <= seq_rate:
+        return dataclasses.replace(sequential, pipelined_rate=pipelined.pipelined_rate,
+                                   reason="sequential serves at least as many rows per GPU second")
+    return pipelined
+
+
+def _pipelined(costs: CostTables, where: list[int], sbs: list[_SubBatch], sequential: OffloadDecision,
+               reason: str) -> OffloadDecision:
     stages = (_stage(costs, sbs[0], sbs[1]), _stage(costs, sbs[1], sbs[0]))
     layer_s = stages[0].stage_s + stages[1].stage_s
-    rows = seq_rows + sum(j != WAIT for j in where)
+    rows = sequential.rows + sum(j != WAIT for j in where)
     pipe_rate = rows / layer_s if layer_s > 0 else 0.0
-    if mode == "auto" and seq_rows and pipe_rate <= seq_rate:
-        return dataclasses.replace(sequential, pipelined_rate=pipe_rate,
-                                   reason="sequential serves at least as many rows per GPU second")
-    return OffloadDecision(PlanKind.PIPELINED, mode, tuple(where), stages, layer_s, rows, seq_rate, pipe_rate,
-                           reason)
+    return OffloadDecision(PlanKind.PIPELINED, sequential.mode, tuple(where), stages, layer_s, rows,
+                           sequential.sequential_rate, pipe_rate, reason)
+
+
+def _most_rows_per_second(costs: CostTables, c: BatchCandidate, sequential: OffloadDecision) -> OffloadDecision:
+    """``throughput`` mode: the sequential plan, the hidden pipeline (as ``auto``) and the pipeline
+    with every CPU decode (unhidden: stages wait for the CPU), whichever serves the most rows per
+    second of wall time. Where launches or a fast GPU leave little GPU work to hide behind, running
+    the CPU decodes anyway can still multiply throughput, at the price of longer iterations (TPOT)."""
+    best = sequential if sequential.rows else None
+    for enforce, why in ((True, "hidden pipeline serves the most rows per second"),
+                         (False, "unhidden pipeline serves the most rows per second")):
+        where, sbs = _assign(costs, c, enforce=enforce)
+        if all(j == WAIT for j in where):
+            continue
+        plan = _pipelined(costs, where, sbs, sequential, why)
+        if best is None or plan.rate > best.rate:
+            best = plan
+    if best is sequential:
+        return dataclasses.replace(sequential, reason="sequential serves the most rows per second")
+    return best
 
 
 # -- placement and swapping (pure helpers the scheduler applies to its queues and block managers) ----

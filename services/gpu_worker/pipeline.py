@@ -36,6 +36,7 @@ from neo_gpu_worker.model import LlamaModel
 
 log = logging.getLogger(__name__)
 
+_LOG_EVERY = 200
 _POLL_S = 0.2   # doorbell waits are sliced so a dead cpu_attention process is noticed quickly
 _ERRORS = {-1: "invalid arguments", -2: "block id out of range", -3: "bad sequence length", -4: "timeout",
            -5: "aborted", -6: "out of memory"}
@@ -44,7 +45,8 @@ _ERRORS = {-1: "invalid arguments", -2: "block id out of range", -3: "bad sequen
 class Handoff:
     """Moves one sub-batch's CPU rows to the cpu_attention process and o back, per layer.
 
-    ``cpu_wait_s`` accumulates the host's doorbell waits of the current iteration; ``unrung`` maps
+    ``cpu_wait_s`` accumulates the host's doorbell waits of the current iteration, ``copy_wait_s`` its
+    waits for the GPU to produce (and copy out) rows not yet landed when needed; ``unrung`` maps
     a slot to (copy event, job) while its rows are on their way to host memory.
     """
 
@@ -56,6 +58,7 @@ class Handoff:
                       for j in range(lay.num_slots)]
         self.max_rows = lay.max_rows
         self.cpu_wait_s = 0.0
+        self.copy_wait_s = 0.0
         self.unrung: dict[int, tuple] = {}
 
     def send(self, slot: int, job: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -94,7 +97,9 @@ class Handoff:
         """Ring the doorbell if :meth:`poll` has not yet, wait for o, queue its copy into ``out``."""
         if slot in self.unrung:
             copied, job = self.unrung.pop(slot)
+            t_copy = time.perf_counter()
             copied.synchronize()
+            self.copy_wait_s += time.perf_counter() - t_copy
             self.host.segment.ring(slot, job)
         seg = self.host.segment
         seq = job_seq(iteration_id, layer)
@@ -138,10 +143,12 @@ class PipelinedExecutor:
         self.staging = torch.zeros((2, staging_blocks, block_size, g.num_kv_heads, g.head_dim),
                                    dtype=kv_cache.dtype, device=device)
         self.handoff = Handoff(host, device, timeout_s)
+        self.totals = [0, 0.0, 0.0, 0.0]   # iterations, host s, copy-wait s, cpu-wait s (see _account)
 
     def forward(self, plan: IterationPlan) -> tuple[torch.Tensor, np.ndarray]:
         """Final hidden states of every row's last token, and the plan rows they belong to."""
-        self.handoff.cpu_wait_s = 0.0
+        self.handoff.cpu_wait_s = self.handoff.copy_wait_s = 0.0
+        t0 = time.perf_counter()
         sbs = [build_sub_batch(plan, np.flatnonzero(plan.sub_batch == j), self.block_size, self.device,
                                self.staging.shape[1]) for j in (0, 1)]
         try:
@@ -153,7 +160,23 @@ class PipelinedExecutor:
             self.handoff.synchronize()
         last = [h[torch.from_numpy(sb.last_token).to(self.device)] for h, sb in zip(hidden, sbs) if sb.num_tokens]
         rows = np.concatenate([sb.rows for sb in sbs if sb.num_tokens])
+        self._account(time.perf_counter() - t0)
         return torch.cat(last), rows
+
+    def _account(self, host_s: float) -> None:
+        """Log, every ``_LOG_EVERY`` iterations, where the host's time went: a forward bounded by the
+        GPU shows as copy waits, one bounded by the CPU as CPU waits, the rest is launching."""
+        total = self.totals
+        total[0] += 1
+        total[1] += host_s
+        total[2] += self.handoff.copy_wait_s
+        total[3] += self.handoff.cpu_wait_s
+        if total[0] == _LOG_EVERY:
+            n, host, copy, cpu = total
+            log.info("pipelined forward, mean of %d: host %.2f ms = waiting on GPU copies %.2f ms + on CPU "
+                     "attention %.2f ms + launching %.2f ms", n, host / n * 1e3, copy / n * 1e3, cpu / n * 1e3,
+                     (host - copy - cpu) / n * 1e3)
+            self.totals = [0, 0.0, 0.0, 0.0]
 
     def _layers(self, it: int, sbs: list[SubBatch]) -> list[torch.Tensor]:
         model, rope = self.model, self.model.rope

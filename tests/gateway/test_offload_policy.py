@@ -196,3 +196,19 @@ def test_chunked_prefill_costs_the_causal_area_it_adds():
     assert d.stages[0].tokens == 100
     with pytest.raises(ValueError):
         BatchCandidate(prefill_lens=[1, 2], prefill_starts=[0])
+
+
+def test_throughput_mode_runs_unhidden_cpu_decodes_when_that_serves_more_rows():
+    # A GPU with little work to hide behind (2 decodes): hiding admits 12 of 60 CPU decodes; running
+    # all 60 with the stages waiting for the CPU still serves more rows per second.
+    costs = synthetic(cpu_s_per_token=40e-9)
+    c = BatchCandidate(gpu_decode_lens=[400, 400], cpu_decode_lens=[400] * 60)
+    auto, best = decide(c, costs, "auto"), decide(c, costs, "throughput")
+    assert len(auto.cpu_waiting) > 30, "auto hides only some of them"
+    assert best.kind is PlanKind.PIPELINED and not best.cpu_waiting and best.rate > 1.2 * auto.rate
+    assert not all(hidden(st) for st in best.stages), "the CPU side is exposed: longer stages, more rows"
+    # A CPU so slow that even all rows at once do not pay: sequential, as in auto.
+    slow = synthetic(cpu_s_per_token=5e-6)
+    assert decide(c, slow, "throughput").kind is PlanKind.SEQUENTIAL
+    # Nothing but CPU decodes: they run.
+    assert not decide(BatchCandidate(cpu_decode_lens=[100] * 4), slow, "throughput").cpu_waiting
