@@ -65,7 +65,7 @@ class SizingDecision:
     cpu_attention_threads: int
     cpu_attention_gbps: float | None
     offload: bool
-    offload_mode: str  # what the engine gets: "off", "auto" or "full"
+    offload_mode: str  # what the engine gets: "off", "auto", "full" or "throughput"
     predicted_gain: float | None
     reason: str
     requests: dict[str, dict[str, str]]
@@ -186,8 +186,8 @@ def size(spec: NeoServiceSpec, nodes: Sequence[NodeFacts]) -> SizingDecision:
         offload, reason = False, "cpuOffload.mode is off"
     elif requested_cpu_blocks == 0:
         offload, reason = False, "cpuOffload.kvMemory holds less than one KV block"
-    elif mode == "full":
-        offload, reason = True, "cpuOffload.mode is full"
+    elif mode in ("full", "throughput"):
+        offload, reason = True, f"cpuOffload.mode is {mode}"
     else:
         assert cpu_gbps is not None
         t_linear = weights / (hbm * count * 1e9)  # dense part of a decode iteration: all weights read once
@@ -231,6 +231,6 @@ def size(spec: NeoServiceSpec, nodes: Sequence[NodeFacts]) -> SizingDecision:
         block_size=eng.block_size, kv_bytes_per_block=block_bytes, context_tokens=ctx, weight_bytes=weights,
         gpu_kv_blocks=gpu_blocks, cpu_kv_blocks=cpu_blocks, shm_bytes=shm,
         cpu_attention_threads=att_threads, cpu_attention_gbps=round(cpu_gbps, 1) if cpu_gbps is not None else None,
-        offload=offload, offload_mode=("full" if mode == "full" else "auto") if offload else "off",
+        offload=offload, offload_mode=(mode if mode in ("full", "throughput") else "auto") if offload else "off",
         predicted_gain=gain, reason=reason, requests=requests,
     )

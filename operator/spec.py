@@ -16,7 +16,7 @@ from kubernetes.utils import parse_quantity
 from neo_common.geometry import GEOMETRIES, ModelGeometry
 
 MODEL_SOURCES = ("dummy", "hf", "gguf")
-OFFLOAD_MODES = ("auto", "off", "full")
+OFFLOAD_MODES = ("auto", "off", "full", "throughput")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 # pod template fields a user may override (merged into the pod spec the operator builds)
 POD_OVERRIDE_FIELDS = ("nodeSelector", "tolerations", "affinity", "priorityClassName", "imagePullSecrets",

@@ -32,6 +32,8 @@ def test_cpu_blocks_shm_and_requests() -> None:
     spec = make_spec(cpuOffload={"mode": "full", "kvMemory": "16Gi"})
     d = size(spec, [make_node()])
     assert d.offload and d.offload_mode == "full"
+    d = size(make_spec(cpuOffload={"mode": "throughput", "kvMemory": "16Gi"}), [make_node()])
+    assert d.offload and d.offload_mode == "throughput" and d.cpu_kv_blocks > 0, "the user's choice, no bandwidth test"
     assert d.cpu_kv_blocks == 16 * GiB // d.kv_bytes_per_block == 8192
     staging = 2 * 256 * (2 * 32 + 2 * 8) * 128 * 4
     assert d.shm_bytes == math.ceil((16 * GiB + staging + 64 * MiB) / MiB) * MiB
