@@ -61,7 +61,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -69,6 +68,7 @@ import time
 import numpy as np
 
 from neo_bench.serve import WORKLOADS, arrival_gaps, one_request, sample_lengths, summarize
+from neo_common.procs import descendants, free_port
 
 log = logging.getLogger(__name__)
 
@@ -223,12 +223,6 @@ def hardware(host_bandwidth_gbs: float | None) -> dict:
 
 
 # -- one server per mode -----------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve_args(args: argparse.Namespace, mode: str) -> list[str]:
     """`neo serve` flags for one mode: the common ones, the mode, and no host pool when off."""
     flags = {"--model": args.model, "--load-format": args.load_format, "--tokenizer": args.tokenizer,
@@ -285,7 +279,7 @@ class Server:
             return b"\n".join(f.read().splitlines()[-n:]).decode(errors="replace")
 
     def stop(self, grace: float = 60.0) -> None:
-        tree = _children_tree(self.proc.pid)
+        tree = descendants(self.proc.pid)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -301,21 +295,6 @@ class Server:
             except OSError:
                 pass
         self.log.close()
-
-
-def _children_tree(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (from /proc)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/task/{p}/children") as f:
-                kids = [int(x) for x in f.read().split()]
-        except OSError:
-            kids = []
-        out += kids
-        todo += kids
-    return out
 
 
 # -- workload ----------------------------------------------------------------------------------------

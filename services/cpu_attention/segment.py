@@ -69,19 +69,6 @@ class SegmentError(RuntimeError):
     """The segment is missing, not ready in time, or does not match what the caller expects."""
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a segment peer (creator or server, by its pid in the header) still runs."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def job_seq(iteration_id: int, layer: int) -> int:
     """Doorbell value of (iteration, layer); increases over a run (layers < 65535)."""
     return (int(iteration_id) << 16) | (int(layer) + 1)

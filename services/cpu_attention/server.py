@@ -19,7 +19,8 @@ import zmq
 from neo_common import protocol, tracing
 from neo_common.config import NeoConfig
 from neo_cpu_attention import _native, kernel
-from neo_cpu_attention.segment import KvSegment, SegmentError, pid_alive
+from neo_common.procs import pid_alive
+from neo_cpu_attention.segment import KvSegment, SegmentError
 
 log = logging.getLogger(__name__)
 _tracer = tracing.tracer("neo.cpu_attention")

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from neo_common.protocol import IterationPlan
-from neo_cpu_attention.segment import job_seq, pid_alive
+from neo_common.procs import pid_alive
+from neo_cpu_attention.segment import job_seq
 from neo_gpu_worker.attention import paged_attention, write_kv
 from neo_gpu_worker.batch import SubBatch, build_sub_batch
 from neo_gpu_worker.host_kv import HostKv

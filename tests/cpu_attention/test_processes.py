@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -20,6 +19,7 @@ import pytest
 import zmq
 
 from neo_common import protocol
+from neo_common.procs import free_port
 from neo_cpu_attention import _native, kernel
 from neo_cpu_attention.segment import SegmentLayout
 
@@ -27,12 +27,6 @@ pytestmark = pytest.mark.integration
 HERE = os.path.dirname(os.path.abspath(__file__))
 LAYOUT = SegmentLayout(num_layers=3, num_blocks=64, num_kv_heads=3, num_q_heads=9, head_dim=64,
                        block_size=16, max_rows=8, dtype="bfloat16", num_slots=2)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shm_exists(name: str) -> bool:

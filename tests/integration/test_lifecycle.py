@@ -11,20 +11,11 @@ import time
 import httpx
 import pytest
 
-from support.replica import descendants, pid_alive
+from support.replica import descendants, http_status, pid_alive, wait_until
 
 pytestmark = pytest.mark.integration
 
 MODEL = "smollm2-135m-instruct"
-
-
-def wait_until(cond, timeout: float, step: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(step)
-    return False
 
 
 def test_ctrl_c_stops_every_child(replica_factory):
@@ -77,27 +68,20 @@ def test_gateway_reports_unhealthy_while_the_worker_is_down(tmp_path):
     worker = None
     try:
         url = f"http://127.0.0.1:{port}"
-        assert wait_until(lambda: _status(url + "/health") == 503, 60)
+        assert wait_until(lambda: http_status(url + "/health") == 503, 60)
         resp = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x"})
         assert resp.status_code == 503 and resp.headers.get("retry-after")
         worker = subprocess.Popen([sys.executable, "-m", "neo_common.cli", "gpu-worker", *args], stdout=log, stderr=log)
-        assert wait_until(lambda: _status(url + "/ready") == 200, 180)
+        assert wait_until(lambda: http_status(url + "/ready") == 200, 180)
         worker.kill()
         worker.wait()
-        assert wait_until(lambda: _status(url + "/health") == 503, 10), "a dead worker must turn /health 503 at once"
+        assert wait_until(lambda: http_status(url + "/health") == 503, 10), "a dead worker must turn /health 503 at once"
     finally:
         for p in (gw, worker):
             if p is not None and p.poll() is None:
                 p.terminate()
                 p.wait(timeout=30)
         log.close()
-
-
-def _status(url: str) -> int:
-    try:
-        return httpx.get(url, timeout=2).status_code
-    except httpx.HTTPError:
-        return -1
 
 
 def test_crashed_worker_is_restarted_and_queued_requests_survive(replica_factory):
@@ -122,8 +106,8 @@ def test_crashed_worker_is_restarted_and_queued_requests_survive(replica_factory
     assert not running.is_alive(), "the in-flight request hung after the worker died"
     status, elapsed, payload = results["running"]
     assert status == 500 and "error" in payload and elapsed < 60
-    assert wait_until(lambda: _status(r.url + "/health") == 503, 10) or _status(r.url + "/ready") == 200
-    assert wait_until(lambda: _status(r.url + "/ready") == 200, 240), "the restarted worker never got ready"
+    assert wait_until(lambda: http_status(r.url + "/health") == 503, 10) or http_status(r.url + "/ready") == 200
+    assert wait_until(lambda: http_status(r.url + "/ready") == 200, 240), "the restarted worker never got ready"
     new_pid = httpx.get(r.url + "/health").json()["workers"]["gpu_worker"]["pid"]
     assert new_pid != worker and r.proc.poll() is None
     queued.join(timeout=240)

@@ -16,28 +16,14 @@ import time
 import httpx
 import pytest
 
+from support.replica import http_status, wait_until
+
 pytestmark = pytest.mark.integration
 
 MODEL = "smollm2-135m-instruct"
 OFFLOAD = ["--offload-mode", "full", "--num-gpu-blocks", "32", "--num-cpu-blocks", "128",
            "--kv-cache-dtype", "bfloat16", "--cpu-threads", "1", "--max-model-len", "512"]
 BOUND_S = 30.0   # an in-flight request must end this soon after its worker died
-
-
-def status(url: str) -> int:
-    try:
-        return httpx.get(url, timeout=5).status_code
-    except httpx.HTTPError:
-        return -1
-
-
-def wait_until(cond, timeout: float, step: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(step)
-    return False
 
 
 def segment_path(replica) -> str:
@@ -83,7 +69,7 @@ def test_killed_worker_with_offloading_fails_in_flight_then_serves_again(victim,
     for i, (code, body, elapsed) in results.items():
         assert code == 500 and "error" in body, (i, code, body)
     assert time.monotonic() - killed_at < BOUND_S
-    assert wait_until(lambda: status(r.url + "/ready") == 200, 240), f"the restarted {victim} never got ready"
+    assert wait_until(lambda: http_status(r.url + "/ready") == 200, 240), f"the restarted {victim} never got ready"
     assert httpx.get(r.url + "/health").json()["workers"][victim]["pid"] != pids[victim]["pid"]
     resp = httpx.post(r.url + "/v1/completions", timeout=120, json={
         "model": MODEL, "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0})

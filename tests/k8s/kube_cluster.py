@@ -16,7 +16,6 @@ import dataclasses
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -28,6 +27,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import yaml
+
+from neo_common.procs import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 K8S_VERSION = os.environ.get("NEO_K8S_VERSION", "1.20.2")
@@ -49,12 +50,6 @@ def tool(name: str) -> Path:
     if not path.exists():
         pytest.fail(f"{path} missing: run `make k8s-tools` (scripts/k8s-tools.sh) first")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.2, what: str = "condition") -> Any:

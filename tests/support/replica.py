@@ -4,46 +4,36 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
 
+from neo_common.procs import descendants, free_port, pid_alive  # noqa: F401 (the tests import them from here)
+
+
+def wait_until(cond, timeout: float, step: float = 0.1) -> bool:
+    """Poll ``cond`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(step)
+    return False
+
+
+def http_status(url: str) -> int:
+    """Status code of a GET, -1 when nothing answers."""
+    try:
+        return httpx.get(url, timeout=5).status_code
+    except httpx.HTTPError:
+        return -1
+
 
 # The session-wide replica of tests/conftest.py: a small GPU pool so concurrency forces preemption.
 SMALL_POOL_BLOCKS = 48
 SMALL_POOL_MAX_LEN = 512
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (from /proc), deepest last."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/task/{p}/children") as f:
-                kids = [int(x) for x in f.read().split()]
-        except OSError:
-            kids = []
-        out += kids
-        todo += kids
-    return out
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 class Replica:
