@@ -20,6 +20,7 @@ from neo_common.protocol import IterationPlan
 from neo_gpu_worker.loader import load_model
 from neo_gpu_worker.batch import build_sub_batch
 from neo_gpu_worker.model_runner import ModelRunner
+from support.random_model import random_hf_folder
 
 transformers = pytest.importorskip("transformers")
 
@@ -122,24 +123,8 @@ def test_smollm2_gguf_matches_transformers(smollm2):
     check_equivalent(runner, ref, [tok(p)["input_ids"] for p in prompts], atol=2e-3)
 
 
-def _random_hf_folder(tmp_path, config) -> str:
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # larger weights than the init default, so logits are far from uniform
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)  # non-unit norm weights catch a norm applied to the wrong tensor
-            elif name.endswith("bias"):
-                p.normal_(0, 0.5)
-            else:
-                p.normal_(0, 0.08)
-    folder = str(tmp_path / config.model_type)
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
 def _compare_random(tmp_path, config, prompt_len: int) -> None:
-    folder = _random_hf_folder(tmp_path, config)
+    folder = random_hf_folder(tmp_path, config)
     ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(DEVICE).eval()
     source = ModelSource("hf", folder, "random")
     model = load_model(source, config.max_position_embeddings, DEVICE, torch.float32)

@@ -15,10 +15,10 @@ import asyncio
 import httpx
 import numpy as np
 import pytest
-import torch
 import transformers
 
 from neo_common.model_source import embedded_gguf_path
+from support.random_model import random_hf_folder
 
 pytestmark = pytest.mark.integration
 
@@ -42,14 +42,7 @@ def random_llama3(folder) -> str:
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 256},
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # weights larger than the init default: peaked logits, like a trained model
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, 0.08)
-    model.save_pretrained(str(folder), safe_serialization=True)
-    return str(folder)
+    return random_hf_folder(folder, config)
 
 
 def workload(seed: int = 0) -> list[tuple[list[int], int]]:
@@ -101,7 +94,7 @@ def test_offloaded_greedy_outputs_equal_gpu_only(model, replica_factory, tmp_pat
     if model == "smollm2":
         args, name = [], "smollm2-135m-instruct"
     else:
-        args = ["--model", random_llama3(tmp_path / "llama3"), "--tokenizer", embedded_gguf_path(),
+        args = ["--model", random_llama3(tmp_path), "--tokenizer", embedded_gguf_path(),
                 "--served-model-name", "random-llama3"]
         name = "random-llama3"
     requests = workload()
