@@ -28,9 +28,9 @@ def _to_device(device: torch.device):
 
 
 def flat_batch(plan: IterationPlan, rows: np.ndarray, tables: np.ndarray, block_size: int,
-               device: torch.device) -> tuple[np.ndarray, np.ndarray, AttentionMetadata]:
-    """Token ids, positions and metadata for ``rows`` of ``plan`` over block tables ``tables``
-    (one per row); token indices in the metadata count from the first of these rows."""
+               device: torch.device) -> tuple[np.ndarray, AttentionMetadata]:
+    """Positions and metadata for ``rows`` of ``plan`` over block tables ``tables`` (one per row);
+    token indices in the metadata count from the first of these rows."""
     bs = block_size
     n = plan.num_tokens[rows].astype(np.int64)
     start_pos = plan.start_pos[rows].astype(np.int64)
@@ -60,14 +60,17 @@ def flat_batch(plan: IterationPlan, rows: np.ndarray, tables: np.ndarray, block_
     meta = AttentionMetadata(slot_mapping=to_dev(slots), decode_token_idx=to_dev(starts[dec]),
                              decode_slots=to_dev(dslots), decode_mask=to_dev(mask), prefills=prefills,
                              decode_tables=tables[dec].astype(np.int32), decode_lens=seq_lens.astype(np.int32))
-    token_ids = np.concatenate([plan.token_ids[s:e] for s, e in _token_ranges(plan, rows)]) if len(rows) else \
-        np.zeros(0, np.int32)
-    return token_ids, pos, meta
+    return pos, meta
 
 
-def _token_ranges(plan: IterationPlan, rows: np.ndarray) -> list[tuple[int, int]]:
-    ends = np.cumsum(plan.num_tokens.astype(np.int64))
-    return [(int(ends[r] - plan.num_tokens[r]), int(ends[r])) for r in rows]
+def token_ids_of(plan: IterationPlan, rows: np.ndarray) -> np.ndarray:
+    """The plan's tokens of ``rows``, concatenated in that order (one gather)."""
+    n_all = plan.num_tokens.astype(np.int64)
+    first = (np.cumsum(n_all) - n_all)[rows]
+    n = n_all[rows]
+    local_starts = np.cumsum(n) - n
+    row = np.repeat(np.arange(len(rows)), n)
+    return plan.token_ids[first[row] + (np.arange(int(n.sum())) - local_starts[row])]
 
 
 @dataclasses.dataclass
@@ -108,24 +111,22 @@ def build_sub_batch(plan: IterationPlan, rows: np.ndarray, block_size: int, devi
     on_cpu = plan.places[rows] == Place.CPU
     single = plan.num_tokens[rows] == 1
     parts = [rows[~on_cpu], rows[on_cpu & ~single], rows[on_cpu & single]]
-    ids, positions, metas = [], [], []
+    positions, metas = [], []
     stage_runs = np.zeros((0, 3), np.int32)
     for k, part in enumerate(parts[:2]):
         tables = plan.block_tables[part]
         if k == 1 and len(part):
             tables, stage_runs = _staging_tables(plan, part, block_size, staging_blocks)
-        t, p, m = flat_batch(plan, part, tables, block_size, device)
-        ids.append(t)
+        p, m = flat_batch(plan, part, tables, block_size, device)
         positions.append(p)
         metas.append(m if len(part) else None)
     cpu_rows = parts[2]
-    ids.append(plan.token_ids[[s for s, _ in _token_ranges(plan, cpu_rows)]] if len(cpu_rows) else np.zeros(0, np.int32))
     positions.append(plan.start_pos[cpu_rows].astype(np.int64))
     order = np.concatenate(parts)
     n = plan.num_tokens[order].astype(np.int64)
     to_dev = _to_device(device)
     return SubBatch(
-        rows=order, input_ids=to_dev(np.concatenate(ids).astype(np.int64)),
+        rows=order, input_ids=to_dev(token_ids_of(plan, order).astype(np.int64)),
         positions=to_dev(np.concatenate(positions)), last_token=np.cumsum(n) - 1,
         num_gpu=int(plan.num_tokens[parts[0]].sum()), num_staged=int(plan.num_tokens[parts[1]].sum()),
         num_cpu=len(cpu_rows), meta=metas[0], stage_meta=metas[1], stage_runs=stage_runs)
