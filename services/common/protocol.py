@@ -178,7 +178,6 @@ class IterationResult(Message):
     forward_s: float = 0.0
     sample_s: float = 0.0
     total_s: float = 0.0
-    stage_s: list = dataclasses.field(default_factory=list)
     cpu_wait_s: float = 0.0
     swap_s: float = 0.0
 

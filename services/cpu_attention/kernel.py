@@ -35,8 +35,13 @@ class KernelError(RuntimeError):
     """The native kernel refused or failed a call; ``code`` is the negative neo_status."""
 
     def __init__(self, code: int, what: str = "") -> None:
-        super().__init__(f"{what or 'cpu attention'}: {_ERRORS.get(code, 'error')} (code {code})")
+        super().__init__(f"{what or 'cpu attention'}: {describe(code)}")
         self.code = code
+
+
+def describe(code: int) -> str:
+    """A native status code in words (what KernelError, the server and the GPU worker report)."""
+    return f"{_ERRORS.get(code, 'error')} (code {code})"
 
 
 def dtype_code(dtype: str) -> int:

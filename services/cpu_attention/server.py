@@ -29,8 +29,6 @@ HELLO_INTERVAL_S = 1.0
 CURRENT_CHECK_S = 0.5       # how often an idle process checks that its segment was not replaced
 SLICE_US = 200_000          # native serve slice; between slices we look at the socket
 SPIN_US = 2_000             # spin this long on a doorbell before sleep-polling
-ERRORS = {-2: "block id out of range", -3: "bad sequence length", -1: "invalid arguments",
-          -4: "timeout", -5: "aborted"}
 
 
 class CpuAttentionServer:
@@ -267,7 +265,7 @@ class CpuAttentionServer:
         if rc == -5:
             log.info("iteration %d aborted by the GPU worker", it)
             return
-        self._fail(it, f"iteration {it} layer {failed}: {ERRORS.get(rc, rc)}")
+        self._fail(it, f"iteration {it} layer {failed}: {kernel.describe(rc)}")
 
     def _poll_control(self) -> None:
         """Between native slices: notice a Shutdown (other frames are kept for the main loop)."""

@@ -29,6 +29,7 @@ import torch
 
 from neo_common.protocol import IterationPlan
 from neo_common.procs import pid_alive
+from neo_cpu_attention import kernel
 from neo_cpu_attention.segment import job_seq
 from neo_gpu_worker.attention import paged_attention, write_kv
 from neo_gpu_worker.batch import SubBatch, build_sub_batch
@@ -39,8 +40,6 @@ log = logging.getLogger(__name__)
 
 _LOG_EVERY = 200
 _POLL_S = 0.2   # doorbell waits are sliced so a dead cpu_attention process is noticed quickly
-_ERRORS = {-1: "invalid arguments", -2: "block id out of range", -3: "bad sequence length", -4: "timeout",
-           -5: "aborted", -6: "out of memory"}
 
 
 class Handoff:
@@ -120,7 +119,7 @@ class Handoff:
                         from None
         self.cpu_wait_s += time.perf_counter() - t0
         if status != 0:
-            raise RuntimeError(f"cpu attention of layer {layer} failed: {_ERRORS.get(status, status)}")
+            raise RuntimeError(f"cpu attention of layer {layer} failed: {kernel.describe(status)}")
         out.copy_(self.slots[slot]["o"][:out.shape[0]], non_blocking=True)
 
     def synchronize(self) -> None:
