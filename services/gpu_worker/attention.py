@@ -8,6 +8,7 @@ position p of a request lives in slot ``block_table[p // block_size] * block_siz
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import torch
@@ -46,6 +47,17 @@ class AttentionMetadata:
     @property
     def num_decodes(self) -> int:
         return int(self.decode_token_idx.shape[0])
+
+    @functools.cached_property
+    def compact_decode_tables(self) -> tuple[torch.Tensor, np.ndarray]:
+        """The distinct blocks the decode rows read, and their tables renumbered into that list
+        (-1 kept). The same for every layer, so computed once per iteration."""
+        tables = self.decode_tables
+        used = tables >= 0
+        blocks, compact = np.unique(tables[used], return_inverse=True)
+        local = np.full(tables.shape, -1, np.int32)
+        local[used] = compact
+        return torch.from_numpy(blocks), local
 
 
 def write_kv(kv_layer: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -113,12 +125,7 @@ def _native_decode(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetad
                    out: torch.Tensor) -> None:
     from neo_cpu_attention import kernel  # the data plane's native kernel; torch-free
 
-    tables = meta.decode_tables
-    used = tables >= 0
-    blocks, compact = np.unique(tables[used], return_inverse=True)
-    local = np.full(tables.shape, -1, np.int32)
-    local[used] = compact
-    index = torch.from_numpy(blocks)
+    index, local = meta.compact_decode_tables
     # Only the blocks these rows read, in the kernel's [blocks, heads, block_size, head_dim] layout.
     k = kv_layer[0][index].transpose(1, 2).contiguous().view(torch.int16).numpy()
     v = kv_layer[1][index].transpose(1, 2).contiguous().view(torch.int16).numpy()
