@@ -3,7 +3,10 @@
 In one run: measure HBM bandwidth (a large device copy, bytes read + written) and the bf16 matmul
 rate, then time decode iterations of a dummy-weight geometry at several batch sizes and contexts
 (the floor is max(bytes of weights + KV read / bandwidth, FLOPs / matmul rate)) and single-prompt
-prefill (FLOPs over the measured matmul rate). Prints a table, writes JSON and a PNG.
+prefill (FLOPs over the measured matmul rate), for each variant of the GPU path side by side:
+``graphs`` (Triton kernels + CUDA graphs, the default), ``eager`` (Triton kernels launched from
+Python: ``--enforce-eager``) and ``torch`` (the portable torch twins: ``--kernels torch``). Prints a
+table, writes JSON and a PNG.
 
     python benchmarks/roofline.py --geometry llama-3-8b --out docs/benchmarks/roofline
 """
@@ -20,6 +23,7 @@ import torch
 
 from neo_common.geometry import lookup
 from neo_common.protocol import IterationPlan
+from neo_gpu_worker import ops
 from neo_gpu_worker.loader import build_model
 from neo_gpu_worker.model_runner import ModelRunner
 
@@ -71,26 +75,7 @@ def prefill_plan(length: int) -> IterationPlan:
     return plan
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--geometry", default="llama-3-8b")
-    ap.add_argument("--batches", default="1,8,32,64,128,256")
-    ap.add_argument("--contexts", default="512,2048")
-    ap.add_argument("--prefills", default="512,1024,2048,4096,8192")
-    ap.add_argument("--kv-gb", type=float, default=40.0, help="KV pool size; points that do not fit are skipped")
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--out", default="roofline-out")
-    args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    torch.manual_seed(0)
-    bw, flops = hbm_bandwidth(), matmul_rate()
-    g = lookup(args.geometry)
-    dtype, device = torch.bfloat16, torch.device("cuda", 0)
-    model = build_model(g, g.max_position_embeddings, device, dtype)
-    model.init_random(0)
-    per_block = g.kv_bytes_per_block(BLOCK, 2)
-    blocks = int(args.kv_gb * 1024**3 // per_block)
-    runner = ModelRunner(model, blocks, BLOCK, device, dtype)
+def measure(runner: ModelRunner, g, blocks: int, bw: float, flops: float, args: argparse.Namespace) -> list[dict]:
     weight_bytes = g.weight_bytes(2)
     kv_token = g.kv_bytes_per_token(2)
     rows = []
@@ -117,20 +102,53 @@ def main() -> None:
         work = 2 * g.num_parameters() * length + attn
         rows.append({"kind": "prefill", "tokens": length, "time_s": t, "flop_floor_s": work / flops,
                      "matmul_fraction": work / t / flops})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--geometry", default="llama-3-8b")
+    ap.add_argument("--batches", default="1,8,32,64,128,256")
+    ap.add_argument("--contexts", default="512,2048")
+    ap.add_argument("--prefills", default="512,1024,2048,4096,8192")
+    ap.add_argument("--kv-gb", type=float, default=40.0, help="KV pool size; points that do not fit are skipped")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--variants", default="graphs,eager,torch", help="GPU paths to time (see the docstring)")
+    ap.add_argument("--out", default="roofline-out")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    torch.manual_seed(0)
+    bw, flops = hbm_bandwidth(), matmul_rate()
+    g = lookup(args.geometry)
+    dtype, device = torch.bfloat16, torch.device("cuda", 0)
+    model = build_model(g, g.max_position_embeddings, device, dtype)
+    model.init_random(0)
+    per_block = g.kv_bytes_per_block(BLOCK, 2)
+    blocks = int(args.kv_gb * 1024**3 // per_block)
+    rows = []
+    for variant in args.variants.split(","):
+        ops.configure("torch" if variant == "torch" else "auto", device)
+        graph_batch = max(map(int, args.batches.split(","))) if variant == "graphs" else 0
+        runner = ModelRunner(model, blocks, BLOCK, device, dtype, graph_max_batch=graph_batch,
+                             max_model_len=g.max_position_embeddings)
+        rows += [dict(r, variant=variant) for r in measure(runner, g, blocks, bw, flops, args)]
+        del runner
+        torch.cuda.empty_cache()
     result = {"geometry": g.name, "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "hbm_bytes_per_s": bw, "matmul_flop_per_s": flops, "rows": rows}
     with open(os.path.join(args.out, f"roofline_{g.name}.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(f"{g.name} on {result['gpu']}: HBM {bw / 1e12:.2f} TB/s (read+write), bf16 matmul {flops / 1e12:.0f} TFLOP/s")
-    print(f"{'kind':8} {'batch/tok':>9} {'ctx':>6} {'time ms':>9} {'floor ms':>9} {'x floor':>8}")
+    print(f"{'variant':8} {'kind':8} {'batch/tok':>9} {'ctx':>6} {'time ms':>9} {'floor ms':>9} {'x floor':>8}")
     for r in rows:
+        head = f"{r['variant']:8} {r['kind']:8}"
         if r.get("skipped"):
-            print(f"{r['kind']:8} {r['batch']:>9} {r['ctx']:>6} {'skipped: ' + r['skipped']:>28}")
+            print(f"{head} {r['batch']:>9} {r['ctx']:>6} {'skipped: ' + r['skipped']:>28}")
         elif r["kind"] == "decode":
-            print(f"{'decode':8} {r['batch']:>9} {r['ctx']:>6} {r['time_s'] * 1e3:>9.2f} {r['floor_s'] * 1e3:>9.2f} "
+            print(f"{head} {r['batch']:>9} {r['ctx']:>6} {r['time_s'] * 1e3:>9.2f} {r['floor_s'] * 1e3:>9.2f} "
                   f"{r['ratio']:>8.2f}")
         else:
-            print(f"{'prefill':8} {r['tokens']:>9} {'':>6} {r['time_s'] * 1e3:>9.2f} {r['flop_floor_s'] * 1e3:>9.2f} "
+            print(f"{head} {r['tokens']:>9} {'':>6} {r['time_s'] * 1e3:>9.2f} {r['flop_floor_s'] * 1e3:>9.2f} "
                   f"{1 / r['matmul_fraction']:>8.2f}")
     plot(result, os.path.join(args.out, f"roofline_{g.name}.png"))
 
@@ -143,10 +161,13 @@ def plot(result: dict, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     decode = [r for r in result["rows"] if r["kind"] == "decode" and not r.get("skipped")]
+    variants = list(dict.fromkeys(r["variant"] for r in decode))
     for ctx in sorted({r["ctx"] for r in decode}):
-        pts = [r for r in decode if r["ctx"] == ctx]
-        ax.plot([r["batch"] for r in pts], [r["time_s"] * 1e3 for r in pts], "o-", label=f"measured, ctx {ctx}")
-        ax.plot([r["batch"] for r in pts], [r["floor_s"] * 1e3 for r in pts], "--", label=f"floor, ctx {ctx}")
+        for variant in variants:
+            pts = [r for r in decode if r["ctx"] == ctx and r["variant"] == variant]
+            ax.plot([r["batch"] for r in pts], [r["time_s"] * 1e3 for r in pts], "o-", label=f"{variant}, ctx {ctx}")
+        pts = [r for r in decode if r["ctx"] == ctx and r["variant"] == variants[0]]
+        ax.plot([r["batch"] for r in pts], [r["floor_s"] * 1e3 for r in pts], "k--", label=f"floor, ctx {ctx}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("decode batch")

@@ -108,6 +108,9 @@ class DeviceConfig(Settings):
 
     device: str = option("auto", "torch device for the GPU worker (auto: cuda if present, else cpu)")
     cpu_threads: int = option(0, "threads for CPU attention (0: the CPUs this process may use)")
+    kernels: str = option("auto", "GPU kernels: auto (Triton on CUDA when it imports) or torch (the portable "
+                                  "twins, for comparison)", choices=("auto", "torch"))
+    enforce_eager: bool = option(False, "never capture CUDA graphs (decode launches every kernel from Python)")
 
     def validate(self) -> None:
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):

@@ -212,18 +212,18 @@ class Engine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            t_start = time.perf_counter()  # the iteration's wall time includes scheduling it
             output = sched.schedule()
             if output.is_empty:
                 await asyncio.sleep(0.001)  # everything is waiting on blocks held by finishing requests
                 continue
             try:
-                await self._iterate(sched, output)
+                await self._iterate(sched, output, t_start)
             except Exception as exc:  # noqa: BLE001 (the loop must survive; the requests in it may not)
                 log.exception("iteration %d failed in the gateway", output.iteration_id)
                 self._fail_rows(output, f"internal error: {type(exc).__name__}: {exc}")
 
-    async def _iterate(self, sched: Scheduler, output: SchedulerOutput) -> None:
-        t_start = time.perf_counter()
+    async def _iterate(self, sched: Scheduler, output: SchedulerOutput, t_start: float) -> None:
         plan = output.to_plan(sched.gpu, sched.cpu)
         if tracing.enabled():
             plan.trace = iteration_trace(output)

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from neo_gpu_worker import ops
+
 
 @dataclasses.dataclass
 class PrefillSpan:
@@ -27,32 +29,79 @@ class PrefillSpan:
 
 
 @dataclasses.dataclass
+class PackedPrefill:
+    """Prefill spans packed for one variable-length attention call: ``token_idx`` their tokens in
+    the flat batch, ``ctx_slots`` their contexts' KV slots back to back, ``cu_q``/``cu_k``
+    cumulative query/context lengths (int32, ``[spans + 1]``), ``max_q``/``max_k`` the longest."""
+
+    token_idx: torch.Tensor
+    ctx_slots: torch.Tensor
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+
+    @classmethod
+    def of(cls, spans: list[PrefillSpan]) -> "PackedPrefill":
+        device = spans[0].ctx_slots.device
+        n_q = [s.num_tokens for s in spans]
+        n_k = [s.ctx_start + s.num_tokens for s in spans]
+        cu = lambda n: torch.tensor(np.concatenate([[0], np.cumsum(n)]), dtype=torch.int32).to(device)  # noqa: E731
+        idx = np.concatenate([np.arange(s.token_start, s.token_start + s.num_tokens) for s in spans])
+        return cls(torch.from_numpy(idx).to(device), torch.cat([s.ctx_slots for s in spans]), cu(n_q), cu(n_k),
+                   max(n_q), max(n_k))
+
+
+@dataclasses.dataclass
 class AttentionMetadata:
     """How the flat token batch of one iteration maps onto the paged KV pool.
 
     - ``slot_mapping[t]``: KV slot written by token t.
-    - decode rows (one new token each): ``decode_token_idx`` into the flat batch, ``decode_slots``
-      ``[B, S]`` context slots padded to the longest context, ``decode_mask`` ``[B, S]`` valid slots.
+    - decode rows (one new token each): ``decode_token_idx`` into the flat batch, their
+      ``block_tables`` ``[B, W]`` (int32, -1 past the end) and context lengths ``seq_lens`` ``[B]``
+      (int32, the new token included), on the device; ``max_decode_len`` the longest, when known
+      on the host (a CUDA-graph replay does not know it, and the kernel does not need it).
+      ``decode_only``: every token of the batch is a decode row, in order.
     - ``prefills``: rows with several new tokens (causal within the chunk, full over earlier context).
     """
 
     slot_mapping: torch.Tensor
     decode_token_idx: torch.Tensor
-    decode_slots: torch.Tensor
-    decode_mask: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
     prefills: list[PrefillSpan]
-    decode_tables: np.ndarray | None = None   # [B, max_blocks] int32 block tables of the decode rows
-    decode_lens: np.ndarray | None = None     # [B] int32 context lengths of the decode rows
+    max_decode_len: int | None = None
+
+    @classmethod
+    def for_decodes(cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                    max_decode_len: int | None = None) -> "AttentionMetadata":
+        """A batch of decode rows only (token i is row i)."""
+        idx = torch.arange(block_tables.shape[0], device=block_tables.device)
+        return cls(slot_mapping, idx, block_tables, seq_lens, [], max_decode_len)
+
+    @classmethod
+    def for_prefill(cls, slot_mapping: torch.Tensor, span: PrefillSpan) -> "AttentionMetadata":
+        none = torch.zeros((0, 1), dtype=torch.int32, device=slot_mapping.device)
+        return cls(slot_mapping, none[:, 0].long(), none, none[:, 0], [span], 0)
 
     @property
     def num_decodes(self) -> int:
         return int(self.decode_token_idx.shape[0])
 
+    @property
+    def decode_only(self) -> bool:
+        return not self.prefills
+
+    @functools.cached_property
+    def packed_prefill(self) -> "PackedPrefill":
+        """The prefill spans as one packed batch (built once per iteration, used by every layer)."""
+        return PackedPrefill.of(self.prefills)
+
     @functools.cached_property
     def compact_decode_tables(self) -> tuple[torch.Tensor, np.ndarray]:
         """The distinct blocks the decode rows read, and their tables renumbered into that list
-        (-1 kept). The same for every layer, so computed once per iteration."""
-        tables = self.decode_tables
+        (-1 kept). The same for every layer, so computed once per iteration (CPU device only)."""
+        tables = self.block_tables.numpy()
         used = tables >= 0
         blocks, compact = np.unique(tables[used], return_inverse=True)
         local = np.full(tables.shape, -1, np.int32)
@@ -84,29 +133,23 @@ def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMeta
     narrow = kv_layer.dtype != q.dtype
     if narrow:
         q = q.to(kv_layer.dtype).to(out.dtype)
-    if meta.num_decodes and _use_native(q, kv_layer, meta):
+    if meta.num_decodes and _use_native(q, kv_layer):
         _native_decode(q, kv_layer, meta, scale, out)
+    elif meta.num_decodes and meta.decode_only and not narrow:
+        ops.decode_attention(q, kv_layer[0], kv_layer[1], meta.block_tables, meta.seq_lens, scale, out,
+                             meta.max_decode_len)
     elif meta.num_decodes:
-        qd = q[meta.decode_token_idx].unsqueeze(2)                      # [B, Hq, 1, D]
-        kd = k_flat[meta.decode_slots].to(q.dtype).transpose(1, 2)      # [B, Hk, S, D]
-        vd = v_flat[meta.decode_slots].to(q.dtype).transpose(1, 2)
-        mask = meta.decode_mask[:, None, None, :]                       # [B, 1, 1, S]
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale, enable_gqa=True)
-        od = od.squeeze(2)
+        od = ops.decode_attention(q[meta.decode_token_idx], kv_layer[0], kv_layer[1], meta.block_tables,
+                                  meta.seq_lens, scale, torch.empty_like(q[:meta.num_decodes]), meta.max_decode_len)
         out[meta.decode_token_idx] = od.to(kv_layer.dtype).to(out.dtype) if narrow else od
+    if meta.prefills and not narrow and ops.use_varlen(q):
+        p = meta.packed_prefill
+        out[p.token_idx] = ops.varlen_prefill(q[p.token_idx], k_flat[p.ctx_slots], v_flat[p.ctx_slots],
+                                              p.cu_q, p.cu_k, p.max_q, p.max_k, scale)
+        return out
     for span in meta.prefills:
         rows = slice(span.token_start, span.token_start + span.num_tokens)
-        qp = q[rows].transpose(0, 1).unsqueeze(0)                       # [1, Hq, n, D]
-        kp = k_flat[span.ctx_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)   # [1, Hk, L, D]
-        vp = v_flat[span.ctx_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
-        if span.ctx_start == 0:
-            op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
-        else:
-            length = span.ctx_start + span.num_tokens
-            q_pos = torch.arange(span.ctx_start, length, device=q.device)
-            mask = torch.arange(length, device=q.device)[None, :] <= q_pos[:, None]
-            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=True)
-        op = op.squeeze(0).transpose(0, 1)
+        op = ops.prefill_attention(q[rows], k_flat[span.ctx_slots], v_flat[span.ctx_slots], span.ctx_start, scale)
         out[rows] = op.to(kv_layer.dtype).to(out.dtype) if narrow else op
     return out
 
@@ -114,11 +157,11 @@ def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMeta
 _NATIVE_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def _use_native(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata) -> bool:
+def _use_native(q: torch.Tensor, kv_layer: torch.Tensor) -> bool:
     """On the CPU device over a 16-bit cache, decode rows use the cpu_attention kernel: several times
     faster than gather + SDPA there, and the very arithmetic CPU-resident rows get, so GPU-only and
     offloaded runs of the CPU twin decode the same tokens."""
-    return q.device.type == "cpu" and kv_layer.dtype in _NATIVE_DTYPES and meta.decode_tables is not None
+    return q.device.type == "cpu" and kv_layer.dtype in _NATIVE_DTYPES
 
 
 def _native_decode(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float,
@@ -130,6 +173,6 @@ def _native_decode(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetad
     k = kv_layer[0][index].transpose(1, 2).contiguous().view(torch.int16).numpy()
     v = kv_layer[1][index].transpose(1, 2).contiguous().view(torch.int16).numpy()
     qd = q[meta.decode_token_idx].to(kv_layer.dtype).contiguous().view(torch.int16).numpy()
-    o = kernel.attend(qd, k, v, local, np.ascontiguousarray(meta.decode_lens, np.int32),
+    o = kernel.attend(qd, k, v, local, np.ascontiguousarray(meta.seq_lens.numpy(), np.int32),
                       dtype=_NATIVE_DTYPES[kv_layer.dtype], scale=scale)
     out[meta.decode_token_idx] = torch.from_numpy(o.view(np.int16)).view(kv_layer.dtype).to(out.dtype)

@@ -45,11 +45,7 @@ def flat_batch(plan: IterationPlan, rows: np.ndarray, tables: np.ndarray, block_
     slots = bt[row, pos // bs] * bs + pos % bs
 
     dec = np.flatnonzero(n == 1)
-    seq_lens = start_pos[dec] + 1
-    width = int(seq_lens.max()) if len(dec) else 0
-    j = np.arange(width)
-    mask = j[None, :] < seq_lens[:, None]
-    dslots = np.where(mask, bt[dec][:, j // bs] * bs + j % bs, 0) if len(dec) else np.zeros((0, 0), np.int64)
+    seq_lens = (start_pos[dec] + 1).astype(np.int32)
 
     to_dev = _to_device(device)
     prefills = []
@@ -58,8 +54,8 @@ def flat_batch(plan: IterationPlan, rows: np.ndarray, tables: np.ndarray, block_
         k = np.arange(length)
         prefills.append(PrefillSpan(int(starts[r]), int(n[r]), int(start_pos[r]), to_dev(bt[r, k // bs] * bs + k % bs)))
     meta = AttentionMetadata(slot_mapping=to_dev(slots), decode_token_idx=to_dev(starts[dec]),
-                             decode_slots=to_dev(dslots), decode_mask=to_dev(mask), prefills=prefills,
-                             decode_tables=tables[dec].astype(np.int32), decode_lens=seq_lens.astype(np.int32))
+                             block_tables=to_dev(tables[dec].astype(np.int32)), seq_lens=to_dev(seq_lens),
+                             prefills=prefills, max_decode_len=int(seq_lens.max()) if len(dec) else 0)
     return pos, meta
 
 

@@ -23,6 +23,7 @@ from neo_common.settings import ConfigError
 from neo_common.protocol import (Hello, IterationPlan, IterationResult, ProtocolError, Shutdown, WorkerError,
                                  WorkerKind, WorkerReady, decode)
 from neo_cpu_attention.segment import SegmentLayout
+from neo_gpu_worker import ops
 from neo_gpu_worker.host_kv import HostKv
 from neo_gpu_worker.loader import load_model
 from neo_gpu_worker.model_runner import ModelRunner, num_kv_blocks
@@ -55,6 +56,7 @@ def build_runner(config: NeoConfig) -> tuple[ModelRunner, WorkerReady]:
     device = pick_device(config.device.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    triton_on = ops.configure(config.device.kernels, device)
     dtype = pick_dtype(config.model.dtype, device)
     source = resolve(config.model)
     trained = read_geometry(source).max_position_embeddings
@@ -75,7 +77,10 @@ def build_runner(config: NeoConfig) -> tuple[ModelRunner, WorkerReady]:
         staging = -(-config.scheduler.max_num_batched_tokens // bs) + config.scheduler.max_num_seqs
     blocks = num_kv_blocks(model, device, bs, kv_dtype, config.cache.num_gpu_blocks,
                            config.cache.gpu_memory_utilization, config.cache.cpu_device_kv_gb)
-    runner = ModelRunner(model, blocks, bs, device, kv_dtype, host, staging, config.ipc.worker_timeout_s)
+    # Graphs need kernels that never read the device from the host (the Triton ones).
+    graphs = triton_on and not config.device.enforce_eager
+    runner = ModelRunner(model, blocks, bs, device, kv_dtype, host, staging, config.ipc.worker_timeout_s,
+                         graph_max_batch=min(config.scheduler.max_num_seqs, 512) if graphs else 0, max_model_len=max_len)
     ready = WorkerReady(kind=WorkerKind.GPU_WORKER, pid=os.getpid(), num_gpu_blocks=blocks,
                         block_size=bs, max_model_len=max_len, geometry=g.to_dict(),
                         device=str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neo_common.geometry import ModelGeometry
+from neo_gpu_worker import ops
 from neo_gpu_worker.attention import AttentionMetadata, paged_attention, write_kv
 from neo_gpu_worker.rope import RotaryEmbedding
 
@@ -47,10 +48,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """``norm(x)``; with ``residual``: ``(norm(residual + x), residual + x)`` in one pass."""
+        out, summed = ops.rms_norm(x, self.weight, self.eps, residual)
+        return out if residual is None else (out, summed)
 
 
 class Attention(nn.Module):
@@ -78,13 +79,11 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, g: ModelGeometry) -> None:
         super().__init__()
-        self.intermediate = g.intermediate_size
         self.gate_up_proj = nn.Linear(g.hidden_size, 2 * g.intermediate_size, bias=False)
         self.down_proj = nn.Linear(g.intermediate_size, g.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = _apply(self.gate_up_proj, x).split(self.intermediate, dim=-1)
-        return _apply(self.down_proj, F.silu(gate) * up)
+        return _apply(self.down_proj, ops.silu_and_mul(_apply(self.gate_up_proj, x)))
 
 
 class DecoderLayer(nn.Module):
@@ -102,8 +101,8 @@ class DecoderLayer(nn.Module):
 
     def post_attn(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Dense work after attention: O-projection, residual, MLP; the next residual stream."""
-        x = x + _apply(self.self_attn.o_proj, attn.reshape(-1, self.self_attn.q_size))
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h, x = self.post_attention_layernorm(_apply(self.self_attn.o_proj, attn.reshape(-1, self.self_attn.q_size)), x)
+        return x + self.mlp(h)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
                 kv_layer: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

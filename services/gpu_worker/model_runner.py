@@ -15,6 +15,7 @@ import torch
 
 from neo_common.protocol import IterationPlan, IterationResult, Place
 from neo_gpu_worker.batch import build_sub_batch
+from neo_gpu_worker.cuda_graph import DecodeGraphs
 from neo_gpu_worker.host_kv import HostKv
 from neo_gpu_worker.model import LlamaModel
 from neo_gpu_worker.pipeline import PipelinedExecutor
@@ -27,7 +28,9 @@ class ModelRunner:
     """Owns the model and the KV pool on one device.
 
     - ``kv_cache``: allocated once at start; ``num_blocks`` of ``block_size`` tokens per layer, in
-      the KV dtype (16-bit with offloading: swaps copy blocks verbatim to the host pool).
+      the KV dtype (16-bit with offloading: swaps copy blocks verbatim to the host pool), plus one
+      scratch block (index ``num_blocks``, never handed out) that CUDA-graph padding rows write.
+    - ``graphs``: captured decode forwards (None: every iteration runs eagerly).
     - ``host``: the shared host KV segment (None in GPU-only mode); ``pipeline`` runs the plans that
       hold CPU-resident rows.
     - ``generator``: device RNG for unseeded sampling.
@@ -35,15 +38,21 @@ class ModelRunner:
 
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, device: torch.device,
                  kv_dtype: torch.dtype, host: HostKv | None = None, staging_blocks: int = 0,
-                 cpu_timeout_s: float = 60.0) -> None:
+                 cpu_timeout_s: float = 60.0, graph_max_batch: int = 0, max_model_len: int = 0) -> None:
         g = model.geometry
         self.model, self.device, self.block_size, self.num_blocks = model, device, block_size, num_blocks
-        self.kv_cache = torch.zeros((g.num_layers, 2, num_blocks, block_size, g.num_kv_heads, g.head_dim),
+        self.kv_cache = torch.zeros((g.num_layers, 2, num_blocks + 1, block_size, g.num_kv_heads, g.head_dim),
                                     dtype=kv_dtype, device=device)
         self.host = host
         self.pipeline = None if host is None else PipelinedExecutor(
             model, self.kv_cache, host, block_size, staging_blocks, device, cpu_timeout_s)
         self.generator = torch.Generator(device=device).manual_seed(0)
+        self.graphs = None
+        if graph_max_batch:
+            self.graphs = DecodeGraphs(model, self.kv_cache, block_size, num_blocks, graph_max_batch,
+                                       max_model_len or g.max_position_embeddings)
+            with torch.inference_mode():
+                self.graphs.capture()
 
     # -- execution ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -62,6 +71,8 @@ class ModelRunner:
             where = np.empty(plan.batch_size, np.int64)
             where[rows] = np.arange(len(rows))
             last = hidden[torch.from_numpy(where[sample_rows]).to(self.device)]
+        elif self.graphs is not None and self.graphs.can_run(plan):
+            last = self.graphs.run(plan)[torch.from_numpy(sample_rows).to(self.device)]
         else:
             sb = build_sub_batch(plan, np.arange(plan.batch_size), self.block_size, self.device, 0)
             hidden = self.model(sb.input_ids, sb.positions, self.kv_cache, sb.meta)

@@ -159,20 +159,20 @@ class _Bench:
         q = torch.randn((tokens, g.num_heads, g.head_dim), device=self.device, dtype=self.dtype)
         kv = self.kv(tokens)
         slots = self._slots(1, tokens)[0]
-        empty = torch.zeros(0, dtype=torch.long, device=self.device)
-        meta = AttentionMetadata(slots, empty, empty.view(0, 0), empty.view(0, 0).bool(),
-                                 [PrefillSpan(0, tokens, 0, slots)])
+        meta = AttentionMetadata.for_prefill(slots, PrefillSpan(0, tokens, 0, slots))
         return lambda: [paged_attention(q, kv, meta, self.scale) for _ in self.layers]
 
     def gdec(self, tokens: int, decode_ctx: int) -> Callable[[], object]:
         g = self.g
         length = min(tokens, decode_ctx)
         rows = max(1, tokens // length)
+        per_row = -(-length // self.bs)
         q = torch.randn((rows, g.num_heads, g.head_dim), device=self.device, dtype=self.dtype)
-        kv = self.kv(rows * length + self.bs)
-        slots = self._slots(rows, length)
-        idx = torch.arange(rows, device=self.device)
-        meta = AttentionMetadata(idx, idx, slots, torch.ones_like(slots, dtype=torch.bool), [])
+        kv = self.kv(rows * per_row * self.bs)
+        tables = torch.from_numpy(self.rng.permutation(rows * per_row).astype(np.int32)).view(rows, per_row)
+        lens = torch.full((rows,), length, dtype=torch.int32)
+        meta = AttentionMetadata.for_decodes(torch.arange(rows, device=self.device), tables.to(self.device),
+                                             lens.to(self.device), length)
         return lambda: [paged_attention(q, kv, meta, self.scale) for _ in self.layers]
 
     def cdec(self, requests: int, tokens: int, kv_dtype: str) -> Callable[[], object]:

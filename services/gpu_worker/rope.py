@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from neo_gpu_worker import ops
+
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     """Per-pair inverse frequencies (float64 for exactness), scaled as the model's config asks."""
@@ -47,14 +49,5 @@ class RotaryEmbedding:
         self.max_positions = max_positions
 
     def apply(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hk, D]; returns rotated copies in the input dtype."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    xf = x.float()
-    half = xf.shape[-1] // 2
-    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+        """q: [T, Hq, D], k: [T, Hk, D] in the input dtype (rotated in place on the Triton path)."""
+        return ops.rope(positions, q, k, self.cos, self.sin)

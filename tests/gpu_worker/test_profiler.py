@@ -63,8 +63,7 @@ def test_dense_part_is_the_layer_without_its_attention(monkeypatch):
     slots = torch.arange(5)
     # the real layer with attention replaced by "output = q" must equal the profiler's dense part
     monkeypatch.setattr(model_module, "paged_attention", lambda q, kv_layer, meta, scale: q)
-    empty = torch.zeros(0, dtype=torch.long)
-    meta = AttentionMetadata(slots, empty, empty.view(0, 0), empty.view(0, 0).bool(), [])
+    meta = AttentionMetadata.for_decodes(slots, torch.zeros((0, 1), dtype=torch.int32), torch.zeros(0, dtype=torch.int32))
     with torch.no_grad():
         expected = layer(x, pos, rope, kv.clone(), meta)
         got = profiler.dense_part(layer, x, pos, rope, kv, slots)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Issue-7 evidence, part 1, on an H100/H200 host: (1) the Triton kernels and the CUDA-graph decode
+# path against their torch twins on the device (the same tests CI runs through Triton's
+# interpreter and the graph path's CPU twin); (2) the roofline of llama-3-8b decode and prefill for
+# the three GPU paths side by side (graphs / eager Triton / torch twins); (3) scheduler + IPC
+# overhead at batch 256 through the full stack. Needs .whl/ and .gpu/tokenizer carried (env.sh).
+set -uo pipefail
+source benchmarks/gpu_host/env.sh
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  lscpu | grep -E 'Model name|^CPU\(s\)'
+  python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } \
+  | tee "$OUT/hardware.txt"
+
+python3 -m pytest -q -p no:cacheprovider tests/gpu_worker/test_kernels.py tests/gpu_worker/test_cuda_graph.py 2>&1 \
+  | tee "$OUT/kernels_cuda.txt" | tail -15
+
+if [ "${ROOFLINE:-1}" = 1 ]; then
+  python3 benchmarks/roofline.py --geometry llama-3-8b --out "$OUT/roofline" ${ROOFLINE_ARGS:-} 2>&1 \
+    | grep -v Warning | tee "$OUT/roofline.txt"
+fi
+
+if [ "${OVERHEAD:-1}" = 1 ]; then
+  # 256 requests at once, short prompts, long outputs: most iterations decode 256 rows.
+  python3 -m neo_common.cli serve --model llama-3-8b --load-format dummy --tokenizer .gpu/tokenizer --port 8000 \
+    --max-model-len 2048 --max-num-seqs 256 > "$OUT/serve_overhead.log" 2>&1 &
+  SERVE=$!
+  for _ in $(seq 300); do curl -sf localhost:8000/ready >/dev/null && break; sleep 1; done
+  python3 -m neo_common.cli bench --model llama-3-8b --workload fixed --input-len 128 --output-len 256 \
+    --num-prompts 256 --rates inf --vocab 32000 --label overhead_b256 --out "$OUT" 2>&1 | grep -v "it/s" \
+    | tee "$OUT/overhead.txt"
+  curl -s localhost:8000/metrics > "$OUT/metrics_overhead.txt"
+  python3 -m neo_bench.overhead "$OUT/metrics_overhead.txt" | tee -a "$OUT/overhead.txt"
+  kill -TERM $SERVE; wait $SERVE
+  grep -E "captured|ERROR|Traceback" "$OUT/serve_overhead.log" | head -5
+fi

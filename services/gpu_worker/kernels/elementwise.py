@@ -1,0 +1,95 @@
+"""Fused row-wise kernels of a decoder layer: RMSNorm (with the residual add), SwiGLU and RoPE.
+
+Each replaces the half-dozen small torch kernels of its twin in ``neo_gpu_worker.ops`` with one
+launch, and rounds where the twin rounds (to the activation dtype after the residual add, after
+normalizing, after the SiLU), so the two agree to the last bit or one of it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o, stride_ro,
+                     n, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x = x + tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        x = x.to(res_out_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
+        x = x.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(x * x, 0) / n + eps)
+    y = (x * inv).to(out_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (y * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``norm(x)``, or with ``residual``: ``s = residual + x`` then ``(norm(s), s)``. x: ``[T, N]``."""
+    rows, n = x.shape
+    out = torch.empty_like(x)
+    summed = None if residual is None else torch.empty_like(x)
+    if rows:
+        _rms_norm_kernel[(rows,)](x, x if residual is None else residual, weight, out,
+                                  out if summed is None else summed,
+                                  x.stride(0), 0 if residual is None else residual.stride(0), out.stride(0),
+                                  0 if summed is None else summed.stride(0), n, eps,
+                                  HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n))
+    return out, summed
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + n + cols, mask=mask, other=0.0).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of ``[T, 2I]`` laid out ``[gate | up]`` -> ``[T, I]``."""
+    rows, width = gate_up.shape
+    n = width // 2
+    out = torch.empty((rows, n), dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    if rows:
+        _silu_mul_kernel[(rows, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), out.stride(0), n, BLOCK=block)
+    return out
+
+
+@triton.jit
+def _rope_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, stride_t, stride_h, stride_c, num_heads,
+                 HEADS_PAD: tl.constexpr, HALF: tl.constexpr):
+    t = tl.program_id(0)
+    pos = tl.load(pos_ptr + t)
+    h = tl.arange(0, HEADS_PAD)
+    i = tl.arange(0, HALF)
+    mask = (h < num_heads)[:, None]
+    base = x_ptr + t * stride_t + h[:, None] * stride_h + i[None, :]
+    x1 = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + HALF, mask=mask, other=0.0).to(tl.float32)
+    # The tables repeat their first half (HF's rotate-half layout), so one half serves both.
+    cos = tl.load(cos_ptr + pos * stride_c + i)[None, :]
+    sin = tl.load(sin_ptr + pos * stride_c + i)[None, :]
+    tl.store(base, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(base + HALF, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+def rope_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[T, H, D]`` (a strided view is fine: heads and dims contiguous) in place."""
+    tokens, heads, dim = x.shape
+    assert x.stride(2) == 1 and cos.stride(1) == 1
+    if tokens:
+        _rope_kernel[(tokens,)](x, positions, cos, sin, x.stride(0), x.stride(1), cos.stride(0), heads,
+                                HEADS_PAD=triton.next_power_of_2(heads), HALF=dim // 2)
+    return x

@@ -1,0 +1,152 @@
+"""The decoder's fused operations, each with its Triton kernel and its torch twin.
+
+On a CUDA device with Triton enabled (``--kernels auto``, the default) the kernels in
+``neo_gpu_worker.kernels`` run; everywhere else (the CPU device, ``--kernels torch``) the torch twins
+below do. The twins are the reference: the kernels must agree with them, and they are what CI runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from neo_gpu_worker.kernels import triton_available
+
+log = logging.getLogger(__name__)
+
+
+class _Choice:
+    """Which implementation CUDA tensors get. ``triton`` is set once per process by ``configure``
+    (the worker serves one model on one device); CPU tensors always take the twins."""
+
+    triton = False
+
+
+def configure(kernels: str, device: torch.device) -> bool:
+    """``auto``: Triton on CUDA when it imports; ``torch``: the twins everywhere. Returns the choice."""
+    _Choice.triton = kernels == "auto" and device.type == "cuda" and triton_available()
+    if kernels == "auto" and device.type == "cuda" and not _Choice.triton:
+        log.warning("Triton is not importable: running the torch twins (slower decode, no CUDA graphs)")
+    return _Choice.triton
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    return _Choice.triton and x.is_cuda
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(norm(x), None)``; with ``residual``: ``s = residual + x`` and ``(norm(s), s)``."""
+    if use_triton(x):
+        from neo_gpu_worker.kernels import elementwise
+
+        return elementwise.rms_norm(x, weight, eps, residual)
+    if residual is not None:
+        x = residual + x
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype), (x if residual is not None else None)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's ``silu(gate) * up`` of ``[T, 2I]`` laid out ``[gate | up]``."""
+    if use_triton(gate_up):
+        from neo_gpu_worker.kernels import elementwise
+
+        return elementwise.silu_and_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE in HF's rotate-half layout over tables ``[max_pos, D]`` (fp32). The kernel rotates q and
+    k in place (they are views of the fused QKV output); the twin returns rotated copies."""
+    if use_triton(q):
+        from neo_gpu_worker.kernels import elementwise
+
+        return elementwise.rope_(q, positions, cos, sin), elementwise.rope_(k, positions, cos, sin)
+    c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+    return _rotate(q, c, s), _rotate(k, c, s)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float, out: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
+    """One query token per row against its paged context: q ``[B, Hq, D]`` -> out ``[B, Hq, D]``;
+    caches ``[blocks, block_size, Hkv, D]``, block_tables ``[B, W]``, seq_lens ``[B]`` (int32).
+    ``max_len`` (the longest context, if the caller knows it) spares the twin a device read."""
+    if use_triton(q):
+        from neo_gpu_worker.kernels import decode_attention as kernel
+
+        if kernel.supported(q.shape[-1]):
+            return kernel.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, out)
+    heads, dim, bs = k_cache.shape[2], k_cache.shape[3], k_cache.shape[1]
+    width = int(seq_lens.max()) if max_len is None else max_len
+    j = torch.arange(width, device=q.device)
+    mask = j[None, :] < seq_lens[:, None].long()
+    blocks = block_tables.long()[:, j // bs].clamp_min(0)
+    slots = torch.where(mask, blocks * bs + j % bs, 0)
+    k = k_cache.reshape(-1, heads, dim)[slots].to(q.dtype).transpose(1, 2)     # [B, Hk, S, D]
+    v = v_cache.reshape(-1, heads, dim)[slots].to(q.dtype).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], scale=scale,
+                                       enable_gqa=True)
+    out.copy_(o.squeeze(2))
+    return out
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: int, scale: float) -> torch.Tensor:
+    """One prompt chunk: q ``[n, Hq, D]`` at positions ``ctx_start..``, its whole context k/v
+    ``[ctx_start + n, Hkv, D]``; causal. The twin of ``varlen_prefill``, one span at a time."""
+    qp = q.transpose(0, 1).unsqueeze(0)                                  # [1, Hq, n, D]
+    kp = k.to(q.dtype).transpose(0, 1).unsqueeze(0)                      # [1, Hk, L, D]
+    vp = v.to(q.dtype).transpose(0, 1).unsqueeze(0)
+    if ctx_start == 0:
+        op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        length = k.shape[0]
+        q_pos = torch.arange(ctx_start, length, device=q.device)
+        mask = torch.arange(length, device=q.device)[None, :] <= q_pos[:, None]
+        op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=True)
+    return op.squeeze(0).transpose(0, 1)
+
+
+@functools.cache
+def _varlen():
+    """torch's FlashAttention varlen entry point and how this torch spells causality, or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if "enable_gqa" in params:
+        causal["enable_gqa"] = True
+    return varlen_attn, causal, "scale" in params
+
+
+def use_varlen(q: torch.Tensor) -> bool:
+    return use_triton(q) and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256 and _varlen() is not None
+
+
+def varlen_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                   max_q: int, max_k: int, scale: float) -> torch.Tensor:
+    """Every prefill span in one FlashAttention call over packed tokens: q ``[Tq, Hq, D]``, k/v
+    ``[Tk, Hkv, D]`` (each span's whole context), causal aligned to each span's end (a later chunk
+    sees its earlier context)."""
+    fn, causal, has_scale = _varlen()
+    if "enable_gqa" not in causal and k.shape[1] != q.shape[1]:  # older torch: heads must match
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    if has_scale:
+        return fn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **causal)
+    return fn(q * (scale * q.shape[-1] ** 0.5), k, v, cu_q, cu_k, max_q, max_k, **causal)
