@@ -12,6 +12,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
   python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } \
   | tee "$OUT/hardware.txt"
 
+NEO_BUILD_JOBS=16 python3 setup.py -q build_ext --inplace > /tmp/build.log 2>&1 || tail -20 /tmp/build.log
 python3 -m pytest -q -p no:cacheprovider tests/gpu_worker/test_kernels.py tests/gpu_worker/test_cuda_graph.py 2>&1 \
   | tee "$OUT/kernels_cuda.txt" | tail -15
 
@@ -20,17 +21,25 @@ if [ "${ROOFLINE:-1}" = 1 ]; then
     | grep -v Warning | tee "$OUT/roofline.txt"
 fi
 
-if [ "${OVERHEAD:-1}" = 1 ]; then
-  # 256 requests at once, short prompts, long outputs: most iterations decode 256 rows.
+# 256 requests at once, short prompts, long outputs: most iterations decode 256 rows. Run with async
+# scheduling (the default) and without it, side by side.
+overhead() {  # $1 label, $2... extra serve flags
+  local label=$1; shift
   python3 -m neo_common.cli serve --model llama-3-8b --load-format dummy --tokenizer .gpu/tokenizer --port 8000 \
-    --max-model-len 2048 --max-num-seqs 256 > "$OUT/serve_overhead.log" 2>&1 &
-  SERVE=$!
+    --max-model-len 2048 --max-num-seqs 256 "$@" > "$OUT/serve_$label.log" 2>&1 &
+  local serve=$!
   for _ in $(seq 300); do curl -sf localhost:8000/ready >/dev/null && break; sleep 1; done
   python3 -m neo_common.cli bench --model llama-3-8b --workload fixed --input-len 128 --output-len 256 \
-    --num-prompts 256 --rates inf --vocab 32000 --label overhead_b256 --out "$OUT" 2>&1 | grep -v "it/s" \
-    | tee "$OUT/overhead.txt"
-  curl -s localhost:8000/metrics > "$OUT/metrics_overhead.txt"
-  python3 -m neo_bench.overhead "$OUT/metrics_overhead.txt" | tee -a "$OUT/overhead.txt"
-  kill -TERM $SERVE; wait $SERVE
-  grep -E "captured|ERROR|Traceback" "$OUT/serve_overhead.log" | head -5
+    --num-prompts 256 --rates inf --vocab 32000 --label "$label" --out "$OUT" 2>&1 | grep -v "it/s" \
+    | tee -a "$OUT/overhead.txt"
+  curl -s localhost:8000/metrics > "$OUT/metrics_$label.txt"
+  { echo -n "$label: "; python3 -m neo_bench.overhead "$OUT/metrics_$label.txt"; } | tee -a "$OUT/overhead.txt"
+  kill -TERM $serve; wait $serve
+  grep -E "captured|ERROR|Traceback" "$OUT/serve_$label.log" | head -5
+  rm -f "$OUT/metrics_$label.txt" "$OUT/serve_$label.log"
+}
+if [ "${OVERHEAD:-1}" = 1 ]; then
+  overhead overhead_b256_async
+  overhead overhead_b256_sync --async-scheduling false
+  rm -f "$OUT"/bench_overhead_b256_sync.*
 fi

@@ -87,6 +87,9 @@ class SchedulerConfig(Settings):
                                       "where it hides behind GPU work), throughput (also unhidden when that "
                                       "serves more rows per second), full (every decode on the CPU)",
                                choices=OFFLOAD_MODES)
+    async_scheduling: bool = option(True, "schedule the next decode step while the worker runs this one (its "
+                                          "tokens are fed on the device), so the GPU does not wait for the "
+                                          "gateway; steady GPU decoding only")
     swap_in_threshold: float = option(0.95, "swap CPU requests back in only below this GPU KV use")
     cost_tables: str = option("", "cost tables JSON for the offload policy (default: the cached profile of "
                                   "this machine, profiled at the first start)")

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: placeholder tokens (async scheduling)
 
 
 class MsgType(enum.IntEnum):
@@ -121,12 +121,18 @@ class WorkerReady(Message):
     cost_tables: dict = dataclasses.field(default_factory=dict)
 
 
+PLACEHOLDER_TOKEN = -1
+
+
 @dataclasses.dataclass
 class IterationPlan(Message):
     """One iteration, columnar over its B requests (row i describes request ``seq_ids[i]``).
 
     - ``num_tokens[i]`` tokens of ``token_ids`` (concatenated, in row order) are fed at positions
       ``start_pos[i] ..``; a prompt chunk during prefill, the last sampled token during decode.
+      ``PLACEHOLDER_TOKEN`` stands for the token the worker sampled for that request in the
+      previous iteration, unknown to the gateway when it scheduled this one (async scheduling;
+      decode rows of GPU-only plans only).
     - ``block_tables`` is ``[B, max_blocks]`` (padded with -1) into the pool named by ``places[i]``.
     - ``sample[i]``: sample a token after this row's last position (false for non-final chunks).
     - ``sub_batch[i]``: 0 or 1, the pipeline sub-batch (all 0 in sequential mode).

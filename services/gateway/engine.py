@@ -8,6 +8,7 @@ and read their queues, so the loop is the single writer of scheduler state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -224,29 +225,62 @@ class Engine:
                 self._fail_rows(output, f"internal error: {type(exc).__name__}: {exc}")
 
     async def _iterate(self, sched: Scheduler, output: SchedulerOutput, t_start: float) -> None:
+        """Run ``output`` and, with async scheduling, the iterations scheduled ahead of it: each
+        next one is sent before the current one's result is awaited, so the worker finds it queued
+        and the GPU does not wait while this process applies results and serves HTTP. A hook's
+        wall time is then the cycle between consecutive results."""
+        generation = self.link.generation
+        sent: list[SchedulerOutput] = []  # sent, reply not read yet (at most two)
+        try:
+            await self._send(sched, output, sent)
+            while sent:
+                current = sent[0]
+                if self.config.scheduler.async_scheduling and len(sent) == 1:
+                    ahead = sched.schedule_ahead(current)
+                    if ahead is not None:
+                        await self._send(sched, ahead, sent)
+                try:
+                    result = await self.link.reply(generation)
+                except IterationFailed as exc:
+                    for out in sent:  # a plan behind a failed one feeds on tokens never sampled: it fails too
+                        self._fail_rows(out, str(exc))
+                    sent.pop(0)
+                    await self._discard_replies(sent, generation)
+                    return
+                finally:
+                    self._drain_cpu_errors()
+                sent.pop(0)
+                assert isinstance(result, IterationResult)
+                self._apply(current, result)
+                now = time.perf_counter()
+                for hook in self.iteration_hooks:
+                    hook(current, result, now - t_start)
+                t_start = now
+        except WorkerDown as exc:
+            self._fail_running(str(exc))
+        except Exception:
+            for out in sent:
+                self._fail_rows(out, "internal error in the gateway")
+            await self._discard_replies(sent, generation)  # the next iteration must not read them
+            raise
+
+    async def _discard_replies(self, sent: list[SchedulerOutput], generation: int) -> None:
+        while sent:
+            sent.pop(0)
+            with contextlib.suppress(IterationFailed, WorkerDown):
+                await self.link.reply(generation)
+
+    async def _send(self, sched: Scheduler, output: SchedulerOutput, sent: list[SchedulerOutput]) -> None:
         plan = output.to_plan(sched.gpu, sched.cpu)
         if tracing.enabled():
             plan.trace = iteration_trace(output)
-        try:
-            cpu_plan = output.to_cpu_plan(sched.cpu) if sched.cpu is not None else None
-            if cpu_plan is not None:
-                assert self.cpu_link is not None
-                cpu_plan.trace = plan.trace
-                await self.cpu_link.send(cpu_plan)
-            result = await self.link.call(plan)
-        except WorkerDown as exc:
-            self._fail_running(str(exc))
-            return
-        except IterationFailed as exc:
-            self._fail_rows(output, str(exc))
-            return
-        finally:
-            self._drain_cpu_errors()
-        assert isinstance(result, IterationResult)
-        self._apply(output, result)
-        wall = time.perf_counter() - t_start
-        for hook in self.iteration_hooks:
-            hook(output, result, wall)
+        cpu_plan = output.to_cpu_plan(sched.cpu) if sched.cpu is not None else None
+        if cpu_plan is not None:
+            assert self.cpu_link is not None
+            cpu_plan.trace = plan.trace
+            await self.cpu_link.send(cpu_plan)
+        await self.link.send(plan)
+        sent.append(output)
 
     def _apply(self, output: SchedulerOutput, result: IterationResult) -> None:
         assert self.scheduler is not None

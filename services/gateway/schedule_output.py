@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from neo_common.protocol import CpuAttentionPlan, IterationPlan, Place
+from neo_common.protocol import PLACEHOLDER_TOKEN, CpuAttentionPlan, IterationPlan, Place
 from neo_gateway.block_manager import BlockManager
 from neo_common.block_runs import merge_runs
 from neo_gateway.offload_policy import OffloadDecision, PlanKind
@@ -16,13 +16,16 @@ from neo_gateway.sequence import Sequence
 @dataclasses.dataclass
 class ScheduledSeq:
     """One row of an iteration: ``num_tokens`` new tokens of ``seq`` starting at ``start``, in
-    pipeline sub-batch ``sub_batch``. The row's KV pool is ``seq.place`` as of this iteration."""
+    pipeline sub-batch ``sub_batch``. The row's KV pool is ``seq.place`` as of this iteration.
+    ``placeholder``: scheduled ahead (``Scheduler.schedule_ahead``): its one token is the one the
+    previous iteration samples, not yet known here; the worker feeds it from its own last sample."""
 
     seq: Sequence
     start: int
     num_tokens: int
     sample: bool
     sub_batch: int = 0
+    placeholder: bool = False
 
     @property
     def cpu_decode(self) -> bool:
@@ -74,7 +77,7 @@ class SchedulerOutput:
         rows = self.rows
         tokens: list[int] = []
         for r in rows:
-            tokens.extend(r.seq.token_slice(r.start, r.start + r.num_tokens))
+            tokens.extend((PLACEHOLDER_TOKEN,) if r.placeholder else r.seq.token_slice(r.start, r.start + r.num_tokens))
         params = [r.seq.params for r in rows]
         return IterationPlan(
             iteration_id=self.iteration_id,
@@ -90,7 +93,7 @@ class SchedulerOutput:
             top_p=np.array([p.top_p for p in params], np.float32),
             top_k=np.array([p.top_k for p in params], np.int32),
             seeds=np.array([-1 if p.seed is None else p.seed for p in params], np.int64),
-            steps=np.array([len(r.seq.output_ids) for r in rows], np.int32),
+            steps=np.array([len(r.seq.output_ids) + r.placeholder for r in rows], np.int32),
             swap_out=_runs(self.swap_out_pairs),
             swap_in=_runs(self.swap_in_pairs),
         )

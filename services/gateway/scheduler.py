@@ -118,6 +118,37 @@ class Scheduler:
             out.decision = decide(self._candidate(out.rows, []), self.costs, self.mode)
         return out
 
+    def schedule_ahead(self, prev: SchedulerOutput) -> SchedulerOutput | None:
+        """The next iteration while ``prev`` still runs (async scheduling): every request of
+        ``prev`` decodes the token ``prev`` samples for it, a placeholder the worker fills from its
+        own last sample. Only for steady decoding on the GPU (nothing waiting, no host-pool work,
+        every row of ``prev`` sampling); None otherwise, or when blocks run short: the caller then
+        waits for ``prev`` and schedules normally. A request that ends on ``prev``'s token by
+        length is left out; one that ends by a stop token runs one wasted row, discarded by
+        ``update`` (its blocks are reused only by later iterations, which the worker runs after)."""
+        if (self.waiting or self.cpu_queue or prev.preempted or prev.swap_out_pairs or prev.swap_in_pairs
+                or prev.pipelined or not all(r.sample and r.seq.place is Place.GPU for r in prev.rows)):
+            return None
+        ahead = []
+        for r in prev.rows:
+            seq, pos = r.seq, r.start + r.num_tokens  # where prev's sampled token goes
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            if len(seq.output_ids) + 1 >= seq.params.max_tokens or pos + 1 >= seq.max_model_len:
+                continue  # prev's token is its last
+            ahead.append((seq, pos))
+        missing = sum(self.gpu.num_missing(seq.seq_id, pos + 1) for seq, pos in ahead)
+        if not ahead or missing > self.gpu.num_free:
+            return None
+        self.iteration += 1
+        out = SchedulerOutput(self.iteration, [], [])
+        for seq, pos in ahead:
+            self.gpu.allocate(seq.seq_id, pos + 1)
+            out.rows.append(ScheduledSeq(seq, pos, 1, True, placeholder=True))
+        if self.offloading:
+            out.decision = decide(self._candidate(out.rows, []), self.costs, self.mode)
+        return out
+
     def _schedule_gpu_running(self, out: SchedulerOutput, budget: int) -> int:
         for seq in list(self.running):
             if seq.status is not SeqStatus.RUNNING or seq.place is not Place.GPU:

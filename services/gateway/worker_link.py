@@ -129,6 +129,11 @@ class WorkerLink:
         """Send one message and wait for the worker's reply, its death, or the timeout."""
         generation = self.generation
         await self.send(msg)
+        return await self.reply(generation)
+
+    async def reply(self, generation: int) -> Message:
+        """The worker's next reply (replies come in the order of the messages sent), provided it
+        is still the incarnation ``generation`` it was sent to; raises WorkerDown otherwise."""
         get = asyncio.ensure_future(self._inbox.get())
         down = asyncio.ensure_future(self._down.wait())
         try:

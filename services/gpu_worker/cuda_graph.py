@@ -111,8 +111,9 @@ class DecodeGraphs:
         log.info("captured %d decode CUDA graphs (batch %d..%d) in %.1f s, %.0f MiB",
                  len(self.buckets), self.buckets[0], self.max_batch, time.perf_counter() - t0, used)
 
-    def run(self, plan: IterationPlan) -> torch.Tensor:
-        """Hidden states ``[batch, hidden]`` of the plan's decode rows (plan order)."""
+    def run(self, plan: IterationPlan, fill: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Hidden states ``[batch, hidden]`` of the plan's decode rows (plan order); ``fill``
+        (rows, device tokens) overwrites placeholder token ids on the device."""
         batch = plan.batch_size
         bucket = self.bucket(batch)
         bs = self.block_size
@@ -128,6 +129,8 @@ class DecodeGraphs:
         self._host_tables.numpy()[:batch, :width] = tables
         self.packed[:, :bucket].copy_(self._host[:, :bucket], non_blocking=True)
         self.block_tables[:bucket, :width].copy_(self._host_tables[:bucket, :width], non_blocking=True)
+        if fill is not None:
+            self.packed[_IDS][fill[0]] = fill[1]
         graph, out = self.graphs[bucket]
         if graph is None:
             out = self._forward(bucket)

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from neo_common.protocol import IterationPlan, IterationResult, Place
+from neo_common.protocol import PLACEHOLDER_TOKEN, IterationPlan, IterationResult, Place
 from neo_gpu_worker.batch import build_sub_batch
 from neo_gpu_worker.cuda_graph import DecodeGraphs
 from neo_gpu_worker.host_kv import HostKv
@@ -31,6 +31,8 @@ class ModelRunner:
       the KV dtype (16-bit with offloading: swaps copy blocks verbatim to the host pool), plus one
       scratch block (index ``num_blocks``, never handed out) that CUDA-graph padding rows write.
     - ``graphs``: captured decode forwards (None: every iteration runs eagerly).
+    - ``last_sample``: (request ids, device tokens) the previous iteration sampled, which fill the
+      next plan's placeholder tokens (async scheduling); None after a failed iteration.
     - ``host``: the shared host KV segment (None in GPU-only mode); ``pipeline`` runs the plans that
       hold CPU-resident rows.
     - ``generator``: device RNG for unseeded sampling.
@@ -47,6 +49,7 @@ class ModelRunner:
         self.pipeline = None if host is None else PipelinedExecutor(
             model, self.kv_cache, host, block_size, staging_blocks, device, cpu_timeout_s)
         self.generator = torch.Generator(device=device).manual_seed(0)
+        self.last_sample: tuple[np.ndarray, torch.Tensor] | None = None
         self.graphs = None
         if graph_max_batch:
             self.graphs = DecodeGraphs(model, self.kv_cache, block_size, num_blocks, graph_max_batch,
@@ -58,6 +61,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: IterationPlan) -> IterationResult:
         t0 = time.perf_counter()
+        try:
+            fill = self._placeholders(plan)
+        finally:
+            self.last_sample = None  # set again only by a successful iteration
         result = IterationResult(iteration_id=plan.iteration_id)
         result.swap_s = self.copy_blocks(plan)
         if plan.batch_size == 0:
@@ -72,9 +79,11 @@ class ModelRunner:
             where[rows] = np.arange(len(rows))
             last = hidden[torch.from_numpy(where[sample_rows]).to(self.device)]
         elif self.graphs is not None and self.graphs.can_run(plan):
-            last = self.graphs.run(plan)[torch.from_numpy(sample_rows).to(self.device)]
+            last = self.graphs.run(plan, fill)[torch.from_numpy(sample_rows).to(self.device)]
         else:
             sb = build_sub_batch(plan, np.arange(plan.batch_size), self.block_size, self.device, 0)
+            if fill is not None:
+                sb.input_ids[fill[0]] = fill[1]
             hidden = self.model(sb.input_ids, sb.positions, self.kv_cache, sb.meta)
             last = hidden[torch.from_numpy(sb.last_token[sample_rows]).to(self.device)]
         if self.host is not None and self.device.type == "cuda":
@@ -85,12 +94,32 @@ class ModelRunner:
             params = SamplingBatch.from_columns(
                 plan.temperature[sample_rows], plan.top_p[sample_rows], plan.top_k[sample_rows],
                 plan.seeds[sample_rows], plan.steps[sample_rows], logits.shape[-1], self.device)
-            tokens = sample(logits, params, self.generator).to(torch.int32).cpu().numpy()
+            sampled = sample(logits, params, self.generator)
             result.seq_ids = plan.seq_ids[sample_rows]
-            result.token_ids = tokens
+            result.token_ids = sampled.to(torch.int32).cpu().numpy()
+            self.last_sample = (result.seq_ids, sampled)
         t2 = time.perf_counter()
         result.forward_s, result.sample_s, result.total_s = t1 - t0, t2 - t1, t2 - t0
         return result
+
+    def _placeholders(self, plan: IterationPlan) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(token indices, tokens on the device) for the plan's placeholder tokens: what the
+        previous iteration sampled for those requests, never copied through the host."""
+        rows = np.flatnonzero(plan.token_ids == PLACEHOLDER_TOKEN)
+        if not len(rows):
+            return None
+        if not (np.all(plan.num_tokens == 1) and np.all(plan.places == Place.GPU)):
+            raise ValueError("placeholder tokens are only allowed in plans of GPU decode rows")
+        if self.last_sample is None:
+            raise ValueError("placeholder tokens, but the previous iteration sampled nothing")
+        ids, tokens = self.last_sample
+        where = {int(s): i for i, s in enumerate(ids)}
+        try:
+            src = np.array([where[int(s)] for s in plan.seq_ids[rows]], np.int64)
+        except KeyError as exc:
+            raise ValueError(f"placeholder token of request {exc}, which the previous iteration did not sample") from None
+        dev = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
+        return dev(rows), tokens[dev(src)]
 
     def copy_blocks(self, plan: IterationPlan) -> float:
         """Swaps between the pools, before the forward (whose rows may read or reuse those blocks)."""

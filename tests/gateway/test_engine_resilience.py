@@ -34,15 +34,20 @@ def test_a_failing_iteration_fails_its_requests_and_the_loop_goes_on():
                 raise OverflowError("simulated bug")
             return real_to_plan(self, gpu, cpu)
 
-        async def fake_worker_call(plan):
+        replies: list[IterationResult] = []
+
+        async def fake_worker_send(plan):
             """A FAKE worker (it answers EOS for every sampled row): the property under test is the
             gateway loop's, and a real worker adds 20 s of model loading and nothing to it."""
             rows = np.flatnonzero(plan.sample)
-            return IterationResult(iteration_id=plan.iteration_id, seq_ids=plan.seq_ids[rows],
-                                   token_ids=np.full(len(rows), 2, np.int32))
+            replies.append(IterationResult(iteration_id=plan.iteration_id, seq_ids=plan.seq_ids[rows],
+                                           token_ids=np.full(len(rows), 2, np.int32)))
+
+        async def fake_worker_reply(generation):
+            return replies.pop(0)
 
         SchedulerOutput.to_plan = flaky_to_plan
-        engine.link.call = fake_worker_call
+        engine.link.send, engine.link.reply = fake_worker_send, fake_worker_reply
         engine._adopt_worker()
         try:
             engine._loop_task = asyncio.create_task(engine._loop())

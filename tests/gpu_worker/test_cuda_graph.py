@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from neo_common.geometry import lookup
-from neo_common.protocol import IterationPlan, Place
+from neo_common.protocol import PLACEHOLDER_TOKEN, IterationPlan, Place
 from neo_gpu_worker import ops
 from neo_gpu_worker.batch import build_sub_batch
 from neo_gpu_worker.cuda_graph import buckets_for
@@ -95,14 +95,14 @@ def test_rows_of_an_earlier_larger_batch_do_not_write_again(runner):
     before = runner.kv_cache.clone()
     runner.graphs.run(smaller)
     changed = (runner.kv_cache != before).flatten(3).any(-1)     # [layers, 2, blocks]
-    blocks = set(np.flatnonzero(changed.any(0).any(0).numpy()).tolist())
+    blocks = set(np.flatnonzero(changed.any(0).any(0).cpu().numpy()).tolist())
     assert blocks <= set((written_slots(smaller) // BS).tolist()) | {BLOCKS}
 
 
 @torch.inference_mode()
 def test_execute_takes_the_graph_path_for_decodes_only(runner, monkeypatch):
     calls = []
-    monkeypatch.setattr(runner.graphs, "run", lambda plan: calls.append(plan.batch_size) or eager(runner, plan))
+    monkeypatch.setattr(runner.graphs, "run", lambda plan, fill=None: calls.append(plan.batch_size) or eager(runner, plan))
     runner.execute(decode_plan([10, 20], 3))
     prefill = decode_plan([0], 4)
     prefill.num_tokens, prefill.token_ids = np.array([8], np.int32), np.arange(8, dtype=np.int32)
@@ -120,3 +120,28 @@ def test_buckets_cover_every_batch_and_every_power_of_two():
         b = buckets_for(top)
         assert b[-1] == top and b == sorted(set(b))
         assert all(p in b for p in (1, 2, 4, 8, 16, 32, 64, 128, 256) if p <= top)
+
+
+@pytest.mark.parametrize("rows", [3, 25])  # the graph path (twin on the CPU) and the eager path
+@torch.inference_mode()
+def test_placeholder_tokens_are_fed_from_the_last_sample_on_the_device(runner, rows):
+    first = decode_plan([10 + i % 4 for i in range(rows)], 11)   # one block each, room for one more token
+    sampled = runner.execute(first)
+    follow = decode_plan([11 + i % 4 for i in range(rows)], 11)  # same requests, blocks and seq ids, one on
+    follow.block_tables = first.block_tables
+    follow.token_ids = np.full(rows, PLACEHOLDER_TOKEN, np.int32)
+    via_placeholders = runner.execute(follow).token_ids
+    follow.token_ids = sampled.token_ids.astype(np.int32)     # what async scheduling stood in for
+    assert np.array_equal(runner.execute(follow).token_ids, via_placeholders)
+
+
+@torch.inference_mode()
+def test_placeholders_need_a_previous_sample_of_those_requests(runner):
+    runner.execute(decode_plan([20, 30], 12))
+    bad = decode_plan([21, 31], 13)
+    bad.seq_ids = np.array([0, 77], np.int64)
+    bad.token_ids = np.full(2, PLACEHOLDER_TOKEN, np.int32)
+    with pytest.raises(ValueError, match="77"):
+        runner.execute(bad)
+    with pytest.raises(ValueError, match="sampled nothing"):  # a failed iteration leaves nothing to feed
+        runner.execute(bad)

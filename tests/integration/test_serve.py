@@ -88,7 +88,9 @@ def test_seeded_sampling_is_reproducible(client):
 def test_32_concurrent_mixed_lengths_equal_alone_and_free_all_blocks(replica, client):
     topics = ["the sea", "mountains", "a cat", "python code", "the sun", "bread", "music", "rain"]
     prompts = [f"Write about {topics[i % 8]}. " * (3 + 2 * (i % 5)) for i in range(32)]  # 18..66 tokens
-    lengths = [4 + (i * 5) % 12 for i in range(32)]
+    # Outputs long enough that requests overlap in the 48-block pool whatever the arrival timing
+    # (with short ones, staggered arrivals let early requests finish first and nothing preempts).
+    lengths = [40 + (i * 5) % 12 for i in range(32)]
     aclient = AsyncOpenAI(base_url=replica.url + "/v1", api_key="unused", max_retries=0, timeout=600)
 
     async def one(p: str, n: int) -> str:
