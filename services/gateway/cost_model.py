@@ -55,22 +55,24 @@ class CostKey:
     dtype: str
     block_size: int
     cpu_threads: int
+    kernels: str = "torch"  # the GPU worker's kernels (ops: "triton" or the "torch" twins)
 
     @classmethod
-    def from_geometry(cls, geometry: Any, gpu: str, dtype: str, block_size: int, cpu_threads: int) -> "CostKey":
+    def from_geometry(cls, geometry: Any, gpu: str, dtype: str, block_size: int, cpu_threads: int,
+                      kernels: str = "torch") -> "CostKey":
         shapes = tuple((f, getattr(geometry, f)) for f in SHAPE_FIELDS)
-        return cls(geometry.name, shapes, gpu, dtype, int(block_size), int(cpu_threads))
+        return cls(geometry.name, shapes, gpu, dtype, int(block_size), int(cpu_threads), kernels)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "shapes": dict(self.shapes), "gpu": self.gpu, "dtype": self.dtype,
-                "block_size": self.block_size, "cpu_threads": self.cpu_threads}
+                "block_size": self.block_size, "cpu_threads": self.cpu_threads, "kernels": self.kernels}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CostKey":
         try:
             shapes = tuple((f, d["shapes"][f]) for f in SHAPE_FIELDS)
             return cls(str(d["model"]), shapes, str(d["gpu"]), str(d["dtype"]), int(d["block_size"]),
-                       int(d["cpu_threads"]))
+                       int(d["cpu_threads"]), str(d.get("kernels", "torch")))
         except (KeyError, TypeError) as exc:
             raise CostModelError(f"cost file key lacks {exc}") from None
 

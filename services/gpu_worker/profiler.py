@@ -40,6 +40,7 @@ from neo_common.logs import setup_logging
 from neo_common.model_source import read_geometry, resolve
 from neo_gateway import cost_model
 from neo_gateway.cost_model import CostKey, CostTables
+from neo_gpu_worker import ops
 from neo_gpu_worker.attention import AttentionMetadata, PrefillSpan, paged_attention, write_kv
 from neo_gpu_worker.main import pick_device, pick_dtype
 from neo_gpu_worker.model import DecoderLayer
@@ -225,7 +226,7 @@ def profile(g: ModelGeometry, device: torch.device, dtype: torch.dtype, block_si
     threads = kernel.set_num_threads(cpu_threads)
     kv_dtype = "float16" if dtype == torch.float16 else "bfloat16"
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    key = CostKey.from_geometry(g, gpu, str(dtype).removeprefix("torch."), block_size, threads)
+    key = CostKey.from_geometry(g, gpu, str(dtype).removeprefix("torch."), block_size, threads, _kernels(device))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load > os.cpu_count():  # other work competes for the cores: every time below is inflated
         log.warning("host is busy (load %.1f on %d CPUs): the tables will overstate costs", load, os.cpu_count())
@@ -266,6 +267,10 @@ def profile(g: ModelGeometry, device: torch.device, dtype: torch.dtype, block_si
     return tables
 
 
+def _kernels(device: torch.device) -> str:
+    return "triton" if ops.use_triton(torch.empty(0, device=device)) else "torch"
+
+
 def load_or_profile(config: NeoConfig, cache_dir: str | None = None, quick: bool = False, layers: int = 2,
                     force: bool = False, progress: bool = True) -> tuple[CostTables, str]:
     """The cached tables for this config's model/device/dtype/block size/threads, profiling if absent.
@@ -280,7 +285,9 @@ def load_or_profile(config: NeoConfig, cache_dir: str | None = None, quick: bool
     g = read_geometry(resolve(config.model))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     threads = config.device.cpu_threads or available_cpus()
-    key = CostKey.from_geometry(g, gpu, str(dtype).removeprefix("torch."), config.cache.block_size, threads)
+    ops.configure(config.device.kernels, device)  # the tables time the kernels the worker will run
+    key = CostKey.from_geometry(g, gpu, str(dtype).removeprefix("torch."), config.cache.block_size, threads,
+                                _kernels(device))
     path = cost_model.cache_path(key, cache_dir)
     if not force:
         found = cost_model.find(key, cache_dir)
