@@ -241,13 +241,15 @@ class Scheduler:
     def _place(self, seq: Sequence, n: int, to_cpu_round: bool) -> Place | None:
         """Where an admission's KV goes (None: it waits, FCFS). GPU while the chunk fits, unless an
         earlier request of this round went to the CPU; then the CPU if the whole prompt (plus its
-        first generated token) fits there. A prompt that cannot be prefilled whole this iteration
-        cannot go to the CPU: later chunks of a CPU-bound prompt would need its earlier KV on the
-        GPU. ``full`` sends every whole prompt to the CPU; longer ones prefill on the GPU and are
-        swapped out once they decode."""
+        first generated token) fits there and the policy would decode it there (a request parked
+        on the CPU that the policy never runs serves nobody: waiting, it gets the GPU's next free
+        blocks instead). A prompt that cannot be prefilled whole this iteration cannot go to the
+        CPU: later chunks of a CPU-bound prompt would need its earlier KV on the GPU. ``full``
+        sends every whole prompt to the CPU; longer ones prefill on the GPU and are swapped out
+        once they decode."""
         whole = n == seq.num_pending
         gpu_ok = self.gpu.can_allocate(seq.seq_id, seq.num_computed + n)
-        cpu_ok = whole and self.cpu.can_allocate(seq.seq_id, seq.num_tokens + 1)
+        cpu_ok = whole and self.cpu.can_allocate(seq.seq_id, seq.num_tokens + 1) and self._cpu_pays(seq)
         if self.mode == "full" or to_cpu_round:
             if cpu_ok:
                 return Place.CPU
@@ -255,6 +257,17 @@ class Scheduler:
         if gpu_ok:
             return Place.GPU
         return Place.CPU if cpu_ok else None
+
+    def _cpu_pays(self, seq: Sequence) -> bool:
+        """Would the policy decode ``seq`` on the CPU once the requests admitted so far decode: the
+        GPU-resident ones on the GPU, the CPU-resident ones and ``seq`` on the CPU? Always in
+        ``full`` mode."""
+        if self.mode == "full":
+            return True
+        candidate = BatchCandidate(
+            gpu_decode_lens=[s.num_tokens + 1 for s in self.running if s.place is Place.GPU],
+            cpu_decode_lens=[s.num_tokens + 1 for s in self.cpu_queue] + [seq.num_tokens + 1])
+        return decide(candidate, self.costs, self.mode).cpu_sub_batch[-1] != WAIT
 
     def _place_cpu_decodes(self, out: SchedulerOutput, cpu_decodes: list[Sequence], budget: int) -> None:
         """Ask the policy which CPU decodes run (and in which sub-batch); grow their CPU tables."""

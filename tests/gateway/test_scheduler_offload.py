@@ -31,8 +31,9 @@ def step(s: Scheduler):
     return out
 
 
-def test_placement_gpu_first_then_the_round_follows_to_the_cpu():
+def test_placement_gpu_first_then_the_round_follows_to_the_cpu(monkeypatch):
     s = scheduler(gpu=10)
+    monkeypatch.setattr(s, "_cpu_pays", lambda seq: True)  # the round logic alone; the gate is tested below
     for i, n in enumerate([64, 64, 100, 16]):      # 4 + 4 blocks fit; the third does not; the 4th follows it
         s.add(seq(i, n))
     out = s.schedule()
@@ -42,6 +43,21 @@ def test_placement_gpu_first_then_the_round_follows_to_the_cpu():
     plan = out.to_plan(s.gpu, s.cpu)
     assert plan.places.tolist() == [0, 0, 1, 1]
     assert plan.block_tables[2, :7].tolist() == s.cpu.table(2)[:7], "CPU rows index the CPU pool"
+
+
+def test_a_request_the_policy_would_never_decode_on_the_cpu_waits_instead_of_parking_there():
+    # Two short GPU decodes: pipelining (weights read twice) never beats the sequential plan, so a
+    # CPU-resident request would sit there unserved; waiting, it takes the GPU's next free blocks.
+    s = scheduler(gpu=10)
+    for i, n in enumerate([64, 64, 100]):
+        s.add(seq(i, n))
+    out = s.schedule()
+    assert [(r.seq.seq_id, r.seq.place) for r in out.rows] == [(0, Place.GPU), (1, Place.GPU)]
+    assert [q.seq_id for q in s.waiting] == [2] and not s.cpu_queue
+    full = scheduler(mode="full", gpu=10)
+    for i, n in enumerate([64, 64, 100]):
+        full.add(seq(i, n))
+    assert [r.seq.place for r in full.schedule().rows] == [Place.CPU] * 3, "full mode parks regardless"
 
 
 def test_prompt_longer_than_the_budget_is_not_cpu_bound():

@@ -11,6 +11,9 @@ block of both pools free.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import glob
+import os
 
 import httpx
 import numpy as np
@@ -18,6 +21,7 @@ import pytest
 import transformers
 
 from neo_common.model_source import embedded_gguf_path
+from neo_gateway.cost_model import CostTables
 from support.random_model import random_hf_folder
 
 pytestmark = pytest.mark.integration
@@ -82,6 +86,18 @@ def value(m: dict[str, float], name: str, **labels) -> float:
     raise KeyError(name)
 
 
+def fast_host_tables(cost_cache: str, folder) -> str:
+    """This machine's profile (written by the ``full`` replica) with CPU attention 1000x cheaper.
+    On the CPU twin the "GPU" is this same 2-core host, where the policy rightly sees nothing to
+    gain from CPU decoding and, with the admission gate, would keep every request off the host pool;
+    a host that is fast relative to the GPU makes ``auto`` place, prefill and decode requests on the
+    CPU, which is the path whose outputs this test compares."""
+    path = max(glob.glob(os.path.join(cost_cache, "*.json")), key=os.path.getmtime)  # this model's, just profiled
+    tables = CostTables.load(path)
+    fast = dataclasses.replace(tables, cdec_y=[[v * 1e-3 for v in row] for row in tables.cdec_y])
+    return fast.save(str(folder / "fast-host-cost.json"))
+
+
 @pytest.fixture(scope="module")
 def cost_cache(tmp_path_factory):
     """One profile per model for the whole module (the worker profiles at its first start)."""
@@ -100,6 +116,8 @@ def test_offloaded_greedy_outputs_equal_gpu_only(model, replica_factory, tmp_pat
     requests = workload()
     texts, stats = {}, {}
     for mode, mode_args in MODES.items():
+        if mode == "auto":
+            mode_args = [*mode_args, "--cost-tables", fast_host_tables(cost_cache, tmp_path)]
         replica = replica_factory(*COMMON, *args, *mode_args)
         texts[mode] = asyncio.run(complete_all(replica.url, name, requests))
         stats[mode] = metrics(replica.url)
