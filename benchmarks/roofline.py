@@ -94,8 +94,8 @@ def measure(runner: ModelRunner, g, blocks: int, bw: float, flops: float, args: 
             rows.append({"kind": "decode", "batch": batch, "ctx": ctx, "time_s": t, "floor_s": floor,
                          "byte_floor_s": byte_floor, "flop_floor_s": flop_floor, "ratio": t / floor})
     for length in map(int, args.prefills.split(",")):
-        if -(-length // BLOCK) > blocks:
-            continue
+        if -(-length // BLOCK) > blocks or length > g.max_position_embeddings:
+            continue  # beyond the pool or the model's context
         plan = prefill_plan(length)
         t = timed(lambda: runner.execute(plan), max(3, args.reps // 3))
         attn = 2 * 2 * g.num_layers * g.num_heads * g.head_dim * length * length / 2  # causal QK^T and PV
