@@ -120,8 +120,10 @@ def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMeta
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention for every token of the batch against the KV already written for it.
 
-    q: [T, Hq, D] -> out [T, Hq, D] (rows the metadata does not name are left as they are). GQA is
-    handled by SDPA's grouped heads. When the KV dtype is narrower than the compute dtype (a float32
+    q: [T, Hq, D] -> out [T, Hq, D] (rows the metadata does not name are left as they are). Decode
+    rows go through ``ops.decode_attention`` (the Triton kernel on CUDA; on the CPU device over a
+    16-bit cache, the cpu_attention kernel), prefill spans through one packed varlen call on CUDA or
+    SDPA per span (``ops.prefill_attention``). When the KV dtype is narrower than the compute dtype (a float32
     model over a 16-bit cache, as on the CPU device with offloading), q and the result are rounded
     through the KV dtype, which is what the CPU attention kernel does with its 16-bit staging rows:
     both paths then compute the same attention, so GPU and CPU decodes give the same tokens.
