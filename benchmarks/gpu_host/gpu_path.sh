@@ -30,13 +30,24 @@ overhead() {  # $1 label, $2... extra serve flags
   local serve=$!
   for _ in $(seq 300); do curl -sf localhost:8000/ready >/dev/null && break; sleep 1; done
   python3 -m neo_common.cli bench --model llama-3-8b --workload fixed --input-len 128 --output-len 256 \
-    --num-prompts 256 --rates inf --vocab 32000 --label "$label" --out "$OUT" 2>&1 | grep -v "it/s" \
-    | tee -a "$OUT/overhead.txt"
+    --num-prompts 256 --rates inf --vocab 32000 --label "$label" --out "$OUT" > "$OUT/bench_$label.txt" 2>&1 &
+  local bench=$!
+  # The full-batch window starts once all 256 requests are admitted and none waits.
+  for _ in $(seq 600); do
+    curl -s localhost:8000/metrics > "$OUT/metrics_full_$label.txt"
+    grep -q '^neo:num_requests_running{.*} 256' "$OUT/metrics_full_$label.txt" \
+      && grep -q '^neo:num_requests_waiting{.*} 0' "$OUT/metrics_full_$label.txt" && break
+    sleep 0.05
+  done
+  wait $bench; grep -v "it/s" "$OUT/bench_$label.txt" | tail -2 | tee -a "$OUT/overhead.txt"
   curl -s localhost:8000/metrics > "$OUT/metrics_$label.txt"
-  { echo -n "$label: "; python3 -m neo_bench.overhead "$OUT/metrics_$label.txt"; } | tee -a "$OUT/overhead.txt"
+  { echo -n "$label, whole run: "; python3 -m neo_bench.overhead "$OUT/metrics_$label.txt"
+    echo -n "$label, batch 256 (all admitted): "
+    python3 -m neo_bench.overhead "$OUT/metrics_$label.txt" --since "$OUT/metrics_full_$label.txt"; } \
+    | tee -a "$OUT/overhead.txt"
   kill -TERM $serve; wait $serve
   grep -E "captured|ERROR|Traceback" "$OUT/serve_$label.log" | head -5
-  rm -f "$OUT/metrics_$label.txt" "$OUT/serve_$label.log"
+  rm -f "$OUT/metrics_$label.txt" "$OUT/metrics_full_$label.txt" "$OUT/serve_$label.log" "$OUT/bench_$label.txt"
 }
 if [ "${OVERHEAD:-1}" = 1 ]; then
   overhead overhead_b256_async
