@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from neo_common.procs import MULTICAST_OFF
 from neo_operator import constants as c
 from neo_operator.configmap import configmap_name
 from neo_operator.labels import child_labels, selector_labels
@@ -46,6 +47,7 @@ def _container(name: str, image: str, command: str, spec: NeoServiceSpec, name_:
         "imagePullPolicy": spec.images.pull_policy,
         "command": ["neo", command],
         "envFrom": [{"configMapRef": {"name": configmap_name(name_)}}],
+        "env": [{"name": k, "value": v} for k, v in MULTICAST_OFF.items()],
         "resources": resources,
         "volumeMounts": mounts,
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import socket
 
+# Environment every process of a replica starts with: NVLink multicast (NVLS) off in NCCL, NVSHMEM
+# and PyTorch's symmetric memory. On shared multi-GPU hosts multicast objects can take the host down
+# (or leak across tenants); NEO's collectives are small and do not need it. Set by `neo serve` for
+# its children and by the operator for every container.
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""

@@ -9,6 +9,7 @@ crashing, the others are stopped and the launcher exits non-zero, so a superviso
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import time
 from typing import Sequence
 
 from neo_common.config import NeoConfig
+from neo_common.procs import MULTICAST_OFF
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ class Replica:
 
     def start_role(self, role: str) -> None:
         cmd = [sys.executable, "-m", "neo_common.cli", role, *self.config.to_args()]
-        self.procs[role] = subprocess.Popen(cmd)
+        self.procs[role] = subprocess.Popen(cmd, env={**os.environ, **MULTICAST_OFF})
         log.info("started %s (pid %d)", role, self.procs[role].pid)
 
     def supervise(self) -> int:

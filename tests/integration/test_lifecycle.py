@@ -22,6 +22,10 @@ def test_ctrl_c_stops_every_child(replica_factory):
     r = replica_factory("--num-gpu-blocks", "32")
     children = descendants(r.proc.pid)
     assert len(children) >= 2
+    for pid in children:  # every child starts with NVLink multicast off, whatever the caller's env
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        assert env[b"NCCL_NVLS_ENABLE"] == b"0" and env[b"TORCH_SYMM_MEM_DISABLE_MULTICAST"] == b"1"
     r.proc.send_signal(signal.SIGINT)
     assert r.proc.wait(timeout=30) == 0
     assert wait_until(lambda: not any(pid_alive(p) for p in children), 15)

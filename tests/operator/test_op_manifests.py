@@ -75,6 +75,8 @@ def test_deployment_one_pod_three_containers_shared_shm(decided) -> None:
     for ct in containers.values():
         assert {"name": "shm", "mountPath": "/dev/shm"} in ct["volumeMounts"]
         assert ct["envFrom"] == [{"configMapRef": {"name": "svc-config"}}]
+        env = {e["name"]: e["value"] for e in ct["env"]}
+        assert env["NCCL_NVLS_ENABLE"] == "0" and env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
         assert ct["securityContext"]["allowPrivilegeEscalation"] is False
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert "initContainers" not in pod  # dummy weights: nothing to check on a volume
