@@ -40,9 +40,7 @@ def flat_batch(plan: IterationPlan, rows: np.ndarray, tables: np.ndarray, block_
     row = np.repeat(np.arange(len(n)), n)
     pos = start_pos[row] + (np.arange(total) - starts[row])
     bt = tables.astype(np.int64)
-    if np.any(bt[row, pos // bs] < 0):
-        raise ValueError("a token's position lies beyond its block table")
-    slots = bt[row, pos // bs] * bs + pos % bs
+    slots = kv_slots(bt, row, pos, bs)
 
     dec = np.flatnonzero(n == 1)
     seq_lens = (start_pos[dec] + 1).astype(np.int32)
@@ -57,6 +55,14 @@ def flat_batch(plan: IterationPlan, rows: np.ndarray, tables: np.ndarray, block_
                              block_tables=to_dev(tables[dec].astype(np.int32)), seq_lens=to_dev(seq_lens),
                              prefills=prefills, max_decode_len=int(seq_lens.max()) if len(dec) else 0)
     return pos, meta
+
+
+def kv_slots(tables: np.ndarray, rows: np.ndarray, pos: np.ndarray, block_size: int) -> np.ndarray:
+    """KV slot of each token: row ``rows[i]``'s position ``pos[i]`` through its block table."""
+    blocks = tables[rows, pos // block_size].astype(np.int64)
+    if np.any(blocks < 0):
+        raise ValueError("a token's position lies beyond its block table")
+    return blocks * block_size + pos % block_size
 
 
 def token_ids_of(plan: IterationPlan, rows: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ import torch
 
 from neo_common.protocol import IterationPlan, Place
 from neo_gpu_worker.attention import AttentionMetadata
+from neo_gpu_worker.batch import kv_slots
 from neo_gpu_worker.model import LlamaModel
 
 log = logging.getLogger(__name__)
@@ -116,13 +117,12 @@ class DecodeGraphs:
         (rows, device tokens) overwrites placeholder token ids on the device."""
         batch = plan.batch_size
         bucket = self.bucket(batch)
-        bs = self.block_size
         pos = plan.start_pos.astype(np.int64)
         tables = plan.block_tables
         host = self._host.numpy()
         host[_IDS, :batch] = plan.token_ids
         host[_POS, :batch] = pos
-        host[_SLOT, :batch] = tables[np.arange(batch), pos // bs].astype(np.int64) * bs + pos % bs
+        host[_SLOT, :batch] = kv_slots(tables, np.arange(batch), pos, self.block_size)
         host[_LEN, :batch] = pos + 1
         self._pad_rows(batch, bucket)
         width = tables.shape[1]

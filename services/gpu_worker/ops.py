@@ -38,6 +38,11 @@ def use_triton(x: torch.Tensor) -> bool:
     return _Choice.triton and x.is_cuda
 
 
+def kernels_for(device: torch.device) -> str:
+    """The name of the implementation ``device`` runs (cost tables are keyed by it)."""
+    return "triton" if _Choice.triton and device.type == "cuda" else "torch"
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(norm(x), None)``; with ``residual``: ``s = residual + x`` and ``(norm(s), s)``."""

@@ -226,7 +226,7 @@ def profile(g: ModelGeometry, device: torch.device, dtype: torch.dtype, block_si
     threads = kernel.set_num_threads(cpu_threads)
     kv_dtype = "float16" if dtype == torch.float16 else "bfloat16"
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    key = CostKey.from_geometry(g, gpu, str(dtype).removeprefix("torch."), block_size, threads, _kernels(device))
+    key = CostKey.from_geometry(g, gpu, str(dtype).removeprefix("torch."), block_size, threads, ops.kernels_for(device))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load > os.cpu_count():  # other work competes for the cores: every time below is inflated
         log.warning("host is busy (load %.1f on %d CPUs): the tables will overstate costs", load, os.cpu_count())
@@ -267,10 +267,6 @@ def profile(g: ModelGeometry, device: torch.device, dtype: torch.dtype, block_si
     return tables
 
 
-def _kernels(device: torch.device) -> str:
-    return "triton" if ops.use_triton(torch.empty(0, device=device)) else "torch"
-
-
 def load_or_profile(config: NeoConfig, cache_dir: str | None = None, quick: bool = False, layers: int = 2,
                     force: bool = False, progress: bool = True) -> tuple[CostTables, str]:
     """The cached tables for this config's model/device/dtype/block size/threads, profiling if absent.
@@ -287,7 +283,7 @@ def load_or_profile(config: NeoConfig, cache_dir: str | None = None, quick: bool
     threads = config.device.cpu_threads or available_cpus()
     ops.configure(config.device.kernels, device)  # the tables time the kernels the worker will run
     key = CostKey.from_geometry(g, gpu, str(dtype).removeprefix("torch."), config.cache.block_size, threads,
-                                _kernels(device))
+                                ops.kernels_for(device))
     path = cost_model.cache_path(key, cache_dir)
     if not force:
         found = cost_model.find(key, cache_dir)

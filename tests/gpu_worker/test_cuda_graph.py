@@ -145,3 +145,11 @@ def test_placeholders_need_a_previous_sample_of_those_requests(runner):
         runner.execute(bad)
     with pytest.raises(ValueError, match="sampled nothing"):  # a failed iteration leaves nothing to feed
         runner.execute(bad)
+
+
+@torch.inference_mode()
+def test_a_position_beyond_its_block_table_is_refused_before_anything_runs(runner):
+    plan = decode_plan([10, 20], 14)
+    plan.start_pos = np.array([16, 20], np.int32)  # row 0 holds one block: position 16 has none
+    with pytest.raises(ValueError, match="beyond its block table"):
+        runner.graphs.run(plan)
