@@ -233,9 +233,9 @@ def serve_args(args: argparse.Namespace, mode: str) -> list[str]:
         flags["--num-cpu-blocks"] = args.num_cpu_blocks
     out = [x for k, v in flags.items() if v is not None for x in (k, str(v))]
     passed = " ".join(args.serve_arg)
-    for flag in ("--worker-addr", "--cpu-attention-addr"):
+    for flag, span in (("--worker-addr", 1), ("--cpu-attention-addr", 8)):  # rank r's CPU process: port + r
         if flag not in passed:
-            out += [flag, f"tcp://127.0.0.1:{free_port()}"]
+            out += [flag, f"tcp://127.0.0.1:{free_port(span=span)}"]
     return out + [x for a in args.serve_arg for x in a.split()] + ["--offload-mode", mode]
 
 

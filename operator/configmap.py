@@ -38,7 +38,8 @@ def engine_config(spec: NeoServiceSpec, decision: SizingDecision) -> NeoConfig:
         scheduler=SchedulerConfig(max_num_seqs=spec.engine.max_num_seqs,
                                   max_num_batched_tokens=spec.engine.max_num_batched_tokens,
                                   max_waiting=spec.engine.max_waiting, offload_mode=decision.offload_mode),
-        device=DeviceConfig(device="cuda", cpu_threads=decision.cpu_attention_threads),
+        device=DeviceConfig(device="cuda", cpu_threads=decision.cpu_attention_threads,
+                            tensor_parallel_size=decision.tensor_parallel_size),
         # The three containers share the pod's network namespace: the workers reach the gateway on
         # localhost (IpcConfig defaults); only HTTP listens on all interfaces.
         http=HttpConfig(host="0.0.0.0", port=c.GATEWAY_PORT, log_level=spec.engine.log_level),

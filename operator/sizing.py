@@ -11,6 +11,7 @@ import dataclasses
 import math
 from typing import Any, Sequence
 
+from neo_common.tensor_parallel import Shard
 from neo_operator.constants import GPU_PRODUCT_LABEL
 from neo_operator.gpus import lookup_product
 from neo_operator.nodes import NodeFacts
@@ -66,6 +67,7 @@ class SizingDecision:
     cpu_attention_gbps: float | None
     offload: bool
     offload_mode: str  # what the engine gets: "off", "auto", "full" or "throughput"
+    tensor_parallel_size: int
     predicted_gain: float | None
     reason: str
     requests: dict[str, dict[str, str]]
@@ -91,6 +93,7 @@ class SizingDecision:
             "cpuAttentionGBps": self.cpu_attention_gbps,
             "offload": self.offload,
             "offloadMode": self.offload_mode,
+            "tensorParallelSize": self.tensor_parallel_size,
             "predictedGain": self.predicted_gain,
             "reason": self.reason,
             "requests": self.requests,
@@ -148,29 +151,37 @@ def size(spec: NeoServiceSpec, nodes: Sequence[NodeFacts]) -> SizingDecision:
     gpus_per_node = min(n.gpu_count for n in nodes)
     ctx = spec.model.max_context or g.max_position_embeddings
     block_bytes = g.kv_bytes_per_block(eng.block_size, dt)
+    try:
+        shard = Shard.of(g, 0, count)  # gpu.count > 1: tensor parallelism, one worker rank per GPU
+    except ValueError as exc:
+        raise SizingError("TensorParallelUnsupported", f"spec.gpu.count {count}: {exc}; lower spec.gpu.count") from None
+    rank = shard.local_geometry(g)  # rank 0 holds the largest shard: it bounds every GPU
 
-    # -- GPU pool ------------------------------------------------------------------------------
-    weights = g.weight_bytes(dt)
+    # -- GPU pool (per GPU: the rank's layer shard, the replicated embedding and LM head, its KV heads) ----
+    weights = rank.weight_bytes(dt)
     workspace = (GPU_RUNTIME_RESERVE
-                 + eng.max_num_batched_tokens * (4 * g.hidden_size + 2 * g.intermediate_size) * dt
+                 + eng.max_num_batched_tokens * (4 * g.hidden_size + 2 * rank.intermediate_size) * dt
                  + eng.max_num_seqs * g.vocab_size * 4)
-    budget = int(spec.gpu.memory_utilization * gpu_mem_mib * MiB * count)
+    budget = int(spec.gpu.memory_utilization * gpu_mem_mib * MiB)
     gpu_kv = budget - weights - workspace
+    rank_block_bytes = rank.kv_bytes_per_block(eng.block_size, dt)
     blocks_per_request = math.ceil(ctx / eng.block_size)
-    if gpu_kv < blocks_per_request * block_bytes:
+    if gpu_kv < blocks_per_request * rank_block_bytes:
         raise SizingError("ModelDoesNotFit", f"{g.name} needs {_gib(weights)} of weights and {_gib(workspace)} of "
-                          f"workspace; {count} x {gpu_mem_mib} MiB at utilization {spec.gpu.memory_utilization} leaves "
-                          f"{_gib(max(gpu_kv, 0))}, less than one {ctx}-token request's KV ({_gib(blocks_per_request * block_bytes)}); "
+                          f"workspace per GPU over {count} GPU(s); {gpu_mem_mib} MiB at utilization "
+                          f"{spec.gpu.memory_utilization} leaves {_gib(max(gpu_kv, 0))}, less than one {ctx}-token "
+                          f"request's KV ({_gib(blocks_per_request * rank_block_bytes)}); "
                           "raise spec.gpu.count or spec.gpu.memoryUtilization, lower spec.model.maxContext, "
                           "or choose larger GPUs in spec.gpu.products")
-    gpu_blocks = gpu_kv // block_bytes
+    gpu_blocks = gpu_kv // rank_block_bytes
 
     # -- CPU-attention threads and bandwidth ------------------------------------------------------
     host_share = node_cpus * count / max(gpus_per_node, 1)  # the host cores that come with our GPUs
     if spec.offload.cores:
         threads = spec.offload.cores
     else:
-        threads = max(1, int(host_share) - GATEWAY_CPU - GPU_WORKER_CPU)
+        threads = max(1, int(host_share) - GATEWAY_CPU - GPU_WORKER_CPU * count)
+    threads = max(threads, count)  # one CPU-attention process per rank, at least a thread each
     cpu_gbps = None
     if host_gbps is not None:
         probe_threads = min((n.probe_threads for n in nodes if n.probe_threads), default=None)
@@ -190,7 +201,7 @@ def size(spec: NeoServiceSpec, nodes: Sequence[NodeFacts]) -> SizingDecision:
         offload, reason = True, f"cpuOffload.mode is {mode}"
     else:
         assert cpu_gbps is not None
-        t_linear = weights / (hbm * count * 1e9)  # dense part of a decode iteration: all weights read once
+        t_linear = weights / (hbm * 1e9)  # dense part of a decode iteration: each GPU reads its weights once
         cpu_tokens = t_linear * cpu_gbps * 1e9 / g.kv_bytes_per_token(dt)  # CPU attention hidden behind it
         cpu_batch = max(0.0, min(eng.max_num_seqs - gpu_batch, cpu_tokens / avg_ctx,
                                  requested_cpu_blocks * eng.block_size / avg_ctx))
@@ -209,20 +220,20 @@ def size(spec: NeoServiceSpec, nodes: Sequence[NodeFacts]) -> SizingDecision:
     shm = cpu_blocks * block_bytes + staging + SHM_SLACK
     shm = -(-shm // MiB) * MiB
     att_threads = threads if offload else 1
-    pod_memory = GATEWAY_MEMORY + GPU_WORKER_MEMORY + CPU_ATTENTION_MEMORY + shm
+    pod_memory = GATEWAY_MEMORY + GPU_WORKER_MEMORY * count + CPU_ATTENTION_MEMORY * count + shm
     if pod_memory > node_mem:
         fits = max(0, node_mem - (pod_memory - cpu_blocks * block_bytes))
         raise SizingError("KvMemoryExceedsNode", f"one replica needs {_gib(pod_memory)} of host memory ({_gib(shm)} of "
                           f"/dev/shm for {cpu_blocks} CPU KV blocks) but the smallest matching node has {_gib(node_mem)} "
                           f"allocatable; lower spec.cpuOffload.kvMemory to at most {_gib(fits)}")
-    pod_cpus = GATEWAY_CPU + GPU_WORKER_CPU + att_threads
+    pod_cpus = GATEWAY_CPU + GPU_WORKER_CPU * count + att_threads
     if pod_cpus > node_cpus:
         raise SizingError("CpuExceedsNode", f"one replica needs {pod_cpus} CPUs ({att_threads} for CPU attention) but the "
                           f"smallest matching node has {node_cpus:g} allocatable; lower spec.cpuOffload.cores")
     requests = {
         "gateway": {"cpu": str(GATEWAY_CPU), "memory": f"{GATEWAY_MEMORY // MiB}Mi"},
-        "gpuWorker": {"cpu": str(GPU_WORKER_CPU), "memory": f"{GPU_WORKER_MEMORY // MiB}Mi"},
-        "cpuAttention": {"cpu": str(att_threads), "memory": f"{(CPU_ATTENTION_MEMORY + shm) // MiB}Mi"},
+        "gpuWorker": {"cpu": str(GPU_WORKER_CPU * count), "memory": f"{GPU_WORKER_MEMORY * count // MiB}Mi"},
+        "cpuAttention": {"cpu": str(att_threads), "memory": f"{(CPU_ATTENTION_MEMORY * count + shm) // MiB}Mi"},
     }
     return SizingDecision(
         nodes=tuple(n.name for n in nodes),
@@ -232,5 +243,5 @@ def size(spec: NeoServiceSpec, nodes: Sequence[NodeFacts]) -> SizingDecision:
         gpu_kv_blocks=gpu_blocks, cpu_kv_blocks=cpu_blocks, shm_bytes=shm,
         cpu_attention_threads=att_threads, cpu_attention_gbps=round(cpu_gbps, 1) if cpu_gbps is not None else None,
         offload=offload, offload_mode=(mode if mode in ("full", "throughput") else "auto") if offload else "off",
-        predicted_gain=gain, reason=reason, requests=requests,
+        predicted_gain=gain, reason=reason, requests=requests, tensor_parallel_size=count,
     )

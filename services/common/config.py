@@ -13,6 +13,7 @@ import os
 from typing import Sequence
 
 from neo_common.settings import ConfigError, Settings, option
+from neo_common.tensor_parallel import rank_address
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 OFFLOAD_MODES = ("off", "auto", "full", "throughput")
@@ -114,12 +115,19 @@ class DeviceConfig(Settings):
     kernels: str = option("auto", "GPU kernels: auto (Triton on CUDA when it imports) or torch (the portable "
                                   "twins, for comparison)", choices=("auto", "torch"))
     enforce_eager: bool = option(False, "never capture CUDA graphs (decode launches every kernel from Python)")
+    tensor_parallel_size: int = option(1, "GPUs the model is sharded over (one worker process and one CPU "
+                                          "attention process per GPU; --cpu-threads is split between them)")
 
     def validate(self) -> None:
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
         if self.cpu_threads < 0:
             raise ConfigError("--cpu-threads must be >= 0")
+        if not 1 <= self.tensor_parallel_size <= 64:
+            raise ConfigError("--tensor-parallel-size must be within 1..64")
+        if self.device.startswith("cuda:") and self.tensor_parallel_size > 1:
+            raise ConfigError("--device cuda:N names one GPU; with --tensor-parallel-size use --device cuda "
+                              "(rank r takes the r-th visible GPU)")
 
 
 @dataclasses.dataclass
@@ -127,7 +135,8 @@ class IpcConfig(Settings):
     """Addresses between the processes of one replica (the gateway binds, workers connect)."""
 
     worker_addr: str = option("tcp://127.0.0.1:5601", "ZeroMQ address gateway <-> gpu_worker")
-    cpu_attention_addr: str = option("tcp://127.0.0.1:5602", "ZeroMQ address gateway <-> cpu_attention")
+    cpu_attention_addr: str = option("tcp://127.0.0.1:5602", "ZeroMQ address gateway <-> cpu_attention (of "
+                                                            "tensor-parallel rank r: the port plus r)")
     shm_name: str = option("", "POSIX shared-memory segment for the CPU KV pool (default: per port)")
     worker_timeout_s: float = option(120.0, "an iteration taking longer than this marks the worker dead")
     max_worker_restarts: int = option(3, "crashed workers `neo serve` restarts within 10 minutes before "
@@ -231,3 +240,12 @@ class NeoConfig:
         if self.ipc.shm_name:
             return self.ipc.shm_name
         return "neo-kv-" + self.ipc.cpu_attention_addr.rsplit(":", 1)[-1]
+
+    def for_rank(self, rank: int) -> "NeoConfig":
+        """What tensor-parallel rank ``rank`` uses: its own cpu_attention address and host KV segment
+        (rank 0's are the configured ones), so each rank's CPU attention serves only its heads."""
+        if rank == 0:
+            return self
+        ipc = dataclasses.replace(self.ipc, cpu_attention_addr=rank_address(self.ipc.cpu_attention_addr, rank),
+                                  shm_name=f"{self.shm_name}-tp{rank}")
+        return dataclasses.replace(self, ipc=ipc)

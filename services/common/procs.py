@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import threading
+import time
 
 # Environment every process of a replica starts with: NVLink multicast (NVLS) off in NCCL, NVSHMEM
 # and PyTorch's symmetric memory. On shared multi-GPU hosts multicast objects can take the host down
@@ -11,11 +14,24 @@ import socket
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+def free_port(span: int = 1) -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, with the ``span - 1`` ports above it
+    (a tensor-parallel replica's CPU attention processes use consecutive ports)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + span <= 65536 and all(_bindable(p) for p in range(port + 1, port + span)):
+            return port
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def descendants(pid: int) -> list[int]:
@@ -42,3 +58,16 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def exit_with_parent(poll_s: float = 0.5) -> None:
+    """Exit this process when the one that started it is gone, even by SIGKILL (a thread watches
+    the parent pid): for the per-rank children a worker starts itself."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()

@@ -77,3 +77,18 @@ def available_cpus() -> int:
     if limit is not None:
         count = min(count, max(1, math.ceil(limit)))
     return max(1, count)
+
+
+def threads_per_rank(cpu_threads: int, world: int) -> int:
+    """CPU attention threads of one tensor-parallel rank: ``--cpu-threads`` (0: every usable CPU)
+    split evenly between the ranks' processes, which then share the host's memory bandwidth."""
+    return max(1, (cpu_threads or available_cpus()) // world)
+
+
+def rank_cpus(rank: int, world: int) -> set[int]:
+    """The CPUs of this process's affinity mask that rank ``rank`` of ``world`` takes: a contiguous
+    share each (ranks never compete for a core; their thread pools busy-wait)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    per = max(1, len(cpus) // world)
+    mine = cpus[rank * per:(rank + 1) * per]
+    return set(mine or cpus)

@@ -1,26 +1,76 @@
-"""``neo cpu-attention``: the CPU decode-attention process of one replica (no torch)."""
+"""``neo cpu-attention``: the CPU decode-attention process of one replica (no torch).
+
+With ``--tensor-parallel-size N`` this process serves rank 0 and starts ranks 1..N-1 as children:
+one process per GPU worker rank, each attached to that rank's host KV segment (its KV heads only),
+talking to the gateway on its own address (``--cpu-attention-addr`` port plus the rank), with its
+share of ``--cpu-threads`` pinned to its own share of the CPUs.
+"""
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 from typing import Sequence
 
 from neo_common.config import NeoConfig
 
+log = logging.getLogger(__name__)
+
+
+def _setup_logging(config: NeoConfig, rank: int) -> None:
+    tag = "cpu_attention" if rank == 0 else f"cpu_attention.tp{rank}"
+    logging.basicConfig(level=config.http.log_level.upper(),
+                        format=f"%(asctime)s %(levelname)s {tag}[{os.getpid()}] %(name)s: %(message)s")
+
+
+def serve_rank(config: NeoConfig, rank: int) -> int:
+    """Serve rank ``rank``'s segment until shutdown (in this process)."""
+    from neo_cpu_attention.cpus import rank_cpus, threads_per_rank
+    from neo_cpu_attention.server import CpuAttentionServer, install_signal_handlers
+
+    world = config.device.tensor_parallel_size
+    if world > 1:
+        os.sched_setaffinity(0, rank_cpus(rank, world))   # before the kernel's pool starts its threads
+    server = CpuAttentionServer(config.for_rank(rank), threads=threads_per_rank(config.device.cpu_threads, world))
+    install_signal_handlers(server)
+    return server.run()
+
+
+def _child(config: NeoConfig, rank: int) -> None:
+    from neo_common import tracing
+    from neo_common.procs import exit_with_parent
+
+    _setup_logging(config, rank)
+    exit_with_parent()
+    tracing.setup_tracing("neo-cpu-attention")
+    try:
+        code = serve_rank(config, rank)
+    finally:
+        tracing.shutdown_tracing()
+    raise SystemExit(code)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = NeoConfig.from_args(argv)
-    logging.basicConfig(level=config.http.log_level.upper(),
-                        format="%(asctime)s %(levelname)s cpu_attention %(name)s: %(message)s")
+    _setup_logging(config, 0)
     from neo_common import tracing
-    from neo_cpu_attention.server import CpuAttentionServer, install_signal_handlers
 
     tracing.setup_tracing("neo-cpu-attention")
-    server = CpuAttentionServer(config)
-    install_signal_handlers(server)
+    spawn = multiprocessing.get_context("spawn")
+    children = [spawn.Process(target=_child, args=(config, rank), name=f"cpu-attention-tp{rank}")
+                for rank in range(1, config.device.tensor_parallel_size)]
+    for child in children:
+        child.start()
+        log.info("started rank %s (pid %d)", child.name, child.pid)
     try:
-        return server.run()
+        return serve_rank(config, 0)
     finally:
+        for child in children:
+            if child.is_alive():
+                child.terminate()
+        for child in children:
+            child.join(10)
         tracing.shutdown_tracing()
 
 

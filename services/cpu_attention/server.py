@@ -38,7 +38,7 @@ class CpuAttentionServer:
     - ``config``: the replica's NeoConfig (fixed).
     - ``segment``: the attached KvSegment, None until the GPU worker has created it (attached lazily,
       then fixed until exit).
-    - ``threads``: kernel pool size (fixed at start).
+    - ``threads``: kernel pool size (fixed at start; ``--cpu-threads``, or the rank's share of them).
     - ``gateway_seen``: True once any frame arrived from the gateway (stops the Hello resends).
     - ``connected`` / ``disconnected_at``: TCP state of the gateway link from the socket monitor;
       after ``gateway_grace_s`` without a connection the process exits (the gateway is gone).
@@ -48,13 +48,13 @@ class CpuAttentionServer:
     """
 
     def __init__(self, config: NeoConfig, gateway_grace_s: float | None = None,
-                 attach_timeout_s: float = 30.0) -> None:
+                 attach_timeout_s: float = 30.0, threads: int | None = None) -> None:
         self.config = config
         # a gateway that dropped the connection gets this long to come back before we exit
         self.gateway_grace_s = min(10.0, config.ipc.worker_timeout_s) if gateway_grace_s is None else gateway_grace_s
         self.attach_timeout_s = attach_timeout_s
         self.segment: KvSegment | None = None
-        self.threads = kernel.set_num_threads(config.device.cpu_threads)
+        self.threads = kernel.set_num_threads(config.device.cpu_threads if threads is None else threads)
         _native.set_spin_us(SPIN_US)   # pool threads stay hot across the stages of an iteration
         self.gateway_seen = False
         self.connected = False

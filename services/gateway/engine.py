@@ -82,13 +82,14 @@ class RequestStream:
 
 class Engine:
     """Owns every live request and the scheduler; talks to the GPU worker through ``link`` and,
-    with offloading on, to the cpu_attention process through ``cpu_link``.
+    with offloading on, to the cpu_attention processes through ``cpu_links``.
 
     - ``scheduler``: created when the worker first reports ready (its pool sizes decide the block
       managers, its cost tables the offload policy), recreated when a restarted worker reports
       ready again.
-    - ``cpu_link``: None in GPU-only mode. The CPU process gets each iteration's CpuAttentionPlan
-      before the GPU worker gets the IterationPlan; it answers only with errors.
+    - ``cpu_links``: empty in GPU-only mode, else one per tensor-parallel rank (each rank's CPU
+      process serves that rank's KV heads). Every CPU process gets each iteration's
+      CpuAttentionPlan before the GPU worker gets the IterationPlan; they answer only with errors.
     - ``requests``: seq_id -> live request (removed when finished).
     - ``max_model_len``: context limit (config, else the model's).
     """
@@ -100,11 +101,14 @@ class Engine:
         self.tokenizer = tokenizer
         self.link = WorkerLink(ctx, config.ipc.worker_addr, "gpu_worker", config.ipc.worker_timeout_s)
         self.link.on_down.append(self._on_worker_down)
-        self.cpu_link: WorkerLink | None = None
+        self.cpu_links: list[WorkerLink] = []
         if config.offload_enabled:
-            self.cpu_link = WorkerLink(ctx, config.ipc.cpu_attention_addr, "cpu_attention",
-                                       config.ipc.worker_timeout_s)
-            self.cpu_link.on_down.append(self._on_cpu_attention_down)
+            world = config.device.tensor_parallel_size
+            for rank in range(world):
+                name = "cpu_attention" if world == 1 else f"cpu_attention[{rank}]"
+                link = WorkerLink(ctx, config.for_rank(rank).ipc.cpu_attention_addr, name, config.ipc.worker_timeout_s)
+                link.on_down.append(self._on_cpu_attention_down)
+                self.cpu_links.append(link)
         self.scheduler: Scheduler | None = None
         self.requests: dict[int, _Request] = {}
         self.max_model_len = 0
@@ -131,7 +135,7 @@ class Engine:
 
     @property
     def links(self) -> list[WorkerLink]:
-        return [self.link] + ([self.cpu_link] if self.cpu_link is not None else [])
+        return [self.link, *self.cpu_links]
 
     @property
     def loop_alive(self) -> bool:
@@ -151,7 +155,7 @@ class Engine:
         self.eos_token_ids = self.tokenizer.eos_token_ids or tuple(ready.geometry.get("eos_token_ids") or ())
         gpu = BlockManager(ready.num_gpu_blocks, ready.block_size, Place.GPU)
         cpu, costs = None, None
-        if self.cpu_link is not None and ready.num_cpu_blocks:
+        if self.cpu_links and ready.num_cpu_blocks:
             cpu = BlockManager(ready.num_cpu_blocks, ready.block_size, Place.CPU)
             try:
                 costs = CostTables.from_dict(ready.cost_tables)
@@ -276,9 +280,10 @@ class Engine:
             plan.trace = iteration_trace(output)
         cpu_plan = output.to_cpu_plan(sched.cpu) if sched.cpu is not None else None
         if cpu_plan is not None:
-            assert self.cpu_link is not None
+            assert self.cpu_links
             cpu_plan.trace = plan.trace
-            await self.cpu_link.send(cpu_plan)
+            for link in self.cpu_links:
+                await link.send(cpu_plan)
         await self.link.send(plan)
         sent.append(output)
 
@@ -343,8 +348,7 @@ class Engine:
     def _drain_cpu_errors(self) -> None:
         """The CPU process reports failed jobs asynchronously; the GPU worker's reply already failed
         the iteration, so these are logged, not acted on twice."""
-        if self.cpu_link is None:
-            return
-        for msg in self.cpu_link.drain():
-            if isinstance(msg, WorkerError):
-                log.error("cpu_attention: %s", msg.message)
+        for link in self.cpu_links:
+            for msg in link.drain():
+                if isinstance(msg, WorkerError):
+                    log.error("%s: %s", link.name, msg.message)

@@ -48,9 +48,9 @@ class _SchedulerState(Collector):
         yield gauge("num_preemptions_total", "Requests preempted (recompute) so far.",
                     sched.num_preemptions if sched else 0)
         yield gauge("worker_up", "1 while the GPU worker is connected and ready.", 1 if self.engine.link.alive else 0)
-        cpu_link = self.engine.cpu_link
-        yield gauge("cpu_attention_up", "1 while the cpu_attention process is connected and ready (0 without "
-                    "offloading).", 1 if cpu_link is not None and cpu_link.alive else 0)
+        links = self.engine.cpu_links
+        yield gauge("cpu_attention_up", "1 while the cpu_attention processes (one per tensor-parallel rank) are "
+                    "connected and ready (0 without offloading).", 1 if links and all(l.alive for l in links) else 0)
         cpu = sched.cpu if sched else None
         yield gauge("cpu_kv_cache_usage_perc", "Fraction of host (CPU) KV blocks in use (0..1).", cpu.usage if cpu else 0)
         yield gauge("cpu_kv_blocks_total", "Host (CPU) KV blocks in the pool.", cpu.num_blocks if cpu else 0)

@@ -14,8 +14,10 @@ import torch
 from neo_common.geometry import ModelGeometry
 from neo_common.gguf_file import GGUFFile, open_gguf
 from neo_common.model_source import ModelSource, read_geometry
+from neo_common.tensor_parallel import Shard
 from neo_gpu_worker.dequant import dequantize
 from neo_gpu_worker.model import LlamaModel
+from neo_gpu_worker.parallel import TensorParallel
 
 log = logging.getLogger(__name__)
 
@@ -29,32 +31,37 @@ _GGUF_GLOBAL_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.w
                       "output.weight": "lm_head.weight"}
 
 
-def build_model(geometry: ModelGeometry, max_positions: int, device: torch.device, dtype: torch.dtype) -> LlamaModel:
-    """Allocate the model straight on its device (no host copy of a 70B model first)."""
+def build_model(geometry: ModelGeometry, max_positions: int, device: torch.device, dtype: torch.dtype,
+                tp: TensorParallel | None = None) -> LlamaModel:
+    """Allocate the model (this rank's shard of it) straight on its device (no host copy of a 70B
+    model first)."""
     with torch.device("meta"):
-        model = LlamaModel(geometry)
+        model = LlamaModel(geometry, tp.shard if tp else None, tp)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.setup_rope(max_positions, device)
     return model.eval()
 
 
 def load_model(source: ModelSource, max_positions: int, device: torch.device, dtype: torch.dtype,
-               seed: int = 0) -> LlamaModel:
+               seed: int = 0, tp: TensorParallel | None = None) -> LlamaModel:
     geometry = read_geometry(source)
     if source.kind == "gguf":
         reader = open_gguf(source.path)
         has_output = any(t.name == "output.weight" for t in reader.tensors)
         geometry = dataclasses.replace(geometry, tie_word_embeddings=not has_output)
-        model = build_model(geometry, max_positions, device, dtype)
+        model = build_model(geometry, max_positions, device, dtype, tp)
         model.load_weights(_gguf_tensors(reader, geometry))
     elif source.kind == "hf":
-        model = build_model(geometry, max_positions, device, dtype)
+        model = build_model(geometry, max_positions, device, dtype, tp)
         model.load_weights(_safetensors(source.path, device))
     else:
-        model = build_model(geometry, max_positions, device, dtype)
+        model = build_model(geometry, max_positions, device, dtype, tp)
         model.init_random(seed)
-    log.info("loaded %s (%s, %.1fM params) on %s as %s", source.served_name, source.kind,
-             geometry.num_parameters() / 1e6, device, dtype)
+    shard = model.shard
+    log.info("loaded %s (%s, %.1fM params%s) on %s as %s", source.served_name, source.kind,
+             geometry.num_parameters() / 1e6,
+             f"; rank {shard.rank} of {shard.world}: KV heads {shard.kv_heads}" if shard.world > 1 else "",
+             device, dtype)
     return model
 
 

@@ -2,6 +2,8 @@
 
 It connects to the gateway, loads the model, sizes the KV pool, says WorkerReady, and then runs
 each IterationPlan it receives, answering with an IterationResult. It keeps no request state.
+With ``--tensor-parallel-size N`` this process is rank 0 and starts ranks 1..N-1 (``parallel``):
+each loads its shard on GPU r and runs every plan rank 0 forwards to it.
 """
 
 from __future__ import annotations
@@ -18,15 +20,20 @@ import zmq
 
 from neo_common import tracing
 from neo_common.config import NeoConfig
+from neo_common.logs import setup_logging
+from neo_common.procs import exit_with_parent
 from neo_common.model_source import read_geometry, resolve
 from neo_common.settings import ConfigError
+from neo_common.tensor_parallel import Shard
 from neo_common.protocol import (Hello, IterationPlan, IterationResult, ProtocolError, Shutdown, WorkerError,
                                  WorkerKind, WorkerReady, decode)
+from neo_cpu_attention.cpus import available_cpus
 from neo_cpu_attention.segment import SegmentLayout
 from neo_gpu_worker import ops
 from neo_gpu_worker.host_kv import HostKv
 from neo_gpu_worker.loader import load_model
 from neo_gpu_worker.model_runner import ModelRunner, num_kv_blocks
+from neo_gpu_worker.parallel import FollowerLinks, TensorParallel, start_followers
 
 log = logging.getLogger(__name__)
 _tracer = tracing.tracer("neo.gpu_worker")
@@ -34,7 +41,12 @@ _tracer = tracing.tracer("neo.gpu_worker")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def pick_device(name: str) -> torch.device:
+# Collectives wait this long at most: rank 0 profiles the cost tables (minutes, at the first start)
+# while the other ranks wait for it in the next collective.
+_GROUP_TIMEOUT_S = 3600.0
+
+
+def pick_device(name: str, rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
@@ -42,7 +54,11 @@ def pick_device(name: str) -> torch.device:
         if not torch.cuda.is_available():
             raise RuntimeError(f"--device {name}: no CUDA device is visible to this process")
         if device.index is None:
-            device = torch.device("cuda", 0)  # CUDA_VISIBLE_DEVICES picks the card; index it explicitly
+            # CUDA_VISIBLE_DEVICES picks the cards; tensor-parallel rank r takes the r-th of them
+            if rank >= torch.cuda.device_count():
+                raise RuntimeError(f"tensor-parallel rank {rank} needs GPU {rank}, but "
+                                   f"{torch.cuda.device_count()} are visible")
+            device = torch.device("cuda", rank)
     return device
 
 
@@ -52,37 +68,52 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def build_runner(config: NeoConfig) -> tuple[ModelRunner, WorkerReady]:
-    device = pick_device(config.device.device)
+def build_runner(config: NeoConfig, rank: int = 0, init_method: str = "") -> tuple[ModelRunner, WorkerReady]:
+    """Load this rank's shard and size its pools (every rank of a group calls it at once: the
+    pools are sized to what every rank can hold)."""
+    world = config.device.tensor_parallel_size
+    device = pick_device(config.device.device, rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    elif world > 1:
+        torch.set_num_threads(max(1, available_cpus() // world))  # the ranks share this host's cores
     triton_on = ops.configure(config.device.kernels, device)
     dtype = pick_dtype(config.model.dtype, device)
     source = resolve(config.model)
-    trained = read_geometry(source).max_position_embeddings
+    full = read_geometry(source)
+    try:
+        shard = Shard.of(full, rank, world)
+    except ValueError as exc:
+        raise ConfigError(f"--tensor-parallel-size {world}: {exc}") from None
+    trained = full.max_position_embeddings
     max_len = config.model.max_model_len or trained
     if max_len > trained:
         raise ConfigError(f"--max-model-len {max_len} exceeds the model's context length {trained}")
-    model = load_model(source, max_len, device, dtype, config.model.seed)
+    tp = TensorParallel(shard, device)
+    tp.init_group(init_method, _GROUP_TIMEOUT_S)
+    model = load_model(source, max_len, device, dtype, config.model.seed, tp)
     g = model.geometry
     kv_name = config.cache.resolve_kv_dtype(str(dtype).removeprefix("torch."), config.offload_enabled)
     kv_dtype = _DTYPES[kv_name]
     bs = config.cache.block_size
     host, staging, cost_tables = None, 0, {}
     if config.offload_enabled:
-        # The cost tables first: profiling allocates and frees device memory of its own.
-        cost_tables = load_cost_tables(config).to_dict()
-        host = HostKv(config.shm_name, SegmentLayout.for_model(g, num_cpu_blocks(config, g, kv_dtype), bs,
-                                                                config.scheduler.max_num_seqs, kv_name))
+        # The cost tables first: profiling allocates and frees device memory of its own. Rank 0
+        # profiles its own shard (the largest one) for the policy; the others need none.
+        if rank == 0:
+            cost_tables = load_cost_tables(config, g).to_dict()
+        host = HostKv(config.for_rank(rank).shm_name, SegmentLayout.for_model(
+            g, num_cpu_blocks(config, model.full_geometry, kv_dtype), bs, config.scheduler.max_num_seqs, kv_name))
         staging = -(-config.scheduler.max_num_batched_tokens // bs) + config.scheduler.max_num_seqs
-    blocks = num_kv_blocks(model, device, bs, kv_dtype, config.cache.num_gpu_blocks,
-                           config.cache.gpu_memory_utilization, config.cache.cpu_device_kv_gb)
+    blocks = tp.min_int(num_kv_blocks(model, device, bs, kv_dtype, config.cache.num_gpu_blocks,
+                                      config.cache.gpu_memory_utilization, config.cache.cpu_device_kv_gb))
     # Graphs need kernels that never read the device from the host (the Triton ones).
     graphs = triton_on and not config.device.enforce_eager
     runner = ModelRunner(model, blocks, bs, device, kv_dtype, host, staging, config.ipc.worker_timeout_s,
-                         graph_max_batch=min(config.scheduler.max_num_seqs, 512) if graphs else 0, max_model_len=max_len)
+                         graph_max_batch=min(config.scheduler.max_num_seqs, 512) if graphs else 0, max_model_len=max_len,
+                         tp=tp)
     ready = WorkerReady(kind=WorkerKind.GPU_WORKER, pid=os.getpid(), num_gpu_blocks=blocks,
-                        block_size=bs, max_model_len=max_len, geometry=g.to_dict(),
+                        block_size=bs, max_model_len=max_len, geometry=full.to_dict(),
                         device=str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
                         dtype=str(dtype).removeprefix("torch."), kv_dtype=kv_name,
                         num_cpu_blocks=host.segment.layout.num_blocks if host else 0, cost_tables=cost_tables)
@@ -92,23 +123,25 @@ def build_runner(config: NeoConfig) -> tuple[ModelRunner, WorkerReady]:
 
 
 def num_cpu_blocks(config: NeoConfig, g, kv_dtype: torch.dtype) -> int:
-    """Host pool blocks: as asked, else ``--cpu-kv-gb`` worth."""
+    """Host pool blocks: as asked, else ``--cpu-kv-gb`` worth (of the whole model's KV: under
+    tensor parallelism the ranks' pools together hold that budget)."""
     if config.cache.num_cpu_blocks:
         return config.cache.num_cpu_blocks
     per_block = g.kv_bytes_per_block(config.cache.block_size, torch.empty((), dtype=kv_dtype).element_size())
     return max(1, int(config.cache.cpu_kv_gb * 2**30 // per_block))
 
 
-def load_cost_tables(config: NeoConfig):
-    """``--cost-tables`` if given, else this machine's cached profile (profiled now if missing;
-    the quick grid on the CPU device, where the full one would take long and matters little)."""
+def load_cost_tables(config: NeoConfig, geometry=None):
+    """``--cost-tables`` if given, else this machine's cached profile of ``geometry`` (default:
+    the model's; a rank's shard under tensor parallelism), profiled now if missing; the quick grid
+    on the CPU device, where the full one would take long and matters little."""
     from neo_gateway.cost_model import CostTables
     from neo_gpu_worker.profiler import load_or_profile
 
     if config.scheduler.cost_tables:
         return CostTables.load(config.scheduler.cost_tables)
     quick = pick_device(config.device.device).type == "cpu"
-    tables, path = load_or_profile(config, quick=quick, progress=False)
+    tables, path = load_or_profile(config, quick=quick, progress=False, geometry=geometry)
     log.info("cost tables: %s", path)
     return tables
 
@@ -136,8 +169,11 @@ def serve(config: NeoConfig) -> int:
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(config.ipc.worker_addr)
     sock.send(Hello(kind=WorkerKind.GPU_WORKER, pid=os.getpid()).encode())
+    world = config.device.tensor_parallel_size
+    followers = FollowerLinks(ctx, world) if world > 1 else None
     try:
-        runner, ready = build_runner(config)
+        init_method = start_followers(config, followers, follow) if followers else ""
+        runner, ready = build_runner(config, 0, init_method)
     except Exception as exc:
         log.exception("worker failed to start")
         sock.send(WorkerError(message=f"worker failed to start: {exc}", fatal=True).encode())
@@ -153,6 +189,9 @@ def serve(config: NeoConfig) -> int:
                 log.error("dropping unreadable frame: %s", exc)
                 sock.send(WorkerError(message=str(exc), fatal=False).encode())
                 continue
+            if followers is not None and isinstance(msg, (IterationPlan, Shutdown)):
+                followers.stopping = isinstance(msg, Shutdown)
+                followers.forward(frame)
             if isinstance(msg, IterationPlan):
                 try:
                     result = run_traced(runner, msg) if msg.trace else runner.execute(msg)
@@ -166,6 +205,36 @@ def serve(config: NeoConfig) -> int:
             elif isinstance(msg, Shutdown):
                 log.info("shutdown requested: %s", msg.reason)
                 return 0
+    finally:
+        if followers is not None:
+            followers.stopping = True
+            followers.forward(Shutdown(reason="rank 0 exits").encode())
+            followers.close()
+        if runner.host is not None:
+            runner.host.close()
+        sock.close(linger=0)
+        ctx.term()
+
+
+def follow(config: NeoConfig, rank: int, init_method: str, frames_addr: str) -> None:
+    """A follower rank (a child of rank 0): load the shard, then run every plan rank 0 forwards."""
+    setup_logging(config.http.log_level, f"gpu_worker.tp{rank}")
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    exit_with_parent()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(frames_addr)
+    runner, _ = build_runner(config, rank, init_method)
+    try:
+        while True:
+            msg = decode(sock.recv())
+            if isinstance(msg, Shutdown):
+                return
+            try:
+                runner.execute(msg)
+            except Exception:  # rank 0 fails the same plan and reports it
+                log.error("iteration %d failed: %s", msg.iteration_id, traceback.format_exc())
     finally:
         if runner.host is not None:
             runner.host.close()

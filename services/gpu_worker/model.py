@@ -1,21 +1,26 @@
 """LLaMA-family decoder (Llama 2/3/3.1, SmolLM2, Qwen2-style QKV bias) over a paged KV cache.
 
 Weights arrive as Hugging Face names (whatever the file format) and are fused on load: q/k/v into
-one ``qkv_proj`` and gate/up into one ``gate_up_proj``, so a layer runs four matmuls.
+one ``qkv_proj`` and gate/up into one ``gate_up_proj``, so a layer runs four matmuls. Under tensor
+parallelism (``neo_common.tensor_parallel``) the model is built from the rank's local geometry, the
+loader keeps the rank's slice of each full tensor, and the O-projection and MLP outputs are
+all-reduced over the ranks.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from neo_common.geometry import ModelGeometry
+from neo_common.tensor_parallel import Shard
 from neo_gpu_worker import ops
 from neo_gpu_worker.attention import AttentionMetadata, paged_attention, write_kv
+from neo_gpu_worker.parallel import TensorParallel
 from neo_gpu_worker.rope import RotaryEmbedding
 
 log = logging.getLogger(__name__)
@@ -77,22 +82,27 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, g: ModelGeometry) -> None:
+    def __init__(self, g: ModelGeometry, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.gate_up_proj = nn.Linear(g.hidden_size, 2 * g.intermediate_size, bias=False)
         self.down_proj = nn.Linear(g.intermediate_size, g.hidden_size, bias=False)
+        self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _apply(self.down_proj, ops.silu_and_mul(_apply(self.gate_up_proj, x)))
+        out = _apply(self.down_proj, ops.silu_and_mul(_apply(self.gate_up_proj, x)))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, g: ModelGeometry) -> None:
+    """One decoder layer; ``tp`` (None: a single rank) all-reduces its row-parallel outputs."""
+
+    def __init__(self, g: ModelGeometry, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(g.hidden_size, g.rms_norm_eps)
         self.self_attn = Attention(g)
         self.post_attention_layernorm = RMSNorm(g.hidden_size, g.rms_norm_eps)
-        self.mlp = MLP(g)
+        self.mlp = MLP(g, tp)
+        self.tp = tp
 
     def pre_attn(self, x: torch.Tensor, positions: torch.Tensor,
                  rope: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -101,7 +111,8 @@ class DecoderLayer(nn.Module):
 
     def post_attn(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Dense work after attention: O-projection, residual, MLP; the next residual stream."""
-        h, x = self.post_attention_layernorm(_apply(self.self_attn.o_proj, attn.reshape(-1, self.self_attn.q_size)), x)
+        o = _apply(self.self_attn.o_proj, attn.reshape(-1, self.self_attn.q_size))
+        h, x = self.post_attention_layernorm(o if self.tp is None else self.tp.all_reduce(o), x)
         return x + self.mlp(h)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
@@ -112,13 +123,21 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """The decoder stack plus LM head. ``forward`` returns final hidden states of every token."""
+    """The decoder stack plus LM head. ``forward`` returns final hidden states of every token.
 
-    def __init__(self, g: ModelGeometry) -> None:
+    ``geometry`` is this rank's (heads and MLP width of its shard); ``shard`` says which slice of
+    the full model that is, ``tp`` runs the collectives (None: a single rank).
+    """
+
+    def __init__(self, g: ModelGeometry, shard: Shard | None = None, tp: TensorParallel | None = None) -> None:
         super().__init__()
+        self.shard = shard or Shard.of(g)
+        self.full_geometry = g
+        g = self.shard.local_geometry(g)
         self.geometry = g
+        self.tp = tp if self.shard.world > 1 else None
         self.embed_tokens = nn.Embedding(g.vocab_size, g.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(g) for _ in range(g.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(g, self.tp) for _ in range(g.num_layers))
         self.norm = RMSNorm(g.hidden_size, g.rms_norm_eps)
         self.lm_head = None if g.tie_word_embeddings else nn.Linear(g.hidden_size, g.vocab_size, bias=False)
         self.rope: RotaryEmbedding | None = None  # set by the loader once the model is on its device
@@ -140,7 +159,8 @@ class LlamaModel(nn.Module):
 
     # -- weights ------------------------------------------------------------------------------
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors in, fusing q/k/v and gate/up; every parameter must be covered."""
+        """Copy HF-named tensors in (this rank's slice of each), fusing q/k/v and gate/up; every
+        parameter must be covered."""
         params = dict(self.named_parameters())
         g = self.geometry
         q, kv = g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim
@@ -157,6 +177,11 @@ class LlamaModel(nn.Module):
             if "rotary_emb" in name:
                 continue
             parts = name.split(".")
+            if len(parts) >= 2:
+                span = self.shard.rows(parts[-2], g.head_dim)
+                if span is not None:
+                    tensor = tensor.narrow(Shard.axis(parts[-2]) if parts[-1] == "weight" else 0,
+                                           span[0], span[1] - span[0])
             target, offset, size = name, 0, None
             if len(parts) >= 2 and parts[-2] in fused:
                 new, offset, size = fused[parts[-2]]
@@ -175,12 +200,30 @@ class LlamaModel(nn.Module):
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
 
     def init_random(self, seed: int) -> None:
-        """Random weights of the right scale (dummy load format, for benchmarks)."""
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                gen = torch.Generator(device=p.device).manual_seed(seed)
-                seed += 1
-                if name.endswith("layernorm.weight") or name == "norm.weight":
-                    p.fill_(1.0)
-                else:
-                    p.normal_(0.0, 0.02, generator=gen)
+        """Random weights of the right scale (dummy load format, for benchmarks). Drawn as the full
+        model's HF tensors and loaded like a checkpoint, so every rank count serves the same model."""
+        self.load_weights(self._random_tensors(seed))
+
+    def _random_tensors(self, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+        g, p = self.full_geometry, self.embed_tokens.weight
+        h, q, kv = g.hidden_size, g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim
+        shapes = [("embed_tokens.weight", (g.vocab_size, h))]
+        for i in range(g.num_layers):
+            pre = f"layers.{i}."
+            shapes += [(pre + "input_layernorm.weight", (h,)), (pre + "post_attention_layernorm.weight", (h,)),
+                       (pre + "self_attn.q_proj.weight", (q, h)), (pre + "self_attn.k_proj.weight", (kv, h)),
+                       (pre + "self_attn.v_proj.weight", (kv, h)), (pre + "self_attn.o_proj.weight", (h, q)),
+                       (pre + "mlp.gate_proj.weight", (g.intermediate_size, h)),
+                       (pre + "mlp.up_proj.weight", (g.intermediate_size, h)),
+                       (pre + "mlp.down_proj.weight", (h, g.intermediate_size))]
+            if g.qkv_bias:
+                shapes += [(pre + f"self_attn.{n}_proj.bias", (size,)) for n, size in (("q", q), ("k", kv), ("v", kv))]
+        shapes.append(("norm.weight", (h,)))
+        if not g.tie_word_embeddings:
+            shapes.append(("lm_head.weight", (g.vocab_size, h)))
+        for k, (name, shape) in enumerate(shapes):
+            t = torch.empty(shape, dtype=p.dtype, device=p.device)
+            if name.endswith("norm.weight"):
+                yield name, t.fill_(1.0)
+            else:
+                yield name, t.normal_(0.0, 0.02, generator=torch.Generator(device=p.device).manual_seed(seed + k))

@@ -18,6 +18,7 @@ from neo_gpu_worker.batch import build_sub_batch
 from neo_gpu_worker.cuda_graph import DecodeGraphs
 from neo_gpu_worker.host_kv import HostKv
 from neo_gpu_worker.model import LlamaModel
+from neo_gpu_worker.parallel import TensorParallel
 from neo_gpu_worker.pipeline import PipelinedExecutor
 from neo_gpu_worker.sampler import SamplingBatch, sample
 
@@ -36,12 +37,16 @@ class ModelRunner:
     - ``host``: the shared host KV segment (None in GPU-only mode); ``pipeline`` runs the plans that
       hold CPU-resident rows.
     - ``generator``: device RNG for unseeded sampling.
+    - ``tp``: the tensor-parallel group (None: one rank). Rank 0 samples and broadcasts the tokens;
+      the other ranks compute no logits and keep the broadcast tokens as their ``last_sample``.
     """
 
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, device: torch.device,
                  kv_dtype: torch.dtype, host: HostKv | None = None, staging_blocks: int = 0,
-                 cpu_timeout_s: float = 60.0, graph_max_batch: int = 0, max_model_len: int = 0) -> None:
+                 cpu_timeout_s: float = 60.0, graph_max_batch: int = 0, max_model_len: int = 0,
+                 tp: TensorParallel | None = None) -> None:
         g = model.geometry
+        self.tp = tp if tp is not None and tp.world > 1 else None
         self.model, self.device, self.block_size, self.num_blocks = model, device, block_size, num_blocks
         self.kv_cache = torch.zeros((g.num_layers, 2, num_blocks + 1, block_size, g.num_kv_heads, g.head_dim),
                                     dtype=kv_dtype, device=device)
@@ -89,12 +94,17 @@ class ModelRunner:
         if self.host is not None and self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # a true forward time for the policy's metrics
         t1 = time.perf_counter()
-        if len(sample_rows):
+        if len(sample_rows) and self.tp is not None and self.tp.rank > 0:
+            sampled = self.tp.broadcast(torch.empty(len(sample_rows), dtype=torch.int64, device=self.device))
+            self.last_sample = (plan.seq_ids[sample_rows], sampled)
+        elif len(sample_rows):
             logits = self.model.compute_logits(last)
             params = SamplingBatch.from_columns(
                 plan.temperature[sample_rows], plan.top_p[sample_rows], plan.top_k[sample_rows],
                 plan.seeds[sample_rows], plan.steps[sample_rows], logits.shape[-1], self.device)
             sampled = sample(logits, params, self.generator)
+            if self.tp is not None:
+                self.tp.broadcast(sampled)
             result.seq_ids = plan.seq_ids[sample_rows]
             result.token_ids = sampled.to(torch.int32).cpu().numpy()
             self.last_sample = (result.seq_ids, sampled)

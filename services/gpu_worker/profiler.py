@@ -38,6 +38,7 @@ from neo_common.config import NeoConfig
 from neo_common.geometry import ModelGeometry
 from neo_common.logs import setup_logging
 from neo_common.model_source import read_geometry, resolve
+from neo_common.tensor_parallel import Shard
 from neo_gateway import cost_model
 from neo_gateway.cost_model import CostKey, CostTables
 from neo_gpu_worker import ops
@@ -268,19 +269,25 @@ def profile(g: ModelGeometry, device: torch.device, dtype: torch.dtype, block_si
 
 
 def load_or_profile(config: NeoConfig, cache_dir: str | None = None, quick: bool = False, layers: int = 2,
-                    force: bool = False, progress: bool = True) -> tuple[CostTables, str]:
+                    force: bool = False, progress: bool = True,
+                    geometry: ModelGeometry | None = None) -> tuple[CostTables, str]:
     """The cached tables for this config's model/device/dtype/block size/threads, profiling if absent.
+    ``geometry`` overrides the model's; with ``--tensor-parallel-size`` the default is rank 0's
+    shard, profiled with its share of the CPU threads. (The ranks' all-reduces are not in ``linr``.)
 
     Returns the tables and the path of their file (under ``cache_dir``, default
     :func:`cost_model.default_cache_dir`).
     """
-    from neo_cpu_attention.cpus import available_cpus
+    from neo_cpu_attention.cpus import threads_per_rank
 
     device = pick_device(config.device.device)
     dtype = pick_dtype(config.model.dtype, device)
-    g = read_geometry(resolve(config.model))
+    if geometry is None:  # rank 0's shard: the largest, so it bounds every rank's costs
+        full = read_geometry(resolve(config.model))
+        geometry = Shard.of(full, 0, config.device.tensor_parallel_size).local_geometry(full)
+    g = geometry
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    threads = config.device.cpu_threads or available_cpus()
+    threads = threads_per_rank(config.device.cpu_threads, config.device.tensor_parallel_size)
     ops.configure(config.device.kernels, device)  # the tables time the kernels the worker will run
     key = CostKey.from_geometry(g, gpu, str(dtype).removeprefix("torch."), config.cache.block_size, threads,
                                 ops.kernels_for(device))

@@ -10,18 +10,10 @@ block of both pools free.
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import glob
-import os
-
-import httpx
-import numpy as np
 import pytest
 import transformers
 
-from neo_common.model_source import embedded_gguf_path
-from neo_gateway.cost_model import CostTables
+from support.equivalence import complete_all, fast_host_tables, metrics, model_under_test, value, workload
 from support.random_model import random_hf_folder
 
 pytestmark = pytest.mark.integration
@@ -34,7 +26,9 @@ COMMON = ["--kv-cache-dtype", "bfloat16", "--max-model-len", "512", "--max-num-s
           "--num-cpu-blocks", "512", "--cpu-threads", "2"]
 MODES = {"off": ["--offload-mode", "off", "--num-gpu-blocks", "512"],
          "full": ["--offload-mode", "full", "--num-gpu-blocks", "64"],
-         "auto": ["--offload-mode", "auto", "--num-gpu-blocks", "16"]}
+         # Swapping back in until the GPU pool is full (threshold 1.0, no hysteresis band) makes the
+         # next GPU request that grows past a block swap another out, however the requests arrived.
+         "auto": ["--offload-mode", "auto", "--num-gpu-blocks", "16", "--swap-in-threshold", "1.0"]}
 
 
 def random_llama3(folder) -> str:
@@ -49,77 +43,18 @@ def random_llama3(folder) -> str:
     return random_hf_folder(folder, config)
 
 
-def workload(seed: int = 0) -> list[tuple[list[int], int]]:
-    """64 token-id prompts of 3..60 tokens with 4..40 new tokens each: decodes cross block boundaries,
-    so GPU requests must grow (and be swapped out). Contexts stay under 128 tokens, so the kernel
-    never splits a request across threads: its sums are the same in every batch."""
-    rng = np.random.default_rng(seed)
-    return [(rng.integers(100, 49000, int(rng.integers(3, 61))).tolist(), int(rng.integers(4, 41)))
-            for _ in range(NUM_REQUESTS)]
-
-
-async def complete_all(url: str, model: str, requests) -> list[str]:
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        async def one(prompt, max_tokens):
-            r = await client.post("/v1/completions", json={"model": model, "prompt": prompt, "temperature": 0,
-                                                            "max_tokens": max_tokens, "ignore_eos": True})
-            assert r.status_code == 200, r.text
-            body = r.json()
-            assert body["usage"]["completion_tokens"] == max_tokens
-            return body["choices"][0]["text"]
-        return await asyncio.gather(*(one(p, n) for p, n in requests))
-
-
-def metrics(url: str) -> dict[str, float]:
-    out = {}
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith("neo:"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
-
-
-def value(m: dict[str, float], name: str, **labels) -> float:
-    for key, v in m.items():
-        if key.split("{")[0] == name and all(f'{k}="{val}"' in key for k, val in labels.items()):
-            return v
-    raise KeyError(name)
-
-
-def fast_host_tables(cost_cache: str, folder) -> str:
-    """This machine's profile (written by the ``full`` replica) with CPU attention 1000x cheaper.
-    On the CPU twin the "GPU" is this same 2-core host, where the policy rightly sees nothing to
-    gain from CPU decoding and, with the admission gate, would keep every request off the host pool;
-    a host that is fast relative to the GPU makes ``auto`` place, prefill and decode requests on the
-    CPU, which is the path whose outputs this test compares."""
-    path = max(glob.glob(os.path.join(cost_cache, "*.json")), key=os.path.getmtime)  # this model's, just profiled
-    tables = CostTables.load(path)
-    fast = dataclasses.replace(tables, cdec_y=[[v * 1e-3 for v in row] for row in tables.cdec_y])
-    return fast.save(str(folder / "fast-host-cost.json"))
-
-
-@pytest.fixture(scope="module")
-def cost_cache(tmp_path_factory):
-    """One profile per model for the whole module (the worker profiles at its first start)."""
-    return str(tmp_path_factory.mktemp("cost"))
-
 
 @pytest.mark.parametrize("model", ["smollm2", "random-llama3"])
 def test_offloaded_greedy_outputs_equal_gpu_only(model, replica_factory, tmp_path, cost_cache, monkeypatch):
     monkeypatch.setenv("NEO_COST_CACHE_DIR", cost_cache)
-    if model == "smollm2":
-        args, name = [], "smollm2-135m-instruct"
-    else:
-        args = ["--model", random_llama3(tmp_path), "--tokenizer", embedded_gguf_path(),
-                "--served-model-name", "random-llama3"]
-        name = "random-llama3"
-    requests = workload()
+    args, name = model_under_test(model, lambda: random_llama3(tmp_path))
+    requests = workload(num_requests=NUM_REQUESTS)
     texts, stats = {}, {}
     for mode, mode_args in MODES.items():
         if mode == "auto":
             mode_args = [*mode_args, "--cost-tables", fast_host_tables(cost_cache, tmp_path)]
         replica = replica_factory(*COMMON, *args, *mode_args)
-        texts[mode] = asyncio.run(complete_all(replica.url, name, requests))
+        texts[mode] = complete_all(replica.url, name, requests)
         stats[mode] = metrics(replica.url)
         replica.stop()
     for mode in ("full", "auto"):

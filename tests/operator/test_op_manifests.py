@@ -42,6 +42,21 @@ def test_configmap_carries_the_engine_config_as_neo_env(decided) -> None:
     assert cfg.ipc.worker_addr.startswith("tcp://127.0.0.1:")
 
 
+def test_gpu_count_maps_to_tensor_parallelism() -> None:
+    """gpu.count 2: the worker container gets both GPUs and every container the same rank count, so
+    the gpu-worker starts two ranks and the cpu-attention container one process per rank."""
+    spec = make_spec(model={"source": "dummy", "name": "llama-3-70b"}, gpu={"count": 2},
+                     cpuOffload={"mode": "full", "kvMemory": "32Gi"})
+    d = size(spec, [make_node(product="NVIDIA-H100-80GB-HBM3", memory_mib=81559, gpus=2, cpus=64, gbps=200.0)])
+    cfg = NeoConfig.from_args([], env=build_configmap("svc", spec, d)["data"])
+    assert cfg.device.tensor_parallel_size == 2 and cfg.device.device == "cuda"
+    assert cfg.device.cpu_threads == d.cpu_attention_threads
+    pod = build_deployment("svc", spec, d, "h")["spec"]["template"]["spec"]
+    containers = {ct["name"]: ct for ct in pod["containers"]}
+    assert containers["gpu-worker"]["resources"]["limits"] == {"nvidia.com/gpu": "2"}
+    assert containers["gpu-worker"]["resources"]["requests"] == d.requests["gpuWorker"]
+
+
 def test_configmap_for_a_model_on_a_volume() -> None:
     spec = make_spec(model={"source": "gguf", "geometry": "smollm2-135m",
                             "volume": {"claimName": "models", "path": "smol/model.gguf"}, "servedName": "smol"})

@@ -167,3 +167,31 @@ def test_cores_larger_than_node() -> None:
 def test_constants_are_what_the_docs_say() -> None:
     assert sizing.OFFLOAD_MIN_GAIN == 0.05
     assert (sizing.GATEWAY_CPU, sizing.GPU_WORKER_CPU) == (1, 2)
+
+
+def test_gpu_count_is_tensor_parallelism_sized_per_gpu() -> None:
+    """gpu.count 2: each GPU holds half the layers' weights plus the replicated embedding and LM head,
+    and half the KV heads, so a block costs each GPU half its bytes; the host is split by ranks."""
+    g = GEOMETRIES["llama-3-70b"]
+    spec = make_spec(model={"source": "dummy", "name": "llama-3-70b"}, gpu={"count": 2},
+                     cpuOffload={"mode": "full", "kvMemory": "32Gi"})
+    d = size(spec, [make_node(product="NVIDIA-H100-80GB-HBM3", memory_mib=81559, gpus=2, cpus=64, gbps=200.0)])
+    assert d.tensor_parallel_size == 2 and d.to_status()["tensorParallelSize"] == 2
+    h, inter, layers = g.hidden_size, g.intermediate_size, g.num_layers
+    per_layer = h * (32 * 128) + 2 * h * (4 * 128) + (32 * 128) * h + 3 * h * (inter // 2) + 2 * h
+    weights = (layers * per_layer + 2 * g.vocab_size * h + h) * 2
+    workspace = 512 * MiB + 2048 * (4 * h + 2 * inter // 2) * 2 + 256 * g.vocab_size * 4
+    rank_block = 16 * 2 * layers * 4 * 128 * 2
+    assert d.weight_bytes == weights
+    assert d.gpu_kv_blocks == (int(0.9 * 81559 * MiB) - weights - workspace) // rank_block
+    assert d.kv_bytes_per_block == 2 * rank_block, "the CPU pool holds both ranks' heads"
+    assert d.cpu_attention_threads == 64 - 1 - 2 * 2
+    assert d.requests["gpuWorker"] == {"cpu": "4", "memory": f"{8 * GiB // MiB}Mi"}
+
+
+def test_gpu_count_beyond_the_kv_heads_is_refused() -> None:
+    spec = make_spec(model={"source": "dummy", "name": "llama-3-8b"}, gpu={"count": 16})
+    with pytest.raises(SizingError) as err:
+        size(spec, [make_node(product="NVIDIA-H100-80GB-HBM3", memory_mib=81559, gpus=16, cpus=128)])
+    assert err.value.reason == "TensorParallelUnsupported"
+    assert "spec.gpu.count 16" in err.value.message and "at most 8" in err.value.message

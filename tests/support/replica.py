@@ -42,7 +42,7 @@ class Replica:
     def __init__(self, args: list[str], log_path: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.args = ["--port", str(self.port), "--worker-addr", f"tcp://127.0.0.1:{free_port()}",
-                     "--cpu-attention-addr", f"tcp://127.0.0.1:{free_port()}", *args]
+                     "--cpu-attention-addr", f"tcp://127.0.0.1:{free_port(span=4)}", *args]
         self.log_path = log_path
         self.log = open(log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "neo_common.cli", "serve", *self.args],

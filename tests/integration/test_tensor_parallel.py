@@ -1,0 +1,98 @@
+"""Tensor parallelism end to end on the CPU twin: two worker ranks over gloo give TP=1's outputs.
+
+Real replicas per model. Float32 compute everywhere; what differs is where sums happen: TP=2 adds
+the ranks' partial O-projection and MLP outputs in an all-reduce, TP=1 inside one matmul, so the
+residual streams differ by float32 rounding (~1e-7). With a float32 KV cache that leaves greedy
+tokens alone, so ``tp1`` and ``tp2`` (GPU-only, float32 KV) must agree exactly. A 16-bit KV cache,
+which offloading needs, rounds those tiny differences to bf16 steps (~0.4%) wherever a value sits
+near a rounding boundary, enough to flip a near-tie between two tokens (a random-token prompt has
+them: one here has a top-2 logit gap of 0.004), so the offloading runs are compared with TP=2
+GPU-only on the same bf16 KV (``tp2-bf16``), as ``test_offload`` compares them at TP=1:
+
+- ``tp2-full``: every decode on the CPU: two cpu_attention processes, each serving its rank's KV
+  heads from its own segment;
+- ``tp2-auto``: a GPU KV budget too small for the workload: CPU-bound prefills, swaps of each
+  rank's heads, pipelined iterations.
+
+SmolLM2 has 3 KV heads, so its ranks hold 2 and 1: the uneven split is exercised too. Every
+request's text must match, and both pools must be free afterwards.
+"""
+
+from __future__ import annotations
+
+import pytest
+import transformers
+
+from neo_common.procs import descendants
+from support.equivalence import complete_all, fast_host_tables, metrics, model_under_test, value, workload
+from support.random_model import random_hf_folder
+
+pytestmark = pytest.mark.integration
+
+NUM_REQUESTS = 32
+# Whole prompts in one chunk (test_offload says why).
+COMMON = ["--max-model-len", "512", "--max-num-seqs", "64", "--max-num-batched-tokens", "4096",
+          "--num-cpu-blocks", "512", "--cpu-threads", "2"]
+TP2 = ["--tensor-parallel-size", "2"]
+BF16 = ["--kv-cache-dtype", "bfloat16"]
+RUNS = {"tp1": ["--kv-cache-dtype", "float32", "--offload-mode", "off", "--num-gpu-blocks", "512"],
+        "tp2": [*TP2, "--kv-cache-dtype", "float32", "--offload-mode", "off", "--num-gpu-blocks", "512"],
+        "tp2-bf16": [*TP2, *BF16, "--offload-mode", "off", "--num-gpu-blocks", "512"],
+        "tp2-full": [*TP2, *BF16, "--offload-mode", "full", "--num-gpu-blocks", "64"],
+        "tp2-auto": [*TP2, *BF16, "--offload-mode", "auto", "--num-gpu-blocks", "16", "--swap-in-threshold", "1.0"]}
+EQUAL = {"tp2": "tp1", "tp2-full": "tp2-bf16", "tp2-auto": "tp2-bf16"}
+
+
+def random_gqa_llama(folder) -> str:
+    """A small Llama-shaped model with 2 KV heads (GQA 4:1), random weights, the embedded vocabulary."""
+    config = transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=256, intermediate_size=688, num_hidden_layers=3, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=64, max_position_embeddings=2048, rope_theta=500000.0,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    return random_hf_folder(folder, config)
+
+
+
+@pytest.mark.parametrize("model", ["smollm2", "random-gqa"])
+def test_tp2_greedy_outputs_equal_tp1(model, replica_factory, tmp_path, cost_cache, monkeypatch):
+    monkeypatch.setenv("NEO_COST_CACHE_DIR", cost_cache)
+    args, name = model_under_test(model, lambda: random_gqa_llama(tmp_path))
+    requests = workload(seed=1, num_requests=NUM_REQUESTS)
+    texts, stats = {}, {}
+    for run, run_args in RUNS.items():
+        if run == "tp2-auto":
+            run_args = [*run_args, "--cost-tables", fast_host_tables(cost_cache, tmp_path)]
+        replica = replica_factory(*COMMON, *args, *run_args)
+        if run.startswith("tp2"):  # rank 1 runs in a child of each data-plane role
+            assert len(rank_children(replica, b"gpu-worker")) == 1, run
+            assert len(rank_children(replica, b"cpu-attention")) == (run in ("tp2-full", "tp2-auto")), run
+        texts[run] = complete_all(replica.url, name, requests)
+        stats[run] = metrics(replica.url)
+        replica.stop()
+    for run, ref in EQUAL.items():
+        diff = [i for i, (a, b) in enumerate(zip(texts[ref], texts[run])) if a != b]
+        assert not diff, f"{run} vs {ref}: requests {diff} differ, e.g. {texts[ref][diff[0]]!r} vs {texts[run][diff[0]]!r}"
+    for run, m in stats.items():
+        assert value(m, "neo:gpu_kv_blocks_free") == value(m, "neo:gpu_kv_blocks_total"), run
+        assert value(m, "neo:num_requests_running") == 0.0, run
+    for run in ("tp2-full", "tp2-auto"):
+        assert value(stats[run], "neo:cpu_kv_cache_usage_perc") == 0.0, run
+        assert value(stats[run], "neo:cpu_attention_up") == 1.0, run
+        assert value(stats[run], "neo:cpu_attention_wait_seconds_count") > 0, f"{run}: CPU decodes ran"
+    assert value(stats["tp2-auto"], "neo:swaps_total", direction="out") > 0
+    assert value(stats["tp2-auto"], "neo:swaps_total", direction="in") > 0
+
+
+def rank_children(replica, role: bytes) -> list[int]:
+    """PIDs of the processes the replica's ``role`` process started (its tensor-parallel ranks)."""
+    roles = [p for p in descendants(replica.proc.pid) if role in _cmdline(p).split(b"\0")]
+    assert len(roles) <= 1, roles
+    return [p for r in roles for p in descendants(r) if b"spawn_main" in _cmdline(p)]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
