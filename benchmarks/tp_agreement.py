@@ -1,16 +1,22 @@
 """Tensor parallelism on a real multi-GPU host: do TP=N's greedy texts match TP=1's, and how fast?
 
-For each ``--tp-sizes`` entry the script starts its own ``neo serve`` (identical flags but
-``--tensor-parallel-size``), sends the same seeded random-token prompts at once (greedy,
-``ignore_eos``), and stops it by PID. It reports, per size: requests whose text equals TP=1's,
-the mean share of TP=1's text that matches before the first difference, and output tokens per
-second. On CUDA the ranks run bf16 with an NCCL all-reduce whose summation order differs from one
-GPU's matmul, so a few texts may part at a near-tie of two tokens after a long common prefix; a
-broken shard, all-reduce or graph capture shows as texts that differ from the first tokens on.
-(Exact equality is tested on the CPU twin in float32: tests/integration/test_tensor_parallel.py.)
+For each ``--variant "NAME|FLAGS"`` (the first is the reference) the script starts its own
+``neo serve`` with the common flags plus FLAGS, sends the same seeded random-token prompts at once
+(greedy, ``ignore_eos``), and stops it by PID. It reports, per variant: requests whose text equals
+the reference's, the mean share of the reference's text that matches before the first difference,
+and output tokens per second.
 
-    python -m neo_bench.tp_agreement --model smollm2-135m --load-format dummy --tokenizer .gpu/tokenizer \\
-        --tp-sizes 1,2 --num-prompts 32 --max-tokens 64 --out DIR
+Which comparisons mean something: dummy weights give near-uniform logits (top-2 gaps of a few
+hundredths), and in bf16 an NCCL all-reduce sums in another order than one GPU's matmul, enough
+to flip such near-ties within a few tokens: TP=1 vs TP=2 in bf16 parts early even when correct.
+So the runs compare (a) TP=1 vs TP=2 in float32 with the torch kernels, eager (rounding ~1e-6:
+texts must match), and (b) TP=2 eager vs TP=2 with CUDA graphs in bf16 with the Triton kernels (the
+same sums in the same order: the captured NCCL all-reduce must replay exactly). Exact equality of
+TP=1 and TP=2 is also tested on the CPU twin: tests/integration/test_tensor_parallel.py.
+
+    python -m neo_bench.tp_agreement --model llama-3-8b --load-format dummy --tokenizer .gpu/tokenizer \\
+        --variant "tp1|--tensor-parallel-size 1 --dtype float32 --kernels torch --enforce-eager" \\
+        --variant "tp2|--tensor-parallel-size 2 --dtype float32 --kernels torch --enforce-eager" --out DIR
 
 Prints a table, writes ``<out>/tp_agreement_<label>.json`` and ``.png``; exits 1 if a server did not
 come up or a request failed.
@@ -64,11 +70,10 @@ def agreement(ref: list[str], texts: list[str]) -> dict:
             "prefix_shares": shares}
 
 
-def run_size(args: argparse.Namespace, tp: int, batch: list[list[int]]) -> dict:
-    argv = [*args.serve_args, "--tensor-parallel-size", str(tp),
-            "--worker-addr", f"tcp://127.0.0.1:{free_port()}",
+def run_variant(args: argparse.Namespace, name: str, flags: list[str], batch: list[list[int]]) -> dict:
+    argv = [*args.serve_args, *flags, "--worker-addr", f"tcp://127.0.0.1:{free_port()}",
             "--cpu-attention-addr", f"tcp://127.0.0.1:{free_port(span=8)}"]
-    server = Server(argv, os.path.join(args.out, f"serve_tp{tp}_{args.label}.log"))
+    server = Server(argv, os.path.join(args.out, f"serve_{name}_{args.label}.log"))
     try:
         t0 = time.perf_counter()
         server.wait_ready(args.ready_timeout)
@@ -78,15 +83,15 @@ def run_size(args: argparse.Namespace, tp: int, batch: list[list[int]]) -> dict:
         texts, wall = asyncio.run(complete(server.url, model, batch, args.max_tokens))
     finally:
         server.stop()
-    return {"tp": tp, "texts": texts, "wall_s": wall, "ready_s": ready_s,
+    return {"name": name, "flags": flags, "texts": texts, "wall_s": wall, "ready_s": ready_s,
             "output_tok_s": len(batch) * args.max_tokens / wall}
 
 
 def table(report: dict) -> str:
-    lines = [f"{'TP':>3} {'equal':>9} {'prefix mean':>12} {'prefix min':>11} {'out tok/s':>10} {'ready s':>8}"]
+    lines = [f"{'variant':<12} {'equal':>9} {'prefix mean':>12} {'prefix min':>11} {'out tok/s':>10} {'ready s':>8}"]
     for r in report["runs"]:
         a = r["agreement"]
-        lines.append(f"{r['tp']:>3} {a['equal']:>4}/{a['requests']:<4} {a['mean_prefix_share']:>12.3f} "
+        lines.append(f"{r['name']:<12} {a['equal']:>4}/{a['requests']:<4} {a['mean_prefix_share']:>12.3f} "
                      f"{a['min_prefix_share']:>11.3f} {r['output_tok_s']:>10.1f} {r['ready_s']:>8.1f}")
     return "\n".join(lines)
 
@@ -99,10 +104,10 @@ def plot(report: dict, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in report["runs"][1:]:
-        ax.hist(r["agreement"]["prefix_shares"], bins=20, range=(0, 1), alpha=0.6, label=f"TP={r['tp']}")
-    ax.set_xlabel("share of TP=1's text before the first difference")
+        ax.hist(r["agreement"]["prefix_shares"], bins=20, range=(0, 1), alpha=0.6, label=r["name"])
+    ax.set_xlabel(f"share of {report['runs'][0]['name']}'s text before the first difference")
     ax.set_ylabel("requests")
-    ax.set_title(f"{report['label']}: greedy agreement with TP=1")
+    ax.set_title(f"{report['label']}: greedy agreement with {report['runs'][0]['name']}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -110,7 +115,8 @@ def plot(report: dict, path: str) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m neo_bench.tp_agreement", description=__doc__.split("\n")[0])
-    ap.add_argument("--tp-sizes", default="1,2", help="comma list; the first is the reference")
+    ap.add_argument("--variant", action="append", required=True,
+                    help='"NAME|FLAGS": a run with these extra `neo serve` flags; the first is the reference')
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--vocab", type=int, default=32000, help="prompt token ids are drawn below this")
@@ -127,9 +133,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     batch = prompts(args.num_prompts, args.vocab)
-    sizes = [int(x) for x in args.tp_sizes.split(",")]
+    variants = [(v.split("|", 1)[0], v.split("|", 1)[1].split() if "|" in v else []) for v in args.variant]
     try:
-        runs = [run_size(args, tp, batch) for tp in sizes]
+        runs = [run_variant(args, name, flags, batch) for name, flags in variants]
     except Exception as exc:  # a server that did not come up, a failed request
         log.error("%s", exc)
         return 1
