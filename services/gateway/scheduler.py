@@ -169,8 +169,11 @@ class Scheduler:
         return budget
 
     def _evict(self, victim: Sequence, out: SchedulerOutput) -> None:
-        """Make GPU room: swap the victim to the CPU pool if it is decoding and fits, else recompute."""
-        if not self._swap_out(victim, out):
+        """Make GPU room: swap the victim to the CPU pool if it is decoding, fits there, and the
+        policy would decode it there; else recompute it later (as GPU-only mode does). A request
+        swapped to a host the policy never runs it on holds its place in the batch while serving
+        nobody: waiting, it gets the GPU's next free blocks instead (the admission gate's reason)."""
+        if not (self.offloading and self._cpu_pays(victim, front=True) and self._swap_out(victim, out)):
             self._preempt(victim)
             out.preempted.append(victim)
 
@@ -258,16 +261,29 @@ class Scheduler:
             return Place.GPU
         return Place.CPU if cpu_ok else None
 
-    def _cpu_pays(self, seq: Sequence) -> bool:
-        """Would the policy decode ``seq`` on the CPU once the requests admitted so far decode: the
-        GPU-resident ones on the GPU, the CPU-resident ones and ``seq`` on the CPU? Always in
-        ``full`` mode."""
+    def _cpu_pays(self, seq: Sequence, front: bool = False) -> bool:
+        """Would the policy decode ``seq`` on the CPU once the requests admitted so far decode (the
+        other GPU-resident ones on the GPU, the CPU-resident ones on the CPU) and ``seq`` joins the
+        CPU queue, at its back (an admission) or ``front`` (a swap-out victim)? The waiting requests
+        that would follow it there (the rest of the round, as far as the host pool holds them)
+        count too: one CPU row alone rarely pays for a second pass over the weights, a batch of them
+        does, and it is the batch that the round sends. Always in ``full`` mode."""
         if self.mode == "full":
             return True
+        follow, free, rows = [], self.cpu.num_free - self.cpu.blocks_for(seq.num_tokens + 1), len(self.running)
+        for s in self.waiting:
+            need = self.cpu.blocks_for(s.num_tokens + 1)
+            if s is seq or s.num_computed or need > free or rows + len(self.cpu_queue) + len(follow) + 1 >= \
+                    self.config.max_num_seqs:
+                continue
+            follow.append(s.num_tokens + 1)
+            free -= need
+        queued = [s.num_tokens + 1 for s in self.cpu_queue]
+        cpu = [seq.num_tokens + 1, *queued] if front else [*queued, seq.num_tokens + 1]
         candidate = BatchCandidate(
-            gpu_decode_lens=[s.num_tokens + 1 for s in self.running if s.place is Place.GPU],
-            cpu_decode_lens=[s.num_tokens + 1 for s in self.cpu_queue] + [seq.num_tokens + 1])
-        return decide(candidate, self.costs, self.mode).cpu_sub_batch[-1] != WAIT
+            gpu_decode_lens=[s.num_tokens + 1 for s in self.running if s.place is Place.GPU and s is not seq],
+            cpu_decode_lens=cpu + follow)
+        return decide(candidate, self.costs, self.mode).cpu_sub_batch[0 if front else len(queued)] != WAIT
 
     def _place_cpu_decodes(self, out: SchedulerOutput, cpu_decodes: list[Sequence], budget: int) -> None:
         """Ask the policy which CPU decodes run (and in which sub-batch); grow their CPU tables."""

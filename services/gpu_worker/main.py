@@ -44,6 +44,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # Collectives wait this long at most: rank 0 profiles the cost tables (minutes, at the first start)
 # while the other ranks wait for it in the next collective.
 _GROUP_TIMEOUT_S = 3600.0
+_FOLLOWER_EXIT_S = 10.0   # a follower that does not exit by then is terminated with this process
 
 
 def pick_device(name: str, rank: int = 0) -> torch.device:
@@ -209,6 +210,8 @@ def serve(config: NeoConfig) -> int:
         if followers is not None:
             followers.stopping = True
             followers.forward(Shutdown(reason="rank 0 exits").encode())
+            for proc in followers.procs:
+                proc.join(_FOLLOWER_EXIT_S)
             followers.close()
         if runner.host is not None:
             runner.host.close()
@@ -230,6 +233,7 @@ def follow(config: NeoConfig, rank: int, init_method: str, frames_addr: str) -> 
         while True:
             msg = decode(sock.recv())
             if isinstance(msg, Shutdown):
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 may terminate us while we unwind
                 return
             try:
                 runner.execute(msg)

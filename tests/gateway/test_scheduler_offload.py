@@ -33,7 +33,7 @@ def step(s: Scheduler):
 
 def test_placement_gpu_first_then_the_round_follows_to_the_cpu(monkeypatch):
     s = scheduler(gpu=10)
-    monkeypatch.setattr(s, "_cpu_pays", lambda seq: True)  # the round logic alone; the gate is tested below
+    monkeypatch.setattr(s, "_cpu_pays", lambda seq, front=False: True)  # the round logic alone; the gate is tested below
     for i, n in enumerate([64, 64, 100, 16]):      # 4 + 4 blocks fit; the third does not; the 4th follows it
         s.add(seq(i, n))
     out = s.schedule()
@@ -90,6 +90,26 @@ def test_swap_out_newest_decode_to_the_front_of_the_cpu_queue():
     assert 2 not in s.gpu.tables
 
 
+def test_a_victim_the_policy_would_not_decode_on_the_cpu_is_recomputed_not_swapped():
+    # Two short GPU decodes and nothing else: the policy would never run the victim on the CPU
+    # (see the admission test above), so parking it there would hold it back; it is preempted.
+    s = scheduler(gpu=6, cpu=64)
+    for i in range(3):
+        s.add(seq(i, 32))
+    step(s)
+    out = s.schedule()
+    assert [v.seq_id for v in out.preempted] == [2] and not out.swapped_out and not s.cpu_queue
+    assert s.waiting[0].seq_id == 2 and s.waiting[0].num_computed == 0
+    # The same pool with a CPU the policy uses: swapped out, as before.
+    fast = scheduler(gpu=6, cpu=64)
+    fast._cpu_pays = lambda victim, front=False: victim.seq_id == 2
+    for i in range(3):
+        fast.add(seq(i, 32))
+    step(fast)
+    out = fast.schedule()
+    assert [v.seq_id for v in out.swapped_out] == [2] and not out.preempted
+
+
 def test_recompute_when_the_cpu_pool_is_full_too():
     s = scheduler(gpu=6, cpu=1)
     for i in range(3):
@@ -99,8 +119,9 @@ def test_recompute_when_the_cpu_pool_is_full_too():
     assert out.preempted and not out.swapped_out
 
 
-def test_swap_in_oldest_first_below_the_threshold():
+def test_swap_in_oldest_first_below_the_threshold(monkeypatch):
     s = scheduler(gpu=6, cpu=64, threshold=0.9)
+    monkeypatch.setattr(s, "_cpu_pays", lambda seq, front=False: True)  # the swap mechanics alone; the gate is tested below
     for i in range(3):
         s.add(seq(i, 32))
     step(s)
@@ -121,6 +142,7 @@ def run_load(threshold: float, iterations: int = 400, seed: int = 3) -> tuple[li
     arriving as others finish)."""
     rng = random.Random(seed)
     s = scheduler(gpu=160, cpu=4096, threshold=threshold, costs=synthetic(**FAST_CPU))
+    s._cpu_pays = lambda seq, front=False: True  # swap mechanics under load; the gate is tested above
     next_id = 0
     events = []
     for _ in range(iterations):
@@ -181,7 +203,8 @@ def test_a_too_slow_cpu_yields_sequential_plans():
         if any(r.seq.place is Place.GPU for r in out.rows):
             kinds.append(out.decision.kind)
     assert kinds and all(k == PlanKind.SEQUENTIAL for k in kinds)
-    assert s.cpu_queue, "requests wait on the CPU meanwhile"
+    assert not s.cpu_queue and s.num_preemptions, \
+        "a CPU the policy never decodes on gets no requests: victims are recomputed, newcomers wait for the GPU"
 
 
 def test_full_mode_decodes_everything_on_the_cpu_and_frees_both_pools():
