@@ -92,6 +92,8 @@ class SchedulerConfig(Settings):
                                           "tokens are fed on the device), so the GPU does not wait for the "
                                           "gateway; steady GPU decoding only")
     swap_in_threshold: float = option(0.95, "swap CPU requests back in only below this GPU KV use")
+    calibrate_pipeline: bool = option(True, "learn the pipelined plan's extra cost per stage (launches, handoffs, "
+                                            "all-reduces) from measured forwards and plan with it")
     cost_tables: str = option("", "cost tables JSON for the offload policy (default: the cached profile of "
                                   "this machine, profiled at the first start)")
 

@@ -256,6 +256,7 @@ class Engine:
                 sent.pop(0)
                 assert isinstance(result, IterationResult)
                 self._apply(current, result)
+                sched.observe(current, result.forward_s - result.swap_s)
                 now = time.perf_counter()
                 for hook in self.iteration_hooks:
                     hook(current, result, now - t_start)

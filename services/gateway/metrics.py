@@ -48,6 +48,9 @@ class _SchedulerState(Collector):
         yield gauge("num_preemptions_total", "Requests preempted (recompute) so far.",
                     sched.num_preemptions if sched else 0)
         yield gauge("worker_up", "1 while the GPU worker is connected and ready.", 1 if self.engine.link.alive else 0)
+        yield gauge("pipeline_overhead_seconds", "Learnt extra time of a pipelined stage beyond the cost tables "
+                    "(launches, handoffs, all-reduces); the policy adds it to pipelined plans.",
+                    sched.calibration.overhead_s if sched else 0.0)
         links = self.engine.cpu_links
         yield gauge("cpu_attention_up", "1 while the cpu_attention processes (one per tensor-parallel rank) are "
                     "connected and ready (0 without offloading).", 1 if links and all(l.alive for l in links) else 0)

@@ -193,8 +193,11 @@ def _assign(costs: CostTables, c: BatchCandidate, enforce: bool) -> tuple[list[i
     return where, sbs
 
 
-def decide(candidate: BatchCandidate, costs: CostTables, mode: str = "auto") -> OffloadDecision:
-    """Choose this iteration's plan; pure (no state, no I/O). See the module docstring."""
+def decide(candidate: BatchCandidate, costs: CostTables, mode: str = "auto",
+           pipeline_overhead: float = 0.0) -> OffloadDecision:
+    """Choose this iteration's plan; pure (no state, no I/O). See the module docstring.
+    ``pipeline_overhead``: seconds each pipelined stage costs beyond the tables (the scheduler
+    learns it from measured forwards; the sequential plan does not pay it)."""
     if mode not in MODES:
         raise ValueError(f"offload mode must be one of {MODES}, not {mode!r}")
     c = candidate
@@ -209,7 +212,7 @@ def decide(candidate: BatchCandidate, costs: CostTables, mode: str = "auto") -> 
         return dataclasses.replace(sequential, reason=why)
 
     if mode == "throughput":
-        return _most_rows_per_second(costs, c, sequential)
+        return _most_rows_per_second(costs, c, sequential, pipeline_overhead)
     where, sbs = _assign(costs, c, enforce=(mode == "auto"))
     reason = "full offload" if mode == "full" else "pipelined serves more rows per GPU second"
     if mode == "auto" and all(j == WAIT for j in where):
@@ -217,7 +220,7 @@ def decide(candidate: BatchCandidate, costs: CostTables, mode: str = "auto") -> 
             return dataclasses.replace(sequential, reason="no CPU decode can hide behind the GPU work")
         where, sbs = _assign(costs, c, enforce=False)
         reason = "only CPU decodes: run them unhidden rather than stall"
-    pipelined = _pipelined(costs, where, sbs, sequential, reason)
+    pipelined = _pipelined(costs, where, sbs, sequential, reason, pipeline_overhead)
     if mode == "auto" and seq_rows and pipelined.pipelined_rate <= seq_rate:
         return dataclasses.replace(sequential, pipelined_rate=pipelined.pipelined_rate,
                                    reason="sequential serves at least as many rows per GPU second")
@@ -225,16 +228,17 @@ def decide(candidate: BatchCandidate, costs: CostTables, mode: str = "auto") -> 
 
 
 def _pipelined(costs: CostTables, where: list[int], sbs: list[_SubBatch], sequential: OffloadDecision,
-               reason: str) -> OffloadDecision:
+               reason: str, overhead: float = 0.0) -> OffloadDecision:
     stages = (_stage(costs, sbs[0], sbs[1]), _stage(costs, sbs[1], sbs[0]))
-    layer_s = stages[0].stage_s + stages[1].stage_s
+    layer_s = stages[0].stage_s + stages[1].stage_s + 2 * overhead
     rows = sequential.rows + sum(j != WAIT for j in where)
     pipe_rate = rows / layer_s if layer_s > 0 else 0.0
     return OffloadDecision(PlanKind.PIPELINED, sequential.mode, tuple(where), stages, layer_s, rows,
                            sequential.sequential_rate, pipe_rate, reason)
 
 
-def _most_rows_per_second(costs: CostTables, c: BatchCandidate, sequential: OffloadDecision) -> OffloadDecision:
+def _most_rows_per_second(costs: CostTables, c: BatchCandidate, sequential: OffloadDecision,
+                          overhead: float = 0.0) -> OffloadDecision:
     """``throughput`` mode: the sequential plan, the hidden pipeline (as ``auto``) and the pipeline
     with every CPU decode (unhidden: stages wait for the CPU), whichever serves the most rows per
     second of wall time. Where launches or a fast GPU leave little GPU work to hide behind, running
@@ -245,7 +249,7 @@ def _most_rows_per_second(costs: CostTables, c: BatchCandidate, sequential: Offl
         where, sbs = _assign(costs, c, enforce=enforce)
         if all(j == WAIT for j in where):
             continue
-        plan = _pipelined(costs, where, sbs, sequential, why)
+        plan = _pipelined(costs, where, sbs, sequential, why, overhead)
         if best is None or plan.rate > best.rate:
             best = plan
     if best is sequential:

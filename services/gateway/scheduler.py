@@ -32,7 +32,8 @@ from neo_common.config import SchedulerConfig
 from neo_common.protocol import Place
 from neo_gateway.block_manager import BlockManager
 from neo_gateway.cost_model import CostTables
-from neo_gateway.offload_policy import WAIT, BatchCandidate, choose_swap_in, decide
+from neo_gateway.calibration import PipelineCalibration
+from neo_gateway.offload_policy import WAIT, BatchCandidate, OffloadDecision, choose_swap_in, decide
 from neo_gateway.schedule_output import ScheduledSeq, SchedulerOutput
 from neo_gateway.sequence import FinishReason, Sequence, SeqStatus
 
@@ -53,6 +54,8 @@ class Scheduler:
     - ``mode``: ``off`` (GPU only), ``auto`` (NEO) or ``full`` (every decode on the CPU).
     - ``iteration``: id of the last scheduled iteration; ``num_preemptions``/``num_swapped_out``/
       ``num_swapped_in``: totals since start.
+    - ``calibration``: the pipelined plan's measured extra cost (``observe`` feeds it), which every
+      decision, and so the admission and swap gates, plans with.
     """
 
     def __init__(self, config: SchedulerConfig, gpu_blocks: BlockManager, cpu_blocks: BlockManager | None = None,
@@ -69,6 +72,15 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_swapped_out = 0
         self.num_swapped_in = 0
+        self.calibration = PipelineCalibration(config.calibrate_pipeline)
+
+    def observe(self, output: SchedulerOutput, forward_s: float) -> None:
+        """What the worker measured for ``output``'s forward (seconds, swaps excluded)."""
+        if self.costs is not None:
+            self.calibration.observe(output.decision, forward_s, int(dict(self.costs.key.shapes)["num_layers"]))
+
+    def _decide(self, candidate: BatchCandidate) -> OffloadDecision:
+        return decide(candidate, self.costs, self.mode, self.calibration.overhead_s)
 
     # -- queue management ---------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -115,7 +127,7 @@ class Scheduler:
         if cpu_decodes:
             self._place_cpu_decodes(out, cpu_decodes, budget + len(cpu_decodes))
         elif self.offloading:
-            out.decision = decide(self._candidate(out.rows, []), self.costs, self.mode)
+            out.decision = self._decide(self._candidate(out.rows, []))
         return out
 
     def schedule_ahead(self, prev: SchedulerOutput) -> SchedulerOutput | None:
@@ -146,7 +158,7 @@ class Scheduler:
             self.gpu.allocate(seq.seq_id, pos + 1)
             out.rows.append(ScheduledSeq(seq, pos, 1, True, placeholder=True))
         if self.offloading:
-            out.decision = decide(self._candidate(out.rows, []), self.costs, self.mode)
+            out.decision = self._decide(self._candidate(out.rows, []))
         return out
 
     def _schedule_gpu_running(self, out: SchedulerOutput, budget: int) -> int:
@@ -283,7 +295,7 @@ class Scheduler:
         candidate = BatchCandidate(
             gpu_decode_lens=[s.num_tokens + 1 for s in self.running if s.place is Place.GPU and s is not seq],
             cpu_decode_lens=cpu + follow)
-        return decide(candidate, self.costs, self.mode).cpu_sub_batch[0 if front else len(queued)] != WAIT
+        return self._decide(candidate).cpu_sub_batch[0 if front else len(queued)] != WAIT
 
     def _place_cpu_decodes(self, out: SchedulerOutput, cpu_decodes: list[Sequence], budget: int) -> None:
         """Ask the policy which CPU decodes run (and in which sub-batch); grow their CPU tables."""
@@ -292,7 +304,7 @@ class Scheduler:
             if not self.cpu.can_allocate(seq.seq_id, seq.num_computed + 1):
                 break  # the CPU pool is full: it waits until a CPU request finishes
             runnable.append(seq)
-        out.decision = decide(self._candidate(out.rows, runnable), self.costs, self.mode)
+        out.decision = self._decide(self._candidate(out.rows, runnable))
         for seq, sub_batch in zip(runnable, out.decision.cpu_sub_batch):
             if sub_batch == WAIT:
                 continue

@@ -225,3 +225,30 @@ def test_full_mode_decodes_everything_on_the_cpu_and_frees_both_pools():
             break
     assert not s.has_work()
     assert s.gpu.num_free == 64 and s.cpu.num_free == 512
+
+
+def test_measured_pipeline_overhead_turns_a_losing_pipeline_off():
+    """The tables say pipelining pays; the measured forwards say each stage costs far more than they
+    predict. After a few such iterations the policy plans sequentially and stops sending new requests
+    to the host pool; forwards as fast as predicted leave it pipelining."""
+    def run(slowdown: float):
+        s = scheduler(gpu=24, cpu=4096, max_num_seqs=256)
+        layers = int(dict(s.costs.key.shapes)["num_layers"])
+        for i in range(40):
+            s.add(seq(i, 64, max_tokens=200))
+        kinds = []
+        for _ in range(30):
+            out = s.schedule()
+            s.update(out, {r.seq.seq_id: 7 for r in out.rows if r.sample})
+            if out.decision is not None:
+                kinds.append(out.decision.kind)
+                s.observe(out, out.decision.predicted_forward_s(layers) * slowdown)
+        return s, kinds
+
+    honest, kinds = run(1.0)
+    assert kinds[-1] == PlanKind.PIPELINED and honest.calibration.overhead_s == 0.0
+    slow, kinds = run(20.0)
+    assert PlanKind.PIPELINED in kinds, "it pipelined while the tables were trusted"
+    assert slow.calibration.overhead_s > 0 and kinds[-5:] == [PlanKind.SEQUENTIAL] * 5
+    newcomer = seq(999, 64)
+    assert not slow._cpu_pays(newcomer) and honest._cpu_pays(newcomer)

@@ -28,7 +28,8 @@ MODES = {"off": ["--offload-mode", "off", "--num-gpu-blocks", "512"],
          "full": ["--offload-mode", "full", "--num-gpu-blocks", "64"],
          # Swapping back in until the GPU pool is full (threshold 1.0, no hysteresis band) makes the
          # next GPU request that grows past a block swap another out, however the requests arrived.
-         "auto": ["--offload-mode", "auto", "--num-gpu-blocks", "16", "--swap-in-threshold", "1.0"]}
+         "auto": ["--offload-mode", "auto", "--num-gpu-blocks", "16", "--swap-in-threshold", "1.0",
+                 "--calibrate-pipeline", "false"]}
 
 
 def random_llama3(folder) -> str:

@@ -77,7 +77,9 @@ def fast_host_tables(cost_cache: str, folder) -> str:
     fixed cost are noisy on a 2-core host, and a profile where they were large made the policy keep
     every decode on the GPU. With these tables the pipelined plan serves strictly more rows per
     second whenever a CPU decode exists, so ``auto`` places, prefills and decodes requests on the
-    CPU in every run, which is the path whose outputs the tests compare."""
+    CPU in every run, which is the path whose outputs the tests compare. (Such a replica runs with
+    ``--calibrate-pipeline false``: its measured forwards are of course far slower than these
+    tables predict, and calibration would rightly turn the pipeline off.)"""
     path = max(glob.glob(os.path.join(cost_cache, "*.json")), key=os.path.getmtime)  # this model's, just profiled
     tables = CostTables.load(path)
     per_token = tables.linr_y[-1] / tables.linr_x[-1]
