@@ -20,12 +20,17 @@ request's text must match, and both pools must be free afterwards.
 
 from __future__ import annotations
 
+import os
+import signal
+
+import httpx
 import pytest
 import transformers
 
 from neo_common.procs import descendants
 from support.equivalence import complete_all, fast_host_tables, metrics, model_under_test, value, workload
 from support.random_model import random_hf_folder
+from support.replica import http_status, pid_alive, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -97,3 +102,28 @@ def _cmdline(pid: int) -> bytes:
             return f.read()
     except OSError:
         return b""
+
+
+def test_a_dead_rank_restarts_the_worker_and_its_segments(replica_factory):
+    """Rank 1 of the worker dies (SIGKILL): rank 0 exits rather than hang in its next collective, the
+    launcher restarts the worker, both ranks and both host segments come back, requests are served
+    again, and stopping the replica leaves no segment behind."""
+    r = replica_factory(*TP2, "--offload-mode", "full", "--kv-cache-dtype", "bfloat16", "--num-gpu-blocks", "64",
+                        "--num-cpu-blocks", "128", "--max-model-len", "512")
+    port = r.args[r.args.index("--cpu-attention-addr") + 1].rsplit(":", 1)[1]
+    segments = [f"/dev/shm/neo-kv-{port}", f"/dev/shm/neo-kv-{port}-tp1"]
+    assert all(os.path.exists(s) for s in segments)
+    body = {"model": "smollm2-135m-instruct", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+    assert httpx.post(r.url + "/v1/completions", json=body, timeout=120).status_code == 200
+    (rank1,) = rank_children(r, b"gpu-worker")
+    rank0 = httpx.get(r.url + "/health").json()["workers"]["gpu_worker"]["pid"]
+    os.kill(rank1, signal.SIGKILL)
+    assert wait_until(lambda: not pid_alive(rank0), 30), "rank 0 outlived its follower"
+    assert wait_until(lambda: http_status(r.url + "/ready") == 200 and
+                      httpx.get(r.url + "/health").json()["workers"]["gpu_worker"]["pid"] != rank0, 240)
+    (new_rank1,) = rank_children(r, b"gpu-worker")
+    assert new_rank1 != rank1 and all(os.path.exists(s) for s in segments)
+    resp = httpx.post(r.url + "/v1/completions", json=body, timeout=120)
+    assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 4
+    r.stop()
+    assert not any(os.path.exists(s) for s in segments), "a rank's host segment outlived the replica"
