@@ -209,7 +209,7 @@ def serve(config: NeoConfig) -> int:
     finally:
         if followers is not None:
             followers.stopping = True
-            followers.forward(Shutdown(reason="rank 0 exits").encode())
+            followers.forward(Shutdown(reason="rank 0 exits").encode(), wait=False)
             for proc in followers.procs:
                 proc.join(_FOLLOWER_EXIT_S)
             followers.close()

@@ -109,9 +109,14 @@ class FollowerLinks:
         self.procs: list[multiprocessing.process.BaseProcess] = []
         self.stopping = False
 
-    def forward(self, frame: bytes) -> None:
+    def forward(self, frame: bytes, wait: bool = True) -> None:
+        """Queue ``frame`` for every follower; ``wait=False`` skips a follower that is gone (a PUSH
+        socket without its peer would block forever)."""
         for sock in self.socks:
-            sock.send(frame, copy=False)
+            try:
+                sock.send(frame, 0 if wait else zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                pass
 
     def close(self) -> None:
         for sock in self.socks:

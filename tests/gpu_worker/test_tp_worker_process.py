@@ -1,0 +1,53 @@
+"""`neo gpu-worker --tensor-parallel-size 2` as a real process pair, driven over its ZeroMQ socket."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import zmq
+
+from neo_common.procs import descendants, free_port, pid_alive
+from neo_common.protocol import Hello, Shutdown, WorkerReady, decode
+
+pytestmark = pytest.mark.integration
+
+
+def test_shutdown_reaches_the_follower_and_both_ranks_exit_cleanly(tmp_path):
+    addr = f"tcp://127.0.0.1:{free_port()}"
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(addr)
+    log = open(tmp_path / "worker.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "neo_common.cli", "gpu-worker", "--worker-addr", addr,
+                             "--tensor-parallel-size", "2", "--num-gpu-blocks", "32", "--max-model-len", "256"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    tree: list[int] = []
+    try:
+        assert sock.poll(60_000), "the worker never said hello"
+        assert isinstance(decode(sock.recv()), Hello)
+        assert sock.poll(180_000), "the worker never got ready"
+        ready = decode(sock.recv())
+        assert isinstance(ready, WorkerReady) and ready.pid == proc.pid and ready.num_gpu_blocks == 32
+        assert ready.geometry["num_kv_heads"] == 3, "the gateway sees the whole model, not rank 0's shard"
+        tree = descendants(proc.pid)
+        assert len([p for p in tree if pid_alive(p)]) >= 1, "rank 1 runs as a child"
+        sock.send(Shutdown(reason="test").encode())
+        assert proc.wait(timeout=60) == 0
+        assert not any(pid_alive(p) for p in tree), "rank 1 outlived rank 0"
+        text = (tmp_path / "worker.log").read_text(errors="replace")
+        assert "Traceback" not in text, text[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in tree:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        sock.close(0)
+        ctx.term()
+        log.close()
