@@ -14,14 +14,13 @@ import os
 from typing import Sequence
 
 from neo_common.config import NeoConfig
+from neo_common.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
 
 def _setup_logging(config: NeoConfig, rank: int) -> None:
-    tag = "cpu_attention" if rank == 0 else f"cpu_attention.tp{rank}"
-    logging.basicConfig(level=config.http.log_level.upper(),
-                        format=f"%(asctime)s %(levelname)s {tag}[{os.getpid()}] %(name)s: %(message)s")
+    setup_logging(config.http.log_level, "cpu_attention" if rank == 0 else f"cpu_attention.tp{rank}")
 
 
 def serve_rank(config: NeoConfig, rank: int) -> int:

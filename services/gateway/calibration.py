@@ -38,8 +38,7 @@ class PipelineCalibration:
         """Fold in one iteration: ``forward_s`` is its measured decoder forward (swaps excluded)."""
         if not self.enabled or decision is None or decision.kind != PlanKind.PIPELINED or forward_s <= 0:
             return
-        stages = 2 * num_layers
-        predicted = (decision.layer_s - 2 * self.overhead_s) * num_layers   # the tables' share alone
-        sample = max(0.0, (forward_s - predicted) / stages)
+        predicted = sum(stage.stage_s for stage in decision.stages) * num_layers   # the tables alone
+        sample = max(0.0, (forward_s - predicted) / (2 * num_layers))
         self.overhead_s = sample if self.samples == 0 else self.overhead_s + WEIGHT * (sample - self.overhead_s)
         self.samples += 1

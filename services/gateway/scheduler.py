@@ -282,11 +282,13 @@ class Scheduler:
         does, and it is the batch that the round sends. Always in ``full`` mode."""
         if self.mode == "full":
             return True
-        follow, free, rows = [], self.cpu.num_free - self.cpu.blocks_for(seq.num_tokens + 1), len(self.running)
+        follow, free = [], self.cpu.num_free - self.cpu.blocks_for(seq.num_tokens + 1)
+        slots = self.config.max_num_seqs - len(self.running) - len(self.cpu_queue) - 1
         for s in self.waiting:
+            if len(follow) >= slots or free <= 0:
+                break  # no more rows or host blocks: nothing further in the queue can follow
             need = self.cpu.blocks_for(s.num_tokens + 1)
-            if s is seq or s.num_computed or need > free or rows + len(self.cpu_queue) + len(follow) + 1 >= \
-                    self.config.max_num_seqs:
+            if s is seq or s.num_computed or need > free:
                 continue
             follow.append(s.num_tokens + 1)
             free -= need

@@ -102,7 +102,7 @@ def build_runner(config: NeoConfig, rank: int = 0, init_method: str = "") -> tup
         # The cost tables first: profiling allocates and frees device memory of its own. Rank 0
         # profiles its own shard (the largest one) for the policy; the others need none.
         if rank == 0:
-            cost_tables = load_cost_tables(config, g).to_dict()
+            cost_tables = load_cost_tables(config).to_dict()
         host = HostKv(config.for_rank(rank).shm_name, SegmentLayout.for_model(
             g, num_cpu_blocks(config, model.full_geometry, kv_dtype), bs, config.scheduler.max_num_seqs, kv_name))
         staging = -(-config.scheduler.max_num_batched_tokens // bs) + config.scheduler.max_num_seqs
@@ -132,17 +132,17 @@ def num_cpu_blocks(config: NeoConfig, g, kv_dtype: torch.dtype) -> int:
     return max(1, int(config.cache.cpu_kv_gb * 2**30 // per_block))
 
 
-def load_cost_tables(config: NeoConfig, geometry=None):
-    """``--cost-tables`` if given, else this machine's cached profile of ``geometry`` (default:
-    the model's; a rank's shard under tensor parallelism), profiled now if missing; the quick grid
-    on the CPU device, where the full one would take long and matters little."""
+def load_cost_tables(config: NeoConfig):
+    """``--cost-tables`` if given, else this machine's cached profile of the model (rank 0's shard
+    under tensor parallelism), profiled now if missing; the quick grid on the CPU device, where the
+    full one would take long and matters little."""
     from neo_gateway.cost_model import CostTables
     from neo_gpu_worker.profiler import load_or_profile
 
     if config.scheduler.cost_tables:
         return CostTables.load(config.scheduler.cost_tables)
     quick = pick_device(config.device.device).type == "cpu"
-    tables, path = load_or_profile(config, quick=quick, progress=False, geometry=geometry)
+    tables, path = load_or_profile(config, quick=quick, progress=False)
     log.info("cost tables: %s", path)
     return tables
 

@@ -269,11 +269,10 @@ def profile(g: ModelGeometry, device: torch.device, dtype: torch.dtype, block_si
 
 
 def load_or_profile(config: NeoConfig, cache_dir: str | None = None, quick: bool = False, layers: int = 2,
-                    force: bool = False, progress: bool = True,
-                    geometry: ModelGeometry | None = None) -> tuple[CostTables, str]:
+                    force: bool = False, progress: bool = True) -> tuple[CostTables, str]:
     """The cached tables for this config's model/device/dtype/block size/threads, profiling if absent.
-    ``geometry`` overrides the model's; with ``--tensor-parallel-size`` the default is rank 0's
-    shard, profiled with its share of the CPU threads. (The ranks' all-reduces are not in ``linr``.)
+    With ``--tensor-parallel-size`` they are rank 0's shard (the largest, so it bounds every rank's
+    costs), profiled with its share of the CPU threads. (The ranks' all-reduces are not in ``linr``.)
 
     Returns the tables and the path of their file (under ``cache_dir``, default
     :func:`cost_model.default_cache_dir`).
@@ -282,10 +281,8 @@ def load_or_profile(config: NeoConfig, cache_dir: str | None = None, quick: bool
 
     device = pick_device(config.device.device)
     dtype = pick_dtype(config.model.dtype, device)
-    if geometry is None:  # rank 0's shard: the largest, so it bounds every rank's costs
-        full = read_geometry(resolve(config.model))
-        geometry = Shard.of(full, 0, config.device.tensor_parallel_size).local_geometry(full)
-    g = geometry
+    full = read_geometry(resolve(config.model))
+    g = Shard.of(full, 0, config.device.tensor_parallel_size).local_geometry(full)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     threads = threads_per_rank(config.device.cpu_threads, config.device.tensor_parallel_size)
     ops.configure(config.device.kernels, device)  # the tables time the kernels the worker will run
