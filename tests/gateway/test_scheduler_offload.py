@@ -71,11 +71,18 @@ def test_prompt_longer_than_the_budget_is_not_cpu_bound():
         "full mode prefills a long prompt on the GPU in chunks"
 
 
-def test_swap_out_newest_decode_to_the_front_of_the_cpu_queue():
-    s = scheduler(gpu=6, cpu=64)
+def full_gpu(cpu: int = 64, **kw) -> Scheduler:
+    """Three requests of 2 blocks each admitted to a 6-block GPU pool: full, and each decode's next
+    token needs a 3rd block, so the next ``schedule`` must evict one (the newest, request 2)."""
+    s = scheduler(gpu=6, cpu=cpu, **kw)
     for i in range(3):
-        s.add(seq(i, 32))          # 2 blocks each: the GPU pool is full after admission
+        s.add(seq(i, 32))
     step(s)
+    return s
+
+
+def test_swap_out_newest_decode_to_the_front_of_the_cpu_queue():
+    s = full_gpu()
     s.cpu_queue.append(seq(99, 16))  # a request already on the CPU (its place in the queue matters)
     s.cpu_queue[-1].place = Place.CPU
     s.cpu.allocate(99, 16)
@@ -93,38 +100,26 @@ def test_swap_out_newest_decode_to_the_front_of_the_cpu_queue():
 def test_a_victim_the_policy_would_not_decode_on_the_cpu_is_recomputed_not_swapped():
     # Two short GPU decodes and nothing else: the policy would never run the victim on the CPU
     # (see the admission test above), so parking it there would hold it back; it is preempted.
-    s = scheduler(gpu=6, cpu=64)
-    for i in range(3):
-        s.add(seq(i, 32))
-    step(s)
+    s = full_gpu()
     out = s.schedule()
     assert [v.seq_id for v in out.preempted] == [2] and not out.swapped_out and not s.cpu_queue
     assert s.waiting[0].seq_id == 2 and s.waiting[0].num_computed == 0
     # The same pool with a CPU the policy uses: swapped out, as before.
-    fast = scheduler(gpu=6, cpu=64)
+    fast = full_gpu()
     fast._cpu_pays = lambda victim, front=False: victim.seq_id == 2
-    for i in range(3):
-        fast.add(seq(i, 32))
-    step(fast)
     out = fast.schedule()
     assert [v.seq_id for v in out.swapped_out] == [2] and not out.preempted
 
 
 def test_recompute_when_the_cpu_pool_is_full_too():
-    s = scheduler(gpu=6, cpu=1)
-    for i in range(3):
-        s.add(seq(i, 32))
-    step(s)
+    s = full_gpu(cpu=1)
     out = s.schedule()
     assert out.preempted and not out.swapped_out
 
 
 def test_swap_in_oldest_first_below_the_threshold(monkeypatch):
-    s = scheduler(gpu=6, cpu=64, threshold=0.9)
+    s = full_gpu(threshold=0.9)
     monkeypatch.setattr(s, "_cpu_pays", lambda seq, front=False: True)  # the swap mechanics alone; the gate is tested below
-    for i in range(3):
-        s.add(seq(i, 32))
-    step(s)
     step(s)                                        # swaps out 2 (see above)
     assert [q.seq_id for q in s.cpu_queue] == [2]
     for q in list(s.running):                      # the GPU empties
