@@ -117,6 +117,8 @@ class DeviceConfig(Settings):
     kernels: str = option("auto", "GPU kernels: auto (Triton on CUDA when it imports) or torch (the portable "
                                   "twins, for comparison)", choices=("auto", "torch"))
     enforce_eager: bool = option(False, "never capture CUDA graphs (decode launches every kernel from Python)")
+    pipeline_graphs: bool = option(True, "with offloading, also capture the pipelined forward's per-layer dense "
+                                         "work as CUDA graphs (false: launched from Python, for comparison)")
     tensor_parallel_size: int = option(1, "GPUs the model is sharded over (one worker process and one CPU "
                                           "attention process per GPU; --cpu-threads is split between them)")
 

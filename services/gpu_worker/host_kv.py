@@ -66,21 +66,28 @@ class HostKv:
 
     def stream_out(self, layer: int, staging: torch.Tensor, runs, side_stream=None) -> None:
         """One layer of CPU-bound prefill KV from the staging area ``[2, blocks, bs, H, D]`` to its
-        host blocks (``runs``: staging block, host block, count). On CUDA the transposed blocks are
-        made on the compute stream (so the staging area can be overwritten by the next layer at
-        once) and copied to the host on ``side_stream``, overlapping the next layer's work."""
-        for src, dst, n in runs.tolist():
-            for side, pool in ((0, self.k_pool), (1, self.v_pool)):
-                block = staging[side, src:src + n].transpose(1, 2).contiguous()
-                if side_stream is None:
-                    pool[layer, dst:dst + n].copy_(block)
-                    continue
-                ready = torch.cuda.Event()
-                ready.record()
-                side_stream.wait_event(ready)
-                with torch.cuda.stream(side_stream):
-                    pool[layer, dst:dst + n].copy_(block, non_blocking=True)
-                    block.record_stream(side_stream)
+        host blocks (``runs``: staging block, host block, count). The used staging blocks are
+        transposed to the host layout in one kernel on the compute stream (so the staging area can be
+        overwritten by the next layer at once); on CUDA the copies to the host go on ``side_stream``,
+        overlapping the next layer's work: one per run and side, behind one event."""
+        if not len(runs):
+            return
+        used = int((runs[:, 0] + runs[:, 2]).max())
+        blocks = staging[:, :used].transpose(2, 3).contiguous()   # [2, used, H, bs, D]
+        if side_stream is None:
+            for src, dst, n in runs.tolist():
+                self.k_pool[layer, dst:dst + n].copy_(blocks[0, src:src + n])
+                self.v_pool[layer, dst:dst + n].copy_(blocks[1, src:src + n])
+            return
+        ready = torch.cuda.Event()
+        ready.record()
+        side_stream.wait_event(ready)
+        with torch.cuda.stream(side_stream):
+            k_pool, v_pool = self.k_pool[layer], self.v_pool[layer]
+            for src, dst, n in runs.tolist():
+                k_pool[dst:dst + n].copy_(blocks[0, src:src + n], non_blocking=True)
+                v_pool[dst:dst + n].copy_(blocks[1, src:src + n], non_blocking=True)
+        blocks.record_stream(side_stream)
 
     def close(self) -> None:
         self.k_pool = self.v_pool = None  # drop aliases before the mapping goes

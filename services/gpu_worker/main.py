@@ -78,7 +78,7 @@ def build_runner(config: NeoConfig, rank: int = 0, init_method: str = "") -> tup
         torch.cuda.set_device(device)
     elif world > 1:
         torch.set_num_threads(max(1, available_cpus() // world))  # the ranks share this host's cores
-    triton_on = ops.configure(config.device.kernels, device)
+    ops.configure(config.device.kernels, device)
     dtype = pick_dtype(config.model.dtype, device)
     source = resolve(config.model)
     full = read_geometry(source)
@@ -108,11 +108,10 @@ def build_runner(config: NeoConfig, rank: int = 0, init_method: str = "") -> tup
         staging = -(-config.scheduler.max_num_batched_tokens // bs) + config.scheduler.max_num_seqs
     blocks = tp.min_int(num_kv_blocks(model, device, bs, kv_dtype, config.cache.num_gpu_blocks,
                                       config.cache.gpu_memory_utilization, config.cache.cpu_device_kv_gb))
-    # Graphs need kernels that never read the device from the host (the Triton ones).
-    graphs = triton_on and not config.device.enforce_eager
+    graphs = ops.uses_graphs(device, config.device.enforce_eager)
     runner = ModelRunner(model, blocks, bs, device, kv_dtype, host, staging, config.ipc.worker_timeout_s,
                          graph_max_batch=min(config.scheduler.max_num_seqs, 512) if graphs else 0, max_model_len=max_len,
-                         tp=tp)
+                         tp=tp, pipeline_graphs=config.device.pipeline_graphs)
     ready = WorkerReady(kind=WorkerKind.GPU_WORKER, pid=os.getpid(), num_gpu_blocks=blocks,
                         block_size=bs, max_model_len=max_len, geometry=full.to_dict(),
                         device=str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),

@@ -15,7 +15,9 @@ queueing GPU work (when launches, not the GPU, bound the stage, ringing only aft
 would put CPU attention after the launch time instead of beside it). The GPU never idles on the
 handoff unless the CPU is slower than the stage's GPU work (which the policy's slack inequality
 prevents in ``auto`` mode). CPU-bound prefills run in sub-batch 0 over a one-layer staging area;
-their KV goes to the host pool after each layer (``HostKv.stream_out``). On the CPU device the same
+their KV goes to the host pool after each layer (``HostKv.stream_out``). The dense work between two
+attentions of a sub-batch replays a captured CUDA graph when the sub-batch fits the captured sizes
+(``stage_graphs.py``), so a stage launches one replay plus its attention. On the CPU device the same
 code runs with synchronous copies; that is how CI checks it against GPU-only execution.
 """
 
@@ -35,11 +37,13 @@ from neo_gpu_worker.attention import paged_attention, write_kv
 from neo_gpu_worker.batch import SubBatch, build_sub_batch
 from neo_gpu_worker.host_kv import HostKv
 from neo_gpu_worker.model import LlamaModel
+from neo_gpu_worker.stage_graphs import EagerDense, StageGraphs
 
 log = logging.getLogger(__name__)
 
 _LOG_EVERY = 200
 _POLL_S = 0.2   # doorbell waits are sliced so a dead cpu_attention process is noticed quickly
+_PARTS = ("dense", "send", "stream_out")   # host time of a forward, by what it launched
 
 
 class Handoff:
@@ -133,21 +137,30 @@ class PipelinedExecutor:
 
     - ``staging``: the one-layer GPU KV area CPU-bound prefills attend over, ``[2, blocks, bs, H, D]``.
     - ``handoff``: the per-layer CPU handoff (its ``cpu_wait_s`` is reset every iteration).
+    - ``graphs``: captured dense boundaries (None: every iteration runs them eagerly); iterations
+      whose sub-batches outgrow its buckets run eagerly too. ``graphed``: whether the last did.
+    - ``spent``: the current iteration's host seconds per part (``_PARTS``); ``totals`` sums
+      iterations since the last log line.
     """
 
     def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, host: HostKv, block_size: int,
-                 staging_blocks: int, device: torch.device, timeout_s: float) -> None:
+                 staging_blocks: int, device: torch.device, timeout_s: float,
+                 graphs: StageGraphs | None = None) -> None:
         g = model.geometry
+        self.graphs = graphs
         self.model, self.kv_cache, self.host = model, kv_cache, host
         self.block_size, self.device = block_size, device
         self.staging = torch.zeros((2, staging_blocks, block_size, g.num_kv_heads, g.head_dim),
                                    dtype=kv_cache.dtype, device=device)
         self.handoff = Handoff(host, device, timeout_s)
-        self.totals = [0, 0.0, 0.0, 0.0]   # iterations, host s, copy-wait s, cpu-wait s (see _account)
+        self.spent = dict.fromkeys(_PARTS, 0.0)   # this iteration's host seconds per part (see _account)
+        self.graphed = False
+        self.totals = dict.fromkeys(("iterations", "graphed", "host", "copy", "cpu", *_PARTS), 0.0)
 
     def forward(self, plan: IterationPlan) -> tuple[torch.Tensor, np.ndarray]:
         """Final hidden states of every row's last token, and the plan rows they belong to."""
         self.handoff.cpu_wait_s = self.handoff.copy_wait_s = 0.0
+        self.spent = dict.fromkeys(_PARTS, 0.0)
         t0 = time.perf_counter()
         sbs = [build_sub_batch(plan, np.flatnonzero(plan.sub_batch == j), self.block_size, self.device,
                                self.staging.shape[1]) for j in (0, 1)]
@@ -160,77 +173,80 @@ class PipelinedExecutor:
             self.handoff.synchronize()
         last = [h[torch.from_numpy(sb.last_token).to(self.device)] for h, sb in zip(hidden, sbs) if sb.num_tokens]
         rows = np.concatenate([sb.rows for sb in sbs if sb.num_tokens])
-        self._account(time.perf_counter() - t0)
+        self._account(time.perf_counter() - t0, self.graphed)
         return torch.cat(last), rows
 
-    def _account(self, host_s: float) -> None:
+    def _account(self, host_s: float, graphed: bool) -> None:
         """Log, every ``_LOG_EVERY`` iterations, where the host's time went: a forward bounded by the
-        GPU shows as copy waits, one bounded by the CPU as CPU waits, the rest is launching."""
+        GPU shows as copy waits, one bounded by the CPU as CPU waits; the rest is launching, split
+        into the dense work (graph replays or eager kernels), the q/k/v sends, the KV stream-out of
+        CPU-bound prefills, and attention with everything else."""
         total = self.totals
-        total[0] += 1
-        total[1] += host_s
-        total[2] += self.handoff.copy_wait_s
-        total[3] += self.handoff.cpu_wait_s
-        if total[0] == _LOG_EVERY:
-            n, host, copy, cpu = total
-            log.info("pipelined forward, mean of %d: host %.2f ms = waiting on GPU copies %.2f ms + on CPU "
-                     "attention %.2f ms + launching %.2f ms", n, host / n * 1e3, copy / n * 1e3, cpu / n * 1e3,
-                     (host - copy - cpu) / n * 1e3)
-            self.totals = [0, 0.0, 0.0, 0.0]
+        for key, value in (("iterations", 1), ("graphed", graphed), ("host", host_s),
+                           ("copy", self.handoff.copy_wait_s), ("cpu", self.handoff.cpu_wait_s), *self.spent.items()):
+            total[key] += value
+        if total["iterations"] < _LOG_EVERY:
+            return
+        n = total["iterations"]
+        ms = {k: v / n * 1e3 for k, v in total.items()}
+        rest = ms["host"] - ms["copy"] - ms["cpu"] - sum(ms[p] for p in _PARTS)
+        log.info("pipelined forward, mean of %d (%d from stage graphs): host %.2f ms = waiting on GPU copies "
+                 "%.2f ms + on CPU attention %.2f ms + launching: dense %.2f ms, sends %.2f ms, KV stream-out "
+                 "%.2f ms, attention and the rest %.2f ms", n, total["graphed"], ms["host"], ms["copy"], ms["cpu"],
+                 ms["dense"], ms["send"], ms["stream_out"], rest)
+        self.totals = dict.fromkeys(total, 0.0)
 
     def _layers(self, it: int, sbs: list[SubBatch]) -> list[torch.Tensor]:
-        model, rope = self.model, self.model.rope
-        layers = model.layers
-        x = [model.embed_tokens(sb.input_ids) for sb in sbs]
+        layers = len(self.model.layers)
+        graphed = self.graphs is not None and self.graphs.fits(sbs)
+        dense = self.graphs if graphed else EagerDense(self.model)
+        self.graphed = graphed
+        dense.begin(sbs)
         live = [sb.num_tokens > 0 for sb in sbs]
-        qkv: list = [None, None]
-        attn: list = [None, None]
-        if live[0]:
-            qkv[0] = layers[0].pre_attn(x[0], sbs[0].positions, rope)
         poll = self.handoff.poll
-        for i in range(len(layers)):
+        spent = self.spent
+
+        def step(j: int, i: int) -> None:
+            t = time.perf_counter()
+            dense.step(j, i)
+            spent["dense"] += time.perf_counter() - t
+
+        if live[0]:
+            step(0, 0)
+        for i in range(layers):
             # stage A: attention of sub-batch 0 (CPU rows on the CPU), dense work of sub-batch 1
             if live[0]:
-                self._send(0, it, i, sbs[0], qkv[0])
+                self._send(0, it, i, sbs[0], dense.qkv[0])
             if live[1]:
-                if i > 0:
-                    x[1] = layers[i - 1].post_attn(x[1], attn[1])
-                    poll()
-                qkv[1] = layers[i].pre_attn(x[1], sbs[1].positions, rope)
+                step(1, i)
                 poll()
             if live[0]:
-                attn[0] = self._gpu_attention(i, sbs[0], qkv[0])
-                self._finish(0, it, i, sbs[0], attn[0])
+                self._attention(0, it, i, sbs[0], dense)
             # stage B: attention of sub-batch 1, dense work of sub-batch 0
             if live[1]:
-                self._send(1, it, i, sbs[1], qkv[1])
+                self._send(1, it, i, sbs[1], dense.qkv[1])
             if live[0]:
-                x[0] = layers[i].post_attn(x[0], attn[0])
+                step(0, i + 1)
                 poll()
-                if i + 1 < len(layers):
-                    qkv[0] = layers[i + 1].pre_attn(x[0], sbs[0].positions, rope)
-                    poll()
             if live[1]:
-                attn[1] = self._gpu_attention(i, sbs[1], qkv[1])
-                self._finish(1, it, i, sbs[1], attn[1])
+                self._attention(1, it, i, sbs[1], dense)
         if live[1]:
-            x[1] = layers[-1].post_attn(x[1], attn[1])
-        return [model.norm(xi) for xi in x]
+            step(1, layers)
+        return [dense.hidden(j) if live[j] else None for j in (0, 1)]
 
     def _send(self, slot: int, it: int, layer: int, sb: SubBatch, qkv) -> None:
         if sb.num_cpu:
             q, k, v = qkv
             c = sb.cpu_slice
+            t = time.perf_counter()
             self.handoff.send(slot, job_seq(it, layer), q[c], k[c], v[c])
+            self.spent["send"] += time.perf_counter() - t
 
-    def _finish(self, slot: int, it: int, layer: int, sb: SubBatch, attn: torch.Tensor) -> None:
-        if sb.num_cpu:
-            self.handoff.finish(slot, it, layer, attn[sb.cpu_slice])
-
-    def _gpu_attention(self, i: int, sb: SubBatch, qkv) -> torch.Tensor:
-        """Attention of the GPU-pool rows and the CPU-bound prefills (CPU decode rows come later)."""
-        q, k, v = qkv
-        out = torch.empty_like(q)
+    def _attention(self, j: int, it: int, i: int, sb: SubBatch, dense) -> None:
+        """Attention of layer ``i`` for sub-batch ``j`` into ``dense.attn_out(j)``: the GPU-pool rows
+        and CPU-bound prefills here, the CPU decodes' o from the cpu_attention process."""
+        q, k, v = dense.qkv[j]
+        out = dense.attn_out(j)
         scale = self.model.layers[i].self_attn.scale
         if sb.meta is not None:
             g = slice(0, sb.num_gpu)
@@ -240,5 +256,8 @@ class PipelinedExecutor:
             s = slice(sb.num_gpu, sb.num_gpu + sb.num_staged)
             write_kv(self.staging, sb.stage_meta.slot_mapping, k[s], v[s])
             paged_attention(q[s], self.staging, sb.stage_meta, scale, out=out[s])
+            t = time.perf_counter()
             self.host.stream_out(i, self.staging, sb.stage_runs, self.handoff.side)
-        return out
+            self.spent["stream_out"] += time.perf_counter() - t
+        if sb.num_cpu:
+            self.handoff.finish(j, it, i, out[sb.cpu_slice])

@@ -72,3 +72,26 @@ def test_pinned_copies_beat_pageable_ones_on_cuda():
         assert pinned_gbps > 1.5 * pageable_gbps and pinned_gbps > 20
     finally:
         host.close()
+
+
+def test_stream_out_puts_each_staged_block_in_its_host_block_in_the_host_layout():
+    lay = layout()
+    host = HostKv(f"neo-test-hostkv-stream-{os.getpid()}", lay)
+    try:
+        device = torch.device("cuda" if host.pinned else "cpu")
+        staging = torch.randn((2, 6, lay.block_size, lay.num_kv_heads, lay.head_dim)).to(torch.bfloat16).to(device)
+        runs = np.array([[0, 5, 2], [2, 1, 1], [3, 2, 2]], np.int32)   # staging 5 is unused
+        before = host.k_pool.clone()
+        side = torch.cuda.Stream() if host.pinned else None
+        host.stream_out(1, staging, runs, side)
+        if side is not None:
+            side.synchronize()
+        for src, dst, n in runs.tolist():
+            for i in range(n):
+                for side_ix, pool in ((0, host.k_pool), (1, host.v_pool)):
+                    want = staging[side_ix, src + i].transpose(0, 1).cpu()   # [H, bs, D]
+                    assert torch.equal(pool[1, dst + i], want)
+        untouched = [b for b in range(lay.num_blocks) if b not in (5, 6, 1, 2, 3)]
+        assert torch.equal(host.k_pool[1, untouched], before[1, untouched]) and torch.equal(host.k_pool[0], before[0])
+    finally:
+        host.close()
