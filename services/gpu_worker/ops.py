@@ -38,9 +38,17 @@ def use_triton(x: torch.Tensor) -> bool:
     return _Choice.triton and x.is_cuda
 
 
-def kernels_for(device: torch.device) -> str:
-    """The name of the implementation ``device`` runs (cost tables are keyed by it)."""
-    return "triton" if _Choice.triton and device.type == "cuda" else "torch"
+def kernels_for(device: torch.device, graphs: bool = False) -> str:
+    """The name of the implementation ``device`` runs (cost tables are keyed by it); ``+graphs``
+    when its GPU work replays from CUDA graphs (then no launch cost is paid per kernel)."""
+    name = "triton" if _Choice.triton and device.type == "cuda" else "torch"
+    return name + "+graphs" if graphs and name == "triton" else name
+
+
+def uses_graphs(device: torch.device, enforce_eager: bool) -> bool:
+    """Whether the worker captures CUDA graphs: it needs kernels that never read the device from
+    the host (the Triton ones), and ``--enforce-eager`` off."""
+    return kernels_for(device) == "triton" and not enforce_eager
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None

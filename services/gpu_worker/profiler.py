@@ -85,12 +85,21 @@ class Progress:
             self._bar.close()
 
 
-def _timer(device: torch.device, reps: int) -> Callable[[Callable[[], object]], float]:
+def _timer(device: torch.device, reps: int) -> Callable[..., float]:
+    """Median seconds of ``fn``; with ``graph`` its replay from a CUDA graph captured once (the GPU's
+    time alone, as the worker pays it when it replays graphs)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def run(fn: Callable[[], object]) -> float:
-        fn()  # warm-up: allocator, caches, lazy init
+    def run(fn: Callable[[], object], graph: bool = False) -> float:
+        fn()  # warm-up: allocator, caches, lazy init, Triton compiles, cuBLAS workspaces
         sync()
+        if graph:
+            captured = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(captured):
+                fn()
+            fn = captured.replay
+            fn()
+            sync()
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -219,15 +228,21 @@ def _monotone(ys: Sequence[float]) -> list[float]:
 
 
 def profile(g: ModelGeometry, device: torch.device, dtype: torch.dtype, block_size: int, cpu_threads: int,
-            grid: tuple = QUICK_GRID, layers: int = 2, progress: bool = True) -> CostTables:
-    """Measure every table on ``device`` (CPU attention on this host with ``cpu_threads`` threads)."""
+            grid: tuple = QUICK_GRID, layers: int = 2, progress: bool = True, graphs: bool = False) -> CostTables:
+    """Measure every table on ``device`` (CPU attention on this host with ``cpu_threads`` threads).
+    With ``graphs`` (the worker replays CUDA graphs) ``linr`` and ``gdec`` are timed as graph
+    replays: launched from Python, an 8B layer's dense work for a few rows takes ~3x its GPU time,
+    and tables built from that would overstate every decode plan (more for the plan that
+    replays a whole decode step than for the pipelined one), so the policy would pipeline at a loss."""
     from neo_cpu_attention import kernel
 
     linr_x, pref_x, gdec_x, cdec_b, cdec_n, decode_ctx, reps = grid
     threads = kernel.set_num_threads(cpu_threads)
     kv_dtype = "float16" if dtype == torch.float16 else "bfloat16"
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    key = CostKey.from_geometry(g, gpu, str(dtype).removeprefix("torch."), block_size, threads, ops.kernels_for(device))
+    graphs = graphs and device.type == "cuda"
+    key = CostKey.from_geometry(g, gpu, str(dtype).removeprefix("torch."), block_size, threads,
+                                ops.kernels_for(device, graphs))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load > os.cpu_count():  # other work competes for the cores: every time below is inflated
         log.warning("host is busy (load %.1f on %d CPUs): the tables will overstate costs", load, os.cpu_count())
@@ -239,13 +254,13 @@ def profile(g: ModelGeometry, device: torch.device, dtype: torch.dtype, block_si
     t0 = time.perf_counter()
     with torch.inference_mode():
         for s in linr_x:
-            raw["linr"].append(timeit(bench.linr(s)) / layers)
+            raw["linr"].append(timeit(bench.linr(s), graphs) / layers)
             bar.step(f"linr {s}")
         for s in pref_x:
             raw["pref"].append(timeit(bench.pref(s)) / layers)
             bar.step(f"pref {s}")
         for n in gdec_x:
-            raw["gdec"].append(timeit(bench.gdec(n, decode_ctx)) / layers)
+            raw["gdec"].append(timeit(bench.gdec(n, decode_ctx), graphs) / layers)
             bar.step(f"gdec {n}")
         for b in cdec_b:
             raw["cdec"].append([timeit(bench.cdec(b, n, kv_dtype)) / layers for n in cdec_n])
@@ -286,15 +301,16 @@ def load_or_profile(config: NeoConfig, cache_dir: str | None = None, quick: bool
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     threads = threads_per_rank(config.device.cpu_threads, config.device.tensor_parallel_size)
     ops.configure(config.device.kernels, device)  # the tables time the kernels the worker will run
+    graphs = ops.uses_graphs(device, config.device.enforce_eager)
     key = CostKey.from_geometry(g, gpu, str(dtype).removeprefix("torch."), config.cache.block_size, threads,
-                                ops.kernels_for(device))
+                                ops.kernels_for(device, graphs))
     path = cost_model.cache_path(key, cache_dir)
     if not force:
         found = cost_model.find(key, cache_dir)
         if found is not None:
             return found, path
     tables = profile(g, device, dtype, config.cache.block_size, threads, QUICK_GRID if quick else FULL_GRID,
-                     layers, progress)
+                     layers, progress, graphs)
     if tables.key != key:  # the kernel's pool may be capped below what was asked
         path = cost_model.cache_path(tables.key, cache_dir)
     return tables, tables.save(path)
