@@ -64,6 +64,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Sequence
 
 import numpy as np
 
@@ -223,8 +224,9 @@ def hardware(host_bandwidth_gbs: float | None) -> dict:
 
 
 # -- one server per mode -----------------------------------------------------------------------------
-def serve_args(args: argparse.Namespace, mode: str) -> list[str]:
-    """`neo serve` flags for one mode: the common ones, the mode, and no host pool when off."""
+def serve_args(args: argparse.Namespace, mode: str, extra: Sequence[str] = ()) -> list[str]:
+    """`neo serve` flags for one mode: the common ones, the mode (plus a variant's ``extra`` flags),
+    and no host pool when off."""
     flags = {"--model": args.model, "--load-format": args.load_format, "--tokenizer": args.tokenizer,
              "--num-gpu-blocks": args.num_gpu_blocks, "--cpu-threads": args.cpu_threads,
              "--max-model-len": args.max_model_len, "--max-num-seqs": args.max_num_seqs,
@@ -236,7 +238,7 @@ def serve_args(args: argparse.Namespace, mode: str) -> list[str]:
     for flag, span in (("--worker-addr", 1), ("--cpu-attention-addr", 8)):  # rank r's CPU process: port + r
         if flag not in passed:
             out += [flag, f"tcp://127.0.0.1:{free_port(span=span)}"]
-    return out + [x for a in args.serve_arg for x in a.split()] + ["--offload-mode", mode]
+    return out + [x for a in args.serve_arg for x in a.split()] + ["--offload-mode", mode, *extra]
 
 
 class Server:
@@ -342,8 +344,10 @@ async def _poll_gauges(url: str, peaks: dict) -> None:
 
 
 def run_mode(args: argparse.Namespace, mode: str, rates: list[float]) -> dict:
-    """Start the server for one mode, run warmup, online rates and the offline batch, scrape, stop."""
-    argv = serve_args(args, mode)
+    """Start the server for one mode (or variant), run warmup, online rates and the offline batch,
+    scrape, stop."""
+    offload, extra = args.variants.get(mode, (mode, []))
+    argv = serve_args(args, offload, extra)
     server = Server(argv, os.path.join(args.out, f"serve_{args.label}_{mode}.log"))
     out: dict = {"mode": mode, "serve_args": argv, "online": [], "offline": None, "metrics": {}, "error": None}
     try:
@@ -486,6 +490,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     srv.add_argument("--stop-grace", type=float, default=60.0)
     wl = ap.add_argument_group("workload")
     wl.add_argument("--modes", default="off,auto", help="comma list of off, auto, full")
+    wl.add_argument("--variant", action="append", default=[],
+                    help="another mode to run after --modes, with extra serve flags: 'LABEL=MODE:FLAGS', e.g. "
+                         "'auto-eager=auto:--pipeline-graphs false' (repeatable)")
     wl.add_argument("--workload", default="paper-a", choices=["fixed", "uniform", *WORKLOADS])
     wl.add_argument("--input-len", type=int, default=512)
     wl.add_argument("--output-len", type=int, default=128)
@@ -506,6 +513,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.modes = [m for m in args.modes.split(",") if m]
     if not set(args.modes) <= {"off", "auto", "full", "throughput"}:
         ap.error("--modes takes off, auto, full, throughput")
+    args.variants = {}
+    for spec in args.variant:
+        label, _, rest = spec.partition("=")
+        mode, _, flags = rest.partition(":")
+        if not label or label in args.modes or mode not in ("off", "auto", "full", "throughput"):
+            ap.error(f"--variant {spec!r}: write LABEL=MODE:FLAGS with a new label and MODE one of off, auto, "
+                     "full, throughput")
+        args.variants[label] = (mode, flags.split())
+    args.modes += list(args.variants)
     return args
 
 

@@ -17,7 +17,8 @@
 #   llama-3-70b (80 layers, 8 KV heads): 5 MiB ->  8000 blocks = 40 GiB (~110 paper-a requests), both ranks' pools
 # Both leave room in the host's 128 GiB for the model processes, pinned staging and the page cache.
 # Defaults keep one workload under ~8 minutes on an H100: N requests per online rate, RATES, OFFLINE
-# prompts at t=0; all env-overridable. Writes JSON, PNG, table and logs under $OUT.
+# prompts at t=0; all env-overridable. VARIANT='LABEL=MODE:FLAGS' adds one more server after MODES
+# (e.g. 'auto-eager=auto:--pipeline-graphs false'). Writes JSON, PNG, table and logs under $OUT.
 set -uo pipefail
 source benchmarks/gpu_host/env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -45,6 +46,6 @@ python3 -m neo_common.cli profile --model "$MODEL" --load-format dummy --tokeniz
 python3 -m neo_bench.neo_vs_gpu_only --model "$MODEL" --load-format dummy --tokenizer .gpu/tokenizer \
   --workload "$WL" "${BLOCKS[@]}" --num-cpu-blocks "$CPU_BLOCKS" --cpu-threads "$CPU_THREADS" \
   --max-model-len 4096 --modes "$MODES" --num-prompts "$N" --rates "$RATES" --offline-prompts "$OFFLINE" \
-  --vocab 32000 ${COST:+--cost-tables "$COST"} --host-bandwidth-gbs "$BW" --serve-arg="${TP_ARGS[*]}" \
+  ${VARIANT:+--variant "$VARIANT"} --vocab 32000 ${COST:+--cost-tables "$COST"} --host-bandwidth-gbs "$BW" --serve-arg="${TP_ARGS[*]}" \
   --label "${WL}_${MODEL}_${WORKLOAD}" --out "$OUT" 2>&1 | tee "$OUT/neo_vs_gpu_only_${WORKLOAD}.txt"
 exit "${PIPESTATUS[0]}"

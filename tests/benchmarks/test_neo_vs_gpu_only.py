@@ -7,7 +7,8 @@ import json
 import pytest
 
 from gateway.cost_tables import synthetic
-from neo_bench.neo_vs_gpu_only import main, predict_gain, steady_window, summarize_metrics, token_times
+from neo_bench.neo_vs_gpu_only import (main, parse_args, predict_gain, serve_args, steady_window, summarize_metrics,
+                                       token_times)
 
 pytestmark = pytest.mark.integration
 
@@ -81,6 +82,17 @@ def test_prediction_is_exactly_one_when_the_host_hides_nothing():
     pred = predict_gain(synthetic(cpu_s_per_token=4e-6), 394.5, 54, 6000, 256)
     assert pred["gain"] == 1.0 and pred["cpu_decodes_hidden"] == 0 and pred["plan"] == "sequential"
     assert predict_gain(synthetic(), 394.5, 54, 0, 256)["gain"] == 1.0, "no host pool: nothing to offload"
+
+
+def test_a_variant_runs_its_offload_mode_with_its_own_flags_after_the_modes():
+    args = parse_args(["--modes", "off,auto", "--variant", "auto-eager=auto:--pipeline-graphs false",
+                       "--num-cpu-blocks", "64", "--serve-arg=--cpu-attention-addr tcp://127.0.0.1:9"])
+    assert args.modes == ["off", "auto", "auto-eager"]
+    argv = serve_args(args, *args.variants["auto-eager"])
+    assert argv[-4:] == ["--offload-mode", "auto", "--pipeline-graphs", "false"] and "--num-cpu-blocks" in argv
+    for bad in ("auto=auto:", "x=fast:", "=auto:"):
+        with pytest.raises(SystemExit):
+            parse_args(["--variant", bad])
 
 
 def test_gpu_only_run_of_main_on_the_embedded_model(tmp_path):
