@@ -173,16 +173,16 @@ class PipelinedExecutor:
             self.handoff.synchronize()
         last = [h[torch.from_numpy(sb.last_token).to(self.device)] for h, sb in zip(hidden, sbs) if sb.num_tokens]
         rows = np.concatenate([sb.rows for sb in sbs if sb.num_tokens])
-        self._account(time.perf_counter() - t0, self.graphed)
+        self._account(time.perf_counter() - t0)
         return torch.cat(last), rows
 
-    def _account(self, host_s: float, graphed: bool) -> None:
+    def _account(self, host_s: float) -> None:
         """Log, every ``_LOG_EVERY`` iterations, where the host's time went: a forward bounded by the
         GPU shows as copy waits, one bounded by the CPU as CPU waits; the rest is launching, split
         into the dense work (graph replays or eager kernels), the q/k/v sends, the KV stream-out of
         CPU-bound prefills, and attention with everything else."""
         total = self.totals
-        for key, value in (("iterations", 1), ("graphed", graphed), ("host", host_s),
+        for key, value in (("iterations", 1), ("graphed", self.graphed), ("host", host_s),
                            ("copy", self.handoff.copy_wait_s), ("cpu", self.handoff.cpu_wait_s), *self.spent.items()):
             total[key] += value
         if total["iterations"] < _LOG_EVERY:
@@ -198,9 +198,8 @@ class PipelinedExecutor:
 
     def _layers(self, it: int, sbs: list[SubBatch]) -> list[torch.Tensor]:
         layers = len(self.model.layers)
-        graphed = self.graphs is not None and self.graphs.fits(sbs)
-        dense = self.graphs if graphed else EagerDense(self.model)
-        self.graphed = graphed
+        self.graphed = self.graphs is not None and self.graphs.fits(sbs)
+        dense = self.graphs if self.graphed else EagerDense(self.model)
         dense.begin(sbs)
         live = [sb.num_tokens > 0 for sb in sbs]
         poll = self.handoff.poll
@@ -242,7 +241,7 @@ class PipelinedExecutor:
             self.handoff.send(slot, job_seq(it, layer), q[c], k[c], v[c])
             self.spent["send"] += time.perf_counter() - t
 
-    def _attention(self, j: int, it: int, i: int, sb: SubBatch, dense) -> None:
+    def _attention(self, j: int, it: int, i: int, sb: SubBatch, dense: EagerDense | StageGraphs) -> None:
         """Attention of layer ``i`` for sub-batch ``j`` into ``dense.attn_out(j)``: the GPU-pool rows
         and CPU-bound prefills here, the CPU decodes' o from the cpu_attention process."""
         q, k, v = dense.qkv[j]

@@ -6,6 +6,7 @@ sub-batches larger than every bucket. On a GPU host the same tests replay real g
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Iterator
 
@@ -147,3 +148,19 @@ def test_buckets_hold_every_size_up_to_the_largest():
         b = stage_buckets(top)
         assert b[-1] == top and b == sorted(set(b))
         assert all(next(x for x in b if x >= n) < 2 * n for n in range(1, top + 1))  # padding < 2x
+
+
+@torch.inference_mode()
+def test_the_worker_logs_where_a_pipelined_forwards_host_time_went(runner, monkeypatch, caplog):
+    from neo_gpu_worker import pipeline
+
+    monkeypatch.setattr(pipeline, "_LOG_EVERY", 3)
+    runner.pipeline.totals = dict.fromkeys(runner.pipeline.totals, 0.0)
+    caplog.set_level(logging.INFO, logger="neo_gpu_worker.pipeline")
+    forward(runner, plan_of(MIXED, 21), graphs=True)
+    forward(runner, plan_of([(0, C, 0, MAX_TOKENS + 1), (1, G, 5, 1)], 22), graphs=True)   # runs eagerly
+    assert not caplog.records
+    forward(runner, plan_of(MIXED, 23), graphs=True)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "mean of 3 (2 from stage graphs)" in line
+    assert all(part in line for part in ("dense", "sends", "KV stream-out", "attention and the rest"))
