@@ -517,9 +517,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for spec in args.variant:
         label, _, rest = spec.partition("=")
         mode, _, flags = rest.partition(":")
-        if not label or label in args.modes or mode not in ("off", "auto", "full", "throughput"):
-            ap.error(f"--variant {spec!r}: write LABEL=MODE:FLAGS with a new label and MODE one of off, auto, "
-                     "full, throughput")
+        if (not re.fullmatch(r"[\w.-]+", label) or label in args.modes or label in args.variants
+                or mode not in ("off", "auto", "full", "throughput")):
+            ap.error(f"--variant {spec!r}: write LABEL=MODE:FLAGS with a new label of letters, digits, '.', '_' "
+                     "or '-' and MODE one of off, auto, full, throughput")
         args.variants[label] = (mode, flags.split())
     args.modes += list(args.variants)
     return args

@@ -118,7 +118,8 @@ class DeviceConfig(Settings):
                                   "twins, for comparison)", choices=("auto", "torch"))
     enforce_eager: bool = option(False, "never capture CUDA graphs (decode launches every kernel from Python)")
     pipeline_graphs: bool = option(True, "with offloading, also capture the pipelined forward's per-layer dense "
-                                         "work as CUDA graphs (false: launched from Python, for comparison)")
+                                         "work as CUDA graphs (false: launched from Python, for comparison; the cost "
+                                         "tables still price it as replayed)")
     tensor_parallel_size: int = option(1, "GPUs the model is sharded over (one worker process and one CPU "
                                           "attention process per GPU; --cpu-threads is split between them)")
 

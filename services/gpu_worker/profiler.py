@@ -269,6 +269,9 @@ def profile(g: ModelGeometry, device: torch.device, dtype: torch.dtype, block_si
         lnch = timeit(bench.lnch())
         bar.step("lnch")
     bar.close()
+    del bench
+    if device.type == "cuda":
+        torch.cuda.empty_cache()   # the worker sizes its KV pool from the free memory right after this
     cdec_y = np.maximum.accumulate(np.maximum.accumulate(np.asarray(raw["cdec"]), axis=0), axis=1)
     meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": time.perf_counter() - t0,
             "layers": layers, "reps": reps, "decode_ctx": decode_ctx, "cpu_kv_dtype": kv_dtype,

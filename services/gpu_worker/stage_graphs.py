@@ -12,7 +12,10 @@ once per token-count bucket and sub-batch, so a stage launches one replay plus i
 A graph replays fixed addresses: each sub-batch has static buffers (token ids, positions, the
 residual stream ``x``, attention output ``attn``, and q/k/v), sized for the largest bucket. Rows
 past the sub-batch's tokens up to its bucket are padding (token 0 at position 0): dense work is
-row-independent, and attention reads and writes only the real rows.
+row-independent, and attention reads and writes only the real rows. The next replay of a
+sub-batch overwrites its q/k/v while the side stream may still be copying them to the host only if
+the executor launched it early: it launches boundary i+1 of a sub-batch after ``Handoff.finish``
+of layer i returned, which waited for that copy (the host, not stream order, keeps this safe).
 
 :class:`EagerDense` is the same interface over fresh tensors, for sub-batches larger than every
 bucket (long prefills) and for ``--enforce-eager``. On the CPU device nothing is captured and
@@ -169,6 +172,7 @@ class StageGraphs:
             s.positions[:n].copy_(sb.positions)
             s.ids[n:bucket].zero_()
             s.positions[n:bucket].zero_()
+            s.attn[n:bucket].zero_()   # padding rows' attention: defined, not whatever an earlier batch left
 
     def step(self, j: int, i: int) -> None:
         bucket = self.sizes[j][1]

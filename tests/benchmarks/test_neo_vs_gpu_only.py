@@ -90,9 +90,9 @@ def test_a_variant_runs_its_offload_mode_with_its_own_flags_after_the_modes():
     assert args.modes == ["off", "auto", "auto-eager"]
     argv = serve_args(args, *args.variants["auto-eager"])
     assert argv[-4:] == ["--offload-mode", "auto", "--pipeline-graphs", "false"] and "--num-cpu-blocks" in argv
-    for bad in ("auto=auto:", "x=fast:", "=auto:"):
+    for bad in (["auto=auto:"], ["x=fast:"], ["=auto:"], ["a/b=auto:"], ["v=auto:", "--variant", "v=full:"]):
         with pytest.raises(SystemExit):
-            parse_args(["--variant", bad])
+            parse_args(["--variant", *bad])
 
 
 def test_gpu_only_run_of_main_on_the_embedded_model(tmp_path):

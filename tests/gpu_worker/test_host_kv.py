@@ -81,7 +81,7 @@ def test_stream_out_puts_each_staged_block_in_its_host_block_in_the_host_layout(
         device = torch.device("cuda" if host.pinned else "cpu")
         staging = torch.randn((2, 6, lay.block_size, lay.num_kv_heads, lay.head_dim)).to(torch.bfloat16).to(device)
         runs = np.array([[0, 5, 2], [2, 1, 1], [3, 2, 2]], np.int32)   # staging 5 is unused
-        before = host.k_pool.clone()
+        before = [host.k_pool.clone(), host.v_pool.clone()]
         side = torch.cuda.Stream() if host.pinned else None
         host.stream_out(1, staging, runs, side)
         if side is not None:
@@ -92,6 +92,7 @@ def test_stream_out_puts_each_staged_block_in_its_host_block_in_the_host_layout(
                     want = staging[side_ix, src + i].transpose(0, 1).cpu()   # [H, bs, D]
                     assert torch.equal(pool[1, dst + i], want)
         untouched = [b for b in range(lay.num_blocks) if b not in (5, 6, 1, 2, 3)]
-        assert torch.equal(host.k_pool[1, untouched], before[1, untouched]) and torch.equal(host.k_pool[0], before[0])
+        for pool, old in zip((host.k_pool, host.v_pool), before):
+            assert torch.equal(pool[1, untouched], old[1, untouched]) and torch.equal(pool[0], old[0])
     finally:
         host.close()
