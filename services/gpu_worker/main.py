@@ -34,6 +34,7 @@ from neo_gpu_worker.host_kv import HostKv
 from neo_gpu_worker.loader import load_model
 from neo_gpu_worker.model_runner import ModelRunner, num_kv_blocks
 from neo_gpu_worker.parallel import FollowerLinks, TensorParallel, start_followers
+from neo_gpu_worker.stage_graphs import StageGraphs
 
 log = logging.getLogger(__name__)
 _tracer = tracing.tracer("neo.gpu_worker")
@@ -106,12 +107,19 @@ def build_runner(config: NeoConfig, rank: int = 0, init_method: str = "") -> tup
         host = HostKv(config.for_rank(rank).shm_name, SegmentLayout.for_model(
             g, num_cpu_blocks(config, model.full_geometry, kv_dtype), bs, config.scheduler.max_num_seqs, kv_name))
         staging = -(-config.scheduler.max_num_batched_tokens // bs) + config.scheduler.max_num_seqs
+    graphs = ops.uses_graphs(device, config.device.enforce_eager)
+    graph_max_batch = min(config.scheduler.max_num_seqs, 512) if graphs else 0
+    stage_graphs = None
+    if graph_max_batch and host is not None and config.device.pipeline_graphs:
+        # Captured before the KV pool is sized (they do not read it), so the free memory that sizes
+        # the pool already lacks their buffers and graph pool (852 MiB per rank for 70B at TP=2).
+        stage_graphs = StageGraphs(model, graph_max_batch, device)
+        with torch.inference_mode():
+            stage_graphs.capture()
     blocks = tp.min_int(num_kv_blocks(model, device, bs, kv_dtype, config.cache.num_gpu_blocks,
                                       config.cache.gpu_memory_utilization, config.cache.cpu_device_kv_gb))
-    graphs = ops.uses_graphs(device, config.device.enforce_eager)
     runner = ModelRunner(model, blocks, bs, device, kv_dtype, host, staging, config.ipc.worker_timeout_s,
-                         graph_max_batch=min(config.scheduler.max_num_seqs, 512) if graphs else 0, max_model_len=max_len,
-                         tp=tp, pipeline_graphs=config.device.pipeline_graphs)
+                         graph_max_batch=graph_max_batch, max_model_len=max_len, tp=tp, stage_graphs=stage_graphs)
     ready = WorkerReady(kind=WorkerKind.GPU_WORKER, pid=os.getpid(), num_gpu_blocks=blocks,
                         block_size=bs, max_model_len=max_len, geometry=full.to_dict(),
                         device=str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),

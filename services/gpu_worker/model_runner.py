@@ -32,8 +32,9 @@ class ModelRunner:
     - ``kv_cache``: allocated once at start; ``num_blocks`` of ``block_size`` tokens per layer, in
       the KV dtype (16-bit with offloading: swaps copy blocks verbatim to the host pool), plus one
       scratch block (index ``num_blocks``, never handed out) that CUDA-graph padding rows write.
-    - ``graphs``: captured decode forwards (None: every iteration runs eagerly); with a host pool
-      the pipeline also gets captured dense stages (``stage_graphs.StageGraphs``) of the same sizes.
+    - ``graphs``: captured decode forwards (None: every iteration runs eagerly). The pipeline's
+      captured dense stages (``stage_graphs.StageGraphs``, None: eager) come captured already: the
+      worker captures them before it sizes the KV pool.
     - ``last_sample``: (request ids, device tokens) the previous iteration sampled, which fill the
       next plan's placeholder tokens (async scheduling); None after a failed iteration.
     - ``host``: the shared host KV segment (None in GPU-only mode); ``pipeline`` runs the plans that
@@ -46,7 +47,7 @@ class ModelRunner:
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, device: torch.device,
                  kv_dtype: torch.dtype, host: HostKv | None = None, staging_blocks: int = 0,
                  cpu_timeout_s: float = 60.0, graph_max_batch: int = 0, max_model_len: int = 0,
-                 tp: TensorParallel | None = None, pipeline_graphs: bool = True) -> None:
+                 tp: TensorParallel | None = None, stage_graphs: StageGraphs | None = None) -> None:
         g = model.geometry
         self.tp = tp if tp is not None and tp.world > 1 else None
         self.model, self.device, self.block_size, self.num_blocks = model, device, block_size, num_blocks
@@ -55,15 +56,12 @@ class ModelRunner:
         self.host = host
         self.generator = torch.Generator(device=device).manual_seed(0)
         self.last_sample: tuple[np.ndarray, torch.Tensor] | None = None
-        self.graphs = stage_graphs = None
+        self.graphs = None
         if graph_max_batch:
             self.graphs = DecodeGraphs(model, self.kv_cache, block_size, num_blocks, graph_max_batch,
                                        max_model_len or g.max_position_embeddings)
-            stage_graphs = StageGraphs(model, graph_max_batch, device) if host is not None and pipeline_graphs else None
             with torch.inference_mode():
                 self.graphs.capture()
-                if stage_graphs is not None:
-                    stage_graphs.capture()
         self.pipeline = None if host is None else PipelinedExecutor(
             model, self.kv_cache, host, block_size, staging_blocks, device, cpu_timeout_s, stage_graphs)
 

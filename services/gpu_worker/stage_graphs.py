@@ -154,6 +154,7 @@ class StageGraphs:
                     graphs.append(graph)
                 self.graphs[j][bucket] = graphs
         torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()   # the warm-ups' freed blocks: the worker sizes its KV pool from what is free next
         used = (free_before - torch.cuda.mem_get_info(self.device)[0]) / 2**20
         log.info("captured %d pipeline-stage CUDA graphs (2 sub-batches x %d boundaries x tokens %d..%d) "
                  "in %.1f s, %.0f MiB", 2 * (layers + 1) * len(self.buckets), layers + 1, self.buckets[0],

@@ -21,7 +21,7 @@ from neo_gpu_worker import ops
 from neo_gpu_worker.host_kv import HostKv
 from neo_gpu_worker.loader import build_model
 from neo_gpu_worker.model_runner import ModelRunner
-from neo_gpu_worker.stage_graphs import stage_buckets
+from neo_gpu_worker.stage_graphs import StageGraphs, stage_buckets
 
 BS, BLOCKS, HOST_BLOCKS, MAX_LEN, MAX_TOKENS = 16, 64, 32, 256, 24
 CUDA = torch.cuda.is_available()
@@ -41,8 +41,11 @@ def runner() -> Iterator[ModelRunner]:
         model.init_random(0)
         host = HostKv(f"neo-test-stage-graphs-{os.getpid()}",
                       SegmentLayout.for_model(g, HOST_BLOCKS, BS, 16, "bfloat16"))
+        stages = StageGraphs(model, MAX_TOKENS, DEVICE)
+        with torch.inference_mode():
+            stages.capture()   # before the KV pool exists, as the worker does
         r = ModelRunner(model, BLOCKS, BS, DEVICE, torch.bfloat16, host, staging_blocks=8,
-                        graph_max_batch=MAX_TOKENS, max_model_len=MAX_LEN)
+                        graph_max_batch=MAX_TOKENS, max_model_len=MAX_LEN, stage_graphs=stages)
         gen = torch.Generator(DEVICE).manual_seed(1)
         r.kv_cache.normal_(generator=gen)  # earlier requests' KV everywhere
         host.k_pool.copy_(torch.randn(host.k_pool.shape).to(torch.bfloat16))
