@@ -51,7 +51,9 @@ class Handoff:
 
     ``cpu_wait_s`` accumulates the host's doorbell waits of the current iteration, ``copy_wait_s`` its
     waits for the GPU to produce (and copy out) rows not yet landed when needed; ``unrung`` maps
-    a slot to (copy event, job) while its rows are on their way to host memory.
+    a slot to (copy event, job) while its rows are on their way to host memory. ``serving_pid``:
+    the cpu_attention process attached when the iteration began (0: none yet), which alone holds
+    the iteration's plan; set by :meth:`begin`.
     """
 
     def __init__(self, host: HostKv, device: torch.device, timeout_s: float) -> None:
@@ -64,6 +66,13 @@ class Handoff:
         self.cpu_wait_s = 0.0
         self.copy_wait_s = 0.0
         self.unrung: dict[int, tuple] = {}
+        self.serving_pid = 0
+
+    def begin(self) -> None:
+        """Start an iteration: note which cpu_attention process was sent its plan."""
+        self.cpu_wait_s = self.copy_wait_s = 0.0
+        pid, state = self.host.segment.cpu_state()
+        self.serving_pid = int(pid) if state == 1 else 0
 
     def send(self, slot: int, job: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Queue the copy of q/k/v rows into ``slot`` for doorbell value ``job``; ring it once landed."""
@@ -118,6 +127,11 @@ class Handoff:
                 if state == 2 or (state == 1 and not pid_alive(int(pid))):
                     raise RuntimeError("the cpu_attention process is gone (it served this segment as pid "
                                        f"{pid})") from None
+                if state == 1 and self.serving_pid and pid != self.serving_pid:
+                    # A restarted process attached mid-iteration: this iteration's plan went to the one
+                    # that died, so nobody will ever answer this doorbell.
+                    raise RuntimeError(f"the cpu_attention process was replaced during iteration {iteration_id} "
+                                       f"(pid {self.serving_pid} -> {pid})") from None
                 if time.perf_counter() > deadline:
                     raise RuntimeError(f"cpu attention of layer {layer} not done after {self.timeout_s:.0f}s") \
                         from None
@@ -159,7 +173,7 @@ class PipelinedExecutor:
 
     def forward(self, plan: IterationPlan) -> tuple[torch.Tensor, np.ndarray]:
         """Final hidden states of every row's last token, and the plan rows they belong to."""
-        self.handoff.cpu_wait_s = self.handoff.copy_wait_s = 0.0
+        self.handoff.begin()
         self.spent = dict.fromkeys(_PARTS, 0.0)
         t0 = time.perf_counter()
         sbs = [build_sub_batch(plan, np.flatnonzero(plan.sub_batch == j), self.block_size, self.device,

@@ -7,6 +7,7 @@ import os
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from neo_cpu_attention.segment import KvSegment, SegmentLayout
@@ -94,5 +95,26 @@ def test_stream_out_puts_each_staged_block_in_its_host_block_in_the_host_layout(
         untouched = [b for b in range(lay.num_blocks) if b not in (5, 6, 1, 2, 3)]
         for pool, old in zip((host.k_pool, host.v_pool), before):
             assert torch.equal(pool[1, untouched], old[1, untouched]) and torch.equal(pool[0], old[0])
+    finally:
+        host.close()
+
+
+def test_a_cpu_process_replaced_mid_iteration_fails_the_wait_at_once():
+    """The iteration's plan went to the process attached when it began; a restarted one that
+    attaches meanwhile will never answer, so the worker must not wait out its timeout."""
+    from neo_gpu_worker.pipeline import Handoff
+
+    host = HostKv(f"neo-test-hostkv-replaced-{os.getpid()}", layout(), pin=False)
+    try:
+        handoff = Handoff(host, torch.device("cpu"), timeout_s=60)
+        host.segment.set_cpu_state(os.getppid(), 1)       # the process serving this iteration
+        handoff.begin()
+        host.segment.set_cpu_state(os.getpid(), 1)        # another live process attached since
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="replaced during iteration 7"):
+            handoff.finish(0, 7, 0, torch.empty((1, 6, 64), dtype=torch.bfloat16))
+        assert time.monotonic() - t0 < 5
+        handoff.begin()                                     # the next iteration waits for the new one
+        assert handoff.serving_pid == os.getpid()
     finally:
         host.close()
