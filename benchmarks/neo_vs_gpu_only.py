@@ -69,7 +69,7 @@ from typing import Sequence
 import numpy as np
 
 from neo_bench.serve import WORKLOADS, arrival_gaps, one_request, sample_lengths, summarize
-from neo_common.procs import descendants, free_port
+from neo_common.procs import descendants, free_port, free_ports
 
 log = logging.getLogger(__name__)
 
@@ -235,9 +235,11 @@ def serve_args(args: argparse.Namespace, mode: str, extra: Sequence[str] = ()) -
         flags["--num-cpu-blocks"] = args.num_cpu_blocks
     out = [x for k, v in flags.items() if v is not None for x in (k, str(v))]
     passed = " ".join(args.serve_arg)
-    for flag, span in (("--worker-addr", 1), ("--cpu-attention-addr", 8)):  # rank r's CPU process: port + r
+    http, worker, cpu = free_ports(1, 1, 8)   # rank r's CPU process: the port + r
+    for flag, value in (("--port", str(http)), ("--worker-addr", f"tcp://127.0.0.1:{worker}"),
+                        ("--cpu-attention-addr", f"tcp://127.0.0.1:{cpu}")):
         if flag not in passed:
-            out += [flag, f"tcp://127.0.0.1:{free_port(span=span)}"]
+            out += [flag, value]
     return out + [x for a in args.serve_arg for x in a.split()] + ["--offload-mode", mode, *extra]
 
 
@@ -245,11 +247,13 @@ class Server:
     """One `neo serve` process tree; stopped by PID (SIGTERM, then SIGKILL after ``grace``)."""
 
     def __init__(self, argv: list[str], log_path: str) -> None:
-        self.port = free_port()
+        if "--port" not in argv:
+            argv = [*argv, "--port", str(free_port())]
+        self.port = int(argv[argv.index("--port") + 1])
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.log = open(log_path, "wb")
-        cmd = [sys.executable, "-m", "neo_common.cli", "serve", *argv, "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "neo_common.cli", "serve", *argv]
         log.info("starting %s", " ".join(cmd))
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 

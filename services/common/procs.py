@@ -17,21 +17,47 @@ MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1
 def free_port(span: int = 1) -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago, with the ``span - 1`` ports above it
     (a tensor-parallel replica's CPU attention processes use consecutive ports)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + span <= 65536 and all(_bindable(p) for p in range(port + 1, port + span)):
-            return port
+    return free_ports(span)[0]
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
+def free_ports(*spans: int) -> list[int]:
+    """First ports of disjoint blocks of ``spans[i]`` consecutive free ports on 127.0.0.1. Every
+    chosen port stays bound until all are chosen: separate ``free_port`` calls may hand out one port
+    twice (the kernel reuses a port as soon as it is released)."""
+    held: list[socket.socket] = []
+    firsts = []
+    try:
+        for span in spans:
+            while True:
+                block = _bind_block(span)
+                if block:
+                    held += block
+                    firsts.append(block[0].getsockname()[1])
+                    break
+    finally:
+        for s in held:
+            s.close()
+    return firsts
+
+
+def _bind_block(span: int) -> list[socket.socket]:
+    """Sockets bound to an ephemeral port and the ``span - 1`` above it, or [] if one was taken."""
+    first = socket.socket()
+    first.bind(("127.0.0.1", 0))
+    block = [first]
+    port = first.getsockname()[1]
+    for p in range(port + 1, port + span):
+        s = socket.socket()
+        block.append(s)
         try:
-            s.bind(("127.0.0.1", port))
+            if p >= 65536:
+                raise OSError("past the last port")
+            s.bind(("127.0.0.1", p))
         except OSError:
-            return False
-    return True
+            for t in block:
+                t.close()
+            return []
+    return block
 
 
 def descendants(pid: int) -> list[int]:

@@ -8,7 +8,7 @@ import pytest
 
 from neo_common.config import NeoConfig
 from neo_common.geometry import GEOMETRIES
-from neo_common.procs import free_port
+from neo_common.procs import free_port, free_ports
 from neo_common.tensor_parallel import Shard, rank_address, split_evenly
 
 
@@ -80,3 +80,12 @@ def test_free_port_span_returns_consecutive_free_ports() -> None:
     for port in range(base, base + 3):
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
+
+
+def test_free_ports_hands_out_disjoint_blocks() -> None:
+    for _ in range(50):   # separate free_port calls could return one port twice; these never may
+        http, worker, cpu = free_ports(1, 1, 4)
+        taken = [http, worker, *range(cpu, cpu + 4)]
+        assert len(set(taken)) == 6
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", http))   # released again once chosen

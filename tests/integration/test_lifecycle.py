@@ -63,9 +63,9 @@ def test_gateway_reports_unhealthy_while_the_worker_is_down(tmp_path):
     import subprocess
     import sys
 
-    from support.replica import free_port
+    from support.replica import free_ports
 
-    port, wport = free_port(), free_port()
+    port, wport = free_ports(1, 1)
     args = ["--port", str(port), "--worker-addr", f"tcp://127.0.0.1:{wport}", "--num-gpu-blocks", "32"]
     log = open(tmp_path / "gw.log", "wb")
     gw = subprocess.Popen([sys.executable, "-m", "neo_common.cli", "gateway", *args], stdout=log, stderr=log)

@@ -21,7 +21,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (ExportTraceServiceRequest,
                                                                     ExportTraceServiceResponse)
 
-from support.replica import Replica, free_port
+from support.replica import Replica, free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +71,7 @@ def rotel_agent() -> str:
 @pytest.fixture
 def collector(tmp_path):
     """rotel listening for OTLP/HTTP, exporting to an in-test receiver; yields the rotel endpoint."""
-    recv_port, http_port, grpc_port = free_port(), free_port(), free_port()
+    recv_port, http_port, grpc_port = free_ports(1, 1, 1)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", recv_port), _Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     _Receiver.spans = []

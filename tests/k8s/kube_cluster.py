@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 import pytest
 import yaml
 
-from neo_common.procs import free_port
+from neo_common.procs import free_port, free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 K8S_VERSION = os.environ.get("NEO_K8S_VERSION", "1.20.2")
@@ -129,7 +129,7 @@ def cluster() -> Iterator[Cluster]:
     logs = {name: work / f"{name}.log" for name in ("etcd", "apiserver", "controller-manager")}
     procs: list[subprocess.Popen] = []
     try:
-        client_port, peer_port, api_port = free_port(), free_port(), free_port()
+        client_port, peer_port, api_port = free_ports(1, 1, 1)
         procs.append(_start([
             str(etcd), "--name", "neo-test", "--data-dir", str(work / "etcd"),
             "--listen-client-urls", f"http://127.0.0.1:{client_port}",
