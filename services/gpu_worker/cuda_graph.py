@@ -13,8 +13,10 @@ buffers: the padding and buffer logic are exercised in CI by that twin.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,6 +29,24 @@ from neo_gpu_worker.model import LlamaModel
 log = logging.getLogger(__name__)
 
 _IDS, _POS, _SLOT, _LEN = range(4)
+
+
+def warm_up(device: torch.device, fn: Callable[[], object]) -> None:
+    """Run ``fn`` once on a side stream, outside any capture: Triton compiles its kernels and cuBLAS
+    picks its kernels and workspaces for these shapes, none of which may happen while capturing."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+
+
+def capture(fn: Callable[[], object], pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
+    """``fn`` captured into a new graph (in memory pool ``pool`` if given), and what it returned."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
 
 
 def buckets_for(max_batch: int) -> list[int]:
@@ -94,17 +114,11 @@ class DecodeGraphs:
             self.graphs = {b: (None, None) for b in self.buckets}
             return
         free_before = torch.cuda.mem_get_info(self.device)[0]
-        stream = torch.cuda.Stream(self.device)
         pool = None
         for bucket in reversed(self.buckets):
-            # Warm-up off the capture: compiles the Triton kernels and creates cuBLAS workspaces.
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                self._forward(bucket)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self._forward(bucket)
+            forward = functools.partial(self._forward, bucket)
+            warm_up(self.device, forward)
+            graph, out = capture(forward, pool)
             pool = graph.pool()
             self.graphs[bucket] = (graph, out)
         torch.cuda.synchronize(self.device)

@@ -43,6 +43,7 @@ from neo_gateway import cost_model
 from neo_gateway.cost_model import CostKey, CostTables
 from neo_gpu_worker import ops
 from neo_gpu_worker.attention import AttentionMetadata, PrefillSpan, paged_attention, write_kv
+from neo_gpu_worker.cuda_graph import capture
 from neo_gpu_worker.main import pick_device, pick_dtype
 from neo_gpu_worker.model import DecoderLayer
 from neo_gpu_worker.rope import RotaryEmbedding
@@ -94,10 +95,7 @@ def _timer(device: torch.device, reps: int) -> Callable[..., float]:
         fn()  # warm-up: allocator, caches, lazy init, Triton compiles, cuBLAS workspaces
         sync()
         if graph:
-            captured = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(captured):
-                fn()
-            fn = captured.replay
+            fn = capture(fn)[0].replay
             fn()
             sync()
         times = []

@@ -24,12 +24,14 @@ bucket (long prefills) and for ``--enforce-eager``. On the CPU device nothing is
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
 import torch
 
 from neo_gpu_worker.batch import SubBatch
+from neo_gpu_worker.cuda_graph import capture, warm_up
 from neo_gpu_worker.model import LlamaModel
 
 log = logging.getLogger(__name__)
@@ -135,21 +137,14 @@ class StageGraphs:
             return
         t0 = time.perf_counter()
         free_before = torch.cuda.mem_get_info(self.device)[0]
-        stream = torch.cuda.Stream(self.device)
         pool = None
         for bucket in reversed(self.buckets):
-            # Warm-up off the capture: Triton compiles, cuBLAS picks its kernels for this shape.
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for i in range(layers + 1):
-                    self._run(0, bucket, i)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
+            # one warm-up per shape: sub-batch 1's buffers have sub-batch 0's shapes
+            warm_up(self.device, lambda: [self._run(0, bucket, i) for i in range(layers + 1)])
             for j in (0, 1):
                 graphs = []
                 for i in range(layers + 1):
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
-                        self._run(j, bucket, i)
+                    graph, _ = capture(functools.partial(self._run, j, bucket, i), pool)
                     pool = graph.pool()
                     graphs.append(graph)
                 self.graphs[j][bucket] = graphs
