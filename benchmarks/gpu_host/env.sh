@@ -9,3 +9,12 @@ ln -sfn "$PWD/operator" /tmp/neo_pkgs/neo_operator
 ln -sfn "$PWD/benchmarks" /tmp/neo_pkgs/neo_bench
 export PYTHONPATH=/tmp/neo_pkgs:/tmp/site:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+# prepare_run DIR: DIR/hardware.txt (GPUs, CPU) and the native extension built (log in DIR/build.log);
+# returns non-zero, printing the build log's tail, when the build fails.
+prepare_run() {
+  mkdir -p "$1"
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    lscpu | grep -E 'Model name|^CPU\(s\)'; } > "$1/hardware.txt"
+  NEO_BUILD_JOBS=16 python3 setup.py -q build_ext --inplace > "$1/build.log" 2>&1 || { tail -20 "$1/build.log"; return 1; }
+}

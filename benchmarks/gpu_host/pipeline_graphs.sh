@@ -12,10 +12,8 @@
 set -uo pipefail
 source benchmarks/gpu_host/env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-RUN=$OUT/run; mkdir -p "$RUN"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  lscpu | grep -E 'Model name|^CPU\(s\)'; } > "$RUN/hardware.txt"
-NEO_BUILD_JOBS=16 python3 setup.py -q build_ext --inplace > "$RUN/build.log" 2>&1 || { tail -20 "$RUN/build.log"; exit 1; }
+RUN=$OUT/run
+prepare_run "$RUN" || exit 1
 [ "${CHECKS:-1}" = 1 ] && timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu_worker/test_stage_graphs.py \
   tests/gpu_worker/test_cuda_graph.py > "$RUN/tests_cuda.txt" 2>&1
 [ "${CHECKS:-1}" = 1 ] && timeout 120 python3 -m neo_bench.cpu_attention_split --model llama-3-70b --threads "${SPLIT_THREADS:-12}" \

@@ -7,10 +7,8 @@
 set -uo pipefail
 source benchmarks/gpu_host/env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-RUN=$OUT/run; mkdir -p "$RUN"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  lscpu | grep -E 'Model name|^CPU\(s\)'; } > "$RUN/hardware.txt"
-NEO_BUILD_JOBS=16 python3 setup.py -q build_ext --inplace > "$RUN/build.log" 2>&1 || { tail -20 "$RUN/build.log"; exit 1; }
+RUN=$OUT/run
+prepare_run "$RUN" || exit 1
 WORKLOAD=d N=${N:-32} RATES=${RATES:-2} OFFLINE=${OFFLINE:-128} CPU_THREADS=${CPU_THREADS:-24} MODES=off,auto \
   VARIANT=${VARIANT-'auto-eager=auto:--pipeline-graphs false'} OUT="$RUN/d" timeout "${WL_TIMEOUT:-500}" \
   bash benchmarks/gpu_host/neo_vs_gpu_only.sh > "$RUN/d.log" 2>&1
