@@ -69,7 +69,7 @@ from typing import Sequence
 import numpy as np
 
 from neo_bench.serve import WORKLOADS, arrival_gaps, one_request, sample_lengths, summarize
-from neo_common.procs import descendants, free_port, free_ports
+from neo_common.procs import descendants, free_ports
 
 log = logging.getLogger(__name__)
 
@@ -247,9 +247,9 @@ class Server:
     """One `neo serve` process tree; stopped by PID (SIGTERM, then SIGKILL after ``grace``)."""
 
     def __init__(self, argv: list[str], log_path: str) -> None:
-        if "--port" not in argv:
-            argv = [*argv, "--port", str(free_port())]
-        self.port = int(argv[argv.index("--port") + 1])
+        # the caller picks the port with the other ports (or passes its own, as --port N or --port=N)
+        self.port = int(next(a.partition("=")[2] or argv[k + 1] for k, a in enumerate(argv)
+                             if a == "--port" or a.startswith("--port=")))
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.log = open(log_path, "wb")

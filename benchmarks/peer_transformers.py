@@ -64,7 +64,7 @@ import numpy as np
 from neo_bench.neo_vs_gpu_only import Server, hardware, send_all
 from neo_bench.serve import summarize
 from neo_common.geometry import ModelGeometry
-from neo_common.procs import free_port
+from neo_common.procs import free_ports
 
 log = logging.getLogger(__name__)
 
@@ -197,14 +197,16 @@ def free_cuda(device: str) -> None:
 
 # -- engine ------------------------------------------------------------------------------------------
 def serve_argv(args: argparse.Namespace, batch: int) -> list[str]:
-    """`neo serve` flags for one batch size (the port is added by ``Server``)."""
+    """`neo serve` flags for one batch size, with its own free ports."""
     flags = {"--model": args.model, "--load-format": args.load_format, "--tokenizer": args.tokenizer,
              "--device": args.device, "--dtype": args.dtype, "--max-num-seqs": batch}
     out = [x for k, v in flags.items() if v for x in (k, str(v))]
     extra = shlex.split(args.serve_args)
-    for flag in ("--worker-addr", "--cpu-attention-addr"):  # not the fixed defaults: no clash with others
+    http, worker, cpu = free_ports(1, 1, 1)   # not the fixed defaults: no clash with others
+    for flag, value in (("--port", str(http)), ("--worker-addr", f"tcp://127.0.0.1:{worker}"),
+                        ("--cpu-attention-addr", f"tcp://127.0.0.1:{cpu}")):
         if not any(x == flag or x.startswith(flag + "=") for x in extra):
-            out += [flag, f"tcp://127.0.0.1:{free_port()}"]
+            out += [flag, value]
     return out + extra
 
 
