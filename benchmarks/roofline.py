@@ -2,11 +2,16 @@
 
 In one run: measure HBM bandwidth (a large device copy, bytes read + written) and the bf16 matmul
 rate, then time decode iterations of a dummy-weight geometry at several batch sizes and contexts
-(the floor is max(bytes of weights + KV read / bandwidth, FLOPs / matmul rate)) and single-prompt
-prefill (FLOPs over the measured matmul rate), for each variant of the GPU path side by side:
+(the floor is max(bytes of weights + KV read / bandwidth, FLOPs / matmul rate); the weights read
+are every matrix but the input embedding table, of which a decode reads only its rows) and
+single-prompt prefill (FLOPs over the measured matmul rate), for each variant of the GPU path side by side:
 ``graphs`` (Triton kernels + CUDA graphs, the default), ``eager`` (Triton kernels launched from
-Python: ``--enforce-eager``) and ``torch`` (the portable torch twins: ``--kernels torch``). Prints a
-table, writes JSON and a PNG.
+Python: ``--enforce-eager``) and ``torch`` (the portable torch twins: ``--kernels torch``). A decode
+point is timed two ways: ``steady`` (back-to-back iterations, each launched before the previous
+one's tokens are awaited, as the worker serves them: the iteration time a served batch sees) and
+``single`` (one iteration alone, host preparation and the tokens' copy back included). With
+``--kernel-batches``, the CUDA kernels of the graphs variant's decode at those batches are listed
+(torch.profiler), to show where an iteration's time goes. Prints a table, writes JSON and a PNG.
 
     python benchmarks/roofline.py --geometry llama-3-8b --out docs/benchmarks/roofline
 """
@@ -45,6 +50,51 @@ def timed(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def steady(runner: ModelRunner, plan: IterationPlan, reps: int) -> float:
+    """Seconds per iteration of ``reps`` back-to-back iterations, each launched before the previous
+    one's tokens are awaited (the worker's serving loop)."""
+    runner.execute(plan)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    launched = runner.launch(plan)
+    for _ in range(reps - 1):
+        behind = runner.launch(plan)
+        launched.finish()
+        launched = behind
+    launched.finish()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
+def kernels(runner: ModelRunner, plan: IterationPlan, reps: int = 5) -> dict:
+    """The CUDA kernels of one decode iteration (mean of ``reps``): time per kernel name, and their
+    sum against the iteration's steady time (the rest: gaps between kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    t = steady(runner, plan, reps)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            runner.execute(plan)
+    per_name = {}
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        if us > 0 and e.count >= reps:
+            per_name[e.key] = (us / reps / 1e3, e.count / reps)
+    top = sorted(per_name.items(), key=lambda kv: -kv[1][0])
+    busy = sum(ms for ms, _ in per_name.values())
+    return {"steady_ms": t * 1e3, "kernel_ms": busy,
+            "kernels": [{"name": k[:90], "ms": ms, "per_iteration": n} for k, (ms, n) in top[:15]]}
+
+
+def decode_weight_bytes(g, batch: int) -> int:
+    """Bytes of weights a decode step reads: all but the input embedding table (its ``batch`` rows
+    only); with tied embeddings the table is read whole as the LM head."""
+    table = 0 if g.tie_word_embeddings else g.vocab_size * g.hidden_size
+    return (g.num_parameters() - table + batch * g.hidden_size) * 2
+
+
 def hbm_bandwidth() -> float:
     src = torch.randn(512 * 1024 * 1024, device="cuda", dtype=torch.float16)  # 1 GiB
     dst = torch.empty_like(src)
@@ -76,7 +126,6 @@ def prefill_plan(length: int) -> IterationPlan:
 
 
 def measure(runner: ModelRunner, g, blocks: int, bw: float, flops: float, args: argparse.Namespace) -> list[dict]:
-    weight_bytes = g.weight_bytes(2)
     kv_token = g.kv_bytes_per_token(2)
     rows = []
     for ctx in map(int, args.contexts.split(",")):
@@ -87,12 +136,16 @@ def measure(runner: ModelRunner, g, blocks: int, bw: float, flops: float, args: 
                 continue
             tables = np.arange(batch * need, dtype=np.int32).reshape(batch, need)
             plan = decode_plan(batch, ctx, tables)
-            t = timed(lambda: runner.execute(plan), args.reps)
-            byte_floor = (weight_bytes + batch * (ctx + 1) * kv_token) / bw
+            t = steady(runner, plan, 2 * args.reps)
+            single = timed(lambda: runner.execute(plan), args.reps)
+            byte_floor = (decode_weight_bytes(g, batch) + batch * (ctx + 1) * kv_token) / bw
             flop_floor = 2 * g.num_parameters() * batch / flops
             floor = max(byte_floor, flop_floor)
-            rows.append({"kind": "decode", "batch": batch, "ctx": ctx, "time_s": t, "floor_s": floor,
-                         "byte_floor_s": byte_floor, "flop_floor_s": flop_floor, "ratio": t / floor})
+            rows.append({"kind": "decode", "batch": batch, "ctx": ctx, "time_s": t, "single_s": single,
+                         "floor_s": floor, "byte_floor_s": byte_floor, "flop_floor_s": flop_floor,
+                         "ratio": t / floor})
+            if runner.graphs is not None and batch in args.kernel_batches:
+                rows[-1]["kernels"] = kernels(runner, plan)
     for length in map(int, args.prefills.split(",")):
         if -(-length // BLOCK) > blocks or length > g.max_position_embeddings:
             continue  # beyond the pool or the model's context
@@ -114,8 +167,11 @@ def main() -> None:
     ap.add_argument("--kv-gb", type=float, default=40.0, help="KV pool size; points that do not fit are skipped")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--variants", default="graphs,eager,torch", help="GPU paths to time (see the docstring)")
+    ap.add_argument("--kernel-batches", default="", help="list the CUDA kernels of the graphs variant's decode "
+                                                         "at these batch sizes (e.g. 1,256)")
     ap.add_argument("--out", default="roofline-out")
     args = ap.parse_args()
+    args.kernel_batches = {int(b) for b in args.kernel_batches.split(",") if b}
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
     bw, flops = hbm_bandwidth(), matmul_rate()
@@ -139,17 +195,25 @@ def main() -> None:
     with open(os.path.join(args.out, f"roofline_{g.name}.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(f"{g.name} on {result['gpu']}: HBM {bw / 1e12:.2f} TB/s (read+write), bf16 matmul {flops / 1e12:.0f} TFLOP/s")
-    print(f"{'variant':8} {'kind':8} {'batch/tok':>9} {'ctx':>6} {'time ms':>9} {'floor ms':>9} {'x floor':>8}")
+    print(f"{'variant':8} {'kind':8} {'batch/tok':>9} {'ctx':>6} {'time ms':>9} {'single':>9} {'floor ms':>9} "
+          f"{'x floor':>8}")
     for r in rows:
         head = f"{r['variant']:8} {r['kind']:8}"
         if r.get("skipped"):
-            print(f"{head} {r['batch']:>9} {r['ctx']:>6} {'skipped: ' + r['skipped']:>28}")
+            print(f"{head} {r['batch']:>9} {r['ctx']:>6} {'skipped: ' + r['skipped']:>38}")
         elif r["kind"] == "decode":
-            print(f"{head} {r['batch']:>9} {r['ctx']:>6} {r['time_s'] * 1e3:>9.2f} {r['floor_s'] * 1e3:>9.2f} "
-                  f"{r['ratio']:>8.2f}")
+            print(f"{head} {r['batch']:>9} {r['ctx']:>6} {r['time_s'] * 1e3:>9.2f} {r['single_s'] * 1e3:>9.2f} "
+                  f"{r['floor_s'] * 1e3:>9.2f} {r['ratio']:>8.2f}")
         else:
-            print(f"{head} {r['tokens']:>9} {'':>6} {r['time_s'] * 1e3:>9.2f} {r['flop_floor_s'] * 1e3:>9.2f} "
+            print(f"{head} {r['tokens']:>9} {'':>6} {r['time_s'] * 1e3:>9.2f} {'':>9} {r['flop_floor_s'] * 1e3:>9.2f} "
                   f"{1 / r['matmul_fraction']:>8.2f}")
+    for r in rows:
+        if "kernels" in r:
+            k = r["kernels"]
+            print(f"\nkernels of a batch-{r['batch']} ctx-{r['ctx']} decode: {k['kernel_ms']:.2f} ms of "
+                  f"{k['steady_ms']:.2f} ms busy (floor {r['floor_s'] * 1e3:.2f} ms)")
+            for e in k["kernels"]:
+                print(f"  {e['ms']:7.3f} ms  x{e['per_iteration']:<5.0f} {e['name']}")
     plot(result, os.path.join(args.out, f"roofline_{g.name}.png"))
 
 

@@ -7,7 +7,8 @@
 #   (3) NEO vs GPU-only, workload b then a, with the pipelined stages captured (auto) and launched
 #       from Python (auto-eager) side by side in one run.
 # Cost tables come from NEO_COST_CACHE_DIR when it holds this host's (else they are profiled).
-# CHECKS=0 skips (1) and (2); VARIANT= (empty) skips the auto-eager server.
+# CHECKS=0 skips (1) and (2); VARIANT= (empty) skips the auto-eager server; MODES (default off,auto)
+# picks the offload modes, WORKLOADS (default "b a") the workloads.
 # Everything lands in $OUT/pipeline_graphs.tgz plus a summary.txt (the device returns few files).
 set -uo pipefail
 source benchmarks/gpu_host/env.sh
@@ -21,9 +22,9 @@ prepare_run "$RUN" || exit 1
 for wl in ${WORKLOADS:-b a}; do
   case "$wl" in
     b) ARGS=(N=16 RATES=8 OFFLINE=96 CPU_BLOCKS=1600) ;;
-    a) ARGS=(N=16 RATES=4 OFFLINE=64 CPU_BLOCKS=6000) ;;
+    a|c) ARGS=(N=16 RATES=4 OFFLINE=64 CPU_BLOCKS=6000) ;;
   esac
-  env "${ARGS[@]}" WORKLOAD=$wl CPU_THREADS=${CPU_THREADS:-12} MODES=off,auto VARIANT=${VARIANT-'auto-eager=auto:--pipeline-graphs false'} \
+  env "${ARGS[@]}" WORKLOAD=$wl CPU_THREADS=${CPU_THREADS:-12} MODES=${MODES:-off,auto} VARIANT=${VARIANT-'auto-eager=auto:--pipeline-graphs false'} \
     OUT="$RUN/$wl" timeout "${WL_TIMEOUT:-250}" bash benchmarks/gpu_host/neo_vs_gpu_only.sh > "$RUN/$wl.log" 2>&1
   grep -h "pipelined forward\|captured" "$RUN/$wl"/serve_*auto*.log 2>/dev/null | sed "s/^/$wl: /" | tail -8 >> "$RUN/worker_lines.txt"
 done

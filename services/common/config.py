@@ -120,6 +120,9 @@ class DeviceConfig(Settings):
     pipeline_graphs: bool = option(True, "with offloading, also capture the pipelined forward's per-layer dense "
                                          "work as CUDA graphs (false: launched from Python, for comparison; the cost "
                                          "tables still price it as replayed)")
+    launch_ahead: bool = option(True, "launch each plan the gateway sent ahead before waiting for the previous "
+                                      "one's tokens, so the device never idles between iterations (false: reply "
+                                      "first, for comparison)")
     tensor_parallel_size: int = option(1, "GPUs the model is sharded over (one worker process and one CPU "
                                           "attention process per GPU; --cpu-threads is split between them)")
 

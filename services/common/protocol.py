@@ -175,6 +175,9 @@ class IterationResult(Message):
     Times are the worker's own monotonic clock, only ever differenced with each other.
     ``cpu_wait_s``: time the worker's host thread spent waiting on CPU attention beyond the GPU work
     it had queued (0 when the CPU hid behind the GPU: the pipeline balance); ``swap_s``: the swaps.
+    On a GPU, ``forward_s`` and ``total_s`` are the device's own time (CUDA events from where the
+    device reached the iteration). ``launched_ahead``: the worker launched this plan while the
+    previous one was still running (the device had no gap between them).
     """
 
     TYPE: ClassVar[MsgType] = MsgType.ITERATION_RESULT
@@ -186,6 +189,7 @@ class IterationResult(Message):
     total_s: float = 0.0
     cpu_wait_s: float = 0.0
     swap_s: float = 0.0
+    launched_ahead: bool = False
 
 
 @dataclasses.dataclass

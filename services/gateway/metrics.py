@@ -90,7 +90,11 @@ class GatewayMetrics:
                                    "schedule, plan, IPC, worker, outputs.", labels, buckets=_STEP_BUCKETS,
                                    registry=self.registry)
         self.worker_iteration = Histogram("neo:worker_iteration_seconds", "Worker-side time of one iteration "
-                                          "(its own clock).", labels, buckets=_STEP_BUCKETS, registry=self.registry)
+                                          "(on a GPU, the device's own: CUDA events).", labels,
+                                          buckets=_STEP_BUCKETS, registry=self.registry)
+        self.launched_ahead = Counter("neo:worker_launched_ahead", "Iterations the worker launched while the "
+                                      "previous one still ran (no device gap between them).", labels,
+                                      registry=self.registry)
         self.batch_tokens = Counter("neo:iteration_tokens", "Tokens fed to the model, summed over iterations.",
                                     labels, registry=self.registry)
         self.plans = Counter("neo:iteration_plan", "Iterations by the offload policy's plan.", labels + ["plan"],
@@ -109,6 +113,7 @@ class GatewayMetrics:
             for family in (self.plans, self.forward_predicted, self.forward_measured):
                 family.labels(model, plan)
         self.cpu_wait.labels(model)
+        self.launched_ahead.labels(model)
         engine.iteration_hooks.append(self.observe_iteration)
         self.e2e = Histogram("neo:e2e_request_latency_seconds", "Arrival to last token.", labels,
                              buckets=_LATENCY_BUCKETS, registry=self.registry)
@@ -118,6 +123,7 @@ class GatewayMetrics:
         m = self.model
         self.iteration.labels(m).observe(wall_s)
         self.worker_iteration.labels(m).observe(result.total_s)
+        self.launched_ahead.labels(m).inc(bool(result.launched_ahead))
         self.batch_tokens.labels(m).inc(sum(r.num_tokens for r in output.rows))
         decision = output.decision
         if decision is None:

@@ -67,6 +67,9 @@ class DecodeGraphs:
     - ``graphs``: bucket -> (graph, its output hidden states), filled by ``capture``; on the CPU
       device the graph is None and ``run`` calls the forward.
     - ``pad_block``: the pool block padding rows use; the gateway never hands it out.
+    - ``_host``/``_host_tables``: the pinned buffers ``run`` fills and copies from; ``_staged`` marks
+      the end of the last copies (a plan may be launched before the previous one ran), so ``run``
+      never rewrites a buffer a queued copy still reads.
     """
 
     def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int, pad_block: int,
@@ -85,6 +88,7 @@ class DecodeGraphs:
         self.packed.copy_(self._host)
         self.block_tables.copy_(self._host_tables)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
+        self._staged: torch.cuda.Event | None = None   # marks the last copy out of the pinned buffers
 
     def bucket(self, batch: int) -> int:
         return next(b for b in self.buckets if b >= batch)
@@ -131,6 +135,9 @@ class DecodeGraphs:
         (rows, device tokens) overwrites placeholder token ids on the device."""
         batch = plan.batch_size
         bucket = self.bucket(batch)
+        if self._staged is not None:
+            # a plan launched ahead of the previous one's end: its copies may still be queued
+            self._staged.synchronize()
         pos = plan.start_pos.astype(np.int64)
         tables = plan.block_tables
         host = self._host.numpy()
@@ -143,6 +150,9 @@ class DecodeGraphs:
         self._host_tables.numpy()[:batch, :width] = tables
         self.packed[:, :bucket].copy_(self._host[:, :bucket], non_blocking=True)
         self.block_tables[:bucket, :width].copy_(self._host_tables[:bucket, :width], non_blocking=True)
+        if self.device.type == "cuda":
+            self._staged = torch.cuda.Event()
+            self._staged.record()
         if fill is not None:
             self.packed[_IDS][fill[0]] = fill[1]
         graph, out = self.graphs[bucket]

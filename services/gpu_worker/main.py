@@ -25,8 +25,7 @@ from neo_common.procs import exit_with_parent
 from neo_common.model_source import read_geometry, resolve
 from neo_common.settings import ConfigError
 from neo_common.tensor_parallel import Shard
-from neo_common.protocol import (Hello, IterationPlan, IterationResult, ProtocolError, Shutdown, WorkerError,
-                                 WorkerKind, WorkerReady, decode)
+from neo_common.protocol import Hello, Shutdown, WorkerError, WorkerKind, WorkerReady, decode
 from neo_cpu_attention.cpus import available_cpus
 from neo_cpu_attention.segment import SegmentLayout
 from neo_gpu_worker import ops
@@ -34,10 +33,10 @@ from neo_gpu_worker.host_kv import HostKv
 from neo_gpu_worker.loader import load_model
 from neo_gpu_worker.model_runner import ModelRunner, num_kv_blocks
 from neo_gpu_worker.parallel import FollowerLinks, TensorParallel, start_followers
+from neo_gpu_worker.serve_loop import IterationLoop
 from neo_gpu_worker.stage_graphs import StageGraphs
 
 log = logging.getLogger(__name__)
-_tracer = tracing.tracer("neo.gpu_worker")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -154,19 +153,6 @@ def load_cost_tables(config: NeoConfig):
     return tables
 
 
-def run_traced(runner: ModelRunner, plan: IterationPlan) -> IterationResult:
-    """Execute under an iteration span: child of the oldest traced request, linked to the others."""
-    parent = tracing.context_from_traceparent(plan.trace.get("traceparent"))
-    with _tracer.start_as_current_span("gpu_worker.iteration", context=parent,
-                                       links=tracing.links_from(plan.trace.get("links", ()))) as span:
-        span.set_attribute("neo.iteration_id", plan.iteration_id)
-        span.set_attribute("neo.batch_size", plan.batch_size)
-        span.set_attribute("neo.num_tokens", int(plan.num_tokens.sum()))
-        result = runner.execute(plan)
-        span.set_attribute("neo.forward_s", result.forward_s)
-        return result
-
-
 def _exit_on_sigterm(signum, _frame) -> None:
     raise SystemExit(0)  # unwinds through `finally`, so queued spans are flushed
 
@@ -189,30 +175,7 @@ def serve(config: NeoConfig) -> int:
         return 1
     sock.send(ready.encode())
     try:
-        while True:
-            frame = sock.recv()
-            try:
-                msg = decode(frame)
-            except ProtocolError as exc:
-                log.error("dropping unreadable frame: %s", exc)
-                sock.send(WorkerError(message=str(exc), fatal=False).encode())
-                continue
-            if followers is not None and isinstance(msg, (IterationPlan, Shutdown)):
-                followers.stopping = isinstance(msg, Shutdown)
-                followers.forward(frame)
-            if isinstance(msg, IterationPlan):
-                try:
-                    result = run_traced(runner, msg) if msg.trace else runner.execute(msg)
-                except Exception as exc:
-                    log.error("iteration %d failed: %s", msg.iteration_id, traceback.format_exc())
-                    sock.send(WorkerError(iteration_id=msg.iteration_id, message=str(exc), fatal=False).encode())
-                    continue
-                sock.send(result.encode(), copy=False)
-            elif isinstance(msg, Hello):
-                sock.send(ready.encode())  # a (re)started gateway asks who is there
-            elif isinstance(msg, Shutdown):
-                log.info("shutdown requested: %s", msg.reason)
-                return 0
+        return IterationLoop(sock, runner, ready, followers, config.device.launch_ahead).run()
     finally:
         if followers is not None:
             followers.stopping = True
@@ -220,8 +183,7 @@ def serve(config: NeoConfig) -> int:
             for proc in followers.procs:
                 proc.join(_FOLLOWER_EXIT_S)
             followers.close()
-        if runner.host is not None:
-            runner.host.close()
+        runner.close()
         sock.close(linger=0)
         ctx.term()
 
@@ -247,8 +209,7 @@ def follow(config: NeoConfig, rank: int, init_method: str, frames_addr: str) -> 
             except Exception:  # rank 0 fails the same plan and reports it
                 log.error("iteration %d failed: %s", msg.iteration_id, traceback.format_exc())
     finally:
-        if runner.host is not None:
-            runner.host.close()
+        runner.close()
         sock.close(linger=0)
         ctx.term()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -26,6 +27,82 @@ from neo_gpu_worker.stage_graphs import StageGraphs
 log = logging.getLogger(__name__)
 
 
+class _Timer:
+    """Start, end-of-forward and end marks of one iteration: CUDA events on a GPU (the device's
+    own time, so an iteration queued behind another counts from when the GPU reached it), the
+    host clock elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks = [self._now()]
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def mark(self) -> None:
+        self.marks.append(self._now())
+
+    def done(self) -> bool:
+        return not self.cuda or self.marks[-1].query()
+
+    def wait(self) -> None:
+        if self.cuda:
+            self.marks[-1].synchronize()
+
+    def seconds(self) -> list[float]:
+        """Seconds from the start to each later mark (after :meth:`wait`)."""
+        first = self.marks[0]
+        if self.cuda:
+            return [first.elapsed_time(m) / 1e3 for m in self.marks[1:]]
+        return [m - first for m in self.marks[1:]]
+
+
+class Launched:
+    """An iteration whose work is queued: its result lacks the tokens and the times until
+    :meth:`finish`, which waits for the tokens' copy to the host.
+
+    - ``result``: filled by ``ModelRunner.launch`` except ``token_ids`` and the times.
+    - ``tokens``: the sampled tokens' host copy, in flight (None: nothing sampled on this rank).
+    - ``timer``: marks the start and the end of the forward; the end of the iteration is marked here.
+    """
+
+    def __init__(self, result: IterationResult, timer: _Timer, tokens: torch.Tensor | None = None) -> None:
+        self.result, self.timer, self.tokens = result, timer, tokens
+        timer.mark()
+
+    def done(self) -> bool:
+        """Whether :meth:`finish` would return at once."""
+        return self.timer.done()
+
+    def finish(self) -> IterationResult:
+        self.timer.wait()
+        result = self.result
+        if self.tokens is not None:
+            result.token_ids = self.tokens.numpy()
+        result.forward_s, result.total_s = self.timer.seconds()
+        result.sample_s = result.total_s - result.forward_s
+        return result
+
+
+class _OnCpuThread:
+    """A launch running on the runner's CPU thread: the CPU device's stand-in for a CUDA stream
+    (plans run in order, behind the caller's back), so the worker's loop overlaps its IPC with
+    the forward there too, and CI runs the same launch-ahead path as a GPU."""
+
+    def __init__(self, future: Future) -> None:
+        self.future = future
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def finish(self) -> IterationResult:
+        return self.future.result().finish()
+
+
 class ModelRunner:
     """Owns the model and the KV pool on one device.
 
@@ -35,13 +112,15 @@ class ModelRunner:
     - ``graphs``: captured decode forwards (None: every iteration runs eagerly). The pipeline's
       captured dense stages (``stage_graphs.StageGraphs``, None: eager) come captured already: the
       worker captures them before it sizes the KV pool.
-    - ``last_sample``: (request ids, device tokens) the previous iteration sampled, which fill the
-      next plan's placeholder tokens (async scheduling); None after a failed iteration.
+    - ``last_sample``: (request ids, device tokens) the last launched iteration sampled, which fill
+      the next plan's placeholder tokens (async scheduling); None after a failed launch.
     - ``host``: the shared host KV segment (None in GPU-only mode); ``pipeline`` runs the plans that
       hold CPU-resident rows.
     - ``generator``: device RNG for unseeded sampling.
     - ``tp``: the tensor-parallel group (None: one rank). Rank 0 samples and broadcasts the tokens;
       the other ranks compute no logits and keep the broadcast tokens as their ``last_sample``.
+    - ``cpu_stream``: on the CPU device, the one thread launches run on (None on CUDA, where the
+      device's stream already runs them behind the host's back).
     """
 
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, device: torch.device,
@@ -64,11 +143,31 @@ class ModelRunner:
                 self.graphs.capture()
         self.pipeline = None if host is None else PipelinedExecutor(
             model, self.kv_cache, host, block_size, staging_blocks, device, cpu_timeout_s, stage_graphs)
+        self.cpu_stream = None if device.type == "cuda" else ThreadPoolExecutor(1, "cpu-stream")
+
+    def close(self) -> None:
+        if self.cpu_stream is not None:
+            self.cpu_stream.shutdown(wait=False, cancel_futures=True)
+        if self.host is not None:
+            self.host.close()
 
     # -- execution ----------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, plan: IterationPlan) -> IterationResult:
-        t0 = time.perf_counter()
+        """Run ``plan`` and wait for its tokens."""
+        return self.launch(plan).finish()
+
+    def launch(self, plan: IterationPlan) -> Launched | _OnCpuThread:
+        """Queue ``plan``'s work (forward, sampling, the tokens' copy to the host) and return
+        without waiting for it, so the worker can queue the next plan behind it (placeholder tokens
+        come from this one's device tokens). Swaps and pipelined forwards wait inside (for the
+        copies, for CPU attention)."""
+        if self.cpu_stream is not None:
+            return _OnCpuThread(self.cpu_stream.submit(self._launch, plan))
+        return self._launch(plan)
+
+    @torch.inference_mode()
+    def _launch(self, plan: IterationPlan) -> Launched:
+        timer = _Timer(self.device)
         try:
             fill = self._placeholders(plan)
         finally:
@@ -76,8 +175,10 @@ class ModelRunner:
         result = IterationResult(iteration_id=plan.iteration_id)
         result.swap_s = self.copy_blocks(plan)
         if plan.batch_size == 0:
-            return result
+            timer.mark()   # no forward
+            return Launched(result, timer)
         sample_rows = np.flatnonzero(plan.sample)
+        rows_on = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731 (no host sync)
         if np.any(plan.places != Place.GPU):
             if self.pipeline is None:
                 raise ValueError("plan holds CPU-resident rows but this worker has no host KV pool")
@@ -85,18 +186,17 @@ class ModelRunner:
             result.cpu_wait_s = self.pipeline.handoff.cpu_wait_s
             where = np.empty(plan.batch_size, np.int64)
             where[rows] = np.arange(len(rows))
-            last = hidden[torch.from_numpy(where[sample_rows]).to(self.device)]
+            last = hidden[rows_on(where[sample_rows])]
         elif self.graphs is not None and self.graphs.can_run(plan):
-            last = self.graphs.run(plan, fill)[torch.from_numpy(sample_rows).to(self.device)]
+            last = self.graphs.run(plan, fill)[rows_on(sample_rows)]
         else:
             sb = build_sub_batch(plan, np.arange(plan.batch_size), self.block_size, self.device, 0)
             if fill is not None:
                 sb.input_ids[fill[0]] = fill[1]
             hidden = self.model(sb.input_ids, sb.positions, self.kv_cache, sb.meta)
-            last = hidden[torch.from_numpy(sb.last_token[sample_rows]).to(self.device)]
-        if self.host is not None and self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # a true forward time for the policy's metrics
-        t1 = time.perf_counter()
+            last = hidden[rows_on(sb.last_token[sample_rows])]
+        timer.mark()
+        tokens = None
         if len(sample_rows) and self.tp is not None and self.tp.rank > 0:
             sampled = self.tp.broadcast(torch.empty(len(sample_rows), dtype=torch.int64, device=self.device))
             self.last_sample = (plan.seq_ids[sample_rows], sampled)
@@ -109,11 +209,9 @@ class ModelRunner:
             if self.tp is not None:
                 self.tp.broadcast(sampled)
             result.seq_ids = plan.seq_ids[sample_rows]
-            result.token_ids = sampled.to(torch.int32).cpu().numpy()
+            tokens = sampled.to(torch.int32).to("cpu", non_blocking=True)  # into pinned memory on CUDA
             self.last_sample = (result.seq_ids, sampled)
-        t2 = time.perf_counter()
-        result.forward_s, result.sample_s, result.total_s = t1 - t0, t2 - t1, t2 - t0
-        return result
+        return Launched(result, timer, tokens)
 
     def _placeholders(self, plan: IterationPlan) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(token indices, tokens on the device) for the plan's placeholder tokens: what the
@@ -140,6 +238,8 @@ class ModelRunner:
             return 0.0
         if self.host is None:
             raise ValueError("plan asks for swaps but this worker has no host KV pool")
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # a launched-ahead plan: not the previous one's time
         t0 = time.perf_counter()
         self.host.swap_out(self.kv_cache, plan.swap_out)
         self.host.swap_in(self.kv_cache, plan.swap_in)

@@ -135,6 +135,29 @@ def test_placeholder_tokens_are_fed_from_the_last_sample_on_the_device(runner, r
     assert np.array_equal(runner.execute(follow).token_ids, via_placeholders)
 
 
+@pytest.mark.parametrize("rows", [3, 25])
+@torch.inference_mode()
+def test_a_plan_launched_behind_the_last_one_feeds_on_its_device_tokens(runner, rows):
+    """The worker launches plan i+1 before it waits for plan i (on the CPU device, both queue on the
+    runner's CPU thread); on CUDA, launching must not wait for the device at all."""
+    first = decode_plan([10 + i % 4 for i in range(rows)], 15)
+    follow = decode_plan([11 + i % 4 for i in range(rows)], 15)
+    follow.block_tables = first.block_tables
+    follow.token_ids = np.full(rows, PLACEHOLDER_TOKEN, np.int32)
+    runner.execute(first)   # warm: compiled kernels, cached allocations (rewrites the same KV)
+    if CUDA:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        launched = runner.launch(first), runner.launch(follow)
+    finally:
+        if CUDA:
+            torch.cuda.set_sync_debug_mode(0)
+    sampled, via_placeholders = (x.finish() for x in launched)
+    assert sampled.total_s >= sampled.forward_s > 0 and via_placeholders.total_s > 0
+    follow.token_ids = sampled.token_ids.astype(np.int32)
+    assert np.array_equal(runner.execute(follow).token_ids, via_placeholders.token_ids)
+
+
 @torch.inference_mode()
 def test_placeholders_need_a_previous_sample_of_those_requests(runner):
     runner.execute(decode_plan([20, 30], 12))

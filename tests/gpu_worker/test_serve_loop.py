@@ -1,0 +1,121 @@
+"""`neo gpu-worker` as a real process, driven over its ZeroMQ socket the way an async-scheduling
+gateway drives it: the next plan is sent before the previous one's reply is read, and the worker
+launches it before it waits for the previous one's tokens (on the CPU device, behind its CPU thread;
+on a GPU, behind the stream). Replies must leave in plan order, a placeholder must take the token
+its request sampled the iteration before, and a plan that fails to launch must be answered with
+its own error in its turn without costing the plan ahead of it."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from typing import Iterator
+
+import numpy as np
+import pytest
+import zmq
+
+from neo_common.model_source import SMOLLM2_PACKAGE
+from neo_common.procs import free_port
+from neo_common.protocol import (PLACEHOLDER_TOKEN, Hello, IterationPlan, IterationResult, Shutdown, WorkerError,
+                                 WorkerReady, decode)
+
+pytestmark = pytest.mark.integration
+
+BS = 16
+PROMPTS = [[1, 504, 3458, 314, 260, 3153, 282, 4780], [1, 11148, 284, 1345, 314]]
+
+
+class Worker:
+    """A worker process and the DEALER socket it connects to."""
+
+    def __init__(self, tmp_path, launch_ahead: bool) -> None:
+        self.launch_ahead = launch_ahead
+        flags = ["--launch-ahead", str(launch_ahead).lower()]
+        if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
+            flags += ["--model", "smollm2-135m", "--load-format", "dummy"]
+        addr = f"tcp://127.0.0.1:{free_port()}"
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(addr)
+        self.log = open(tmp_path / "worker.log", "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "neo_common.cli", "gpu-worker", "--worker-addr", addr,
+                                      "--num-gpu-blocks", "16", "--max-model-len", "128", *flags],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+    def recv(self, timeout_s: float = 120):
+        assert self.sock.poll(int(timeout_s * 1000)), f"no reply from the worker; its log ends:\n{self.log_tail()}"
+        return decode(self.sock.recv())
+
+    def log_tail(self) -> str:
+        self.log.flush()
+        with open(self.log.name, errors="replace") as f:
+            return f.read()[-3000:]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.sock.close(0)
+        self.ctx.term()
+        self.log.close()
+
+
+@pytest.fixture(params=[True, False], ids=["launch-ahead", "reply-first"])
+def worker(tmp_path, request) -> Iterator[Worker]:
+    w = Worker(tmp_path, request.param)
+    try:
+        assert isinstance(w.recv(60), Hello)
+        ready = w.recv(180)
+        assert isinstance(ready, WorkerReady), f"{ready}; the worker's log ends:\n{w.log_tail()}"
+        yield w
+    finally:
+        w.close()
+
+
+def plan(iteration: int, tokens: list[list[int]], start: list[int]) -> IterationPlan:
+    """One row per request (ids 0, 1), request r in blocks 4r..4r+3, every row sampled greedily."""
+    n = len(tokens)
+    return IterationPlan(
+        iteration_id=iteration, seq_ids=np.arange(n, dtype=np.int64), places=np.zeros(n, np.uint8),
+        sub_batch=np.zeros(n, np.uint8), start_pos=np.array(start, np.int32),
+        num_tokens=np.array([len(t) for t in tokens], np.int32),
+        token_ids=np.array([t for row in tokens for t in row], np.int32),
+        block_tables=np.arange(4 * n, dtype=np.int32).reshape(n, 4), sample=np.ones(n, np.uint8),
+        temperature=np.zeros(n, np.float32), top_p=np.ones(n, np.float32), top_k=np.full(n, -1, np.int32),
+        seeds=np.full(n, -1, np.int64), steps=np.zeros(n, np.int32))
+
+
+def test_plans_sent_ahead_are_launched_ahead_and_answered_in_order(worker):
+    """With ``--launch-ahead false`` the same exchange gives the same replies, none launched ahead."""
+    prompt_lens = [len(p) for p in PROMPTS]
+    worker.sock.send(plan(1, PROMPTS, [0, 0]).encode())
+    first = worker.recv()
+    assert isinstance(first, IterationResult) and not first.launched_ahead
+    step1 = [[int(t)] for t in first.token_ids]
+
+    # the gateway's async schedule: plan 2 with real tokens, plan 3 right behind it with placeholders
+    # for what plan 2 samples, then a plan whose placeholder names a request plan 3 did not sample
+    worker.sock.send(plan(2, step1, prompt_lens).encode())
+    worker.sock.send(plan(3, [[PLACEHOLDER_TOKEN]] * 2, [n + 1 for n in prompt_lens]).encode())
+    stray = plan(4, [[PLACEHOLDER_TOKEN]] * 2, [n + 2 for n in prompt_lens])
+    stray.seq_ids = np.array([0, 7], np.int64)
+    worker.sock.send(stray.encode())
+    replies = [worker.recv() for _ in range(3)]
+    assert [r.iteration_id for r in replies] == [2, 3, 4]
+    second, third, failed = replies
+    assert isinstance(second, IterationResult) and isinstance(third, IterationResult)
+    # plan 3 was queued while plan 2 ran: launched before the reply to plan 2 (unless told otherwise)
+    assert third.launched_ahead == worker.launch_ahead
+    assert isinstance(failed, WorkerError) and "7" in failed.message and not failed.fatal
+
+    # the same step with the real tokens, sent alone: the placeholders must have been exactly these
+    worker.sock.send(plan(5, [[int(t)] for t in second.token_ids], [n + 1 for n in prompt_lens]).encode())
+    again = worker.recv()
+    assert isinstance(again, IterationResult) and not again.launched_ahead
+    assert np.array_equal(again.token_ids, third.token_ids)
+
+    worker.sock.send(Shutdown(reason="test").encode())
+    assert worker.proc.wait(timeout=60) == 0
