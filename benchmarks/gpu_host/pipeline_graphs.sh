@@ -8,7 +8,7 @@
 #       from Python (auto-eager) side by side in one run.
 # Cost tables come from NEO_COST_CACHE_DIR when it holds this host's (else they are profiled).
 # CHECKS=0 skips (1) and (2); VARIANT= (empty) skips the auto-eager server; MODES (default off,auto)
-# picks the offload modes, WORKLOADS (default "b a") the workloads.
+# picks the offload modes, WORKLOADS (default "b a") the workloads, OFFLINE the offline prompts.
 # Everything lands in $OUT/pipeline_graphs.tgz plus a summary.txt (the device returns few files).
 set -uo pipefail
 source benchmarks/gpu_host/env.sh
@@ -21,8 +21,8 @@ prepare_run "$RUN" || exit 1
   --ranks 1,2,4 --reps 5 --out "$RUN" > "$RUN/cpu_attention_split.txt" 2>&1
 for wl in ${WORKLOADS:-b a}; do
   case "$wl" in
-    b) ARGS=(N=16 RATES=8 OFFLINE=96 CPU_BLOCKS=1600) ;;
-    a|c) ARGS=(N=16 RATES=4 OFFLINE=64 CPU_BLOCKS=6000) ;;
+    b) ARGS=(N=16 RATES=8 OFFLINE=${OFFLINE:-96} CPU_BLOCKS=1600) ;;
+    a|c) ARGS=(N=16 RATES=4 OFFLINE=${OFFLINE:-64} CPU_BLOCKS=6000) ;;
   esac
   env "${ARGS[@]}" WORKLOAD=$wl CPU_THREADS=${CPU_THREADS:-12} MODES=${MODES:-off,auto} VARIANT=${VARIANT-'auto-eager=auto:--pipeline-graphs false'} \
     OUT="$RUN/$wl" timeout "${WL_TIMEOUT:-250}" bash benchmarks/gpu_host/neo_vs_gpu_only.sh > "$RUN/$wl.log" 2>&1

@@ -45,6 +45,18 @@ def test_placement_gpu_first_then_the_round_follows_to_the_cpu(monkeypatch):
     assert plan.block_tables[2, :7].tolist() == s.cpu.table(2)[:7], "CPU rows index the CPU pool"
 
 
+def test_admissions_that_fit_the_gpu_never_ask_the_policy_about_the_cpu(monkeypatch):
+    # the policy's look at a round costs the gateway ~0.1-0.4 ms: paid per admission, it slowed
+    # every iteration of an offload mode that never offloaded (paper workload a: 0.97x of GPU-only)
+    s = scheduler(gpu=10)
+    asked = []
+    monkeypatch.setattr(s, "_cpu_pays", lambda seq, front=False: asked.append(seq.seq_id) or False)
+    for i, n in enumerate([64, 64, 100]):   # 4 + 4 blocks fit; the third does not
+        s.add(seq(i, n))
+    out = s.schedule()
+    assert [r.seq.seq_id for r in out.rows] == [0, 1] and asked == [2]
+
+
 def test_a_request_the_policy_would_never_decode_on_the_cpu_waits_instead_of_parking_there():
     # Two short GPU decodes: pipelining (weights read twice) never beats the sequential plan, so a
     # CPU-resident request would sit there unserved; waiting, it takes the GPU's next free blocks.
