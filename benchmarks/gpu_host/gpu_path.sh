@@ -56,9 +56,15 @@ overhead() {  # $1 label, $2... extra serve flags
   grep -E "captured|ERROR|Traceback" "$OUT/serve_$label.log" | head -5
   rm -f "$OUT/metrics_$label.txt" "$OUT/metrics_full_$label.txt" "$OUT/metrics_start_$label.txt" "$OUT/serve_$label.log" "$OUT/bench_$label.txt"
 }
+# OVERHEAD_VARIANTS picks the servers and their order (default: async reply_first sync)
 if [ "${OVERHEAD:-1}" = 1 ]; then
-  overhead overhead_b256_async
-  overhead overhead_b256_reply_first --launch-ahead false
-  overhead overhead_b256_sync --async-scheduling false
+  for variant in ${OVERHEAD_VARIANTS:-async reply_first sync}; do
+    case "$variant" in
+      async) overhead overhead_b256_async ;;
+      reply_first) overhead overhead_b256_reply_first --launch-ahead false ;;
+      sync) overhead overhead_b256_sync --async-scheduling false ;;
+      *) echo "unknown overhead variant $variant" >&2 ;;
+    esac
+  done
   rm -f "$OUT"/bench_overhead_b256_sync.* "$OUT"/bench_overhead_b256_reply_first.*
 fi
