@@ -109,13 +109,6 @@ class AttentionMetadata:
         return torch.from_numpy(blocks), local
 
 
-def write_kv(kv_layer: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Store this iteration's k/v ([T, kv_heads, D]) into their slots. kv_layer: [2, blocks, bs, H, D]."""
-    heads, dim = k.shape[1], k.shape[2]
-    kv_layer[0].view(-1, heads, dim).index_copy_(0, slot_mapping, k.to(kv_layer.dtype))
-    kv_layer[1].view(-1, heads, dim).index_copy_(0, slot_mapping, v.to(kv_layer.dtype))
-
-
 def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float,
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention for every token of the batch against the KV already written for it.

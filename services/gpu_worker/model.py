@@ -19,7 +19,7 @@ from torch import nn
 from neo_common.geometry import ModelGeometry
 from neo_common.tensor_parallel import Shard
 from neo_gpu_worker import ops
-from neo_gpu_worker.attention import AttentionMetadata, paged_attention, write_kv
+from neo_gpu_worker.attention import AttentionMetadata, paged_attention
 from neo_gpu_worker.parallel import TensorParallel
 from neo_gpu_worker.rope import RotaryEmbedding
 
@@ -69,15 +69,16 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, g.hidden_size, bias=False)
         self.scale = g.head_dim ** -0.5
 
-    def project(self, x: torch.Tensor, positions: torch.Tensor,
-                rope: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [T, Hq, D], k and v [T, Hkv, D] of the (normed) input, RoPE applied."""
+    def project(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
+                store: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k and v [T, Hkv, D] of the (normed) input, RoPE applied; with ``store`` =
+        (kv_layer, slot_mapping), k and v are also written to their KV slots."""
         qkv = _apply(self.qkv_proj, x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        q, k = rope.apply(positions, q, k)
+        q, k = rope.apply(positions, q, k, None if store is None else (*store, v))
         return q, k, v
 
 
@@ -104,10 +105,11 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(g, tp)
         self.tp = tp
 
-    def pre_attn(self, x: torch.Tensor, positions: torch.Tensor,
-                 rope: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Dense work before attention: q, k, v of the residual stream ``x``."""
-        return self.self_attn.project(self.input_layernorm(x), positions, rope)
+    def pre_attn(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
+                 store: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Dense work before attention: q, k, v of the residual stream ``x`` (and, with ``store`` =
+        (kv_layer, slot_mapping), k and v written to their KV slots)."""
+        return self.self_attn.project(self.input_layernorm(x), positions, rope, store)
 
     def post_attn(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Dense work after attention: O-projection, residual, MLP; the next residual stream."""
@@ -117,8 +119,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
                 kv_layer: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.pre_attn(x, positions, rope)
-        write_kv(kv_layer, meta.slot_mapping, k, v)
+        q, _, _ = self.pre_attn(x, positions, rope, store=(kv_layer, meta.slot_mapping))
         return self.post_attn(x, paged_attention(q, kv_layer, meta, self.self_attn.scale))
 
 

@@ -75,16 +75,30 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-         ) -> tuple[torch.Tensor, torch.Tensor]:
+def rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+         store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE in HF's rotate-half layout over tables ``[max_pos, D]`` (fp32). The kernel rotates q and
-    k in place (they are views of the fused QKV output); the twin returns rotated copies."""
+    k in place (they are views of the fused QKV output); the twin returns rotated copies. With
+    ``store = (kv_layer, slot_mapping, v)`` the rotated k and v are also written to their slots
+    (``write_kv``): on CUDA in the same kernel, which spares a decode step two launches per layer."""
     if use_triton(q):
         from neo_gpu_worker.kernels import elementwise
 
+        if store is not None:
+            return elementwise.rope_and_store_(q, k, store[2], positions, cos, sin, store[0], store[1])
         return elementwise.rope_(q, positions, cos, sin), elementwise.rope_(k, positions, cos, sin)
     c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
-    return _rotate(q, c, s), _rotate(k, c, s)
+    q, k = _rotate(q, c, s), _rotate(k, c, s)
+    if store is not None:
+        write_kv(store[0], store[1], k, store[2])
+    return q, k
+
+
+def write_kv(kv_layer: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store this iteration's k/v ([T, kv_heads, D]) into their slots. kv_layer: [2, blocks, bs, H, D]."""
+    heads, dim = k.shape[1], k.shape[2]
+    kv_layer[0].view(-1, heads, dim).index_copy_(0, slot_mapping, k.to(kv_layer.dtype))
+    kv_layer[1].view(-1, heads, dim).index_copy_(0, slot_mapping, v.to(kv_layer.dtype))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

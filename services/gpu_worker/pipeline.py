@@ -33,7 +33,8 @@ from neo_common.protocol import IterationPlan
 from neo_common.procs import pid_alive
 from neo_cpu_attention import kernel
 from neo_cpu_attention.segment import job_seq
-from neo_gpu_worker.attention import paged_attention, write_kv
+from neo_gpu_worker.attention import paged_attention
+from neo_gpu_worker.ops import write_kv
 from neo_gpu_worker.batch import SubBatch, build_sub_batch
 from neo_gpu_worker.host_kv import HostKv
 from neo_gpu_worker.model import LlamaModel

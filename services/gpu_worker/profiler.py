@@ -42,7 +42,8 @@ from neo_common.tensor_parallel import Shard
 from neo_gateway import cost_model
 from neo_gateway.cost_model import CostKey, CostTables
 from neo_gpu_worker import ops
-from neo_gpu_worker.attention import AttentionMetadata, PrefillSpan, paged_attention, write_kv
+from neo_gpu_worker.attention import AttentionMetadata, PrefillSpan, paged_attention
+from neo_gpu_worker.ops import write_kv
 from neo_gpu_worker.cuda_graph import capture
 from neo_gpu_worker.main import pick_device, pick_dtype
 from neo_gpu_worker.model import DecoderLayer

@@ -48,6 +48,8 @@ class RotaryEmbedding:
         self.sin = emb.sin().to(device=device, dtype=torch.float32)
         self.max_positions = max_positions
 
-    def apply(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hk, D] in the input dtype (rotated in place on the Triton path)."""
-        return ops.rope(positions, q, k, self.cos, self.sin)
+    def apply(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+              store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, Hq, D], k: [T, Hk, D] in the input dtype (rotated in place on the Triton path);
+        ``store`` = (kv_layer, slot_mapping, v) also writes k and v to the KV cache (``ops.rope``)."""
+        return ops.rope(positions, q, k, self.cos, self.sin, store)

@@ -98,6 +98,35 @@ def test_rope_rotates_strided_views_in_place_like_its_twin():
     torch.testing.assert_close(got_k.float(), want_k.float(), atol=1e-2, rtol=1e-2)
 
 
+def test_rope_with_the_kv_store_matches_rope_then_write_kv():
+    """The decode path's fused kernel: q and k rotated in place, k and v in their slots, nothing else
+    of the cache touched (the slots are shuffled and include a padding row's scratch slot)."""
+    from neo_gpu_worker.rope import RotaryEmbedding
+
+    g = torch.Generator().manual_seed(4)
+    rope = RotaryEmbedding(64, 128, 10000.0, None, DEVICE)
+    qkv = torch.randn((5, (9 + 2 * 3) * 64), generator=g).to(BF16).to(DEVICE)
+    kv_layer = torch.randn((2, 6, 16, 3, 64), generator=g).to(BF16).to(DEVICE)   # [2, blocks, bs, Hkv, D]
+    pos = torch.tensor([0, 5, 77, 127, 0], device=DEVICE)
+    slots = torch.tensor([33, 2, 90, 17, 95], device=DEVICE)
+
+    def split(t):
+        q, k, v = t.split([9 * 64, 3 * 64, 3 * 64], dim=-1)
+        return q.view(5, 9, 64), k.view(5, 3, 64), v.reshape(5, 3, 64)
+
+    q, k, v = split(qkv.clone())
+    want_q, want_k = ops.rope(pos, q, k, rope.cos, rope.sin)
+    want_cache = kv_layer.clone()
+    ops.write_kv(want_cache, slots, want_k, v)
+    q, k, v = split(qkv.clone())
+    cache = kv_layer.clone()
+    got_q, got_k = elementwise.rope_and_store_(q, k, v, pos, rope.cos, rope.sin, cache, slots)
+    assert got_q.data_ptr() == q.data_ptr() and got_k.data_ptr() == k.data_ptr()
+    torch.testing.assert_close(got_q.float(), want_q.float(), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got_k.float(), want_k.float(), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(cache.float(), want_cache.float(), atol=1e-2, rtol=1e-2)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention varlen runs on CUDA only")
 def test_packed_varlen_prefill_matches_the_per_span_twin():
     """Spans of one iteration: fresh prompts and a later chunk that sees its earlier context."""

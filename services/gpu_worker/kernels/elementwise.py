@@ -1,4 +1,5 @@
-"""Fused row-wise kernels of a decoder layer: RMSNorm (with the residual add), SwiGLU and RoPE.
+"""Fused row-wise kernels of a decoder layer: RMSNorm (with the residual add), SwiGLU and RoPE (alone,
+or with the k/v write into the KV cache).
 
 Each replaces the half-dozen small torch kernels of its twin in ``neo_gpu_worker.ops`` with one
 launch, and rounds where the twin rounds (to the activation dtype after the residual add, after
@@ -68,21 +69,30 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _rotate_rows(base, heads, cos, sin, HEADS_PAD: tl.constexpr, HALF: tl.constexpr, stride_h):
+    """Rotate one token's heads at ``base`` in place; returns the two rotated halves."""
+    h = tl.arange(0, HEADS_PAD)
+    ptr = base + h[:, None] * stride_h + tl.arange(0, HALF)[None, :]
+    mask = (h < heads)[:, None]
+    x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    y1 = (x1 * cos - x2 * sin).to(base.dtype.element_ty)
+    y2 = (x2 * cos + x1 * sin).to(base.dtype.element_ty)
+    tl.store(ptr, y1, mask=mask)
+    tl.store(ptr + HALF, y2, mask=mask)
+    return y1, y2
+
+
+@triton.jit
 def _rope_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, stride_t, stride_h, stride_c, num_heads,
                  HEADS_PAD: tl.constexpr, HALF: tl.constexpr):
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t)
-    h = tl.arange(0, HEADS_PAD)
     i = tl.arange(0, HALF)
-    mask = (h < num_heads)[:, None]
-    base = x_ptr + t * stride_t + h[:, None] * stride_h + i[None, :]
-    x1 = tl.load(base, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(base + HALF, mask=mask, other=0.0).to(tl.float32)
     # The tables repeat their first half (HF's rotate-half layout), so one half serves both.
     cos = tl.load(cos_ptr + pos * stride_c + i)[None, :]
     sin = tl.load(sin_ptr + pos * stride_c + i)[None, :]
-    tl.store(base, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty), mask=mask)
-    tl.store(base + HALF, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+    _rotate_rows(x_ptr + t * stride_t, num_heads, cos, sin, HEADS_PAD, HALF, stride_h)
 
 
 def rope_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -93,3 +103,45 @@ def rope_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torc
         _rope_kernel[(tokens,)](x, positions, cos, sin, x.stride(0), x.stride(1), cos.stride(0), heads,
                                 HEADS_PAD=triton.next_power_of_2(heads), HALF=dim // 2)
     return x
+
+
+@triton.jit
+def _rope_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr,
+                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_c,
+                       stride_slot, stride_ch, q_heads, kv_heads,
+                       QH_PAD: tl.constexpr, KH_PAD: tl.constexpr, HALF: tl.constexpr):
+    t = tl.program_id(0)
+    pos = tl.load(pos_ptr + t)
+    i = tl.arange(0, HALF)
+    cos = tl.load(cos_ptr + pos * stride_c + i)[None, :]
+    sin = tl.load(sin_ptr + pos * stride_c + i)[None, :]
+    _rotate_rows(q_ptr + t * stride_qt, q_heads, cos, sin, QH_PAD, HALF, stride_qh)
+    k1, k2 = _rotate_rows(k_ptr + t * stride_kt, kv_heads, cos, sin, KH_PAD, HALF, stride_kh)
+    h = tl.arange(0, KH_PAD)
+    mask = (h < kv_heads)[:, None]
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    cache = slot * stride_slot + h[:, None] * stride_ch + i[None, :]
+    tl.store(kc_ptr + cache, k1.to(kc_ptr.dtype.element_ty), mask=mask)
+    tl.store(kc_ptr + cache + HALF, k2.to(kc_ptr.dtype.element_ty), mask=mask)
+    v = v_ptr + t * stride_vt + h[:, None] * stride_vh + i[None, :]
+    tl.store(vc_ptr + cache, tl.load(v, mask=mask, other=0.0).to(vc_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc_ptr + cache + HALF, tl.load(v + HALF, mask=mask, other=0.0).to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+def rope_and_store_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q ``[T, Hq, D]`` and k ``[T, Hkv, D]`` in place (strided views are fine: heads and dims
+    contiguous) and write k and v to their slots of ``kv_layer`` ``[2, blocks, bs, Hkv, D]``: RoPE and
+    ``write_kv`` in one launch."""
+    tokens, q_heads, dim = q.shape
+    kv_heads = k.shape[1]
+    assert q.stride(2) == k.stride(2) == v.stride(2) == 1 and cos.stride(1) == 1 and kv_layer.is_contiguous()
+    k_cache, v_cache = kv_layer[0], kv_layer[1]   # [blocks, bs, Hkv, D]: a slot's heads are contiguous
+    if tokens:
+        _rope_store_kernel[(tokens,)](q, k, v, positions, slot_mapping, cos, sin, k_cache, v_cache,
+                                      q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                                      cos.stride(0), kv_heads * dim, dim, q_heads, kv_heads,
+                                      QH_PAD=triton.next_power_of_2(q_heads), KH_PAD=triton.next_power_of_2(kv_heads),
+                                      HALF=dim // 2)
+    return q, k
