@@ -12,7 +12,6 @@ import functools
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from neo_gpu_worker import ops
 

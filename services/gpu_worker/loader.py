@@ -14,7 +14,6 @@ import torch
 from neo_common.geometry import ModelGeometry
 from neo_common.gguf_file import GGUFFile, open_gguf
 from neo_common.model_source import ModelSource, read_geometry
-from neo_common.tensor_parallel import Shard
 from neo_gpu_worker.dequant import dequantize
 from neo_gpu_worker.model import LlamaModel
 from neo_gpu_worker.parallel import TensorParallel
