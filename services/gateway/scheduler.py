@@ -264,10 +264,12 @@ class Scheduler:
         once they decode."""
         whole = n == seq.num_pending
         gpu_ok = self.gpu.can_allocate(seq.seq_id, seq.num_computed + n)
-        # asked only where the answer matters: the policy's look at the round costs a gateway
-        # ~0.1-0.4 ms per admission, and an iteration runs in ~10 ms
-        cpu_ok = lambda: (whole and self.cpu.can_allocate(seq.seq_id, seq.num_tokens + 1)  # noqa: E731
-                          and self._cpu_pays(seq))
+
+        def cpu_ok() -> bool:
+            # asked only where the answer matters: the policy's look at the round costs a gateway
+            # ~0.1-0.4 ms per admission, and an iteration runs in ~10 ms
+            return whole and self.cpu.can_allocate(seq.seq_id, seq.num_tokens + 1) and self._cpu_pays(seq)
+
         if self.mode == "full" or to_cpu_round:
             if cpu_ok():
                 return Place.CPU

@@ -23,7 +23,8 @@ from neo_common.protocol import IterationPlan, Place
 from neo_gpu_worker.attention import AttentionMetadata, PrefillSpan
 
 
-def _to_device(device: torch.device):
+def to_device(device: torch.device):
+    """numpy -> ``device`` without a host sync (the source is staged by the driver, never waited on)."""
     return lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
 
 
@@ -45,7 +46,7 @@ def flat_batch(plan: IterationPlan, rows: np.ndarray, tables: np.ndarray, block_
     dec = np.flatnonzero(n == 1)
     seq_lens = (start_pos[dec] + 1).astype(np.int32)
 
-    to_dev = _to_device(device)
+    to_dev = to_device(device)
     prefills = []
     for r in np.flatnonzero(n > 1):
         length = int(start_pos[r] + n[r])
@@ -126,7 +127,7 @@ def build_sub_batch(plan: IterationPlan, rows: np.ndarray, block_size: int, devi
     positions.append(plan.start_pos[cpu_rows].astype(np.int64))
     order = np.concatenate(parts)
     n = plan.num_tokens[order].astype(np.int64)
-    to_dev = _to_device(device)
+    to_dev = to_device(device)
     return SubBatch(
         rows=order, input_ids=to_dev(token_ids_of(plan, order).astype(np.int64)),
         positions=to_dev(np.concatenate(positions)), last_token=np.cumsum(n) - 1,

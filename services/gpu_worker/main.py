@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import time
-import traceback
 from typing import Sequence
 
 import torch
@@ -25,7 +24,7 @@ from neo_common.procs import exit_with_parent
 from neo_common.model_source import read_geometry, resolve
 from neo_common.settings import ConfigError
 from neo_common.tensor_parallel import Shard
-from neo_common.protocol import Hello, Shutdown, WorkerError, WorkerKind, WorkerReady, decode
+from neo_common.protocol import Hello, Shutdown, WorkerError, WorkerKind, WorkerReady
 from neo_cpu_attention.cpus import available_cpus
 from neo_cpu_attention.segment import SegmentLayout
 from neo_gpu_worker import ops
@@ -33,7 +32,7 @@ from neo_gpu_worker.host_kv import HostKv
 from neo_gpu_worker.loader import load_model
 from neo_gpu_worker.model_runner import ModelRunner, num_kv_blocks
 from neo_gpu_worker.parallel import FollowerLinks, TensorParallel, start_followers
-from neo_gpu_worker.serve_loop import IterationLoop
+from neo_gpu_worker.serve_loop import IterationLoop, follow_plans
 from neo_gpu_worker.stage_graphs import StageGraphs
 
 log = logging.getLogger(__name__)
@@ -199,15 +198,8 @@ def follow(config: NeoConfig, rank: int, init_method: str, frames_addr: str) -> 
     sock.connect(frames_addr)
     runner, _ = build_runner(config, rank, init_method)
     try:
-        while True:
-            msg = decode(sock.recv())
-            if isinstance(msg, Shutdown):
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 may terminate us while we unwind
-                return
-            try:
-                runner.execute(msg)
-            except Exception:  # rank 0 fails the same plan and reports it
-                log.error("iteration %d failed: %s", msg.iteration_id, traceback.format_exc())
+        follow_plans(sock, runner)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 may terminate us while we unwind
     finally:
         runner.close()
         sock.close(linger=0)

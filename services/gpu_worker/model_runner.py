@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from neo_common.protocol import PLACEHOLDER_TOKEN, IterationPlan, IterationResult, Place
-from neo_gpu_worker.batch import build_sub_batch
+from neo_gpu_worker.batch import build_sub_batch, to_device
 from neo_gpu_worker.cuda_graph import DecodeGraphs
 from neo_gpu_worker.host_kv import HostKv
 from neo_gpu_worker.model import LlamaModel
@@ -146,8 +146,11 @@ class ModelRunner:
         self.cpu_stream = None if device.type == "cuda" else ThreadPoolExecutor(1, "cpu-stream")
 
     def close(self) -> None:
+        """Let queued work end before the host segment it may read or write goes."""
         if self.cpu_stream is not None:
-            self.cpu_stream.shutdown(wait=False, cancel_futures=True)
+            self.cpu_stream.shutdown(wait=True, cancel_futures=True)
+        elif self.host is not None:
+            torch.cuda.synchronize(self.device)
         if self.host is not None:
             self.host.close()
 
@@ -178,7 +181,7 @@ class ModelRunner:
             timer.mark()   # no forward
             return Launched(result, timer)
         sample_rows = np.flatnonzero(plan.sample)
-        rows_on = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731 (no host sync)
+        rows_on = to_device(self.device)   # a blocking copy would wait for the plan queued ahead
         if np.any(plan.places != Place.GPU):
             if self.pipeline is None:
                 raise ValueError("plan holds CPU-resident rows but this worker has no host KV pool")
@@ -229,7 +232,7 @@ class ModelRunner:
             src = np.array([where[int(s)] for s in plan.seq_ids[rows]], np.int64)
         except KeyError as exc:
             raise ValueError(f"placeholder token of request {exc}, which the previous iteration did not sample") from None
-        dev = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
+        dev = to_device(self.device)
         return dev(rows), tokens[dev(src)]
 
     def copy_blocks(self, plan: IterationPlan) -> float:

@@ -43,7 +43,6 @@ from neo_gateway import cost_model
 from neo_gateway.cost_model import CostKey, CostTables
 from neo_gpu_worker import ops
 from neo_gpu_worker.attention import AttentionMetadata, PrefillSpan, paged_attention
-from neo_gpu_worker.ops import write_kv
 from neo_gpu_worker.cuda_graph import capture
 from neo_gpu_worker.main import pick_device, pick_dtype
 from neo_gpu_worker.model import DecoderLayer
@@ -112,8 +111,7 @@ def _timer(device: torch.device, reps: int) -> Callable[..., float]:
 def dense_part(layer: DecoderLayer, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
                kv_layer: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """``DecoderLayer.forward`` without ``paged_attention`` (q stands in for its output: same shape)."""
-    q, k, v = layer.pre_attn(x, positions, rope)
-    write_kv(kv_layer, slots, k, v)
+    q, _, _ = layer.pre_attn(x, positions, rope, store=(kv_layer, slots))
     return layer.post_attn(x, q)
 
 

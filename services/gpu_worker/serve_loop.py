@@ -16,6 +16,7 @@ import time
 import traceback
 
 import zmq
+from opentelemetry.trace import Status, StatusCode
 
 from neo_common import tracing
 from neo_common.protocol import (Hello, IterationPlan, IterationResult, ProtocolError, Shutdown, WorkerError,
@@ -38,33 +39,40 @@ class _InFlight:
 
     def __init__(self, plan: IterationPlan, runner: ModelRunner, previous: "_InFlight | None") -> None:
         self.plan_id = plan.iteration_id
-        self.span = _start_span(plan)
-        self.launched, self.error = None, None
-        self.ahead = previous is not None and not previous.done()
+        self.span, self.launched, self.error, self.ahead = None, None, None, False
+        behind = previous is not None and not previous.done()
         try:
+            self.span = _start_span(plan)
             self.launched = runner.launch(plan)
+            self.ahead = behind
         except Exception as exc:
-            log.error("iteration %d failed: %s", self.plan_id, traceback.format_exc())
-            self.error = exc
+            self._failed(exc)
 
     def done(self) -> bool:
         return self.launched is None or self.launched.done()
 
     def reply(self) -> IterationResult | WorkerError:
-        try:
-            if self.launched is not None:
+        result = None
+        if self.launched is not None:
+            try:
                 result = self.launched.finish()
                 result.launched_ahead = self.ahead
-                if self.span is not None:
-                    self.span.set_attribute("neo.forward_s", result.forward_s)
-                return result
-        except Exception as exc:
-            log.error("iteration %d failed: %s", self.plan_id, traceback.format_exc())
-            self.error = exc
-        finally:
-            if self.span is not None:
-                self.span.end()
+            except Exception as exc:
+                self._failed(exc)
+        if self.span is not None:
+            if result is not None:
+                self.span.set_attribute("neo.forward_s", result.forward_s)
+            self.span.end()
+        if result is not None:
+            return result
         return WorkerError(iteration_id=self.plan_id, message=str(self.error), fatal=False)
+
+    def _failed(self, exc: Exception) -> None:
+        log.error("iteration %d failed: %s", self.plan_id, traceback.format_exc())
+        self.error = exc
+        if self.span is not None:
+            self.span.record_exception(exc)
+            self.span.set_status(Status(StatusCode.ERROR, str(exc)))
 
 
 def _start_span(plan: IterationPlan):
@@ -132,16 +140,56 @@ class IterationLoop:
                 return 0
 
     def _next_frame(self) -> bytes | None:
-        """The next frame, or None once the in-flight plan is done with no frame waiting."""
-        if self.inflight is None:
-            return self.sock.recv()
-        while not self.sock.poll(0):
-            if self.inflight.done():
-                return None
-            time.sleep(self.spin_s)
-        return self.sock.recv()
+        return next_frame(self.sock, self.inflight, self.spin_s)
 
     def _reply(self) -> None:
         if self.inflight is not None:
             reply, self.inflight = self.inflight.reply(), None
             self.sock.send(reply.encode(), copy=False)
+
+
+def next_frame(sock: zmq.Socket, inflight, spin_s: float) -> bytes | None:
+    """The next frame on ``sock``, or None once ``inflight`` (a launch, or None: just wait for a
+    frame) is done with no frame waiting."""
+    if inflight is None:
+        return sock.recv()
+    while not sock.poll(0):
+        if inflight.done():
+            return None
+        time.sleep(spin_s)
+    return sock.recv()
+
+
+def follow_plans(sock: zmq.Socket, runner: ModelRunner) -> None:
+    """A tensor-parallel follower's loop: run every plan rank 0 forwards until Shutdown, each
+    launched behind the previous one as rank 0 launches them (else rank 0's collectives would wait
+    for this rank to prepare its inputs). A failure is only logged: rank 0 fails the same plan and
+    reports it."""
+    spin_s = _SPIN_S.get(runner.device.type, 1e-3)
+    launched = None
+
+    def finish() -> None:
+        try:
+            launched.finish()
+        except Exception:
+            log.error("iteration failed: %s", traceback.format_exc())
+
+    while True:
+        frame = next_frame(sock, launched, spin_s)
+        if frame is None:
+            finish()
+            launched = None
+            continue
+        msg = decode(frame)
+        if isinstance(msg, Shutdown):
+            if launched is not None:
+                finish()
+            return
+        try:
+            behind = runner.launch(msg)
+        except Exception:
+            log.error("iteration %d failed: %s", msg.iteration_id, traceback.format_exc())
+            behind = None
+        if launched is not None:
+            finish()
+        launched = behind

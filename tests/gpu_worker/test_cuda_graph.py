@@ -158,6 +158,22 @@ def test_a_plan_launched_behind_the_last_one_feeds_on_its_device_tokens(runner, 
     assert np.array_equal(runner.execute(follow).token_ids, via_placeholders.token_ids)
 
 
+@pytest.mark.skipif(not CUDA, reason="copies from pinned memory are asynchronous on CUDA only")
+@torch.inference_mode()
+def test_a_plan_launched_behind_a_busy_device_never_rewrites_inputs_still_queued(runner):
+    """At the largest bucket the graph inputs are copied straight from the pinned staging buffers:
+    a plan launched while the device is still busy must not rewrite them under the queued copy."""
+    rows = runner.graphs.max_batch
+    first = decode_plan([10 + i % 4 for i in range(rows)], 16)
+    second = decode_plan([11 + i % 4 for i in range(rows)], 17)   # other tokens, the same blocks
+    second.block_tables = first.block_tables
+    want = [runner.execute(first).token_ids, runner.execute(second).token_ids]
+    torch.cuda._sleep(50_000_000)   # tens of ms of device work ahead of both launches
+    launched = runner.launch(first), runner.launch(second)
+    got = [x.finish().token_ids for x in launched]
+    assert all(np.array_equal(g, w) for g, w in zip(got, want))
+
+
 @torch.inference_mode()
 def test_placeholders_need_a_previous_sample_of_those_requests(runner):
     runner.execute(decode_plan([20, 30], 12))

@@ -10,16 +10,20 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+import threading
+import time
 from typing import Iterator
 
 import numpy as np
 import pytest
+import torch
 import zmq
 
 from neo_common.model_source import SMOLLM2_PACKAGE
 from neo_common.procs import free_port
 from neo_common.protocol import (PLACEHOLDER_TOKEN, Hello, IterationPlan, IterationResult, Shutdown, WorkerError,
                                  WorkerReady, decode)
+from neo_gpu_worker.serve_loop import IterationLoop
 
 pytestmark = pytest.mark.integration
 
@@ -119,3 +123,63 @@ def test_plans_sent_ahead_are_launched_ahead_and_answered_in_order(worker):
 
     worker.sock.send(Shutdown(reason="test").encode())
     assert worker.proc.wait(timeout=60) == 0
+
+
+class FakeGpuLaunch:
+    """A launch as on a GPU (no GPU here): queued at once, done ``delay_s`` later."""
+
+    def __init__(self, plan: IterationPlan, delay_s: float) -> None:
+        self.plan_id, self.ready_at = plan.iteration_id, time.monotonic() + delay_s
+
+    def done(self) -> bool:
+        return time.monotonic() >= self.ready_at
+
+    def finish(self) -> IterationResult:
+        time.sleep(max(0.0, self.ready_at - time.monotonic()))
+        return IterationResult(iteration_id=self.plan_id)
+
+
+class FakeGpuRunner:
+    """Stands in for a CUDA ModelRunner, whose ``launch`` returns before the work ends and raises
+    synchronously for a plan it refuses (on the CPU device the launch runs on a thread instead)."""
+
+    device = torch.device("cuda")
+
+    def __init__(self, refuse: set[int]) -> None:
+        self.refuse = refuse
+
+    def launch(self, plan: IterationPlan) -> FakeGpuLaunch:
+        if plan.iteration_id in self.refuse:
+            raise ValueError(f"plan {plan.iteration_id} refused")
+        return FakeGpuLaunch(plan, 0.05)
+
+
+def test_replies_stay_in_plan_order_around_launch_failures_hellos_and_bad_frames():
+    ctx = zmq.Context()
+    gateway, worker = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    gateway.bind("inproc://serve-loop")
+    worker.connect("inproc://serve-loop")
+    ready = WorkerReady(pid=1)
+    loop = IterationLoop(worker, FakeGpuRunner(refuse={2}), ready)
+    exit_code = []
+    thread = threading.Thread(target=lambda: exit_code.append(loop.run()))
+    try:
+        for frame in (plan(1, [[5]], [3]).encode(), plan(2, [[5]], [4]).encode(), Hello().encode(),
+                      b"\xffnot a message", plan(3, [[5]], [5]).encode(), Shutdown(reason="test").encode()):
+            gateway.send(frame)
+        thread.start()   # every frame is queued before the loop reads the first
+        replies = []
+        for _ in range(5):
+            assert gateway.poll(10_000), f"replies so far: {replies}"
+            replies.append(decode(gateway.recv()))
+        thread.join(10)
+        assert exit_code == [0]
+        kinds = [(type(r).__name__, getattr(r, "iteration_id", None)) for r in replies]
+        assert kinds == [("IterationResult", 1), ("WorkerError", 2), ("WorkerReady", None), ("WorkerError", -1),
+                         ("IterationResult", 3)]
+        assert "refused" in replies[1].message and not replies[1].fatal
+        assert loop.launched_ahead == 0   # plan 2 never launched; plan 3 came after plan 1's reply
+    finally:
+        gateway.close(0)
+        worker.close(0)
+        ctx.term()
