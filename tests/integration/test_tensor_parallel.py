@@ -12,7 +12,9 @@ GPU-only on the same bf16 KV (``tp2-bf16``), as ``test_offload`` compares them a
 - ``tp2-full``: every decode on the CPU: two cpu_attention processes, each serving its rank's KV
   heads from its own segment;
 - ``tp2-auto``: a GPU KV budget too small for the workload: CPU-bound prefills, swaps of each
-  rank's heads, pipelined iterations.
+  rank's heads, pipelined iterations. A first wave of requests fills its 16 GPU blocks before the
+  rest arrive, so their growth evicts (swaps out) one of them however the rest arrive (without it,
+  a run made 2 swap-outs or, once, none).
 
 SmolLM2 has 3 KV heads, so its ranks hold 2 and 1: the uneven split is exercised too. Every
 request's text must match, and both pools must be free afterwards.
@@ -28,7 +30,8 @@ import pytest
 import transformers
 
 from neo_common.procs import descendants
-from support.equivalence import complete_all, fast_host_tables, metrics, model_under_test, value, workload
+from support.equivalence import (complete_all, fast_host_tables, filling_wave, metrics, model_under_test, value,
+                                 workload)
 from support.random_model import random_hf_folder
 from support.replica import http_status, pid_alive, wait_until
 
@@ -63,7 +66,9 @@ def random_gqa_llama(folder) -> str:
 def test_tp2_greedy_outputs_equal_tp1(model, replica_factory, tmp_path, cost_cache, monkeypatch):
     monkeypatch.setenv("NEO_COST_CACHE_DIR", cost_cache)
     args, name = model_under_test(model, lambda: random_gqa_llama(tmp_path))
-    requests = workload(seed=1, num_requests=NUM_REQUESTS)
+    # a wave that fills tp2-auto's 16 GPU blocks goes first: its growth must swap some of it out
+    wave = filling_wave(16)
+    requests = wave + workload(seed=1, num_requests=NUM_REQUESTS)
     texts, stats = {}, {}
     for run, run_args in RUNS.items():
         if run == "tp2-auto":
@@ -72,7 +77,7 @@ def test_tp2_greedy_outputs_equal_tp1(model, replica_factory, tmp_path, cost_cac
         if run.startswith("tp2"):  # rank 1 runs in a child of each data-plane role
             assert len(rank_children(replica, b"gpu-worker")) == 1, run
             assert len(rank_children(replica, b"cpu-attention")) == (run in ("tp2-full", "tp2-auto")), run
-        texts[run] = complete_all(replica.url, name, requests)
+        texts[run] = complete_all(replica.url, name, requests, first=len(wave))
         stats[run] = metrics(replica.url)
         replica.stop()
     for run, ref in EQUAL.items():

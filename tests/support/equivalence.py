@@ -33,12 +33,21 @@ def workload(seed: int = 0, num_requests: int = 64) -> list[tuple[list[int], int
             for _ in range(num_requests)]
 
 
-def complete_all(url: str, model: str, requests) -> list[str]:
-    """Every request at once (greedy, exactly ``max_tokens`` each); the texts in request order."""
-    return asyncio.run(_complete_all(url, model, requests))
+def filling_wave(blocks: int, block_size: int = 16, per_request: int = 4) -> list[tuple[list[int], int]]:
+    """Requests whose prompts fill ``blocks`` KV blocks exactly and then decode 40 tokens each: on a
+    GPU pool of that size, admitted before anything else, their first decode step must evict one of
+    them (a swap-out in ``auto`` mode, whatever the rest of the workload does)."""
+    rng = np.random.default_rng(99)
+    return [(rng.integers(100, 49000, per_request * block_size).tolist(), 40) for _ in range(blocks // per_request)]
 
 
-async def _complete_all(url: str, model: str, requests) -> list[str]:
+def complete_all(url: str, model: str, requests, first: int = 0) -> list[str]:
+    """Every request at once (greedy, exactly ``max_tokens`` each); the texts in request order. With
+    ``first``, the first ``first`` requests go alone and the rest follow once the replica runs them."""
+    return asyncio.run(_complete_all(url, model, requests, first))
+
+
+async def _complete_all(url: str, model: str, requests, first: int) -> list[str]:
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         async def one(prompt, max_tokens):
             r = await client.post("/v1/completions", json={"model": model, "prompt": prompt, "temperature": 0,
@@ -47,15 +56,29 @@ async def _complete_all(url: str, model: str, requests) -> list[str]:
             body = r.json()
             assert body["usage"]["completion_tokens"] == max_tokens
             return body["choices"][0]["text"]
-        return await asyncio.gather(*(one(p, n) for p, n in requests))
+
+        async def running() -> float:
+            return value(metrics_of((await client.get("/metrics")).text), "neo:num_requests_running")
+
+        leading = [asyncio.ensure_future(one(p, n)) for p, n in requests[:first]]
+        for _ in range(600):
+            if not first or await running() >= first:
+                break
+            await asyncio.sleep(0.05)
+        rest = [asyncio.ensure_future(one(p, n)) for p, n in requests[first:]]
+        return await asyncio.gather(*leading, *rest)
 
 
 def metrics(url: str) -> dict[str, float]:
+    return metrics_of(httpx.get(url + "/metrics", timeout=10).text)
+
+
+def metrics_of(text: str) -> dict[str, float]:
     out = {}
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+    for line in text.splitlines():
         if line.startswith("neo:"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
+            name, number = line.rsplit(" ", 1)
+            out[name] = float(number)
     return out
 
 
