@@ -69,7 +69,7 @@ from typing import Sequence
 import numpy as np
 
 from neo_bench.serve import WORKLOADS, arrival_gaps, one_request, sample_lengths, summarize
-from neo_common.procs import descendants, free_ports
+from neo_common.procs import descendants, serve_port_flags
 
 log = logging.getLogger(__name__)
 
@@ -234,13 +234,8 @@ def serve_args(args: argparse.Namespace, mode: str, extra: Sequence[str] = ()) -
     if mode != "off":
         flags["--num-cpu-blocks"] = args.num_cpu_blocks
     out = [x for k, v in flags.items() if v is not None for x in (k, str(v))]
-    passed = " ".join(args.serve_arg)
-    http, worker, cpu = free_ports(1, 1, 8)   # rank r's CPU process: the port + r
-    for flag, value in (("--port", str(http)), ("--worker-addr", f"tcp://127.0.0.1:{worker}"),
-                        ("--cpu-attention-addr", f"tcp://127.0.0.1:{cpu}")):
-        if flag not in passed:
-            out += [flag, value]
-    return out + [x for a in args.serve_arg for x in a.split()] + ["--offload-mode", mode, *extra]
+    passed = [x for a in args.serve_arg for x in a.split()]
+    return out + serve_port_flags(8, passed) + passed + ["--offload-mode", mode, *extra]
 
 
 class Server:

@@ -64,7 +64,7 @@ import numpy as np
 from neo_bench.neo_vs_gpu_only import Server, hardware, send_all
 from neo_bench.serve import summarize
 from neo_common.geometry import ModelGeometry
-from neo_common.procs import free_ports
+from neo_common.procs import serve_port_flags
 
 log = logging.getLogger(__name__)
 
@@ -202,12 +202,7 @@ def serve_argv(args: argparse.Namespace, batch: int) -> list[str]:
              "--device": args.device, "--dtype": args.dtype, "--max-num-seqs": batch}
     out = [x for k, v in flags.items() if v for x in (k, str(v))]
     extra = shlex.split(args.serve_args)
-    http, worker, cpu = free_ports(1, 1, 1)   # not the fixed defaults: no clash with others
-    for flag, value in (("--port", str(http)), ("--worker-addr", f"tcp://127.0.0.1:{worker}"),
-                        ("--cpu-attention-addr", f"tcp://127.0.0.1:{cpu}")):
-        if not any(x == flag or x.startswith(flag + "=") for x in extra):
-            out += [flag, value]
-    return out + extra
+    return out + serve_port_flags(1, extra) + extra   # not the fixed defaults: no clash with others
 
 
 def engine_batch(args: argparse.Namespace, batch: int, vocab: int) -> dict:

@@ -34,7 +34,7 @@ import time
 import numpy as np
 
 from neo_bench.neo_vs_gpu_only import Server, hardware
-from neo_common.procs import free_ports
+from neo_common.procs import serve_port_flags
 
 log = logging.getLogger("neo_bench.tp_agreement")
 
@@ -71,9 +71,7 @@ def agreement(ref: list[str], texts: list[str]) -> dict:
 
 
 def run_variant(args: argparse.Namespace, name: str, flags: list[str], batch: list[list[int]]) -> dict:
-    http, worker, cpu = free_ports(1, 1, 8)
-    argv = [*args.serve_args, *flags, "--port", str(http), "--worker-addr", f"tcp://127.0.0.1:{worker}",
-            "--cpu-attention-addr", f"tcp://127.0.0.1:{cpu}"]
+    argv = [*args.serve_args, *flags, *serve_port_flags(8)]
     server = Server(argv, os.path.join(args.out, f"serve_{name}_{args.label}.log"))
     try:
         t0 = time.perf_counter()

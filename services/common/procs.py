@@ -6,6 +6,7 @@ import os
 import socket
 import threading
 import time
+from typing import Sequence
 
 # Environment every process of a replica starts with: NVLink multicast (NVLS) off in NCCL, NVSHMEM
 # and PyTorch's symmetric memory. On shared multi-GPU hosts multicast objects can take the host down
@@ -38,6 +39,20 @@ def free_ports(*spans: int) -> list[int]:
         for s in held:
             s.close()
     return firsts
+
+
+def serve_port_flags(cpu_span: int = 1, given: Sequence[str] = ()) -> list[str]:
+    """`neo serve` flags that put a replica on free ports: ``--port``, ``--worker-addr`` and
+    ``--cpu-attention-addr`` (a block of ``cpu_span``: tensor-parallel rank r's CPU process uses the
+    port + r), all chosen in one ``free_ports`` call; a flag already in ``given`` (as ``--flag V`` or
+    ``--flag=V``) is left to it."""
+    http, worker, cpu = free_ports(1, 1, cpu_span)
+    out = []
+    for flag, value in (("--port", str(http)), ("--worker-addr", f"tcp://127.0.0.1:{worker}"),
+                        ("--cpu-attention-addr", f"tcp://127.0.0.1:{cpu}")):
+        if not any(a == flag or a.startswith(flag + "=") for a in given):
+            out += [flag, value]
+    return out
 
 
 def _bind_block(span: int) -> list[socket.socket]:

@@ -8,7 +8,7 @@ import pytest
 
 from neo_common.config import NeoConfig
 from neo_common.geometry import GEOMETRIES
-from neo_common.procs import free_port, free_ports
+from neo_common.procs import free_port, free_ports, serve_port_flags
 from neo_common.tensor_parallel import Shard, rank_address, split_evenly
 
 
@@ -89,3 +89,12 @@ def test_free_ports_hands_out_disjoint_blocks() -> None:
         assert len(set(taken)) == 6
     with socket.socket() as s:
         s.bind(("127.0.0.1", http))   # released again once chosen
+
+
+def test_serve_port_flags_leave_given_flags_alone() -> None:
+    flags = serve_port_flags(4)
+    assert flags[0::2] == ["--port", "--worker-addr", "--cpu-attention-addr"]
+    ports = [int(flags[1]), *(int(v.rsplit(":", 1)[1]) for v in flags[3::2])]
+    assert len({ports[0], ports[1], *range(ports[2], ports[2] + 4)}) == 6
+    kept = serve_port_flags(1, ["--port=9", "--worker-addr", "tcp://127.0.0.1:7"])
+    assert kept[0::2] == ["--cpu-attention-addr"]

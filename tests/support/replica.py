@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-from neo_common.procs import descendants, free_port, free_ports, pid_alive  # noqa: F401 (the tests import them from here)
+from neo_common.procs import descendants, free_port, free_ports, pid_alive, serve_port_flags  # noqa: F401 (the tests import them from here)
 
 
 def wait_until(cond, timeout: float, step: float = 0.1) -> bool:
@@ -40,9 +40,8 @@ class Replica:
     """A `neo serve` process tree started by a test; stopped and reaped by PID."""
 
     def __init__(self, args: list[str], log_path: str, env: dict[str, str] | None = None) -> None:
-        self.port, worker, cpu = free_ports(1, 1, 4)
-        self.args = ["--port", str(self.port), "--worker-addr", f"tcp://127.0.0.1:{worker}",
-                     "--cpu-attention-addr", f"tcp://127.0.0.1:{cpu}", *args]
+        self.args = [*serve_port_flags(4), *args]
+        self.port = int(self.args[self.args.index("--port") + 1])
         self.log_path = log_path
         self.log = open(log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "neo_common.cli", "serve", *self.args],
