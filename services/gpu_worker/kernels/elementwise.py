@@ -84,15 +84,19 @@ def _rotate_rows(base, heads, cos, sin, HEADS_PAD: tl.constexpr, HALF: tl.conste
 
 
 @triton.jit
+def _angles(pos_ptr, cos_ptr, sin_ptr, stride_c, HALF: tl.constexpr):
+    """This program's token's cos and sin rows ``[1, HALF]``: the tables repeat their first half
+    (HF's rotate-half layout), so one half serves both."""
+    pos = tl.load(pos_ptr + tl.program_id(0))
+    i = tl.arange(0, HALF)
+    return tl.load(cos_ptr + pos * stride_c + i)[None, :], tl.load(sin_ptr + pos * stride_c + i)[None, :]
+
+
+@triton.jit
 def _rope_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, stride_t, stride_h, stride_c, num_heads,
                  HEADS_PAD: tl.constexpr, HALF: tl.constexpr):
-    t = tl.program_id(0)
-    pos = tl.load(pos_ptr + t)
-    i = tl.arange(0, HALF)
-    # The tables repeat their first half (HF's rotate-half layout), so one half serves both.
-    cos = tl.load(cos_ptr + pos * stride_c + i)[None, :]
-    sin = tl.load(sin_ptr + pos * stride_c + i)[None, :]
-    _rotate_rows(x_ptr + t * stride_t, num_heads, cos, sin, HEADS_PAD, HALF, stride_h)
+    cos, sin = _angles(pos_ptr, cos_ptr, sin_ptr, stride_c, HALF)
+    _rotate_rows(x_ptr + tl.program_id(0) * stride_t, num_heads, cos, sin, HEADS_PAD, HALF, stride_h)
 
 
 def rope_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -111,10 +115,8 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr,
                        stride_slot, stride_ch, q_heads, kv_heads,
                        QH_PAD: tl.constexpr, KH_PAD: tl.constexpr, HALF: tl.constexpr):
     t = tl.program_id(0)
-    pos = tl.load(pos_ptr + t)
     i = tl.arange(0, HALF)
-    cos = tl.load(cos_ptr + pos * stride_c + i)[None, :]
-    sin = tl.load(sin_ptr + pos * stride_c + i)[None, :]
+    cos, sin = _angles(pos_ptr, cos_ptr, sin_ptr, stride_c, HALF)
     _rotate_rows(q_ptr + t * stride_qt, q_heads, cos, sin, QH_PAD, HALF, stride_qh)
     k1, k2 = _rotate_rows(k_ptr + t * stride_kt, kv_heads, cos, sin, KH_PAD, HALF, stride_kh)
     h = tl.arange(0, KH_PAD)
