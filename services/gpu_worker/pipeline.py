@@ -23,8 +23,10 @@ code runs with synchronous copies; that is how CI checks it against GPU-only exe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -218,12 +220,10 @@ class PipelinedExecutor:
         dense.begin(sbs)
         live = [sb.num_tokens > 0 for sb in sbs]
         poll = self.handoff.poll
-        spent = self.spent
 
         def step(j: int, i: int) -> None:
-            t = time.perf_counter()
-            dense.step(j, i)
-            spent["dense"] += time.perf_counter() - t
+            with self._spending("dense"):
+                dense.step(j, i)
 
         if live[0]:
             step(0, 0)
@@ -248,13 +248,19 @@ class PipelinedExecutor:
             step(1, layers)
         return [dense.hidden(j) if live[j] else None for j in (0, 1)]
 
+    @contextlib.contextmanager
+    def _spending(self, part: str) -> Iterator[None]:
+        """Add the host time of the block to this iteration's ``part`` (see ``_account``)."""
+        t = time.perf_counter()
+        yield
+        self.spent[part] += time.perf_counter() - t
+
     def _send(self, slot: int, it: int, layer: int, sb: SubBatch, qkv) -> None:
         if sb.num_cpu:
             q, k, v = qkv
             c = sb.cpu_slice
-            t = time.perf_counter()
-            self.handoff.send(slot, job_seq(it, layer), q[c], k[c], v[c])
-            self.spent["send"] += time.perf_counter() - t
+            with self._spending("send"):
+                self.handoff.send(slot, job_seq(it, layer), q[c], k[c], v[c])
 
     def _attention(self, j: int, it: int, i: int, sb: SubBatch, dense: EagerDense | StageGraphs) -> None:
         """Attention of layer ``i`` for sub-batch ``j`` into ``dense.attn_out(j)``: the GPU-pool rows
@@ -270,8 +276,7 @@ class PipelinedExecutor:
             s = slice(sb.num_gpu, sb.num_gpu + sb.num_staged)
             write_kv(self.staging, sb.stage_meta.slot_mapping, k[s], v[s])
             paged_attention(q[s], self.staging, sb.stage_meta, scale, out=out[s])
-            t = time.perf_counter()
-            self.host.stream_out(i, self.staging, sb.stage_runs, self.handoff.side)
-            self.spent["stream_out"] += time.perf_counter() - t
+            with self._spending("stream_out"):
+                self.host.stream_out(i, self.staging, sb.stage_runs, self.handoff.side)
         if sb.num_cpu:
             self.handoff.finish(j, it, i, out[sb.cpu_slice])

@@ -27,9 +27,11 @@ from neo_gpu_worker.parallel import FollowerLinks
 log = logging.getLogger(__name__)
 _tracer = tracing.tracer("neo.gpu_worker")
 
-# How often the loop looks at the socket and the in-flight iteration while both are quiet: short on
-# a GPU, where an iteration takes milliseconds and the reply should leave the moment it is done.
-_SPIN_S = {"cuda": 50e-6, "cpu": 1e-3}
+
+def _spin_s(runner: ModelRunner) -> float:
+    """How often a loop looks at its socket and the in-flight iteration while both are quiet: often
+    on a GPU, where an iteration takes milliseconds and the reply should leave the moment it is done."""
+    return 50e-6 if runner.device.type == "cuda" else 1e-3
 
 
 class _InFlight:
@@ -105,7 +107,7 @@ class IterationLoop:
         self.launch_ahead = launch_ahead
         self.inflight: _InFlight | None = None
         self.launched_ahead = 0
-        self.spin_s = _SPIN_S.get(runner.device.type, 1e-3)
+        self.spin_s = _spin_s(runner)
 
     def run(self) -> int:
         while True:
@@ -165,7 +167,7 @@ def follow_plans(sock: zmq.Socket, runner: ModelRunner) -> None:
     launched behind the previous one as rank 0 launches them (else rank 0's collectives would wait
     for this rank to prepare its inputs). A failure is only logged: rank 0 fails the same plan and
     reports it."""
-    spin_s = _SPIN_S.get(runner.device.type, 1e-3)
+    spin_s = _spin_s(runner)
     launched = None
 
     def finish() -> None:
