@@ -1,9 +1,13 @@
 """`neo gpu-worker` as a real process, driven over its ZeroMQ socket the way an async-scheduling
 gateway drives it: the next plan is sent before the previous one's reply is read, and the worker
-launches it before it waits for the previous one's tokens (on the CPU device, behind its CPU thread;
-on a GPU, behind the stream). Replies must leave in plan order, a placeholder must take the token
-its request sampled the iteration before, and a plan that fails to launch must be answered with
-its own error in its turn without costing the plan ahead of it."""
+launches it before it waits for the previous one's tokens. Replies must leave in plan order, a
+placeholder must take the token its request sampled the iteration before, and a plan that fails to
+launch must be answered with its own error in its turn without costing the plan ahead of it.
+
+The worker runs on the CPU device even on a GPU host: there a step takes tens of milliseconds, so
+the next plan always arrives while the previous one still runs (on an H100 this small model's step
+ends in ~2 ms, often before the next plan is read, and "launched ahead" would be a race). The CUDA
+side of a launch ahead is tested on the runner (``test_cuda_graph.py``)."""
 
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ class Worker:
 
     def __init__(self, tmp_path, launch_ahead: bool) -> None:
         self.launch_ahead = launch_ahead
-        flags = ["--launch-ahead", str(launch_ahead).lower()]
+        flags = ["--launch-ahead", str(launch_ahead).lower(), "--device", "cpu"]
         if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
             flags += ["--model", "smollm2-135m", "--load-format", "dummy"]
         addr = f"tcp://127.0.0.1:{free_port()}"
