@@ -10,12 +10,18 @@ import hashlib
 import json
 from typing import Any
 
-from neo_common.config import (CacheConfig, DeviceConfig, HttpConfig, ModelConfig, NeoConfig,
+from neo_common.config import (CacheConfig, DeviceConfig, HttpConfig, IpcConfig, ModelConfig, NeoConfig,
                                SchedulerConfig)
 from neo_operator import constants as c
 from neo_operator.labels import child_labels
 from neo_operator.sizing import SizingDecision
 from neo_operator.spec import NeoServiceSpec
+
+
+# Never in the ConfigMap: the API key comes from its Secret (gateway env), and the link addresses are
+# left to the engine's default, ipc:// sockets in NEO_RUNTIME_DIR (a tcp:// address would put the
+# link on the pod's network).
+OMITTED_ENV = ("NEO_API_KEY", "NEO_WORKER_ADDR", "NEO_CPU_ATTENTION_ADDR")
 
 
 def configmap_name(name: str) -> str:
@@ -40,9 +46,11 @@ def engine_config(spec: NeoServiceSpec, decision: SizingDecision) -> NeoConfig:
                                   max_waiting=spec.engine.max_waiting, offload_mode=decision.offload_mode),
         device=DeviceConfig(device="cuda", cpu_threads=decision.cpu_attention_threads,
                             tensor_parallel_size=decision.tensor_parallel_size),
-        # The three containers share the pod's network namespace: the workers reach the gateway on
-        # localhost (IpcConfig defaults); only HTTP listens on all interfaces.
-        http=HttpConfig(host="0.0.0.0", port=c.GATEWAY_PORT, log_level=spec.engine.log_level),
+        # The workers reach the gateway over ipc:// sockets in the pod's private runtime volume; only
+        # HTTP listens on the network.
+        ipc=IpcConfig(runtime_dir=c.RUNTIME_DIR),
+        http=HttpConfig(host="0.0.0.0", port=c.GATEWAY_PORT, log_level=spec.engine.log_level,
+                        shutdown_grace_s=float(spec.shutdown_grace_seconds)),
     )
 
 
@@ -55,5 +63,5 @@ def build_configmap(name: str, spec: NeoServiceSpec, decision: SizingDecision) -
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": configmap_name(name), "labels": child_labels(name, "config")},
-        "data": engine_config(spec, decision).to_env(),
+        "data": {k: v for k, v in engine_config(spec, decision).to_env().items() if k not in OMITTED_ENV},
     }

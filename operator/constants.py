@@ -20,9 +20,13 @@ SERVICE_LABEL = f"{GROUP}/service"
 # Pod template annotation holding the ConfigMap's hash, so a config change rolls the pods.
 CONFIG_HASH_ANNOTATION = f"{GROUP}/config-hash"
 
-# Node annotations written from the bandwidth probe (or by hand on clusters that cannot run it).
+# Node annotations an administrator may set by hand (clusters that cannot run the probe); they win
+# over a probe result. The operator itself never writes Nodes.
 READ_GBPS_ANNOTATION = f"{GROUP}/host-read-gbps"
 PROBE_RESULT_ANNOTATION = f"{GROUP}/bandwidth-probe"
+# The bandwidth probe results: one ConfigMap in the operator's namespace, one key per node name,
+# each value the probe's JSON line (plus when it was measured).
+PROBE_RESULTS_CONFIGMAP = "neo-bandwidth-probes"
 PROBE_COMPONENT = "bandwidth-probe"
 PROBE_NODE_LABEL = f"{GROUP}/probe-node"
 
@@ -34,3 +38,11 @@ GPU_COUNT_LABEL = "nvidia.com/gpu.count"
 GATEWAY_PORT = 8000
 SHM_PATH = "/dev/shm"
 MODEL_MOUNT = "/models"
+# The pod's private link volume: the gateway binds its ipc:// sockets (and keeps the link keys) in
+# RUNTIME_DIR, which the processes create 0700 inside this memory-backed emptyDir.
+RUNTIME_MOUNT = "/run/neo"
+RUNTIME_DIR = f"{RUNTIME_MOUNT}/link"
+# The root filesystem is read-only: scratch space and every cache (cost tables, Triton, torch
+# inductor, Hugging Face, CUDA's JIT cache under $HOME) live in emptyDirs.
+TMP_MOUNT = "/tmp"
+CACHE_MOUNT = "/var/cache/neo"

@@ -1,8 +1,11 @@
 """The Deployment: one replica = one pod with the gateway, gpu-worker and cpu-attention containers.
 
-The three containers share the pod's network namespace (they talk over localhost) and a
-memory-backed emptyDir at /dev/shm that holds the CPU KV pool and the per-layer staging area, sized by
-the sizing decision.
+The three containers share a memory-backed emptyDir at /dev/shm that holds the CPU KV pool and the
+per-layer staging area (sized by the sizing decision), and a small private one (``runtime``) in
+which the gateway binds the ipc:// sockets the workers connect to: only this pod's containers,
+all running as RUN_AS_USER, can reach the link. Every container's root filesystem is read-only;
+/tmp and a cache directory (cost tables, Triton and inductor kernels, $HOME) are emptyDirs. The
+pods get no ServiceAccount token: nothing in them talks to the API server.
 """
 
 from __future__ import annotations
@@ -14,11 +17,26 @@ from neo_common.procs import MULTICAST_OFF
 from neo_operator import constants as c
 from neo_operator.configmap import configmap_name
 from neo_operator.labels import child_labels, selector_labels
+from neo_operator.lifecycle import gateway_pre_stop, termination_grace_seconds, worker_pre_stop
 from neo_operator.sizing import SizingDecision
 from neo_operator.spec import NeoServiceSpec
 
 # A fixed non-root identity: works whatever USER the image declares (runAsNonRoot needs a number).
 RUN_AS_USER = 10001
+RUNTIME_SIZE = "16Mi"  # sockets and two key files
+TMP_SIZE = "1Gi"
+CACHE_SIZE = "4Gi"  # Triton/inductor kernels and the cost tables; weights come from the model volume
+# Where the processes and their libraries write, all inside the cache emptyDir.
+CACHE_ENV = {
+    "HOME": c.CACHE_MOUNT,  # ~/.triton, ~/.nv (CUDA's JIT cache), anything else keyed on $HOME
+    "XDG_CACHE_HOME": c.CACHE_MOUNT,
+    "NEO_COST_CACHE_DIR": f"{c.CACHE_MOUNT}/neo/cost",
+    "TRITON_CACHE_DIR": f"{c.CACHE_MOUNT}/triton",
+    "TORCHINDUCTOR_CACHE_DIR": f"{c.CACHE_MOUNT}/inductor",
+    "HF_HOME": f"{c.CACHE_MOUNT}/huggingface",
+}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                      "capabilities": {"drop": ["ALL"]}}
 
 
 def _resources(computed: dict[str, str], override: dict[str, Any], limits: dict[str, str] | None = None) -> dict[str, Any]:
@@ -38,7 +56,8 @@ def _http_probe(path: str, period: int, failures: int) -> dict[str, Any]:
 
 def _container(name: str, image: str, command: str, spec: NeoServiceSpec, name_: str,
                resources: dict[str, Any], model: bool) -> dict[str, Any]:
-    mounts = [{"name": "shm", "mountPath": c.SHM_PATH}]
+    mounts = [{"name": "shm", "mountPath": c.SHM_PATH}, {"name": "runtime", "mountPath": c.RUNTIME_MOUNT},
+              {"name": "tmp", "mountPath": c.TMP_MOUNT}, {"name": "cache", "mountPath": c.CACHE_MOUNT}]
     if model and spec.model.source != "dummy":
         mounts.append({"name": "model", "mountPath": c.MODEL_MOUNT, "readOnly": True})
     return {
@@ -47,10 +66,10 @@ def _container(name: str, image: str, command: str, spec: NeoServiceSpec, name_:
         "imagePullPolicy": spec.images.pull_policy,
         "command": ["neo", command],
         "envFrom": [{"configMapRef": {"name": configmap_name(name_)}}],
-        "env": [{"name": k, "value": v} for k, v in MULTICAST_OFF.items()],
+        "env": [{"name": k, "value": v} for k, v in {**MULTICAST_OFF, **CACHE_ENV}.items()],
         "resources": resources,
         "volumeMounts": mounts,
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
 
@@ -71,7 +90,7 @@ def _model_check(spec: NeoServiceSpec) -> dict[str, Any]:
                     path, message],
         "volumeMounts": [{"name": "model", "mountPath": c.MODEL_MOUNT, "readOnly": True}],
         "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}},
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
 
@@ -98,13 +117,24 @@ def build_pod_template(name: str, spec: NeoServiceSpec, decision: SizingDecision
     gateway["readinessProbe"] = _http_probe("/ready", 5, 3)
     gateway["livenessProbe"] = _http_probe("/health", 10, 6)  # a worker down for a minute restarts the replica
     gateway["startupProbe"] = _http_probe("/health", 10, 90)  # weights may take minutes to load
+    gateway["lifecycle"] = {"preStop": gateway_pre_stop()}
+    if spec.api_key_secret is not None:  # from the Secret, never through the ConfigMap
+        gateway["env"].append({"name": "NEO_API_KEY", "valueFrom": {"secretKeyRef": {
+            "name": spec.api_key_secret.name, "key": spec.api_key_secret.key}}})
     worker = _container("gpu-worker", spec.images.gpu_worker, "gpu-worker", spec, name,
                         _resources(req["gpuWorker"], res.get("gpuWorker", {}),
                                    limits={spec.gpu.resource_name: str(spec.gpu.count)}), model=True)
     cpu_att = _container("cpu-attention", spec.images.cpu_attention, "cpu-attention", spec, name,
                          _resources(req["cpuAttention"], res.get("cpuAttention", {})), model=False)
+    for ct in (worker, cpu_att):
+        ct["lifecycle"] = {"preStop": worker_pre_stop(c.GATEWAY_PORT, spec.shutdown_grace_seconds)}
 
-    volumes: list[dict[str, Any]] = [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": decision.shm_quantity}}]
+    volumes: list[dict[str, Any]] = [
+        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": decision.shm_quantity}},
+        {"name": "runtime", "emptyDir": {"medium": "Memory", "sizeLimit": RUNTIME_SIZE}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE}},
+        {"name": "cache", "emptyDir": {"sizeLimit": CACHE_SIZE}},
+    ]
     if spec.model.source != "dummy":
         volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": spec.model.claim_name, "readOnly": True}})
 
@@ -113,12 +143,13 @@ def build_pod_template(name: str, spec: NeoServiceSpec, decision: SizingDecision
         "containers": [gateway, worker, cpu_att],
         **({"initContainers": [_model_check(spec)]} if spec.model.source != "dummy" else {}),
         "volumes": volumes,
+        "automountServiceAccountToken": False,
         "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER,
                             "fsGroup": RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"}},
         "affinity": _affinity(decision.gpu_products, overrides.get("affinity")),
         "tolerations": [{"key": spec.gpu.resource_name, "operator": "Exists", "effect": "NoSchedule"},
                         *copy.deepcopy(overrides.get("tolerations") or [])],
-        "terminationGracePeriodSeconds": 60,
+        "terminationGracePeriodSeconds": termination_grace_seconds(spec.shutdown_grace_seconds),
     }
     node_selector = {**spec.gpu.node_selector, **(overrides.get("nodeSelector") or {})}
     if node_selector:

@@ -12,7 +12,7 @@ import kopf
 
 from neo_operator import constants as c
 from neo_operator.kube import Kube
-from neo_operator.nodes import is_gpu_node, parse_bandwidth
+from neo_operator.nodes import bandwidth, is_gpu_node
 from neo_operator.opconfig import OperatorConfig
 from neo_operator.probes import ProbeCollector, ensure_probe_jobs
 from neo_operator.reconcile import reconcile, workload_update
@@ -83,9 +83,9 @@ def deployment_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> N
 
 @kopf.on.event("", "v1", "nodes", labels={c.GPU_PRODUCT_LABEL: kopf.PRESENT})
 def gpu_node_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Every GPU node gets one bandwidth probe, until its bandwidth annotation exists."""
+    """Every GPU node gets one bandwidth probe, until its result is recorded (or set by hand)."""
     if type == "DELETED" or not is_gpu_node(body):
         return
-    gbps, _threads = parse_bandwidth(body["metadata"].get("annotations") or {})
+    gbps, _threads = bandwidth(body, memo.kube.probe_results(memo.config.probe_namespace))
     if gbps is None:
         ensure_probe_jobs(memo.kube, memo.config, [dict(body)])

@@ -33,6 +33,7 @@ class Kube:
         self.apps = client.AppsV1Api(self.api)
         self.batch = client.BatchV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
+        self.networking = client.NetworkingV1Api(self.api)
 
     def _dict(self, obj: Any) -> dict[str, Any]:
         return self.api.sanitize_for_serialization(obj)
@@ -70,6 +71,9 @@ class Kube:
                         self.core.replace_namespaced_service),
             "Deployment": (self.apps.read_namespaced_deployment, self.apps.create_namespaced_deployment,
                            self.apps.replace_namespaced_deployment),
+            "NetworkPolicy": (self.networking.read_namespaced_network_policy,
+                              self.networking.create_namespaced_network_policy,
+                              self.networking.replace_namespaced_network_policy),
         }
         return ops[kind]
 
@@ -122,6 +126,22 @@ class Kube:
         replace(name, namespace, desired)
         log.info("updated %s %s/%s", kind, namespace, name)
         return "updated"
+
+    def delete_owned(self, kind: str, namespace: str, name: str, owner_uid: str) -> bool:
+        """Delete the ``kind`` object ``name`` if ``owner_uid`` controls it (a child the spec no longer
+        wants, e.g. the NetworkPolicy after ``networkPolicy.enabled: false``); True when deleted."""
+        live = self._read_or_none(self._ops(kind)[0], name, namespace)
+        if live is None or not any(ref.get("uid") == owner_uid and ref.get("controller")
+                                   for ref in live["metadata"].get("ownerReferences") or []):
+            return False
+        delete = {"NetworkPolicy": self.networking.delete_namespaced_network_policy}[kind]
+        try:
+            delete(name, namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        log.info("deleted %s %s/%s", kind, namespace, name)
+        return True
 
     def update_neoservice_status(self, namespace: str, name: str,
                                  compute: Callable[[dict[str, Any]], dict[str, Any] | None], attempts: int = 8) -> bool:
@@ -181,5 +201,28 @@ class Kube:
             if exc.status != 404:
                 raise
 
-    def annotate_node(self, name: str, annotations: Mapping[str, str]) -> None:
-        self.core.patch_node(name, {"metadata": {"annotations": dict(annotations)}})
+    def probe_results(self, namespace: str) -> dict[str, str]:
+        """The recorded bandwidth probe results (node name -> JSON), {} before the first one."""
+        cm = self._read_or_none(self.core.read_namespaced_config_map, c.PROBE_RESULTS_CONFIGMAP, namespace)
+        return dict((cm or {}).get("data") or {})
+
+    def record_probe_result(self, namespace: str, node: str, value: str, attempts: int = 8) -> None:
+        """Set ``node``'s entry of the probe results ConfigMap (created on first use), with optimistic
+        concurrency on the resourceVersion."""
+        for _ in range(attempts):
+            cm = self._read_or_none(self.core.read_namespaced_config_map, c.PROBE_RESULTS_CONFIGMAP, namespace)
+            try:
+                if cm is None:
+                    self.core.create_namespaced_config_map(namespace, {
+                        "metadata": {"name": c.PROBE_RESULTS_CONFIGMAP, "namespace": namespace,
+                                     "labels": {c.NAME_LABEL: c.APP_NAME, c.COMPONENT_LABEL: c.PROBE_COMPONENT,
+                                                c.MANAGED_BY_LABEL: c.MANAGED_BY}},
+                        "data": {node: value}})
+                else:
+                    cm["data"] = {**(cm.get("data") or {}), node: value}
+                    self.core.replace_namespaced_config_map(c.PROBE_RESULTS_CONFIGMAP, namespace, cm)
+                return
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+        raise RuntimeError(f"ConfigMap {namespace}/{c.PROBE_RESULTS_CONFIGMAP} kept conflicting")

@@ -1,5 +1,8 @@
 """What the operator reads from Node objects: GPU labels, allocatable resources, measured bandwidth.
 
+The bandwidth comes from the node's annotations when an administrator set them by hand, else from
+the node's entry in the probe results ConfigMap (:mod:`neo_operator.probes`).
+
 Pure functions over node dicts (``ApiClient().sanitize_for_serialization(node)`` or raw JSON), so
 the sizing can be tested without a cluster.
 """
@@ -45,6 +48,28 @@ def is_gpu_node(node: Mapping[str, Any]) -> bool:
     return c.GPU_PRODUCT_LABEL in _labels(node)
 
 
+def parse_probe_record(record: str | None) -> tuple[float | None, int | None]:
+    """(GB/s, threads) from a probe results ConfigMap entry; (None, None) when absent or malformed."""
+    if not record:
+        return None, None
+    try:
+        data = json.loads(record)
+        gbps = float(data["read_gbps"])
+        threads = int(data.get("threads") or 0) or None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        log.warning("ignoring malformed probe result %r", record)
+        return None, None
+    return (gbps, threads) if gbps > 0 else (None, None)
+
+
+def bandwidth(node: Mapping[str, Any], probe_results: Mapping[str, str] | None = None) -> tuple[float | None, int | None]:
+    """(GB/s, threads) of ``node``: its hand-set annotation, else its recorded probe result."""
+    gbps, threads = parse_bandwidth(_annotations(node))
+    if gbps is not None:
+        return gbps, threads
+    return parse_probe_record((probe_results or {}).get((node.get("metadata") or {}).get("name", "")))
+
+
 def parse_bandwidth(annotations: Mapping[str, str]) -> tuple[float | None, int | None]:
     """(GB/s, threads) from the node's annotations; (None, None) when absent or malformed."""
     raw = annotations.get(c.READ_GBPS_ANNOTATION)
@@ -67,7 +92,8 @@ def parse_bandwidth(annotations: Mapping[str, str]) -> tuple[float | None, int |
     return gbps, threads
 
 
-def node_facts(node: Mapping[str, Any], resource_name: str = "nvidia.com/gpu") -> NodeFacts:
+def node_facts(node: Mapping[str, Any], resource_name: str = "nvidia.com/gpu",
+               probe_results: Mapping[str, str] | None = None) -> NodeFacts:
     labels = _labels(node)
     allocatable = (node.get("status") or {}).get("allocatable") or {}
     product = labels.get(c.GPU_PRODUCT_LABEL, "")
@@ -81,7 +107,7 @@ def node_facts(node: Mapping[str, Any], resource_name: str = "nvidia.com/gpu") -
         count = int(parse_quantity(str(allocatable[resource_name])))
     elif labels.get(c.GPU_COUNT_LABEL, "").isdigit():
         count = int(labels[c.GPU_COUNT_LABEL])
-    gbps, threads = parse_bandwidth(_annotations(node))
+    gbps, threads = bandwidth(node, probe_results)
     return NodeFacts(
         name=(node.get("metadata") or {}).get("name", ""),
         gpu_product=product,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from neo_common.settings import ConfigError, Settings, option
+from neo_operator.networkpolicy import PeerError, parse_metrics_peers
 
 
 @dataclasses.dataclass
@@ -18,12 +20,23 @@ class OperatorConfig(Settings):
     gpu_worker_image: str = option("", "default gpu-worker image")
     cpu_attention_image: str = option("", "default cpu-attention image")
     retry_seconds: float = option(10.0, "how often a NeoService waiting for a bandwidth probe is retried")
+    metrics_peers: str = option("", "NetworkPolicy peers (a JSON list of namespaceSelector/podSelector/ipBlock "
+                                    "objects) that may scrape every NeoService's /metrics, unless its "
+                                    "spec.networkPolicy.metricsFrom says otherwise (empty: none)")
     liveness: str = option("", "kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz (empty: none)")
     verbose: bool = option(False, "debug logging")
 
     def validate(self) -> None:
         if self.retry_seconds <= 0:
             raise ConfigError("--retry-seconds must be > 0")
+        try:
+            parse_metrics_peers(self.metrics_peers)
+        except PeerError as exc:
+            raise ConfigError(str(exc)) from None
+
+    @property
+    def default_metrics_peers(self) -> tuple[dict[str, Any], ...]:
+        return parse_metrics_peers(self.metrics_peers)
 
     def default_images(self) -> dict[str, str]:
         return {"gateway": self.gateway_image, "gpuWorker": self.gpu_worker_image,

@@ -2,7 +2,8 @@
 
 The probe pod needs no API access: its one JSON line goes to the container's termination-message
 file, which the kubelet copies into the pod status; the operator reads it from the finished pod and
-records it as node annotations (:func:`probe_annotations`). On failure the file stays empty and
+records it under the node's name in the probe results ConfigMap of its own namespace
+(:func:`probe_record`), so it never writes Node objects. On failure the file stays empty and
 ``FallbackToLogsOnError`` puts the log tail (the error) there instead.
 """
 
@@ -62,6 +63,8 @@ def build_probe_job(node: Mapping[str, Any], image: str, namespace: str) -> dict
                     "tolerations": [{"operator": "Exists"}],
                     "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
                                         "seccompProfile": {"type": "RuntimeDefault"}},
+                    # the root filesystem is read-only; the probe's only scratch space is /tmp
+                    "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
                     "containers": [{
                         "name": "probe",
                         "image": image,
@@ -69,7 +72,9 @@ def build_probe_job(node: Mapping[str, Any], image: str, namespace: str) -> dict
                         "terminationMessagePath": TERMINATION_LOG,
                         "terminationMessagePolicy": "FallbackToLogsOnError",
                         "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
-                        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                        "volumeMounts": [{"name": "tmp", "mountPath": c.TMP_MOUNT}],
+                        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                            "capabilities": {"drop": ["ALL"]}},
                     }],
                 },
             },
@@ -110,8 +115,9 @@ def probe_pod_result(pod: Mapping[str, Any]) -> dict[str, Any] | None:
     raise ProbeResultError("Succeeded probe pod has no terminated 'probe' container status")
 
 
-def probe_annotations(result: Mapping[str, Any], now: float | None = None) -> dict[str, str]:
+def probe_record(result: Mapping[str, Any], now: float | None = None) -> str:
+    """The value stored under the node's name in the probe results ConfigMap."""
     detail = {k: result[k] for k in ("read_gbps", "threads", "cpu_model") if k in result}
+    detail["read_gbps"] = round(float(result["read_gbps"]), 1)
     detail["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now if now is not None else time.time()))
-    return {c.READ_GBPS_ANNOTATION: f"{float(result['read_gbps']):.1f}",
-            c.PROBE_RESULT_ANNOTATION: json.dumps(detail, sort_keys=True)}
+    return json.dumps(detail, sort_keys=True)

@@ -1,7 +1,8 @@
-"""The bandwidth-probe flow: start a probe Job per GPU node, collect finished results onto the nodes.
+"""The bandwidth-probe flow: start a probe Job per GPU node, collect finished results into a ConfigMap.
 
 Results are collected by polling the probe namespace (a namespaced list of pods) rather than by a
-cluster-wide pod watch, so the operator needs no read access to other namespaces' pods.
+cluster-wide pod watch, and recorded in the ConfigMap ``neo-bandwidth-probes`` of that namespace (one
+key per node name), so the operator needs neither other namespaces' pods nor write access to Nodes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import kopf
 from neo_operator import constants as c
 from neo_operator.kube import Kube
 from neo_operator.opconfig import OperatorConfig
-from neo_operator.probejob import ProbeResultError, build_probe_job, probe_annotations, probe_job_name, probe_pod_result
+from neo_operator.probejob import ProbeResultError, build_probe_job, probe_job_name, probe_pod_result, probe_record
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,8 @@ def ensure_probe_jobs(kube: Kube, config: OperatorConfig, nodes: list[Mapping[st
 
 
 def collect_probe_results(kube: Kube, namespace: str) -> list[str]:
-    """Annotate the node of every succeeded probe pod with its result and delete the Job; returns the
-    nodes recorded."""
+    """Record the result of every succeeded probe pod under its node's name and delete the Job; returns
+    the nodes recorded."""
     recorded = []
     selector = f"{c.COMPONENT_LABEL}={c.PROBE_COMPONENT},{c.MANAGED_BY_LABEL}={c.MANAGED_BY}"
     for pod in kube.list_pods(namespace, selector):
@@ -57,7 +58,7 @@ def collect_probe_results(kube: Kube, namespace: str) -> list[str]:
             continue
         if result is None or not node:
             continue
-        kube.annotate_node(node, probe_annotations(result))
+        kube.record_probe_result(namespace, node, probe_record(result))
         log.info("node %s: host read bandwidth %.1f GB/s (%s threads)", node, float(result["read_gbps"]),
                  result.get("threads"))
         recorded.append(node)

@@ -19,6 +19,7 @@ from neo_operator.configmap import build_configmap, config_hash
 from neo_operator.deployment import build_deployment
 from neo_operator.kube import Kube
 from neo_operator.labels import selector_string
+from neo_operator.networkpolicy import build_network_policy, network_policy_name
 from neo_operator.nodes import matching_nodes, node_facts
 from neo_operator.opconfig import OperatorConfig
 from neo_operator.probes import ensure_probe_jobs
@@ -82,15 +83,17 @@ def reconcile(kube: Kube, config: OperatorConfig, body: Mapping[str, Any],
              else f"{spec.model.source} model on PersistentVolumeClaim {spec.model.claim_name}")
 
     nodes = matching_nodes(kube.list_nodes(), spec.gpu.products, spec.gpu.node_selector)
+    probe_results = kube.probe_results(config.probe_namespace)
     try:
-        decision = size(spec, [node_facts(n, spec.gpu.resource_name) for n in nodes])
+        decision = size(spec, [node_facts(n, spec.gpu.resource_name, probe_results) for n in nodes])
     except SizingPending as exc:
         ensure_probe_jobs(kube, config, [n for n in nodes if n["metadata"]["name"] in exc.nodes])
         upd.pending = str(exc)
         return upd.cond("Sized", False, "BandwidthProbePending",
-                        f"{exc}; the probe Job in namespace {config.probe_namespace} records "
-                        f"{c.READ_GBPS_ANNOTATION} on each node (an administrator may also set it by hand), "
-                        "or set spec.cpuOffload.mode to off or full to size without it")
+                        f"{exc}; the probe Job in namespace {config.probe_namespace} records each node's result "
+                        f"in ConfigMap {c.PROBE_RESULTS_CONFIGMAP} (an administrator may instead set the node "
+                        f"annotation {c.READ_GBPS_ANNOTATION} by hand), or set spec.cpuOffload.mode to off or full "
+                        "to size without it")
     except SizingError as exc:
         return upd.cond("Sized", False, exc.reason, exc.message)
     upd.cond("Sized", True, "Sized", decision.reason)
@@ -99,6 +102,8 @@ def reconcile(kube: Kube, config: OperatorConfig, body: Mapping[str, Any],
     deployment = build_deployment(name, spec, decision, config_hash(configmap["data"]))
     service = build_service(name, spec)
     children = [configmap, service, deployment]
+    if spec.network_policy.enabled:
+        children.append(build_network_policy(name, spec.network_policy, config.default_metrics_peers))
     (adopt or _kopf_adopt)(children, body)
     taken = [what for child in children if (what := kube.conflicting(child))]
     if taken:
@@ -107,6 +112,8 @@ def reconcile(kube: Kube, config: OperatorConfig, body: Mapping[str, Any],
                         "NeoService or remove them")
     for child in children:  # ConfigMap first: the pods read it at start
         kube.apply(child)
+    if not spec.network_policy.enabled:
+        kube.delete_owned("NetworkPolicy", namespace, network_policy_name(name), meta["uid"])
 
     upd.fields.update({
         "sizing": decision.to_status(),

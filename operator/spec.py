@@ -9,16 +9,22 @@ as "a file-backed model needs a volume" and quantities that must parse.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping
 
 from kubernetes.utils import parse_quantity
 
 from neo_common.geometry import GEOMETRIES, ModelGeometry
+from neo_operator.networkpolicy import NetworkPolicySpec, PeerError, check_peers
 
 MODEL_SOURCES = ("dummy", "hf", "gguf")
 OFFLOAD_MODES = ("auto", "off", "full", "throughput")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 # pod template fields a user may override (merged into the pod spec the operator builds)
+# a Secret's name (DNS-1123 subdomain) and a key in its data
+_SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+DEFAULT_SHUTDOWN_GRACE_S = 30  # the engine's --shutdown-grace-s default
 POD_OVERRIDE_FIELDS = ("nodeSelector", "tolerations", "affinity", "priorityClassName", "imagePullSecrets",
                        "serviceAccountName", "runtimeClassName", "schedulerName")
 
@@ -79,6 +85,12 @@ class ImagesSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class SecretKeyRef:
+    name: str
+    key: str
+
+
+@dataclasses.dataclass(frozen=True)
 class NeoServiceSpec:
     """A validated NeoService spec; build it with :func:`parse_spec`."""
 
@@ -92,6 +104,9 @@ class NeoServiceSpec:
     pod_metadata: dict[str, dict[str, str]]
     pod_spec: dict[str, Any]
     service_type: str
+    api_key_secret: SecretKeyRef | None = None
+    shutdown_grace_seconds: int = DEFAULT_SHUTDOWN_GRACE_S
+    network_policy: NetworkPolicySpec = NetworkPolicySpec()
 
 
 def _quantity_bytes(field: str, value: Any) -> int:
@@ -194,6 +209,41 @@ def _parse_engine(raw: Mapping[str, Any]) -> EngineSpec:
     )
 
 
+def _parse_secret_ref(raw: Any) -> SecretKeyRef | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise SpecError("apiKeySecretRef", "must be an object {name, key} naming a Secret in this namespace")
+    name, key = raw.get("name", ""), raw.get("key", "")
+    if not isinstance(name, str) or len(name) > 253 or not _SECRET_NAME.match(name):
+        raise SpecError("apiKeySecretRef.name", f"{name!r} is not a Secret name (lowercase DNS subdomain)")
+    if not isinstance(key, str) or len(key) > 253 or not _SECRET_KEY.match(key):
+        raise SpecError("apiKeySecretRef.key", f"{key!r} is not a Secret key (letters, digits, '-', '_', '.')")
+    return SecretKeyRef(name=name, key=key)
+
+
+def _parse_network_policy(raw: Any) -> NetworkPolicySpec:
+    if not isinstance(raw, Mapping):
+        raise SpecError("networkPolicy", "must be an object {enabled, from, metricsFrom}")
+    enabled = raw.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise SpecError("networkPolicy.enabled", f"{enabled!r} is not true or false")
+    peers: dict[str, tuple[dict[str, Any], ...] | None] = {}
+    for field in ("from", "metricsFrom"):
+        if raw.get(field) is None:
+            peers[field] = None
+            continue
+        try:
+            peers[field] = check_peers("", raw[field])
+        except PeerError as exc:
+            raise SpecError(f"networkPolicy.{field}", str(exc).strip()) from None
+        if field == "from" and not peers[field]:
+            # an ingress rule without peers admits every source: never the meaning of an empty list here
+            raise SpecError("networkPolicy.from", "an empty list would admit every source; name at least one peer, "
+                            "leave it out (this namespace only) or set networkPolicy.enabled false")
+    return NetworkPolicySpec(enabled=enabled, from_peers=peers["from"], metrics_peers=peers["metricsFrom"])
+
+
 def parse_spec(raw: Mapping[str, Any], default_images: Mapping[str, str]) -> NeoServiceSpec:
     """Validate a NeoService ``spec`` dict; raises :class:`SpecError` naming the field to fix."""
     if not isinstance(raw, Mapping):
@@ -229,4 +279,8 @@ def parse_spec(raw: Mapping[str, Any], default_images: Mapping[str, str]) -> Neo
         pod_metadata={"labels": dict(meta.get("labels") or {}), "annotations": dict(meta.get("annotations") or {})},
         pod_spec=pod_spec,
         service_type=_choice("service.type", service.get("type", "ClusterIP"), ("ClusterIP", "NodePort", "LoadBalancer")),
+        api_key_secret=_parse_secret_ref(raw.get("apiKeySecretRef")),
+        shutdown_grace_seconds=_int("shutdownGraceSeconds", raw.get("shutdownGraceSeconds", DEFAULT_SHUTDOWN_GRACE_S),
+                                    0, 3600),
+        network_policy=_parse_network_policy(raw.get("networkPolicy") or {}),
     )

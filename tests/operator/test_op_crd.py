@@ -70,6 +70,8 @@ def test_schema_defaults_equal_the_parser_defaults() -> None:
         "engine.logLevel": parsed.engine.log_level,
         "images.pullPolicy": parsed.images.pull_policy,
         "service.type": parsed.service_type,
+        "shutdownGraceSeconds": parsed.shutdown_grace_seconds,
+        "networkPolicy.enabled": parsed.network_policy.enabled,
     }
     assert parsed.offload.kv_memory_bytes == 8 << 30
 
@@ -80,3 +82,28 @@ def test_schema_enums_equal_the_parser_choices() -> None:
     assert tuple(props["model"]["properties"]["dtype"]["enum"]) == DTYPES
     assert tuple(props["cpuOffload"]["properties"]["mode"]["enum"]) == OFFLOAD_MODES
     assert tuple(props["podTemplate"]["properties"]["spec"]["properties"]) == POD_OVERRIDE_FIELDS
+
+
+def test_schema_checks_the_new_security_fields() -> None:
+    """apiKeySecretRef, shutdownGraceSeconds and networkPolicy are validated at admission too."""
+    import jsonschema
+    import pytest
+
+    schema = _version()["schema"]["openAPIV3Schema"]
+    base = {"model": {"name": "llama-3-8b"}}
+    good = {**base, "apiKeySecretRef": {"name": "neo-keys", "key": "api-keys"}, "shutdownGraceSeconds": 45,
+            "networkPolicy": {"enabled": True, "from": [{"namespaceSelector": {"matchLabels": {"team": "a"}}}],
+                              "metricsFrom": []}}
+    jsonschema.validate({"spec": good}, schema)
+    parse_spec(good, IMAGES)
+    for bad in ({"apiKeySecretRef": {"name": "neo-keys"}},
+                {"apiKeySecretRef": {"name": "Neo_Keys", "key": "k"}},
+                {"shutdownGraceSeconds": -5},
+                {"networkPolicy": {"from": []}},
+                {"networkPolicy": {"enabled": "yes"}},
+                {"networkPolicy": {"from": [{"podSelector": {"matchExpressions": [{"key": "a", "operator": "Is"}]}}]}}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({"spec": {**base, **bad}}, schema)
+    described = _version()["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    for field in ("apiKeySecretRef", "shutdownGraceSeconds", "networkPolicy"):
+        assert described[field]["description"]

@@ -10,8 +10,9 @@ from neo_common.config import NeoConfig
 from neo_operator import constants as c
 from neo_operator.configmap import build_configmap, config_hash, configmap_name
 from neo_operator.deployment import build_deployment
-from neo_operator.probejob import (ProbeResultError, build_probe_job, parse_probe_message, probe_annotations,
-                                   probe_job_name, probe_pod_result)
+from neo_operator.nodes import parse_probe_record
+from neo_operator.probejob import (ProbeResultError, build_probe_job, parse_probe_message, probe_job_name,
+                                   probe_pod_result, probe_record)
 from neo_operator.service import build_service, service_url
 from neo_operator.sizing import size
 
@@ -39,7 +40,11 @@ def test_configmap_carries_the_engine_config_as_neo_env(decided) -> None:
     assert cfg.device.cpu_threads == d.cpu_attention_threads
     assert cfg.model.model == "llama-3-8b" and cfg.model.load_format == "dummy"
     assert cfg.http.host == "0.0.0.0" and cfg.http.port == 8000
-    assert cfg.ipc.worker_addr.startswith("tcp://127.0.0.1:")
+    # the link: the engine's default ipc:// sockets in the pod's private runtime volume, never tcp
+    assert data["NEO_RUNTIME_DIR"] == cfg.ipc.runtime_dir == "/run/neo/link"
+    assert not {"NEO_WORKER_ADDR", "NEO_CPU_ATTENTION_ADDR", "NEO_API_KEY"} & set(data)
+    assert not any(v.startswith("tcp://") for v in data.values())
+    assert cfg.http.shutdown_grace_s == 30 and cfg.http.api_key == ""
 
 
 def test_gpu_count_maps_to_tensor_parallelism() -> None:
@@ -89,6 +94,7 @@ def test_deployment_one_pod_three_containers_shared_shm(decided) -> None:
     assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": d.shm_quantity}
     for ct in containers.values():
         assert {"name": "shm", "mountPath": "/dev/shm"} in ct["volumeMounts"]
+        assert {"name": "runtime", "mountPath": "/run/neo"} in ct["volumeMounts"]
         assert ct["envFrom"] == [{"configMapRef": {"name": "svc-config"}}]
         env = {e["name"]: e["value"] for e in ct["env"]}
         assert env["NCCL_NVLS_ENABLE"] == "0" and env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
@@ -188,6 +194,7 @@ def test_probe_job_pins_the_node_and_needs_no_api_access() -> None:
     pod = job["spec"]["template"]["spec"]
     assert pod["nodeName"] == node["metadata"]["name"]
     assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["tolerations"] == [{"operator": "Exists"}]
     ct = pod["containers"][0]
     assert ct["command"] == ["/bin/sh", "-c", "exec neo probe-bandwidth --json > /dev/termination-log"]
@@ -221,10 +228,10 @@ def test_probe_message_parsing() -> None:
         parse_probe_message("Traceback: boom")
     with pytest.raises(ProbeResultError):
         parse_probe_message('{"read_gbps": 0}')
-    ann = probe_annotations({"read_gbps": 98.14, "threads": 16, "cpu_model": "Xeon"}, now=0)
-    assert ann[c.READ_GBPS_ANNOTATION] == "98.1"
-    assert json.loads(ann[c.PROBE_RESULT_ANNOTATION]) == {"read_gbps": 98.14, "threads": 16, "cpu_model": "Xeon",
-                                                          "measured_at": "1970-01-01T00:00:00Z"}
+    record = probe_record({"read_gbps": 98.14, "threads": 16, "cpu_model": "Xeon"}, now=0)
+    assert json.loads(record) == {"read_gbps": 98.1, "threads": 16, "cpu_model": "Xeon",
+                                  "measured_at": "1970-01-01T00:00:00Z"}
+    assert parse_probe_record(record) == (98.1, 16)
 
 
 def test_probe_pod_result_only_for_succeeded_pods() -> None:

@@ -50,3 +50,17 @@ def test_matching_nodes_filters_by_product_and_selector() -> None:
     assert names(matching_nodes(nodes, [H100], {})) == ["h100-a", "h100-b"]
     assert names(matching_nodes(nodes, [H100], {"pool": "a"})) == ["h100-a"]
     assert matching_nodes(nodes, ["NVIDIA-H200"], {}) == []
+
+
+def test_bandwidth_from_the_probe_results_configmap_unless_set_by_hand() -> None:
+    from neo_operator.probejob import probe_record
+
+    results = {"a10g-1": probe_record({"read_gbps": 61.54, "threads": 32, "cpu_model": "X"}, now=0),
+               "broken": "{not json"}
+    probed = node_dict("a10g-1", {c.GPU_PRODUCT_LABEL: "NVIDIA-A10G"})
+    assert (node_facts(probed, probe_results=results).read_gbps, node_facts(probed, probe_results=results)
+            .probe_threads) == (61.5, 32)
+    assert node_facts(probed).read_gbps is None  # nothing recorded yet
+    assert node_facts(node_dict("broken", {c.GPU_PRODUCT_LABEL: "NVIDIA-A10G"}), probe_results=results).read_gbps is None
+    by_hand = node_dict("a10g-1", {c.GPU_PRODUCT_LABEL: "NVIDIA-A10G"}, annotations={c.READ_GBPS_ANNOTATION: "12"})
+    assert node_facts(by_hand, probe_results=results).read_gbps == 12.0  # an administrator's value wins
