@@ -54,6 +54,7 @@ VALUE_SETS = {
     "everything": ("example.enabled=true", "serviceMonitor.enabled=true", "operator.verbose=true",
                    "imagePullSecrets[0].name=regcred", "operator.nodeSelector.role=infra"),
     "namespaced": ("operator.watchNamespaces={team-a,team-b}", "serviceMonitor.enabled=true"),
+    "cluster-wide": ("operator.clusterWide=true", "serviceMonitor.enabled=true", "networkPolicy.metricsFrom=null"),
 }
 
 
@@ -96,34 +97,79 @@ def _rules(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [r for d in docs if d["kind"] == kind for r in d["rules"]]
 
 
-def test_rbac_is_least_privilege() -> None:
+READ = {"get", "list", "watch"}
+CHILDREN = {"configmaps", "services", "deployments", "networkpolicies"}
+
+
+def test_rbac_is_namespaced_and_least_privilege_by_default() -> None:
     docs = render()
     cluster_rules = _rules(docs, "ClusterRole")
     ns_rules = _rules(docs, "Role")
     for rule in cluster_rules + ns_rules:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
-    cluster_resources = {res for r in cluster_rules for res in r["resources"]}
-    # secrets are never touched; pods and jobs only in the release namespace (probe Jobs)
-    assert "secrets" not in cluster_resources
-    assert not {"pods", "jobs"} & cluster_resources
-    assert {res for r in ns_rules for res in r["resources"]} == {"pods", "jobs"}
-    assert all(d["metadata"]["namespace"] == "neo-system" for d in docs if d["kind"] in ("Role", "RoleBinding"))
+    # cluster-wide: reads only (nodes, CRDs, namespaces); no workload, no Node write, no secret
     for rule in cluster_rules:
+        assert set(rule["verbs"]) <= READ, rule
+        assert not CHILDREN & set(rule["resources"]) and "neoservices" not in rule["resources"], rule
+    assert {res for r in cluster_rules for res in r["resources"]} == {"nodes", "customresourcedefinitions", "namespaces"}
+    assert not [d for d in docs if d["kind"] == "ClusterRoleBinding" and d["roleRef"]["name"].endswith("-workloads")]
+    # the workload rights and the probes' rights are Roles in the release namespace
+    roles = [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
+    assert roles and all(d["metadata"]["namespace"] == "neo-system" for d in roles)
+    ns_resources = {res for r in ns_rules for res in r["resources"]}
+    assert CHILDREN | {"neoservices", "pods", "jobs"} <= ns_resources and "secrets" not in ns_resources
+    for rule in ns_rules:
         if {"configmaps", "services", "deployments"} & set(rule["resources"]):
             assert "delete" not in rule["verbs"], "children are removed by garbage collection, not the operator"
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["NEO_NAMESPACE"] == "neo-system"  # the operator watches only what its Roles cover
 
 
-def test_watch_namespaces_binds_workload_rights_per_namespace() -> None:
+def test_watch_namespaces_get_a_role_each() -> None:
     docs = render("operator.watchNamespaces={team-a,team-b}")
-    bindings = [d for d in docs if d["kind"] == "RoleBinding" and d["roleRef"]["name"].endswith("-workloads")]
-    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    for kind in ("Role", "RoleBinding"):
+        workloads = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith("-workloads")]
+        assert sorted(d["metadata"]["namespace"] for d in workloads) == ["team-a", "team-b"]
     assert not [d for d in docs if d["kind"] == "ClusterRoleBinding" and d["roleRef"]["name"].endswith("-workloads")]
-    # kopf lists namespaces to match its namespace patterns; only this mode needs that
+    # kopf lists namespaces to match its namespace patterns; only the namespaced modes need that
     assert {"namespaces"} <= {res for r in _rules(docs, "ClusterRole") for res in r["resources"]}
-    assert "namespaces" not in {res for r in _rules(render(), "ClusterRole") for res in r["resources"]}
     (dep,) = [d for d in docs if d["kind"] == "Deployment"]
     env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["NEO_NAMESPACE"] == "team-a,team-b"
+
+
+def test_cluster_wide_only_when_asked() -> None:
+    docs = render("operator.clusterWide=true")
+    (workloads,) = [d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("-workloads")]
+    assert CHILDREN <= {res for r in workloads["rules"] for res in r["resources"]}
+    assert [d["roleRef"]["name"] for d in docs if d["kind"] == "ClusterRoleBinding"] == [
+        "neo-operator-cluster", "neo-operator-workloads"]
+    assert "namespaces" not in {res for r in _rules(docs, "ClusterRole") for res in r["resources"]}
+    nodes = [r for r in _rules(docs, "ClusterRole") if "nodes" in r["resources"]]
+    assert nodes and all(set(r["verbs"]) <= READ for r in nodes)  # even cluster-wide, Nodes are read-only
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["NEO_NAMESPACE"] == ""
+    both = helm("template", "neo", str(CHART), "--set", "operator.clusterWide=true",
+                "--set", "operator.watchNamespaces={a}", check=False)
+    assert both.returncode != 0 and "exclude each other" in both.stderr
+
+
+def test_metrics_peers_reach_the_operator() -> None:
+    from neo_operator.opconfig import OperatorConfig
+
+    def env_of(*sets: str) -> dict[str, str]:
+        (dep,) = [d for d in render(*sets) if d["kind"] == "Deployment"]
+        return {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+    cfg = OperatorConfig.from_args([], env=env_of())
+    assert cfg.default_metrics_peers == ({"namespaceSelector": {},
+                                          "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}},)
+    custom = env_of("networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.team=monitoring")
+    assert OperatorConfig.from_args([], env=custom).default_metrics_peers == (
+        {"namespaceSelector": {"matchLabels": {"team": "monitoring"}}},)
+    assert OperatorConfig.from_args([], env=env_of("networkPolicy.metricsFrom=null")).default_metrics_peers == ()
 
 
 def test_example_neoservice_and_servicemonitor() -> None:
@@ -133,7 +179,10 @@ def test_example_neoservice_and_servicemonitor() -> None:
     (sm,) = [d for d in docs if d["kind"] == "ServiceMonitor"]
     assert sm["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "30s"}]
     assert sm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/managed-by"] == "neo-operator"
-    assert sm["spec"]["namespaceSelector"] == {"any": True}
+    assert sm["spec"]["namespaceSelector"] == {"matchNames": ["neo-system"]}
+    (wide,) = [d for d in render("serviceMonitor.enabled=true", "operator.clusterWide=true")
+               if d["kind"] == "ServiceMonitor"]
+    assert wide["spec"]["namespaceSelector"] == {"any": True}
     assert not [d for d in render() if d["kind"] in ("NeoService", "ServiceMonitor")]
 
 
@@ -143,6 +192,8 @@ def test_example_neoservice_and_servicemonitor() -> None:
     "example.cpuOffload.mode=maybe",
     "serviceMonitor.interval=soon",
     "unknownKey=1",
+    "operator.clusterWide=maybe",
+    "networkPolicy.metricsFrom[0].pods.app=x",
 ])
 def test_values_schema_rejects_bad_values(bad: str) -> None:
     result = helm("template", "neo", str(CHART), "--set", bad, check=False)

@@ -277,10 +277,11 @@ def install_rbac(cluster: Cluster, release: str, namespace: str, *sets: str) -> 
 
 @pytest.fixture(scope="module")
 def operator(cluster: Cluster) -> Iterator[Operator]:
-    """The CRD from the chart, the chart's RBAC, and a real `neo operator` process running as its
-    ServiceAccount, watching all namespaces."""
+    """The CRD from the chart, the chart's RBAC in its cluster-wide mode (``operator.clusterWide``), and
+    a real `neo operator` process running as its ServiceAccount, watching all namespaces. The
+    namespaced default has its own release in test_k8s_namespaced.py."""
     install_crd(cluster)
-    sa_names = install_rbac(cluster, "neo", OPERATOR_NAMESPACE)
+    sa_names = install_rbac(cluster, "neo", OPERATOR_NAMESPACE, "operator.clusterWide=true")
     assert OPERATOR_SA in sa_names, f"chart ServiceAccount is {sa_names}, the static token expects {OPERATOR_SA}"
     op = Operator(cluster, cluster.operator_kubeconfig, OPERATOR_NAMESPACE)
     try:

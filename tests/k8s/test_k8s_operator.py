@@ -83,7 +83,8 @@ def exists(read, *args) -> bool:
 def children_exist(apis: dict, name: str) -> dict[str, bool]:
     return {"configmap": exists(apis["core"].read_namespaced_config_map, f"{name}-config", NS),
             "service": exists(apis["core"].read_namespaced_service, name, NS),
-            "deployment": exists(apis["apps"].read_namespaced_deployment, name, NS)}
+            "deployment": exists(apis["apps"].read_namespaced_deployment, name, NS),
+            "networkpolicy": exists(client.NetworkingV1Api(apis["api"]).read_namespaced_network_policy, name, NS)}
 
 
 def fake_kubelet_complete_probe(apis: dict, node: str, read_gbps: float | None = None, threads: int = 0) -> str:
@@ -122,6 +123,18 @@ def fake_kubelet_complete_probe(apis: dict, node: str, read_gbps: float | None =
     return message
 
 
+def probe_result(apis: dict, node: str) -> dict | None:
+    """The node's entry in the probe results ConfigMap of the operator's namespace (None: not yet)."""
+    try:
+        cm = apis["core"].read_namespaced_config_map(c.PROBE_RESULTS_CONFIGMAP, OPERATOR_NAMESPACE)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    raw = (cm.data or {}).get(node)
+    return json.loads(raw) if raw else None
+
+
 def test_probe_job_for_gpu_nodes_and_result_recorded(apis: dict) -> None:
     core, batch = apis["core"], apis["batch"]
     make_node(core, "cpu-only-1", None)
@@ -136,11 +149,10 @@ def test_probe_job_for_gpu_nodes_and_result_recorded(apis: dict) -> None:
     assert not exists(batch.read_namespaced_job, probe_job_name("cpu-only-1"), OPERATOR_NAMESPACE)
 
     fake_kubelet_complete_probe(apis, "gpu-a10g-1", 61.5, 32)
-    ann = wait_for(lambda: (core.read_node("gpu-a10g-1").metadata.annotations or {}).get(c.READ_GBPS_ANNOTATION),
-                   what="bandwidth annotation on the node")
-    assert ann == "61.5"
-    detail = json.loads(core.read_node("gpu-a10g-1").metadata.annotations[c.PROBE_RESULT_ANNOTATION])
-    assert detail["threads"] == 32 and detail["cpu_model"] == "Fake CPU"
+    detail = wait_for(lambda: probe_result(apis, "gpu-a10g-1"), what="probe result recorded in the ConfigMap")
+    assert detail["read_gbps"] == 61.5 and detail["threads"] == 32 and detail["cpu_model"] == "Fake CPU"
+    # recorded without touching the Node (the operator may only read Nodes)
+    assert c.READ_GBPS_ANNOTATION not in (core.read_node("gpu-a10g-1").metadata.annotations or {})
     wait_for(lambda: not exists(batch.read_namespaced_job, probe_job_name("gpu-a10g-1"), OPERATOR_NAMESPACE),
              what="probe job removed after recording")
 
@@ -153,13 +165,13 @@ def expected_decision(apis: dict, spec: dict):
     """The sizing the operator should reach, from the same nodes through the pure functions."""
     nodes = [apis["api"].sanitize_for_serialization(n) for n in apis["core"].list_node().items]
     nodes = [n for n in nodes if (n["metadata"].get("labels") or {}).get(c.GPU_PRODUCT_LABEL) in spec["gpu"]["products"]]
-    return size(parse_spec(spec, IMAGES), [node_facts(n) for n in nodes])
+    cm = apis["core"].read_namespaced_config_map(c.PROBE_RESULTS_CONFIGMAP, OPERATOR_NAMESPACE)
+    return size(parse_spec(spec, IMAGES), [node_facts(n, probe_results=cm.data or {}) for n in nodes])
 
 
 def test_neoservice_creates_adopted_children_with_computed_sizes(apis: dict) -> None:
     custom, core, appsv1 = apis["custom"], apis["core"], apis["apps"]
-    wait_for(lambda: (core.read_node("gpu-a10g-1").metadata.annotations or {}).get(c.READ_GBPS_ANNOTATION),
-             what="measured bandwidth (previous test)")
+    wait_for(lambda: probe_result(apis, "gpu-a10g-1"), what="measured bandwidth (previous test)")
     custom.create_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, neoservice("llama", **SPEC))
     obj = wait_for(lambda: (o := get_ns(apis, "llama")).get("status", {}).get("sizing") and o, what="sizing in status")
     decision = expected_decision(apis, obj["spec"])
@@ -177,7 +189,8 @@ def test_neoservice_creates_adopted_children_with_computed_sizes(apis: dict) -> 
     cm = core.read_namespaced_config_map("llama-config", NS)
     dep = appsv1.read_namespaced_deployment("llama", NS)
     svc = core.read_namespaced_service("llama", NS)
-    for child in (cm, dep, svc):
+    policy = client.NetworkingV1Api(apis["api"]).read_namespaced_network_policy("llama", NS)
+    for child in (cm, dep, svc, policy):
         (ref,) = child.metadata.owner_references
         assert (ref.uid, ref.kind, ref.controller) == (uid, c.KIND, True)
     assert cm.data["NEO_NUM_GPU_BLOCKS"] == str(decision.gpu_kv_blocks)
@@ -192,6 +205,7 @@ def test_neoservice_creates_adopted_children_with_computed_sizes(apis: dict) -> 
     assert cpu_att.resources.requests == decision.requests["cpuAttention"]
     assert pod.containers[1].resources.limits == {"nvidia.com/gpu": "1"}
     assert svc.spec.selector == dep.spec.selector.match_labels
+    assert policy.spec.pod_selector.match_labels == dep.spec.selector.match_labels
 
 
 def _set_deployment_status(apis: dict, name: str, ready: int) -> None:
@@ -287,7 +301,7 @@ def test_deleting_the_neoservice_garbage_collects_children(apis: dict) -> None:
     assert all(children_exist(apis, "llama").values())
     apis["custom"].delete_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, "llama")
     wait_for(lambda: not any(children_exist(apis, "llama").values()), timeout=60,
-             what="garbage collection of ConfigMap, Service and Deployment")
+             what="garbage collection of ConfigMap, Service, Deployment and NetworkPolicy")
 
 
 def test_schema_rejects_what_it_can(apis: dict) -> None:

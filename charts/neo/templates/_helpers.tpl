@@ -27,3 +27,38 @@ app.kubernetes.io/component: operator
 {{- define "neo.image" -}}
 {{- printf "%s:%s" .repository .tag -}}
 {{- end -}}
+
+{{- /* The operator's rights over NeoServices and their children, in each namespace it serves. */ -}}
+{{- define "neo.workloadRules" -}}
+- apiGroups: [neo.serving.io]
+  resources: [neoservices]
+  verbs: [get, list, watch, patch]
+- apiGroups: [neo.serving.io]
+  resources: [neoservices/status]
+  verbs: [get, update, patch]
+- apiGroups: [neo.serving.io]
+  resources: [neoservices/finalizers]
+  verbs: [update]
+- apiGroups: [""]
+  resources: [configmaps, services]
+  verbs: [get, create, update]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, watch, create, update]
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, create, update, delete]
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [get]
+- apiGroups: ["", events.k8s.io]
+  resources: [events]
+  verbs: [create]
+{{- end -}}
+
+{{- /* Namespaces the operator serves, comma-separated; empty: all (operator.clusterWide). */ -}}
+{{- define "neo.watchNamespaces" -}}
+{{- if not .Values.operator.clusterWide -}}
+{{- join "," (.Values.operator.watchNamespaces | default (list .Release.Namespace)) -}}
+{{- end -}}
+{{- end -}}
