@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import os
 from typing import Sequence
 
+from neo_common.link import default_runtime_dir, is_tcp
 from neo_common.settings import ConfigError, Settings, option
 from neo_common.tensor_parallel import rank_address
 
@@ -140,20 +142,34 @@ class DeviceConfig(Settings):
 
 @dataclasses.dataclass
 class IpcConfig(Settings):
-    """Addresses between the processes of one replica (the gateway binds, workers connect)."""
+    """The links between the processes of one replica (the gateway binds, workers connect).
 
-    worker_addr: str = option("tcp://127.0.0.1:5601", "ZeroMQ address gateway <-> gpu_worker")
-    cpu_attention_addr: str = option("tcp://127.0.0.1:5602", "ZeroMQ address gateway <-> cpu_attention (of "
-                                                            "tensor-parallel rank r: the port plus r)")
-    shm_name: str = option("", "POSIX shared-memory segment for the CPU KV pool (default: per port)")
-    worker_timeout_s: float = option(120.0, "an iteration taking longer than this marks the worker dead")
+    By default every link is an ``ipc://`` socket in ``runtime_dir``, a directory only this user
+    may enter (in Kubernetes, an ``emptyDir`` that only the pod's containers mount). A ``tcp://``
+    address is allowed (tensor-parallel ranks across containers, debugging), and is then always
+    authenticated with CurveZMQ keys kept in ``runtime_dir`` (docs/design.md, "The process link").
+    """
+
+    runtime_dir: str = option("", "private directory (mode 0700) for the replica's sockets and link keys "
+                                  "(default: <tmp>/neo-<uid>-<http port>)")
+    worker_addr: str = option("", "ZeroMQ address gateway <-> gpu_worker (default: ipc://<runtime-dir>/worker.sock; "
+                                  "tcp://HOST:PORT is authenticated with CurveZMQ)")
+    cpu_attention_addr: str = option("", "ZeroMQ address gateway <-> cpu_attention (default: "
+                                         "ipc://<runtime-dir>/cpu-attention.sock; of tensor-parallel rank r: "
+                                         "the port plus r, or the socket name with -r)")
+    shm_name: str = option("", "POSIX shared-memory segment for the CPU KV pool (default: per replica)")
+    worker_timeout_s: float = option(120.0, "an iteration taking longer than this marks the worker down (it is "
+                                            "asked to register again)")
     max_worker_restarts: int = option(3, "crashed workers `neo serve` restarts within 10 minutes before "
                                          "giving up (0: stop at the first crash)")
 
     def validate(self) -> None:
         for name in ("worker_addr", "cpu_attention_addr"):
-            if "://" not in getattr(self, name):
-                raise ConfigError(f"--{name.replace('_', '-')} must look like tcp://HOST:PORT")
+            addr = getattr(self, name)
+            if addr and not addr.startswith(("tcp://", "ipc://")):
+                raise ConfigError(f"--{name.replace('_', '-')} must look like ipc:///PATH or tcp://HOST:PORT")
+        if self.runtime_dir and not os.path.isabs(self.runtime_dir):
+            raise ConfigError("--runtime-dir must be an absolute path")
         if self.worker_timeout_s <= 0:
             raise ConfigError("--worker-timeout-s must be > 0")
         if self.max_worker_restarts < 0:
@@ -162,14 +178,23 @@ class IpcConfig(Settings):
 
 @dataclasses.dataclass
 class HttpConfig(Settings):
-    """The OpenAI-compatible HTTP front and its input limits."""
+    """The OpenAI-compatible HTTP front: its input limits, timeouts, authentication and drain."""
 
     host: str = option("127.0.0.1", "address the HTTP server listens on")
     port: int = option(8000, "HTTP port")
-    max_request_bytes: int = option(4 * 1024 * 1024, "largest accepted request body")
+    max_request_bytes: int = option(4 * 1024 * 1024, "largest accepted request body (chunked bodies too)")
     max_tokens_limit: int = option(0, "largest accepted max_tokens (0: context length)")
     max_stop_strings: int = option(16, "most stop strings per request")
     max_stop_length: int = option(256, "longest stop string in characters")
+    api_key: str = option("", "API keys (comma-separated) clients must send as `Authorization: Bearer KEY` "
+                              "(empty: no authentication)")
+    protect_metrics: bool = option(False, "require the API key for /metrics too (/health and /ready stay open)")
+    header_timeout_s: float = option(10.0, "a client must send its request line and headers within this time")
+    body_timeout_s: float = option(30.0, "a client must send its whole request body within this time")
+    keep_alive_s: float = option(5.0, "an idle keep-alive connection is closed after this long")
+    max_connections: int = option(2048, "most open HTTP connections; beyond it new ones get 503")
+    shutdown_grace_s: float = option(30.0, "after SIGTERM, in-flight requests get this long to finish (new "
+                                           "ones get 503) before the processes stop")
     log_level: str = option("info", "logging level", choices=("debug", "info", "warning", "error"))
 
     def validate(self) -> None:
@@ -177,6 +202,20 @@ class HttpConfig(Settings):
             raise ConfigError("--port must be within 0..65535")
         if self.max_request_bytes < 1024:
             raise ConfigError("--max-request-bytes must be >= 1024")
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
+        if self.max_connections < 1:
+            raise ConfigError("--max-connections must be >= 1")
+        if self.shutdown_grace_s < 0:
+            raise ConfigError("--shutdown-grace-s must be >= 0")
+        if self.api_key and not self.api_keys:
+            raise ConfigError("--api-key holds no key (only commas and spaces)")
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """The accepted keys (``--api-key`` split on commas, blanks dropped)."""
+        return tuple(k.strip() for k in self.api_key.split(",") if k.strip())
 
 
 SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig, IpcConfig, HttpConfig)
@@ -243,17 +282,41 @@ class NeoConfig:
         return [self.model, self.cache, self.scheduler, self.device, self.ipc, self.http]
 
     @property
+    def runtime_dir(self) -> str:
+        """The replica's private directory for its sockets and link keys (neo_common.link)."""
+        return self.ipc.runtime_dir or default_runtime_dir(self.http.port)
+
+    @property
+    def worker_addr(self) -> str:
+        """The gateway <-> gpu_worker address: as given, else a socket in the runtime directory."""
+        return self.ipc.worker_addr or "ipc://" + os.path.join(self.runtime_dir, "worker.sock")
+
+    @property
+    def cpu_attention_addr(self) -> str:
+        """The gateway <-> cpu_attention address (of this config's rank: see ``for_rank``)."""
+        return self.ipc.cpu_attention_addr or "ipc://" + os.path.join(self.runtime_dir, "cpu-attention.sock")
+
+    @property
+    def uses_tcp(self) -> bool:
+        """Whether any link of the replica is tcp:// (and so needs the CurveZMQ keys)."""
+        return any(is_tcp(a) for a in (self.worker_addr, self.cpu_attention_addr))
+
+    @property
     def shm_name(self) -> str:
-        """Segment name: explicit, else unique per worker port so two replicas on a host don't clash."""
+        """Segment name: explicit, else unique per replica so two replicas on a host don't clash
+        (the cpu_attention port for tcp links, a digest of the socket path for ipc ones)."""
         if self.ipc.shm_name:
             return self.ipc.shm_name
-        return "neo-kv-" + self.ipc.cpu_attention_addr.rsplit(":", 1)[-1]
+        addr = self.cpu_attention_addr
+        if is_tcp(addr):
+            return "neo-kv-" + addr.rsplit(":", 1)[-1]
+        return "neo-kv-" + hashlib.sha1(addr.encode()).hexdigest()[:12]
 
     def for_rank(self, rank: int) -> "NeoConfig":
         """What tensor-parallel rank ``rank`` uses: its own cpu_attention address and host KV segment
         (rank 0's are the configured ones), so each rank's CPU attention serves only its heads."""
         if rank == 0:
             return self
-        ipc = dataclasses.replace(self.ipc, cpu_attention_addr=rank_address(self.ipc.cpu_attention_addr, rank),
-                                  shm_name=f"{self.shm_name}-tp{rank}")
+        ipc = dataclasses.replace(self.ipc, cpu_attention_addr=rank_address(self.cpu_attention_addr, rank),
+                                  shm_name=f"{self.shm_name}-tp{rank}", runtime_dir=self.runtime_dir)
         return dataclasses.replace(self, ipc=ipc)

@@ -57,8 +57,36 @@ def _arr(a: np.ndarray) -> dict[str, Any]:
     return {"d": a.dtype.str, "s": list(a.shape), "b": a.tobytes()}
 
 
+_ARRAY_KINDS = "biuf"   # bool, signed, unsigned, float: never objects, strings or structured records
+
+
 def _unarr(obj: dict[str, Any]) -> np.ndarray:
-    return np.frombuffer(obj["b"], dtype=np.dtype(obj["d"])).reshape(obj["s"])
+    dtype = np.dtype(obj["d"])
+    if dtype.kind not in _ARRAY_KINDS or dtype.fields is not None:
+        raise ProtocolError(f"array dtype {obj['d']!r} is not a plain number type")
+    if not isinstance(obj["b"], bytes) or not all(isinstance(n, int) and n >= 0 for n in obj["s"]):
+        raise ProtocolError("array bytes or shape malformed")
+    return np.frombuffer(obj["b"], dtype=dtype).reshape(obj["s"])
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"d", "s", "b"}
+
+
+def _check_type(cls_name: str, name: str, default: Any, value: Any) -> None:
+    """A field's value must have its default's type (ints for ints, maps for maps, ...)."""
+    if isinstance(default, np.ndarray):
+        ok = isinstance(value, np.ndarray)
+    elif isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ProtocolError(f"{cls_name}.{name}: {type(value).__name__} where {type(default).__name__} belongs")
 
 
 class Message:
@@ -84,10 +112,17 @@ class Message:
             if f.name not in body:
                 continue
             value = body[f.name]
-            if isinstance(value, dict) and set(value) == {"d", "s", "b"}:
+            if _is_array(value):
                 value = _unarr(value)
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            _check_type(cls.__name__, f.name, default, value)
             kwargs[f.name] = value
-        return cls(**kwargs)
+        msg = cls(**kwargs)
+        msg.check()
+        return msg
+
+    def check(self) -> None:
+        """Invariants across fields that a decoded message must hold (raise ProtocolError)."""
 
 
 @dataclasses.dataclass
@@ -191,6 +226,11 @@ class IterationResult(Message):
     swap_s: float = 0.0
     launched_ahead: bool = False
 
+    def check(self) -> None:
+        if (self.seq_ids.ndim != 1 or self.token_ids.shape != self.seq_ids.shape
+                or self.seq_ids.dtype.kind not in "iu" or self.token_ids.dtype.kind not in "iu"):
+            raise ProtocolError("IterationResult: seq_ids and token_ids must be integer vectors of one length")
+
 
 @dataclasses.dataclass
 class CpuAttentionPlan(Message):
@@ -221,12 +261,18 @@ class CpuAttentionPlan(Message):
 
     @classmethod
     def _decode_body(cls, body: dict[str, Any]) -> "CpuAttentionPlan":
+        lists = [body["seq_ids"], body["seq_lens"], body["block_tables"]]
+        if not all(isinstance(x, list) and len(x) == len(lists[0]) for x in lists):
+            raise ProtocolError("CpuAttentionPlan: seq_ids, seq_lens and block_tables must be lists of one length")
+        trace = body.get("trace") or {}
+        if not isinstance(body["iteration_id"], int) or not isinstance(trace, dict):
+            raise ProtocolError("CpuAttentionPlan: iteration_id must be an int and trace a map")
         return cls(
             iteration_id=body["iteration_id"],
             seq_ids=[_unarr(a) for a in body["seq_ids"]],
             seq_lens=[_unarr(a) for a in body["seq_lens"]],
             block_tables=[_unarr(a) for a in body["block_tables"]],
-            trace=body.get("trace") or {},
+            trace=trace,
         )
 
 
@@ -253,13 +299,25 @@ _BY_TYPE: dict[int, type[Message]] = {
 
 
 def decode(frame: bytes) -> Message:
-    """Decode one frame; raises ProtocolError on an unknown type or another protocol version."""
+    """Decode one frame. Raises ProtocolError, and nothing else, on anything that is not a well-formed
+    message of this protocol version: an unknown type, another version, a body that is not a map,
+    a field of the wrong type, an array of a non-number dtype or a shape that does not fit its bytes."""
     if not frame:
         raise ProtocolError("empty frame")
     cls = _BY_TYPE.get(frame[0])
     if cls is None:
         raise ProtocolError(f"unknown message type {frame[0]}")
-    body = msgpack.unpackb(frame[1:], raw=False)
+    try:
+        body = msgpack.unpackb(frame[1:], raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several types (ExtraData, FormatError, ValueError, ...)
+        raise ProtocolError(f"{cls.__name__}: not msgpack: {type(exc).__name__}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{cls.__name__}: body is a {type(body).__name__}, not a map")
     if body.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"{cls.__name__}: protocol version {body.get('v')} != {PROTOCOL_VERSION}")
-    return cls._decode_body(body)
+        raise ProtocolError(f"{cls.__name__}: protocol version {body.get('v')!r} != {PROTOCOL_VERSION}")
+    try:
+        return cls._decode_body(body)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # KeyError, TypeError, ValueError from a malformed field
+        raise ProtocolError(f"{cls.__name__}: malformed ({type(exc).__name__}: {exc})") from None

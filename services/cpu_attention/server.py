@@ -18,6 +18,7 @@ import zmq
 
 from neo_common import protocol, tracing
 from neo_common.config import NeoConfig
+from neo_common.link import secure_connect
 from neo_cpu_attention import _native, kernel
 from neo_common.procs import pid_alive
 from neo_cpu_attention.segment import KvSegment, SegmentError
@@ -70,10 +71,10 @@ class CpuAttentionServer:
 
     # -- main loop --------------------------------------------------------------------------------
     def run(self) -> int:
-        addr = self.config.ipc.cpu_attention_addr
+        addr = self.config.cpu_attention_addr
         log.info("cpu_attention pid %d: %d threads, ISA %s, gateway %s, segment %s",
                  os.getpid(), self.threads, kernel.isa(), addr, self.config.shm_name)
-        self.sock.connect(addr)
+        secure_connect(self.sock, addr, self.config.runtime_dir)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.monitor, zmq.POLLIN)
@@ -165,6 +166,8 @@ class CpuAttentionServer:
                 self.stopping = True
             elif isinstance(msg, protocol.CpuAttentionPlan):
                 self.serve_plan(msg)
+            elif isinstance(msg, protocol.Hello) and self.segment is not None:
+                self._send(self._ready())   # the gateway asks us to (re)register
             else:
                 log.debug("ignoring %s", type(msg).__name__)
 
@@ -189,9 +192,13 @@ class CpuAttentionServer:
         log.info("attached segment %s: %d layers x %d blocks, %d/%d heads, head_dim %d, %s",
                  self.segment.name, lay.num_layers, lay.num_blocks, lay.num_q_heads, lay.num_kv_heads,
                  lay.head_dim, lay.dtype)
-        self._send(protocol.WorkerReady(kind=protocol.WorkerKind.CPU_ATTENTION, pid=os.getpid(),
-                                        block_size=lay.block_size, device="cpu", dtype=lay.dtype))
+        self._send(self._ready())
         return True
+
+    def _ready(self) -> protocol.WorkerReady:
+        lay = self.segment.layout
+        return protocol.WorkerReady(kind=protocol.WorkerKind.CPU_ATTENTION, pid=os.getpid(),
+                                    block_size=lay.block_size, device="cpu", dtype=lay.dtype)
 
     # -- one iteration ----------------------------------------------------------------------------
     def serve_plan(self, plan: protocol.CpuAttentionPlan) -> None:

@@ -19,7 +19,9 @@ from opentelemetry import trace
 
 from neo_common import tracing
 from neo_common.config import NeoConfig
-from neo_common.protocol import IterationResult, Place, WorkerError
+from neo_common.handshake import check_cpu_attention_ready, check_gpu_worker_ready
+from neo_common.link import ClientKeyCheck, LinkKeys, prepare_runtime_dir
+from neo_common.protocol import IterationResult, Place, WorkerError, WorkerKind
 from neo_gateway.block_manager import BlockManager
 from neo_gateway.cost_model import CostModelError, CostTables
 from neo_gateway.detokenizer import IncrementalDetokenizer
@@ -28,7 +30,7 @@ from neo_gateway.scheduler import Scheduler, SchedulerOutput
 from neo_gateway.sequence import FinishReason, Sequence, SeqStatus
 from neo_gateway.request_trace import iteration_trace, record_phases
 from neo_gateway.tokenizer import TextTokenizer
-from neo_gateway.worker_link import IterationFailed, WorkerDown, WorkerLink
+from neo_gateway.worker_link import IterationFailed, RejectReason, WorkerDown, WorkerLink
 
 log = logging.getLogger(__name__)
 
@@ -99,16 +101,23 @@ class Engine:
         self.config = config
         self.served_name = served_name
         self.tokenizer = tokenizer
-        self.link = WorkerLink(ctx, config.ipc.worker_addr, "gpu_worker", config.ipc.worker_timeout_s)
+        prepare_runtime_dir(config.runtime_dir)   # the ipc sockets (and tcp keys) live there
+        keys = self._authenticate_tcp(ctx) if config.uses_tcp else None
+        self.link = WorkerLink(ctx, config.worker_addr, "gpu_worker", WorkerKind.GPU_WORKER,
+                               config.ipc.worker_timeout_s, lambda r: check_gpu_worker_ready(r, config), keys)
         self.link.on_down.append(self._on_worker_down)
         self.cpu_links: list[WorkerLink] = []
         if config.offload_enabled:
             world = config.device.tensor_parallel_size
             for rank in range(world):
                 name = "cpu_attention" if world == 1 else f"cpu_attention[{rank}]"
-                link = WorkerLink(ctx, config.for_rank(rank).ipc.cpu_attention_addr, name, config.ipc.worker_timeout_s)
+                link = WorkerLink(ctx, config.for_rank(rank).cpu_attention_addr, name, WorkerKind.CPU_ATTENTION,
+                                  config.ipc.worker_timeout_s, lambda r: check_cpu_attention_ready(r, config), keys)
                 link.on_down.append(self._on_cpu_attention_down)
                 self.cpu_links.append(link)
+        if keys is not None:
+            for link in self.links:   # ZAP looks providers up by domain: one per link name
+                self._auth.configure_curve_callback(link.name, credentials_provider=self._key_check)
         self.scheduler: Scheduler | None = None
         self.requests: dict[int, _Request] = {}
         self.max_model_len = 0
@@ -119,6 +128,24 @@ class Engine:
         self._ready_seen = 0
         self.finished_hooks: list = []  # callbacks(seq) when a request ends (metrics)
         self.iteration_hooks: list = []  # callbacks(output, result, wall_s) after each iteration (metrics)
+
+    def _authenticate_tcp(self, ctx: zmq.asyncio.Context) -> LinkKeys:
+        """The replica's CurveZMQ keys, and a ZAP handler on ``ctx`` that admits only its workers'
+        key (neo_common.link); a denied key is counted on the link whose ZAP domain it tried."""
+        from zmq.auth.asyncio import AsyncioAuthenticator
+
+        keys = LinkKeys.load_or_create(self.config.runtime_dir)
+        self._auth = AsyncioAuthenticator(ctx)
+        self._auth.start()
+
+        def denied(domain: str) -> None:
+            for link in self.links:
+                if link.name == domain:
+                    link.rejected[RejectReason.UNAUTHENTICATED] += 1
+            log.warning("refused a tcp peer without this replica's link key (%s)", domain)
+
+        self._key_check = ClientKeyCheck(keys, denied)
+        return keys
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -132,6 +159,8 @@ class Engine:
             await asyncio.gather(self._loop_task, return_exceptions=True)
         for link in self.links:
             await link.close()
+        if getattr(self, "_auth", None) is not None:
+            self._auth.stop()
 
     @property
     def links(self) -> list[WorkerLink]:
@@ -244,17 +273,16 @@ class Engine:
                     if ahead is not None:
                         await self._send(sched, ahead, sent)
                 try:
-                    result = await self.link.reply(generation)
+                    result = await self.link.reply(generation, current.iteration_id)
+                    self._check_answers(current, result)
                 except IterationFailed as exc:
-                    for out in sent:  # a plan behind a failed one feeds on tokens never sampled: it fails too
-                        self._fail_rows(out, str(exc))
+                    self._iteration_failed(sent, str(exc))
                     sent.pop(0)
                     await self._discard_replies(sent, generation)
                     return
                 finally:
                     self._drain_cpu_errors()
                 sent.pop(0)
-                assert isinstance(result, IterationResult)
                 self._apply(current, result)
                 sched.observe(current, result.forward_s - result.swap_s)
                 now = time.perf_counter()
@@ -271,9 +299,40 @@ class Engine:
 
     async def _discard_replies(self, sent: list[SchedulerOutput], generation: int) -> None:
         while sent:
-            sent.pop(0)
+            out = sent.pop(0)
             with contextlib.suppress(IterationFailed, WorkerDown):
-                await self.link.reply(generation)
+                await self.link.reply(generation, out.iteration_id)
+
+    @staticmethod
+    def _check_answers(output: SchedulerOutput, result) -> None:
+        """A reply must be the IterationResult of this plan, with a token for exactly its sampled rows;
+        anything else fails this iteration alone, loudly (never a token given to the wrong request)."""
+        if not isinstance(result, IterationResult) or result.iteration_id != output.iteration_id:
+            raise IterationFailed(f"the GPU worker answered iteration {output.iteration_id} with "
+                                  f"{type(result).__name__} {getattr(result, 'iteration_id', '?')}")
+        wanted = sorted(r.seq.seq_id for r in output.rows if r.sample)
+        if sorted(result.seq_ids.tolist()) != wanted:
+            raise IterationFailed(f"the GPU worker's reply to iteration {output.iteration_id} samples other "
+                                  "requests than the plan")
+
+    def _iteration_failed(self, sent: list[SchedulerOutput], message: str) -> None:
+        """The worker could not run ``sent[0]``; plans sent behind it feed on tokens never sampled,
+        so they fail with it. When the failed plan had CPU rows (a CPU attention process died or
+        failed mid-iteration), only the CPU-resident requests are lost: the GPU-resident ones are
+        preempted by recompute (their KV is rebuilt from their tokens) and carry on."""
+        cpu_caused = bool(sent[0].cpu_rows) and self.scheduler is not None
+        for out in sent:
+            if cpu_caused:
+                self._recompute_gpu_rows(out)
+            self._fail_rows(out, message)
+
+    def _recompute_gpu_rows(self, output: SchedulerOutput) -> None:
+        assert self.scheduler is not None
+        seqs = {r.seq.seq_id: r.seq for r in output.rows}
+        seqs.update((s.seq_id, s) for s in output.swapped_in)
+        for seq in seqs.values():
+            if seq.place is Place.GPU and self.scheduler.recompute(seq):
+                log.warning("request %s is recomputed after its iteration failed", seq.request_id)
 
     async def _send(self, sched: Scheduler, output: SchedulerOutput, sent: list[SchedulerOutput]) -> None:
         plan = output.to_plan(sched.gpu, sched.cpu)
@@ -285,7 +344,7 @@ class Engine:
             cpu_plan.trace = plan.trace
             for link in self.cpu_links:
                 await link.send(cpu_plan)
-        await self.link.send(plan)
+        await self.link.send(plan, awaits_reply=True)
         sent.append(output)
 
     def _apply(self, output: SchedulerOutput, result: IterationResult) -> None:
@@ -324,7 +383,7 @@ class Engine:
         seqs.update((s.seq_id, s) for s in output.swapped_out + output.swapped_in)
         for seq in seqs.values():
             req = self.requests.get(seq.seq_id)
-            if req is not None and not seq.is_finished:
+            if req is not None and seq.status is SeqStatus.RUNNING:   # not finished, nor requeued to recompute
                 self.abort(seq, FinishReason.ERROR)
                 self._push(req, "", [], FinishReason.ERROR, message)
 

@@ -17,6 +17,7 @@ import time
 from typing import Sequence
 
 from neo_common.config import NeoConfig
+from neo_common.link import LinkKeys, prepare_runtime_dir, remove_runtime_dir
 from neo_common.procs import MULTICAST_OFF
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, on_signal)
+    runtime_dir = prepare_runtime_dir(config.runtime_dir)   # private sockets and link keys: neo_common.link
+    if config.uses_tcp:
+        LinkKeys.load_or_create(runtime_dir)   # before any child starts, so all share one keypair
     try:
         replica.start()
         return replica.supervise()
@@ -103,3 +107,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     finally:
         replica.stop()
+        remove_runtime_dir(runtime_dir)

@@ -326,6 +326,14 @@ class Scheduler:
             gpu_decode_lens=[r.start + 1 for r in rows if r.num_tokens == 1],
             cpu_decode_lens=[s.num_computed + 1 for s in cpu_decodes])
 
+    def recompute(self, seq: Sequence) -> bool:
+        """Preempt a running GPU request by recompute outside a schedule (its iteration failed, so
+        its KV cannot be trusted); False if it is not running on the GPU."""
+        if seq.status is not SeqStatus.RUNNING or seq.place is not Place.GPU or seq not in self.running:
+            return False
+        self._preempt(seq)
+        return True
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self._free(seq)

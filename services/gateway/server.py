@@ -35,7 +35,7 @@ def build(config: NeoConfig):
     async def lifespan(_app):
         engine.start()
         log.info("gateway for %s listening on http://%s:%d; waiting for the GPU worker on %s",
-                 source.served_name, config.http.host, config.http.port, config.ipc.worker_addr)
+                 source.served_name, config.http.host, config.http.port, config.worker_addr)
         try:
             yield
         finally:

@@ -19,6 +19,7 @@ import zmq
 
 from neo_common import tracing
 from neo_common.config import NeoConfig
+from neo_common.link import prepare_runtime_dir, secure_connect
 from neo_common.logs import setup_logging
 from neo_common.procs import exit_with_parent
 from neo_common.model_source import read_geometry, resolve
@@ -160,10 +161,10 @@ def serve(config: NeoConfig) -> int:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(config.ipc.worker_addr)
+    secure_connect(sock, config.worker_addr, config.runtime_dir)
     sock.send(Hello(kind=WorkerKind.GPU_WORKER, pid=os.getpid()).encode())
     world = config.device.tensor_parallel_size
-    followers = FollowerLinks(ctx, world) if world > 1 else None
+    followers = FollowerLinks(ctx, world, prepare_runtime_dir(config.runtime_dir)) if world > 1 else None
     try:
         init_method = start_followers(config, followers, follow) if followers else ""
         runner, ready = build_runner(config, 0, init_method)

@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 import zmq
 
-from neo_common.procs import free_port
 from neo_common.tensor_parallel import Shard
 
 log = logging.getLogger(__name__)
@@ -97,15 +96,19 @@ class FollowerLinks:
     - ``stopping``: set once rank 0 passes on a Shutdown: followers exiting is then expected.
     """
 
-    def __init__(self, ctx: zmq.Context, world: int) -> None:
+    def __init__(self, ctx: zmq.Context, world: int, runtime_dir: str) -> None:
         self.socks = []
         self.addrs = []
-        for _ in range(world - 1):
+        self.runtime_dir = runtime_dir
+        for rank in range(1, world):
+            # in the replica's private runtime directory: a local peer that could connect to a
+            # PUSH socket would be dealt every other plan (docs/design.md, "The process link")
             sock = ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
-            port = sock.bind_to_random_port("tcp://127.0.0.1")
+            addr = "ipc://" + os.path.join(runtime_dir, f"gpu-worker-{os.getpid()}-tp{rank}.sock")
+            sock.bind(addr)
             self.socks.append(sock)
-            self.addrs.append(f"tcp://127.0.0.1:{port}")
+            self.addrs.append(addr)
         self.procs: list[multiprocessing.process.BaseProcess] = []
         self.stopping = False
 
@@ -126,7 +129,12 @@ class FollowerLinks:
 def start_followers(config, links: FollowerLinks, target) -> str:
     """Start ranks 1..N-1 running ``target(config, rank, init_method, frames_addr)``; returns the
     process group's init method. A thread exits this process when a follower dies."""
-    init_method = f"tcp://127.0.0.1:{free_port()}"
+    # a file store in the private runtime directory: a TCP store on a free port would let any local
+    # process join the rendezvous
+    store = os.path.join(links.runtime_dir, f"gpu-worker-{os.getpid()}-rendezvous")
+    if os.path.exists(store):
+        os.unlink(store)   # a crashed predecessor's (pids are reused): a stale store would misjoin
+    init_method = "file://" + store
     ctx = multiprocessing.get_context("spawn")   # never fork a process that may hold CUDA state
     for rank, addr in enumerate(links.addrs, start=1):
         proc = ctx.Process(target=target, args=(config, rank, init_method, addr), daemon=True,

@@ -62,9 +62,20 @@ def test_each_rank_has_its_own_cpu_attention_address_and_segment() -> None:
     r0, r1 = config.for_rank(0), config.for_rank(1)
     assert r0 is config and r0.shm_name == "neo-kv-7000"
     assert r1.ipc.cpu_attention_addr == "tcp://127.0.0.1:7001" and r1.shm_name == "neo-kv-7000-tp1"
-    assert r1.ipc.worker_addr == config.ipc.worker_addr, "only rank 0 talks to the gateway"
+    assert r1.worker_addr == config.worker_addr, "only rank 0 talks to the gateway"
     named = NeoConfig.from_args(["--shm-name", "kv"], env={}).for_rank(2)
     assert named.shm_name == "kv-tp2"
+
+
+def test_by_default_every_link_is_a_socket_in_the_replicas_private_directory() -> None:
+    config = NeoConfig.from_args(["--tensor-parallel-size", "2", "--runtime-dir", "/run/neo/link"], env={})
+    assert config.worker_addr == "ipc:///run/neo/link/worker.sock" and not config.uses_tcp
+    assert config.for_rank(1).cpu_attention_addr == "ipc:///run/neo/link/cpu-attention.sock-tp1"
+    assert config.for_rank(1).runtime_dir == config.runtime_dir
+    assert config.shm_name.startswith("neo-kv-") and config.for_rank(1).shm_name == config.shm_name + "-tp1"
+    other = NeoConfig.from_args(["--port", "8001"], env={})
+    assert other.runtime_dir != NeoConfig.from_args(["--port", "8002"], env={}).runtime_dir, "one per replica"
+    assert other.shm_name != NeoConfig.from_args(["--port", "8002"], env={}).shm_name
 
 
 def test_tensor_parallel_size_is_validated() -> None:

@@ -19,7 +19,7 @@ import pytest
 import zmq
 
 from neo_common import protocol
-from neo_common.procs import free_port
+
 from neo_cpu_attention import _native, kernel
 from neo_cpu_attention.segment import SegmentLayout
 
@@ -93,11 +93,12 @@ class Replica:
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
-        port = free_port()
-        self.router.bind(f"tcp://127.0.0.1:{port}")
+        run = tmp_path / "run"
+        run.mkdir(mode=0o700)
+        self.router.bind(f"ipc://{run}/cpu-attention.sock")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.cpu = subprocess.Popen(
-            [sys.executable, "-m", "neo_cpu_attention.main", "--cpu-attention-addr", f"tcp://127.0.0.1:{port}",
+            [sys.executable, "-m", "neo_cpu_attention.main", "--runtime-dir", str(run),
              "--shm-name", self.name, "--cpu-threads", "2", "--worker-timeout-s", str(grace_s),
              "--log-level", "info"], env=env, stderr=open(f"{self.folder}/cpu.log", "w"))
         self.driver = subprocess.Popen([sys.executable, f"{HERE}/driver.py", self.folder, self.name],

@@ -16,12 +16,12 @@ from neo_gateway.scheduler import SchedulerOutput
 from neo_gateway.tokenizer import TextTokenizer
 
 
-def test_a_failing_iteration_fails_its_requests_and_the_loop_goes_on():
+def test_a_failing_iteration_fails_its_requests_and_the_loop_goes_on(tmp_path):
     tokenizer = TextTokenizer.from_gguf(embedded_gguf_path())
 
     async def scenario() -> tuple[list, list]:
         ctx = zmq.asyncio.Context()
-        config = NeoConfig.from_args(["--worker-addr", "tcp://127.0.0.1:0"], env={})
+        config = NeoConfig.from_args(["--runtime-dir", str(tmp_path / "run")], env={})
         engine = Engine(config, tokenizer, ctx, "m")
         engine.link.ready = WorkerReady(num_gpu_blocks=16, block_size=16, max_model_len=256,
                                         geometry={"vocab_size": 49152})
@@ -36,14 +36,14 @@ def test_a_failing_iteration_fails_its_requests_and_the_loop_goes_on():
 
         replies: list[IterationResult] = []
 
-        async def fake_worker_send(plan):
+        async def fake_worker_send(plan, awaits_reply=False):
             """A FAKE worker (it answers EOS for every sampled row): the property under test is the
             gateway loop's, and a real worker adds 20 s of model loading and nothing to it."""
             rows = np.flatnonzero(plan.sample)
             replies.append(IterationResult(iteration_id=plan.iteration_id, seq_ids=plan.seq_ids[rows],
                                            token_ids=np.full(len(rows), 2, np.int32)))
 
-        async def fake_worker_reply(generation):
+        async def fake_worker_reply(generation, iteration_id):
             return replies.pop(0)
 
         SchedulerOutput.to_plan = flaky_to_plan

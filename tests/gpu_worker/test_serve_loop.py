@@ -24,7 +24,7 @@ import torch
 import zmq
 
 from neo_common.model_source import SMOLLM2_PACKAGE
-from neo_common.procs import free_port
+
 from neo_common.protocol import (PLACEHOLDER_TOKEN, Hello, IterationPlan, IterationResult, Shutdown, WorkerError,
                                  WorkerReady, decode)
 from neo_gpu_worker.serve_loop import IterationLoop
@@ -43,13 +43,15 @@ class Worker:
         flags = ["--launch-ahead", str(launch_ahead).lower(), "--device", "cpu"]
         if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
             flags += ["--model", "smollm2-135m", "--load-format", "dummy"]
-        addr = f"tcp://127.0.0.1:{free_port()}"
+        run = tmp_path / "run"
+        run.mkdir(mode=0o700)
+        addr = f"ipc://{run}/worker.sock"   # a private directory, as `neo serve` gives its links
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(addr)
         self.log = open(tmp_path / "worker.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "neo_common.cli", "gpu-worker", "--worker-addr", addr,
+        self.proc = subprocess.Popen([sys.executable, "-m", "neo_common.cli", "gpu-worker", "--runtime-dir", str(run),
                                       "--num-gpu-blocks", "16", "--max-model-len", "128", *flags],
                                      stdout=self.log, stderr=subprocess.STDOUT)
 

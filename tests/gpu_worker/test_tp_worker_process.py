@@ -10,7 +10,7 @@ import sys
 import pytest
 import zmq
 
-from neo_common.procs import descendants, free_port, pid_alive
+from neo_common.procs import descendants, pid_alive
 from neo_common.protocol import Hello, Shutdown, WorkerReady, decode
 from support.replica import wait_until
 
@@ -18,13 +18,15 @@ pytestmark = pytest.mark.integration
 
 
 def test_shutdown_reaches_the_follower_and_both_ranks_exit_cleanly(tmp_path):
-    addr = f"tcp://127.0.0.1:{free_port()}"
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    addr = f"ipc://{run}/worker.sock"
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind(addr)
     log = open(tmp_path / "worker.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "neo_common.cli", "gpu-worker", "--worker-addr", addr,
+    proc = subprocess.Popen([sys.executable, "-m", "neo_common.cli", "gpu-worker", "--runtime-dir", str(run),
                              "--tensor-parallel-size", "2", "--num-gpu-blocks", "32", "--max-model-len", "256"],
                             stdout=log, stderr=subprocess.STDOUT)
     tree: list[int] = []

@@ -27,8 +27,7 @@ BOUND_S = 30.0   # an in-flight request must end this soon after its worker died
 
 
 def segment_path(replica) -> str:
-    port = replica.args[replica.args.index("--cpu-attention-addr") + 1].rsplit(":", 1)[-1]
-    return f"/dev/shm/neo-kv-{port}"
+    return f"/dev/shm/{replica.config.shm_name}"
 
 
 def start_requests(url: str, n: int) -> tuple[list[threading.Thread], dict]:

@@ -121,8 +121,7 @@ def test_a_dead_rank_restarts_the_worker_and_its_segments(replica_factory):
     again, and stopping the replica leaves no segment behind."""
     r = replica_factory(*TP2, "--offload-mode", "full", "--kv-cache-dtype", "bfloat16", "--num-gpu-blocks", "64",
                         "--num-cpu-blocks", "128", "--max-model-len", "512")
-    port = r.args[r.args.index("--cpu-attention-addr") + 1].rsplit(":", 1)[1]
-    segments = [f"/dev/shm/neo-kv-{port}", f"/dev/shm/neo-kv-{port}-tp1"]
+    segments = [f"/dev/shm/{r.config.shm_name}", f"/dev/shm/{r.config.for_rank(1).shm_name}"]
     assert all(os.path.exists(s) for s in segments)
     body = {"model": "smollm2-135m-instruct", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
     assert httpx.post(r.url + "/v1/completions", json=body, timeout=120).status_code == 200

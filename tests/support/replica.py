@@ -40,7 +40,9 @@ class Replica:
     """A `neo serve` process tree started by a test; stopped and reaped by PID."""
 
     def __init__(self, args: list[str], log_path: str, env: dict[str, str] | None = None) -> None:
-        self.args = [*serve_port_flags(4), *args]
+        # the HTTP port alone: the links are then the default, sockets in the replica's own runtime
+        # directory (derived from the port); a test that wants tcp links passes their addresses
+        self.args = [*serve_port_flags(4, args)[:2], *args] if "--port" not in args else list(args)
         self.port = int(self.args[self.args.index("--port") + 1])
         self.log_path = log_path
         self.log = open(log_path, "wb")
@@ -60,6 +62,13 @@ class Replica:
                 pass
             time.sleep(0.5)
         raise TimeoutError(f"neo serve not ready after {timeout}s:\n{self.tail()}")
+
+    @property
+    def config(self):
+        """The NeoConfig every process of this replica runs with (addresses, segment names)."""
+        from neo_common.config import NeoConfig
+
+        return NeoConfig.from_args(self.args, env={})
 
     def tail(self, n: int = 40) -> str:
         with open(self.log_path, "rb") as f:
