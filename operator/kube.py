@@ -20,6 +20,20 @@ log = logging.getLogger(__name__)
 APPLIED_HASH_ANNOTATION = f"{c.GROUP}/applied-hash"
 
 
+def rejection_message(exc: ApiException) -> str:
+    """The API server's own explanation of a refused write (its Status message), else the reason."""
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
+    except (ValueError, AttributeError):
+        return str(exc.reason)
+
+
+def is_spec_rejection(exc: ApiException) -> bool:
+    """A 400 (BadRequest) or 422 (Invalid): the object itself is wrong, and so the spec it came from.
+    Other errors (403, 409, 5xx) say nothing about the spec and are retried."""
+    return exc.status in (400, 422)
+
+
 def _hash(obj: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -90,13 +104,15 @@ class Kube:
             return None
         return f"{kind} {meta['namespace']}/{meta['name']}"
 
-    def apply(self, obj: dict[str, Any]) -> str:
+    def apply(self, obj: dict[str, Any], dry_run: bool = False) -> str:
         """Create ``obj`` or replace the live object when the desired state changed; returns what it did.
 
         The desired object's hash is stored on the live one, so an unchanged spec costs one GET and no
         write (and no rollout), and anything the operator owns that someone edited by hand is put back
-        on the next change.
+        on the next change. With ``dry_run`` the API server validates and admits the write (a 4xx
+        raises, as for a real one) but persists nothing.
         """
+        extra = {"dry_run": "All"} if dry_run else {}
         kind, meta = obj["kind"], obj["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         read, create, replace = self._ops(kind)
@@ -108,8 +124,9 @@ class Kube:
         except ApiException as exc:
             if exc.status != 404:
                 raise
-            create(namespace, desired)
-            log.info("created %s %s/%s", kind, namespace, name)
+            create(namespace, desired, **extra)
+            if not dry_run:
+                log.info("created %s %s/%s", kind, namespace, name)
             return "created"
         if (live["metadata"].get("annotations") or {}).get(APPLIED_HASH_ANNOTATION) == digest:
             return "unchanged"
@@ -123,8 +140,9 @@ class Kube:
             for port in desired["spec"]["ports"]:
                 if "nodePort" in live_ports.get(port["name"], {}) and desired["spec"]["type"] != "ClusterIP":
                     port["nodePort"] = live_ports[port["name"]]["nodePort"]
-        replace(name, namespace, desired)
-        log.info("updated %s %s/%s", kind, namespace, name)
+        replace(name, namespace, desired, **extra)
+        if not dry_run:
+            log.info("updated %s %s/%s", kind, namespace, name)
         return "updated"
 
     def delete_owned(self, kind: str, namespace: str, name: str, owner_uid: str) -> bool:

@@ -12,12 +12,13 @@ import logging
 from typing import Any, Callable, Mapping
 
 import kopf
+from kubernetes.client.rest import ApiException
 
 from neo_operator import constants as c
 from neo_operator import status as st
 from neo_operator.configmap import build_configmap, config_hash
 from neo_operator.deployment import build_deployment
-from neo_operator.kube import Kube
+from neo_operator.kube import Kube, is_spec_rejection, rejection_message
 from neo_operator.labels import selector_string
 from neo_operator.networkpolicy import build_network_policy, network_policy_name
 from neo_operator.nodes import matching_nodes, node_facts
@@ -110,6 +111,18 @@ def reconcile(kube: Kube, config: OperatorConfig, body: Mapping[str, Any],
         return upd.cond("SpecValid", False, "NameConflict",
                         f"{', '.join(taken)} already exist(s) and belong(s) to something else; rename this "
                         "NeoService or remove them")
+    # Every child through a server-side dry run first: whatever the API server would refuse (a name
+    # its naming rules reject, a bad quantity, toleration or label in the pass-through fields)
+    # becomes a condition before anything is written, never a half-built set of children.
+    for child in children:
+        try:
+            kube.apply(child, dry_run=True)
+        except ApiException as exc:
+            if not is_spec_rejection(exc):
+                raise
+            return upd.cond("SpecValid", False, "RejectedByApiServer",
+                            f"the API server refuses the {child['kind']} {child['metadata']['name']!r} this spec "
+                            f"makes: {rejection_message(exc)}; fix the spec (nothing was written)")
     for child in children:  # ConfigMap first: the pods read it at start
         kube.apply(child)
     if not spec.network_policy.enabled:

@@ -343,6 +343,52 @@ def test_bad_input_becomes_conditions_without_children(apis: dict) -> None:
         assert not any(children_exist(apis, name).values()), f"{name} left children behind"
 
 
+L4_SPEC = {"model": {"name": "llama-3-8b"}, "gpu": {"products": ["NVIDIA-L4"]}, "cpuOffload": {"mode": "off"}}
+# specs the CRD schema admits but the API server refuses for a child: (name, spec change, server's words)
+SERVER_REFUSES = [
+    ("3llama", {}, "DNS-1035"),  # a NeoService name the Service's naming rules reject
+    ("bad-quantity", {"resources": {"gateway": {"requests": {"cpu": "lots"}}}}, "quantities must match"),
+    ("bad-toleration", {"podTemplate": {"spec": {"tolerations": [{"key": "k", "operator": "Sometimes"}]}}},
+     "Unsupported value"),
+    ("bad-label", {"podTemplate": {"metadata": {"labels": {"team": "a b"}}}}, "labels"),
+    ("bad-resource-name", {"gpu": {"products": ["NVIDIA-L4"], "resourceName": "nvidia gpu"}}, "nvidia gpu"),
+]
+
+
+def _ensure_node(apis: dict, name: str, product: str) -> None:
+    if not exists(apis["core"].read_node, name):
+        make_node(apis["core"], name, product, annotations={c.READ_GBPS_ANNOTATION: "40"})
+
+
+def test_specs_the_api_server_refuses_become_conditions_without_children(apis: dict) -> None:
+    """Each child goes through a server-side dry run before the first write: a refusal is SpecValid=False
+    with the server's message, nothing is written, and the operator waits for the next spec change."""
+    _ensure_node(apis, "gpu-l4-1", "NVIDIA-L4")
+    for name, change, _ in SERVER_REFUSES:
+        apis["custom"].create_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL,
+                                                       neoservice(name, **{**L4_SPEC, **change}))
+    for name, _, words in SERVER_REFUSES:
+        try:
+            obj = wait_for(lambda: (o := get_ns(apis, name)) and (cond(o, "SpecValid") or {}).get("status") == "False"
+                           and o, what=f"SpecValid False on {name}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\noperator log:\n{apis['operator'].tail()}") from None
+        got = cond(obj, "SpecValid")
+        assert got["reason"] == "RejectedByApiServer" and words in got["message"], got
+        assert obj["status"]["phase"] == "Failed" and obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
+        assert not any(children_exist(apis, name).values()), f"{name} left children behind"
+    # no retry loop: nothing more happens until the spec changes
+    mentions = {name: apis["operator"].tail(5000).count(f"{NS}/{name}") for name, _, _ in SERVER_REFUSES}
+    time.sleep(3)  # three retry periods of this operator (--retry-seconds 1)
+    assert {name: apis["operator"].tail(5000).count(f"{NS}/{name}") for name, _, _ in SERVER_REFUSES} == mentions
+    assert "Traceback" not in apis["operator"].tail(400)
+    # fixed: served
+    apis["custom"].patch_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, "bad-label", {
+        "spec": {"podTemplate": {"metadata": {"labels": {"team": "a-b"}}}}})
+    wait_for(lambda: all(children_exist(apis, "bad-label").values()), what="bad-label served after the fix")
+    assert cond(get_ns(apis, "bad-label"), "SpecValid")["status"] == "True"
+
+
 def test_fixing_a_bad_spec_recovers(apis: dict) -> None:
     apis["custom"].patch_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, "kv-too-big",
                                                   {"spec": {"cpuOffload": {"kvMemory": "4Gi"}}})
