@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from cost_tables import BATCH, CTX, TOKENS, key, synthetic
+from support.cost_tables import BATCH, CTX, TOKENS, key, synthetic
 from neo_gateway import cost_model
 from neo_gateway.cost_model import CostModelError, CostTables, interp1
 

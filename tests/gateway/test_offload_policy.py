@@ -3,7 +3,7 @@ import random
 import numpy as np
 import pytest
 
-from cost_tables import synthetic
+from support.cost_tables import synthetic
 from neo_common.block_runs import merge_runs
 from neo_gateway.offload_policy import WAIT, BatchCandidate, PlanKind, choose_swap_in, decide, hidden
 

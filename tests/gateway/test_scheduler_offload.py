@@ -2,7 +2,7 @@
 
 import random
 
-from cost_tables import synthetic
+from support.cost_tables import synthetic
 from neo_common.config import SchedulerConfig
 from neo_common.protocol import Place
 from neo_gateway.block_manager import BlockManager
