@@ -28,6 +28,16 @@ GPU_WORKER_MEMORY = 4 * GiB  # CUDA runtime and host staging; weights stream thr
 CPU_ATTENTION_MEMORY = 512 * MiB  # the process itself, besides the shared segment
 SHM_SLACK = 64 * MiB  # doorbells, alignment and other users of /dev/shm
 OFFLOAD_MIN_GAIN = 0.05  # offload only when it is predicted to add at least 5% decode throughput
+# CPUs of a node's allocatable a replica leaves to others: the DaemonSets every GPU node runs (kube-proxy,
+# the CNI agent, the NVIDIA device plugin / GPU Feature Discovery / DCGM exporter, a log and a metrics
+# agent) request about 0.5-1 CPU together; the kubelet and the OS are already outside allocatable.
+# At least one CPU, and 5% on large nodes, which run more agents.
+NODE_CPU_RESERVE_MIN = 1.0
+NODE_CPU_RESERVE_FRACTION = 0.05
+
+
+def node_cpu_reserve(node_cpus: float) -> float:
+    return max(NODE_CPU_RESERVE_MIN, NODE_CPU_RESERVE_FRACTION * node_cpus)
 
 
 class SizingError(Exception):
@@ -176,7 +186,8 @@ def size(spec: NeoServiceSpec, nodes: Sequence[NodeFacts]) -> SizingDecision:
     gpu_blocks = gpu_kv // rank_block_bytes
 
     # -- CPU-attention threads and bandwidth ------------------------------------------------------
-    host_share = node_cpus * count / max(gpus_per_node, 1)  # the host cores that come with our GPUs
+    usable_cpus = node_cpus - node_cpu_reserve(node_cpus)  # what a replica may request at most
+    host_share = usable_cpus * count / max(gpus_per_node, 1)  # the host cores that come with our GPUs
     if spec.offload.cores:
         threads = spec.offload.cores
     else:
@@ -227,9 +238,11 @@ def size(spec: NeoServiceSpec, nodes: Sequence[NodeFacts]) -> SizingDecision:
                           f"/dev/shm for {cpu_blocks} CPU KV blocks) but the smallest matching node has {_gib(node_mem)} "
                           f"allocatable; lower spec.cpuOffload.kvMemory to at most {_gib(fits)}")
     pod_cpus = GATEWAY_CPU + GPU_WORKER_CPU * count + att_threads
-    if pod_cpus > node_cpus:
+    if pod_cpus > usable_cpus:
         raise SizingError("CpuExceedsNode", f"one replica needs {pod_cpus} CPUs ({att_threads} for CPU attention) but the "
-                          f"smallest matching node has {node_cpus:g} allocatable; lower spec.cpuOffload.cores")
+                          f"smallest matching node has {node_cpus:g} allocatable, of which "
+                          f"{node_cpu_reserve(node_cpus):g} stay free for DaemonSets and system pods; "
+                          "lower spec.cpuOffload.cores")
     requests = {
         "gateway": {"cpu": str(GATEWAY_CPU), "memory": f"{GATEWAY_MEMORY // MiB}Mi"},
         "gpuWorker": {"cpu": str(GPU_WORKER_CPU * count), "memory": f"{GPU_WORKER_MEMORY * count // MiB}Mi"},

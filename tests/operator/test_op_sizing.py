@@ -38,17 +38,17 @@ def test_cpu_blocks_shm_and_requests() -> None:
     staging = 2 * 256 * (2 * 32 + 2 * 8) * 128 * 4
     assert d.shm_bytes == math.ceil((16 * GiB + staging + 64 * MiB) / MiB) * MiB
     assert d.shm_quantity == f"{d.shm_bytes // MiB}Mi"
-    # one GPU of one: the whole host less gateway (1) and gpu-worker (2)
-    assert d.cpu_attention_threads == 32 - 3
-    assert d.requests["cpuAttention"] == {"cpu": "29", "memory": f"{(512 * MiB + d.shm_bytes) // MiB}Mi"}
+    # one GPU of one: the whole host less the node reserve (max(1, 5%) = 1.6), gateway (1) and gpu-worker (2)
+    assert d.cpu_attention_threads == int(32 - 1.6) - 3 == 27
+    assert d.requests["cpuAttention"] == {"cpu": "27", "memory": f"{(512 * MiB + d.shm_bytes) // MiB}Mi"}
     assert d.requests["gpuWorker"]["cpu"] == "2"
 
 
 def test_threads_are_the_host_share_of_our_gpus_and_scale_bandwidth() -> None:
-    # 8 GPUs on a 64-core host: one GPU comes with 8 cores, 5 of them for attention
+    # 8 GPUs on a 64-core host: one GPU comes with (64 - 3.2 reserved) / 8 = 7.6 cores, 4 of them for attention
     d = size(make_spec(cpuOffload={"mode": "full"}), [make_node(gpus=8, cpus=64, gbps=200.0, threads=64)])
-    assert d.cpu_attention_threads == 5
-    assert d.cpu_attention_gbps == pytest.approx(200.0 * 5 / 64, abs=0.05)
+    assert d.cpu_attention_threads == 4
+    assert d.cpu_attention_gbps == pytest.approx(200.0 * 4 / 64, abs=0.05)
     # explicit cores win
     d = size(make_spec(cpuOffload={"mode": "full", "cores": 12}), [make_node(gpus=8, cpus=64, gbps=200.0, threads=64)])
     assert d.cpu_attention_threads == 12
@@ -79,7 +79,7 @@ def test_weakest_node_is_the_basis() -> None:
 # Each row: product, GPUs per replica (= per node), model, max context, host GB/s (probe over all
 # cores), host cores, expected offload.
 DECISIONS = [
-    ("Tesla-T4", 1, "llama-2-7b", 2048, 2.0, 4, False),
+    ("Tesla-T4", 1, "llama-2-7b", 2048, 2.0, 8, False),
     ("Tesla-T4", 1, "llama-2-7b", 2048, 10.0, 8, True),
     ("Tesla-T4", 1, "llama-2-7b", 2048, 40.0, 16, True),
     ("NVIDIA-A10G", 1, "llama-3-8b", 0, 12.0, 8, False),
@@ -164,6 +164,18 @@ def test_cores_larger_than_node() -> None:
     assert _reason(make_spec(cpuOffload={"mode": "full", "cores": 64}), [make_node(cpus=16)]) == "CpuExceedsNode"
 
 
+def test_requests_leave_a_reserve_of_node_allocatable() -> None:
+    """A replica never asks for all of a node's CPUs: the DaemonSets there request some too."""
+    # 1 + 2 + 13 = 16 CPUs on a 16-CPU node: all of it, so unschedulable beside any DaemonSet
+    assert _reason(make_spec(cpuOffload={"mode": "full", "cores": 13}), [make_node(cpus=16)]) == "CpuExceedsNode"
+    assert size(make_spec(cpuOffload={"mode": "full", "cores": 12}), [make_node(cpus=16)]).cpu_attention_threads == 12
+    for product, count, model, ctx, gbps, cores, _ in DECISIONS:
+        d = _decide(product, count, model, ctx, gbps, cores)
+        requested = sum(float(r["cpu"]) for r in d.requests.values())
+        assert requested <= cores - sizing.node_cpu_reserve(cores), (product, cores, d.requests)
+    assert (sizing.node_cpu_reserve(16), sizing.node_cpu_reserve(128)) == (1.0, 6.4)
+
+
 def test_constants_are_what_the_docs_say() -> None:
     assert sizing.OFFLOAD_MIN_GAIN == 0.05
     assert (sizing.GATEWAY_CPU, sizing.GPU_WORKER_CPU) == (1, 2)
@@ -185,7 +197,7 @@ def test_gpu_count_is_tensor_parallelism_sized_per_gpu() -> None:
     assert d.weight_bytes == weights
     assert d.gpu_kv_blocks == (int(0.9 * 81559 * MiB) - weights - workspace) // rank_block
     assert d.kv_bytes_per_block == 2 * rank_block, "the CPU pool holds both ranks' heads"
-    assert d.cpu_attention_threads == 64 - 1 - 2 * 2
+    assert d.cpu_attention_threads == int(64 - 0.05 * 64) - 1 - 2 * 2
     assert d.requests["gpuWorker"] == {"cpu": "4", "memory": f"{8 * GiB // MiB}Mi"}
 
 
