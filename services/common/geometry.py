@@ -7,15 +7,53 @@ process lays out its KV pool from it, and the operator sizes pods from it.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Any
+
+
+class Architecture(str, enum.Enum):
+    """The Hugging Face ``architectures`` names the engine serves (GGUF ``general.architecture``
+    values map onto them: ``GGUF_ARCHITECTURES``)."""
+
+    LLAMA = "LlamaForCausalLM"
+    MISTRAL = "MistralForCausalLM"
+    QWEN2 = "Qwen2ForCausalLM"
+    QWEN3 = "Qwen3ForCausalLM"
+    GEMMA2 = "Gemma2ForCausalLM"
+
+
+# Gemma-2 GGUFs are left out: llama.cpp stores its norms as 1 + weight and derives the attention
+# scale from the model size rather than a stored query_pre_attn_scalar.
+GGUF_ARCHITECTURES = {"llama": Architecture.LLAMA, "mistral": Architecture.MISTRAL, "qwen2": Architecture.QWEN2,
+                      "qwen3": Architecture.QWEN3}
+
+
+class Activation(str, enum.Enum):
+    """MLP gate activations: SwiGLU's SiLU, GeGLU's tanh-approximated GELU (Gemma)."""
+
+    SILU = "silu"
+    GELU_TANH = "gelu_pytorch_tanh"
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelGeometry:
-    """Shapes of a LLaMA-family decoder.
+    """Shapes of a decoder of one of the supported architectures (``ARCHITECTURES``).
 
-    rope_scaling holds the Llama-3.1 style dict (rope_type llama3, factor, low/high_freq_factor,
-    original_max_position_embeddings) or None.
+    - ``architecture``: the Hugging Face ``architectures[0]`` name; it picks the decoder family in
+      the GPU worker's registry (``neo_gpu_worker.models``).
+    - ``rope_scaling``: the Llama-3.1 style dict (rope_type llama3, factor, low/high_freq_factor,
+      original_max_position_embeddings), linear, or ``freq_factors`` (a GGUF's ``rope_freqs``:
+      per-pair divisors of the inverse frequencies, key ``factors``); None for plain RoPE.
+    - ``qk_norm``: RMSNorm over each head's q and k before RoPE (Qwen3).
+    - ``max_position_embeddings``: the longest context the engine serves: the trained length,
+      capped at ``sliding_window`` when the model has one (``model_source.serving_context``).
+    - ``sliding_window``: the window of windowed attention layers (None: every layer global).
+      Within it a windowed layer sees every earlier token, so every layer runs global attention
+      and no kernel needs a window argument.
+    - ``hidden_act``: the MLP's gate activation (``Activation``).
+    - ``query_pre_attn_scalar``: attention scale is its inverse square root (None: ``head_dim``).
+    - ``attn_logit_softcapping`` / ``final_logit_softcapping``: ``c * tanh(x / c)`` on attention
+      scores / output logits (None: off; Gemma-2).
     """
 
     name: str
@@ -34,12 +72,26 @@ class ModelGeometry:
     rope_scaling: dict[str, Any] | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    architecture: str = "LlamaForCausalLM"
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    hidden_act: str = "silu"
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"{self.name}: {self.num_heads} query heads not a multiple of {self.num_kv_heads} KV heads")
         if self.head_dim % 2:
             raise ValueError(f"{self.name}: head_dim must be even for RoPE")
+        if self.hidden_act not in {a.value for a in Activation}:
+            raise ValueError(f"{self.name}: activation {self.hidden_act!r} is not supported "
+                             f"({', '.join(a.value for a in Activation)})")
+
+    @property
+    def attn_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     # -- derived sizes ------------------------------------------------------------------------
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
@@ -54,7 +106,10 @@ class ModelGeometry:
         q = h * self.num_heads * self.head_dim
         kv = 2 * h * self.num_kv_heads * self.head_dim
         o = self.num_heads * self.head_dim * h
-        per_layer = q + kv + o + 3 * h * inter + 2 * h
+        norms = 4 * h if self.architecture == Architecture.GEMMA2 else 2 * h   # Gemma-2: pre and post norms
+        per_layer = q + kv + o + 3 * h * inter + norms + (2 * self.head_dim if self.qk_norm else 0)
+        if self.qkv_bias:
+            per_layer += (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         embed = self.vocab_size * h
         lm_head = 0 if self.tie_word_embeddings else embed
         return self.num_layers * per_layer + embed + lm_head + h
@@ -89,6 +144,20 @@ GEOMETRIES: dict[str, ModelGeometry] = {
                       rope_scaling=_LLAMA3_SCALING, bos_token_id=128000, eos_token_ids=(128001, 128009)),
         ModelGeometry("llama-3-70b", 8192, 80, 64, 8, 128, 28672, 128256, 8192, rope_theta=500000.0,
                       bos_token_id=128000, eos_token_ids=(128001, 128009)),
+        # Served within its 4096-token sliding window (see model_source.serving_context).
+        ModelGeometry("mistral-7b-v0.1", 4096, 32, 32, 8, 128, 14336, 32000, 4096, bos_token_id=1,
+                      eos_token_ids=(2,), architecture=Architecture.MISTRAL.value, sliding_window=4096),
+        ModelGeometry("qwen2.5-7b", 3584, 28, 28, 4, 128, 18944, 152064, 32768, rope_theta=1000000.0,
+                      rms_norm_eps=1e-6, qkv_bias=True, bos_token_id=151643, eos_token_ids=(151645, 151643),
+                      architecture=Architecture.QWEN2.value),
+        ModelGeometry("qwen3-8b", 4096, 36, 32, 8, 128, 12288, 151936, 40960, rope_theta=1000000.0,
+                      rms_norm_eps=1e-6, bos_token_id=151643, eos_token_ids=(151645, 151643),
+                      architecture=Architecture.QWEN3.value, qk_norm=True),
+        ModelGeometry("gemma-2-9b", 3584, 42, 16, 8, 256, 14336, 256000, 4096, rms_norm_eps=1e-6,
+                      tie_word_embeddings=True, bos_token_id=2, eos_token_ids=(1, 107),
+                      architecture=Architecture.GEMMA2.value, sliding_window=4096,
+                      hidden_act=Activation.GELU_TANH.value, query_pre_attn_scalar=256.0,
+                      attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
     )
 }
 

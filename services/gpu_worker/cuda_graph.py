@@ -24,7 +24,7 @@ import torch
 from neo_common.protocol import IterationPlan, Place
 from neo_gpu_worker.attention import AttentionMetadata
 from neo_gpu_worker.batch import kv_slots
-from neo_gpu_worker.model import LlamaModel
+from neo_gpu_worker.models.protocol import CausalLM
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class DecodeGraphs:
       never rewrites a buffer a queued copy still reads.
     """
 
-    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int, pad_block: int,
+    def __init__(self, model: CausalLM, kv_cache: torch.Tensor, block_size: int, pad_block: int,
                  max_batch: int, max_model_len: int) -> None:
         self.model, self.kv_cache, self.block_size, self.pad_block = model, kv_cache, block_size, pad_block
         self.device = kv_cache.device

@@ -11,11 +11,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from neo_common.geometry import ModelGeometry
+from neo_common.geometry import Architecture, ModelGeometry
 from neo_common.gguf_file import GGUFFile, open_gguf
 from neo_common.model_source import ModelSource, read_geometry
 from neo_gpu_worker.dequant import dequantize
-from neo_gpu_worker.model import LlamaModel
+from neo_gpu_worker.models.protocol import CausalLM
+from neo_gpu_worker.models import model_class
 from neo_gpu_worker.parallel import TensorParallel
 
 log = logging.getLogger(__name__)
@@ -25,24 +26,26 @@ _GGUF_LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
 }
 _GGUF_GLOBAL_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
                       "output.weight": "lm_head.weight"}
 
 
 def build_model(geometry: ModelGeometry, max_positions: int, device: torch.device, dtype: torch.dtype,
-                tp: TensorParallel | None = None) -> LlamaModel:
-    """Allocate the model (this rank's shard of it) straight on its device (no host copy of a 70B
-    model first)."""
+                tp: TensorParallel | None = None) -> CausalLM:
+    """Allocate the model (this rank's shard of it; its family from the registry) straight on its
+    device (no host copy of a 70B model first)."""
+    cls = model_class(geometry)
     with torch.device("meta"):
-        model = LlamaModel(geometry, tp.shard if tp else None, tp)
+        model = cls(geometry, tp.shard if tp else None, tp)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.setup_rope(max_positions, device)
     return model.eval()
 
 
 def load_model(source: ModelSource, max_positions: int, device: torch.device, dtype: torch.dtype,
-               seed: int = 0, tp: TensorParallel | None = None) -> LlamaModel:
+               seed: int = 0, tp: TensorParallel | None = None) -> CausalLM:
     geometry = read_geometry(source)
     if source.kind == "gguf":
         reader = open_gguf(source.path)
@@ -85,6 +88,9 @@ def unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
 def _gguf_tensors(reader: GGUFFile, g: ModelGeometry) -> Iterator[tuple[str, torch.Tensor]]:
     from gguf import GGMLQuantizationType
 
+    # llama.cpp interleaves q/k rows for its "normal" RoPE (llama, mistral); Qwen's NeoX-style RoPE
+    # is rotate-half already, so their rows are stored as in the HF checkpoint.
+    permuted = g.architecture in (Architecture.LLAMA, Architecture.MISTRAL)
     for t in reader.tensors:
         if t.name in _GGUF_GLOBAL_NAMES:
             name = _GGUF_GLOBAL_NAMES[t.name]
@@ -94,7 +100,7 @@ def _gguf_tensors(reader: GGUFFile, g: ModelGeometry) -> Iterator[tuple[str, tor
                 raise KeyError(f"GGUF tensor {t.name!r} is not understood")
             name = f"layers.{idx}.{_GGUF_LAYER_NAMES[kind]}.{suffix}"
         elif t.name == "rope_freqs.weight":
-            continue  # Llama-3.1 GGUFs carry scaling factors; config-driven rope_scaling covers HF folders
+            continue  # Llama-3.1's frequency divisors: read into the geometry's rope_scaling (model_source)
         else:
             raise KeyError(f"GGUF tensor {t.name!r} is not understood")
         raw = reader.tensor_data(t)
@@ -103,8 +109,8 @@ def _gguf_tensors(reader: GGUFFile, g: ModelGeometry) -> Iterator[tuple[str, tor
         else:
             data = dequantize(raw, t.qtype, t.shape)
         data = data.astype(np.float32)
-        if t.name.startswith("blk.") and name.endswith(("q_proj.weight", "q_proj.bias")):
+        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
             data = unpermute_rope_rows(data, g.num_heads)
-        elif t.name.startswith("blk.") and name.endswith(("k_proj.weight", "k_proj.bias")):
+        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
             data = unpermute_rope_rows(data, g.num_kv_heads)
         yield name, torch.from_numpy(np.ascontiguousarray(data))

@@ -1,4 +1,10 @@
-"""LLaMA-family decoder (Llama 2/3/3.1, SmolLM2, Qwen2-style QKV bias) over a paged KV cache.
+"""The LLaMA-shaped decoder over a paged KV cache, and the building blocks other families reuse.
+
+``LlamaModel`` serves Llama 2/3/3.1/3.2 (and SmolLM2), Mistral (the same shapes), Qwen2/2.5 (QKV
+bias) and Qwen3 (RMSNorm over each head's q and k, no bias): the differences are geometry flags
+(``qkv_bias``, ``qk_norm``). Families whose layer differs in structure subclass it
+(``models/gemma2.py``); ``neo_gpu_worker.models`` maps architectures to classes, and
+``models/protocol.py`` states what the engine relies on.
 
 Weights arrive as Hugging Face names (whatever the file format) and are fused on load: q/k/v into
 one ``qkv_proj`` and gate/up into one ``gate_up_proj``, so a layer runs four matmuls. Under tensor
@@ -16,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neo_common.geometry import ModelGeometry
+from neo_common.geometry import Activation, ModelGeometry
 from neo_common.tensor_parallel import Shard
 from neo_gpu_worker import ops
 from neo_gpu_worker.attention import AttentionMetadata, paged_attention
@@ -60,6 +66,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    """Fused QKV and O projections; ``q_norm``/``k_norm`` (Qwen3) normalise each head before RoPE.
+    ``scale`` and ``softcap`` (0: none) are what the attention call applies to the scores."""
+
     def __init__(self, g: ModelGeometry) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = g.num_heads, g.num_kv_heads, g.head_dim
@@ -67,7 +76,10 @@ class Attention(nn.Module):
         self.kv_size = g.num_kv_heads * g.head_dim
         self.qkv_proj = nn.Linear(g.hidden_size, self.q_size + 2 * self.kv_size, bias=g.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, g.hidden_size, bias=False)
-        self.scale = g.head_dim ** -0.5
+        self.q_norm = RMSNorm(g.head_dim, g.rms_norm_eps) if g.qk_norm else None
+        self.k_norm = RMSNorm(g.head_dim, g.rms_norm_eps) if g.qk_norm else None
+        self.scale = g.attn_scale
+        self.softcap = g.attn_logit_softcapping or 0.0
 
     def project(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
                 store: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -78,19 +90,25 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(-1, self.num_heads, self.head_dim)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.num_kv_heads, self.head_dim)
         q, k = rope.apply(positions, q, k, None if store is None else (*store, v))
         return q, k, v
 
 
 class MLP(nn.Module):
+    """Gated MLP: SwiGLU, or GeGLU for ``gelu_pytorch_tanh`` (Gemma)."""
+
     def __init__(self, g: ModelGeometry, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.gate_up_proj = nn.Linear(g.hidden_size, 2 * g.intermediate_size, bias=False)
         self.down_proj = nn.Linear(g.intermediate_size, g.hidden_size, bias=False)
+        self.act_and_mul = ops.gelu_tanh_and_mul if g.hidden_act == Activation.GELU_TANH else ops.silu_and_mul
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _apply(self.down_proj, ops.silu_and_mul(_apply(self.gate_up_proj, x)))
+        out = _apply(self.down_proj, self.act_and_mul(_apply(self.gate_up_proj, x)))
         return out if self.tp is None else self.tp.all_reduce(out)
 
 
@@ -104,6 +122,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(g.hidden_size, g.rms_norm_eps)
         self.mlp = MLP(g, tp)
         self.tp = tp
+        self.attn_scale, self.attn_softcap = self.self_attn.scale, self.self_attn.softcap
 
     def pre_attn(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
                  store: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -120,15 +139,21 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
                 kv_layer: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, _, _ = self.pre_attn(x, positions, rope, store=(kv_layer, meta.slot_mapping))
-        return self.post_attn(x, paged_attention(q, kv_layer, meta, self.self_attn.scale))
+        return self.post_attn(x, paged_attention(q, kv_layer, meta, self.attn_scale, softcap=self.attn_softcap))
 
 
 class LlamaModel(nn.Module):
-    """The decoder stack plus LM head. ``forward`` returns final hidden states of every token.
+    """The decoder stack plus LM head (a ``models.protocol.CausalLM``). ``forward`` returns final
+    hidden states of every token.
 
     ``geometry`` is this rank's (heads and MLP width of its shard); ``shard`` says which slice of
-    the full model that is, ``tp`` runs the collectives (None: a single rank).
+    the full model that is, ``tp`` runs the collectives (None: a single rank). Subclasses change
+    ``layer_class``, ``embed``, ``compute_logits`` and the checkpoint conventions
+    (``_convert``, ``_norm_init``).
     """
+
+    layer_class: type[nn.Module] = DecoderLayer
+    _norm_init = 1.0   # what a norm weight of a random (dummy) model holds, in the checkpoint's convention
 
     def __init__(self, g: ModelGeometry, shard: Shard | None = None, tp: TensorParallel | None = None) -> None:
         super().__init__()
@@ -138,7 +163,7 @@ class LlamaModel(nn.Module):
         self.geometry = g
         self.tp = tp if self.shard.world > 1 else None
         self.embed_tokens = nn.Embedding(g.vocab_size, g.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(g, self.tp) for _ in range(g.num_layers))
+        self.layers = nn.ModuleList(self.layer_class(g, self.tp) for _ in range(g.num_layers))
         self.norm = RMSNorm(g.hidden_size, g.rms_norm_eps)
         self.lm_head = None if g.tie_word_embeddings else nn.Linear(g.hidden_size, g.vocab_size, bias=False)
         self.rope: RotaryEmbedding | None = None  # set by the loader once the model is on its device
@@ -149,10 +174,13 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, self.rope, kv_cache[i], meta)
         return self.norm(x)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -190,6 +218,7 @@ class LlamaModel(nn.Module):
             if target not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no place in the model")
             param = params[target]
+            tensor = self._convert(target, tensor)
             with torch.no_grad():
                 dest = param if size is None else param.narrow(0, offset, size)
                 if dest.shape != tensor.shape:
@@ -200,10 +229,17 @@ class LlamaModel(nn.Module):
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
 
+    def _convert(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A checkpoint tensor in the form this model's parameter holds (as is, here)."""
+        return tensor
+
     def init_random(self, seed: int) -> None:
         """Random weights of the right scale (dummy load format, for benchmarks). Drawn as the full
         model's HF tensors and loaded like a checkpoint, so every rank count serves the same model."""
         self.load_weights(self._random_tensors(seed))
+
+    def _layer_norm_names(self) -> tuple[str, ...]:
+        return ("input_layernorm", "post_attention_layernorm")
 
     def _random_tensors(self, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
         g, p = self.full_geometry, self.embed_tokens.weight
@@ -211,8 +247,10 @@ class LlamaModel(nn.Module):
         shapes = [("embed_tokens.weight", (g.vocab_size, h))]
         for i in range(g.num_layers):
             pre = f"layers.{i}."
-            shapes += [(pre + "input_layernorm.weight", (h,)), (pre + "post_attention_layernorm.weight", (h,)),
-                       (pre + "self_attn.q_proj.weight", (q, h)), (pre + "self_attn.k_proj.weight", (kv, h)),
+            shapes += [(pre + f"{n}.weight", (h,)) for n in self._layer_norm_names()]
+            if g.qk_norm:
+                shapes += [(pre + "self_attn.q_norm.weight", (g.head_dim,)), (pre + "self_attn.k_norm.weight", (g.head_dim,))]
+            shapes += [(pre + "self_attn.q_proj.weight", (q, h)), (pre + "self_attn.k_proj.weight", (kv, h)),
                        (pre + "self_attn.v_proj.weight", (kv, h)), (pre + "self_attn.o_proj.weight", (h, q)),
                        (pre + "mlp.gate_proj.weight", (g.intermediate_size, h)),
                        (pre + "mlp.up_proj.weight", (g.intermediate_size, h)),
@@ -225,6 +263,6 @@ class LlamaModel(nn.Module):
         for k, (name, shape) in enumerate(shapes):
             t = torch.empty(shape, dtype=p.dtype, device=p.device)
             if name.endswith("norm.weight"):
-                yield name, t.fill_(1.0)
+                yield name, t.fill_(self._norm_init)
             else:
                 yield name, t.normal_(0.0, 0.02, generator=torch.Generator(device=p.device).manual_seed(seed + k))

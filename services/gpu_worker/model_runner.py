@@ -18,7 +18,7 @@ from neo_common.protocol import PLACEHOLDER_TOKEN, IterationPlan, IterationResul
 from neo_gpu_worker.batch import build_sub_batch, to_device
 from neo_gpu_worker.cuda_graph import DecodeGraphs
 from neo_gpu_worker.host_kv import HostKv
-from neo_gpu_worker.model import LlamaModel
+from neo_gpu_worker.models.protocol import CausalLM
 from neo_gpu_worker.parallel import TensorParallel
 from neo_gpu_worker.pipeline import PipelinedExecutor
 from neo_gpu_worker.sampler import SamplingBatch, sample
@@ -123,7 +123,7 @@ class ModelRunner:
       device's stream already runs them behind the host's back).
     """
 
-    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, device: torch.device,
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, device: torch.device,
                  kv_dtype: torch.dtype, host: HostKv | None = None, staging_blocks: int = 0,
                  cpu_timeout_s: float = 60.0, graph_max_batch: int = 0, max_model_len: int = 0,
                  tp: TensorParallel | None = None, stage_graphs: StageGraphs | None = None) -> None:
@@ -251,11 +251,11 @@ class ModelRunner:
         return time.perf_counter() - t0
 
 
-def kv_block_bytes(model: LlamaModel, block_size: int, dtype: torch.dtype) -> int:
+def kv_block_bytes(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
     return model.geometry.kv_bytes_per_block(block_size, torch.empty((), dtype=dtype).element_size())
 
 
-def num_kv_blocks(model: LlamaModel, device: torch.device, block_size: int, dtype: torch.dtype,
+def num_kv_blocks(model: CausalLM, device: torch.device, block_size: int, dtype: torch.dtype,
                   requested: int, gpu_memory_utilization: float, cpu_device_kv_gb: float) -> int:
     """Blocks to allocate: as asked, else what fits in the device memory budget after the weights."""
     if requested:

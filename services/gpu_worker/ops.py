@@ -75,6 +75,26 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """GeGLU's ``gelu_tanh(gate) * up`` of ``[T, 2I]`` laid out ``[gate | up]`` (Gemma). Plain torch
+    on every device: it is CUDA-graph safe, and Gemma's MLP is not on the paths timed for Llama."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def _softcapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                softcap: float) -> torch.Tensor:
+    """Attention with ``softcap * tanh(score / softcap)`` on the scaled scores (SDPA has no such
+    argument): q ``[B, Hq, n, D]``, k/v ``[B, Hk, L, D]``, mask broadcastable to ``[B, Hq, n, L]``."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1), v.float()).to(q.dtype)
+
+
 def rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
          store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE in HF's rotate-half layout over tables ``[max_pos, D]`` (fp32). The kernel rotates q and
@@ -109,15 +129,18 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     seq_lens: torch.Tensor, scale: float, out: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
+                     seq_lens: torch.Tensor, scale: float, out: torch.Tensor, max_len: int | None = None,
+                     softcap: float = 0.0) -> torch.Tensor:
     """One query token per row against its paged context: q ``[B, Hq, D]`` -> out ``[B, Hq, D]``;
     caches ``[blocks, block_size, Hkv, D]``, block_tables ``[B, W]``, seq_lens ``[B]`` (int32).
-    ``max_len`` (the longest context, if the caller knows it) spares the twin a device read."""
+    ``max_len`` (the longest context, if the caller knows it) spares the twin a device read.
+    ``softcap`` > 0 caps the scaled scores at ``softcap * tanh(s / softcap)`` (Gemma-2)."""
     if use_triton(q):
         from neo_gpu_worker.kernels import decode_attention as kernel
 
         if kernel.supported(q.shape[-1]):
-            return kernel.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, out)
+            return kernel.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, out,
+                                           softcap=softcap)
     heads, dim, bs = k_cache.shape[2], k_cache.shape[3], k_cache.shape[1]
     width = int(seq_lens.max()) if max_len is None else max_len
     j = torch.arange(width, device=q.device)
@@ -126,19 +149,29 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     slots = torch.where(mask, blocks * bs + j % bs, 0)
     k = k_cache.reshape(-1, heads, dim)[slots].to(q.dtype).transpose(1, 2)     # [B, Hk, S, D]
     v = v_cache.reshape(-1, heads, dim)[slots].to(q.dtype).transpose(1, 2)
-    o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], scale=scale,
-                                       enable_gqa=True)
+    if softcap:
+        o = _softcapped(q.unsqueeze(2), k, v, mask[:, None, None, :], scale, softcap)
+    else:
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], scale=scale,
+                                           enable_gqa=True)
     out.copy_(o.squeeze(2))
     return out
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: int, scale: float) -> torch.Tensor:
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: int, scale: float,
+                      softcap: float = 0.0) -> torch.Tensor:
     """One prompt chunk: q ``[n, Hq, D]`` at positions ``ctx_start..``, its whole context k/v
-    ``[ctx_start + n, Hkv, D]``; causal. The twin of ``varlen_prefill``, one span at a time."""
+    ``[ctx_start + n, Hkv, D]``; causal. The twin of ``varlen_prefill``, one span at a time; the
+    only prefill path for a soft-capped model (FlashAttention's varlen entry has no soft-cap)."""
     qp = q.transpose(0, 1).unsqueeze(0)                                  # [1, Hq, n, D]
     kp = k.to(q.dtype).transpose(0, 1).unsqueeze(0)                      # [1, Hk, L, D]
     vp = v.to(q.dtype).transpose(0, 1).unsqueeze(0)
-    if ctx_start == 0:
+    if softcap:
+        length = k.shape[0]
+        q_pos = torch.arange(ctx_start, length, device=q.device)
+        mask = torch.arange(length, device=q.device)[None, :] <= q_pos[:, None]
+        op = _softcapped(qp, kp, vp, mask, scale, softcap)
+    elif ctx_start == 0:
         op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
     else:
         length = k.shape[0]

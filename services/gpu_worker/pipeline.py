@@ -33,13 +33,15 @@ import torch
 
 from neo_common.protocol import IterationPlan
 from neo_common.procs import pid_alive
+from neo_common.settings import ConfigError
 from neo_cpu_attention import kernel
 from neo_cpu_attention.segment import job_seq
 from neo_gpu_worker.attention import paged_attention
 from neo_gpu_worker.ops import write_kv
 from neo_gpu_worker.batch import SubBatch, build_sub_batch
 from neo_gpu_worker.host_kv import HostKv
-from neo_gpu_worker.model import LlamaModel
+from neo_gpu_worker.models import cpu_attention_supports
+from neo_gpu_worker.models.protocol import CausalLM
 from neo_gpu_worker.stage_graphs import EagerDense, StageGraphs
 
 log = logging.getLogger(__name__)
@@ -160,10 +162,13 @@ class PipelinedExecutor:
       iterations since the last log line.
     """
 
-    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, host: HostKv, block_size: int,
+    def __init__(self, model: CausalLM, kv_cache: torch.Tensor, host: HostKv, block_size: int,
                  staging_blocks: int, device: torch.device, timeout_s: float,
                  graphs: StageGraphs | None = None) -> None:
         g = model.geometry
+        if not cpu_attention_supports(g):
+            raise ConfigError(f"--model {g.name!r} ({g.architecture}): its attention soft-capping or scale is not "
+                              "in the cpu_attention kernel; serve it without offloading (--offload-mode off)")
         self.graphs = graphs
         self.model, self.kv_cache, self.host = model, kv_cache, host
         self.block_size, self.device = block_size, device
@@ -267,7 +272,7 @@ class PipelinedExecutor:
         and CPU-bound prefills here, the CPU decodes' o from the cpu_attention process."""
         q, k, v = dense.qkv[j]
         out = dense.attn_out(j)
-        scale = self.model.layers[i].self_attn.scale
+        scale = self.model.layers[i].attn_scale   # the cpu_attention process applies the same (see __init__)
         if sb.meta is not None:
             g = slice(0, sb.num_gpu)
             write_kv(self.kv_cache[i], sb.meta.slot_mapping, k[g], v[g])

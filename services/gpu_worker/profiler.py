@@ -3,7 +3,7 @@
 What is timed, per layer (a few layers of dummy weights of the real geometry; seconds per layer is
 the total over those layers divided by their count, so weights are not unrealistically hot):
 
-- ``linr(S)``: the dense path of ``model.DecoderLayer`` for S tokens with the attention call left
+- ``linr(S)``: the dense path of the model family's decoder layer for S tokens with the attention call left
   out (norms, fused QKV, RoPE, KV write, O-proj, MLP, residuals); see :func:`dense_part`.
 - ``pref(S)``: ``attention.paged_attention`` for one prompt of S tokens at offset 0.
 - ``gdec(N)``: ``paged_attention`` for decode rows holding N tokens in all, rows of
@@ -45,7 +45,8 @@ from neo_gpu_worker import ops
 from neo_gpu_worker.attention import AttentionMetadata, PrefillSpan, paged_attention
 from neo_gpu_worker.cuda_graph import capture
 from neo_gpu_worker.main import pick_device, pick_dtype
-from neo_gpu_worker.model import DecoderLayer
+from neo_gpu_worker.models import model_class
+from neo_gpu_worker.models.protocol import DecoderLayer
 from neo_gpu_worker.rope import RotaryEmbedding
 
 log = logging.getLogger(__name__)
@@ -132,15 +133,15 @@ class _Bench:
         self.g, self.device, self.dtype, self.bs = g, device, dtype, block_size
         torch.manual_seed(seed)
         with torch.device(device):
-            self.layers = [DecoderLayer(g).to(dtype=dtype).eval() for _ in range(layers)]
+            self.layers = [model_class(g).layer_class(g).to(dtype=dtype).eval() for _ in range(layers)]
         for layer in self.layers:
             for name, p in layer.named_parameters():
-                if name.endswith("layernorm.weight"):
+                if name.endswith("norm.weight"):
                     p.data.fill_(1.0)
                 else:
                     p.data.normal_(0.0, 0.02)
         self.rope = RotaryEmbedding(g.head_dim, max_tokens + 1, g.rope_theta, g.rope_scaling, device)
-        self.scale = g.head_dim ** -0.5
+        self.scale = g.attn_scale
         self.rng = np.random.default_rng(seed)
 
     def kv(self, tokens: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Rotary position embedding tables, including Llama-3.1 ``rope_scaling`` (rope_type llama3)."""
+"""Rotary position embedding tables, including Llama-3.1 ``rope_scaling`` (rope_type llama3, or a
+GGUF's ``rope_freqs`` per-pair divisors)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | N
         return inv
     if kind == "linear":
         return inv / float(scaling["factor"])
+    if kind == "freq_factors":  # a GGUF's rope_freqs tensor: llama.cpp divides pair i's frequency by factor i
+        return inv / torch.tensor(scaling["factors"], dtype=torch.float64)
     if kind != "llama3":
-        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
+        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3, freq_factors)")
     factor = float(scaling["factor"])
     low = float(scaling.get("low_freq_factor", 1.0))
     high = float(scaling.get("high_freq_factor", 4.0))

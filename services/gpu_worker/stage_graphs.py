@@ -32,16 +32,16 @@ import torch
 
 from neo_gpu_worker.batch import SubBatch
 from neo_gpu_worker.cuda_graph import capture, warm_up
-from neo_gpu_worker.model import LlamaModel
+from neo_gpu_worker.models.protocol import CausalLM
 
 log = logging.getLogger(__name__)
 
 
-def boundary(model: LlamaModel, i: int, input_ids: torch.Tensor, positions: torch.Tensor,
+def boundary(model: CausalLM, i: int, input_ids: torch.Tensor, positions: torch.Tensor,
              x: torch.Tensor | None, attn: torch.Tensor | None):
     """Boundary ``i`` of one sub-batch: ``(x, (q, k, v))``, or ``(final hidden, None)`` for i = L."""
     layers = model.layers
-    x = model.embed_tokens(input_ids) if i == 0 else layers[i - 1].post_attn(x, attn)
+    x = model.embed(input_ids) if i == 0 else layers[i - 1].post_attn(x, attn)
     if i == len(layers):
         return model.norm(x), None
     return x, layers[i].pre_attn(x, positions, model.rope)
@@ -63,7 +63,7 @@ class EagerDense:
     :meth:`attn_out`, filled by the executor).
     """
 
-    def __init__(self, model: LlamaModel) -> None:
+    def __init__(self, model: CausalLM) -> None:
         self.model = model
         self.sbs: list[SubBatch] = []
         self.x: list = [None, None]
@@ -88,7 +88,7 @@ class EagerDense:
 class _Static:
     """One sub-batch's static buffers (``max_tokens`` rows each; see the module docstring)."""
 
-    def __init__(self, model: LlamaModel, rows: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, model: CausalLM, rows: int, device: torch.device, dtype: torch.dtype) -> None:
         g = model.geometry
         self.ids = torch.zeros(rows, dtype=torch.int64, device=device)
         self.positions = torch.zeros(rows, dtype=torch.int64, device=device)
@@ -110,10 +110,10 @@ class StageGraphs:
     - ``sizes[j]``: tokens and bucket of sub-batch j in the current iteration (set by :meth:`begin`).
     """
 
-    def __init__(self, model: LlamaModel, max_tokens: int, device: torch.device) -> None:
+    def __init__(self, model: CausalLM, max_tokens: int, device: torch.device) -> None:
         self.model, self.device = model, device
         self.buckets = stage_buckets(max_tokens)
-        dtype = model.embed_tokens.weight.dtype
+        dtype = next(model.parameters()).dtype
         self.static = [_Static(model, self.buckets[-1], device, dtype) for _ in (0, 1)]
         self.graphs: list[dict[int, list]] = [{}, {}]
         self.sizes = [(0, 0), (0, 0)]

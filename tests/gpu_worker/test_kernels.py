@@ -42,6 +42,17 @@ def test_decode_attention_matches_its_twin(heads, kv_heads, dim, splits):
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("splits", [1, 4])
+def test_soft_capped_decode_attention_matches_its_twin(splits):
+    """Gemma-2's attention soft-cap (a cap of 1.0 on scores of random q/k changes them a lot)."""
+    q, k, v, tables, lens = _paged_case(splits, [1, 70, 200], 8, 2, 64)
+    want = ops.decode_attention(q, k, v, tables, lens, 0.125, torch.empty_like(q), softcap=1.0)
+    uncapped = ops.decode_attention(q, k, v, tables, lens, 0.125, torch.empty_like(q))
+    got = dk.decode_attention(q, k, v, tables, lens, 0.125, torch.empty_like(q), splits=splits, softcap=1.0)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    assert (want.float() - uncapped.float()).abs().max() > 0.1
+
+
 def test_decode_attention_writes_strided_rows_in_place():
     """The decode-only path hands the kernel q and out as views of wider buffers (fused QKV)."""
     q, k, v, tables, lens = _paged_case(5, [40, 3], 8, 2, 64)

@@ -62,7 +62,7 @@ def test_dense_part_is_the_layer_without_its_attention(monkeypatch):
     kv = torch.zeros(2, 1, 16, g.num_kv_heads, g.head_dim)
     slots = torch.arange(5)
     # the real layer with attention replaced by "output = q" must equal the profiler's dense part
-    monkeypatch.setattr(model_module, "paged_attention", lambda q, kv_layer, meta, scale: q)
+    monkeypatch.setattr(model_module, "paged_attention", lambda q, kv_layer, meta, scale, softcap=0.0: q)
     meta = AttentionMetadata.for_decodes(slots, torch.zeros((0, 1), dtype=torch.int32), torch.zeros(0, dtype=torch.int32))
     with torch.no_grad():
         expected = layer(x, pos, rope, kv.clone(), meta)

@@ -1,6 +1,8 @@
-"""Shared pieces of the end-to-end equivalence tests (offloading, tensor parallelism): a seeded
+"""Shared pieces of the equivalence tests. End to end (offloading, tensor parallelism): a seeded
 workload of token-id prompts, running it through a replica's HTTP API, reading its metrics, and
-cost tables that make ``auto`` offload on the CPU twin."""
+cost tables that make ``auto`` offload on the CPU twin. Model level (every family against
+``transformers``): greedy generation through a ``ModelRunner`` with chunked prefill and batched
+paged decode over scattered block tables, compared token for token and logit for logit."""
 
 from __future__ import annotations
 
@@ -8,12 +10,18 @@ import asyncio
 import dataclasses
 import glob
 import os
+from typing import TYPE_CHECKING
 
 import httpx
 import numpy as np
+import torch
 
-from neo_common.model_source import embedded_gguf_path
+from neo_common.model_source import ModelSource, embedded_gguf_path
+from neo_common.protocol import IterationPlan
 from neo_gateway.cost_model import CostTables
+
+if TYPE_CHECKING:
+    from neo_gpu_worker.model_runner import ModelRunner
 
 
 def model_under_test(model: str, random_folder) -> tuple[list[str], str]:
@@ -109,3 +117,114 @@ def fast_host_tables(cost_cache: str, folder) -> str:
     fast = dataclasses.replace(tables, cdec_y=[[v * 1e-3 for v in row] for row in tables.cdec_y], lnch=0.0,
                                linr_y=[x * per_token for x in tables.linr_x])
     return fast.save(str(folder / "fast-host-cost.json"))
+
+
+# -- model level: our runner against transformers ---------------------------------------------
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+NEW_TOKENS = 32
+BLOCK = 16
+
+
+def make_plan(rows: list[tuple[int, int, list[int], list[int]]]) -> IterationPlan:
+    """rows: (seq_id, start_pos, tokens, block_table) -> a greedy plan sampling every row."""
+    b = len(rows)
+    width = max(len(r[3]) for r in rows)
+    bt = np.full((b, width), -1, np.int32)
+    for i, r in enumerate(rows):
+        bt[i, :len(r[3])] = r[3]
+    return IterationPlan(
+        iteration_id=1, seq_ids=np.array([r[0] for r in rows], np.int64), places=np.zeros(b, np.uint8),
+        sub_batch=np.zeros(b, np.uint8), start_pos=np.array([r[1] for r in rows], np.int32),
+        num_tokens=np.array([len(r[2]) for r in rows], np.int32),
+        token_ids=np.array([t for r in rows for t in r[2]], np.int32), block_tables=bt,
+        sample=np.ones(b, np.uint8), temperature=np.zeros(b, np.float32), top_p=np.ones(b, np.float32),
+        top_k=np.full(b, -1, np.int32), seeds=np.full(b, -1, np.int64), steps=np.zeros(b, np.int32))
+
+
+def generate(runner: ModelRunner, prompts: list[list[int]], new_tokens: int, chunk: int = 7) -> list[list[int]]:
+    """Greedy: prompts prefilled in chunks of `chunk` tokens (all rows together), then batched decode."""
+    rng = np.random.default_rng(0)
+    max_len = max(len(p) for p in prompts) + new_tokens
+    need = -(-max_len // BLOCK)
+    perm = rng.permutation(runner.num_blocks)  # scattered, non-contiguous tables
+    tables = [perm[i * need:(i + 1) * need].tolist() for i in range(len(prompts))]
+    outs: list[list[int]] = [[] for _ in prompts]
+    done = [0] * len(prompts)
+    while any(d < len(p) for d, p in zip(done, prompts)):
+        rows, owners = [], []
+        for i, p in enumerate(prompts):
+            if done[i] < len(p):
+                piece = p[done[i]:done[i] + chunk]
+                rows.append((i, done[i], piece, tables[i]))
+                owners.append(i)
+                done[i] += len(piece)
+        res = runner.execute(make_plan(rows))
+        for i, tok in zip(res.seq_ids.tolist(), res.token_ids.tolist()):
+            if done[i] == len(prompts[i]) and not outs[i]:
+                outs[i].append(tok)
+    for _ in range(new_tokens - 1):
+        rows = [(i, len(p) + len(outs[i]) - 1, [outs[i][-1]], tables[i]) for i, p in enumerate(prompts)]
+        res = runner.execute(make_plan(rows))
+        for i, tok in zip(res.seq_ids.tolist(), res.token_ids.tolist()):
+            outs[i].append(tok)
+    return outs
+
+
+def reference_greedy(model, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """Plain argmax loop with the KV cache of `transformers` (EOS does not stop it, as in ours)."""
+    with torch.no_grad():
+        out = model(torch.tensor([prompt], device=DEVICE), use_cache=True)
+        first_logits = out.logits[0, -1].float()
+        tokens = [int(first_logits.argmax())]
+        for _ in range(new_tokens - 1):
+            out = model(torch.tensor([[tokens[-1]]], device=DEVICE), past_key_values=out.past_key_values,
+                        use_cache=True)
+            tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens, first_logits
+
+
+def last_logits(runner: ModelRunner, prompt: list[int]) -> torch.Tensor:
+    plan = make_plan([(0, 0, prompt, list(range(-(-len(prompt) // BLOCK))))])
+    from neo_gpu_worker.batch import build_sub_batch
+
+    sb = build_sub_batch(plan, np.arange(plan.batch_size), BLOCK, DEVICE, 0)
+    with torch.inference_mode():
+        hidden = runner.model(sb.input_ids, sb.positions, runner.kv_cache, sb.meta)
+        return runner.model.compute_logits(hidden[sb.last_token[-1:]])[0]
+
+
+def check_equivalent(ours: ModelRunner, ref, prompts: list[list[int]], atol: float) -> None:
+    got = generate(ours, prompts, NEW_TOKENS)
+    for prompt, tokens in zip(prompts, got):
+        want, ref_logits = reference_greedy(ref, prompt, NEW_TOKENS)
+        assert tokens == want, f"prompt {prompt[:8]}...: ours {tokens} vs transformers {want}"
+        ours_logits = last_logits(ours, prompt)
+        assert torch.allclose(ours_logits, ref_logits, atol=atol, rtol=0), \
+            f"max logit difference {(ours_logits - ref_logits).abs().max().item()}"
+
+
+def compare_random(tmp_path, config, prompt_len: int, atol: float = 1e-3, convert=None) -> None:
+    """A random ``transformers`` model of ``config`` (saved by ``random_hf_folder``) against ours,
+    loaded from that folder, or from the ``ModelSource`` that ``convert(folder)`` returns (e.g. a
+    GGUF written from it): greedy tokens equal over ``NEW_TOKENS``, last-prompt logits within ``atol``."""
+    import transformers
+
+    from support.random_model import random_hf_folder
+
+    folder = random_hf_folder(tmp_path, config)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(DEVICE).eval()
+    source = convert(folder) if convert else ModelSource("hf", folder, "random")
+    runner = runner_for(source, config.max_position_embeddings)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, config.vocab_size, size=n).tolist() for n in (prompt_len, prompt_len // 2 + 3, 5)]
+    check_equivalent(runner, ref, prompts, atol=atol)
+
+
+def runner_for(source: ModelSource, max_len: int):
+    """Our model from ``source`` in float32 on ``DEVICE``, over a 96-block pool."""
+    from neo_common.model_source import read_geometry
+    from neo_gpu_worker.loader import load_model
+    from neo_gpu_worker.model_runner import ModelRunner
+
+    max_len = min(max_len, read_geometry(source).max_position_embeddings)
+    return ModelRunner(load_model(source, max_len, DEVICE, torch.float32), 96, BLOCK, DEVICE, torch.float32)

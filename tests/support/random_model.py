@@ -27,3 +27,93 @@ def random_hf_folder(parent: str, config) -> str:
     folder = os.path.join(str(parent), config.model_type)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+# llama.cpp's tensor names for the Hugging Face ones (convert_hf_to_gguf.py's table, written out here
+# so the test does not borrow the loader's own inverse of it).
+_GGUF_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+               "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+               "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down"}
+
+
+def llama3_rope_factors(head_dim: int, theta: float, scaling: dict) -> list[float]:
+    """The ``rope_freqs`` tensor llama.cpp's converter writes for a ``rope_type: llama3`` config
+    (convert_hf_to_gguf.py, LlamaModel.generate_extra_tensors): per pair, the divisor of its
+    inverse frequency."""
+    import math
+
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * theta ** (i / head_dim)
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return out
+
+
+def gguf_from_hf(folder: str, arch: str, rope_factors: list[float] | None = None) -> str:
+    """Write the HF checkpoint in ``folder`` as an F32 GGUF with the ``gguf`` package, the way
+    llama.cpp's converter lays it out: its metadata keys, its tensor names, q/k rows interleaved for
+    the "normal" RoPE of ``llama``/``mistral`` (rotate-half NeoX RoPE of qwen2/qwen3 stays as is),
+    and ``rope_freqs.weight`` when given. Returns the file's path."""
+    import json
+
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    with open(os.path.join(folder, "config.json")) as f:
+        c = json.load(f)
+    heads, kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
+    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    rope = c.get("rope_parameters") or {}
+    path = os.path.join(folder, f"model-{arch}.gguf")
+    w = gguf.GGUFWriter(path, arch)
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_embedding_length(c["hidden_size"])
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_dimension_count(head_dim)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_freq_base(float(c.get("rope_theta", rope.get("rope_theta", 10000.0))))
+    w.add_layer_norm_rms_eps(float(c["rms_norm_eps"]))
+    w.add_vocab_size(c["vocab_size"])
+
+    def permute(t: np.ndarray, n: int) -> np.ndarray:   # llama.cpp's LlamaModel.permute
+        return t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    interleave = arch in ("llama", "mistral")
+    for name, t in sorted(load_file(os.path.join(folder, "model.safetensors")).items()):
+        if name == "model.embed_tokens.weight":
+            out = "token_embd.weight"
+        elif name == "model.norm.weight":
+            out = "output_norm.weight"
+        elif name == "lm_head.weight":
+            out = "output.weight"
+        else:
+            _, _, idx, rest = name.split(".", 3)
+            module, suffix = rest.rsplit(".", 1)
+            out = f"blk.{idx}.{_GGUF_NAMES[module]}.{suffix}"
+            if interleave and module == "self_attn.q_proj":
+                t = permute(t, heads)
+            elif interleave and module == "self_attn.k_proj":
+                t = permute(t, kv_heads)
+        w.add_tensor(out, np.ascontiguousarray(t, dtype=np.float32))
+    if rope_factors is not None:
+        w.add_tensor("rope_freqs.weight", np.asarray(rope_factors, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

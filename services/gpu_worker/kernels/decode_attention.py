@@ -29,12 +29,12 @@ MAX_SPLITS = 16
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, scale,
+def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, scale, softcap,
                    stride_qb, stride_qh, stride_kblk, stride_ktok, stride_kh, stride_tb,
                    stride_ob, stride_oh, stride_os,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                   UPCAST: tl.constexpr):
+                   UPCAST: tl.constexpr, SOFTCAP: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -61,6 +61,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, o_ptr, m_ptr, l_pt
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * scale
         else:
             s = tl.dot(q, tl.trans(k)) * scale
+        if SOFTCAP:  # softcap * tanh(s / softcap), tanh(x) = 2 sigmoid(2x) - 1
+            s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
         s = tl.where(inside[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
@@ -120,11 +122,13 @@ def supported(head_dim: int) -> bool:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     seq_lens: torch.Tensor, scale: float, out: torch.Tensor, splits: int | None = None) -> torch.Tensor:
+                     seq_lens: torch.Tensor, scale: float, out: torch.Tensor, splits: int | None = None,
+                     softcap: float = 0.0) -> torch.Tensor:
     """q ``[B, Hq, D]`` -> out ``[B, Hq, D]`` (both may be strided views with contiguous heads and
     dims); caches ``[blocks, block_size, Hkv, D]``; block_tables ``[B, W]`` int32; seq_lens ``[B]``
     int32, each >= 1. Launches without reading any of them on the host (CUDA-graph safe).
-    ``splits`` overrides ``num_splits`` (a power of two; for tests)."""
+    ``splits`` overrides ``num_splits`` (a power of two; for tests). ``softcap`` > 0 caps the scaled
+    scores at ``softcap * tanh(s / softcap)`` (Gemma-2)."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     group = num_heads // num_kv_heads
@@ -132,17 +136,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     assert k_cache.stride() == v_cache.stride() and block_tables.stride(1) == 1
     splits = splits or num_splits(batch, num_kv_heads, q.device)
     common = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-                  BLOCK_SIZE=block_size, TILE_N=TILE, NUM_SPLITS=splits, UPCAST=interpreted())
+                  BLOCK_SIZE=block_size, TILE_N=TILE, NUM_SPLITS=splits, UPCAST=interpreted(),
+                  SOFTCAP=bool(softcap))
     grid = (batch, num_kv_heads, splits)
     if splits == 1:
-        _decode_kernel[grid](q, k_cache, v_cache, block_tables, seq_lens, out, out, out, scale,
+        _decode_kernel[grid](q, k_cache, v_cache, block_tables, seq_lens, out, out, out, scale, float(softcap),
                              q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                              block_tables.stride(0), out.stride(0), out.stride(1), 0, **common)
         return out
     part = torch.empty((batch, num_heads, splits, head_dim), dtype=torch.float32, device=q.device)
     m = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
     lse = torch.empty_like(m)
-    _decode_kernel[grid](q, k_cache, v_cache, block_tables, seq_lens, part, m, lse, scale,
+    _decode_kernel[grid](q, k_cache, v_cache, block_tables, seq_lens, part, m, lse, scale, float(softcap),
                          q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                          block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2), **common)
     _merge_kernel[(batch, num_heads)](part, m, lse, out, part.stride(0), part.stride(1), part.stride(2),
