@@ -120,6 +120,11 @@ def geometry_from_hf_config(c: dict[str, Any], name: str) -> ModelGeometry:
         arch = Architecture(archs[0])
     except ValueError:
         raise _unsupported(f"architecture {archs[0]!r}", [a.value for a in Architecture]) from None
+    quant = c.get("quantization_config")
+    if quant:
+        # its tensors would be cast without their scales: a silently wrong model
+        raise ConfigError(f"--model {name!r}: quantization_config method {quant.get('quant_method')!r} is not "
+                          "supported (serve bf16/fp16/fp32 safetensors, or a GGUF file, dequantized on load)")
     heads = c["num_attention_heads"]
     eos = c.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())

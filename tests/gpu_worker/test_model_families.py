@@ -87,6 +87,17 @@ def test_an_unsupported_architecture_is_refused_naming_it_and_the_supported_ones
     assert all(a.value in str(err.value) for a in Architecture)
 
 
+def test_a_quantized_checkpoint_is_refused_naming_its_method(tmp_path):
+    folder = random_hf_folder(tmp_path, qwen3_config())
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "float-quantized"}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ConfigError, match="'compressed-tensors' is not supported"):
+        read_geometry(ModelSource("hf", folder, "q"))
+
+
 def test_the_registry_builds_every_architecture_the_geometry_accepts():
     assert set(REGISTRY) == set(Architecture)
     import dataclasses
