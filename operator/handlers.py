@@ -6,13 +6,14 @@ Importing this module registers the handlers with kopf's default registry (``neo
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Mapping
 
 import kopf
 
 from neo_operator import constants as c
 from neo_operator.kube import Kube
 from neo_operator.nodes import bandwidth, is_gpu_node
+from neo_operator.nodewatch import NodeChanges, waits_for_nodes
 from neo_operator.opconfig import OperatorConfig
 from neo_operator.probes import ProbeCollector, ensure_probe_jobs
 from neo_operator.reconcile import reconcile, workload_update
@@ -33,6 +34,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     if "config" not in memo:
         memo.config = OperatorConfig.from_args([])
     memo.kube = Kube()
+    memo.node_changes = NodeChanges()
     memo.collector = ProbeCollector(memo.kube, memo.config.probe_namespace, memo.config.retry_seconds)
     memo.collector.start()
 
@@ -43,7 +45,7 @@ def cleanup(memo: kopf.Memo, **_: Any) -> None:
         memo.collector.stop()
 
 
-def _reconcile(body: kopf.Body, memo: kopf.Memo) -> None:
+def _reconcile(body: Mapping[str, Any], memo: kopf.Memo) -> None:
     kube: Kube = memo.kube
     meta = body["metadata"]
     upd = reconcile(kube, memo.config, body)
@@ -83,9 +85,29 @@ def deployment_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> N
 
 @kopf.on.event("", "v1", "nodes", labels={c.GPU_PRODUCT_LABEL: kopf.PRESENT})
 def gpu_node_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Every GPU node gets one bandwidth probe, until its result is recorded (or set by hand)."""
+    """Every GPU node gets one bandwidth probe, until its result is recorded (or set by hand); a node
+    that joins or changes what sizing reads wakes the NeoServices that could not be sized."""
     if type == "DELETED" or not is_gpu_node(body):
+        memo.node_changes.forget(body["metadata"]["name"])
         return
     gbps, _threads = bandwidth(body, memo.kube.probe_results(memo.config.probe_namespace))
     if gbps is None:
         ensure_probe_jobs(memo.kube, memo.config, [dict(body)])
+    # type None: the initial listing at startup, where the resume handlers reconcile everything anyway
+    if memo.node_changes.changed(body) and type is not None:
+        _reconcile_waiting(memo, body["metadata"]["name"])
+
+
+def _reconcile_waiting(memo: kopf.Memo, node: str) -> None:
+    kube: Kube = memo.kube
+    for neo in kube.list_neoservices(list(memo.config.namespace)):
+        if not waits_for_nodes(neo):
+            continue
+        meta = neo["metadata"]
+        log.info("node %s changed; reconciling NeoService %s/%s again", node, meta["namespace"], meta["name"])
+        try:
+            _reconcile(neo, memo)
+        except kopf.TemporaryError:
+            pass  # waiting for a probe now: the NeoService's own handler retries that
+        except Exception:  # noqa: BLE001 - one NeoService's failure must not starve the others
+            log.exception("reconciling %s/%s after a change of node %s failed", meta["namespace"], meta["name"], node)

@@ -76,6 +76,13 @@ class Kube:
         return self._read_or_none(self.custom.get_namespaced_custom_object, c.GROUP, c.VERSION, namespace,
                                   c.PLURAL, name)
 
+    def list_neoservices(self, namespaces: list[str]) -> list[dict[str, Any]]:
+        """The NeoServices of ``namespaces`` (all namespaces when empty)."""
+        if not namespaces:
+            return list(self.custom.list_cluster_custom_object(c.GROUP, c.VERSION, c.PLURAL).get("items") or [])
+        return [item for ns in namespaces
+                for item in self.custom.list_namespaced_custom_object(c.GROUP, c.VERSION, ns, c.PLURAL).get("items") or []]
+
     # -- writes ---------------------------------------------------------------------------------
     def _ops(self, kind: str) -> tuple[Callable, Callable, Callable]:
         ops = {

@@ -430,3 +430,22 @@ def test_name_taken_by_someone_else(apis: dict) -> None:
     assert core.read_namespaced_config_map("taken-config", NS).data == {"mine": "yes"}
     assert not exists(apis["apps"].read_namespaced_deployment, "taken", NS)
     assert not exists(core.read_namespaced_service, "taken", NS)
+
+
+def test_a_node_that_joins_later_gets_the_workload(apis: dict) -> None:
+    """No node of the product yet: Failed (NoMatchingNodes). When one joins, the operator's Node watch
+    reconciles the NeoService again and it is sized and deployed, with no operator restart."""
+    spec = {"model": {"name": "llama-3-8b"}, "gpu": {"products": ["NVIDIA-L40S"]}, "cpuOffload": {"mode": "off"}}
+    apis["custom"].create_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, neoservice("late", **spec))
+    obj = wait_for(lambda: (o := get_ns(apis, "late")) and cond(o, "Sized") and o, what="Sized on late")
+    assert cond(obj, "Sized")["reason"] == "NoMatchingNodes" and obj["status"]["phase"] == "Failed"
+    time.sleep(2)  # nothing retries a Failed service by itself
+    assert not any(children_exist(apis, "late").values())
+    make_node(apis["core"], "gpu-l40s-1", "NVIDIA-L40S", 46068, cpus="48", memory="192Gi")
+    try:
+        obj = wait_for(lambda: (o := get_ns(apis, "late")) and cond(o, "Sized")["status"] == "True" and o, timeout=15,
+                       what="late sized after a matching node joined")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\noperator log:\n{apis['operator'].tail()}") from None
+    assert obj["status"]["sizing"]["nodes"] == ["gpu-l40s-1"] and obj["status"]["phase"] == "Deploying"
+    assert all(children_exist(apis, "late").values())
