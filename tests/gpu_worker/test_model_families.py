@@ -7,6 +7,7 @@ Llama (3.1 RoPE scaling) and Qwen2 are in ``test_model_equivalence.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -100,8 +101,6 @@ def test_a_quantized_checkpoint_is_refused_naming_its_method(tmp_path):
 
 def test_the_registry_builds_every_architecture_the_geometry_accepts():
     assert set(REGISTRY) == set(Architecture)
-    import dataclasses
-
     g = dataclasses.replace(lookup("smollm2-135m"), architecture="GPT2LMHeadModel")
     with pytest.raises(ConfigError, match="GPT2LMHeadModel.*supported: LlamaForCausalLM"):
         build_model(g, 64, torch.device("cpu"), torch.float32)
@@ -112,8 +111,6 @@ def test_the_pipeline_refuses_a_model_its_cpu_kernel_cannot_compute():
     at start rather than served wrong."""
     g = lookup("gemma-2-9b")
     assert not cpu_attention_supports(g) and cpu_attention_supports(lookup("qwen3-8b"))
-    import dataclasses
-
     tiny = dataclasses.replace(g, num_layers=1, vocab_size=256, hidden_size=64, intermediate_size=64,
                                num_heads=2, num_kv_heads=1, head_dim=32)
     model = build_model(tiny, 64, torch.device("cpu"), torch.float32)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from neo_common.model_source import ModelSource
+from neo_common.model_source import ModelSource, read_geometry
 from neo_common.procs import free_port
 from neo_common.protocol import IterationPlan, Place
 from neo_common.tensor_parallel import Shard
@@ -55,8 +55,6 @@ def prefill(model) -> torch.Tensor:
 def rank_main(folder: str, rank: int, world: int, init_method: str, out) -> None:
     torch.set_num_threads(1)
     source = ModelSource("hf", folder, "qwen3")
-    from neo_common.model_source import read_geometry
-
     tp = TensorParallel(Shard.of(read_geometry(source), rank, world), CPU)
     tp.init_group(init_method, 120.0)
     try:
