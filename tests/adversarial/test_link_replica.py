@@ -156,6 +156,9 @@ def test_a_cpu_attention_crash_fails_only_the_requests_whose_kv_is_on_the_host(r
 
         assert wait_until(lambda: all(v > 0 for v in placed()), 60, 0.05), "never had requests on both pools"
         on_gpu, on_cpu = placed()
+        # stopped first, so the iteration in flight is certainly one waiting on the CPU (mixed rows)
+        os.kill(pids["cpu_attention"]["pid"], signal.SIGSTOP)
+        time.sleep(1.0)
         os.kill(pids["cpu_attention"]["pid"], signal.SIGKILL)
         resps = [f.result(timeout=180) for f in futures]
     ok = [r for r in resps if r.status_code == 200]
