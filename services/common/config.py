@@ -34,6 +34,9 @@ class ModelConfig(Settings):
                                 "for dummy weights, the embedded model's)")
     max_model_len: int = option(0, "context length limit in tokens (0: the model's own)")
     seed: int = option(0, "seed for dummy weights")
+    quantization: str = option("none", "dense-layer weights: none (as loaded) or fp8 (float8_e4m3fn with "
+                                       "per-output-channel scales, quantized at load; FP8 checkpoints are "
+                                       "served as FP8 either way)", choices=("none", "fp8"))
 
     def validate(self) -> None:
         if not self.model:
@@ -56,6 +59,8 @@ class CacheConfig(Settings):
     kv_cache_dtype: str = option("auto", "KV cache dtype (auto: the compute dtype if 16-bit, else bfloat16 "
                                          "with offloading on, else the compute dtype)",
                                  choices=("auto", "bfloat16", "float16", "float32"))
+    enable_prefix_caching: bool = option(True, "reuse the GPU KV blocks of prompt prefixes already computed (full "
+                                               "blocks, matched by a hash chain over their tokens)")
 
     def validate(self) -> None:
         if self.block_size not in (8, 16, 32):
@@ -187,7 +192,7 @@ class HttpConfig(Settings):
     max_stop_strings: int = option(16, "most stop strings per request")
     max_stop_length: int = option(256, "longest stop string in characters")
     api_key: str = option("", "API keys (comma-separated) clients must send as `Authorization: Bearer KEY` "
-                              "(empty: no authentication)")
+                              "(empty: no authentication)", secret=True)
     protect_metrics: bool = option(False, "require the API key for /metrics too (/health and /ready stay open)")
     header_timeout_s: float = option(10.0, "a client must send its request line and headers within this time")
     body_timeout_s: float = option(30.0, "a client must send its whole request body within this time")
@@ -276,6 +281,14 @@ class NeoConfig:
         env: dict[str, str] = {}
         for section in self.sections():
             env.update(section.to_env())
+        return env
+
+    def secret_env(self) -> dict[str, str]:
+        """The secret settings (API keys) as environment variables: `neo serve` hands them to its
+        children this way, never as flags (any local user can read a process's argv)."""
+        env: dict[str, str] = {}
+        for section in self.sections():
+            env.update(section.secret_env())
         return env
 
     def sections(self) -> list[Settings]:

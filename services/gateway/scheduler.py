@@ -34,6 +34,7 @@ from neo_gateway.block_manager import BlockManager
 from neo_gateway.cost_model import CostTables
 from neo_gateway.calibration import PipelineCalibration
 from neo_gateway.offload_policy import WAIT, BatchCandidate, OffloadDecision, choose_swap_in, decide
+from neo_gateway.prefix_hash import PrefixHasher
 from neo_gateway.schedule_output import ScheduledSeq, SchedulerOutput
 from neo_gateway.sequence import FinishReason, Sequence, SeqStatus
 
@@ -56,10 +57,12 @@ class Scheduler:
       ``num_swapped_in``: totals since start.
     - ``calibration``: the pipelined plan's measured extra cost (``observe`` feeds it), which every
       decision, and so the admission and swap gates, plans with.
+    - ``hasher``: prefix-cache hashes of the requests' blocks (None when ``gpu`` does not cache):
+      admissions to the GPU start after their cached full blocks (docs/design.md, "Prefix caching").
     """
 
     def __init__(self, config: SchedulerConfig, gpu_blocks: BlockManager, cpu_blocks: BlockManager | None = None,
-                 costs: CostTables | None = None) -> None:
+                 costs: CostTables | None = None, cache_salt: str = "") -> None:
         self.config = config
         self.gpu = gpu_blocks
         self.cpu = cpu_blocks
@@ -73,6 +76,7 @@ class Scheduler:
         self.num_swapped_out = 0
         self.num_swapped_in = 0
         self.calibration = PipelineCalibration(config.calibrate_pipeline)
+        self.hasher = PrefixHasher(gpu_blocks.block_size, cache_salt) if gpu_blocks.caching else None
 
     def observe(self, output: SchedulerOutput, forward_s: float) -> None:
         """What the worker measured for ``output``'s forward (seconds, swaps excluded)."""
@@ -198,7 +202,7 @@ class Scheduler:
             dst = self.cpu.allocate(victim.seq_id, victim.num_computed)
             out.swap_out_pairs.append((list(src), list(dst)))
             self.gpu.free(victim.seq_id)
-            victim.place = Place.CPU
+            victim.place, victim.num_registered_blocks = Place.CPU, 0
             self.cpu_queue.insert(0, victim)
             out.swapped_out.append(victim)
             self.num_swapped_out += 1
@@ -229,14 +233,21 @@ class Scheduler:
         to_cpu_round = False
         while self.waiting and budget > 0 and slots > 0 and not out.preempted:
             seq = self.waiting[0]
+            hit = self._share_cached_prefix(seq)
             n = min(seq.num_pending, budget)
             place = Place.GPU
             if self.offloading:
                 place = self._place(seq, n, to_cpu_round)
+                if hit and place is not Place.GPU:   # a CPU-bound prompt is prefilled whole, from its start
+                    self._unshare(seq)
+                    n = min(seq.num_pending, budget)
+                    place = self._place(seq, n, to_cpu_round)
                 if place is None:
+                    self._unshare(seq)
                     break
                 to_cpu_round = place is Place.CPU
             elif not self.gpu.can_allocate(seq.seq_id, seq.num_computed + n):
+                self._unshare(seq)
                 break
             self.waiting.popleft()
             seq.status, seq.place = SeqStatus.RUNNING, place
@@ -252,6 +263,32 @@ class Scheduler:
             budget -= n
             slots -= 1
         return budget
+
+    def _share_cached_prefix(self, seq: Sequence) -> bool:
+        """Give a new (or recomputed) request the GPU blocks that already hold its prompt's leading
+        full blocks; its prefill then starts after them. True if any were found."""
+        if self.hasher is None or seq.num_computed or seq.seq_id in self.gpu.tables:
+            return False
+        blocks = self.gpu.cached_prefix(self.hasher.hashes(seq, self.hasher.cacheable_prefix_blocks(seq)))
+        if not blocks:
+            return False
+        self.gpu.share(seq.seq_id, blocks)
+        seq.num_computed = len(blocks) * self.gpu.block_size
+        seq.num_registered_blocks = len(blocks)
+        return True
+
+    def _unshare(self, seq: Sequence) -> None:
+        """Undo ``_share_cached_prefix`` for a request that stays waiting or goes to the CPU."""
+        if seq.status is SeqStatus.WAITING and seq.seq_id in self.gpu.tables:
+            self.gpu.free(seq.seq_id)
+            seq.num_computed = seq.num_registered_blocks = 0
+
+    def _register_computed(self, seq: Sequence) -> None:
+        """Offer the request's newly computed full GPU blocks to later prompts."""
+        full = seq.num_computed // self.gpu.block_size
+        if self.hasher is not None and seq.place is Place.GPU and full > seq.num_registered_blocks:
+            self.gpu.register(seq.seq_id, self.hasher.hashes(seq, full), seq.num_registered_blocks)
+            seq.num_registered_blocks = full
 
     def _place(self, seq: Sequence, n: int, to_cpu_round: bool) -> Place | None:
         """Where an admission's KV goes (None: it waits, FCFS). GPU while the chunk fits, unless an
@@ -337,7 +374,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self._free(seq)
-        seq.num_computed = 0
+        seq.num_computed = seq.num_registered_blocks = 0
         seq.status, seq.place = SeqStatus.WAITING, Place.GPU
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -361,6 +398,7 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING:
                 continue  # aborted while the iteration ran
             seq.num_computed = row.start + row.num_tokens
+            self._register_computed(seq)
             if not row.sample:
                 continue
             token = sampled[seq.seq_id]

@@ -32,6 +32,7 @@ class Sequence:
     - ``arrival``/``scheduled_time``/``first_token_time``/``last_token_time``: monotonic times for
       latency metrics and trace phases; ``arrival_ns`` anchors them to wall time for tracing.
     - ``span``: the request's tracing span (None when tracing is off).
+    - ``block_hashes``: the prefix-cache hash chain of its full blocks computed so far.
     """
 
     def __init__(self, seq_id: int, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -54,6 +55,8 @@ class Sequence:
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
         self.span = None
+        self.block_hashes: list[bytes] = []   # prefix-cache hashes of its full blocks (PrefixHasher)
+        self.num_registered_blocks = 0        # of its GPU table's blocks, those registered in the cache
 
     def wall_ns(self, monotonic_time: float) -> int:
         """A monotonic timestamp of this request as epoch nanoseconds (for span start/end times)."""
