@@ -5,6 +5,10 @@ declaration each config gets its CLI flags (``--field-name``), its environment v
 (``NEO_FIELD_NAME``, so a Kubernetes ConfigMap can feed any container with ``envFrom``), a way back
 to argv (so a launcher can start a child process with exactly its own config) and validation in
 ``__post_init__``. Precedence: explicit flag > environment > field default.
+
+A field declared ``secret=True`` (an API key) never travels as a flag or in ``to_env``: any local
+user can read a process's argv in /proc/PID/cmdline, and ``to_env`` feeds ConfigMaps. It is handed
+to a child process through its environment (:meth:`Settings.secret_env`) instead.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ ENV_PREFIX = "NEO_"
 T = TypeVar("T", bound="Settings")
 
 
-def option(default: Any, help: str, choices: Sequence[Any] | None = None, **kw: Any) -> Any:
-    """Declare a config field with its help text (and optional choices)."""
-    meta = {"help": help, "choices": tuple(choices) if choices else None}
+def option(default: Any, help: str, choices: Sequence[Any] | None = None, secret: bool = False, **kw: Any) -> Any:
+    """Declare a config field with its help text (and optional choices); ``secret`` keeps its value
+    out of :meth:`Settings.to_args` and :meth:`Settings.to_env`."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "secret": secret}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
     return dataclasses.field(default=default, metadata=meta, **kw)
@@ -123,11 +128,12 @@ class Settings:
         cls.add_arguments(parser)
         return cls.from_namespace(parser.parse_args(argv), env)
 
-    def _as_text(self) -> Iterator[tuple[str, str]]:
-        """(field name, value as text that parses back to it) for every set field."""
+    def _as_text(self, secret: bool = False) -> Iterator[tuple[str, str]]:
+        """(field name, value as text that parses back to it) for every set field that is (or, by
+        default, is not) secret."""
         for f, kind in self._fields():
             value = getattr(self, f.name)
-            if value is None:
+            if value is None or bool(f.metadata.get("secret")) != secret:
                 continue
             if kind is list:
                 yield f.name, ",".join(str(v) for v in value)
@@ -137,12 +143,17 @@ class Settings:
                 yield f.name, str(value)
 
     def to_args(self) -> list[str]:
-        """Flags that reproduce this config in a child process (defaults included, explicit)."""
+        """Flags that reproduce this config in a child process (defaults included, explicit), secret
+        fields excepted: hand those over with :meth:`secret_env`."""
         return [part for name, text in self._as_text() for part in (self.flag(name), text)]
 
     def to_env(self) -> dict[str, str]:
-        """Environment variables that reproduce this config (for ConfigMaps)."""
+        """Environment variables that reproduce this config (for ConfigMaps), secret fields excepted."""
         return {self.env_name(name): text for name, text in self._as_text()}
+
+    def secret_env(self) -> dict[str, str]:
+        """Environment variables of the secret fields that are set (for a child process's environment)."""
+        return {self.env_name(name): text for name, text in self._as_text(secret=True) if text}
 
     def replace(self: T, **changes: Any) -> T:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
