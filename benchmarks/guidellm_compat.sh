@@ -4,7 +4,7 @@
 #
 #   benchmarks/guidellm_compat.sh OUT_DIR
 #
-# guidellm lives in its own venv so it cannot disturb the project's (DESIGN.md: install it with the
+# guidellm lives in its own venv so it cannot disturb the project's (install it with the
 # CPU torch pin in the same command):
 #   python3 -m venv /tmp/guidellm-venv && /tmp/guidellm-venv/bin/pip install torch==2.13.0 guidellm
 # Environment: GUIDELLM (guidellm executable, default: guidellm on PATH), PY (the project's python,

@@ -1,4 +1,4 @@
-"""NEO mode vs GPU-only mode, side by side in one run, under the same GPU KV budget (DESIGN.md section 4).
+"""NEO mode vs GPU-only mode, side by side in one run, under the same GPU KV budget.
 
 For each offload mode (``off``, then ``auto``; ``full`` on request) the script starts its own
 ``neo serve`` with identical flags except ``--offload-mode`` (and no ``--num-cpu-blocks`` in ``off``:

@@ -1,4 +1,5 @@
-"""Per-layer cost tables of one machine (DESIGN.md section 3), their JSON file and interpolation.
+"""Per-layer cost tables of one machine, their JSON file and interpolation (docs/design.md, "The
+offload policy and cost tables").
 
 All costs are seconds for ONE decoder layer (the policy compares plans per layer; a forward is
 ``num_layers`` times that):

@@ -1,4 +1,5 @@
-"""The per-iteration offload decision of DESIGN.md section 3, as a pure function of a candidate batch.
+"""The per-iteration offload decision, as a pure function of a candidate batch (docs/design.md, "The
+offload policy and cost tables").
 
 ``decide(candidate, costs, mode)`` builds both plans and keeps one:
 

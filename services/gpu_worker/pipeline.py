@@ -1,4 +1,4 @@
-"""The asymmetric two-sub-batch pipeline (DESIGN.md section 3): GPU dense work of one sub-batch
+"""The asymmetric two-sub-batch pipeline (docs/design.md, "The GPU worker"): GPU dense work of one sub-batch
 overlaps CPU attention of the other, layer by layer.
 
 Per layer i, two stages::

@@ -1,4 +1,5 @@
-"""`neo profile`: measure this machine's per-layer cost tables (DESIGN.md section 3) and cache them.
+"""`neo profile`: measure this machine's per-layer cost tables and cache them (docs/design.md, "The
+offload policy and cost tables").
 
 What is timed, per layer (a few layers of dummy weights of the real geometry; seconds per layer is
 the total over those layers divided by their count, so weights are not unrealistically hot):
