@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import re
 
@@ -12,8 +13,37 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
-          429: "rate_limit_error", 503: "service_unavailable_error"}
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
+          408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          503: "service_unavailable_error"}
+
+
+class RejectReason(str, enum.Enum):
+    """Why a request was refused instead of served: the ``reason`` label of
+    ``neo:request_rejected_total``."""
+
+    INVALID = "invalid"                            # 400 and other 4xx: the request itself is wrong
+    UNAUTHORIZED = "unauthorized"                  # 401: no or a wrong API key
+    NOT_FOUND = "not_found"                        # 404: unknown model or route
+    TIMEOUT = "timeout"                            # 408: headers or body too slow
+    TOO_LARGE = "too_large"                        # 413: body over --max-request-bytes
+    OVERLOADED = "overloaded"                      # 429: running + waiting at capacity
+    UNAVAILABLE = "unavailable"                    # 503: a worker is down or not ready
+    TOO_MANY_CONNECTIONS = "too_many_connections"  # 503: over --max-connections
+
+
+_REJECTED_STATUS = {401: RejectReason.UNAUTHORIZED, 404: RejectReason.NOT_FOUND, 408: RejectReason.TIMEOUT,
+                    413: RejectReason.TOO_LARGE, 429: RejectReason.OVERLOADED, 503: RejectReason.UNAVAILABLE}
+_CLIENT_CLOSED = 499  # the client left: counted as an aborted request, not a rejection
+
+
+def reject_reason(status: int) -> RejectReason | None:
+    """The rejection an answer with this status stands for (None: served, aborted or a server error)."""
+    if status in _REJECTED_STATUS:
+        return _REJECTED_STATUS[status]
+    if 400 <= status < 500 and status != _CLIENT_CLOSED:
+        return RejectReason.INVALID
+    return None
 
 
 class APIError(Exception):
@@ -36,6 +66,12 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": _TYPES.get(status, "server_error" if status >= 500 else
                                                                 "invalid_request_error"),
                       "param": param, "code": code}, "object": "error"}
+
+
+def error_json(status: int, message: str, param: str | None = None, code: str | None = None,
+               headers: dict[str, str] | None = None) -> JSONResponse:
+    """An OpenAI-shaped error answer, for the ASGI layers in front of the routes."""
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
 def error_response(exc: APIError) -> JSONResponse:

@@ -3,7 +3,9 @@
 Scheduler state (running/waiting requests, KV usage of both pools, requests per pool, swaps) is read
 at scrape time by a collector, so the iteration loop pays nothing for gauges; per-request counters
 and histograms are updated once per request at its end, per-iteration ones once per iteration (the
-offload plan chosen, its predicted vs measured forward time, the wait on CPU attention).
+offload plan chosen, its predicted vs measured forward time, the wait on CPU attention). Requests
+that never ran are counted by why they were refused; frames the worker links dropped, by link and
+reason (read from the links at scrape time).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import TYPE_CHECKING, Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from neo_gateway.errors import RejectReason
 
 if TYPE_CHECKING:
     from neo_gateway.engine import Engine
@@ -69,6 +73,22 @@ class _SchedulerState(Collector):
         yield swaps
 
 
+class _LinkRejections(Collector):
+    """``neo:link_frames_rejected_total{link, reason}``: each worker link's ``rejected`` Counter."""
+
+    def __init__(self, engine: "Engine") -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("neo:link_frames_rejected", "Frames a worker link dropped (from a peer "
+                                     "other than the registered one, undecodable, unexpected, ...), by reason.",
+                                     labels=["link", "reason"])
+        for link in self.engine.links:
+            for reason, count in sorted(getattr(link, "rejected", {}).items()):
+                family.add_metric([link.name, str(getattr(reason, "value", reason))], count)
+        yield family
+
+
 class GatewayMetrics:
     """The gateway's registry (one per app, so tests can run several apps in one process)."""
 
@@ -77,11 +97,17 @@ class GatewayMetrics:
         self.engine = engine
         self.registry = CollectorRegistry()
         self.registry.register(_SchedulerState(engine, model))
+        self.registry.register(_LinkRejections(engine))
         labels = ["model_name"]
         self.prompt_tokens = Counter("neo:prompt_tokens", "Prefilled prompt tokens.", labels, registry=self.registry)
         self.generation_tokens = Counter("neo:generation_tokens", "Generated tokens.", labels, registry=self.registry)
-        self.request_success = Counter("neo:request_success", "Finished requests by finish reason.",
-                                       labels + ["finished_reason"], registry=self.registry)
+        self.request_success = Counter("neo:request_success", "Finished requests by finish reason (abort: the "
+                                       "client went away).", labels + ["finished_reason"], registry=self.registry)
+        self.rejected = Counter("neo:request_rejected", "Requests refused instead of served, by reason "
+                                "(unauthorized, too_large, timeout, overloaded, unavailable, ...).",
+                                labels + ["reason"], registry=self.registry)
+        for reason in RejectReason:  # exported from the start (zeros), so alerts see the series
+            self.rejected.labels(model, reason.value)
         self.ttft = Histogram("neo:time_to_first_token_seconds", "Time to first token.", labels,
                               buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.itl = Histogram("neo:inter_token_latency_seconds", "Mean time between tokens of a request.",
@@ -152,6 +178,9 @@ class GatewayMetrics:
                 self.itl.labels(m).observe((seq.last_token_time - seq.first_token_time) / (len(seq.output_ids) - 1))
             if seq.last_token_time is not None:
                 self.e2e.labels(m).observe(seq.last_token_time - seq.arrival)
+
+    def observe_rejected(self, reason: RejectReason) -> None:
+        self.rejected.labels(self.model, reason.value).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

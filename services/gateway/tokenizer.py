@@ -43,6 +43,7 @@ class TextTokenizer:
         self.add_bos = add_bos
         self.bos_id = tokenizer.token_to_id(bos_token) if bos_token else None
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self._encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # fast: no offsets
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise_template_error
         self._template = env.from_string(chat_template) if chat_template else None
@@ -115,7 +116,9 @@ class TextTokenizer:
 
     # -- use ----------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # The batch call releases the GIL while it works (``encode`` holds it: seconds for a long
+        # prompt, during which no other thread, the event loop's included, runs); same ids.
+        ids = self._encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if add_special_tokens and self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids
         return ids
