@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
-import threading
-import time
 from typing import Sequence
 
 # Environment every process of a replica starts with: NVLink multicast (NVLS) off in NCCL, NVSHMEM
@@ -13,6 +12,14 @@ from typing import Sequence
 # (or leak across tenants); NEO's collectives are small and do not need it. Set by `neo serve` for
 # its children and by the operator for every container.
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+# After SIGTERM a gateway drains for --shutdown-grace-s, then ends its last streams, tells the workers
+# to shut down and exits: every process of the replica (and the launcher) allows it this much more.
+# terminationGracePeriodSeconds must exceed grace + margin.
+STOP_MARGIN_S = 15.0
+
+_PR_SET_PDEATHSIG = 1   # <linux/prctl.h>
+_libc: ctypes.CDLL | None = None
 
 
 def free_port(span: int = 1) -> int:
@@ -101,14 +108,21 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def exit_with_parent(poll_s: float = 0.5) -> None:
-    """Exit this process when the one that started it is gone, even by SIGKILL (a thread watches
-    the parent pid): for the per-rank children a worker starts itself."""
-    parent = os.getppid()
+def load_libc() -> ctypes.CDLL:
+    """The C library (for prctl); load it before forking, so a ``preexec_fn`` does not have to."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
 
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(poll_s)
-        os._exit(1)
 
-    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+def die_with_parent(sig: int, parent: int) -> bool:
+    """Have the kernel send ``sig`` to this process when its parent exits, even by SIGKILL
+    (``prctl(PR_SET_PDEATHSIG)``; the "parent" is the thread that forked it, so fork from a thread
+    that lives as long as the process). Returns False when ``parent`` was gone already (this process
+    was adopted before the call: no signal would ever come), for the caller to exit. Usable in a
+    ``Popen`` ``preexec_fn`` (after ``load_libc()`` in the parent)."""
+    if load_libc().prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+    return os.getppid() == parent

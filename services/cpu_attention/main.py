@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 from typing import Sequence
 
 from neo_common.config import NeoConfig
@@ -38,10 +39,13 @@ def serve_rank(config: NeoConfig, rank: int) -> int:
 
 def _child(config: NeoConfig, rank: int) -> None:
     from neo_common import tracing
-    from neo_common.procs import exit_with_parent
+    from neo_common.procs import die_with_parent
 
     _setup_logging(config, rank)
-    exit_with_parent()
+    # rank 0's death (even by SIGKILL) sends SIGTERM: the rank stops and removes a segment whose
+    # GPU worker is gone too
+    if not die_with_parent(signal.SIGTERM, multiprocessing.parent_process().pid):
+        raise SystemExit(1)
     tracing.setup_tracing("neo-cpu-attention")
     try:
         code = serve_rank(config, rank)
@@ -50,7 +54,13 @@ def _child(config: NeoConfig, rank: int) -> None:
     raise SystemExit(code)
 
 
+def _exit_at_once(_signum, _frame) -> None:
+    raise SystemExit(0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    for sig in (signal.SIGTERM, signal.SIGINT):   # until the server's own handlers (whatever was inherited)
+        signal.signal(sig, _exit_at_once)
     config = NeoConfig.from_args(argv)
     _setup_logging(config, 0)
     from neo_common import tracing
@@ -65,11 +75,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return serve_rank(config, 0)
     finally:
+        # The ranks stop by themselves on what stopped this one (the gateway's Shutdown or
+        # departure, the launcher's death, the deadline); a signal, then SIGKILL, if one did not.
         for child in children:
             if child.is_alive():
                 child.terminate()
         for child in children:
             child.join(10)
+            if child.is_alive():
+                child.kill()
+                child.join()
         tracing.shutdown_tracing()
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 
 import numpy as np
@@ -290,6 +289,10 @@ class CpuAttentionServer:
         self._send(protocol.WorkerError(iteration_id=it, message=f"cpu_attention: {message}", fatal=False))
 
 
-def install_signal_handlers(server: CpuAttentionServer) -> None:
-    signal.signal(signal.SIGTERM, server.request_stop)
-    signal.signal(signal.SIGINT, server.request_stop)
+def install_signal_handlers(server: CpuAttentionServer, parent: int | None = None) -> None:
+    """SIGTERM/SIGINT stop the process once the gateway has drained (or left, or the launcher is
+    gone: neo_common.shutdown), whatever dispositions it inherited."""
+    from neo_common.shutdown import SignalStop
+
+    SignalStop("cpu_attention", server.config.http.shutdown_grace_s, lambda: server.connected,
+               server.request_stop, parent).install()

@@ -154,9 +154,11 @@ class Engine:
         self._loop_task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
+        """Stop the loop, tell the workers to exit (Shutdown), close the links."""
         if self._loop_task:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
+        await self.shutdown_workers("the gateway is stopping")
         for link in self.links:
             await link.close()
         if getattr(self, "_auth", None) is not None:
@@ -412,3 +414,36 @@ class Engine:
             for msg in link.drain():
                 if isinstance(msg, WorkerError):
                     log.error("%s: %s", link.name, msg.message)
+
+    # -- drain --
+    def fail_requests(self, message: str) -> int:
+        """End every live request, running or waiting, with an error (the shutdown grace is over):
+        each stream gets an error event, each waiting client a 500. Returns how many."""
+        live = list(self.requests.values())
+        for req in live:
+            self.abort(req.seq, FinishReason.ERROR)
+            self._push(req, "", [], FinishReason.ERROR, message)
+        return len(live)
+
+    async def shutdown_workers(self, reason: str, timeout_s: float = 5.0) -> None:
+        """Say Shutdown to every registered worker and wait (at most ``timeout_s``) until each has
+        left: a worker stops serving on it, also one that got SIGTERM and waits for the drain. The
+        disconnect that follows is the expected end, not a failure, so the link is retired first
+        (a link with no WorkerReady reports no disconnect as an error and fails no request)."""
+        from neo_common.protocol import Shutdown
+
+        told = []
+        for link in self.links:
+            if not link.alive:
+                continue
+            with contextlib.suppress(WorkerDown):
+                await link.send(Shutdown(reason=reason))
+                told.append(link)
+            link.ready = None
+            link.ready_event.clear()
+        deadline = time.monotonic() + timeout_s
+        while any(link.connected for link in told) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for link in told:
+            if link.connected:
+                log.warning("%s did not leave within %.0f s of Shutdown", link.name, timeout_s)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from typing import Sequence
 
 import uvicorn
@@ -14,6 +15,7 @@ from neo_common import tracing
 from neo_common.config import NeoConfig
 from neo_common.model_source import resolve
 from neo_gateway.api import create_app
+from neo_gateway.drain import Drain, DrainingServer, DrainMiddleware
 from neo_gateway.engine import Engine
 from neo_gateway.tokenizer import TextTokenizer
 
@@ -21,12 +23,15 @@ log = logging.getLogger(__name__)
 
 
 def build(config: NeoConfig):
-    """The FastAPI app with an engine that starts and stops with the app."""
+    """The FastAPI app with an engine that starts and stops with the app, and its drain (outermost:
+    a draining gateway refuses new requests before any other layer reads them)."""
     source = resolve(config.model)
     tokenizer = TextTokenizer.load(source.tokenizer_kind, source.tokenizer_path)
     ctx = zmq.asyncio.Context()
     engine = Engine(config, tokenizer, ctx, source.served_name)
     app = create_app(engine, source.served_name)
+    drain = Drain(config.http.shutdown_grace_s, engine.fail_requests)
+    app.add_middleware(DrainMiddleware, drain=drain)
     # FastAPI's own telemetry makes the HTTP server spans once a tracer provider is installed; the
     # engine hangs each request's phases and the workers' iteration spans under them.
     tracing.setup_tracing("neo-gateway")
@@ -44,14 +49,22 @@ def build(config: NeoConfig):
             tracing.shutdown_tracing()
 
     app.router.lifespan_context = lifespan
-    return app, engine
+    return app, engine, drain
+
+
+def _exit_at_once(signum, _frame) -> None:
+    raise SystemExit(0)   # still loading: nothing to drain (whatever SIGINT's inherited disposition)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = NeoConfig.for_process("neo gateway", __doc__, argv, "gateway")
-    app, _ = build(config)
-    server = uvicorn.Server(uvicorn.Config(app, host=config.http.host, port=config.http.port,
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_at_once)
+    app, _, drain = build(config)
+    # The drain decides when the server exits (drain.py); the graceful timeout is what uvicorn then
+    # gives connections that are still open (the drained requests have sent their last bytes).
+    server = DrainingServer(uvicorn.Config(app, host=config.http.host, port=config.http.port,
                                            log_level=config.http.log_level, access_log=False,
-                                           timeout_graceful_shutdown=5))
+                                           timeout_graceful_shutdown=5), drain)
     asyncio.run(server.serve())
     return 0

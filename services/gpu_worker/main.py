@@ -9,8 +9,10 @@ each loads its shard on GPU r and runs every plan rank 0 forwards to it.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
+import threading
 import time
 from typing import Sequence
 
@@ -21,7 +23,8 @@ from neo_common import tracing
 from neo_common.config import NeoConfig
 from neo_common.link import prepare_runtime_dir, secure_connect
 from neo_common.logs import setup_logging
-from neo_common.procs import exit_with_parent
+from neo_common.procs import die_with_parent
+from neo_common.shutdown import STOP_SIGNALS, ConnectionWatch, SignalStop
 from neo_common.model_source import read_geometry, resolve
 from neo_common.settings import ConfigError
 from neo_common.tensor_parallel import Shard
@@ -157,12 +160,47 @@ def _exit_on_sigterm(signum, _frame) -> None:
     raise SystemExit(0)  # unwinds through `finally`, so queued spans are flushed
 
 
+def _ignore_stop_signals() -> None:
+    """Unwinding: the cleanup (the host segment's unlink above all) must not be cut short."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class _MainThreadExit:
+    """How a signalled GPU worker stops: SystemExit in the main thread, which unwinds through the
+    cleanup in ``serve``. The watch thread of ``SignalStop`` wakes the main thread with the same
+    signal (a blocking receive returns to Python for it); raised once."""
+
+    def __init__(self) -> None:
+        self.raised = False
+
+    def __call__(self, _reason: str) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+        elif not self.raised:
+            self.raised = True
+            raise SystemExit(0)
+
+
 def serve(config: NeoConfig) -> int:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    secure_connect(sock, config.worker_addr, config.runtime_dir)
-    sock.send(Hello(kind=WorkerKind.GPU_WORKER, pid=os.getpid()).encode())
+    watch = ConnectionWatch(sock)   # whether the gateway is there decides when a SIGTERM stops us
+    try:
+        secure_connect(sock, config.worker_addr, config.runtime_dir)
+        SignalStop("gpu_worker", config.http.shutdown_grace_s, lambda: watch.connected, _MainThreadExit()).install()
+        sock.send(Hello(kind=WorkerKind.GPU_WORKER, pid=os.getpid()).encode())
+        return _serve_gateway(config, ctx, sock)
+    finally:
+        _ignore_stop_signals()
+        watch.close()
+        sock.close(linger=0)
+        ctx.term()
+
+
+def _serve_gateway(config: NeoConfig, ctx: zmq.Context, sock: zmq.Socket) -> int:
+    """Start the followers, load, say ready, serve plans until Shutdown (or a stop signal)."""
     world = config.device.tensor_parallel_size
     followers = FollowerLinks(ctx, world, prepare_runtime_dir(config.runtime_dir)) if world > 1 else None
     try:
@@ -177,6 +215,7 @@ def serve(config: NeoConfig) -> int:
     try:
         return IterationLoop(sock, runner, ready, followers, config.device.launch_ahead).run()
     finally:
+        _ignore_stop_signals()
         if followers is not None:
             followers.stopping = True
             followers.forward(Shutdown(reason="rank 0 exits").encode(), wait=False)
@@ -184,15 +223,15 @@ def serve(config: NeoConfig) -> int:
                 proc.join(_FOLLOWER_EXIT_S)
             followers.close()
         runner.close()
-        sock.close(linger=0)
-        ctx.term()
 
 
 def follow(config: NeoConfig, rank: int, init_method: str, frames_addr: str) -> None:
     """A follower rank (a child of rank 0): load the shard, then run every plan rank 0 forwards."""
     setup_logging(config.http.log_level, f"gpu_worker.tp{rank}")
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    exit_with_parent()
+    for sig in STOP_SIGNALS:   # rank 0 stops its followers; a terminal's Ctrl-C is rank 0's to handle
+        signal.signal(sig, _exit_on_sigterm if sig == signal.SIGTERM else signal.SIG_IGN)
+    if not die_with_parent(signal.SIGTERM, multiprocessing.parent_process().pid):
+        raise SystemExit(1)   # rank 0 is gone already
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.LINGER, 0)
@@ -209,7 +248,8 @@ def follow(config: NeoConfig, rank: int, init_method: str, frames_addr: str) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = NeoConfig.for_process("neo gpu-worker", __doc__, argv, "gpu_worker")
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    for sig in STOP_SIGNALS:   # until serve() connects: nothing to wait for (SIGINT may come ignored)
+        signal.signal(sig, _exit_on_sigterm)
     tracing.setup_tracing("neo-gpu-worker")
     try:
         return serve(config)
