@@ -28,6 +28,20 @@ GGUF_ARCHITECTURES = {"llama": Architecture.LLAMA, "mistral": Architecture.MISTR
                       "qwen3": Architecture.QWEN3}
 
 
+class Quantization(str, enum.Enum):
+    """How the dense layers' weights are held: at the compute dtype, or FP8 (float8_e4m3fn with a
+    float32 scale per output channel; ``neo_gpu_worker.fp8``)."""
+
+    NONE = "none"
+    FP8 = "fp8"
+
+
+# Bytes a dense weight element takes under each quantization (None: the compute dtype's), and the
+# bytes of its per-output-channel scale.
+_DENSE_BYTES = {Quantization.NONE: None, Quantization.FP8: 1}
+_SCALE_BYTES = {Quantization.NONE: 0, Quantization.FP8: 4}
+
+
 class Activation(str, enum.Enum):
     """MLP gate activations: SwiGLU's SiLU, GeGLU's tanh-approximated GELU (Gemma)."""
 
@@ -54,6 +68,9 @@ class ModelGeometry:
     - ``query_pre_attn_scalar``: attention scale is its inverse square root (None: ``head_dim``).
     - ``attn_logit_softcapping`` / ``final_logit_softcapping``: ``c * tanh(x / c)`` on attention
       scores / output logits (None: off; Gemma-2).
+    - ``quantization``: how the dense layers (q/k/v/o, gate/up/down) hold their weights
+      (``Quantization``): an FP8 checkpoint's, or ``--quantization fp8``; embeddings, norms and the
+      LM head stay at the compute dtype. ``weight_bytes`` counts it.
     """
 
     name: str
@@ -79,6 +96,7 @@ class ModelGeometry:
     query_pre_attn_scalar: float | None = None
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
+    quantization: str = Quantization.NONE.value
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -88,6 +106,9 @@ class ModelGeometry:
         if self.hidden_act not in {a.value for a in Activation}:
             raise ValueError(f"{self.name}: activation {self.hidden_act!r} is not supported "
                              f"({', '.join(a.value for a in Activation)})")
+        if self.quantization not in {q.value for q in Quantization}:
+            raise ValueError(f"{self.name}: quantization {self.quantization!r} is not supported "
+                             f"({', '.join(q.value for q in Quantization)})")
 
     @property
     def attn_scale(self) -> float:
@@ -101,21 +122,36 @@ class ModelGeometry:
     def kv_bytes_per_block(self, block_size: int, dtype_bytes: int) -> int:
         return block_size * self.kv_bytes_per_token(dtype_bytes)
 
-    def num_parameters(self) -> int:
+    def dense_parameters(self) -> int:
+        """Weights of the dense layers (q/k/v/o, gate/up/down) over all layers: what FP8 holds in a byte."""
+        h = self.hidden_size
+        qkv_o = 2 * h * self.num_heads * self.head_dim + 2 * h * self.num_kv_heads * self.head_dim
+        return self.num_layers * (qkv_o + 3 * h * self.intermediate_size)
+
+    def dense_output_channels(self) -> int:
+        """Output rows of the dense layers over all layers (one FP8 scale each)."""
         h, inter = self.hidden_size, self.intermediate_size
-        q = h * self.num_heads * self.head_dim
-        kv = 2 * h * self.num_kv_heads * self.head_dim
-        o = self.num_heads * self.head_dim * h
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return self.num_layers * (q + 2 * kv + h + 2 * inter + h)
+
+    def num_parameters(self) -> int:
+        h = self.hidden_size
         norms = 4 * h if self.architecture == Architecture.GEMMA2 else 2 * h   # Gemma-2: pre and post norms
-        per_layer = q + kv + o + 3 * h * inter + norms + (2 * self.head_dim if self.qk_norm else 0)
+        per_layer = norms + (2 * self.head_dim if self.qk_norm else 0)
         if self.qkv_bias:
             per_layer += (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         embed = self.vocab_size * h
         lm_head = 0 if self.tie_word_embeddings else embed
-        return self.num_layers * per_layer + embed + lm_head + h
+        return self.num_layers * per_layer + self.dense_parameters() + embed + lm_head + h
 
     def weight_bytes(self, dtype_bytes: int) -> int:
-        return self.num_parameters() * dtype_bytes
+        """Bytes of the weights at compute dtype ``dtype_bytes`` (FP8 dense layers: one byte per
+        weight plus a float32 scale per output channel)."""
+        quant = Quantization(self.quantization)
+        dense = self.dense_parameters()
+        per_dense = _DENSE_BYTES[quant] or dtype_bytes
+        return ((self.num_parameters() - dense) * dtype_bytes + dense * per_dense
+                + self.dense_output_channels() * _SCALE_BYTES[quant])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

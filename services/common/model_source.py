@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from neo_common.config import DEFAULT_MODEL, ModelConfig
-from neo_common.geometry import GEOMETRIES, GGUF_ARCHITECTURES, Architecture, ModelGeometry
+from neo_common.geometry import GEOMETRIES, GGUF_ARCHITECTURES, Architecture, ModelGeometry, Quantization
 from neo_common.gguf_file import GGUFFile, open_gguf
 from neo_common.settings import ConfigError
 
@@ -33,6 +33,7 @@ class ModelSource:
     path: str
     served_name: str
     tokenizer: str = ""  # explicit --tokenizer (folder or .gguf), else derived below
+    quantization: str = Quantization.NONE.value   # --quantization: quantize the dense weights at load
 
     @property
     def tokenizer_path(self) -> str:
@@ -60,7 +61,7 @@ def embedded_gguf_path() -> str:
 
 
 def resolve(cfg: ModelConfig) -> ModelSource:
-    source = _resolve_weights(cfg)
+    source = dataclasses.replace(_resolve_weights(cfg), quantization=cfg.quantization)
     if cfg.tokenizer:
         if not os.path.exists(cfg.tokenizer):
             raise ModelNotFound(f"--tokenizer {cfg.tokenizer!r}: no such file or folder")
@@ -93,14 +94,86 @@ def _resolve_weights(cfg: ModelConfig) -> ModelSource:
 
 # -- metadata ---------------------------------------------------------------------------------
 def read_geometry(source: ModelSource) -> ModelGeometry:
-    """The model's geometry; a ``ConfigError`` names an architecture the engine does not serve."""
+    """The model's geometry; a ``ConfigError`` names an architecture the engine does not serve.
+    Its ``quantization`` is FP8 for an FP8 checkpoint or with ``--quantization fp8``."""
     if source.kind == "dummy":
-        return GEOMETRIES[source.path]
-    if source.kind == "hf":
+        g = GEOMETRIES[source.path]
+    elif source.kind == "hf":
         with open(os.path.join(source.path, "config.json")) as f:
-            return geometry_from_hf_config(json.load(f), source.served_name)
-    reader = open_gguf(source.path)
-    return geometry_from_gguf(reader.metadata, source.served_name, gguf_rope_factors(reader))
+            g = geometry_from_hf_config(json.load(f), source.served_name)
+    else:
+        reader = open_gguf(source.path)
+        g = geometry_from_gguf(reader.metadata, source.served_name, gguf_rope_factors(reader))
+    if source.quantization != Quantization.NONE.value:
+        g = dataclasses.replace(g, quantization=source.quantization)
+    return g
+
+
+# -- quantized checkpoints --------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Fp8Checkpoint:
+    """The FP8 layout a checkpoint's ``quantization_config`` declares: float8_e4m3fn dense weights,
+    each with a ``weight_scale`` (per tensor or per output channel) or, with ``block`` = (rows,
+    columns), a ``weight_scale_inv`` grid of one scale per block (HF's fine-grained FP8). Both are
+    dequantization multipliers (weight = fp8 * scale). Activation scales in the file are not used:
+    activations are quantized per token at run time."""
+
+    method: str
+    block: tuple[int, int] | None = None
+
+
+_CT_FLOAT = "float-quantized"   # compressed-tensors' format of FP8 weights stored as float8_e4m3fn
+
+
+def checkpoint_fp8(source: ModelSource) -> Fp8Checkpoint | None:
+    """The FP8 layout of an HF folder's checkpoint (None: not quantized, or not an HF folder)."""
+    if source.kind != "hf":
+        return None
+    with open(os.path.join(source.path, "config.json")) as f:
+        return parse_quantization_config(json.load(f).get("quantization_config"), source.served_name)
+
+
+def parse_quantization_config(quant: dict[str, Any] | None, name: str) -> Fp8Checkpoint | None:
+    """``quantization_config`` -> its FP8 layout; anything the engine cannot serve exactly (another
+    method, format or number format) is a ``ConfigError`` naming it."""
+    if not quant:
+        return None
+    method = quant.get("quant_method")
+    where = f"--model {name!r}: quantization_config"
+    if method == "fp8":
+        if quant.get("fmt", "e4m3") != "e4m3":
+            raise ConfigError(f"{where} fmt {quant.get('fmt')!r} is not supported (FP8 weights must be e4m3)")
+        block = quant.get("weight_block_size")
+        if block is not None and (len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block)):
+            raise ConfigError(f"{where} weight_block_size {block!r} is not two positive integers")
+        return Fp8Checkpoint("fp8", tuple(block) if block else None)
+    if method == "compressed-tensors":
+        return _compressed_tensors(quant, where)
+    raise ConfigError(f"{where} method {method!r} is not supported (supported: 'fp8', 'compressed-tensors' "
+                      f"with format {_CT_FLOAT!r}; or serve bf16/fp16/fp32 weights, optionally with "
+                      "--quantization fp8)")
+
+
+def _compressed_tensors(quant: dict[str, Any], where: str) -> Fp8Checkpoint:
+    fmt = quant.get("format")
+    if fmt != _CT_FLOAT:
+        raise ConfigError(f"{where} method 'compressed-tensors' format {fmt!r} is not supported "
+                          f"(supported: {_CT_FLOAT!r}, FP8 weights)")
+    block = None
+    for group_name, group in (quant.get("config_groups") or {}).items():
+        w = group.get("weights") or {}
+        if w.get("num_bits") != 8 or w.get("type") != "float" or w.get("symmetric", True) is not True:
+            raise ConfigError(f"{where} group {group_name!r}: weights {w.get('num_bits')}-bit {w.get('type')} "
+                              f"(symmetric {w.get('symmetric')}) are not supported: 8-bit symmetric float only")
+        strategy = w.get("strategy")
+        if strategy == "block":
+            block = tuple(w.get("block_structure") or ())
+            if len(block) != 2:
+                raise ConfigError(f"{where} group {group_name!r}: block_structure {w.get('block_structure')!r}")
+        elif strategy not in ("tensor", "channel"):
+            raise ConfigError(f"{where} group {group_name!r}: weight strategy {strategy!r} is not supported "
+                              "(tensor, channel, block)")
+    return Fp8Checkpoint("compressed-tensors", block)
 
 
 def _unsupported(what: str, supported: list[str]) -> ConfigError:
@@ -120,11 +193,7 @@ def geometry_from_hf_config(c: dict[str, Any], name: str) -> ModelGeometry:
         arch = Architecture(archs[0])
     except ValueError:
         raise _unsupported(f"architecture {archs[0]!r}", [a.value for a in Architecture]) from None
-    quant = c.get("quantization_config")
-    if quant:
-        # its tensors would be cast without their scales: a silently wrong model
-        raise ConfigError(f"--model {name!r}: quantization_config method {quant.get('quant_method')!r} is not "
-                          "supported (serve bf16/fp16/fp32 safetensors, or a GGUF file, dequantized on load)")
+    fp8 = parse_quantization_config(c.get("quantization_config"), name)
     heads = c["num_attention_heads"]
     eos = c.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
@@ -160,6 +229,7 @@ def geometry_from_hf_config(c: dict[str, Any], name: str) -> ModelGeometry:
         query_pre_attn_scalar=c.get("query_pre_attn_scalar") if gemma else None,
         attn_logit_softcapping=_softcap(c.get("attn_logit_softcapping")),
         final_logit_softcapping=_softcap(c.get("final_logit_softcapping")),
+        quantization=(Quantization.FP8 if fp8 else Quantization.NONE).value,
     )
 
 

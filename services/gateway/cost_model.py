@@ -57,30 +57,33 @@ class CostKey:
     block_size: int
     cpu_threads: int
     kernels: str = "torch"  # the GPU worker's kernels (ops: "triton" or the "torch" twins)
+    quantization: str = "none"  # the dense layers' weights (geometry.Quantization): FP8 GEMMs time apart
 
     @classmethod
     def from_geometry(cls, geometry: Any, gpu: str, dtype: str, block_size: int, cpu_threads: int,
                       kernels: str = "torch") -> "CostKey":
         shapes = tuple((f, getattr(geometry, f)) for f in SHAPE_FIELDS)
-        return cls(geometry.name, shapes, gpu, dtype, int(block_size), int(cpu_threads), kernels)
+        return cls(geometry.name, shapes, gpu, dtype, int(block_size), int(cpu_threads), kernels,
+                   str(getattr(geometry, "quantization", "none")))
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "shapes": dict(self.shapes), "gpu": self.gpu, "dtype": self.dtype,
-                "block_size": self.block_size, "cpu_threads": self.cpu_threads, "kernels": self.kernels}
+                "block_size": self.block_size, "cpu_threads": self.cpu_threads, "kernels": self.kernels,
+                "quantization": self.quantization}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CostKey":
         try:
             shapes = tuple((f, d["shapes"][f]) for f in SHAPE_FIELDS)
             return cls(str(d["model"]), shapes, str(d["gpu"]), str(d["dtype"]), int(d["block_size"]),
-                       int(d["cpu_threads"]), str(d.get("kernels", "torch")))
+                       int(d["cpu_threads"]), str(d.get("kernels", "torch")), str(d.get("quantization", "none")))
         except (KeyError, TypeError) as exc:
             raise CostModelError(f"cost file key lacks {exc}") from None
 
     def differences(self, other: "CostKey") -> list[str]:
         """Human-readable field differences, ``field: file X != wanted Y`` (self is the file's key)."""
         out = []
-        for name in ("model", "gpu", "dtype", "block_size", "cpu_threads"):
+        for name in ("model", "gpu", "dtype", "block_size", "cpu_threads", "quantization"):
             a, b = getattr(self, name), getattr(other, name)
             if a != b:
                 out.append(f"{name}: file {a!r} != wanted {b!r}")
@@ -92,7 +95,8 @@ class CostKey:
     def filename(self) -> str:
         """Readable and unique: the slug says what it is, the hash covers every field."""
         digest = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
-        slug = "-".join([self.model, self.gpu, self.dtype, f"bs{self.block_size}", f"t{self.cpu_threads}"])
+        slug = "-".join([self.model, self.gpu, self.dtype, f"bs{self.block_size}", f"t{self.cpu_threads}"]
+                        + ([self.quantization] if self.quantization != "none" else []))
         slug = re.sub(r"[^A-Za-z0-9_.]+", "-", slug).strip("-").lower()
         return f"cost-v{FORMAT_VERSION}-{slug}-{digest}.json"
 

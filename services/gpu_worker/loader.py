@@ -11,9 +11,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from neo_common.geometry import Architecture, ModelGeometry
+from neo_common.geometry import Architecture, ModelGeometry, Quantization
 from neo_common.gguf_file import GGUFFile, open_gguf
-from neo_common.model_source import ModelSource, read_geometry
+from neo_common.model_source import Fp8Checkpoint, ModelSource, checkpoint_fp8, read_geometry
+from neo_gpu_worker import fp8
 from neo_gpu_worker.dequant import dequantize
 from neo_gpu_worker.models.protocol import CausalLM
 from neo_gpu_worker.models import model_class
@@ -33,13 +34,22 @@ _GGUF_GLOBAL_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.w
 
 
 def build_model(geometry: ModelGeometry, max_positions: int, device: torch.device, dtype: torch.dtype,
-                tp: TensorParallel | None = None) -> CausalLM:
+                tp: TensorParallel | None = None, fp8_layout: Fp8Checkpoint | None = None) -> CausalLM:
     """Allocate the model (this rank's shard of it; its family from the registry) straight on its
-    device (no host copy of a 70B model first)."""
+    device (no host copy of a 70B model first). With FP8 quantization the dense layers are
+    ``fp8.Fp8Linear`` (``fp8_layout``: the checkpoint's, None to quantize what loads)."""
     cls = model_class(geometry)
+    quantized = geometry.quantization == Quantization.FP8
+    if quantized:
+        fp8.check_device(device)
     with torch.device("meta"):
         model = cls(geometry, tp.shard if tp else None, tp)
-    model = model.to(dtype=dtype).to_empty(device=device)
+    model = model.to(dtype=dtype)
+    if quantized:   # after the cast, which would turn float8 parameters into `dtype`
+        fp8.quantize_modules(model)
+        model.fp8, model.fp8_layout = True, fp8_layout
+    model = model.to_empty(device=device)
+    fp8.prepare(model, device)
     model.setup_rope(max_positions, device)
     return model.eval()
 
@@ -54,16 +64,20 @@ def load_model(source: ModelSource, max_positions: int, device: torch.device, dt
         model = build_model(geometry, max_positions, device, dtype, tp)
         model.load_weights(_gguf_tensors(reader, geometry))
     elif source.kind == "hf":
-        model = build_model(geometry, max_positions, device, dtype, tp)
+        model = build_model(geometry, max_positions, device, dtype, tp, checkpoint_fp8(source))
         model.load_weights(_safetensors(source.path, device))
     else:
         model = build_model(geometry, max_positions, device, dtype, tp)
         model.init_random(seed)
+    if device.type == "cuda":
+        # the high-precision tensors quantized on the way in stay reserved by the caching allocator
+        # otherwise, and the KV pool is sized from the memory free after the load
+        torch.cuda.empty_cache()
     shard = model.shard
-    log.info("loaded %s (%s, %.1fM params%s) on %s as %s", source.served_name, source.kind,
+    log.info("loaded %s (%s, %.1fM params%s) on %s as %s%s: %.2f GiB of weights", source.served_name, source.kind,
              geometry.num_parameters() / 1e6,
              f"; rank {shard.rank} of {shard.world}: KV heads {shard.kv_heads}" if shard.world > 1 else "",
-             device, dtype)
+             device, dtype, " with FP8 dense layers" if model.fp8 else "", fp8.weight_bytes(model) / 2**30)
     return model
 
 

@@ -23,8 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from neo_common.geometry import Activation, ModelGeometry
+from neo_common.model_source import Fp8Checkpoint
+from neo_common.settings import ConfigError
 from neo_common.tensor_parallel import Shard
 from neo_gpu_worker import ops
+from neo_gpu_worker.fp8 import FP8_TYPES, Fp8Linear, dequantize, scaled_linear
+from neo_gpu_worker.fp8_weights import fp8_stream
 from neo_gpu_worker.attention import AttentionMetadata, paged_attention
 from neo_gpu_worker.parallel import TensorParallel
 from neo_gpu_worker.rope import RotaryEmbedding
@@ -49,7 +53,12 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
     return F.linear(x, weight, bias)
 
 
-def _apply(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _apply(layer: nn.Linear | Fp8Linear, x: torch.Tensor) -> torch.Tensor:
+    """A dense layer: an FP8 one through ``_scaled_mm`` or its dequantizing twin (``fp8.py``)."""
+    if isinstance(layer, Fp8Linear):
+        if layer.scaled_mm:
+            return scaled_linear(x, layer.weight, layer.weight_scale, layer.bias)
+        return dense(x, dequantize(layer.weight, layer.weight_scale, x.dtype), layer.bias)
     return dense(x, layer.weight, layer.bias)
 
 
@@ -154,6 +163,10 @@ class LlamaModel(nn.Module):
 
     layer_class: type[nn.Module] = DecoderLayer
     _norm_init = 1.0   # what a norm weight of a random (dummy) model holds, in the checkpoint's convention
+    # FP8 dense layers (``fp8.quantize_modules``, set by the loader): whether, and the checkpoint's
+    # FP8 layout (None: high-precision tensors, quantized as they load)
+    fp8 = False
+    fp8_layout: Fp8Checkpoint | None = None
 
     def __init__(self, g: ModelGeometry, shard: Shard | None = None, tp: TensorParallel | None = None) -> None:
         super().__init__()
@@ -191,6 +204,8 @@ class LlamaModel(nn.Module):
         """Copy HF-named tensors in (this rank's slice of each), fusing q/k/v and gate/up; every
         parameter must be covered."""
         params = dict(self.named_parameters())
+        if self.fp8:
+            tensors = fp8_stream(tensors, self.fp8_layout)
         g = self.geometry
         q, kv = g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim
         fused = {
@@ -199,18 +214,23 @@ class LlamaModel(nn.Module):
             "up_proj": ("gate_up_proj", g.intermediate_size, g.intermediate_size),
         }
         filled: dict[str, int] = {}
-        for name, tensor in tensors:
-            name = name.removeprefix("model.")
+        for stored, tensor in tensors:
+            name = stored.removeprefix("model.")
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: some checkpoints still ship a copy
             if "rotary_emb" in name:
                 continue
+            if not self.fp8 and (tensor.dtype in FP8_TYPES or name.endswith(("_scale", "_scale_inv"))):
+                raise ConfigError(f"checkpoint tensor {stored!r} is FP8 data or a scale, but config.json has no "
+                                  "quantization_config saying how to read it")   # cast without scales: wrong
             parts = name.split(".")
             if len(parts) >= 2:
                 span = self.shard.rows(parts[-2], g.head_dim)
-                if span is not None:
-                    tensor = tensor.narrow(Shard.axis(parts[-2]) if parts[-1] == "weight" else 0,
-                                           span[0], span[1] - span[0])
+                # a weight is sliced along its layer's axis; per-output-row tensors (bias, FP8
+                # scales) only with the rows of a column-parallel layer (row-parallel: replicated)
+                axis = Shard.axis(parts[-2]) if parts[-1] == "weight" else 0
+                if span is not None and (parts[-1] == "weight" or Shard.axis(parts[-2]) == 0):
+                    tensor = tensor.narrow(axis, span[0], span[1] - span[0])
             target, offset, size = name, 0, None
             if len(parts) >= 2 and parts[-2] in fused:
                 new, offset, size = fused[parts[-2]]

@@ -36,13 +36,13 @@ import numpy as np
 import torch
 
 from neo_common.config import NeoConfig
-from neo_common.geometry import ModelGeometry
+from neo_common.geometry import ModelGeometry, Quantization
 from neo_common.logs import setup_logging
 from neo_common.model_source import read_geometry, resolve
 from neo_common.tensor_parallel import Shard
 from neo_gateway import cost_model
 from neo_gateway.cost_model import CostKey, CostTables
-from neo_gpu_worker import ops
+from neo_gpu_worker import fp8, ops
 from neo_gpu_worker.attention import AttentionMetadata, PrefillSpan, paged_attention
 from neo_gpu_worker.cuda_graph import capture
 from neo_gpu_worker.main import pick_device, pick_dtype
@@ -133,17 +133,30 @@ class _Bench:
                  layers: int, max_tokens: int, seed: int = 0) -> None:
         self.g, self.device, self.dtype, self.bs = g, device, dtype, block_size
         torch.manual_seed(seed)
-        with torch.device(device):
-            self.layers = [model_class(g).layer_class(g).to(dtype=dtype).eval() for _ in range(layers)]
-        for layer in self.layers:
-            for name, p in layer.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.data.fill_(1.0)
-                else:
-                    p.data.normal_(0.0, 0.02)
+        self.layers = [self._layer(g, device, dtype) for _ in range(layers)]
         self.rope = RotaryEmbedding(g.head_dim, max_tokens + 1, g.rope_theta, g.rope_scaling, device)
         self.scale = g.attn_scale
         self.rng = np.random.default_rng(seed)
+
+    @staticmethod
+    def _layer(g: ModelGeometry, device: torch.device, dtype: torch.dtype) -> DecoderLayer:
+        """One layer of random weights, its dense layers FP8 when the geometry says so (the
+        worker's tables must time the matmuls it runs)."""
+        with torch.device("meta"):
+            layer = model_class(g).layer_class(g).to(dtype=dtype)
+        if g.quantization == Quantization.FP8:
+            fp8.quantize_modules(layer)
+        layer = layer.to_empty(device=device)
+        for name, p in layer.named_parameters():
+            if name.endswith("norm.weight"):
+                p.data.fill_(1.0)
+            elif p.dtype != fp8.FP8 and not name.endswith("weight_scale"):
+                p.data.normal_(0.0, 0.02)
+        for m in layer.modules():
+            if isinstance(m, fp8.Fp8Linear):
+                m.set_weight(torch.empty(m.weight.shape, device=device).normal_(0.0, 0.02))
+        fp8.prepare(layer, device)
+        return layer.eval()
 
     def kv(self, tokens: int) -> torch.Tensor:
         blocks = -(-tokens // self.bs)

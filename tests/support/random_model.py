@@ -117,3 +117,86 @@ def gguf_from_hf(folder: str, arch: str, rope_factors: list[float] | None = None
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# -- FP8 checkpoints, as the Hub's tools lay them out -------------------------------------------
+_DENSE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+E4M3_MAX = 448.0
+
+
+def fp8_hf_folders(parent: str, config, layout: str) -> tuple[str, str]:
+    """An FP8 checkpoint of the random ``transformers`` model of ``config``, and the same model
+    dequantized (fp32, a plain HF folder: what ``transformers`` loads as the reference).
+
+    ``layout``: ``fp8-tensor`` (``quant_method: fp8``, one ``weight_scale`` per tensor and a static
+    ``input_scale``, as vLLM's and llm-compressor's early FP8 checkpoints), ``ct-channel``
+    (compressed-tensors ``float-quantized``, ``weight_scale [out, 1]``, dynamic per-token input,
+    ``ignore: [lm_head]``), or ``fp8-block`` (HF's fine-grained FP8: ``weight_scale_inv`` per
+    16x16 block, ``weight_block_size``). The quantization is written out here, not borrowed from the
+    engine. Returns (fp8 folder, dequantized folder)."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = random_hf_folder(parent, config)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    quantized, dequantized = {}, {}
+    for name, w in tensors.items():
+        module, _, suffix = name.rpartition(".")
+        if suffix != "weight" or module.rpartition(".")[2] not in _DENSE:
+            quantized[name] = dequantized[name] = w
+            continue
+        w = w.float()
+        if layout == "fp8-tensor":
+            scale = w.abs().max() / E4M3_MAX
+            q = (w / scale).to(torch.float8_e4m3fn)
+            quantized[module + ".weight_scale"] = scale.reshape(())
+            quantized[module + ".input_scale"] = torch.tensor(0.05)
+            deq = q.float() * scale
+        elif layout == "ct-channel":
+            scale = w.abs().amax(dim=1, keepdim=True) / E4M3_MAX
+            q = (w / scale).to(torch.float8_e4m3fn)
+            quantized[module + ".weight_scale"] = scale.to(torch.bfloat16)   # as llm-compressor saves them
+            deq = q.float() * scale.to(torch.bfloat16).float()
+        elif layout == "fp8-block":
+            rows, cols = w.shape
+            blocks = w.reshape(rows // 16, 16, cols // 16, 16)
+            scale = blocks.abs().amax(dim=(1, 3)) / E4M3_MAX
+            q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn)
+            quantized[module + ".weight_scale_inv"] = scale
+            deq = (q.float() * scale[:, None, :, None]).reshape(rows, cols)
+            q = q.reshape(rows, cols)
+        else:
+            raise ValueError(layout)
+        quantized[name] = q
+        dequantized[name] = deq
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    folders = []
+    for kind, data in (("fp8", quantized), ("dequantized", dequantized)):
+        out = os.path.join(str(parent), f"{config.model_type}-{layout}-{kind}")
+        shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.safetensors"))
+        save_file({k: v.contiguous() for k, v in data.items()}, os.path.join(out, "model.safetensors"),
+                  metadata={"format": "pt"})
+        if kind == "fp8":
+            with open(os.path.join(out, "config.json"), "w") as f:
+                json.dump(dict(cfg, quantization_config=_quantization_config(layout)), f)
+        folders.append(out)
+    return folders[0], folders[1]
+
+
+def _quantization_config(layout: str) -> dict:
+    if layout == "fp8-tensor":
+        return {"quant_method": "fp8", "activation_scheme": "static"}
+    if layout == "fp8-block":
+        return {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [16, 16]}
+    return {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+            "ignore": ["lm_head"], "kv_cache_scheme": None,
+            "config_groups": {"group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel",
+                            "dynamic": False, "group_size": None},
+                "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token",
+                                      "dynamic": True}}}}
