@@ -5,6 +5,8 @@ Importing this module registers the handlers with kopf's default registry (``neo
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 from typing import Any, Mapping
 
@@ -21,6 +23,7 @@ from neo_operator.reconcile import reconcile, workload_update
 log = logging.getLogger(__name__)
 
 OWNED = {c.MANAGED_BY_LABEL: c.MANAGED_BY}
+RECREATE_MAX_DELAY_S = 30.0  # the backoff cap of a Deployment recreation that keeps failing
 
 
 @kopf.on.startup()
@@ -33,6 +36,8 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.watching.server_timeout = 60
     if "config" not in memo:
         memo.config = OperatorConfig.from_args([])
+    # A handler that raised (a write lost to a race, a 5xx) is retried this soon, not after kopf's 60 s.
+    settings.execution.default_backoff = memo.config.retry_seconds
     memo.kube = Kube()
     memo.node_changes = NodeChanges()
     memo.collector = ProbeCollector(memo.kube, memo.config.probe_namespace, memo.config.retry_seconds)
@@ -62,25 +67,49 @@ def neoservice_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=OWNED)
-def deployment_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def deployment_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Follow the Deployment's status into the owning NeoService's status; recreate a Deployment
     deleted while its NeoService lives."""
     owner = next((ref for ref in body["metadata"].get("ownerReferences") or []
                   if ref.get("kind") == c.KIND and ref.get("controller")), None)
     if owner is None:
         return
-    kube: Kube = memo.kube
     namespace = body["metadata"]["namespace"]
     if type == "DELETED":
-        neo = kube.get_neoservice(namespace, owner["name"])
-        if neo is None or neo["metadata"].get("deletionTimestamp") or neo["metadata"]["uid"] != owner.get("uid"):
-            return  # garbage collection after the NeoService went away
-        log.info("Deployment %s/%s was deleted; recreating it", namespace, body["metadata"]["name"])
-        upd = reconcile(kube, memo.config, neo)
-        kube.update_neoservice_status(namespace, owner["name"], lambda obj: upd.apply(obj.get("status") or {}))
+        await _recreate(memo, namespace, owner, body["metadata"]["name"])
         return
+    kube: Kube = memo.kube
     upd = workload_update(dict(body), None)
-    kube.update_neoservice_status(namespace, owner["name"], lambda obj: upd.apply(obj.get("status") or {}))
+    await asyncio.to_thread(kube.update_neoservice_status, namespace, owner["name"],
+                            lambda obj: upd.apply(obj.get("status") or {}))
+
+
+async def _recreate(memo: kopf.Memo, namespace: str, owner: Mapping[str, Any], deployment: str) -> None:
+    """Reconcile the owner again until the Deployment is back or the owner is gone.
+
+    kopf never retries an event handler that raises, and this is the only event that says the
+    Deployment is gone: a single failed pass (a 409 from a write racing the spec handler, a 5xx, an
+    API server restart) used to leave the NeoService without a Deployment until its next spec change.
+    So the pass is retried here, with backoff, without holding a worker thread while it waits.
+    """
+    kube: Kube = memo.kube
+    delay = min(1.0, memo.config.retry_seconds)
+    for attempt in itertools.count(1):
+        try:
+            neo = await asyncio.to_thread(kube.get_neoservice, namespace, owner["name"])
+            if neo is None or neo["metadata"].get("deletionTimestamp") or neo["metadata"]["uid"] != owner.get("uid"):
+                return  # garbage collection after the NeoService went away
+            if attempt == 1:
+                log.info("Deployment %s/%s was deleted; recreating it", namespace, deployment)
+            await asyncio.to_thread(_reconcile, neo, memo)
+            return
+        except kopf.TemporaryError:
+            return  # waiting for a probe: the NeoService's own handler retries that
+        except Exception:  # noqa: BLE001 - retried below; the traceback says why
+            log.exception("recreating Deployment %s/%s failed (attempt %d); retrying in %.0f s",
+                          namespace, deployment, attempt, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RECREATE_MAX_DELAY_S)
 
 
 @kopf.on.event("", "v1", "nodes", labels={c.GPU_PRODUCT_LABEL: kopf.PRESENT})

@@ -111,14 +111,29 @@ class Kube:
             return None
         return f"{kind} {meta['namespace']}/{meta['name']}"
 
-    def apply(self, obj: dict[str, Any], dry_run: bool = False) -> str:
+    def apply(self, obj: dict[str, Any], dry_run: bool = False, attempts: int = 5) -> str:
         """Create ``obj`` or replace the live object when the desired state changed; returns what it did.
 
         The desired object's hash is stored on the live one, so an unchanged spec costs one GET and no
         write (and no rollout), and anything the operator owns that someone edited by hand is put back
         on the next change. With ``dry_run`` the API server validates and admits the write (a 4xx
         raises, as for a real one) but persists nothing.
+
+        A race with another writer (a second operator replica, a user deleting the child, the other
+        handler of this operator) is retried at once from a fresh read: 409 on create (it appeared),
+        409 on replace (it changed) and 404 on replace (it went away) are not errors of the spec.
         """
+        for attempt in range(attempts):
+            try:
+                return self._apply_once(obj, dry_run)
+            except ApiException as exc:
+                if exc.status not in (404, 409) or attempt == attempts - 1:
+                    raise
+                log.info("%s %s/%s changed under us (%s); retrying from a fresh read", obj["kind"],
+                         obj["metadata"]["namespace"], obj["metadata"]["name"], exc.status)
+        raise AssertionError("unreachable")
+
+    def _apply_once(self, obj: dict[str, Any], dry_run: bool) -> str:
         extra = {"dry_run": "All"} if dry_run else {}
         kind, meta = obj["kind"], obj["metadata"]
         namespace, name = meta["namespace"], meta["name"]

@@ -70,18 +70,36 @@ def test_rights_only_in_watched_namespaces(cluster: Cluster, scoped: Operator) -
     assert review.status.allowed
 
 
-def test_serves_the_watched_namespace_only(cluster: Cluster, scoped: Operator) -> None:
-    custom = client.CustomObjectsApi(cluster.api)
-    spec = {"model": {"name": "smollm2-135m"}, "cpuOffload": {"mode": "off"}, "gpu": {"products": ["NVIDIA-L4"]}}
+SMOL = {"model": {"name": "smollm2-135m"}, "cpuOffload": {"mode": "off"}, "gpu": {"products": ["NVIDIA-L4"]}}
+
+
+def ensure_l4_node(cluster: Cluster) -> None:
     core = client.CoreV1Api(cluster.api)
     if not any(n.metadata.name == "gpu-l4-b" for n in core.list_node().items):
         core.create_node({"metadata": {"name": "gpu-l4-b", "labels": {c.GPU_PRODUCT_LABEL: "NVIDIA-L4"},
                                        "annotations": {c.READ_GBPS_ANNOTATION: "40"}}})
         res = {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "1"}
         core.patch_node_status("gpu-l4-b", {"status": {"capacity": res, "allocatable": res}})
+
+
+def ensure_smol(cluster: Cluster) -> None:
+    """The watched namespace's NeoService "smol", for a test run without the one that creates it."""
+    ensure_l4_node(cluster)
+    custom = client.CustomObjectsApi(cluster.api)
+    try:
+        custom.create_namespaced_custom_object(c.GROUP, c.VERSION, WATCHED, c.PLURAL, {
+            "apiVersion": c.API_VERSION, "kind": c.KIND, "metadata": {"name": "smol", "namespace": WATCHED},
+            "spec": SMOL})
+    except client.ApiException as exc:
+        assert exc.status == 409
+
+
+def test_serves_the_watched_namespace_only(cluster: Cluster, scoped: Operator) -> None:
+    custom = client.CustomObjectsApi(cluster.api)
+    ensure_l4_node(cluster)
     for ns in (WATCHED, OTHER):
         custom.create_namespaced_custom_object(c.GROUP, c.VERSION, ns, c.PLURAL, {
-            "apiVersion": c.API_VERSION, "kind": c.KIND, "metadata": {"name": "smol", "namespace": ns}, "spec": spec})
+            "apiVersion": c.API_VERSION, "kind": c.KIND, "metadata": {"name": "smol", "namespace": ns}, "spec": SMOL})
     try:
         obj = wait_for(lambda: (o := custom.get_namespaced_custom_object(c.GROUP, c.VERSION, WATCHED, c.PLURAL, "smol"))
                        .get("status", {}).get("sizing") and o, what="NeoService in the watched namespace sized")
@@ -101,6 +119,7 @@ def test_serves_the_watched_namespace_only(cluster: Cluster, scoped: Operator) -
 def test_hardened_pod_and_network_policy_as_stored(cluster: Cluster, scoped: Operator) -> None:
     """What the API server kept of the operator's pod template and NetworkPolicy (read back, not built)."""
     apps, net = client.AppsV1Api(cluster.api), client.NetworkingV1Api(cluster.api)
+    ensure_smol(cluster)
     dep = wait_for(lambda: apps.read_namespaced_deployment("smol", WATCHED), what="Deployment smol")
     pod = dep.spec.template.spec
     assert pod.automount_service_account_token is False
@@ -126,6 +145,7 @@ def test_hardened_pod_and_network_policy_as_stored(cluster: Cluster, scoped: Ope
 def test_api_key_from_a_secret_and_the_policy_follows_the_spec(cluster: Cluster, scoped: Operator) -> None:
     custom, apps = client.CustomObjectsApi(cluster.api), client.AppsV1Api(cluster.api)
     net = client.NetworkingV1Api(cluster.api)
+    ensure_l4_node(cluster)
     spec = {"model": {"name": "smollm2-135m"}, "cpuOffload": {"mode": "off"}, "gpu": {"products": ["NVIDIA-L4"]},
             "apiKeySecretRef": {"name": "neo-keys", "key": "api-keys"}, "shutdownGraceSeconds": 90,
             "networkPolicy": {"from": [{"namespaceSelector": {"matchLabels": {"team": "frontend"}}}],
