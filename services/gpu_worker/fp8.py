@@ -8,7 +8,7 @@ the LM head) when the geometry's ``quantization`` is ``fp8``. Its matmul has two
   ``torch._scaled_mm`` multiplies the FP8 operands with row-wise scales (the activations' per
   token, the weight's per output channel) into bf16. Every step stays on the device (no host
   reads), so CUDA graphs capture it.
-- **the dequantizing twin** (the CPU device, GPUs without FP8, shapes ``_scaled_mm`` refuses):
+- **the dequantizing twin** (the CPU device, a float32 model, shapes ``_scaled_mm`` refuses):
   ``weight.float() * scale`` in the compute dtype, then the ordinary matmul. It is the reference
   the tests compare against; it saves memory but no time.
 
@@ -130,10 +130,11 @@ def quantize_modules(module: nn.Module) -> int:
     return count
 
 
-def prepare(module: nn.Module, device: torch.device) -> None:
+def prepare(module: nn.Module, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> None:
     """Pick each FP8 layer's matmul once its weights are on ``device``: ``_scaled_mm`` on an FP8 GPU
-    when the shapes suit it (both dimensions multiples of 16), the twin elsewhere."""
-    fast = supports_fp8(device)
+    for a 16-bit compute dtype when the shapes suit it (both dimensions multiples of 16), the twin
+    elsewhere (``--dtype float32`` asks for float32 arithmetic, which the twin keeps)."""
+    fast = supports_fp8(device) and dtype in (torch.bfloat16, torch.float16)
     for m in module.modules():
         if isinstance(m, Fp8Linear):
             m.scaled_mm = fast and m.in_features % 16 == 0 and m.out_features % 16 == 0

@@ -49,7 +49,7 @@ def build_model(geometry: ModelGeometry, max_positions: int, device: torch.devic
         fp8.quantize_modules(model)
         model.fp8, model.fp8_layout = True, fp8_layout
     model = model.to_empty(device=device)
-    fp8.prepare(model, device)
+    fp8.prepare(model, device, dtype)
     model.setup_rope(max_positions, device)
     return model.eval()
 

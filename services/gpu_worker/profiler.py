@@ -155,7 +155,7 @@ class _Bench:
         for m in layer.modules():
             if isinstance(m, fp8.Fp8Linear):
                 m.set_weight(torch.empty(m.weight.shape, device=device).normal_(0.0, 0.02))
-        fp8.prepare(layer, device)
+        fp8.prepare(layer, device, dtype)
         return layer.eval()
 
     def kv(self, tokens: int) -> torch.Tensor:
