@@ -71,6 +71,12 @@ class _SchedulerState(Collector):
         swaps.add_metric([self.model, "out"], sched.num_swapped_out if sched else 0)
         swaps.add_metric([self.model, "in"], sched.num_swapped_in if sched else 0)
         yield swaps
+        for name, doc, attr in (
+                ("prefix_cache_queries", "Prompt tokens looked up in the GPU prefix cache.", "queried_tokens"),
+                ("prefix_cache_hits", "Prompt tokens found in the GPU prefix cache (not computed again).", "hit_tokens")):
+            family = CounterMetricFamily(f"neo:{name}", doc, labels=labels)
+            family.add_metric([self.model], getattr(sched.gpu, attr) if sched else 0)
+            yield family
 
 
 class _LinkRejections(Collector):
