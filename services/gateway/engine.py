@@ -184,7 +184,7 @@ class Engine:
         limit = self.config.model.max_model_len
         self.max_model_len = min(limit, ready.max_model_len) if limit else ready.max_model_len
         self.eos_token_ids = self.tokenizer.eos_token_ids or tuple(ready.geometry.get("eos_token_ids") or ())
-        gpu = BlockManager(ready.num_gpu_blocks, ready.block_size, Place.GPU)
+        gpu = BlockManager(ready.num_gpu_blocks, ready.block_size, Place.GPU, self.config.cache.enable_prefix_caching)
         cpu, costs = None, None
         if self.cpu_links and ready.num_cpu_blocks:
             cpu = BlockManager(ready.num_cpu_blocks, ready.block_size, Place.CPU)
@@ -193,7 +193,9 @@ class Engine:
             except CostModelError as exc:
                 log.error("the GPU worker sent unusable cost tables (%s); decoding on the GPU only", exc)
         old = self.scheduler
-        self.scheduler = Scheduler(self.config.scheduler, gpu, cpu, costs)
+        # everything besides the tokens that decides a block's KV salts the prefix-cache hashes
+        salt = f"{self.served_name}|{ready.geometry.get('name')}|{ready.dtype}|{ready.kv_dtype}|{ready.block_size}"
+        self.scheduler = Scheduler(self.config.scheduler, gpu, cpu, costs, cache_salt=salt)
         log.info("scheduler: %d GPU blocks, %d CPU blocks, offload %s", gpu.num_blocks,
                  cpu.num_blocks if cpu else 0, self.scheduler.mode)
         if old is not None:  # requests that were only queued survive a worker restart
@@ -215,8 +217,12 @@ class Engine:
         if not self.ready:
             raise EngineUnavailable("the GPU worker is not ready")
         assert self.scheduler is not None
-        if self.scheduler.num_waiting >= self.config.scheduler.max_waiting:
-            raise EngineOverloaded(f"{self.scheduler.num_waiting} requests are already waiting")
+        # Capacity is the running slots plus the waiting queue: a burst into an idle replica queues
+        # briefly before the loop admits it to free slots, and must not be refused meanwhile.
+        sched, cfg = self.scheduler, self.config.scheduler
+        if sched.num_running + sched.num_waiting >= cfg.max_num_seqs + cfg.max_waiting:
+            raise EngineOverloaded(f"{sched.num_running} requests are running and {sched.num_waiting} waiting "
+                                   f"(capacity {cfg.max_num_seqs} + {cfg.max_waiting})")
         seq = Sequence(next(self._ids), request_id, prompt_ids, params, self.eos_token_ids, self.max_model_len)
         if tracing.enabled():
             seq.span = trace.get_current_span()  # the request's server span (TracingMiddleware)
