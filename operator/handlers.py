@@ -8,14 +8,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import kopf
 
 from neo_operator import constants as c
 from neo_operator.kube import Kube
 from neo_operator.nodes import bandwidth, is_gpu_node
-from neo_operator.nodewatch import NodeChanges, waits_for_nodes
+from neo_operator.nodewatch import NodeChanges, waits_for_nodes, waits_for_probes
 from neo_operator.opconfig import OperatorConfig
 from neo_operator.probes import ProbeCollector, ensure_probe_jobs
 from neo_operator.reconcile import reconcile, workload_update
@@ -40,7 +40,9 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.execution.default_backoff = memo.config.retry_seconds
     memo.kube = Kube()
     memo.node_changes = NodeChanges()
-    memo.collector = ProbeCollector(memo.kube, memo.config.probe_namespace, memo.config.retry_seconds)
+    memo.collector = ProbeCollector(memo.kube, memo.config.probe_namespace, memo.config.retry_seconds,
+                                    on_recorded=lambda nodes: _reconcile_all(memo, waits_for_probes,
+                                                                             f"probe result of {', '.join(nodes)}"))
     memo.collector.start()
 
 
@@ -128,15 +130,20 @@ def gpu_node_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> Non
 
 
 def _reconcile_waiting(memo: kopf.Memo, node: str) -> None:
+    _reconcile_all(memo, waits_for_nodes, f"node {node} changed")
+
+
+def _reconcile_all(memo: kopf.Memo, wanted: Callable[[Mapping[str, Any]], bool], why: str) -> None:
+    """Reconcile again every watched NeoService ``wanted`` picks (the cluster changed under it)."""
     kube: Kube = memo.kube
     for neo in kube.list_neoservices(list(memo.config.namespace)):
-        if not waits_for_nodes(neo):
+        if not wanted(neo):
             continue
         meta = neo["metadata"]
-        log.info("node %s changed; reconciling NeoService %s/%s again", node, meta["namespace"], meta["name"])
+        log.info("%s; reconciling NeoService %s/%s again", why, meta["namespace"], meta["name"])
         try:
             _reconcile(neo, memo)
         except kopf.TemporaryError:
             pass  # waiting for a probe now: the NeoService's own handler retries that
         except Exception:  # noqa: BLE001 - one NeoService's failure must not starve the others
-            log.exception("reconciling %s/%s after a change of node %s failed", meta["namespace"], meta["name"], node)
+            log.exception("reconciling %s/%s (%s) failed", meta["namespace"], meta["name"], why)

@@ -122,16 +122,45 @@ def node_facts(node: Mapping[str, Any], resource_name: str = "nvidia.com/gpu",
 
 def matching_nodes(nodes: Iterable[Mapping[str, Any]], products: Iterable[str],
                    node_selector: Mapping[str, str]) -> list[Mapping[str, Any]]:
-    """GPU nodes whose labels match the selector and whose product is accepted (any, if none listed)."""
+    """GPU nodes whose labels match the selector and whose product is accepted: one of ``products``, or,
+    when none are listed, any product the operator's table knows (see :func:`select_nodes`)."""
+    return select_nodes(nodes, products, node_selector).nodes
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeSelection:
+    """The nodes a NeoService may be sized for, and the GPU nodes left out for an unknown product."""
+
+    nodes: list[Mapping[str, Any]]
+    unknown: list[str]  # names of matching-selector GPU nodes ignored for an unknown product
+
+    def note(self) -> str:
+        """What the Sized condition says about the ignored nodes ('' when none)."""
+        if not self.unknown:
+            return ""
+        shown = ", ".join(self.unknown[:5]) + (", ..." if len(self.unknown) > 5 else "")
+        return (f"; ignored {len(self.unknown)} node(s) with a GPU product the operator does not know ({shown}): "
+                "list it in spec.gpu.products with spec.gpu.memoryBandwidthGBps to use them")
+
+
+def select_nodes(nodes: Iterable[Mapping[str, Any]], products: Iterable[str],
+                 node_selector: Mapping[str, str]) -> NodeSelection:
+    """Empty ``products`` means every known product among the nodes that exist: a node with a product
+    the table lacks cannot be sized (no HBM bandwidth), so it is ignored and counted rather than
+    failing the whole NeoService. Listed products are taken as the user's word."""
     accepted = set(products)
-    out = []
+    out, unknown = [], []
     for node in nodes:
         labels = _labels(node)
         if c.GPU_PRODUCT_LABEL not in labels:
             continue
-        if accepted and labels[c.GPU_PRODUCT_LABEL] not in accepted:
-            continue
         if any(labels.get(k) != v for k, v in node_selector.items()):
             continue
+        if accepted:
+            if labels[c.GPU_PRODUCT_LABEL] not in accepted:
+                continue
+        elif lookup_product(labels[c.GPU_PRODUCT_LABEL]) is None:
+            unknown.append(node["metadata"]["name"])
+            continue
         out.append(node)
-    return sorted(out, key=lambda n: n["metadata"]["name"])
+    return NodeSelection(sorted(out, key=lambda n: n["metadata"]["name"]), sorted(unknown))

@@ -40,6 +40,18 @@ def waits_for_nodes(neoservice: Mapping[str, Any]) -> bool:
     return sized is not None and sized.get("status") == "False" and sized.get("reason") not in PENDING_REASONS
 
 
+def waits_for_probes(neoservice: Mapping[str, Any]) -> bool:
+    """True for a live NeoService that is waiting for a bandwidth probe, or was sized without the
+    bandwidth of some nodes (``status.sizing.probesPending``): a recorded result concerns it."""
+    meta = neoservice.get("metadata") or {}
+    if meta.get("deletionTimestamp"):
+        return False
+    status = neoservice.get("status") or {}
+    sized = condition(status.get("conditions") or [], "Sized")
+    return bool((status.get("sizing") or {}).get("probesPending")) or (
+        sized is not None and sized.get("reason") in PENDING_REASONS)
+
+
 class NodeChanges:
     """The last fingerprint seen per node; thread-safe (kopf runs sync handlers in a thread pool)."""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import kopf
 
@@ -69,12 +69,16 @@ def collect_probe_results(kube: Kube, namespace: str) -> list[str]:
 
 
 class ProbeCollector:
-    """A daemon thread that runs :func:`collect_probe_results` every ``interval`` seconds until stopped."""
+    """A daemon thread that runs :func:`collect_probe_results` every ``interval`` seconds until stopped;
+    ``on_recorded`` gets the nodes whose results were just recorded (the NeoServices sized without
+    them are sized again)."""
 
-    def __init__(self, kube: Kube, namespace: str, interval: float) -> None:
+    def __init__(self, kube: Kube, namespace: str, interval: float,
+                 on_recorded: Callable[[list[str]], None] | None = None) -> None:
         self.kube = kube
         self.namespace = namespace
         self.interval = interval
+        self.on_recorded = on_recorded
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="neo-probe-collector", daemon=True)
 
@@ -88,7 +92,9 @@ class ProbeCollector:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                collect_probe_results(self.kube, self.namespace)
+                recorded = collect_probe_results(self.kube, self.namespace)
+                if recorded and self.on_recorded is not None:
+                    self.on_recorded(recorded)
             except Exception:  # noqa: BLE001 - keep collecting; the API server may be briefly unreachable
                 log.exception("collecting bandwidth probe results failed")
             self._stop.wait(self.interval)

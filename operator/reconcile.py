@@ -21,7 +21,7 @@ from neo_operator.deployment import build_deployment
 from neo_operator.kube import Kube, is_spec_rejection, rejection_message
 from neo_operator.labels import selector_string
 from neo_operator.networkpolicy import build_network_policy, network_policy_name
-from neo_operator.nodes import matching_nodes, node_facts
+from neo_operator.nodes import node_facts, select_nodes
 from neo_operator.opconfig import OperatorConfig
 from neo_operator.probes import ensure_probe_jobs
 from neo_operator.service import build_service, service_url
@@ -83,7 +83,8 @@ def reconcile(kube: Kube, config: OperatorConfig, body: Mapping[str, Any],
     upd.cond("ModelAvailable", True, "Found", "dummy weights" if spec.model.source == "dummy"
              else f"{spec.model.source} model on PersistentVolumeClaim {spec.model.claim_name}")
 
-    nodes = matching_nodes(kube.list_nodes(), spec.gpu.products, spec.gpu.node_selector)
+    selection = select_nodes(kube.list_nodes(), spec.gpu.products, spec.gpu.node_selector)
+    nodes = selection.nodes
     probe_results = kube.probe_results(config.probe_namespace)
     try:
         decision = size(spec, [node_facts(n, spec.gpu.resource_name, probe_results) for n in nodes])
@@ -96,8 +97,10 @@ def reconcile(kube: Kube, config: OperatorConfig, body: Mapping[str, Any],
                         f"annotation {c.READ_GBPS_ANNOTATION} by hand), or set spec.cpuOffload.mode to off or full "
                         "to size without it")
     except SizingError as exc:
-        return upd.cond("Sized", False, exc.reason, exc.message)
-    upd.cond("Sized", True, "Sized", decision.reason)
+        return upd.cond("Sized", False, exc.reason, exc.message + selection.note())
+    if decision.probes_pending:
+        ensure_probe_jobs(kube, config, [n for n in nodes if n["metadata"]["name"] in decision.probes_pending])
+    upd.cond("Sized", True, "Sized", decision.reason + selection.note())
 
     configmap = build_configmap(name, spec, decision)
     deployment = build_deployment(name, spec, decision, config_hash(configmap["data"]))

@@ -81,6 +81,7 @@ class SizingDecision:
     predicted_gain: float | None
     reason: str
     requests: dict[str, dict[str, str]]
+    probes_pending: tuple[str, ...] = ()  # nodes the bandwidth basis left out: their probe has not finished
 
     @property
     def shm_quantity(self) -> str:
@@ -107,6 +108,7 @@ class SizingDecision:
             "predictedGain": self.predicted_gain,
             "reason": self.reason,
             "requests": self.requests,
+            "probesPending": list(self.probes_pending),
         }
 
 
@@ -144,10 +146,13 @@ def size(spec: NeoServiceSpec, nodes: Sequence[NodeFacts]) -> SizingDecision:
     """Decide pool sizes and requests for one replica; raises SizingError or SizingPending."""
     nodes = _check_nodes(spec, nodes)
     mode = spec.offload.mode
-    if mode == "auto":
-        missing = [n.name for n in nodes if n.read_gbps is None]
-        if missing:
-            raise SizingPending(missing)
+    # Nodes whose bandwidth probe has not finished (or failed): with no node measured, "auto" cannot
+    # decide and waits; with one measured, sizing goes on from the measured ones, so a new node whose
+    # probe is still running never blocks the scaling of a service that is already sized. The pending
+    # nodes are reported, and the service is sized again when their results land.
+    missing = [n.name for n in nodes if n.read_gbps is None] if mode == "auto" else []
+    if missing and len(missing) == len(nodes):
+        raise SizingPending(missing)
 
     g = spec.model.geometry
     eng = spec.engine
@@ -256,5 +261,7 @@ def size(spec: NeoServiceSpec, nodes: Sequence[NodeFacts]) -> SizingDecision:
         gpu_kv_blocks=gpu_blocks, cpu_kv_blocks=cpu_blocks, shm_bytes=shm,
         cpu_attention_threads=att_threads, cpu_attention_gbps=round(cpu_gbps, 1) if cpu_gbps is not None else None,
         offload=offload, offload_mode=(mode if mode in ("full", "throughput") else "auto") if offload else "off",
-        predicted_gain=gain, reason=reason, requests=requests, tensor_parallel_size=count,
+        predicted_gain=gain, reason=reason + (f"; bandwidth of {', '.join(missing)} not measured yet (its probe "
+                                              "has not finished): sized from the measured nodes" if missing else ""),
+        requests=requests, tensor_parallel_size=count, probes_pending=tuple(missing),
     )

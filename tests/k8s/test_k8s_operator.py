@@ -519,3 +519,47 @@ def test_a_node_that_joins_later_gets_the_workload(apis: dict) -> None:
         raise AssertionError(f"{exc}\noperator log:\n{apis['operator'].tail()}") from None
     assert obj["status"]["sizing"]["nodes"] == ["gpu-l40s-1"] and obj["status"]["phase"] == "Deploying"
     assert all(children_exist(apis, "late").values())
+
+
+def test_empty_products_ignores_unknown_gpu_nodes(apis: dict) -> None:
+    """No spec.gpu.products: every known product among the nodes; a node with an unknown product is left
+    out and counted in the Sized message instead of failing the service."""
+    if not exists(apis["core"].read_node, "gpu-mystery-1"):
+        make_node(apis["core"], "gpu-mystery-1", "NVIDIA-Mystery-1", 32768, annotations={c.READ_GBPS_ANNOTATION: "50"})
+    _ensure_node(apis, "gpu-l4-1", "NVIDIA-L4")
+    spec = {"model": {"name": "smollm2-135m"}, "cpuOffload": {"mode": "off"}}
+    apis["custom"].create_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, neoservice("anygpu", **spec))
+    obj = wait_for(lambda: (o := get_ns(apis, "anygpu")) and cond(o, "Sized") and o, what="Sized on anygpu")
+    sized = cond(obj, "Sized")
+    assert sized["status"] == "True", sized
+    assert "gpu-mystery-1" in sized["message"] and "ignored 1 node(s)" in sized["message"]
+    assert "gpu-mystery-1" not in obj["status"]["sizing"]["nodes"] and "gpu-l4-1" in obj["status"]["sizing"]["nodes"]
+    wait_for(lambda: all(children_exist(apis, "anygpu").values()), what="anygpu children")
+
+
+def test_a_pending_probe_does_not_block_scaling(apis: dict) -> None:
+    """A sized service (mode auto, its node measured) gets a new node of its product whose probe has not
+    run: `kubectl scale` still scales it, the pending node is reported, and the result, once recorded,
+    sizes it again with both nodes."""
+    product = "NVIDIA-A100-SXM4-40GB"
+    make_node(apis["core"], "gpu-a100-1", product, 40960, cpus="64", memory="256Gi",
+              annotations={c.READ_GBPS_ANNOTATION: "80"})
+    spec = {"model": {"name": "llama-3-8b"}, "gpu": {"products": [product]},
+            "cpuOffload": {"mode": "auto", "kvMemory": "8Gi"}}
+    served(apis, "grow", spec)
+    make_node(apis["core"], "gpu-a100-2", product, 40960, cpus="64", memory="256Gi")  # no bandwidth yet
+    wait_for(lambda: apis["batch"].read_namespaced_job(probe_job_name("gpu-a100-2"), OPERATOR_NAMESPACE),
+             what="probe job of the new node")
+    apis["custom"].patch_namespaced_custom_object_scale(c.GROUP, c.VERSION, NS, c.PLURAL, "grow", {"spec": {"replicas": 2}})
+    try:
+        wait_for(lambda: apis["apps"].read_namespaced_deployment("grow", NS).spec.replicas == 2, timeout=15,
+                 what="Deployment scaled to 2 while the new node's probe is pending")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nstatus: {get_ns(apis, 'grow').get('status')}") from None
+    obj = get_ns(apis, "grow")
+    assert cond(obj, "Sized")["status"] == "True" and "gpu-a100-2" in cond(obj, "Sized")["message"]
+    assert obj["status"]["sizing"]["probesPending"] == ["gpu-a100-2"]
+    fake_kubelet_complete_probe(apis, "gpu-a100-2", 70.0, 64)
+    obj = wait_for(lambda: (o := get_ns(apis, "grow"))["status"]["sizing"]["probesPending"] == [] and o, timeout=20,
+                   what="sized again once the probe result is recorded")
+    assert obj["status"]["sizing"]["hostReadGBps"] == 70.0  # the slower node is now the basis

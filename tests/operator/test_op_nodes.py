@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from neo_operator import constants as c
-from neo_operator.nodes import is_gpu_node, matching_nodes, node_facts, parse_bandwidth
+from neo_operator.nodes import is_gpu_node, matching_nodes, node_facts, parse_bandwidth, select_nodes
 
 from op_helpers import node_dict
 
@@ -50,6 +50,17 @@ def test_matching_nodes_filters_by_product_and_selector() -> None:
     assert names(matching_nodes(nodes, [H100], {})) == ["h100-a", "h100-b"]
     assert names(matching_nodes(nodes, [H100], {"pool": "a"})) == ["h100-a"]
     assert matching_nodes(nodes, ["NVIDIA-H200"], {}) == []
+
+
+def test_empty_products_means_every_known_product_and_unknown_nodes_are_counted() -> None:
+    nodes = [node_dict("h100", {c.GPU_PRODUCT_LABEL: H100}), node_dict("odd-2", {c.GPU_PRODUCT_LABEL: "Mystery-9"}),
+             node_dict("odd-1", {c.GPU_PRODUCT_LABEL: "Mystery-9"}), node_dict("cpu", {})]
+    got = select_nodes(nodes, [], {})
+    assert [n["metadata"]["name"] for n in got.nodes] == ["h100"] and got.unknown == ["odd-1", "odd-2"]
+    assert "ignored 2 node(s)" in got.note() and "odd-1, odd-2" in got.note()
+    # named by the user: taken as its word (sizing then asks for spec.gpu.memoryBandwidthGBps)
+    named = select_nodes(nodes, ["Mystery-9"], {})
+    assert [n["metadata"]["name"] for n in named.nodes] == ["odd-1", "odd-2"] and named.note() == ""
 
 
 def test_bandwidth_from_the_probe_results_configmap_unless_set_by_hand() -> None:

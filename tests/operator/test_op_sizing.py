@@ -63,8 +63,16 @@ def test_mode_off_allocates_no_cpu_pool_and_needs_no_bandwidth() -> None:
 
 def test_auto_waits_for_the_bandwidth_probe() -> None:
     with pytest.raises(SizingPending) as info:
-        size(make_spec(), [make_node("a", gbps=50.0), make_node("b", gbps=None)])
-    assert info.value.nodes == ["b"]
+        size(make_spec(), [make_node("a", gbps=None), make_node("b", gbps=None)])
+    assert info.value.nodes == ["a", "b"]
+
+
+def test_a_pending_probe_does_not_block_sizing_from_the_measured_nodes() -> None:
+    """A node that joined and whose probe has not finished: sized from the measured one, the pending one
+    reported (a service already sized keeps scaling)."""
+    d = size(make_spec(), [make_node("a", gbps=50.0), make_node("b", gbps=None)])
+    assert d.host_read_gbps == 50.0 and d.probes_pending == ("b",) and d.nodes == ("a", "b")
+    assert "bandwidth of b not measured yet" in d.reason and d.to_status()["probesPending"] == ["b"]
 
 
 def test_weakest_node_is_the_basis() -> None:
