@@ -29,6 +29,7 @@ PROBE_RESULT_ANNOTATION = f"{GROUP}/bandwidth-probe"
 PROBE_RESULTS_CONFIGMAP = "neo-bandwidth-probes"
 PROBE_COMPONENT = "bandwidth-probe"
 PROBE_NODE_LABEL = f"{GROUP}/probe-node"
+PROBE_ATTEMPT_ANNOTATION = f"{GROUP}/probe-attempt"  # 1 for the first Job of a node, +1 per replacement
 
 # GPU Feature Discovery labels.
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"

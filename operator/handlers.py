@@ -40,7 +40,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.execution.default_backoff = memo.config.retry_seconds
     memo.kube = Kube()
     memo.node_changes = NodeChanges()
-    memo.collector = ProbeCollector(memo.kube, memo.config.probe_namespace, memo.config.retry_seconds,
+    memo.collector = ProbeCollector(memo.kube, memo.config, memo.config.retry_seconds,
                                     on_recorded=lambda nodes: _reconcile_all(memo, waits_for_probes,
                                                                              f"probe result of {', '.join(nodes)}"))
     memo.collector.start()

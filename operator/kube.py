@@ -212,7 +212,14 @@ class Kube:
 
     # -- bandwidth probe --------------------------------------------------------------------------
     def job_exists(self, namespace: str, name: str) -> bool:
-        return self._read_or_none(self.batch.read_namespaced_job, name, namespace) is not None
+        return self.get_job(namespace, name) is not None
+
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._read_or_none(self.batch.read_namespaced_job, name, namespace)
+
+    def get_node(self, name: str) -> dict[str, Any] | None:
+        node = self._read_or_none(self.core.read_node, name)
+        return {"apiVersion": "v1", "kind": "Node", **node} if node else None
 
     def create_job(self, job: dict[str, Any]) -> bool:
         """Create unless it exists; True when created."""

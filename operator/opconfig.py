@@ -19,6 +19,8 @@ class OperatorConfig(Settings):
     gateway_image: str = option("", "default gateway image")
     gpu_worker_image: str = option("", "default gpu-worker image")
     cpu_attention_image: str = option("", "default cpu-attention image")
+    image_pull_secrets: list = option([], "Secrets (in the operator's namespace) the bandwidth probe Jobs pull "
+                                          "their image with (comma-separated; the chart's imagePullSecrets)")
     retry_seconds: float = option(10.0, "how often a NeoService waiting for a bandwidth probe is retried")
     metrics_peers: str = option("", "NetworkPolicy peers (a JSON list of namespaceSelector/podSelector/ipBlock "
                                     "objects) that may scrape every NeoService's /metrics, unless its "

@@ -9,6 +9,8 @@ records it under the node's name in the probe results ConfigMap of its own names
 
 from __future__ import annotations
 
+import calendar
+import dataclasses
 import hashlib
 import json
 import re
@@ -36,12 +38,24 @@ def probe_labels(node_name: str) -> dict[str, str]:
             c.PROBE_NODE_LABEL: probe_job_name(node_name)}
 
 
-def build_probe_job(node: Mapping[str, Any], image: str, namespace: str) -> dict[str, Any]:
+PROBE_RETRY_MAX_S = 3600.0  # the backoff between replacements of a failing probe Job stops growing here
+
+
+def probe_retry_delay(attempt: int, base_s: float) -> float:
+    """Seconds to wait after the ``attempt``-th probe Job of a node failed before replacing it."""
+    return min(PROBE_RETRY_MAX_S, base_s * 2 ** max(0, attempt - 1))
+
+
+def build_probe_job(node: Mapping[str, Any], image: str, namespace: str, attempt: int = 1,
+                    image_pull_secrets: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
     """A Job pinned to ``node`` (nodeName bypasses the scheduler), tolerating its taints, owned by the Node
-    so that deleting the node garbage-collects it."""
+    so that deleting the node garbage-collects it. One pod per Job (``backoffLimit: 0``): the operator
+    retries a failed probe itself, by replacing the Job with backoff, so the failure is seen and
+    reported between attempts."""
     meta = node["metadata"]
     node_name = meta["name"]
     labels = probe_labels(node_name)
+    pull = [{"name": name} for name in image_pull_secrets]
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -49,10 +63,10 @@ def build_probe_job(node: Mapping[str, Any], image: str, namespace: str) -> dict
             "name": probe_job_name(node_name),
             "namespace": namespace,
             "labels": labels,
-            "annotations": {c.PROBE_NODE_LABEL: node_name},
+            "annotations": {c.PROBE_NODE_LABEL: node_name, c.PROBE_ATTEMPT_ANNOTATION: str(attempt)},
         },
         "spec": {
-            "backoffLimit": 2,
+            "backoffLimit": 0,
             "activeDeadlineSeconds": 900,
             "template": {
                 "metadata": {"labels": labels, "annotations": {c.PROBE_NODE_LABEL: node_name}},
@@ -60,6 +74,7 @@ def build_probe_job(node: Mapping[str, Any], image: str, namespace: str) -> dict
                     "nodeName": node_name,
                     "restartPolicy": "Never",
                     "automountServiceAccountToken": False,
+                    **({"imagePullSecrets": pull} if pull else {}),
                     "tolerations": [{"operator": "Exists"}],
                     "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
                                         "seccompProfile": {"type": "RuntimeDefault"}},
@@ -121,3 +136,50 @@ def probe_record(result: Mapping[str, Any], now: float | None = None) -> str:
     detail["read_gbps"] = round(float(result["read_gbps"]), 1)
     detail["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now if now is not None else time.time()))
     return json.dumps(detail, sort_keys=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeFailure:
+    """A node's probe Job that failed: the Job's reason, what the probe said, and when."""
+
+    node: str
+    attempt: int
+    reason: str
+    message: str
+    failed_at: float  # epoch seconds
+
+    def describe(self, base_s: float) -> str:
+        return (f"the bandwidth probe of node {self.node} failed ({self.reason}: {self.message}); attempt "
+                f"{self.attempt}, retried by replacing its Job after {probe_retry_delay(self.attempt, base_s):.0f} s")
+
+
+def _epoch(stamp: str | None) -> float:
+    if not stamp:
+        return time.time()
+    return calendar.timegm(time.strptime(stamp.replace(".000000", "")[:19], "%Y-%m-%dT%H:%M:%S"))
+
+
+def probe_failure(job: Mapping[str, Any] | None, pods: list[Mapping[str, Any]]) -> ProbeFailure | None:
+    """The failure of a probe Job (None while it runs or after it succeeded): the Job's Failed condition,
+    with the probe container's own words (its termination message, or the log tail) when there are any."""
+    if job is None:
+        return None
+    failed = next((cnd for cnd in (job.get("status") or {}).get("conditions") or []
+                   if cnd.get("type") == "Failed" and cnd.get("status") == "True"), None)
+    if failed is None:
+        return None
+    said = ""
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            term = (cs.get("state") or {}).get("terminated") or {}
+            if term:
+                said = (term.get("message") or "").strip()[-300:] or f"{term.get('reason')} (exit {term.get('exitCode')})"
+    meta = job["metadata"]
+    annotations = meta.get("annotations") or {}
+    message = failed.get("message") or ""
+    if said:
+        message = f"{message}; the probe said: {said}" if message else f"the probe said: {said}"
+    return ProbeFailure(node=annotations.get(c.PROBE_NODE_LABEL, ""),
+                        attempt=int(annotations.get(c.PROBE_ATTEMPT_ANNOTATION) or 1),
+                        reason=failed.get("reason") or "Failed", message=message,
+                        failed_at=_epoch(failed.get("lastTransitionTime")))

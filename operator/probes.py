@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any, Callable, Mapping
 
 import kopf
@@ -16,7 +17,8 @@ import kopf
 from neo_operator import constants as c
 from neo_operator.kube import Kube
 from neo_operator.opconfig import OperatorConfig
-from neo_operator.probejob import ProbeResultError, build_probe_job, probe_job_name, probe_pod_result, probe_record
+from neo_operator.probejob import (ProbeFailure, ProbeResultError, build_probe_job, probe_failure, probe_job_name,
+                                   probe_pod_result, probe_record, probe_retry_delay)
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ def ensure_probe_jobs(kube: Kube, config: OperatorConfig, nodes: list[Mapping[st
         name = probe_job_name(node["metadata"]["name"])
         if kube.job_exists(config.probe_namespace, name):
             continue
-        job = build_probe_job(node, image, config.probe_namespace)
+        job = build_probe_job(node, image, config.probe_namespace, image_pull_secrets=config.image_pull_secrets)
         # Owned by the Node: deleting the node garbage-collects its probe. Not kopf.adopt: that would also
         # move the Job into the (cluster-scoped) owner's namespace and copy the node's labels onto it.
         kopf.append_owner_reference(job, owner=dict(node))
@@ -41,6 +43,44 @@ def ensure_probe_jobs(kube: Kube, config: OperatorConfig, nodes: list[Mapping[st
                      node["metadata"]["name"])
             created.append(name)
     return created
+
+
+def probe_failures(kube: Kube, namespace: str, nodes: list[str]) -> dict[str, ProbeFailure]:
+    """The failed probe Jobs of ``nodes`` (node name -> failure), read from the Jobs and their pods."""
+    out = {}
+    for node in nodes:
+        job = probe_job_name(node)
+        failure = probe_failure(kube.get_job(namespace, job), kube.list_pods(namespace, f"job-name={job}"))
+        if failure is not None:
+            out[node] = failure
+    return out
+
+
+def replace_failed_probe_jobs(kube: Kube, config: OperatorConfig, now: float | None = None) -> list[str]:
+    """Replace each failed probe Job whose backoff has passed by a new one (attempt + 1); returns the
+    nodes whose Job was replaced. Found through the failed probe pods (the operator may list pods but
+    not Jobs in its namespace)."""
+    now = time.time() if now is None else now
+    namespace = config.probe_namespace
+    selector = f"{c.COMPONENT_LABEL}={c.PROBE_COMPONENT},{c.MANAGED_BY_LABEL}={c.MANAGED_BY}"
+    replaced = []
+    nodes = {(p["metadata"].get("annotations") or {}).get(c.PROBE_NODE_LABEL) for p in kube.list_pods(namespace, selector)
+             if (p.get("status") or {}).get("phase") == "Failed"}
+    for node, failure in probe_failures(kube, namespace, sorted(n for n in nodes if n)).items():
+        if now < failure.failed_at + probe_retry_delay(failure.attempt, config.retry_seconds):
+            continue
+        node_obj = kube.get_node(node)
+        kube.delete_job(namespace, probe_job_name(node))
+        if node_obj is None:
+            continue  # the node is gone; nothing to measure
+        job = build_probe_job(node_obj, config.effective_probe_image, namespace, attempt=failure.attempt + 1,
+                              image_pull_secrets=config.image_pull_secrets)
+        kopf.append_owner_reference(job, owner=dict(node_obj))
+        if kube.create_job(job):
+            log.info("bandwidth probe of node %s failed (%s); replaced its Job (attempt %d)", node, failure.reason,
+                     failure.attempt + 1)
+            replaced.append(node)
+    return replaced
 
 
 def collect_probe_results(kube: Kube, namespace: str) -> list[str]:
@@ -73,10 +113,11 @@ class ProbeCollector:
     ``on_recorded`` gets the nodes whose results were just recorded (the NeoServices sized without
     them are sized again)."""
 
-    def __init__(self, kube: Kube, namespace: str, interval: float,
+    def __init__(self, kube: Kube, config: OperatorConfig, interval: float,
                  on_recorded: Callable[[list[str]], None] | None = None) -> None:
         self.kube = kube
-        self.namespace = namespace
+        self.config = config
+        self.namespace = config.probe_namespace
         self.interval = interval
         self.on_recorded = on_recorded
         self._stop = threading.Event()
@@ -95,6 +136,7 @@ class ProbeCollector:
                 recorded = collect_probe_results(self.kube, self.namespace)
                 if recorded and self.on_recorded is not None:
                     self.on_recorded(recorded)
+                replace_failed_probe_jobs(self.kube, self.config)
             except Exception:  # noqa: BLE001 - keep collecting; the API server may be briefly unreachable
                 log.exception("collecting bandwidth probe results failed")
             self._stop.wait(self.interval)

@@ -23,7 +23,7 @@ from neo_operator.labels import selector_string
 from neo_operator.networkpolicy import build_network_policy, network_policy_name
 from neo_operator.nodes import node_facts, select_nodes
 from neo_operator.opconfig import OperatorConfig
-from neo_operator.probes import ensure_probe_jobs
+from neo_operator.probes import ensure_probe_jobs, probe_failures
 from neo_operator.service import build_service, service_url
 from neo_operator.sizing import SizingError, SizingPending, size
 from neo_operator.spec import SpecError, parse_spec
@@ -91,6 +91,12 @@ def reconcile(kube: Kube, config: OperatorConfig, body: Mapping[str, Any],
     except SizingPending as exc:
         ensure_probe_jobs(kube, config, [n for n in nodes if n["metadata"]["name"] in exc.nodes])
         upd.pending = str(exc)
+        failures = probe_failures(kube, config.probe_namespace, exc.nodes)
+        if failures:
+            return upd.cond("Sized", False, "BandwidthProbeFailed",
+                            "; ".join(f.describe(config.retry_seconds) for f in failures.values())
+                            + f"; an administrator may set the node annotation {c.READ_GBPS_ANNOTATION} by hand, or "
+                            "set spec.cpuOffload.mode to off or full to size without it")
         return upd.cond("Sized", False, "BandwidthProbePending",
                         f"{exc}; the probe Job in namespace {config.probe_namespace} records each node's result "
                         f"in ConfigMap {c.PROBE_RESULTS_CONFIGMAP} (an administrator may instead set the node "

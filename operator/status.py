@@ -11,7 +11,7 @@ import datetime
 from typing import Any, Mapping
 
 CONDITION_TYPES = ("SpecValid", "ModelAvailable", "Sized", "WorkloadReady", "Ready")
-PENDING_REASONS = {"BandwidthProbePending"}
+PENDING_REASONS = {"BandwidthProbePending", "BandwidthProbeFailed"}  # both retried by the operator
 
 
 def now_iso() -> str:

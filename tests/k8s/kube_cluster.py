@@ -38,7 +38,8 @@ CHART = REPO / "charts" / "neo"
 ADMIN_TOKEN = "neo-test-admin-token"
 OPERATOR_TOKEN = "neo-test-operator-token"
 OPERATOR_NAMESPACE = "neo-system"
-OPERATOR_SA = "neo-operator"  # the chart's ServiceAccount name for release "neo"
+OPERATOR_SA = "neo-operator"
+PULL_SECRET = "neo-registry"  # the operator's imagePullSecrets (the chart's), which its probe Jobs carry  # the chart's ServiceAccount name for release "neo"
 # a second release, watching chosen namespaces only (the chart's namespaced RBAC)
 SCOPED_TOKEN = "neo-test-scoped-token"
 SCOPED_NAMESPACE = "neo-scoped"
@@ -283,7 +284,7 @@ def operator(cluster: Cluster) -> Iterator[Operator]:
     install_crd(cluster)
     sa_names = install_rbac(cluster, "neo", OPERATOR_NAMESPACE, "operator.clusterWide=true")
     assert OPERATOR_SA in sa_names, f"chart ServiceAccount is {sa_names}, the static token expects {OPERATOR_SA}"
-    op = Operator(cluster, cluster.operator_kubeconfig, OPERATOR_NAMESPACE)
+    op = Operator(cluster, cluster.operator_kubeconfig, OPERATOR_NAMESPACE, ("--image-pull-secrets", PULL_SECRET))
     try:
         op.start()
         yield op

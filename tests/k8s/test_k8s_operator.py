@@ -22,7 +22,7 @@ from neo_operator.probejob import probe_job_name
 from neo_operator.sizing import size
 from neo_operator.spec import parse_spec
 
-from kube_cluster import ADMIN_TOKEN, OPERATOR_NAMESPACE, Cluster, Operator, wait_for
+from kube_cluster import ADMIN_TOKEN, OPERATOR_NAMESPACE, PULL_SECRET, Cluster, Operator, wait_for
 
 pytestmark = pytest.mark.k8s
 
@@ -563,3 +563,45 @@ def test_a_pending_probe_does_not_block_scaling(apis: dict) -> None:
     obj = wait_for(lambda: (o := get_ns(apis, "grow"))["status"]["sizing"]["probesPending"] == [] and o, timeout=20,
                    what="sized again once the probe result is recorded")
     assert obj["status"]["sizing"]["hostReadGBps"] == 70.0  # the slower node is now the basis
+
+
+def fake_kubelet_fail_probe(apis: dict, node: str, said: str) -> str:
+    """The kubelet's part for a probe that fails: its pod ends Failed with the probe's error as the
+    termination message (FallbackToLogsOnError); returns the pod's Job's uid."""
+    core, job = apis["core"], probe_job_name(node)
+    pod = wait_for(lambda: next(iter(core.list_namespaced_pod(OPERATOR_NAMESPACE, label_selector=f"job-name={job}").items),
+                                None), what=f"probe pod of {job}")
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    core.patch_namespaced_pod_status(pod.metadata.name, OPERATOR_NAMESPACE, {"status": {
+        "phase": "Failed",
+        "containerStatuses": [{
+            "name": "probe", "image": pod.spec.containers[0].image, "imageID": "", "ready": False, "restartCount": 0,
+            "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": said, "startedAt": now,
+                                     "finishedAt": now}}}]}})
+    return pod.metadata.owner_references[0].uid
+
+
+def test_a_failed_probe_surfaces_and_is_retried(apis: dict) -> None:
+    """The probe pod fails: the NeoService says so with the Job's reason and the probe's words, and the
+    operator replaces the Job with backoff (attempt 2), which then succeeds and the service is sized."""
+    batch, product = apis["batch"], "Tesla-T4"
+    make_node(apis["core"], "gpu-t4-1", product, 15360, cpus="16", memory="64Gi")
+    spec = {"model": {"name": "smollm2-135m"}, "gpu": {"products": [product]},
+            "cpuOffload": {"mode": "auto", "kvMemory": "1Gi"}}
+    apis["custom"].create_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, neoservice("t4", **spec))
+    job = wait_for(lambda: batch.read_namespaced_job(probe_job_name("gpu-t4-1"), OPERATOR_NAMESPACE), what="probe job")
+    assert [s.name for s in job.spec.template.spec.image_pull_secrets] == [PULL_SECRET]
+    first = fake_kubelet_fail_probe(apis, "gpu-t4-1", "ConfigError: no AVX2 on this CPU")
+    try:
+        obj = wait_for(lambda: (o := get_ns(apis, "t4")) and (cond(o, "Sized") or {}).get("reason")
+                       == "BandwidthProbeFailed" and o, what="BandwidthProbeFailed on t4")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\noperator log:\n{apis['operator'].tail()}") from None
+    message = cond(obj, "Sized")["message"]
+    assert "gpu-t4-1" in message and "BackoffLimitExceeded" in message and "no AVX2 on this CPU" in message, message
+    assert obj["status"]["phase"] == "Pending"
+    replaced = wait_for(lambda: (j := batch.read_namespaced_job(probe_job_name("gpu-t4-1"), OPERATOR_NAMESPACE))
+                        .metadata.uid != first and j, what="the failed probe Job replaced")
+    assert replaced.metadata.annotations[c.PROBE_ATTEMPT_ANNOTATION] == "2"
+    fake_kubelet_complete_probe(apis, "gpu-t4-1", 30.0, 16)
+    wait_for(lambda: (cond(get_ns(apis, "t4"), "Sized") or {}).get("status") == "True", what="t4 sized after the retry")
