@@ -23,6 +23,7 @@ from neo_operator.reconcile import reconcile, workload_update
 log = logging.getLogger(__name__)
 
 OWNED = {c.MANAGED_BY_LABEL: c.MANAGED_BY}
+PEERING_LIFETIME_S = 20  # a replica killed without leaving is taken over this soon
 RECREATE_MAX_DELAY_S = 30.0  # the backoff cap of a Deployment recreation that keeps failing
 
 
@@ -34,6 +35,12 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         prefix=c.GROUP, key="last-handled-configuration")
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 60
+    # Peering (--peering): one ClusterKopfPeering whatever the watched namespaces (one object in the
+    # chart); it must exist, or the replicas would each run standalone and collide. A replica that died
+    # without leaving is taken over after its record's lifetime.
+    settings.peering.clusterwide = True
+    settings.peering.mandatory = True
+    settings.peering.lifetime = PEERING_LIFETIME_S
     if "config" not in memo:
         memo.config = OperatorConfig.from_args([])
     # A handler that raised (a write lost to a race, a 5xx) is retried this soon, not after kopf's 60 s.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import random
 from typing import Sequence
 
 import kopf
@@ -33,11 +34,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from neo_operator import handlers  # noqa: F401  (registers the handlers)
 
     memo = kopf.Memo(config=config)
-    log.info("neo operator starting (namespaces: %s)", ",".join(config.namespace) or "all")
+    # Equal priorities make every peer pause (kopf's rule against double handling): a random one
+    # per replica, so two replicas never tie.
+    priority = config.priority or random.SystemRandom().randint(1, 2**31 - 1)
+    log.info("neo operator starting (namespaces: %s; %s)", ",".join(config.namespace) or "all",
+             f"peering {config.peering!r}, priority {priority}" if config.peering else "standalone")
     asyncio.run(kopf.operator(
         clusterwide=not config.namespace,
         namespaces=config.namespace,
-        standalone=True,  # one replica (the chart's Deployment uses Recreate); no peering objects needed
+        standalone=not config.peering,
+        peering_name=config.peering or None,
+        priority=priority,
         liveness_endpoint=config.liveness or None,
         memo=memo,
     ))

@@ -25,6 +25,9 @@ class OperatorConfig(Settings):
     metrics_peers: str = option("", "NetworkPolicy peers (a JSON list of namespaceSelector/podSelector/ipBlock "
                                     "objects) that may scrape every NeoService's /metrics, unless its "
                                     "spec.networkPolicy.metricsFrom says otherwise (empty: none)")
+    peering: str = option("", "kopf peering: the name of a ClusterKopfPeering; replicas sharing it elect one active "
+                              "operator (the highest --priority), the others wait (empty: standalone, one replica)")
+    priority: int = option(0, "this replica's peering priority (0: a random one, so replicas never tie)")
     liveness: str = option("", "kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz (empty: none)")
     verbose: bool = option(False, "debug logging")
 
