@@ -4,14 +4,16 @@ For each model (a dummy-weight geometry such as llama-3-8b, and a random tiny Ll
 are large enough for its logits to be far from uniform) the same random weights are loaded twice: as
 bf16, and with ``--quantization fp8`` (per-output-channel e4m3 weights, ``torch._scaled_mm`` with
 per-token activation scales). Both run through the worker's ``ModelRunner`` with CUDA graphs, as
-served.
+served. Three FP8 variants: ``fp8`` as the worker runs it (batches of at most
+``fp8.W8A16_ROWS`` rows through the weight-only Triton kernel, larger ones through ``_scaled_mm``),
+``fp8-mm`` (``_scaled_mm`` at every size) and ``fp8-w8a16`` (the weight-only kernel up to 128 rows).
 
 - agreement: greedy tokens of 8 prompts over ``--new-tokens`` steps (fraction of positions equal,
   and where the first difference falls), and the logits of a 128-token prefill (relative L2 error,
   largest absolute difference, top-1 agreement over the positions);
 - time: decode iterations at batch 1/32/128 over ``--ctx`` tokens of context (steady back-to-back
   iterations, as ``roofline.steady`` times them) and one 4096-token prefill (``roofline.timed``),
-  bf16 and FP8 interleaved A B B A for ``--repeats`` rounds after a warm-up, so drift in clocks or
+  the variants interleaved A B C D D C B A for ``--repeats`` rounds after a warm-up, so drift in clocks or
   temperature hits both alike; the median and the min..max spread over the rounds are reported.
 
 Prints a table, writes ``fp8.json`` and ``fp8.png`` under ``--out``.
@@ -32,7 +34,7 @@ import torch
 
 from neo_bench.roofline import BLOCK, decode_plan, prefill_plan, steady, timed
 from neo_common.geometry import ModelGeometry, lookup
-from neo_gpu_worker import ops
+from neo_gpu_worker import fp8, ops
 from neo_gpu_worker.batch import build_sub_batch
 from neo_gpu_worker.loader import build_model
 from neo_gpu_worker.model_runner import ModelRunner
@@ -78,18 +80,24 @@ def prefill_logits(runner: ModelRunner, tokens: list[int]) -> torch.Tensor:
         return runner.model.compute_logits(runner.model(sb.input_ids, sb.positions, runner.kv_cache, sb.meta))
 
 
-def agreement(runners: dict, vocab: int, steps: int) -> dict:
+def agreement(runners: dict, variant: str, vocab: int, steps: int) -> dict:
+    """``variant`` against bf16: greedy tokens of 8 prompts, and the logits of a prefill (of 128
+    tokens, the decode path's sizes, and of 512, past ``W8A16_ROWS``)."""
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, vocab, size=int(n)).tolist() for n in rng.integers(16, 64, 8)]
-    a, b = (greedy(runners[k], prompts, steps) for k in ("bf16", "fp8"))
+    a, b = (greedy(runners[k], prompts, steps) for k in ("bf16", variant))
     same = [sum(x == y for x, y in zip(ra, rb)) / steps for ra, rb in zip(a, b)]
     first = [next((i for i, (x, y) in enumerate(zip(ra, rb)) if x != y), steps) for ra, rb in zip(a, b)]
-    tokens = rng.integers(3, vocab, size=128).tolist()
-    la, lb = (prefill_logits(runners[k], tokens) for k in ("bf16", "fp8"))
-    return {"greedy_equal_fraction": float(np.mean(same)), "first_difference_median": float(np.median(first)),
-            "steps": steps, "logits_rel_l2": float((lb - la).norm() / la.norm()),
+    out = {"greedy_equal_fraction": float(np.mean(same)), "first_difference_median": float(np.median(first)),
+           "steps": steps}
+    for length in (128, 512):
+        tokens = rng.integers(3, vocab, size=length).tolist()
+        la, lb = (prefill_logits(runners[k], tokens) for k in ("bf16", variant))
+        out[f"prefill_{length}"] = {
+            "logits_rel_l2": float((lb - la).norm() / la.norm()),
             "logits_max_abs_diff": float((lb - la).abs().max()), "logits_max_abs": float(la.abs().max()),
             "top1_agreement": float((la.argmax(-1) == lb.argmax(-1)).float().mean())}
+    return out
 
 
 def abba(fns: dict, repeats: int) -> dict:
@@ -117,7 +125,7 @@ def timings(runners: dict, g: ModelGeometry, args: argparse.Namespace) -> list[d
         t = abba({k: (lambda r=r: timed(lambda: r.execute(plan), 3)) for k, r in runners.items()}, args.repeats)
         rows.append({"kind": "prefill", "tokens": length, **t})
     for r in rows:
-        r["speedup"] = r["bf16"]["median_s"] / r["fp8"]["median_s"]
+        r["speedup"] = {k: r["bf16"]["median_s"] / r[k]["median_s"] for k in runners if k != "bf16"}
     return rows
 
 
@@ -126,13 +134,17 @@ def run_model(g: ModelGeometry, gain: float, args: argparse.Namespace) -> dict:
     longest = max([args.ctx + 1] + [int(p) for p in args.prefills.split(",")])
     blocks = max(max_batch * -(-(args.ctx + args.new_tokens + 64) // BLOCK), -(-longest // BLOCK)) + 8
     runners, weights = {}, {}
-    for name, quant in (("bf16", "none"), ("fp8", "fp8")):
-        model = load(g, quant, gain)
+    for name, rows in (("bf16", None), ("fp8", fp8.W8A16_ROWS), ("fp8-mm", 0), ("fp8-w8a16", 128)):
+        model = load(g, "none" if rows is None else "fp8", gain)
+        for m in model.modules():   # before the graphs are captured: they keep the path taken then
+            if isinstance(m, fp8.Fp8Linear):
+                m.w8a16_rows = rows
         weights[name] = sum(p.numel() * p.element_size() for p in model.parameters())
         runners[name] = ModelRunner(model, blocks, BLOCK, DEVICE, torch.bfloat16, graph_max_batch=max_batch,
                                     max_model_len=g.max_position_embeddings)
     result = {"model": g.name, "weight_gain": gain, "weight_bytes": weights,
-              "agreement": agreement(runners, g.vocab_size, args.new_tokens), "rows": timings(runners, g, args)}
+              "agreement": {k: agreement(runners, k, g.vocab_size, args.new_tokens) for k in runners if k != "bf16"},
+              "rows": timings(runners, g, args)}
     del runners
     torch.cuda.empty_cache()
     return result
@@ -156,21 +168,30 @@ def main() -> None:
     result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "args": vars(args), "models": models}
     with open(os.path.join(args.out, "fp8.json"), "w") as f:
         json.dump(result, f, indent=2)
-    print(f"FP8 vs bf16 on {result['gpu']} (torch {torch.__version__}); medians of {args.repeats} ABBA rounds, "
-          "[min..max]")
-    for m in models:
-        a, w = m["agreement"], m["weight_bytes"]
-        print(f"\n{m['model']}: weights {w['bf16'] / 2**30:.2f} -> {w['fp8'] / 2**30:.2f} GiB; greedy tokens equal "
-              f"{a['greedy_equal_fraction']:.1%} over {a['steps']} steps (first difference at step "
-              f"{a['first_difference_median']:.0f}, median); prefill logits rel. L2 {a['logits_rel_l2']:.4f}, "
-              f"max |diff| {a['logits_max_abs_diff']:.3f} of max |logit| {a['logits_max_abs']:.2f}, "
-              f"top-1 agreement {a['top1_agreement']:.1%}")
-        print(f"  {'kind':8} {'size':>6} {'bf16 ms':>22} {'fp8 ms':>22} {'speedup':>8}")
+    report(result)
+    plot(result, os.path.join(args.out, "fp8.png"))
+
+
+def report(result: dict) -> None:
+    """The table: per model, the agreement of each FP8 variant and the timings side by side."""
+    print(f"FP8 vs bf16 on {result['gpu']} (torch {result['torch']}); medians of {result['args']['repeats']} "
+          "ABBA rounds, [min..max]")
+    cell = lambda t: f"{t['median_s'] * 1e3:.3f} [{t['min_s'] * 1e3:.3f}..{t['max_s'] * 1e3:.3f}]"  # noqa: E731
+    for m in result["models"]:
+        w = m["weight_bytes"]
+        print(f"\n{m['model']}: weights {w['bf16'] / 2**30:.2f} GiB (bf16) -> {w['fp8'] / 2**30:.2f} GiB (fp8)")
+        for variant, a in m["agreement"].items():
+            p128, p512 = a["prefill_128"], a["prefill_512"]
+            print(f"  {variant} vs bf16: greedy tokens equal {a['greedy_equal_fraction']:.1%} over {a['steps']} steps "
+                  f"(first difference at step {a['first_difference_median']:.0f}, median); prefill logits rel. L2 "
+                  f"{p128['logits_rel_l2']:.4f} (128 tokens) / {p512['logits_rel_l2']:.4f} (512), top-1 agreement "
+                  f"{p128['top1_agreement']:.1%} / {p512['top1_agreement']:.1%}")
+        variants = list(m["rows"][0]["speedup"])
+        print(f"  {'kind':8} {'size':>6} {'bf16 ms':>24}" + "".join(f" {k + ' ms':>24} {'x':>6}" for k in variants))
         for r in m["rows"]:
             size = r.get("batch", r.get("tokens"))
-            cell = lambda t: f"{t['median_s'] * 1e3:.3f} [{t['min_s'] * 1e3:.3f}..{t['max_s'] * 1e3:.3f}]"  # noqa: E731
-            print(f"  {r['kind']:8} {size:>6} {cell(r['bf16']):>22} {cell(r['fp8']):>22} {r['speedup']:>7.2f}x")
-    plot(result, os.path.join(args.out, "fp8.png"))
+            print(f"  {r['kind']:8} {size:>6} {cell(r['bf16']):>24}"
+                  + "".join(f" {cell(r[k]):>24} {r['speedup'][k]:>5.2f}x" for k in variants))
 
 
 def plot(result: dict, path: str) -> None:
@@ -183,14 +204,14 @@ def plot(result: dict, path: str) -> None:
     for ax, m in zip(np.atleast_1d(axes), result["models"]):
         labels = [f"decode b{r['batch']}" if r["kind"] == "decode" else f"prefill {r['tokens']}" for r in m["rows"]]
         x = np.arange(len(labels))
-        for off, key in ((-0.2, "bf16"), (0.2, "fp8")):
+        keys = ["bf16"] + list(m["rows"][0]["speedup"])
+        for j, key in enumerate(keys):
             med = [r[key]["median_s"] * 1e3 for r in m["rows"]]
             err = [[r[key]["median_s"] * 1e3 - r[key]["min_s"] * 1e3 for r in m["rows"]],
                    [r[key]["max_s"] * 1e3 - r[key]["median_s"] * 1e3 for r in m["rows"]]]
-            ax.bar(x + off, med, 0.4, yerr=err, label=key)
+            ax.bar(x + (j - 1.5) * 0.2, med, 0.2, yerr=err, label=key)
         for i, r in enumerate(m["rows"]):
-            ax.text(i, max(r["bf16"]["median_s"], r["fp8"]["median_s"]) * 1e3 * 1.15, f"{r['speedup']:.2f}x",
-                    ha="center", fontsize=8)
+            ax.text(i, r["bf16"]["median_s"] * 1e3 * 1.2, f"fp8 {r['speedup']['fp8']:.2f}x", ha="center", fontsize=7)
         ax.set_yscale("log")
         ax.set_xticks(x, labels, fontsize=8)
         ax.set_ylabel("iteration time (ms)")

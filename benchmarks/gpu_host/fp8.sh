@@ -13,6 +13,6 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
   python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } \
   | tee "$OUT/hardware.txt"
 NEO_BUILD_JOBS=16 python3 setup.py -q build_ext --inplace > /tmp/build.log 2>&1 || tail -20 /tmp/build.log
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu_worker/test_fp8_cuda.py \
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu_worker/test_fp8_cuda.py \
   tests/gpu_worker/test_fp8_checkpoints.py 2>&1 | tee "$OUT/tests_cuda.txt" | tail -25
-timeout 330 python3 benchmarks/fp8.py --out "$OUT" ${FP8_ARGS:-} 2>&1 | grep -v Warning | tee "$OUT/fp8.txt"
+timeout 390 python3 benchmarks/fp8.py --out "$OUT" ${FP8_ARGS:-} 2>&1 | grep -v Warning | tee "$OUT/fp8.txt"

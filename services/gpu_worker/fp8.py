@@ -7,7 +7,11 @@ the LM head) when the geometry's ``quantization`` is ``fp8``. Its matmul has two
   are quantized on the fly to e4m3 with one scale per token (row amax / 448), and
   ``torch._scaled_mm`` multiplies the FP8 operands with row-wise scales (the activations' per
   token, the weight's per output channel) into bf16. Every step stays on the device (no host
-  reads), so CUDA graphs capture it.
+  reads), so CUDA graphs capture it. Batches of at most ``w8a16_rows`` rows (decode steps) take
+  a Triton kernel instead that reads the FP8 weight and multiplies it, converted in registers,
+  with the unquantized activations (``kernels/fp8_quant.py``): those steps are bound by the
+  weight bytes, which it reads at one byte each, and ``_scaled_mm``'s kernels are tuned for large
+  batches.
 - **the dequantizing twin** (the CPU device, a float32 model, shapes ``_scaled_mm`` refuses):
   ``weight.float() * scale`` in the compute dtype, then the ordinary matmul. It is the reference
   the tests compare against; it saves memory but no time.
@@ -30,6 +34,9 @@ FP8_TYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_MAX = 448.0          # the largest finite e4m3fn value
 _MIN_SCALE = 1e-12       # an all-zero row still gets a usable (positive) scale
 MIN_CAPABILITY = (8, 9)  # Ada and Hopper have FP8 tensor cores
+# Batches up to this many rows take the weight-only FP8 kernel: on an H200 (llama-3-8b decode) it
+# beat _scaled_mm at batch 1 and lost at 32 and 128 (docs/benchmarks/fp8)
+W8A16_ROWS = 16
 DENSE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")   # HF names
 FUSED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")   # the engine's dense modules
 
@@ -72,6 +79,7 @@ class Fp8Linear(nn.Module):
         self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=torch.float32), requires_grad=False)
         self.bias = bias
         self.scaled_mm = False
+        self.w8a16_rows = 0
 
     def set_weight(self, w: torch.Tensor) -> None:
         """Quantize a high-precision ``w [out, in]`` into this layer (random weights, the profiler)."""
@@ -104,9 +112,15 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def scaled_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                  bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ (weight * weight_scale).T (+ bias)`` as an FP8 GEMM with per-token activation scales."""
+                  bias: torch.Tensor | None, w8a16_rows: int = 0) -> torch.Tensor:
+    """``x @ (weight * weight_scale).T (+ bias)`` as an FP8 GEMM with per-token activation scales
+    (or, for at most ``w8a16_rows`` rows, the weight-only FP8 kernel)."""
     shape = x.shape
+    if x.numel() // shape[-1] <= w8a16_rows:
+        from neo_gpu_worker.kernels.fp8_quant import w8a16_matmul
+
+        out = w8a16_matmul(x.reshape(-1, shape[-1]), weight, weight_scale)
+        return (out if bias is None else out + bias).view(*shape[:-1], weight.shape[0])
     xq, x_scale = quantize_activations(x.reshape(-1, shape[-1]))
     # weight [N, K] row-major is the column-major [K, N] operand _scaled_mm wants; row-wise scales
     # need bf16 output
@@ -135,9 +149,12 @@ def prepare(module: nn.Module, device: torch.device, dtype: torch.dtype = torch.
     for a 16-bit compute dtype when the shapes suit it (both dimensions multiples of 16), the twin
     elsewhere (``--dtype float32`` asks for float32 arithmetic, which the twin keeps)."""
     fast = supports_fp8(device) and dtype in (torch.bfloat16, torch.float16)
+    from neo_gpu_worker.kernels import triton_available
+
     for m in module.modules():
         if isinstance(m, Fp8Linear):
             m.scaled_mm = fast and m.in_features % 16 == 0 and m.out_features % 16 == 0
+            m.w8a16_rows = W8A16_ROWS if m.scaled_mm and triton_available() else 0
 
 
 def weight_bytes(module: nn.Module) -> int:

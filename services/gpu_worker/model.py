@@ -57,7 +57,7 @@ def _apply(layer: nn.Linear | Fp8Linear, x: torch.Tensor) -> torch.Tensor:
     """A dense layer: an FP8 one through ``_scaled_mm`` or its dequantizing twin (``fp8.py``)."""
     if isinstance(layer, Fp8Linear):
         if layer.scaled_mm:
-            return scaled_linear(x, layer.weight, layer.weight_scale, layer.bias)
+            return scaled_linear(x, layer.weight, layer.weight_scale, layer.bias, layer.w8a16_rows)
         return dense(x, dequantize(layer.weight, layer.weight_scale, x.dtype), layer.bias)
     return dense(x, layer.weight, layer.bias)
 

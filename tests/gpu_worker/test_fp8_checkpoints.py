@@ -47,7 +47,7 @@ from neo_gpu_worker.loader import load_model
 from neo_gpu_worker.model import _apply
 from neo_gpu_worker.model_runner import ModelRunner
 from neo_gpu_worker.parallel import TensorParallel
-from support.equivalence import check_equivalent, runner_for
+from support.equivalence import DEVICE, check_equivalent, runner_for
 from support.random_model import fp8_hf_folders, random_hf_folder
 
 transformers = pytest.importorskip("transformers")
@@ -118,7 +118,7 @@ def test_an_fp8_checkpoint_matches_transformers_on_its_dequantized_weights(tmp_p
     assert isinstance(layer.self_attn.qkv_proj, fp8.Fp8Linear) and isinstance(layer.mlp.down_proj, fp8.Fp8Linear)
     assert layer.self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
     assert not isinstance(runner.model.lm_head, fp8.Fp8Linear)   # embeddings and the LM head stay high precision
-    ref = transformers.AutoModelForCausalLM.from_pretrained(dequantized, dtype=torch.float32).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(dequantized, dtype=torch.float32).to(DEVICE).eval()
     check_equivalent(runner, ref, prompts(config.vocab_size), atol=1e-3)
 
 

@@ -3,10 +3,11 @@
 Triton row quantizer against its torch twin, CUDA-graph replays of an FP8 model against its eager
 forward, and an FP8 checkpoint in bf16 against ``transformers`` on its dequantized weights.
 
-Tolerances: the GEMM against a float32 matmul of the same FP8 operands, relative L2 error 1e-2
+Tolerances: ``_scaled_mm`` against a float32 matmul of the same FP8 operands, relative L2 error 1e-2
 (bf16 output); against the unquantized activations, 5e-2 (the activations' e4m3 rounding: at most
-2**-4 of each row's largest value); model logits against the dequantized reference, 0.1 (as the CPU
-tests' FP8 tolerance: one e4m3 rounding of the activations at every dense layer).
+2**-4 of each row's largest value); the weight-only kernel of decode batches against the float32
+matmul of the dequantized weight, 1e-2; model logits against the dequantized reference, 0.1 (as the
+CPU tests' FP8 tolerance: one e4m3 rounding of the activations at every dense layer).
 """
 
 from __future__ import annotations
@@ -39,22 +40,47 @@ def torch_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn), scale
 
 
-@pytest.mark.parametrize("rows, k, n", [(1, 4096, 6144), (37, 14336, 4096), (4096, 4096, 1024)])
-def test_scaled_mm_equals_the_dequantized_matmul(rows, k, n):
-    g = torch.Generator(DEVICE).manual_seed(rows)
-    x = torch.randn(rows, k, device=DEVICE, generator=g).to(torch.bfloat16)
-    x[0, 3] = 40.0   # an outlier: only its own row's scale grows
+def fp8_layer(k: int, n: int, seed: int) -> fp8.Fp8Linear:
     layer = fp8.Fp8Linear(k, n, None).to(DEVICE)
-    layer.set_weight(torch.randn(n, k, device=DEVICE, generator=g) * 0.02)
-    fp8.prepare(layer, DEVICE)
-    assert layer.scaled_mm
+    layer.set_weight(torch.randn(n, k, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(seed)) * 0.02)
+    fp8.prepare(layer, DEVICE, torch.bfloat16)
+    assert layer.scaled_mm and layer.w8a16_rows == fp8.W8A16_ROWS
+    return layer
+
+
+def activations(rows: int, k: int) -> torch.Tensor:
+    x = torch.randn(rows, k, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(rows)).to(torch.bfloat16)
+    x[0, 3] = 40.0   # an outlier: only its own row's scale grows
+    return x
+
+
+@pytest.mark.parametrize("rows, k, n", [(1, 4096, 6144), (37, 14336, 4096), (129, 4096, 28672), (4096, 4096, 1024)])
+def test_scaled_mm_equals_the_dequantized_matmul(rows, k, n):
+    layer, x = fp8_layer(k, n, rows), activations(rows, k)
     out = torch.full((rows, n), float("nan"), device=DEVICE, dtype=torch.bfloat16)
-    out.copy_(layer(x))
+    out.copy_(fp8.scaled_linear(x, layer.weight, layer.weight_scale, None, w8a16_rows=0))
     assert not out.isnan().any()
     w = fp8.dequantize(layer.weight, layer.weight_scale, torch.float32)
     xq, xs = torch_quantize(x)
     assert rel(out, (xq.float() * xs) @ w.t()) < 1e-2
     assert rel(out, x.float() @ w.t()) < 5e-2
+    if rows > fp8.W8A16_ROWS:   # what the layer runs at this size
+        torch.testing.assert_close(layer(x), out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rows, k, n", [(1, 4096, 6144), (7, 14336, 4096), (64, 4096, 28672), (128, 576, 960),
+                                        (100, 8192, 1024)])
+def test_the_weight_only_kernel_of_decode_batches_equals_the_dequantized_matmul(rows, k, n):
+    from neo_gpu_worker.kernels.fp8_quant import w8a16_matmul
+
+    layer, x = fp8_layer(k, n, rows), activations(rows, k)
+    out = torch.full((rows, n), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+    out.copy_(w8a16_matmul(x, layer.weight, layer.weight_scale))   # activations unquantized
+    assert not out.isnan().any()
+    w = fp8.dequantize(layer.weight, layer.weight_scale, torch.float32)
+    assert rel(out, x.float() @ w.t()) < 1e-2
+    if rows <= fp8.W8A16_ROWS:   # what the layer runs at this size
+        torch.testing.assert_close(layer(x), out, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("rows, k", [(1, 576), (200, 4096), (3, 14336), (5, 8200)])
