@@ -107,6 +107,7 @@ class ConnectionWatch:
     def __init__(self, sock: zmq.Socket) -> None:
         self.sock = sock
         self.connected = False
+        self.connects = 0   # connections made so far (a reconnection is a new gateway)
         self._monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="connection-watch", daemon=True)
@@ -120,6 +121,7 @@ class ConnectionWatch:
                 event = recv_monitor_message(self._monitor)["event"]
                 if event == zmq.EVENT_CONNECTED:
                     self.connected = True
+                    self.connects += 1
                 elif event == zmq.EVENT_DISCONNECTED:
                     self.connected = False
         finally:

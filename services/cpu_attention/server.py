@@ -139,7 +139,9 @@ class CpuAttentionServer:
         while self.monitor.poll(0):
             event = recv_monitor_message(self.monitor)["event"]
             if event == zmq.EVENT_CONNECTED:
-                self.connected, self.disconnected_at = True, None
+                # a (re)started gateway cannot address us until we speak (its end is a ROUTER):
+                # say Hello again until it answers
+                self.connected, self.disconnected_at, self.gateway_seen = True, None, False
             elif event == zmq.EVENT_DISCONNECTED and self.connected:
                 log.warning("gateway disconnected")
                 self.connected, self.disconnected_at = False, time.monotonic()

@@ -115,9 +115,6 @@ class Engine:
                                   config.ipc.worker_timeout_s, lambda r: check_cpu_attention_ready(r, config), keys)
                 link.on_down.append(self._on_cpu_attention_down)
                 self.cpu_links.append(link)
-        if keys is not None:
-            for link in self.links:   # ZAP looks providers up by domain: one per link name
-                self._auth.configure_curve_callback(link.name, credentials_provider=self._key_check)
         self.scheduler: Scheduler | None = None
         self.requests: dict[int, _Request] = {}
         self.max_model_len = 0
@@ -135,8 +132,7 @@ class Engine:
         from zmq.auth.asyncio import AsyncioAuthenticator
 
         keys = LinkKeys.load_or_create(self.config.runtime_dir)
-        self._auth = AsyncioAuthenticator(ctx)
-        self._auth.start()
+        self._auth = AsyncioAuthenticator(ctx)   # started by start(), in the event loop, before any bind
 
         def denied(domain: str) -> None:
             for link in self.links:
@@ -149,6 +145,10 @@ class Engine:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
+        if getattr(self, "_auth", None) is not None:
+            self._auth.start()
+            for link in self.links:   # ZAP looks providers up by domain: one per link name
+                self._auth.configure_curve_callback(link.name, credentials_provider=self._key_check)
         for link in self.links:
             link.start()
         self._loop_task = asyncio.create_task(self._loop())
@@ -445,8 +445,7 @@ class Engine:
             with contextlib.suppress(WorkerDown):
                 await link.send(Shutdown(reason=reason))
                 told.append(link)
-            link.ready = None
-            link.ready_event.clear()
+            link.retire()
         deadline = time.monotonic() + timeout_s
         while any(link.connected for link in told) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)

@@ -67,7 +67,8 @@ class Replica:
 
     def start_role(self, role: str) -> None:
         cmd = [sys.executable, "-m", "neo_common.cli", role, *self.config.to_args()]
-        self.procs[role] = subprocess.Popen(cmd, env={**os.environ, **MULTICAST_OFF},
+        secrets = self.config.secret_env() if role == "gateway" else {}  # never flags: argv is public
+        self.procs[role] = subprocess.Popen(cmd, env={**os.environ, **MULTICAST_OFF, **secrets},
                                             process_group=0, preexec_fn=self._child_setup(role))
         log.info("started %s (pid %d)", role, self.procs[role].pid)
 

@@ -17,6 +17,7 @@ from neo_common.model_source import resolve
 from neo_gateway.api import create_app
 from neo_gateway.drain import Drain, DrainingServer, DrainMiddleware
 from neo_gateway.engine import Engine
+from neo_gateway.http_protocol import server_options
 from neo_gateway.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # gives connections that are still open (the drained requests have sent their last bytes).
     server = DrainingServer(uvicorn.Config(app, host=config.http.host, port=config.http.port,
                                            log_level=config.http.log_level, access_log=False,
-                                           timeout_graceful_shutdown=5), drain)
+                                           timeout_graceful_shutdown=5, **server_options(config.http, app)), drain)
     asyncio.run(server.serve())
     return 0

@@ -84,7 +84,7 @@ class WorkerLink:
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)   # a send to a peer that left raises, never vanishes
-        secure_bind(self.sock, addr, keys, zap_domain=name)
+        self.keys = keys
         monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._monitor = zmq.Socket.shadow(monitor.underlying)   # read without blocking, in frame order
         self._monitor_async = monitor
@@ -100,6 +100,9 @@ class WorkerLink:
         self.on_down: list = []  # callbacks(reason) run when the worker goes away
 
     def start(self) -> None:
+        """Bind and serve (on tcp, the context's ZAP handler must run by now: without one, libzmq
+        would admit any CurveZMQ client)."""
+        secure_bind(self.sock, self.addr, self.keys, zap_domain=self.name)
         self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._watch())]
 
     async def close(self) -> None:
@@ -256,6 +259,12 @@ class WorkerLink:
             log.error("%s", reason)
             for callback in self.on_down:
                 callback(reason)
+
+    def retire(self) -> None:
+        """The worker was told to Shutdown: its coming disconnect is the expected end, not a failure
+        (no error, no requests failed), and nothing more is sent to it."""
+        self.ready = None
+        self.ready_event.clear()
 
     # -- sending ------------------------------------------------------------------------------
     async def _send_to_peer(self, frame) -> bool:

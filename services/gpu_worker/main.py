@@ -191,7 +191,7 @@ def serve(config: NeoConfig) -> int:
         secure_connect(sock, config.worker_addr, config.runtime_dir)
         SignalStop("gpu_worker", config.http.shutdown_grace_s, lambda: watch.connected, _MainThreadExit()).install()
         sock.send(Hello(kind=WorkerKind.GPU_WORKER, pid=os.getpid()).encode())
-        return _serve_gateway(config, ctx, sock)
+        return _serve_gateway(config, ctx, sock, watch)
     finally:
         _ignore_stop_signals()
         watch.close()
@@ -199,7 +199,7 @@ def serve(config: NeoConfig) -> int:
         ctx.term()
 
 
-def _serve_gateway(config: NeoConfig, ctx: zmq.Context, sock: zmq.Socket) -> int:
+def _serve_gateway(config: NeoConfig, ctx: zmq.Context, sock: zmq.Socket, watch: ConnectionWatch) -> int:
     """Start the followers, load, say ready, serve plans until Shutdown (or a stop signal)."""
     world = config.device.tensor_parallel_size
     followers = FollowerLinks(ctx, world, prepare_runtime_dir(config.runtime_dir)) if world > 1 else None
@@ -213,7 +213,8 @@ def _serve_gateway(config: NeoConfig, ctx: zmq.Context, sock: zmq.Socket) -> int
         return 1
     sock.send(ready.encode())
     try:
-        return IterationLoop(sock, runner, ready, followers, config.device.launch_ahead).run()
+        return IterationLoop(sock, runner, ready, followers, config.device.launch_ahead,
+                             connects=lambda: watch.connects).run()
     finally:
         _ignore_stop_signals()
         if followers is not None:

@@ -12,19 +12,22 @@ error in its turn.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import traceback
+from typing import Callable
 
 import zmq
 from opentelemetry.trace import Status, StatusCode
 
 from neo_common import tracing
 from neo_common.protocol import (Hello, IterationPlan, IterationResult, ProtocolError, Shutdown, WorkerError,
-                                 WorkerReady, decode)
+                                 WorkerKind, WorkerReady, decode)
 from neo_gpu_worker.model_runner import ModelRunner
 from neo_gpu_worker.parallel import FollowerLinks
 
 log = logging.getLogger(__name__)
+_IDLE_S = 0.2   # how often an idle worker looks whether the gateway reconnected
 _tracer = tracing.tracer("neo.gpu_worker")
 
 
@@ -99,12 +102,18 @@ class IterationLoop:
       behind it, then it is finished and replied to; with ``launch_ahead`` false, before).
     - ``launched_ahead``: plans launched while the previous one was still running (in steady
       decoding, every plan; each reply says whether its plan was).
+    - ``connects`` (a callable, the gateway connections seen so far) and ``greeted``: the gateway's
+      end is a ROUTER, which cannot address a worker that never spoke, so after every reconnection
+      (a gateway restarted on its own, as a pod's container is) the idle loop says Hello again.
     """
 
     def __init__(self, sock: zmq.Socket, runner: ModelRunner, ready: WorkerReady,
-                 followers: FollowerLinks | None = None, launch_ahead: bool = True) -> None:
+                 followers: FollowerLinks | None = None, launch_ahead: bool = True,
+                 connects: Callable[[], int] | None = None) -> None:
         self.sock, self.runner, self.ready, self.followers = sock, runner, ready, followers
         self.launch_ahead = launch_ahead
+        self.connects = connects
+        self.greeted = 1   # the first connection's Hello was sent before loading
         self.inflight: _InFlight | None = None
         self.launched_ahead = 0
         self.spin_s = _spin_s(runner)
@@ -142,7 +151,13 @@ class IterationLoop:
                 return 0
 
     def _next_frame(self) -> bytes | None:
-        return next_frame(self.sock, self.inflight, self.spin_s)
+        return next_frame(self.sock, self.inflight, self.spin_s, self._greet_if_reconnected)
+
+    def _greet_if_reconnected(self) -> None:
+        if self.connects is not None and self.connects() > self.greeted:
+            self.greeted = self.connects()
+            log.info("gateway reconnected; saying Hello")
+            self.sock.send(Hello(kind=WorkerKind.GPU_WORKER, pid=os.getpid()).encode())
 
     def _reply(self) -> None:
         if self.inflight is not None:
@@ -150,10 +165,13 @@ class IterationLoop:
             self.sock.send(reply.encode(), copy=False)
 
 
-def next_frame(sock: zmq.Socket, inflight, spin_s: float) -> bytes | None:
+def next_frame(sock: zmq.Socket, inflight, spin_s: float, idle: Callable[[], None] | None = None) -> bytes | None:
     """The next frame on ``sock``, or None once ``inflight`` (a launch, or None: just wait for a
-    frame) is done with no frame waiting."""
+    frame) is done with no frame waiting; ``idle`` runs every ``_IDLE_S`` while nothing comes."""
     if inflight is None:
+        if idle is not None:
+            while not sock.poll(int(_IDLE_S * 1000)):
+                idle()
         return sock.recv()
     while not sock.poll(0):
         if inflight.done():
