@@ -165,6 +165,19 @@ def test_the_loaded_bytes_are_what_the_geometry_counts():
     assert saved == 3 * g.dense_parameters() - 4 * g.dense_output_channels()   # 4 -> 1 byte, plus the scales
 
 
+def test_the_profiler_times_fp8_layers_for_an_fp8_model():
+    """The cost tables of an FP8 model must time the matmuls the worker runs (and are keyed apart)."""
+    from neo_gpu_worker.profiler import _Bench
+
+    g = dataclasses.replace(GEOMETRIES["smollm2-135m"], num_layers=1, quantization="fp8")
+    bench = _Bench(g, CPU, torch.float32, BS, layers=1, max_tokens=32)
+    layer = bench.layers[0]
+    assert isinstance(layer.mlp.down_proj, fp8.Fp8Linear) and layer.mlp.down_proj.weight_scale.min() > 0
+    with torch.inference_mode():
+        out = bench.linr(8)()[0]
+    assert out.shape == (8, g.hidden_size) and torch.isfinite(out).all()
+
+
 # -- tensor parallelism and the pipeline --------------------------------------------------------
 def rank_main(folder: str, rank: int, world: int, init_method: str, out) -> None:
     torch.set_num_threads(1)
