@@ -90,7 +90,8 @@ class SchedulerConfig(Settings):
 
     max_num_seqs: int = option(256, "most requests in one iteration")
     max_num_batched_tokens: int = option(2048, "token budget of one iteration (prefill chunks + decodes)")
-    max_waiting: int = option(4096, "waiting-queue bound; beyond it requests get 429")
+    max_waiting: int = option(4096, "waiting-queue bound: 429 once running + waiting requests reach "
+                                    "--max-num-seqs + this")
     offload_mode: str = option("off", "where decodes may run: off (GPU only), auto (NEO: CPU attention only "
                                       "where it hides behind GPU work), throughput (also unhidden when that "
                                       "serves more rows per second), full (every decode on the CPU)",
@@ -161,7 +162,7 @@ class IpcConfig(Settings):
                                   "tcp://HOST:PORT is authenticated with CurveZMQ)")
     cpu_attention_addr: str = option("", "ZeroMQ address gateway <-> cpu_attention (default: "
                                          "ipc://<runtime-dir>/cpu-attention.sock; of tensor-parallel rank r: "
-                                         "the port plus r, or the socket name with -r)")
+                                         "the socket path with -tpR, or the tcp port plus r)")
     shm_name: str = option("", "POSIX shared-memory segment for the CPU KV pool (default: per replica)")
     worker_timeout_s: float = option(120.0, "an iteration taking longer than this marks the worker down (it is "
                                             "asked to register again)")
