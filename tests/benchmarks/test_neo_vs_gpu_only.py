@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gateway.cost_tables import synthetic
+from support.cost_tables import synthetic
 from neo_bench.neo_vs_gpu_only import (main, parse_args, predict_gain, serve_args, steady_window, summarize_metrics,
                                        token_times)
 
