@@ -11,9 +11,10 @@ import logging
 from typing import Any, Callable, Mapping
 
 import kopf
+from kubernetes.client.rest import ApiException
 
 from neo_operator import constants as c
-from neo_operator.kube import Kube
+from neo_operator.kube import Kube, rejection_message
 from neo_operator.nodes import bandwidth, is_gpu_node
 from neo_operator.nodewatch import NodeChanges, waits_for_nodes, waits_for_probes
 from neo_operator.opconfig import OperatorConfig
@@ -35,16 +36,17 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         prefix=c.GROUP, key="last-handled-configuration")
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 60
-    # Peering (--peering): one ClusterKopfPeering whatever the watched namespaces (one object in the
-    # chart); it must exist, or the replicas would each run standalone and collide. A replica that died
-    # without leaving is taken over after its record's lifetime.
-    settings.peering.clusterwide = True
-    settings.peering.mandatory = True
-    settings.peering.lifetime = PEERING_LIFETIME_S
     if "config" not in memo:
         memo.config = OperatorConfig.from_args([])
     # A handler that raised (a write lost to a race, a 5xx) is retried this soon, not after kopf's 60 s.
     settings.execution.default_backoff = memo.config.retry_seconds
+    # Peering (--peering): one ClusterKopfPeering whatever the watched namespaces (one object in the
+    # chart); it must exist, or the replicas would each run standalone and collide. A replica that died
+    # without leaving is taken over after its record's lifetime.
+    if memo.config.peering:
+        settings.peering.clusterwide = True
+        settings.peering.mandatory = True
+        settings.peering.lifetime = PEERING_LIFETIME_S
     memo.kube = Kube()
     memo.node_changes = NodeChanges()
     memo.collector = ProbeCollector(memo.kube, memo.config, memo.config.retry_seconds,
@@ -114,6 +116,9 @@ async def _recreate(memo: kopf.Memo, namespace: str, owner: Mapping[str, Any], d
             return
         except kopf.TemporaryError:
             return  # waiting for a probe: the NeoService's own handler retries that
+        except ApiException as exc:  # the API server's refusal says it all: no traceback per attempt
+            log.warning("recreating Deployment %s/%s failed (attempt %d: %s %s); retrying in %.0f s",
+                        namespace, deployment, attempt, exc.status, rejection_message(exc), delay)
         except Exception:  # noqa: BLE001 - retried below; the traceback says why
             log.exception("recreating Deployment %s/%s failed (attempt %d); retrying in %.0f s",
                           namespace, deployment, attempt, delay)
