@@ -124,9 +124,11 @@ def build_pod_template(name: str, spec: NeoServiceSpec, decision: SizingDecision
     worker = _container("gpu-worker", spec.images.gpu_worker, "gpu-worker", spec, name,
                         _resources(req["gpuWorker"], res.get("gpuWorker", {}),
                                    limits={spec.gpu.resource_name: str(spec.gpu.count)}), model=True)
-    cpu_att = _container("cpu-attention", spec.images.cpu_attention, "cpu-attention", spec, name,
-                         _resources(req["cpuAttention"], res.get("cpuAttention", {})), model=False)
-    for ct in (worker, cpu_att):
+    workers = [worker]
+    if decision.offload:   # without offloading nothing would connect it: the kubelet would restart it forever
+        workers.append(_container("cpu-attention", spec.images.cpu_attention, "cpu-attention", spec, name,
+                                  _resources(req["cpuAttention"], res.get("cpuAttention", {})), model=False))
+    for ct in workers:
         ct["lifecycle"] = {"preStop": worker_pre_stop(c.GATEWAY_PORT, spec.shutdown_grace_seconds)}
 
     volumes: list[dict[str, Any]] = [
@@ -140,7 +142,7 @@ def build_pod_template(name: str, spec: NeoServiceSpec, decision: SizingDecision
 
     overrides = spec.pod_spec
     pod_spec: dict[str, Any] = {
-        "containers": [gateway, worker, cpu_att],
+        "containers": [gateway, *workers],
         **({"initContainers": [_model_check(spec)]} if spec.model.source != "dummy" else {}),
         "volumes": volumes,
         "automountServiceAccountToken": False,

@@ -25,6 +25,16 @@ def decided():
     return spec, size(spec, [make_node()])
 
 
+def test_without_offloading_the_pod_has_no_cpu_attention_container() -> None:
+    """Nothing would connect it (the gateway binds no cpu_attention link with offloading off): it
+    would exit after its timeout and be restarted by the kubelet, forever."""
+    spec = make_spec(cpuOffload={"mode": "off"})
+    d = size(spec, [make_node()])
+    assert not d.offload
+    pod = build_deployment("svc", spec, d, "abc123")["spec"]["template"]["spec"]
+    assert [ct["name"] for ct in pod["containers"]] == ["gateway", "gpu-worker"]
+
+
 def test_configmap_carries_the_engine_config_as_neo_env(decided) -> None:
     spec, d = decided
     cm = build_configmap("svc", spec, d)
@@ -148,7 +158,7 @@ def test_deployment_overrides_merge_without_losing_the_gpu_constraint() -> None:
     model_vol = next(v for v in pod["volumes"] if v["name"] == "model")
     assert model_vol["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
     assert {"name": "model", "mountPath": "/models", "readOnly": True} in containers["gpu-worker"]["volumeMounts"]
-    assert all(m["name"] != "model" for m in containers["cpu-attention"]["volumeMounts"])
+    assert "cpu-attention" not in containers, "offloading is off"
     (check,) = pod["initContainers"]
     assert check["name"] == "model-check" and check["command"][3] == "/models/llama"
 
