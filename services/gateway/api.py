@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from typing import AsyncIterator
@@ -12,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from neo_gateway.api_fields import unknown_fields
 from neo_gateway.api_models import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                     CompletionChunk, CompletionRequest, CompletionResponse, ModelList,
                                     generation_responses, stream_components)
@@ -25,6 +27,8 @@ from neo_gateway.prompt_encoder import PromptEncoder
 from neo_gateway.sampling_params import ParamError, SamplingParams
 from neo_gateway.sequence import FinishReason
 
+
+log = logging.getLogger(__name__)
 
 _DISCONNECT_POLL_S = 0.25
 
@@ -77,6 +81,17 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
         if name != served_name:
             raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
 
+    def check_fields(body) -> None:
+        """Refused fields with a non-default value: 400 naming the first. Fields of neither API:
+        ignored, one warning per request (vLLM's convention)."""
+        try:
+            body.check_supported()
+        except ParamError as exc:
+            raise APIError(400, str(exc), exc.param) from None
+        ignored = unknown_fields(body)
+        if ignored:
+            log.warning("fields not in the OpenAI or vLLM API were ignored: %s", ", ".join(ignored))
+
     def check_ready() -> None:
         if not engine.ready:
             raise APIError(503, "the engine is not ready (a worker is down or still loading)",
@@ -87,7 +102,7 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
         limit = engine.max_model_len
         if not prompt_ids:
             raise APIError(400, "the prompt is empty", prompt_param)
-        vocab = engine.tokenizer.vocab_size if engine.link.ready is None else engine.link.ready.geometry["vocab_size"]
+        vocab = engine.tokenizer.vocab_size if engine.link.ready is None else engine.link.ready.geometry.vocab_size
         if max(prompt_ids) >= vocab or min(prompt_ids) < 0:
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", prompt_param)
         try:
@@ -197,18 +212,17 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
     @app.post("/v1/completions", responses=generation_responses(CompletionResponse, CompletionChunk))
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
+        check_fields(body)
         check_ready()
-        if body.echo or body.suffix:
-            raise APIError(400, "echo and suffix are not supported", "echo" if body.echo else "suffix")
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (list, str)):
             if len(prompt) != 1:
                 raise APIError(400, "a batch of prompts is not supported; send one prompt per request", "prompt")
             prompt = prompt[0]
-        prompt_ids = (await prompts.encode(prompt, engine.max_model_len, "prompt") if isinstance(prompt, str)
-                      else list(prompt))
+        prompt_ids = (await prompts.encode(prompt, engine.max_model_len, "prompt", body.add_special_tokens)
+                      if isinstance(prompt, str) else list(prompt))
         params = plan_request(prompt_ids, lambda _room: body.sampling_params(16), "prompt")  # OpenAI's default
-        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        rid, now = f"cmpl-{body.request_id or uuid.uuid4().hex}", int(time.time())
         stream = submit(rid, prompt_ids, params)
 
         def chunk(out: RequestOutput | None) -> dict:
@@ -225,19 +239,20 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
     @app.post("/v1/chat/completions", responses=generation_responses(ChatCompletionResponse, ChatCompletionChunk))
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
+        check_fields(body)
         check_ready()
         try:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            messages = [m.render() for m in body.messages]
             text = await prompts.render_chat(messages, body.add_generation_prompt)
         except ParamError as exc:
             raise APIError(400, str(exc), exc.param) from None
         except Exception as exc:  # template errors are the request's fault (e.g. role order)
             raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from None
-        prompt_ids = await prompts.encode(text, engine.max_model_len, "messages", add_special_tokens=False)
+        prompt_ids = await prompts.encode(text, engine.max_model_len, "messages", body.add_special_tokens)
         if body.max_completion_tokens is not None and body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
         params = plan_request(prompt_ids, body.sampling_params, "messages")
-        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        rid, now = f"chatcmpl-{body.request_id or uuid.uuid4().hex}", int(time.time())
         stream = submit(rid, prompt_ids, params)
 
         def chunk(out: RequestOutput | None) -> dict:

@@ -1,16 +1,18 @@
-"""Request bodies of the OpenAI-compatible API (the subset we serve, plus vLLM's extensions).
+"""Request bodies of the OpenAI-compatible API (OpenAI's fields plus vLLM's extensions).
 
-Pydantic checks types and ranges; :meth:`sampling_params` turns a body into SamplingParams. Fields
-clients commonly send but that we do not support are accepted when they ask for the default and
-rejected with a 400 naming the field otherwise, so nothing is silently ignored.
+Pydantic checks types and ranges; :meth:`sampling_params` turns a body into SamplingParams. Every
+field of either API is declared here; ``api_fields`` says which are honoured, which have no effect
+by design, and which are refused with a 400 naming the field unless they ask for the default, so
+nothing is silently ignored. Fields of neither API are kept aside (``model_extra``) and logged.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
+from neo_gateway.api_fields import Endpoint, check_refused
 from neo_gateway.sampling_params import ParamError, SamplingParams
 
 
@@ -18,14 +20,20 @@ _INT32_MAX = 2**31 - 1
 
 
 # strict: no lax coercion ("5" or 5.5 as an integer, 0 as a boolean, true as a token id); the bodies
-# accept what their OpenAPI schema says and nothing the schema forbids (found by schemathesis)
+# accept what their OpenAPI schema says and nothing the schema forbids (found by schemathesis).
+# extra="allow": fields of neither API are ignored with a warning (vLLM's convention), not refused.
 _STRICT = ConfigDict(extra="allow", strict=True)
+# A field we refuse unless its value asks for the default: any JSON is accepted here, and
+# api_fields.check_refused answers 400 for the rest (a wrong type of a refused field is refused too).
+_Refused = Optional[Any]
 
 
 class StreamOptions(BaseModel):
     model_config = _STRICT
 
     include_usage: Optional[bool] = False
+    include_obfuscation: _Refused = None
+    continuous_usage_stats: _Refused = None
 
 
 class _GenerationRequest(BaseModel):
@@ -43,19 +51,49 @@ class _GenerationRequest(BaseModel):
     n: int = Field(default=1, ge=1)
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
-    logprobs: Optional[Any] = None
+    best_of: Optional[int] = Field(default=None, ge=1)
+    logprobs: _Refused = None
     presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: _Refused = None
     user: Optional[str] = None
+    # vLLM's extra sampling parameters
+    use_beam_search: _Refused = None
+    min_p: _Refused = None
+    repetition_penalty: _Refused = None
+    length_penalty: _Refused = None
+    include_stop_str_in_output: _Refused = None
+    min_tokens: _Refused = None
+    skip_special_tokens: _Refused = None
+    spaces_between_special_tokens: _Refused = None
+    truncate_prompt_tokens: _Refused = None
+    allowed_token_ids: _Refused = None
+    prompt_logprobs: _Refused = None
+    bad_words: _Refused = None
+    # vLLM's extra parameters
+    response_format: _Refused = None
+    guided_json: _Refused = None
+    guided_regex: _Refused = None
+    guided_choice: _Refused = None
+    guided_grammar: _Refused = None
+    guided_decoding_backend: _Refused = None
+    guided_whitespace_pattern: _Refused = None
+    structured_outputs: _Refused = None
+    priority: _Refused = None
+    request_id: Optional[str] = Field(default=None, min_length=1, max_length=256)
+    logits_processors: _Refused = None
+    return_tokens_as_token_ids: _Refused = None
+    cache_salt: _Refused = None
+    kv_transfer_params: _Refused = None
+    vllm_xargs: _Refused = None
+
+    ENDPOINT: ClassVar[Endpoint]
 
     def check_supported(self) -> None:
-        if self.n != 1:
-            raise ParamError("n", "only n=1 is supported")
-        if self.logprobs not in (None, False, 0):
-            raise ParamError("logprobs", "logprobs are not supported")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0, 0.0):
-                raise ParamError(name, f"{name} is not supported")
+        """400 for the first refused field whose value is not the default (api_fields)."""
+        found = check_refused(self, self.ENDPOINT)
+        if found:
+            raise ParamError(*found)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -81,8 +119,12 @@ class CompletionRequest(_GenerationRequest):
     """POST /v1/completions. ``prompt`` is text or token ids (a batch of one is accepted too)."""
 
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    echo: StrictBool = False
-    suffix: Optional[str] = None
+    echo: _Refused = None
+    suffix: _Refused = None
+    add_special_tokens: StrictBool = True
+    prompt_embeds: _Refused = None
+
+    ENDPOINT: ClassVar[Endpoint] = Endpoint.COMPLETIONS
 
 
 class ChatMessage(BaseModel):
@@ -90,6 +132,16 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Union[str, list[dict[str, Any]], None] = None
+    name: Optional[str] = None
+    tool_calls: _Refused = None
+    tool_call_id: _Refused = None
+    function_call: _Refused = None
+    refusal: _Refused = None
+    audio: _Refused = None
+
+    def render(self) -> dict[str, Any]:
+        """The message as the chat template sees it."""
+        return {"role": self.role, "content": self.text()} | ({"name": self.name} if self.name is not None else {})
 
     def text(self) -> str:
         if self.content is None:
@@ -110,6 +162,39 @@ class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     add_generation_prompt: StrictBool = True
+    add_special_tokens: StrictBool = False
+    top_logprobs: _Refused = None
+    # OpenAI fields for features this server does not have (api_fields says which and why)
+    audio: _Refused = None
+    function_call: _Refused = None
+    functions: _Refused = None
+    metadata: Optional[dict[str, Any]] = None
+    modalities: _Refused = None
+    moderation: _Refused = None
+    parallel_tool_calls: Optional[StrictBool] = None
+    prediction: _Refused = None
+    prompt_cache_key: Optional[str] = None
+    prompt_cache_options: Optional[dict[str, Any]] = None
+    prompt_cache_retention: Optional[str] = None
+    reasoning_effort: _Refused = None
+    safety_identifier: Optional[str] = None
+    service_tier: _Refused = None
+    store: _Refused = None
+    tool_choice: _Refused = None
+    tools: _Refused = None
+    verbosity: _Refused = None
+    web_search_options: _Refused = None
+    # vLLM's chat extras
+    echo: _Refused = None
+    continue_final_message: _Refused = None
+    documents: _Refused = None
+    chat_template: _Refused = None
+    chat_template_kwargs: _Refused = None
+    mm_processor_kwargs: _Refused = None
+    structural_tag: _Refused = None
+    include_reasoning: Optional[StrictBool] = None
+
+    ENDPOINT: ClassVar[Endpoint] = Endpoint.CHAT
 
 
 # -- response bodies: documented in the OpenAPI schema (the routes build them as plain dicts) --------
