@@ -1,7 +1,7 @@
 """Native extensions of the package (built by `pip install`, no manual step).
 
 Project metadata lives in pyproject.toml; this file only declares compiled code:
-``neo_cpu_attention._native``, the CPU decode-attention kernel. The kernel source is compiled once per
+``neo_common.host_kernel._native``, the CPU decode-attention kernel. The kernel source is compiled once per
 instruction set (AVX-512, AVX2, portable 16-lane vectors, scalar) inside the one extension and
 picked at run time, so a build works on any x86-64 host (and the portable parts on other
 architectures).
@@ -12,7 +12,7 @@ import platform
 from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import setup
 
-CSRC = "services/cpu_attention/csrc"
+CSRC = "services/common/host_kernel/csrc"
 SOURCES = ["binding.cpp", "dispatch.cpp", "pool.cpp", "kernel_generic.cpp", "kernel_vec16.cpp"]
 if platform.machine().lower() in ("x86_64", "amd64"):
     SOURCES += ["kernel_avx2.cpp", "kernel_avx512.cpp"]
@@ -27,7 +27,7 @@ else:
 ParallelCompile("NEO_BUILD_JOBS").install()  # compile the units in parallel (default: all CPUs)
 
 ext = Pybind11Extension(
-    "neo_cpu_attention._native",
+    "neo_common.host_kernel._native",
     [f"{CSRC}/{name}" for name in SOURCES],
     depends=[f"{CSRC}/{name}" for name in ("neo_attn.h", "isa.h", "simd.h", "kernel_impl.h", "pool.h")],
     include_dirs=[CSRC],

@@ -30,10 +30,10 @@ import uuid
 
 import numpy as np
 
-from neo_cpu_attention import _native, kernel
-from neo_cpu_attention.cpus import available_cpus
+from neo_common.host_kernel import _native, kernel
+from neo_common.host_kernel.cpus import available_cpus
 from neo_cpu_attention.membw import cpu_model
-from neo_cpu_attention.segment import KvSegment, SegmentLayout, job_seq
+from neo_common.segment import KvSegment, SegmentLayout, job_seq
 
 HQ, HKV, D, BS = 32, 8, 128, 16   # Llama-3-8B attention geometry
 

@@ -3,7 +3,7 @@
 Both layouts read the same bytes per decode step. ``one``: a single process with T threads attends
 over all KV heads (what one cpu_attention process serving every rank's pool would do). ``split``:
 N processes, one per rank, each with T/N threads pinned to its own contiguous share of the cores
-(``neo_cpu_attention.cpus.rank_cpus``, what ``neo cpu-attention --tensor-parallel-size N`` runs),
+(``neo_common.host_kernel.cpus.rank_cpus``, what ``neo cpu-attention --tensor-parallel-size N`` runs),
 each over its rank's KV heads (``neo_common.tensor_parallel.Shard``), started together behind a
 barrier; a step takes as long as the slowest rank. Reported: milliseconds per layer-step (median
 of ``--reps``) and the host read bandwidth that implies (KV bytes read / time).
@@ -42,7 +42,7 @@ def _attend_loop(kv_heads: int, q_heads: int, head_dim: int, requests: int, cont
     """One process: pin, size the pool, build one layer's KV, then time ``reps`` steps after the barrier."""
     if cpus:
         os.sched_setaffinity(0, cpus)
-    from neo_cpu_attention import kernel
+    from neo_common.host_kernel import kernel
 
     kernel.set_num_threads(threads)
     rng = np.random.default_rng(slot)
@@ -65,7 +65,7 @@ def _attend_loop(kv_heads: int, q_heads: int, head_dim: int, requests: int, cont
 
 
 def run_layout(g, ranks: int, threads: int, requests: int, context: int, reps: int) -> dict:
-    from neo_cpu_attention.cpus import rank_cpus
+    from neo_common.host_kernel.cpus import rank_cpus
 
     ctx = multiprocessing.get_context("spawn")
     barrier, out = ctx.Barrier(ranks), ctx.Queue()

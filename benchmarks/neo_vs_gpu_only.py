@@ -528,7 +528,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def prediction(args: argparse.Namespace, modes: dict[str, dict]) -> dict | None:
     if not args.cost_tables:
         return None
-    from neo_gateway.cost_model import CostTables
+    from neo_common.cost_model import CostTables
 
     tables = CostTables.load(args.cost_tables)
     gpu_blocks = args.num_gpu_blocks or ((modes.get("off") or {}).get("metrics") or {}).get("gpu_kv_blocks_total")

@@ -37,7 +37,7 @@ COPY dockerfiles/pyproject-deps.py pyproject.toml ./
 # --- native: the C++ extension alone, so Python-only changes do not recompile it -------------------
 FROM toolchain AS native
 COPY setup.py README.md ./
-COPY services/cpu_attention/csrc ./services/cpu_attention/csrc
+COPY services/common/host_kernel/csrc ./services/common/host_kernel/csrc
 RUN --mount=type=secret,id=pipconf --mount=type=secret,id=cacert \
     python3 pyproject-deps.py pyproject.toml --build-system > build-requirements.txt \
     && pip install --no-cache-dir -r build-requirements.txt \

@@ -13,7 +13,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 cat "$OUT/host.txt"
 
 # 1. build: setup.py first (same flags as `pip install`), else the same units straight through g++.
-CSRC=services/cpu_attention/csrc
+CSRC=services/common/host_kernel/csrc
 SUFFIX=$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 T0=$(date +%s)
 if ! NEO_BUILD_JOBS=16 python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 \
@@ -27,7 +27,7 @@ if ! NEO_BUILD_JOBS=16 python3 setup.py -q build_ext --inplace > "$OUT/build.log
   g++ -shared -pthread /tmp/neo_obj/*.o -o "services/cpu_attention/_native$SUFFIX" >> "$OUT/build.log" 2>&1
 fi
 echo "build: $(( $(date +%s) - T0 )) s" | tee -a "$OUT/build.log"
-python3 -c 'from neo_cpu_attention import kernel; from neo_cpu_attention.cpus import available_cpus; print("isa", kernel.isa(), "threads", kernel.get_num_threads(), "available_cpus", available_cpus())' \
+python3 -c 'from neo_common.host_kernel import kernel; from neo_common.host_kernel.cpus import available_cpus; print("isa", kernel.isa(), "threads", kernel.get_num_threads(), "available_cpus", available_cpus())' \
   | tee -a "$OUT/host.txt"
 
 # 2. tests (kernel vs torch reference on every ISA of this CPU, segment, two real processes)

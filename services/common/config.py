@@ -13,12 +13,12 @@ import hashlib
 import os
 from typing import Sequence
 
+from neo_common.enums import OffloadMode
 from neo_common.link import default_runtime_dir, is_tcp
 from neo_common.settings import ConfigError, Settings, option
 from neo_common.tensor_parallel import rank_address
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-OFFLOAD_MODES = ("off", "auto", "full", "throughput")
 
 
 @dataclasses.dataclass
@@ -92,10 +92,10 @@ class SchedulerConfig(Settings):
     max_num_batched_tokens: int = option(2048, "token budget of one iteration (prefill chunks + decodes)")
     max_waiting: int = option(4096, "waiting-queue bound: 429 once running + waiting requests reach "
                                     "--max-num-seqs + this")
-    offload_mode: str = option("off", "where decodes may run: off (GPU only), auto (NEO: CPU attention only "
+    offload_mode: OffloadMode = option(OffloadMode.OFF, "where decodes may run: off (GPU only), auto (NEO: CPU attention only "
                                       "where it hides behind GPU work), throughput (also unhidden when that "
                                       "serves more rows per second), full (every decode on the CPU)",
-                               choices=OFFLOAD_MODES)
+                               choices=tuple(OffloadMode))
     async_scheduling: bool = option(True, "schedule the next decode step while the worker runs this one (its "
                                           "tokens are fed on the device), so the GPU does not wait for the "
                                           "gateway; steady GPU decoding only")
@@ -245,7 +245,7 @@ class NeoConfig:
 
     @property
     def offload_enabled(self) -> bool:
-        return self.scheduler.offload_mode != "off"
+        return self.scheduler.offload_mode.offloads
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:

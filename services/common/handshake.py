@@ -31,10 +31,9 @@ def check_gpu_worker_ready(ready: WorkerReady, config: NeoConfig) -> str | None:
         return f"num_gpu_blocks {ready.num_gpu_blocks!r}"
     if config.cache.num_gpu_blocks and ready.num_gpu_blocks != config.cache.num_gpu_blocks:
         return f"num_gpu_blocks {ready.num_gpu_blocks} != --num-gpu-blocks {config.cache.num_gpu_blocks}"
-    try:
-        geometry = ModelGeometry.from_dict(ready.geometry)
-    except (TypeError, ValueError, KeyError) as exc:
-        return f"geometry: {exc}"
+    geometry = ready.geometry
+    if not isinstance(geometry, ModelGeometry):
+        return "geometry missing"
     if not _int(geometry.vocab_size, 1) or not _int(geometry.num_layers, 1):
         return "geometry: vocab_size and num_layers must be positive integers"
     if not _int(ready.max_model_len, 1) or ready.max_model_len > geometry.max_position_embeddings:
@@ -50,8 +49,8 @@ def check_gpu_worker_ready(ready: WorkerReady, config: NeoConfig) -> str | None:
             return f"num_cpu_blocks {ready.num_cpu_blocks!r}: offloading needs a host pool"
         if config.cache.num_cpu_blocks and ready.num_cpu_blocks != config.cache.num_cpu_blocks:
             return f"num_cpu_blocks {ready.num_cpu_blocks} != --num-cpu-blocks {config.cache.num_cpu_blocks}"
-        if not isinstance(ready.cost_tables, dict):
-            return "cost_tables must be a map"
+        if ready.cost_tables is None:
+            return "cost_tables missing: offloading plans with them"
     elif ready.num_cpu_blocks != 0:
         return f"num_cpu_blocks {ready.num_cpu_blocks!r} with --offload-mode off"
     return None

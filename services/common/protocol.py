@@ -23,6 +23,9 @@ from typing import Any, ClassVar
 import msgpack
 import numpy as np
 
+from neo_common.cost_model import CostTables
+from neo_common.geometry import ModelGeometry
+
 PROTOCOL_VERSION = 2  # 2: placeholder tokens (async scheduling)
 
 
@@ -102,6 +105,8 @@ class Message:
                 value = _arr(value)
             elif isinstance(value, enum.IntEnum):
                 value = int(value)
+            elif hasattr(value, "to_dict"):   # a typed part (ModelGeometry, CostTables) travels as its map
+                value = value.to_dict()
             body[f.name] = value
         return bytes([self.TYPE]) + msgpack.packb(body, use_bin_type=True)
 
@@ -115,7 +120,16 @@ class Message:
             if _is_array(value):
                 value = _unarr(value)
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
-            _check_type(cls.__name__, f.name, default, value)
+            typed = f.metadata.get("from_dict")
+            if typed is not None:
+                if value is not None and not isinstance(value, dict):
+                    raise ProtocolError(f"{cls.__name__}.{f.name}: {type(value).__name__} where a map belongs")
+                try:
+                    value = typed(value) if value is not None else None
+                except Exception as exc:  # the class's own refusal (missing field, other format version)
+                    raise ProtocolError(f"{cls.__name__}.{f.name}: {type(exc).__name__}: {exc}") from None
+            else:
+                _check_type(cls.__name__, f.name, default, value)
             kwargs[f.name] = value
         msg = cls(**kwargs)
         msg.check()
@@ -135,11 +149,13 @@ class Hello(Message):
 
 @dataclasses.dataclass
 class WorkerReady(Message):
-    """The worker finished loading. ``geometry`` is ModelGeometry.to_dict().
+    """The worker finished loading: the model's whole ``geometry`` (not a tensor-parallel shard's).
 
     With offloading on, the GPU worker also reports the host pool it created (``num_cpu_blocks``
-    blocks in the shared segment) and the cost tables of this machine (``CostTables.to_dict()``,
-    profiled or loaded from the cache), which the gateway's offload policy plans with.
+    blocks in the shared segment) and the ``cost_tables`` of this machine (profiled or loaded from
+    the cache), which the gateway's offload policy plans with. Both travel as their maps and are
+    parsed back into their classes on decoding, so a Ready whose geometry or tables do not parse is
+    an unreadable frame. (The cpu_attention process's Ready carries neither.)
     """
 
     TYPE: ClassVar[MsgType] = MsgType.WORKER_READY
@@ -148,12 +164,12 @@ class WorkerReady(Message):
     num_gpu_blocks: int = 0
     block_size: int = 16
     max_model_len: int = 0
-    geometry: dict = dataclasses.field(default_factory=dict)
+    geometry: ModelGeometry | None = dataclasses.field(default=None, metadata={"from_dict": ModelGeometry.from_dict})
     device: str = ""
     dtype: str = ""
     kv_dtype: str = ""
     num_cpu_blocks: int = 0
-    cost_tables: dict = dataclasses.field(default_factory=dict)
+    cost_tables: CostTables | None = dataclasses.field(default=None, metadata={"from_dict": CostTables.from_dict})
 
 
 PLACEHOLDER_TOKEN = -1

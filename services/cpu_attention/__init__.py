@@ -1,8 +1,11 @@
-"""NEO CPU attention: the native paged decode-attention kernel and the process that serves it.
+"""NEO CPU attention: the process that serves decode attention for host-resident requests.
 
-Modules (none imports torch except ``reference``, which only tests and benchmarks use):
-- ``kernel``: ``attend(...)`` over numpy arrays, thread-pool control, ISA introspection.
-- ``segment``: the shared-memory segment (KV pool, staging slots, doorbells) both workers map.
-- ``main``: the ``neo cpu-attention`` process; ``membw``: ``neo probe-bandwidth``.
-- ``cpus``: CPUs this process may use (affinity and cgroup quota).
+Modules:
+- ``main``: the ``neo cpu-attention`` process (one per tensor-parallel rank); ``server``: its loop
+  over the gateway's plans and the GPU worker's doorbells.
+- ``membw``: ``neo probe-bandwidth``, the host read-bandwidth probe.
+
+The kernel it runs (``neo_common.host_kernel``) and the shared-memory segment it serves from
+(``neo_common.segment``) are contracts it shares with the GPU worker, so they live in
+``neo_common``.
 """

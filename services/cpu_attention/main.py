@@ -26,7 +26,7 @@ def _setup_logging(config: NeoConfig, rank: int) -> None:
 
 def serve_rank(config: NeoConfig, rank: int) -> int:
     """Serve rank ``rank``'s segment until shutdown (in this process)."""
-    from neo_cpu_attention.cpus import rank_cpus, threads_per_rank
+    from neo_common.host_kernel.cpus import rank_cpus, threads_per_rank
     from neo_cpu_attention.server import CpuAttentionServer, install_signal_handlers
 
     world = config.device.tensor_parallel_size

@@ -15,7 +15,7 @@ import platform
 import sys
 from typing import Sequence
 
-from neo_cpu_attention import _native, kernel
+from neo_common.host_kernel import _native, kernel
 
 log = logging.getLogger(__name__)
 

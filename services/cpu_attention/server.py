@@ -17,10 +17,11 @@ import zmq
 
 from neo_common import protocol, tracing
 from neo_common.config import NeoConfig
+from neo_common.enums import CpuState, KvDtypeCode, NativeStatus
 from neo_common.link import secure_connect
-from neo_cpu_attention import _native, kernel
+from neo_common.host_kernel import _native, kernel
 from neo_common.procs import pid_alive
-from neo_cpu_attention.segment import KvSegment, SegmentError
+from neo_common.segment import ABORT_OFF, KvSegment, SegmentError
 
 log = logging.getLogger(__name__)
 _tracer = tracing.tracer("neo.cpu_attention")
@@ -106,7 +107,7 @@ class CpuAttentionServer:
     def close(self) -> None:
         if self.segment is not None:
             try:
-                self.segment.set_cpu_state(os.getpid(), 2)
+                self.segment.set_cpu_state(os.getpid(), CpuState.EXITED)
             except Exception:  # the mapping may be half gone at exit; nothing to save
                 pass
             self.segment.close()
@@ -188,7 +189,7 @@ class CpuAttentionServer:
             if timeout_s > 0:
                 log.error("%s", exc)
             return False
-        self.segment.set_cpu_state(os.getpid(), 1)
+        self.segment.set_cpu_state(os.getpid(), CpuState.ATTACHED)
         lay = self.segment.layout
         log.info("attached segment %s: %d layers x %d blocks, %d/%d heads, head_dim %d, %s",
                  self.segment.name, lay.num_layers, lay.num_blocks, lay.num_q_heads, lay.num_kv_heads,
@@ -250,12 +251,12 @@ class CpuAttentionServer:
         idle_since = time.monotonic()
         while True:
             rc, failed, next_layers = _native.serve_iteration(
-                seg.address("k_pool"), seg.address("v_pool"), seg.base_address + 512, lay.num_layers,
+                seg.address("k_pool"), seg.address("v_pool"), seg.base_address + ABORT_OFF, lay.num_layers,
                 lay.num_blocks, lay.num_q_heads, lay.num_kv_heads, lay.head_dim, lay.block_size,
-                0 if lay.dtype == "bfloat16" else 1, lay.attn_scale, it, slots, SPIN_US, SLICE_US)
+                KvDtypeCode[lay.dtype], lay.attn_scale, it, slots, SPIN_US, SLICE_US)
             progressed = [sl[11] for sl in slots] != list(next_layers)
             slots = [sl[:11] + (nl,) for sl, nl in zip(slots, next_layers)]
-            if rc != -4:  # anything but "no doorbell for a while" ends the iteration
+            if rc != NativeStatus.NO_DOORBELL:  # anything else ends the iteration
                 break
             now = time.monotonic()
             if progressed:
@@ -268,9 +269,9 @@ class CpuAttentionServer:
                 return
         self.iterations += 1
         self.jobs += sum(next_layers)
-        if rc == 0:
+        if rc == NativeStatus.OK:
             return
-        if rc == -5:
+        if rc == NativeStatus.ABORTED:
             log.info("iteration %d aborted by the GPU worker", it)
             return
         self._fail(it, f"iteration {it} layer {failed}: {kernel.describe(rc)}")

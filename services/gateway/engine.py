@@ -23,7 +23,6 @@ from neo_common.handshake import check_cpu_attention_ready, check_gpu_worker_rea
 from neo_common.link import ClientKeyCheck, LinkKeys, prepare_runtime_dir
 from neo_common.protocol import IterationResult, Place, WorkerError, WorkerKind
 from neo_gateway.block_manager import BlockManager
-from neo_gateway.cost_model import CostModelError, CostTables
 from neo_gateway.detokenizer import IncrementalDetokenizer
 from neo_gateway.sampling_params import SamplingParams
 from neo_gateway.scheduler import Scheduler, SchedulerOutput
@@ -183,18 +182,15 @@ class Engine:
         assert ready is not None
         limit = self.config.model.max_model_len
         self.max_model_len = min(limit, ready.max_model_len) if limit else ready.max_model_len
-        self.eos_token_ids = self.tokenizer.eos_token_ids or tuple(ready.geometry.get("eos_token_ids") or ())
+        self.eos_token_ids = self.tokenizer.eos_token_ids or tuple(ready.geometry.eos_token_ids)
         gpu = BlockManager(ready.num_gpu_blocks, ready.block_size, Place.GPU, self.config.cache.enable_prefix_caching)
         cpu, costs = None, None
         if self.cpu_links and ready.num_cpu_blocks:
             cpu = BlockManager(ready.num_cpu_blocks, ready.block_size, Place.CPU)
-            try:
-                costs = CostTables.from_dict(ready.cost_tables)
-            except CostModelError as exc:
-                log.error("the GPU worker sent unusable cost tables (%s); decoding on the GPU only", exc)
+            costs = ready.cost_tables   # parsed on decoding; the handshake check refused a Ready without them
         old = self.scheduler
         # everything besides the tokens that decides a block's KV salts the prefix-cache hashes
-        salt = f"{self.served_name}|{ready.geometry.get('name')}|{ready.dtype}|{ready.kv_dtype}|{ready.block_size}"
+        salt = f"{self.served_name}|{ready.geometry.name}|{ready.dtype}|{ready.kv_dtype}|{ready.block_size}"
         self.scheduler = Scheduler(self.config.scheduler, gpu, cpu, costs, cache_salt=salt)
         log.info("scheduler: %d GPU blocks, %d CPU blocks, offload %s", gpu.num_blocks,
                  cpu.num_blocks if cpu else 0, self.scheduler.mode)

@@ -57,7 +57,7 @@ class Replica:
 
     def roles(self) -> list[str]:
         roles = ["gpu-worker", "gateway"]
-        if self.config.scheduler.offload_mode != "off":
+        if self.config.offload_enabled:
             roles.insert(0, "cpu-attention")
         return roles
 

@@ -171,7 +171,7 @@ class GatewayMetrics:
 
     def num_layers(self) -> int:
         ready = self.engine.link.ready
-        return int(ready.geometry.get("num_layers", 0)) if ready is not None else 0
+        return ready.geometry.num_layers if ready is not None else 0
 
     def observe_finished(self, seq: "Sequence") -> None:
         m = self.model

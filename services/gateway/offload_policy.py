@@ -47,9 +47,9 @@ import enum
 from typing import Sequence
 
 
-from neo_gateway.cost_model import CostTables
+from neo_common.enums import OffloadMode
+from neo_common.cost_model import CostTables
 
-MODES = ("off", "auto", "full", "throughput")
 WAIT = -1  # sub-batch index of a CPU decode that does not run this iteration
 
 
@@ -194,13 +194,12 @@ def _assign(costs: CostTables, c: BatchCandidate, enforce: bool) -> tuple[list[i
     return where, sbs
 
 
-def decide(candidate: BatchCandidate, costs: CostTables, mode: str = "auto",
+def decide(candidate: BatchCandidate, costs: CostTables, mode: OffloadMode = OffloadMode.AUTO,
            pipeline_overhead: float = 0.0) -> OffloadDecision:
     """Choose this iteration's plan; pure (no state, no I/O). See the module docstring.
     ``pipeline_overhead``: seconds each pipelined stage costs beyond the tables (the scheduler
     learns it from measured forwards; the sequential plan does not pay it)."""
-    if mode not in MODES:
-        raise ValueError(f"offload mode must be one of {MODES}, not {mode!r}")
+    mode = OffloadMode(mode)   # raises on anything else
     c = candidate
     n_cpu = len(c.cpu_decode_lens)
     seq_rows = len(c.prefill_lens) + len(c.gpu_decode_lens)
@@ -208,21 +207,21 @@ def decide(candidate: BatchCandidate, costs: CostTables, mode: str = "auto",
     seq_rate = seq_rows / seq_stage.stage_s if seq_rows and seq_stage.stage_s > 0 else 0.0
     sequential = OffloadDecision(PlanKind.SEQUENTIAL, mode, (WAIT,) * n_cpu, (seq_stage,), seq_stage.stage_s,
                                  seq_rows, seq_rate, 0.0, "")
-    if mode == "off" or n_cpu == 0:
-        why = "offload off" if mode == "off" else "no CPU-resident decodes"
+    if mode is OffloadMode.OFF or n_cpu == 0:
+        why = "offload off" if mode is OffloadMode.OFF else "no CPU-resident decodes"
         return dataclasses.replace(sequential, reason=why)
 
-    if mode == "throughput":
+    if mode is OffloadMode.THROUGHPUT:
         return _most_rows_per_second(costs, c, sequential, pipeline_overhead)
-    where, sbs = _assign(costs, c, enforce=(mode == "auto"))
-    reason = "full offload" if mode == "full" else "pipelined serves more rows per GPU second"
-    if mode == "auto" and all(j == WAIT for j in where):
+    where, sbs = _assign(costs, c, enforce=(mode is OffloadMode.AUTO))
+    reason = "full offload" if mode is OffloadMode.FULL else "pipelined serves more rows per GPU second"
+    if mode is OffloadMode.AUTO and all(j == WAIT for j in where):
         if seq_rows:
             return dataclasses.replace(sequential, reason="no CPU decode can hide behind the GPU work")
         where, sbs = _assign(costs, c, enforce=False)
         reason = "only CPU decodes: run them unhidden rather than stall"
     pipelined = _pipelined(costs, where, sbs, sequential, reason, pipeline_overhead)
-    if mode == "auto" and seq_rows and pipelined.pipelined_rate <= seq_rate:
+    if mode is OffloadMode.AUTO and seq_rows and pipelined.pipelined_rate <= seq_rate:
         return dataclasses.replace(sequential, pipelined_rate=pipelined.pipelined_rate,
                                    reason="sequential serves at least as many rows per GPU second")
     return pipelined

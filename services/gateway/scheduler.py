@@ -29,9 +29,10 @@ import logging
 import time
 
 from neo_common.config import SchedulerConfig
+from neo_common.enums import OffloadMode
 from neo_common.protocol import Place
 from neo_gateway.block_manager import BlockManager
-from neo_gateway.cost_model import CostTables
+from neo_common.cost_model import CostTables
 from neo_gateway.calibration import PipelineCalibration
 from neo_gateway.offload_policy import WAIT, BatchCandidate, OffloadDecision, choose_swap_in, decide
 from neo_gateway.prefix_hash import PrefixHasher
@@ -67,7 +68,8 @@ class Scheduler:
         self.gpu = gpu_blocks
         self.cpu = cpu_blocks
         self.costs = costs
-        self.mode = config.offload_mode if cpu_blocks is not None and costs is not None else "off"
+        offload = cpu_blocks is not None and costs is not None
+        self.mode = OffloadMode(config.offload_mode) if offload else OffloadMode.OFF
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.cpu_queue: list[Sequence] = []
@@ -113,17 +115,17 @@ class Scheduler:
 
     @property
     def offloading(self) -> bool:
-        return self.mode != "off"
+        return self.mode.offloads
 
     # -- the per-iteration decision -----------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         self.iteration += 1
         out = SchedulerOutput(self.iteration, [], [])
-        if self.mode == "full":  # every decode on the CPU: prompts prefilled on the GPU leave it
+        if self.mode is OffloadMode.FULL:  # every decode on the CPU: prompts prefilled on the GPU leave it
             for seq in [s for s in reversed(self.running) if s.num_pending == 1]:
                 self._swap_out(seq, out)
         budget = self._schedule_gpu_running(out, self.config.max_num_batched_tokens)
-        if self.offloading and not out.swapped_out and self.mode != "full":
+        if self.offloading and not out.swapped_out and self.mode is not OffloadMode.FULL:
             budget -= self._swap_in(out)
         cpu_decodes = [s for s in self.cpu_queue if s.num_pending == 1] if self.offloading else []
         slots = self.config.max_num_seqs - len(out.rows) - len(cpu_decodes)
@@ -307,7 +309,7 @@ class Scheduler:
             # ~0.1-0.4 ms per admission, and an iteration runs in ~10 ms
             return whole and self.cpu.can_allocate(seq.seq_id, seq.num_tokens + 1) and self._cpu_pays(seq)
 
-        if self.mode == "full" or to_cpu_round:
+        if self.mode is OffloadMode.FULL or to_cpu_round:
             if cpu_ok():
                 return Place.CPU
             return Place.GPU if gpu_ok and not whole and not to_cpu_round else None
@@ -322,7 +324,7 @@ class Scheduler:
         that would follow it there (the rest of the round, as far as the host pool holds them)
         count too: one CPU row alone rarely pays for a second pass over the weights, a batch of them
         does, and it is the batch that the round sends. Always in ``full`` mode."""
-        if self.mode == "full":
+        if self.mode is OffloadMode.FULL:
             return True
         follow, free = [], self.cpu.num_free - self.cpu.blocks_for(seq.num_tokens + 1)
         slots = self.config.max_num_seqs - len(self.running) - len(self.cpu_queue) - 1

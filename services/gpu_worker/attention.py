@@ -165,7 +165,7 @@ def _use_native(q: torch.Tensor, kv_layer: torch.Tensor) -> bool:
 
 def _native_decode(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float,
                    out: torch.Tensor) -> None:
-    from neo_cpu_attention import kernel  # the data plane's native kernel; torch-free
+    from neo_common.host_kernel import kernel  # the data plane's native kernel; torch-free
 
     index, local = meta.compact_decode_tables
     # Only the blocks these rows read, in the kernel's [blocks, heads, block_size, head_dim] layout.

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from neo_common.settings import ConfigError
+from neo_gpu_worker.dense import dense
 
 FP8 = torch.float8_e4m3fn
 FP8_TYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -89,9 +90,10 @@ class Fp8Linear(nn.Module):
             self.weight_scale.copy_(s)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from neo_gpu_worker.model import _apply   # the decoder's dense-layer call (CPU batch invariance)
-
-        return _apply(self, x)
+        """Through ``_scaled_mm`` (FP8 GPUs) or the dequantizing twin, batch-invariant on the CPU."""
+        if self.scaled_mm:
+            return scaled_linear(x, self.weight, self.weight_scale, self.bias, self.w8a16_rows)
+        return dense(x, dequantize(self.weight, self.weight_scale, x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, scaled_mm={self.scaled_mm}"

@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from neo_cpu_attention.segment import KvSegment, SegmentLayout
+from neo_common.segment import KvSegment, SegmentLayout
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,11 @@ from neo_common.model_source import read_geometry, resolve
 from neo_common.settings import ConfigError
 from neo_common.tensor_parallel import Shard
 from neo_common.protocol import Hello, Shutdown, WorkerError, WorkerKind, WorkerReady
-from neo_cpu_attention.cpus import available_cpus
-from neo_cpu_attention.segment import SegmentLayout
+from neo_common.host_kernel.cpus import available_cpus
+from neo_common.segment import SegmentLayout
 from neo_gpu_worker import ops
 from neo_gpu_worker.host_kv import HostKv
+from neo_gpu_worker.device import DTYPES, pick_device, pick_dtype
 from neo_gpu_worker.loader import load_model
 from neo_gpu_worker.model_runner import ModelRunner, num_kv_blocks
 from neo_gpu_worker.parallel import FollowerLinks, TensorParallel, start_followers
@@ -41,35 +42,12 @@ from neo_gpu_worker.stage_graphs import StageGraphs
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # Collectives wait this long at most: rank 0 profiles the cost tables (minutes, at the first start)
 # while the other ranks wait for it in the next collective.
 _GROUP_TIMEOUT_S = 3600.0
 _FOLLOWER_EXIT_S = 10.0   # a follower that does not exit by then is terminated with this process
-
-
-def pick_device(name: str, rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {name}: no CUDA device is visible to this process")
-        if device.index is None:
-            # CUDA_VISIBLE_DEVICES picks the cards; tensor-parallel rank r takes the r-th of them
-            if rank >= torch.cuda.device_count():
-                raise RuntimeError(f"tensor-parallel rank {rank} needs GPU {rank}, but "
-                                   f"{torch.cuda.device_count()} are visible")
-            device = torch.device("cuda", rank)
-    return device
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
 
 
 def build_runner(config: NeoConfig, rank: int = 0, init_method: str = "") -> tuple[ModelRunner, WorkerReady]:
@@ -98,14 +76,14 @@ def build_runner(config: NeoConfig, rank: int = 0, init_method: str = "") -> tup
     model = load_model(source, max_len, device, dtype, config.model.seed, tp)
     g = model.geometry
     kv_name = config.cache.resolve_kv_dtype(str(dtype).removeprefix("torch."), config.offload_enabled)
-    kv_dtype = _DTYPES[kv_name]
+    kv_dtype = DTYPES[kv_name]
     bs = config.cache.block_size
-    host, staging, cost_tables = None, 0, {}
+    host, staging, cost_tables = None, 0, None
     if config.offload_enabled:
         # The cost tables first: profiling allocates and frees device memory of its own. Rank 0
         # profiles its own shard (the largest one) for the policy; the others need none.
         if rank == 0:
-            cost_tables = load_cost_tables(config).to_dict()
+            cost_tables = load_cost_tables(config)
         host = HostKv(config.for_rank(rank).shm_name, SegmentLayout.for_model(
             g, num_cpu_blocks(config, model.full_geometry, kv_dtype), bs, config.scheduler.max_num_seqs, kv_name))
         staging = -(-config.scheduler.max_num_batched_tokens // bs) + config.scheduler.max_num_seqs
@@ -123,7 +101,7 @@ def build_runner(config: NeoConfig, rank: int = 0, init_method: str = "") -> tup
     runner = ModelRunner(model, blocks, bs, device, kv_dtype, host, staging, config.ipc.worker_timeout_s,
                          graph_max_batch=graph_max_batch, max_model_len=max_len, tp=tp, stage_graphs=stage_graphs)
     ready = WorkerReady(kind=WorkerKind.GPU_WORKER, pid=os.getpid(), num_gpu_blocks=blocks,
-                        block_size=bs, max_model_len=max_len, geometry=full.to_dict(),
+                        block_size=bs, max_model_len=max_len, geometry=full,
                         device=str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
                         dtype=str(dtype).removeprefix("torch."), kv_dtype=kv_name,
                         num_cpu_blocks=host.segment.layout.num_blocks if host else 0, cost_tables=cost_tables)
@@ -145,7 +123,7 @@ def load_cost_tables(config: NeoConfig):
     """``--cost-tables`` if given, else this machine's cached profile of the model (rank 0's shard
     under tensor parallelism), profiled now if missing; the quick grid on the CPU device, where the
     full one would take long and matters little."""
-    from neo_gateway.cost_model import CostTables
+    from neo_common.cost_model import CostTables
     from neo_gpu_worker.profiler import load_or_profile
 
     if config.scheduler.cost_tables:

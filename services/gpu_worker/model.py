@@ -19,7 +19,6 @@ import logging
 from typing import Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from neo_common.geometry import Activation, ModelGeometry
@@ -27,7 +26,8 @@ from neo_common.model_source import Fp8Checkpoint
 from neo_common.settings import ConfigError
 from neo_common.tensor_parallel import Shard
 from neo_gpu_worker import ops
-from neo_gpu_worker.fp8 import FP8_TYPES, Fp8Linear, dequantize, scaled_linear
+from neo_gpu_worker.dense import dense
+from neo_gpu_worker.fp8 import FP8_TYPES, Fp8Linear
 from neo_gpu_worker.fp8_weights import fp8_stream
 from neo_gpu_worker.attention import AttentionMetadata, paged_attention
 from neo_gpu_worker.parallel import TensorParallel
@@ -36,29 +36,10 @@ from neo_gpu_worker.rope import RotaryEmbedding
 log = logging.getLogger(__name__)
 
 
-# CPU BLAS picks other kernels (other summation orders) for small row counts, so one row's result
-# would depend on how many rows share its batch. Padding small batches to this many rows makes the
-# CPU device batch-invariant: a request decodes the same tokens alone, in any batch, in either
-# pipeline sub-batch, which is what the offload equivalence tests rely on. (GPU kernels are left
-# alone: padding would cost real time there.)
-_CPU_MIN_ROWS = 16
-
-
-def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` that is batch-invariant on the CPU device (see ``_CPU_MIN_ROWS``)."""
-    rows = x.shape[0]
-    if x.device.type == "cpu" and 0 < rows < _CPU_MIN_ROWS:
-        padded = torch.cat([x, x.new_zeros(_CPU_MIN_ROWS - rows, x.shape[1])])
-        return F.linear(padded, weight, bias)[:rows]
-    return F.linear(x, weight, bias)
-
-
 def _apply(layer: nn.Linear | Fp8Linear, x: torch.Tensor) -> torch.Tensor:
-    """A dense layer: an FP8 one through ``_scaled_mm`` or its dequantizing twin (``fp8.py``)."""
+    """A dense layer: an FP8 one through its own forward (``fp8.py``), else ``dense``."""
     if isinstance(layer, Fp8Linear):
-        if layer.scaled_mm:
-            return scaled_linear(x, layer.weight, layer.weight_scale, layer.bias, layer.w8a16_rows)
-        return dense(x, dequantize(layer.weight, layer.weight_scale, x.dtype), layer.bias)
+        return layer(x)
     return dense(x, layer.weight, layer.bias)
 
 

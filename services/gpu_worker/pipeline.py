@@ -32,10 +32,11 @@ import numpy as np
 import torch
 
 from neo_common.protocol import IterationPlan
+from neo_common.enums import CpuState
 from neo_common.procs import pid_alive
 from neo_common.settings import ConfigError
-from neo_cpu_attention import kernel
-from neo_cpu_attention.segment import job_seq
+from neo_common.host_kernel import kernel
+from neo_common.segment import job_seq
 from neo_gpu_worker.attention import paged_attention
 from neo_gpu_worker.ops import write_kv
 from neo_gpu_worker.batch import SubBatch, build_sub_batch
@@ -77,7 +78,7 @@ class Handoff:
         """Start an iteration: note which cpu_attention process was sent its plan."""
         self.cpu_wait_s = self.copy_wait_s = 0.0
         pid, state = self.host.segment.cpu_state()
-        self.serving_pid = int(pid) if state == 1 else 0
+        self.serving_pid = int(pid) if state is CpuState.ATTACHED else 0
 
     def send(self, slot: int, job: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Queue the copy of q/k/v rows into ``slot`` for doorbell value ``job``; ring it once landed."""
@@ -128,11 +129,11 @@ class Handoff:
                 status = seg.wait_done(slot, seq, timeout_s=_POLL_S)
                 break
             except TimeoutError:
-                pid, state = seg.cpu_state()   # state 0: no process attached yet (it may be starting)
-                if state == 2 or (state == 1 and not pid_alive(int(pid))):
+                pid, state = seg.cpu_state()   # DETACHED: no process attached yet (it may be starting)
+                if state is CpuState.EXITED or (state is CpuState.ATTACHED and not pid_alive(int(pid))):
                     raise RuntimeError("the cpu_attention process is gone (it served this segment as pid "
                                        f"{pid})") from None
-                if state == 1 and self.serving_pid and pid != self.serving_pid:
+                if state is CpuState.ATTACHED and self.serving_pid and pid != self.serving_pid:
                     # A restarted process attached mid-iteration: this iteration's plan went to the one
                     # that died, so nobody will ever answer this doorbell.
                     raise RuntimeError(f"the cpu_attention process was replaced during iteration {iteration_id} "

@@ -9,7 +9,7 @@ the total over those layers divided by their count, so weights are not unrealist
 - ``pref(S)``: ``attention.paged_attention`` for one prompt of S tokens at offset 0.
 - ``gdec(N)``: ``paged_attention`` for decode rows holding N tokens in all, rows of
   ``min(N, decode_ctx)`` tokens over shuffled blocks (paged, not contiguous).
-- ``cdec(B, N)``: the native kernel ``neo_cpu_attention.kernel.attend`` (with the k/v append) for B
+- ``cdec(B, N)``: the native kernel ``neo_common.host_kernel.kernel.attend`` (with the k/v append) for B
   requests of N/B tokens each, with the given thread count, on 16-bit KV (bf16, or fp16 for fp16).
 - ``lnch``: the fixed host cost of one stage handoff: copy one row's q/k/v device->host (pinned on
   CUDA), synchronise, copy o host->device, synchronise. It leaves out the doorbell wait on the
@@ -40,12 +40,12 @@ from neo_common.geometry import ModelGeometry, Quantization
 from neo_common.logs import setup_logging
 from neo_common.model_source import read_geometry, resolve
 from neo_common.tensor_parallel import Shard
-from neo_gateway import cost_model
-from neo_gateway.cost_model import CostKey, CostTables
+from neo_common import cost_model
+from neo_common.cost_model import CostKey, CostTables
 from neo_gpu_worker import fp8, ops
 from neo_gpu_worker.attention import AttentionMetadata, PrefillSpan, paged_attention
 from neo_gpu_worker.cuda_graph import capture
-from neo_gpu_worker.main import pick_device, pick_dtype
+from neo_gpu_worker.device import pick_device, pick_dtype
 from neo_gpu_worker.models import model_class
 from neo_gpu_worker.models.protocol import DecoderLayer
 from neo_gpu_worker.rope import RotaryEmbedding
@@ -199,7 +199,7 @@ class _Bench:
         return lambda: [paged_attention(q, kv, meta, self.scale) for _ in self.layers]
 
     def cdec(self, requests: int, tokens: int, kv_dtype: str) -> Callable[[], object]:
-        from neo_cpu_attention.kernel import attend
+        from neo_common.host_kernel.kernel import attend
 
         g = self.g
         length = max(1, tokens // requests)
@@ -246,7 +246,7 @@ def profile(g: ModelGeometry, device: torch.device, dtype: torch.dtype, block_si
     replays: launched from Python, an 8B layer's dense work for a few rows takes ~3x its GPU time,
     and tables built from that would overstate every decode plan (more for the plan that
     replays a whole decode step than for the pipelined one), so the policy would pipeline at a loss."""
-    from neo_cpu_attention import kernel
+    from neo_common.host_kernel import kernel
 
     linr_x, pref_x, gdec_x, cdec_b, cdec_n, decode_ctx, reps = grid
     threads = kernel.set_num_threads(cpu_threads)
@@ -307,7 +307,7 @@ def load_or_profile(config: NeoConfig, cache_dir: str | None = None, quick: bool
     Returns the tables and the path of their file (under ``cache_dir``, default
     :func:`cost_model.default_cache_dir`).
     """
-    from neo_cpu_attention.cpus import threads_per_rank
+    from neo_common.host_kernel.cpus import threads_per_rank
 
     device = pick_device(config.device.device)
     dtype = pick_dtype(config.model.dtype, device)

@@ -9,6 +9,7 @@ never the link; a slow one is asked to register again and the link recovers by i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 
@@ -19,14 +20,15 @@ import zmq
 import zmq.asyncio
 
 from neo_common.config import NeoConfig
+from neo_common.geometry import ModelGeometry
 from neo_common.handshake import check_gpu_worker_ready
 from neo_common.link import LinkKeys, prepare_runtime_dir
 from neo_common.protocol import (PROTOCOL_VERSION, Hello, IterationPlan, IterationResult, MsgType, WorkerKind,
                                  WorkerReady)
 from neo_gateway.worker_link import IterationFailed, RejectReason, WorkerDown, WorkerLink
 
-GEOMETRY = {"name": "tiny", "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16,
-            "intermediate_size": 128, "vocab_size": 1000, "max_position_embeddings": 512}
+GEOMETRY = ModelGeometry("tiny", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                         intermediate_size=128, vocab_size=1000, max_position_embeddings=512)
 
 
 def ready(**over) -> WorkerReady:
@@ -206,7 +208,7 @@ def test_a_ready_that_does_not_fit_the_configuration_is_refused(tmp_path):
         sock = bench.peer()
         await sock.send(Hello(kind=WorkerKind.GPU_WORKER, pid=os.getpid()).encode())
         for bad in (ready(block_size=32), ready(num_gpu_blocks=64), ready(max_model_len=100_000),
-                    ready(geometry={"vocab_size": 3}), ready(kv_dtype="float16"), ready(num_cpu_blocks=8),
+                    ready(geometry=dataclasses.replace(GEOMETRY, vocab_size=0)), ready(kv_dtype="float16"), ready(num_cpu_blocks=8),
                     ready(kind=WorkerKind.CPU_ATTENTION)):
             await sock.send(bad.encode())
         await asyncio.sleep(0.5)

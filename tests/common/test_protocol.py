@@ -2,6 +2,9 @@ import msgpack
 import numpy as np
 import pytest
 
+from support.cost_tables import synthetic
+
+from neo_common.geometry import GEOMETRIES, ModelGeometry
 from neo_common.protocol import (PROTOCOL_VERSION, CpuAttentionPlan, IterationPlan, IterationResult, MsgType,
                                  ProtocolError, Shutdown, WorkerReady, decode)
 
@@ -18,8 +21,13 @@ def test_plan_round_trip_keeps_arrays_dtypes_and_shapes():
 
 
 def test_other_messages_round_trip():
-    ready = WorkerReady(pid=1, num_gpu_blocks=10, geometry={"name": "g"}, device="cpu")
-    assert decode(ready.encode()) == ready
+    ready = WorkerReady(pid=1, num_gpu_blocks=10, geometry=GEOMETRIES["llama-3-8b"], device="cpu",
+                        cost_tables=synthetic())
+    back = decode(ready.encode())
+    assert back == ready and isinstance(back.geometry, ModelGeometry) and back.cost_tables.key == ready.cost_tables.key
+    bad = ready.encode().replace(b"hidden_size", b"hidden_sizX")
+    with pytest.raises(ProtocolError, match="geometry"):
+        decode(bad)   # a geometry that does not parse makes the frame unreadable
     res = decode(IterationResult(iteration_id=2, seq_ids=np.array([1]), token_ids=np.array([9], np.int32)).encode())
     assert res.token_ids.tolist() == [9]
     cpu = decode(CpuAttentionPlan(3, [np.array([1, 2])], [np.array([5, 6])], [np.zeros((2, 4))]).encode())

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from neo_cpu_attention.segment import KvSegment, SegmentLayout, job_seq
+from neo_common.segment import KvSegment, SegmentLayout, job_seq
 
 
 def main(folder: str, name: str) -> int:

@@ -20,8 +20,8 @@ import zmq
 
 from neo_common import protocol
 
-from neo_cpu_attention import _native, kernel
-from neo_cpu_attention.segment import SegmentLayout
+from neo_common.host_kernel import _native, kernel
+from neo_common.segment import SegmentLayout
 
 pytestmark = pytest.mark.integration
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -214,8 +214,8 @@ def test_exits_when_the_gateway_vanishes(tmp_path):
 
 
 def test_product_modules_import_no_torch():
-    code = ("import sys; import neo_cpu_attention.main, neo_cpu_attention.server, neo_cpu_attention.segment, "
-            "neo_cpu_attention.kernel, neo_cpu_attention.membw; "
+    code = ("import sys; import neo_cpu_attention.main, neo_cpu_attention.server, neo_common.segment, "
+            "neo_common.host_kernel.kernel, neo_cpu_attention.membw; "
             "from neo_common.config import NeoConfig; from neo_cpu_attention.server import CpuAttentionServer; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -170,7 +170,7 @@ print(json.dumps({"entry": mod, "torch": importlib.util.find_spec("torch") is no
 @pytest.mark.parametrize("name", CPU_IMAGES)
 def test_image_is_torch_free_and_imports_its_entry_point(images: Images, name: str) -> None:
     """The CPU images carry no torch: their processes' code must not import it (see README)."""
-    extra = ["neo_cpu_attention._native"] if name == "cpu-attention" else []
+    extra = ["neo_common.host_kernel._native"] if name == "cpu-attention" else []
     proc = images.run(name, "python3", "-c", CHECK_IMPORTS, IMAGES[name], *extra)
     assert proc.returncode == 0, (
         f"{name}: importing its entry point in the image failed. If the code now imports torch, the image "

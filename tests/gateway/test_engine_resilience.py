@@ -8,6 +8,7 @@ import numpy as np
 import zmq.asyncio
 
 from neo_common.config import NeoConfig
+from neo_common.geometry import GEOMETRIES
 from neo_common.model_source import embedded_gguf_path
 from neo_common.protocol import IterationResult, WorkerReady
 from neo_gateway.engine import Engine
@@ -24,7 +25,7 @@ def test_a_failing_iteration_fails_its_requests_and_the_loop_goes_on(tmp_path):
         config = NeoConfig.from_args(["--runtime-dir", str(tmp_path / "run")], env={})
         engine = Engine(config, tokenizer, ctx, "m")
         engine.link.ready = WorkerReady(num_gpu_blocks=16, block_size=16, max_model_len=256,
-                                        geometry={"vocab_size": 49152})
+                                        geometry=GEOMETRIES["smollm2-135m"])
         calls = {"n": 0}
         real_to_plan = SchedulerOutput.to_plan
 

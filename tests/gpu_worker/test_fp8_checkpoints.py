@@ -37,8 +37,8 @@ from neo_common.procs import free_port
 from neo_common.protocol import Place
 from neo_common.settings import ConfigError
 from neo_common.tensor_parallel import Shard
-from neo_cpu_attention.segment import SegmentLayout
-from neo_gateway.cost_model import CostKey
+from neo_common.segment import SegmentLayout
+from neo_common.cost_model import CostKey
 from neo_gpu_worker import fp8
 from neo_gpu_worker.attention import AttentionMetadata, PrefillSpan
 from neo_gpu_worker.batch import build_sub_batch

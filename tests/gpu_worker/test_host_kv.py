@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from neo_cpu_attention.segment import KvSegment, SegmentLayout
+from neo_common.segment import KvSegment, SegmentLayout
 from neo_gpu_worker.host_kv import HostKv
 
 

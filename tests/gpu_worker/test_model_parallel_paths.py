@@ -17,7 +17,7 @@ from neo_common.model_source import ModelSource, read_geometry
 from neo_common.procs import free_port
 from neo_common.protocol import IterationPlan, Place
 from neo_common.tensor_parallel import Shard
-from neo_cpu_attention.segment import SegmentLayout
+from neo_common.segment import SegmentLayout
 from neo_gpu_worker.attention import AttentionMetadata, PrefillSpan
 from neo_gpu_worker.batch import build_sub_batch
 from neo_gpu_worker.host_kv import HostKv

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from neo_common.geometry import GEOMETRIES
-from neo_gateway import cost_model
-from neo_gateway.cost_model import CostKey, CostTables
+from neo_common import cost_model
+from neo_common.cost_model import CostKey, CostTables
 from neo_gpu_worker import model as model_module
 from neo_gpu_worker import profiler
 from neo_gpu_worker.attention import AttentionMetadata

@@ -16,7 +16,7 @@ import torch
 
 from neo_common.geometry import lookup
 from neo_common.protocol import IterationPlan, Place
-from neo_cpu_attention.segment import SegmentLayout
+from neo_common.segment import SegmentLayout
 from neo_gpu_worker import ops
 from neo_gpu_worker.host_kv import HostKv
 from neo_gpu_worker.loader import build_model

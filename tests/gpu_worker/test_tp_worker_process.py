@@ -36,7 +36,7 @@ def test_shutdown_reaches_the_follower_and_both_ranks_exit_cleanly(tmp_path):
         assert sock.poll(180_000), "the worker never got ready"
         ready = decode(sock.recv())
         assert isinstance(ready, WorkerReady) and ready.pid == proc.pid and ready.num_gpu_blocks == 32
-        assert ready.geometry["num_kv_heads"] == 3, "the gateway sees the whole model, not rank 0's shard"
+        assert ready.geometry.num_kv_heads == 3, "the gateway sees the whole model, not rank 0's shard"
         tree = descendants(proc.pid)
         assert len([p for p in tree if pid_alive(p)]) >= 1, "rank 1 runs as a child"
         sock.send(Shutdown(reason="test").encode())

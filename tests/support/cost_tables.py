@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from neo_common.geometry import GEOMETRIES
-from neo_gateway.cost_model import CostKey, CostTables
+from neo_common.cost_model import CostKey, CostTables
 
 TOKENS = [1, 16, 64, 256, 1024, 4096, 16384]
 CTX = [16, 256, 4096, 65536, 1048576]

@@ -18,7 +18,7 @@ import torch
 
 from neo_common.model_source import ModelSource, embedded_gguf_path
 from neo_common.protocol import IterationPlan
-from neo_gateway.cost_model import CostTables
+from neo_common.cost_model import CostTables
 
 if TYPE_CHECKING:
     from neo_gpu_worker.model_runner import ModelRunner

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from neo_cpu_attention import _native, kernel
-from neo_cpu_attention.reference import reference_attend
+from neo_common.host_kernel import _native, kernel
+from neo_common.host_kernel.reference import reference_attend
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 NAN_BITS = {"bfloat16": 0x7FC1, "float16": 0x7E01}

@@ -44,6 +44,8 @@ import time
 
 import numpy as np
 
+from neo_common.enums import CpuState, KvDtypeCode
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"NEOKVSG1"
@@ -56,7 +58,7 @@ CPU_PID_OFF = 576
 CPU_STATE_OFF = 584
 SLOT_CTRL_OFF = 1024
 SLOT_CTRL_STRIDE = 128
-DTYPE_CODES = {"bfloat16": 0, "float16": 1}
+DTYPE_CODES = {code.name: int(code) for code in KvDtypeCode}
 DTYPE_NAMES = {v: k for k, v in DTYPE_CODES.items()}
 
 # header after the magic: version, header bytes, total, nonce, pid, dtype, 8 geometry u32, scale, pad,
@@ -412,7 +414,7 @@ class KvSegment:
         return int(self._words[off // 8])
 
     def _store(self, off: int, value: int) -> None:
-        from neo_cpu_attention import _native
+        from neo_common.host_kernel import _native
 
         _native.store_u64(self.base_address + off, int(value) & (2**64 - 1))
 
@@ -438,7 +440,7 @@ class KvSegment:
 
         Raises TimeoutError after ``timeout_s`` (the cpu_attention process is gone or stuck).
         """
-        from neo_cpu_attention import _native
+        from neo_common.host_kernel import _native
 
         _, flag = _native.wait_u64(self.base_address + SegmentLayout.done_off(slot), seq, spin_us,
                                    int(timeout_s * 1e6))
@@ -446,10 +448,10 @@ class KvSegment:
             raise TimeoutError(f"cpu attention job {seq:#x} of slot {slot} not done after {timeout_s}s")
         return self.status(slot)
 
-    def set_cpu_state(self, pid: int, state: int) -> None:
+    def set_cpu_state(self, pid: int, state: CpuState) -> None:
         """cpu side: who serves the segment (pid) and whether it is attached (1) or exited (2)."""
         self._store(CPU_PID_OFF, pid)
         self._store(CPU_STATE_OFF, state)
 
-    def cpu_state(self) -> tuple[int, int]:
-        return self._word(CPU_PID_OFF), self._word(CPU_STATE_OFF)
+    def cpu_state(self) -> tuple[int, CpuState]:
+        return self._word(CPU_PID_OFF), CpuState(self._word(CPU_STATE_OFF))

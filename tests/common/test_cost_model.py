@@ -4,8 +4,8 @@ import random
 import pytest
 
 from support.cost_tables import BATCH, CTX, TOKENS, key, synthetic
-from neo_gateway import cost_model
-from neo_gateway.cost_model import CostModelError, CostTables, interp1
+from neo_common import cost_model
+from neo_common.cost_model import CostModelError, CostTables, interp1
 
 
 def test_exact_at_grid_points():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from neo_cpu_attention import cpus
+from neo_common.host_kernel import cpus
 
 
 def write(path, text):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from neo_common.geometry import lookup
-from neo_cpu_attention import _native
-from neo_cpu_attention.segment import (HEADER_BYTES, KvSegment, SegmentError, SegmentLayout, job_seq,
+from neo_common.host_kernel import _native
+from neo_common.segment import (HEADER_BYTES, KvSegment, SegmentError, SegmentLayout, job_seq,
                                        remove_stale)
 
 LAYOUT = SegmentLayout(num_layers=2, num_blocks=10, num_kv_heads=3, num_q_heads=9, head_dim=64, max_rows=4)

@@ -14,7 +14,7 @@ def reference_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      block_tables: torch.Tensor, seq_lens: torch.Tensor,
                      k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
                      scale: float | None = None) -> torch.Tensor:
-    """Same contract as ``neo_cpu_attention.kernel.attend`` with torch tensors of the KV dtype.
+    """Same contract as ``neo_common.host_kernel.kernel.attend`` with torch tensors of the KV dtype.
 
     Appends into ``k_cache``/``v_cache`` in place when ``k_new``/``v_new`` are given; returns fp32
     ``[B, Hq, D]``.

@@ -1,4 +1,4 @@
-// pybind11 module `neo_cpu_attention._native`: thin wrappers over the C ABI in neo_attn.h.
+// pybind11 module `neo_common.host_kernel._native`: thin wrappers over the C ABI in neo_attn.h.
 // Buffers travel as integer addresses; the Python layer (kernel.py, segment.py) validates shapes and
 // keeps the owning arrays alive. Every call that can take long releases the GIL.
 #include <pybind11/pybind11.h>

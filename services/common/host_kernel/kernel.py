@@ -15,19 +15,20 @@ import math
 
 import numpy as np
 
-from neo_cpu_attention import _native
-from neo_cpu_attention.cpus import available_cpus
+from neo_common.enums import KvDtypeCode, NativeStatus
+from neo_common.host_kernel import _native
+from neo_common.host_kernel.cpus import available_cpus
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"bfloat16": 0, "float16": 1}
+DTYPES = {code.name: int(code) for code in KvDtypeCode}
 _ERRORS = {
-    -1: "invalid arguments (shape, dtype, head ratio or head_dim)",
-    -2: "a block id is outside the pool",
-    -3: "a sequence length is < 1 or needs more blocks than its block table holds",
-    -4: "timed out waiting for a doorbell",
-    -5: "aborted by the peer",
-    -6: "out of memory",
+    NativeStatus.INVALID_ARGUMENT: "invalid arguments (shape, dtype, head ratio or head_dim)",
+    NativeStatus.BLOCK_OUT_OF_RANGE: "a block id is outside the pool",
+    NativeStatus.BAD_SEQUENCE_LENGTH: "a sequence length is < 1 or needs more blocks than its block table holds",
+    NativeStatus.NO_DOORBELL: "timed out waiting for a doorbell",
+    NativeStatus.ABORTED: "aborted by the peer",
+    NativeStatus.OUT_OF_MEMORY: "out of memory",
 }
 
 
