@@ -15,7 +15,7 @@ from typing import Any
 
 from neo_common.procs import MULTICAST_OFF
 from neo_operator import constants as c
-from neo_operator.configmap import configmap_name
+from neo_operator.configmap import KEPT_CONFIGMAPS, configmap_name
 from neo_operator.labels import child_labels, selector_labels
 from neo_operator.lifecycle import gateway_pre_stop, termination_grace_seconds, worker_pre_stop
 from neo_operator.sizing import SizingDecision
@@ -54,7 +54,7 @@ def _http_probe(path: str, period: int, failures: int) -> dict[str, Any]:
             "timeoutSeconds": 3}
 
 
-def _container(name: str, image: str, command: str, spec: NeoServiceSpec, name_: str,
+def _container(name: str, image: str, command: str, spec: NeoServiceSpec, configmap: str,
                resources: dict[str, Any], model: bool) -> dict[str, Any]:
     mounts = [{"name": "shm", "mountPath": c.SHM_PATH}, {"name": "runtime", "mountPath": c.RUNTIME_MOUNT},
               {"name": "tmp", "mountPath": c.TMP_MOUNT}, {"name": "cache", "mountPath": c.CACHE_MOUNT}]
@@ -65,7 +65,7 @@ def _container(name: str, image: str, command: str, spec: NeoServiceSpec, name_:
         "image": image,
         "imagePullPolicy": spec.images.pull_policy,
         "command": ["neo", command],
-        "envFrom": [{"configMapRef": {"name": configmap_name(name_)}}],
+        "envFrom": [{"configMapRef": {"name": configmap}}],
         "env": [{"name": k, "value": v} for k, v in {**MULTICAST_OFF, **CACHE_ENV}.items()],
         "resources": resources,
         "volumeMounts": mounts,
@@ -111,7 +111,8 @@ def _affinity(products: tuple[str, ...], override: dict[str, Any] | None) -> dic
 def build_pod_template(name: str, spec: NeoServiceSpec, decision: SizingDecision, config_hash: str) -> dict[str, Any]:
     res = spec.resources
     req = decision.requests
-    gateway = _container("gateway", spec.images.gateway, "gateway", spec, name,
+    configmap = configmap_name(name, config_hash)  # the immutable ConfigMap of this configuration
+    gateway = _container("gateway", spec.images.gateway, "gateway", spec, configmap,
                          _resources(req["gateway"], res.get("gateway", {})), model=True)
     gateway["ports"] = [{"name": "http", "containerPort": c.GATEWAY_PORT, "protocol": "TCP"}]
     gateway["readinessProbe"] = _http_probe("/ready", 5, 3)
@@ -121,12 +122,12 @@ def build_pod_template(name: str, spec: NeoServiceSpec, decision: SizingDecision
     if spec.api_key_secret is not None:  # from the Secret, never through the ConfigMap
         gateway["env"].append({"name": "NEO_API_KEY", "valueFrom": {"secretKeyRef": {
             "name": spec.api_key_secret.name, "key": spec.api_key_secret.key}}})
-    worker = _container("gpu-worker", spec.images.gpu_worker, "gpu-worker", spec, name,
+    worker = _container("gpu-worker", spec.images.gpu_worker, "gpu-worker", spec, configmap,
                         _resources(req["gpuWorker"], res.get("gpuWorker", {}),
                                    limits={spec.gpu.resource_name: str(spec.gpu.count)}), model=True)
     workers = [worker]
     if decision.offload:   # without offloading nothing would connect it: the kubelet would restart it forever
-        workers.append(_container("cpu-attention", spec.images.cpu_attention, "cpu-attention", spec, name,
+        workers.append(_container("cpu-attention", spec.images.cpu_attention, "cpu-attention", spec, configmap,
                                   _resources(req["cpuAttention"], res.get("cpuAttention", {})), model=False))
     for ct in workers:
         ct["lifecycle"] = {"preStop": worker_pre_stop(c.GATEWAY_PORT, spec.shutdown_grace_seconds)}
@@ -175,7 +176,8 @@ def build_deployment(name: str, spec: NeoServiceSpec, decision: SizingDecision, 
             "selector": {"matchLabels": selector_labels(name)},
             # GPUs are scarce: replace pods one at a time instead of asking for a spare GPU to surge into.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
-            "revisionHistoryLimit": 5,
+            # a rollback reaches as far back as the ConfigMaps the operator keeps
+            "revisionHistoryLimit": KEPT_CONFIGMAPS - 1,
             "progressDeadlineSeconds": 1800,
             "template": build_pod_template(name, spec, decision, config_hash),
         },

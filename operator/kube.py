@@ -183,6 +183,21 @@ class Kube:
         log.info("deleted %s %s/%s", kind, namespace, name)
         return True
 
+    def owned_configmaps(self, namespace: str, selector: str, owner_uid: str) -> list[dict[str, Any]]:
+        """The ConfigMaps matching ``selector`` whose controller is ``owner_uid``."""
+        items = self.core.list_namespaced_config_map(namespace, label_selector=selector).items
+        return [cm for cm in map(self._dict, items)
+                if any(ref.get("uid") == owner_uid and ref.get("controller")
+                       for ref in cm["metadata"].get("ownerReferences") or [])]
+
+    def delete_configmap(self, namespace: str, name: str) -> None:
+        try:
+            self.core.delete_namespaced_config_map(name, namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        log.info("deleted ConfigMap %s/%s (an old configuration)", namespace, name)
+
     def update_neoservice_status(self, namespace: str, name: str,
                                  compute: Callable[[dict[str, Any]], dict[str, Any] | None], attempts: int = 8) -> bool:
         """Read-modify-write of the status subresource with optimistic concurrency (the reconciler and the

@@ -16,7 +16,7 @@ from kubernetes.client.rest import ApiException
 
 from neo_operator import constants as c
 from neo_operator import status as st
-from neo_operator.configmap import build_configmap, config_hash
+from neo_operator.configmap import build_configmap, config_hash, configmaps_to_prune
 from neo_operator.deployment import build_deployment
 from neo_operator.kube import Kube, is_spec_rejection, rejection_message
 from neo_operator.labels import selector_string
@@ -108,7 +108,7 @@ def reconcile(kube: Kube, config: OperatorConfig, body: Mapping[str, Any],
         ensure_probe_jobs(kube, config, [n for n in nodes if n["metadata"]["name"] in decision.probes_pending])
     upd.cond("Sized", True, "Sized", decision.reason + selection.note())
 
-    configmap = build_configmap(name, spec, decision)
+    configmap = build_configmap(name, spec, decision, upd.generation)
     deployment = build_deployment(name, spec, decision, config_hash(configmap["data"]))
     service = build_service(name, spec)
     children = [configmap, service, deployment]
@@ -136,6 +136,7 @@ def reconcile(kube: Kube, config: OperatorConfig, body: Mapping[str, Any],
         kube.apply(child)
     if not spec.network_policy.enabled:
         kube.delete_owned("NetworkPolicy", namespace, network_policy_name(name), meta["uid"])
+    _prune_configmaps(kube, namespace, name, meta["uid"], configmap["metadata"]["name"])
 
     upd.fields.update({
         "sizing": decision.to_status(),
@@ -148,6 +149,18 @@ def reconcile(kube: Kube, config: OperatorConfig, body: Mapping[str, Any],
     upd.conditions += follow.conditions
     upd.fields.update(follow.fields)
     return upd
+
+
+def _prune_configmaps(kube: Kube, namespace: str, name: str, uid: str, current: str) -> None:
+    """Delete the configurations too old to roll back to; never the one the live pod template names
+    (after a ``kubectl rollout undo`` that is an older one)."""
+    owned = kube.owned_configmaps(namespace, f"{selector_string(name)},{c.COMPONENT_LABEL}=config", uid)
+    live = kube.get_deployment(namespace, name)
+    keep = {current} | {src["configMapRef"]["name"]
+                        for ct in ((live or {}).get("spec", {}).get("template", {}).get("spec", {}).get("containers") or [])
+                        for src in ct.get("envFrom") or [] if src.get("configMapRef")}
+    for old in configmaps_to_prune(owned, keep):
+        kube.delete_configmap(namespace, old)
 
 
 def _kopf_adopt(children: list[dict[str, Any]], owner: Mapping[str, Any]) -> None:

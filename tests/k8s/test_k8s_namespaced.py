@@ -131,7 +131,8 @@ def test_hardened_pod_and_network_policy_as_stored(cluster: Cluster, scoped: Ope
         assert ct.lifecycle.pre_stop._exec.command[0] == "python3"
         mounts = {m.mount_path: m.name for m in ct.volume_mounts}
         assert mounts[c.RUNTIME_MOUNT] == "runtime" and mounts["/tmp"] == "tmp"
-    cm = client.CoreV1Api(cluster.api).read_namespaced_config_map("smol-config", WATCHED)
+    cm = client.CoreV1Api(cluster.api).read_namespaced_config_map(pod.containers[0].env_from[0].config_map_ref.name,
+                                                                  WATCHED)
     assert cm.data["NEO_RUNTIME_DIR"] == c.RUNTIME_DIR and "NEO_WORKER_ADDR" not in cm.data
     policy = net.read_namespaced_network_policy("smol", WATCHED)
     assert policy.metadata.owner_references[0].uid == dep.metadata.owner_references[0].uid
@@ -158,7 +159,7 @@ def test_api_key_from_a_secret_and_the_policy_follows_the_spec(cluster: Cluster,
     (key,) = [e for e in gateway.env if e.name == "NEO_API_KEY"]
     assert (key.value_from.secret_key_ref.name, key.value_from.secret_key_ref.key) == ("neo-keys", "api-keys")
     assert all(e.name != "NEO_API_KEY" for ct in dep.spec.template.spec.containers[1:] for e in ct.env)
-    cm = client.CoreV1Api(cluster.api).read_namespaced_config_map("keyed-config", WATCHED)
+    cm = client.CoreV1Api(cluster.api).read_namespaced_config_map(gateway.env_from[0].config_map_ref.name, WATCHED)
     assert "NEO_API_KEY" not in cm.data and cm.data["NEO_SHUTDOWN_GRACE_S"] == "90.0"
     assert dep.spec.template.spec.termination_grace_period_seconds > 90
     policy = cluster.api.sanitize_for_serialization(net.read_namespaced_network_policy("keyed", WATCHED))

@@ -8,7 +8,7 @@ import pytest
 
 from neo_common.config import NeoConfig
 from neo_operator import constants as c
-from neo_operator.configmap import build_configmap, config_hash, configmap_name
+from neo_operator.configmap import build_configmap, config_hash, configmap_name, configmaps_to_prune
 from neo_operator.deployment import build_deployment
 from neo_operator.nodes import parse_probe_record
 from neo_operator.probejob import (ProbeResultError, build_probe_job, parse_probe_message, probe_job_name,
@@ -37,9 +37,12 @@ def test_without_offloading_the_pod_has_no_cpu_attention_container() -> None:
 
 def test_configmap_carries_the_engine_config_as_neo_env(decided) -> None:
     spec, d = decided
-    cm = build_configmap("svc", spec, d)
-    assert cm["kind"] == "ConfigMap" and cm["metadata"]["name"] == configmap_name("svc") == "svc-config"
+    cm = build_configmap("svc", spec, d, generation=3)
     data = cm["data"]
+    # immutable and named after its content: a new configuration is a new ConfigMap
+    assert cm["kind"] == "ConfigMap" and cm["immutable"] is True
+    assert cm["metadata"]["name"] == configmap_name("svc", config_hash(data)) == f"svc-config-{config_hash(data)[:10]}"
+    assert cm["metadata"]["annotations"] == {"neo.serving.io/generation": "3"}
     assert all(k.startswith("NEO_") and isinstance(v, str) for k, v in data.items())
     # what a container reads back through envFrom is exactly the decided config
     cfg = NeoConfig.from_args([], env=data)
@@ -86,6 +89,22 @@ def test_config_hash_changes_with_the_data() -> None:
     assert config_hash({"A": "1"}) != config_hash({"A": "2"})
 
 
+def _cm(name: str, generation: str | None, created: str) -> dict:
+    meta = {"name": name, "creationTimestamp": created}
+    if generation is not None:
+        meta["annotations"] = {"neo.serving.io/generation": generation}
+    return {"metadata": meta}
+
+
+def test_old_configmaps_pruned_keeping_the_newest_and_the_live_one() -> None:
+    cms = [_cm("a", "1", "2024-01-01T00:00:01Z"), _cm("b", "2", "2024-01-01T00:00:02Z"),
+           _cm("c", "10", "2024-01-01T00:00:03Z"), _cm("d", "4", "2024-01-01T00:00:04Z"),
+           _cm("e", "9", "2024-01-01T00:00:00Z")]  # e: an old configuration wanted again at generation 9
+    assert sorted(configmaps_to_prune(cms, keep=set())) == ["a", "b"]  # by generation, not creation
+    assert configmaps_to_prune(cms, keep={"a"}) == ["b"]  # the live template's (after a rollback) stays
+    assert configmaps_to_prune(cms[:3], keep=set()) == []
+
+
 def test_deployment_one_pod_three_containers_shared_shm(decided) -> None:
     spec, d = decided
     dep = build_deployment("svc", spec, d, "abc123")
@@ -105,7 +124,7 @@ def test_deployment_one_pod_three_containers_shared_shm(decided) -> None:
     for ct in containers.values():
         assert {"name": "shm", "mountPath": "/dev/shm"} in ct["volumeMounts"]
         assert {"name": "runtime", "mountPath": "/run/neo"} in ct["volumeMounts"]
-        assert ct["envFrom"] == [{"configMapRef": {"name": "svc-config"}}]
+        assert ct["envFrom"] == [{"configMapRef": {"name": "svc-config-abc123"}}]
         env = {e["name"]: e["value"] for e in ct["env"]}
         assert env["NCCL_NVLS_ENABLE"] == "0" and env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
         assert ct["securityContext"]["allowPrivilegeEscalation"] is False

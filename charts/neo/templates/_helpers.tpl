@@ -40,8 +40,12 @@ app.kubernetes.io/component: operator
   resources: [neoservices/finalizers]
   verbs: [update]
 - apiGroups: [""]
-  resources: [configmaps, services]
+  resources: [services]
   verbs: [get, create, update]
+# one immutable ConfigMap per configuration: the operator deletes the ones too old to roll back to
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, list, create, update, delete]
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, list, watch, create, update]
