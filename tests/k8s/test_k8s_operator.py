@@ -16,7 +16,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from neo_operator import constants as c
-from neo_operator.configmap import config_hash
+from neo_operator.configmap import KEPT_CONFIGMAPS, config_hash
 from neo_operator.nodes import node_facts
 from neo_operator.probejob import probe_job_name
 from neo_operator.sizing import size
@@ -81,8 +81,28 @@ def exists(read, *args) -> bool:
         raise
 
 
+def configmaps(apis: dict, name: str) -> dict[str, Any]:
+    """The engine ConfigMaps of NeoService ``name`` (one per configuration), by name."""
+    items = apis["core"].list_namespaced_config_map(
+        NS, label_selector=f"{c.INSTANCE_LABEL}={name},{c.COMPONENT_LABEL}=config").items
+    return {cm.metadata.name: cm for cm in items}
+
+
+def template_configmap(dep: Any) -> str:
+    """The ConfigMap a Deployment's pod template names (every container reads the same one)."""
+    names = {src.config_map_ref.name for ct in dep.spec.template.spec.containers for src in ct.env_from or []
+             if src.config_map_ref}
+    (name,) = names
+    return name
+
+
+def current_configmap(apis: dict, name: str) -> Any:
+    """The ConfigMap the live Deployment of ``name`` runs with."""
+    return apis["core"].read_namespaced_config_map(template_configmap(apis["apps"].read_namespaced_deployment(name, NS)), NS)
+
+
 def children_exist(apis: dict, name: str) -> dict[str, bool]:
-    return {"configmap": exists(apis["core"].read_namespaced_config_map, f"{name}-config", NS),
+    return {"configmap": bool(configmaps(apis, name)),
             "service": exists(apis["core"].read_namespaced_service, name, NS),
             "deployment": exists(apis["apps"].read_namespaced_deployment, name, NS),
             "networkpolicy": exists(client.NetworkingV1Api(apis["api"]).read_namespaced_network_policy, name, NS)}
@@ -215,8 +235,9 @@ def test_neoservice_creates_adopted_children_with_computed_sizes(apis: dict) -> 
     assert obj["status"]["phase"] == "Deploying"  # no pods in this cluster until the test writes status
 
     uid = obj["metadata"]["uid"]
-    cm = core.read_namespaced_config_map("llama-config", NS)
     dep = appsv1.read_namespaced_deployment("llama", NS)
+    cm = core.read_namespaced_config_map(template_configmap(dep), NS)
+    assert cm.immutable is True and cm.metadata.name == f"llama-config-{config_hash(cm.data)[:10]}"
     svc = core.read_namespaced_service("llama", NS)
     policy = client.NetworkingV1Api(apis["api"]).read_namespaced_network_policy("llama", NS)
     for child in (cm, dep, svc, policy):
@@ -282,10 +303,9 @@ def test_spec_change_rolls_the_children(apis: dict, llama: dict) -> None:
     old_hash = before.spec.template.metadata.annotations[c.CONFIG_HASH_ANNOTATION]
     custom.patch_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, "llama",
                                           {"spec": {"engine": {"maxNumSeqs": 64}, "cpuOffload": {"kvMemory": "8Gi"}}})
-    cm = wait_for(lambda: (m := core.read_namespaced_config_map("llama-config", NS)).data["NEO_MAX_NUM_SEQS"] == "64" and m,
-                  what="ConfigMap updated")
+    cm = wait_for(lambda: (m := current_configmap(apis, "llama")).data["NEO_MAX_NUM_SEQS"] == "64" and m,
+                  what="a new ConfigMap in the pod template")
     assert cm.data["NEO_NUM_CPU_BLOCKS"] == str((8 << 30) // (2 << 20))
-    # the ConfigMap is written before the Deployment: wait for the pod template's new hash (pods roll)
     dep = wait_for(lambda: (d := appsv1.read_namespaced_deployment("llama", NS)).spec.template.metadata.annotations[
         c.CONFIG_HASH_ANNOTATION] != old_hash and d, what="pod template carries the new config hash")
     assert dep.metadata.generation > before.metadata.generation
@@ -304,17 +324,17 @@ def test_spec_change_rolls_the_children(apis: dict, llama: dict) -> None:
 def test_operator_restart_resumes_without_churn(apis: dict, llama: dict) -> None:
     appsv1, core = apis["apps"], apis["core"]
     dep_rv = appsv1.read_namespaced_deployment("llama", NS).metadata.resource_version
-    cm_rv = core.read_namespaced_config_map("llama-config", NS).metadata.resource_version
+    cm_rv = current_configmap(apis, "llama").metadata.resource_version
     apis["operator"].restart()
     # the resumed handler has run once it leaves its mark (kopf's progress annotations) or a later
     # spec change is handled; give it time, then check nothing was rewritten
     time.sleep(3)
     assert appsv1.read_namespaced_deployment("llama", NS).metadata.resource_version == dep_rv
-    assert core.read_namespaced_config_map("llama-config", NS).metadata.resource_version == cm_rv
+    assert current_configmap(apis, "llama").metadata.resource_version == cm_rv
     # and the restarted operator still reacts
     apis["custom"].patch_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, "llama",
                                                   {"spec": {"engine": {"logLevel": "debug"}}})
-    wait_for(lambda: core.read_namespaced_config_map("llama-config", NS).data["NEO_LOG_LEVEL"] == "debug",
+    wait_for(lambda: current_configmap(apis, "llama").data["NEO_LOG_LEVEL"] == "debug",
              what="restarted operator handles a spec change")
 
 
@@ -332,9 +352,8 @@ def test_a_deleted_deployment_is_recreated(apis: dict) -> None:
         new = wait_for(lambda: (d := appsv1.read_namespaced_deployment("phoenix", NS)).metadata.uid != old.metadata.uid
                        and d, what="Deployment recreated")
         assert new.spec.replicas == 2
-        want = apis["core"].read_namespaced_config_map("phoenix-config", NS)
-        wait_for(lambda: appsv1.read_namespaced_deployment("phoenix", NS).spec.template.metadata.annotations[
-            c.CONFIG_HASH_ANNOTATION] == config_hash(want.data), what="recreated Deployment carries the latest config")
+        wait_for(lambda: current_configmap(apis, "phoenix").data["NEO_MAX_NUM_SEQS"] == str(
+            (change or {}).get("engine", {}).get("maxNumSeqs", 256)), what="recreated Deployment carries the latest config")
     # The recreation pass itself refused for a while: a full ResourceQuota makes the quota admission
     # refuse every Deployment create in the namespace (403 "exceeded quota"; this control plane has no
     # quota controller, so the test writes the quota's usage itself). Kopf never retries an event
@@ -487,19 +506,57 @@ def test_waits_for_the_probe_then_sizes(apis: dict) -> None:
     assert obj["status"]["sizing"]["hostReadGBps"] == round(measured["read_gbps"], 1) > 0
     assert obj["status"]["sizing"]["offload"] is decision.offload is False  # an H100 holds 8B's batch itself
     assert obj["status"]["offload"] == "off"
-    assert apis["core"].read_namespaced_config_map("h100-config", NS).data["NEO_OFFLOAD_MODE"] == "off"
+    assert current_configmap(apis, "h100").data["NEO_OFFLOAD_MODE"] == "off"
 
 
 def test_name_taken_by_someone_else(apis: dict) -> None:
     core = apis["core"]
-    core.create_namespaced_config_map(NS, {"metadata": {"name": "taken-config"}, "data": {"mine": "yes"}})
+    measured_a10g(apis)
+    core.create_namespaced_service(NS, {"metadata": {"name": "taken", "labels": {"mine": "yes"}},
+                                        "spec": {"ports": [{"port": 80}]}})
     apis["custom"].create_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, neoservice("taken", **SPEC))
     obj = wait_for(lambda: (o := get_ns(apis, "taken")) and cond(o, "SpecValid") and o, what="SpecValid on taken")
     got = cond(obj, "SpecValid")
-    assert (got["status"], got["reason"]) == ("False", "NameConflict") and "ConfigMap team-a/taken-config" in got["message"]
-    assert core.read_namespaced_config_map("taken-config", NS).data == {"mine": "yes"}
+    assert (got["status"], got["reason"]) == ("False", "NameConflict") and "Service team-a/taken" in got["message"]
+    assert core.read_namespaced_service("taken", NS).metadata.labels == {"mine": "yes"}
     assert not exists(apis["apps"].read_namespaced_deployment, "taken", NS)
-    assert not exists(core.read_namespaced_service, "taken", NS)
+    assert not configmaps(apis, "taken")
+
+
+def test_rollback_restores_the_configuration(apis: dict) -> None:
+    """Each configuration is an immutable ConfigMap named after its content: after a spec change, rolling
+    the Deployment back (its template replaced by the previous revision's, as `kubectl rollout undo`
+    does) brings back pods that read the previous configuration, which still exists unchanged; the
+    operator does not undo the rollback, and keeps only the newest few configurations."""
+    apps, custom = apis["apps"], apis["custom"]
+    measured_a10g(apis)
+    served(apis, "undo", SPEC)
+    first = apps.read_namespaced_deployment("undo", NS)
+    old_cm = template_configmap(first)
+    old_data = apis["core"].read_namespaced_config_map(old_cm, NS).data
+    assert apis["core"].read_namespaced_config_map(old_cm, NS).immutable is True
+    custom.patch_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, "undo", {"spec": {"engine": {"maxNumSeqs": 32}}})
+    second = wait_for(lambda: (d := apps.read_namespaced_deployment("undo", NS)) and template_configmap(d) != old_cm and d,
+                      what="a new configuration in the template")
+    assert current_configmap(apis, "undo").data["NEO_MAX_NUM_SEQS"] == "32"
+    assert apis["core"].read_namespaced_config_map(old_cm, NS).data == old_data  # old pods keep theirs
+    # kubectl rollout undo: the previous revision's template, as is
+    template = apis["api"].sanitize_for_serialization(first.spec.template)
+    apps.patch_namespaced_deployment("undo", NS, [{"op": "replace", "path": "/spec/template", "value": template}])
+    time.sleep(2)  # give the operator every chance to fight the rollback or prune what it needs
+    rolled = apps.read_namespaced_deployment("undo", NS)
+    assert template_configmap(rolled) == old_cm
+    assert apis["core"].read_namespaced_config_map(old_cm, NS).data == old_data
+    assert old_data["NEO_MAX_NUM_SEQS"] == "256"
+    # a spec change rolls forward again; the oldest configurations go, the newest KEPT_CONFIGMAPS stay
+    for seqs in (40, 48, 56, 64):
+        custom.patch_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, "undo", {"spec": {"engine": {"maxNumSeqs": seqs}}})
+        wait_for(lambda: any(cm.data["NEO_MAX_NUM_SEQS"] == str(seqs) for cm in configmaps(apis, "undo").values()),
+                 what=f"configuration with maxNumSeqs {seqs}")
+    kept = wait_for(lambda: len(cms := configmaps(apis, "undo")) == KEPT_CONFIGMAPS and cms,
+                    what="old configurations pruned")
+    assert sorted(cm.data["NEO_MAX_NUM_SEQS"] for cm in kept.values()) == ["48", "56", "64"]
+    assert current_configmap(apis, "undo").data["NEO_MAX_NUM_SEQS"] == "64"
 
 
 def test_a_node_that_joins_later_gets_the_workload(apis: dict) -> None:
@@ -605,3 +662,4 @@ def test_a_failed_probe_surfaces_and_is_retried(apis: dict) -> None:
     assert replaced.metadata.annotations[c.PROBE_ATTEMPT_ANNOTATION] == "2"
     fake_kubelet_complete_probe(apis, "gpu-t4-1", 30.0, 16)
     wait_for(lambda: (cond(get_ns(apis, "t4"), "Sized") or {}).get("status") == "True", what="t4 sized after the retry")
+
