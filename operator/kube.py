@@ -14,6 +14,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from neo_operator import constants as c
+from neo_operator.events import build_event, condition_changes
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +217,7 @@ class Kube:
                     "spec": obj["spec"], "status": status}
             try:
                 self.custom.replace_namespaced_custom_object_status(c.GROUP, c.VERSION, namespace, c.PLURAL, name, body)
+                self.post_condition_events(obj, status)
                 return True
             except ApiException as exc:
                 if exc.status == 409:
@@ -224,6 +226,17 @@ class Kube:
                     return False
                 raise
         raise RuntimeError(f"status of {namespace}/{name} kept conflicting")
+
+    def post_condition_events(self, neo: Mapping[str, Any], status: Mapping[str, Any]) -> None:
+        """One Event per condition of ``status`` whose status or reason differs from ``neo``'s recorded
+        one. An Event that cannot be written is logged: it must never fail the reconcile."""
+        for cond in condition_changes(neo.get("status"), status):
+            event = build_event(neo, cond)
+            try:
+                self.core.create_namespaced_event(event["metadata"]["namespace"], event)
+            except ApiException as exc:
+                log.warning("could not post the %s event on %s/%s: %s %s", cond["type"],
+                            event["metadata"]["namespace"], neo["metadata"]["name"], exc.status, rejection_message(exc))
 
     # -- bandwidth probe --------------------------------------------------------------------------
     def job_exists(self, namespace: str, name: str) -> bool:

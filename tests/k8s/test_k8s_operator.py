@@ -663,3 +663,43 @@ def test_a_failed_probe_surfaces_and_is_retried(apis: dict) -> None:
     fake_kubelet_complete_probe(apis, "gpu-t4-1", 30.0, 16)
     wait_for(lambda: (cond(get_ns(apis, "t4"), "Sized") or {}).get("status") == "True", what="t4 sized after the retry")
 
+
+def events_of(apis: dict, name: str) -> list[Any]:
+    return apis["core"].list_namespaced_event(
+        NS, field_selector=f"involvedObject.kind={c.KIND},involvedObject.name={name}").items
+
+
+def test_condition_changes_are_events(apis: dict) -> None:
+    """Every condition change posts a core/v1 Event on the NeoService (Warning when it turned False,
+    Normal when True), so `kubectl describe neo` tells the story; an unchanged condition posts none."""
+    measured_a10g(apis)
+    spec = {"model": {"name": "llama-3-8b"}, "gpu": {"products": [A10G]}, "cpuOffload": {"mode": "full", "kvMemory": "10Ti"}}
+    apis["custom"].create_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, neoservice("told", **spec))
+    try:
+        warn = wait_for(lambda: [e for e in events_of(apis, "told") if e.reason == "KvMemoryExceedsNode"
+                                 and e.message.startswith("Sized is False:")], what="a KvMemoryExceedsNode event on Sized")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\noperator log:\n{apis['operator'].tail()}") from None
+    (event,) = warn
+    uid = get_ns(apis, "told")["metadata"]["uid"]
+    assert event.type == "Warning" and "kvMemory" in event.message
+    # Ready follows the first failing condition, and says so in its own event
+    assert any(e.message.startswith("Ready is False: Sized:") and e.type == "Warning" for e in events_of(apis, "told"))
+    assert (event.involved_object.uid, event.involved_object.kind) == (uid, c.KIND)
+    assert event.source.component == "neo-operator"
+    assert any(e.reason == "Valid" and e.type == "Normal" for e in events_of(apis, "told"))  # SpecValid True
+    apis["custom"].patch_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, "told",
+                                                  {"spec": {"cpuOffload": {"kvMemory": "4Gi"}}})
+    sized = wait_for(lambda: [e for e in events_of(apis, "told") if e.reason == "Sized"], what="a Sized event")
+    assert sized[0].type == "Normal" and sized[0].message.startswith("Sized is True:")
+    wait_for(lambda: [e for e in events_of(apis, "told") if e.reason == "DeploymentMissing" or e.reason == "RollingUpdate"
+                      or e.reason == "Progressing" or e.reason == "ReplicasNotReady"], what="a WorkloadReady event")
+    # the status follower and the spec handler both write; only changes are events
+    count = len(events_of(apis, "told"))
+    apis["custom"].patch_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, "told",
+                                                  {"spec": {"engine": {"logLevel": "debug"}}})
+    wait_for(lambda: get_ns(apis, "told")["status"].get("observedGeneration") == get_ns(apis, "told")["metadata"]["generation"],
+             what="the log-level change observed")
+    time.sleep(1)
+    assert [e.reason for e in events_of(apis, "told")][count:] in ([], ["RollingUpdate"], ["Progressing"],
+                                                                     ["Progressing", "RollingUpdate"])
