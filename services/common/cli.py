@@ -7,6 +7,7 @@ locally (`neo serve` launches the others) and in a pod (one container per subcom
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -21,9 +22,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def version() -> str:
+    """The installed package's version (pyproject.toml), or "unknown" when run from a bare tree."""
+    try:
+        return importlib.metadata.version("neo-serve")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def _usage() -> str:
     width = max(len(name) for name in COMMANDS)
-    lines = ["usage: neo COMMAND [ARGS...]", "", "commands:"]
+    lines = ["usage: neo COMMAND [ARGS...] | neo --version", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_text}" for name, (_, help_text) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -33,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         sys.stdout.write(_usage() + "\n")
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        sys.stdout.write(f"neo {version()}\n")
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         sys.stderr.write(f"neo: unknown command {name!r}\n{_usage()}\n")

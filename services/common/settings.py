@@ -93,7 +93,9 @@ class Settings:
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(cls.__name__)
         for f, kind in cls._fields():
-            help_text = f"{f.metadata.get('help', '')} [env {cls.env_name(f.name)}]"
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            shown = "(set)" if f.metadata.get("secret") and default else repr(default)
+            help_text = f"{f.metadata.get('help', '')} [default {shown}; env {cls.env_name(f.name)}]"
             kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
             if kind is bool:
                 kwargs["type"] = _parse_bool

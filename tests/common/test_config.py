@@ -29,3 +29,20 @@ def test_invalid_values_name_the_flag(argv, needle):
 def test_bad_env_value_names_the_variable():
     with pytest.raises(ConfigError, match="NEO_PORT"):
         NeoConfig.from_args([], env={"NEO_PORT": "eighty"})
+
+
+def test_help_shows_each_default_and_never_a_secret(capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    NeoConfig.add_arguments(parser)
+    text = " ".join(parser.format_help().split())
+    assert "[default 256; env NEO_MAX_NUM_SEQS]" in text and "[default 'off'; env NEO_OFFLOAD_MODE]" in text
+    assert "[default ''; env NEO_API_KEY]" in text
+
+
+def test_neo_version_prints_the_package_version(capsys):
+    from neo_common import cli
+
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"neo {cli.version()}" and cli.version() != "unknown"
