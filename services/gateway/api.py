@@ -19,6 +19,7 @@ from neo_gateway.api_models import (ChatCompletionChunk, ChatCompletionRequest, 
                                     generation_responses, stream_components)
 from neo_gateway.engine import Engine, EngineOverloaded, EngineUnavailable, RequestOutput, RequestStream
 from neo_gateway.auth import ApiKeyAuth
+from neo_gateway.choices import Choice, ChoiceStreams, choices_of
 from neo_gateway.errors import APIError, install_handlers
 from neo_gateway.http_limits import BodyGuard, RejectionCounter
 from neo_gateway.json_route import FastJsonRoute
@@ -135,16 +136,34 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
         except EngineOverloaded as exc:
             raise APIError(429, f"server overloaded: {exc}", headers={"Retry-After": "1"}) from None
 
-    async def collect(stream: RequestStream, request: Request) -> RequestOutput:
-        """All of a request's text; aborts it if the client goes away while waiting."""
-        async def drain() -> RequestOutput:
-            text = ""
-            async for out in stream:
-                text += out.text
+    async def start(rid: str, groups: list[list[Choice]]) -> ChoiceStreams:
+        """Run a request's choices; refused as a whole when the queue cannot take all of them."""
+        total = sum(len(g) for g in groups)
+        cfg, sched = engine.config.scheduler, engine.scheduler
+        cap = cfg.max_num_seqs + cfg.max_waiting
+        if total > cap:
+            raise APIError(400, f"the request asks for {total} sequences (prompts x n); this server queues at most "
+                                f"{cap}", "n")
+        if total > 1 and sched is not None and sched.num_running + sched.num_waiting + total > cap:
+            raise APIError(429, f"server overloaded: {total} sequences do not fit the queue now",
+                           headers={"Retry-After": "1"})
+        many = total > 1
+        choices = ChoiceStreams(groups, lambda c: submit(f"{rid}-{c.index}" if many else rid, c.prompt_ids, c.params),
+                                close)
+        await choices.start()
+        return choices
+
+    async def collect(choices: ChoiceStreams, request: Request) -> dict[int, RequestOutput]:
+        """Every choice's whole text and final state; aborts them if the client goes away while waiting."""
+        async def drain() -> dict[int, RequestOutput]:
+            texts: dict[int, str] = {}
+            final: dict[int, RequestOutput] = {}
+            async for index, out in choices:
+                texts[index] = texts.get(index, "") + out.text
                 if out.finished:
-                    return RequestOutput(text, [], True, out.finish_reason, out.prompt_tokens,
-                                         out.completion_tokens, out.error)
-            raise RuntimeError("stream ended without a final output")
+                    final[index] = RequestOutput(texts[index], [], True, out.finish_reason, out.prompt_tokens,
+                                                 out.completion_tokens, out.error)
+            return final
 
         task = asyncio.ensure_future(drain())
         try:
@@ -154,33 +173,39 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
                     task.cancel()
                     raise APIError(499, "client closed the request")
         finally:
-            await close(stream)
-        last = task.result()
-        if last.error:
-            raise APIError(500, f"generation failed: {last.error}")
-        return last
+            await choices.aclose()
+        final = task.result()
+        failed = [out.error for out in final.values() if out.error]
+        if failed:
+            raise APIError(500, f"generation failed: {failed[0]}")
+        return dict(sorted(final.items()))
 
-    def usage(out: RequestOutput) -> dict:
-        return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-                "total_tokens": out.prompt_tokens + out.completion_tokens}
+    def usage(prompt_tokens: int, outs) -> dict:
+        completion = sum(out.completion_tokens for out in outs)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion}
 
-    async def sse(stream: RequestStream, chunk, include_usage: bool, header: dict | None) -> AsyncIterator[str]:
+    async def sse(choices: ChoiceStreams, chunk, include_usage: bool, prompt_tokens: int,
+                  headers: list[dict]) -> AsyncIterator[str]:
         try:
-            if header is not None:
+            for header in headers:
                 yield f"data: {json.dumps(header)}\n\n"
-            async for out in stream:
+            final: dict[int, RequestOutput] = {}
+            async for index, out in choices:
                 if out.error:
                     yield f"data: {json.dumps({'error': {'message': out.error, 'type': 'server_error', 'code': 500}})}\n\n"
                     break
                 if out.text or out.finished:
-                    yield f"data: {json.dumps(chunk(out))}\n\n"
+                    yield f"data: {json.dumps(chunk(index, out))}\n\n"
                 if out.finished:
-                    if include_usage:
-                        yield f"data: {json.dumps(chunk(None) | {'choices': [], 'usage': usage(out)})}\n\n"
-                    break
+                    final[index] = out
+            else:
+                if include_usage:
+                    last = chunk(0, None) | {"choices": [], "usage": usage(prompt_tokens, final.values())}
+                    yield f"data: {json.dumps(last)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            await close(stream)
+            await choices.aclose()
 
     # -- routes -------------------------------------------------------------------------------
     @app.get("/health", responses={503: {"description": "A worker is down (Retry-After)",
@@ -215,26 +240,28 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
         check_fields(body)
         check_ready()
         prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (list, str)):
-            if len(prompt) != 1:
-                raise APIError(400, "a batch of prompts is not supported; send one prompt per request", "prompt")
-            prompt = prompt[0]
-        prompt_ids = (await prompts.encode(prompt, engine.max_model_len, "prompt", body.add_special_tokens)
-                      if isinstance(prompt, str) else list(prompt))
-        params = plan_request(prompt_ids, lambda _room: body.sampling_params(16), "prompt")  # OpenAI's default
+        batch = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], (list, str)) else [prompt]
+        if not batch or any(not p for p in batch):
+            raise APIError(400, "the prompt is empty", "prompt")
+        prompts_ids = [await prompts.encode(p, engine.max_model_len, "prompt", body.add_special_tokens)
+                       if isinstance(p, str) else list(p) for p in batch]
+        planned = [(ids, plan_request(ids, lambda _room: body.sampling_params(16), "prompt"))  # OpenAI's default
+                   for ids in prompts_ids]
         rid, now = f"cmpl-{body.request_id or uuid.uuid4().hex}", int(time.time())
-        stream = submit(rid, prompt_ids, params)
+        choices = await start(rid, choices_of(planned, body.n))
+        prompt_tokens = sum(len(ids) for ids in prompts_ids)
 
-        def chunk(out: RequestOutput | None) -> dict:
-            choices = [] if out is None else [{"index": 0, "text": out.text, "logprobs": None,
+        def chunk(index: int, out: RequestOutput | None) -> dict:
+            choices = [] if out is None else [{"index": index, "text": out.text, "logprobs": None,
                                                "finish_reason": out.finish_reason}]
             return {"id": rid, "object": "text_completion", "created": now, "model": served_name, "choices": choices}
 
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(sse(stream, chunk, include, None), media_type="text/event-stream")
-        out = await collect(stream, request)
-        return JSONResponse(chunk(out) | {"usage": usage(out)})
+            return StreamingResponse(sse(choices, chunk, include, prompt_tokens, []), media_type="text/event-stream")
+        final = await collect(choices, request)
+        return JSONResponse(chunk(0, None) | {"choices": [chunk(i, out)["choices"][0] for i, out in final.items()],
+                                              "usage": usage(prompt_tokens, final.values())})
 
     @app.post("/v1/chat/completions", responses=generation_responses(ChatCompletionResponse, ChatCompletionChunk))
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
@@ -253,24 +280,26 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
             body.max_tokens = body.max_completion_tokens
         params = plan_request(prompt_ids, body.sampling_params, "messages")
         rid, now = f"chatcmpl-{body.request_id or uuid.uuid4().hex}", int(time.time())
-        stream = submit(rid, prompt_ids, params)
+        choices = await start(rid, choices_of([(prompt_ids, params)], body.n))
 
-        def chunk(out: RequestOutput | None) -> dict:
-            choices = [] if out is None else [{"index": 0, "delta": {"content": out.text} if out.text else {},
+        def chunk(index: int, out: RequestOutput | None) -> dict:
+            choices = [] if out is None else [{"index": index, "delta": {"content": out.text} if out.text else {},
                                                "logprobs": None, "finish_reason": out.finish_reason}]
             return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": served_name,
                     "choices": choices}
 
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
-            header = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": served_name,
-                      "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                   "logprobs": None, "finish_reason": None}]}
-            return StreamingResponse(sse(stream, chunk, include, header), media_type="text/event-stream")
-        out = await collect(stream, request)
+            headers = [chunk(0, None) | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                      "logprobs": None, "finish_reason": None}]}
+                       for i in range(body.n)]
+            return StreamingResponse(sse(choices, chunk, include, len(prompt_ids), headers),
+                                     media_type="text/event-stream")
+        final = await collect(choices, request)
         return JSONResponse({"id": rid, "object": "chat.completion", "created": now, "model": served_name,
-                             "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
-                                          "logprobs": None, "finish_reason": out.finish_reason}],
-                             "usage": usage(out)})
+                             "choices": [{"index": i, "message": {"role": "assistant", "content": out.text},
+                                          "logprobs": None, "finish_reason": out.finish_reason}
+                                         for i, out in final.items()],
+                             "usage": usage(len(prompt_ids), final.values())})
 
     return app

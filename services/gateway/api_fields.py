@@ -96,9 +96,8 @@ _NO_LOGPROBS = "logprobs are not implemented yet"
 
 # fields refused in both endpoints (a field missing from an endpoint's schema is not checked there)
 _REFUSED: dict[str, Refusal] = {
-    "best_of": Refusal("best_of above n (ranking candidates by cumulative logprob) is not implemented", (1,),
+    "best_of": Refusal("best_of above n (ranking candidates by cumulative logprob) is not implemented",
                        equal_to="n"),
-    "n": Refusal("only n=1 is supported", (1,)),
     "frequency_penalty": Refusal("penalties are not implemented yet", (0, 0.0)),
     "presence_penalty": Refusal("penalties are not implemented yet", (0, 0.0)),
     "repetition_penalty": Refusal("penalties are not implemented yet", (1, 1.0)),
@@ -106,10 +105,6 @@ _REFUSED: dict[str, Refusal] = {
     "logit_bias": Refusal("logit_bias is not implemented yet"),
     "allowed_token_ids": Refusal("allowed_token_ids is not implemented yet"),
     "bad_words": Refusal("bad_words is not implemented yet"),
-    "min_tokens": Refusal("min_tokens is not implemented yet", (0,)),
-    "skip_special_tokens": Refusal("special tokens are always skipped in the output text", (True,)),
-    "spaces_between_special_tokens": Refusal("special tokens are always skipped in the output text", (True,)),
-    "include_stop_str_in_output": Refusal("stop strings are always cut from the output", (False,)),
     "use_beam_search": Refusal("beam search is not implemented", (False,)),
     "length_penalty": Refusal("length_penalty only applies to beam search, which is not implemented", (1, 1.0)),
     "truncate_prompt_tokens": Refusal("prompt truncation is not implemented; send a shorter prompt"),
@@ -178,7 +173,15 @@ _NO_EFFECT: dict[str, str] = {
 }
 
 _HONOURED_NOTES: dict[str, str] = {
-    "prompt": "text, token ids, or a batch of exactly one of either",
+    "prompt": "text, token ids, or a list of either: one choice per prompt (and per `n`), `index` in order",
+    "n": "up to 128 independent sequences (with a `seed`, choice i uses seed + i); once the first has "
+         "prefilled the prompt, the others take its full KV blocks from the GPU prefix cache",
+    "min_tokens": "stop tokens and stop strings do not end the first `min_tokens` tokens (they are kept "
+                  "as ordinary tokens; vLLM masks the stop tokens' logits instead)",
+    "spaces_between_special_tokens": "as vLLM's fast detokenizer (it matters only between two added "
+                                     "tokens kept in the text)",
+    "include_stop_str_in_output": "keeps a matched stop string and a stop token's text (else both are "
+                                  "left out, as vLLM does)",
     "max_tokens": "default 16 (completions) or the rest of the context (chat)",
     "max_completion_tokens": "taken when `max_tokens` is not set",
     "top_k": "-1 disables",
@@ -190,7 +193,8 @@ _HONOURED_NOTES: dict[str, str] = {
 }
 _HONOURED = ("model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
              "top_k", "seed", "stop", "stop_token_ids", "ignore_eos", "stream", "stream_options", "include_usage",
-             "add_generation_prompt", "add_special_tokens", "request_id", "role", "content", "name")
+             "add_generation_prompt", "add_special_tokens", "request_id", "role", "content", "name", "n",
+             "min_tokens", "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output")
 
 
 def refusals(endpoint: Endpoint) -> dict[str, Refusal]:

@@ -17,6 +17,7 @@ from neo_gateway.sampling_params import ParamError, SamplingParams
 
 
 _INT32_MAX = 2**31 - 1
+_MAX_N = 128  # choices per request (the waiting-queue capacity bounds a request's sequences too)
 
 
 # strict: no lax coercion ("5" or 5.5 as an integer, 0 as a boolean, true as a token id); the bodies
@@ -48,7 +49,7 @@ class _GenerationRequest(BaseModel):
     stop: Optional[Union[str, list[str]]] = None
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: StrictBool = False
-    n: int = Field(default=1, ge=1)
+    n: int = Field(default=1, ge=1, le=_MAX_N)
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
     best_of: Optional[int] = Field(default=None, ge=1)
@@ -62,10 +63,10 @@ class _GenerationRequest(BaseModel):
     min_p: _Refused = None
     repetition_penalty: _Refused = None
     length_penalty: _Refused = None
-    include_stop_str_in_output: _Refused = None
-    min_tokens: _Refused = None
-    skip_special_tokens: _Refused = None
-    spaces_between_special_tokens: _Refused = None
+    include_stop_str_in_output: StrictBool = False
+    min_tokens: int = Field(default=0, ge=0)
+    skip_special_tokens: StrictBool = True
+    spaces_between_special_tokens: StrictBool = True
     truncate_prompt_tokens: _Refused = None
     allowed_token_ids: _Refused = None
     prompt_logprobs: _Refused = None
@@ -91,6 +92,8 @@ class _GenerationRequest(BaseModel):
 
     def check_supported(self) -> None:
         """400 for the first refused field whose value is not the default (api_fields)."""
+        if self.best_of is not None and self.best_of < self.n:
+            raise ParamError("best_of", f"best_of must be at least n={self.n}, got {self.best_of}")
         found = check_refused(self, self.ENDPOINT)
         if found:
             raise ParamError(*found)
@@ -112,6 +115,10 @@ class _GenerationRequest(BaseModel):
             stop=self.stop_list(),
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
         )
 
 

@@ -7,6 +7,7 @@ that may still change: an incomplete character, or a tail that could be the star
 
 from __future__ import annotations
 
+from neo_gateway.sampling_params import SamplingParams
 from neo_gateway.tokenizer import TextTokenizer
 
 class IncrementalDetokenizer:
@@ -16,12 +17,21 @@ class IncrementalDetokenizer:
     - ``emitted``: how much of ``text`` has been handed out as deltas.
     - ``prefix_offset``/``read_offset``: token window for the next decode step.
     - ``stopped``: a stop string matched; no more text follows.
+    - ``min_tokens``: stop strings are looked for only after this many tokens (vLLM's rule).
+    - ``include_stop``: a matched stop string, and a stop token's text, stay in the output (and no
+      tail is held back waiting for a possible match).
     """
 
-    def __init__(self, tokenizer: TextTokenizer, stop: list[str]) -> None:
+    def __init__(self, tokenizer: TextTokenizer, stop: list[str], min_tokens: int = 0,
+                 include_stop: bool = False, skip_special_tokens: bool = True,
+                 spaces_between_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
         self.max_stop = max((len(s) for s in stop), default=0)
+        self.min_tokens = min_tokens
+        self.include_stop = include_stop
+        self.decode_args = {"skip_special_tokens": skip_special_tokens,
+                            "spaces_between_special_tokens": spaces_between_special_tokens}
         self.ids: list[int] = []
         self.text = ""
         self.emitted = 0
@@ -29,19 +39,26 @@ class IncrementalDetokenizer:
         self.read_offset = 0
         self.stopped = False
 
-    def add(self, token: int) -> str:
-        """Add one token; returns the text now safe to show (may be empty)."""
-        if self.stopped:
+    @classmethod
+    def for_params(cls, tokenizer: TextTokenizer, params: SamplingParams) -> "IncrementalDetokenizer":
+        return cls(tokenizer, params.stop, params.min_tokens, params.include_stop_str_in_output,
+                   params.skip_special_tokens, params.spaces_between_special_tokens)
+
+    def add(self, token: int, stop_token: bool = False) -> str:
+        """Add one token; returns the text now safe to show (may be empty). ``stop_token``: the token
+        that ends the request as a stop token (EOS or ``stop_token_ids``), whose text vLLM leaves
+        out unless ``include_stop_str_in_output``."""
+        if self.stopped or (stop_token and not self.include_stop):
             return ""
         self.ids.append(token)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], **self.decode_args)
+        full = self.tokenizer.decode(self.ids[self.prefix_offset:], **self.decode_args)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             search_from = max(0, len(self.text) - self.max_stop + 1)
             self.text += full[len(prefix):]
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
-            if self.stop:
+            if self.stop and len(self.ids) > self.min_tokens:
                 self._check_stop(search_from)
         return self._release(final=self.stopped)
 
@@ -52,11 +69,15 @@ class IncrementalDetokenizer:
     def _check_stop(self, search_from: int) -> None:
         hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
         if hits:
-            self.text = self.text[:min(hits)]
+            at = min(hits)
+            # several stop strings may match at the same place: the longest one is kept in the text
+            kept = max(len(s) for s in self.stop if self.text.startswith(s, at)) if self.include_stop else 0
+            self.text = self.text[:at + kept]
             self.stopped = True
 
     def _release(self, final: bool) -> str:
-        end = len(self.text) if final else len(self.text) - self._stop_prefix_len()
+        held = 0 if self.include_stop else self._stop_prefix_len()
+        end = len(self.text) if final else len(self.text) - held
         if end <= self.emitted:
             return ""
         delta = self.text[self.emitted:end]

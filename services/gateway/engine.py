@@ -222,7 +222,7 @@ class Engine:
         seq = Sequence(next(self._ids), request_id, prompt_ids, params, self.eos_token_ids, self.max_model_len)
         if tracing.enabled():
             seq.span = trace.get_current_span()  # the request's server span (TracingMiddleware)
-        req = _Request(seq, IncrementalDetokenizer(self.tokenizer, params.stop), asyncio.Queue())
+        req = _Request(seq, IncrementalDetokenizer.for_params(self.tokenizer, params), asyncio.Queue())
         self.requests[seq.seq_id] = req
         self.scheduler.add(seq)
         self._wake.set()
@@ -358,7 +358,7 @@ class Engine:
             req = self.requests.get(seq.seq_id)
             if req is None:
                 continue
-            text = req.detok.add(token)
+            text = req.detok.add(token, stop_token=reason is FinishReason.STOP)
             if reason is None and req.detok.stopped:
                 reason = FinishReason.STOP
                 self.scheduler.finish(seq, reason)

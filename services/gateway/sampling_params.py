@@ -20,7 +20,10 @@ class SamplingParams:
 
     ``temperature`` 0 means greedy; ``top_k`` -1 and ``top_p`` 1.0 disable those filters; ``seed``
     None draws from the worker's generator; ``stop`` strings end the text before the match;
-    ``stop_token_ids`` and (unless ``ignore_eos``) the model's EOS tokens end it after the token.
+    ``stop_token_ids`` and (unless ``ignore_eos``) the model's EOS tokens end it after the token,
+    whose text is left out unless ``include_stop_str_in_output`` (which also keeps a matched stop
+    string); neither a stop token nor a stop string ends it within the first ``min_tokens`` tokens.
+    ``skip_special_tokens`` and ``spaces_between_special_tokens`` shape the text as in vLLM.
     """
 
     max_tokens: int = 16
@@ -31,6 +34,10 @@ class SamplingParams:
     stop: list[str] = dataclasses.field(default_factory=list)
     stop_token_ids: list[int] = dataclasses.field(default_factory=list)
     ignore_eos: bool = False
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -45,6 +52,9 @@ class SamplingParams:
             raise ParamError("seed", f"seed must be in [0, 2^63), got {self.seed}")
         if any(not s for s in self.stop):
             raise ParamError("stop", "stop strings must not be empty")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ParamError("min_tokens", f"min_tokens must be in [0, max_tokens={self.max_tokens}], "
+                                           f"got {self.min_tokens}")
         if any(t < 0 for t in self.stop_token_ids):
             raise ParamError("stop_token_ids", "stop_token_ids must be non-negative")
 

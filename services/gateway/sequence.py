@@ -91,7 +91,8 @@ class Sequence:
             self.first_token_time = now
         self.last_token_time = now
         self.output_ids.append(token)
-        if token in self.stop_ids:
+        # within the first min_tokens tokens a stop token is an ordinary token (vLLM's min_tokens)
+        if token in self.stop_ids and len(self.output_ids) > self.params.min_tokens:
             return FinishReason.STOP
         if len(self.output_ids) >= self.params.max_tokens or self.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH

@@ -43,6 +43,7 @@ class TextTokenizer:
         self.add_bos = add_bos
         self.bos_id = tokenizer.token_to_id(bos_token) if bos_token else None
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.added_tokens = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
         self._encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # fast: no offsets
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise_template_error
@@ -123,8 +124,22 @@ class TextTokenizer:
             ids = [self.bos_id] + ids
         return ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True,
+               spaces_between_special_tokens: bool = True) -> str:
+        """Text of ``ids``. With special tokens kept and ``spaces_between_special_tokens`` off, an
+        added token right after another is its bare content, without the separator the decoder may
+        put between tokens (vLLM's fast detokenizer does the same)."""
+        if skip_special_tokens or spaces_between_special_tokens:
+            return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        # token by token as a decode stream would (only this rare case pays the quadratic cost; the
+        # incremental detokenizer decodes windows of a few tokens)
+        pieces, before = [], ""
+        for i in range(len(ids)):
+            upto = self.tok.decode(ids[:i + 1], skip_special_tokens=False)
+            adjacent = i > 0 and ids[i] in self.added_tokens and ids[i - 1] in self.added_tokens
+            pieces.append(self.added_tokens[ids[i]] if adjacent else upto[len(before):])
+            before = upto
+        return "".join(pieces)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         if self._template is None:

@@ -78,7 +78,7 @@ def _chat(**fields) -> ChatCompletionRequest:
 @pytest.mark.parametrize("fields", [
     {"repetition_penalty": 1.0}, {"repetition_penalty": 1}, {"min_p": 0}, {"tool_choice": "none"},
     {"tool_choice": "auto"}, {"tools": []}, {"response_format": {"type": "text"}}, {"best_of": 1},
-    {"logprobs": False}, {"top_logprobs": 0}, {"skip_special_tokens": True}, {"store": False},
+    {"logprobs": False}, {"top_logprobs": 0}, {"n": 3, "best_of": 3}, {"store": False},
     {"logit_bias": {}}, {"service_tier": "auto"}, {"user": "u"}, {"metadata": {"a": "b"}},
     {"stream_options": {"include_usage": True, "include_obfuscation": False}}])
 def test_values_that_ask_for_the_default_are_accepted(fields):
@@ -90,8 +90,8 @@ def test_values_that_ask_for_the_default_are_accepted(fields):
     ({"min_p": 0.1}, "min_p"), ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"response_format": {"type": "json_object"}}, "response_format"), ({"best_of": 2}, "best_of"),
-    ({"logprobs": True}, "logprobs"), ({"min_tokens": 3}, "min_tokens"),
-    ({"skip_special_tokens": False}, "skip_special_tokens"), ({"logit_bias": {"5": 1}}, "logit_bias"),
+    ({"logprobs": True}, "logprobs"), ({"prompt_logprobs": 1}, "prompt_logprobs"),
+    ({"n": 3, "best_of": 4}, "best_of"), ({"logit_bias": {"5": 1}}, "logit_bias"),
     ({"chat_template_kwargs": {"x": 1}}, "chat_template_kwargs"),
     ({"stream_options": {"continuous_usage_stats": True}}, "stream_options.continuous_usage_stats"),
     ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]}, "messages.0.tool_calls")])

@@ -30,7 +30,7 @@ CASES = [
     (COMP, {"model": MODEL, "prompt": "x", "top_k": -5}, 400, "top_k", "greater than or equal"),
     (COMP, {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens", "greater than or equal"),
     (COMP, {"model": MODEL, "prompt": "x", "seed": -3}, 400, "seed", "greater than or equal"),
-    (COMP, {"model": MODEL, "prompt": "x", "n": 2}, 400, "n", "n=1"),
+    (COMP, {"model": MODEL, "prompt": "x", "n": 1000}, 400, "n", "less than or equal"),
     (COMP, {"model": MODEL, "prompt": "x", "stop": ["s"] * 17}, 400, "stop", "at most 16"),
     (COMP, {"model": MODEL, "prompt": [1, 2, 999999]}, 400, "prompt", "token ids"),
     (COMP, {"model": MODEL, "prompt": "x", "stream": "yes"}, 400, "stream", "boolean"),

@@ -1,0 +1,116 @@
+"""The choices of one request: ``n`` samples of each of its prompts, run as independent sequences
+and read as one stream of ``(index, RequestOutput)``."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Awaitable, Callable
+
+from neo_gateway.engine import RequestOutput, RequestStream
+from neo_gateway.errors import APIError
+from neo_gateway.sampling_params import SamplingParams
+
+_SEED_SPACE = 2**63
+
+
+@dataclasses.dataclass
+class Choice:
+    """One output sequence: its ``index`` in the response (prompt * n + sample), its prompt, its params."""
+
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+def choices_of(prompts: list[tuple[list[int], SamplingParams]], n: int) -> list[list[Choice]]:
+    """``n`` choices per prompt, grouped by prompt. With a seed, sample i draws from seed + i: each
+    choice differs from the others, the whole response is reproducible, and choice 0 is what the
+    same request with n=1 gives."""
+    groups = []
+    for p, (ids, params) in enumerate(prompts):
+        groups.append([Choice(p * n + i, ids, params if params.seed is None or i == 0 else
+                              dataclasses.replace(params, seed=(params.seed + i) % _SEED_SPACE))
+                       for i in range(n)])
+    return groups
+
+
+class ChoiceStreams:
+    """Runs the choices of one request and merges their outputs in arrival order.
+
+    Each prompt's first choice is submitted by :meth:`start` (a refusal there, such as a full
+    queue, refuses the request); its other choices once its first output arrives: the prompt's full
+    blocks are then registered in the GPU prefix cache, so they take them instead of prefilling the
+    prompt again (submitted together, all would be admitted before any block is cached). A later
+    choice that cannot be submitted ends with an error output.
+
+    - ``count``: choices in all; ``streams``: those submitted (closed by :meth:`aclose`).
+    """
+
+    def __init__(self, groups: list[list[Choice]], submit: Callable[[Choice], RequestStream],
+                 close: Callable[[RequestStream], Awaitable[None]]) -> None:
+        self.groups, self.submit, self.close = groups, submit, close
+        self.count = sum(len(g) for g in groups)
+        self.streams: list[RequestStream] = []
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        leaders = []
+        try:
+            for group in self.groups:
+                leaders.append(self.submit(group[0]))
+                self.streams.append(leaders[-1])
+        except BaseException:
+            await self.aclose()
+            raise
+        for group, leader in zip(self.groups, leaders):
+            self.tasks.append(asyncio.ensure_future(self._lead(group, leader)))
+
+    async def _lead(self, group: list[Choice], leader: RequestStream) -> None:
+        followers_started = False
+        async for out in self._outputs(group[0].index, leader):
+            if not followers_started:
+                followers_started = True
+                for choice in group[1:]:
+                    try:
+                        stream = self.submit(choice)
+                    except APIError as exc:
+                        self.queue.put_nowait((choice.index, _failed(exc.message)))
+                        continue
+                    self.streams.append(stream)
+                    self.tasks.append(asyncio.ensure_future(self._pump(choice.index, stream)))
+
+    async def _pump(self, index: int, stream: RequestStream) -> None:
+        async for _ in self._outputs(index, stream):
+            pass
+
+    async def _outputs(self, index: int, stream: RequestStream):
+        """Forward a stream's outputs to the merged queue (and yield them); a failure is an error output."""
+        try:
+            async for out in stream:
+                self.queue.put_nowait((index, out))
+                yield out
+        except Exception as exc:  # noqa: BLE001 (reported to the client as that choice's error)
+            self.queue.put_nowait((index, _failed(f"internal error: {type(exc).__name__}")))
+
+    def __aiter__(self):
+        return self._merged()
+
+    async def _merged(self):
+        finished = 0
+        while finished < self.count:
+            index, out = await self.queue.get()
+            finished += out.finished
+            yield index, out
+
+    async def aclose(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for stream in self.streams:
+            await self.close(stream)
+
+
+def _failed(message: str) -> RequestOutput:
+    return RequestOutput("", [], True, "error", error=message)
