@@ -19,14 +19,22 @@ def _int(value, low: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
-def check_gpu_worker_ready(ready: WorkerReady, config: NeoConfig) -> str | None:
-    """None if ``ready`` fits ``config``, else what does not."""
-    if ready.kind != WorkerKind.GPU_WORKER:
-        return f"kind {ready.kind} is not a GPU worker"
+def _check_common(ready: WorkerReady, config: NeoConfig, kind: WorkerKind) -> str | None:
+    """What every worker's Ready must say: its kind, a real pid, the configured block size."""
+    if ready.kind != kind:
+        return f"kind {ready.kind} is not a {kind.name.lower()}"
     if not _int(ready.pid, 1):
         return f"pid {ready.pid!r}"
     if ready.block_size != config.cache.block_size:
         return f"block_size {ready.block_size!r} != --block-size {config.cache.block_size}"
+    return None
+
+
+def check_gpu_worker_ready(ready: WorkerReady, config: NeoConfig) -> str | None:
+    """None if ``ready`` fits ``config``, else what does not."""
+    why = _check_common(ready, config, WorkerKind.GPU_WORKER)
+    if why:
+        return why
     if not _int(ready.num_gpu_blocks, 1):
         return f"num_gpu_blocks {ready.num_gpu_blocks!r}"
     if config.cache.num_gpu_blocks and ready.num_gpu_blocks != config.cache.num_gpu_blocks:
@@ -58,12 +66,9 @@ def check_gpu_worker_ready(ready: WorkerReady, config: NeoConfig) -> str | None:
 
 def check_cpu_attention_ready(ready: WorkerReady, config: NeoConfig) -> str | None:
     """None if a cpu_attention process's ``ready`` fits ``config``, else what does not."""
-    if ready.kind != WorkerKind.CPU_ATTENTION:
-        return f"kind {ready.kind} is not a cpu_attention process"
-    if not _int(ready.pid, 1):
-        return f"pid {ready.pid!r}"
-    if ready.block_size != config.cache.block_size:
-        return f"block_size {ready.block_size!r} != --block-size {config.cache.block_size}"
+    why = _check_common(ready, config, WorkerKind.CPU_ATTENTION)
+    if why:
+        return why
     if ready.dtype not in HOST_KV_DTYPES:
         return f"dtype {ready.dtype!r}: the host pool holds bfloat16 or float16"
     return None

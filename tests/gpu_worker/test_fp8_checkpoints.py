@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
 import os
 
 import numpy as np
@@ -33,7 +32,6 @@ import torch.nn.functional as F
 from neo_common.config import ModelConfig
 from neo_common.geometry import GEOMETRIES, Quantization
 from neo_common.model_source import ModelSource, read_geometry, resolve
-from neo_common.procs import free_port
 from neo_common.protocol import Place
 from neo_common.settings import ConfigError
 from neo_common.tensor_parallel import Shard
@@ -49,6 +47,7 @@ from neo_gpu_worker.model_runner import ModelRunner
 from neo_gpu_worker.parallel import TensorParallel
 from support.equivalence import DEVICE, check_equivalent, runner_for
 from support.random_model import fp8_hf_folders, random_hf_folder
+from support.ranks import run_gloo_ranks
 
 transformers = pytest.importorskip("transformers")
 CPU = torch.device("cpu")
@@ -196,23 +195,11 @@ def test_fp8_over_two_gloo_ranks_equals_the_whole_model(tmp_path):
     # per-tensor scales: q, k and v (gate and up) keep their own scales inside the fused, sharded rows
     folder, _ = fp8_hf_folders(tmp_path, llama_config(), "fp8-tensor")
     expected = prefill_logits(load_model(ModelSource("hf", folder, "fp8"), 64, CPU, torch.float32))
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    init = f"tcp://127.0.0.1:{free_port()}"
-    procs = [ctx.Process(target=rank_main, args=(folder, r, 2, init, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        results = sorted(out.get(timeout=150) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
+    results, exitcodes = run_gloo_ranks(rank_main, folder)
     assert [r[1] for r in results] == [128, 128], "each rank's qkv rows: 2 q heads + 1 k + 1 v of 32"
     for _, _, logits in results:
         torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-4)
-    assert all(p.exitcode == 0 for p in procs)
+    assert exitcodes == [0, 0]
 
 
 @torch.inference_mode()

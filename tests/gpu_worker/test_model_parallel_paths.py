@@ -6,7 +6,6 @@ the same model run whole and flat."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 
 import numpy as np
@@ -14,7 +13,6 @@ import pytest
 import torch
 
 from neo_common.model_source import ModelSource, read_geometry
-from neo_common.procs import free_port
 from neo_common.protocol import IterationPlan, Place
 from neo_common.tensor_parallel import Shard
 from neo_common.segment import SegmentLayout
@@ -25,6 +23,7 @@ from neo_gpu_worker.loader import load_model
 from neo_gpu_worker.model_runner import ModelRunner
 from neo_gpu_worker.parallel import TensorParallel
 from support.random_model import random_hf_folder
+from support.ranks import run_gloo_ranks
 
 transformers = pytest.importorskip("transformers")
 CPU = torch.device("cpu")
@@ -67,23 +66,11 @@ def rank_main(folder: str, rank: int, world: int, init_method: str, out) -> None
 @pytest.mark.timeout(180)
 def test_qwen3_over_two_gloo_ranks_equals_the_whole_model(qwen3) -> None:
     expected = prefill(load_model(ModelSource("hf", qwen3, "qwen3"), 64, CPU, torch.float32))
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    init = f"tcp://127.0.0.1:{free_port()}"
-    procs = [ctx.Process(target=rank_main, args=(qwen3, r, 2, init, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        results = sorted(out.get(timeout=150) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
+    results, exitcodes = run_gloo_ranks(rank_main, qwen3)
     assert [r[1] for r in results] == [2, 1], "KV heads per rank"
     for _, _, hidden in results:
         torch.testing.assert_close(torch.from_numpy(hidden), expected, rtol=1e-5, atol=1e-5)
-    assert all(p.exitcode == 0 for p in procs)
+    assert exitcodes == [0, 0]
 
 
 def _plan(rows: list[tuple[int, int, int]], tables: list[list[int]]) -> IterationPlan:

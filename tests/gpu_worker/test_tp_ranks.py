@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
 
 import pytest
 import torch
 
 from neo_common.geometry import lookup
-from neo_common.procs import free_port
 from neo_common.tensor_parallel import Shard
 from neo_gpu_worker.attention import AttentionMetadata, PrefillSpan
 from neo_gpu_worker.loader import build_model
 from neo_gpu_worker.parallel import TensorParallel
+from support.ranks import run_gloo_ranks
 
 # SmolLM2's head layout (9 query heads over 3 KV heads: ranks hold 2 and 1) with fewer layers; QKV
 # bias on, so bias slices are covered too.
@@ -51,22 +50,10 @@ def test_two_gloo_ranks_equal_the_whole_model() -> None:
     whole = build_model(GEOMETRY, 64, torch.device("cpu"), torch.float32)
     whole.init_random(7)
     expected = forward(whole)
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    init = f"tcp://127.0.0.1:{free_port()}"
-    procs = [ctx.Process(target=rank_main, args=(r, 2, init, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        results = sorted(out.get(timeout=150) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
+    results, exitcodes = run_gloo_ranks(rank_main)
     assert [r[1] for r in results] == [2, 1], "KV heads per rank"
     for rank, _, hidden, sampled in results:
         assert sampled == [11, 22], "rank 0's tokens reach every rank"
         # the all-reduce adds the ranks' partial sums in another order than one matmul: rounding only
         torch.testing.assert_close(torch.from_numpy(hidden), expected, rtol=1e-5, atol=1e-5)
-    assert all(p.exitcode == 0 for p in procs)
+    assert exitcodes == [0, 0]
