@@ -19,6 +19,7 @@ from neo_common.config import (CacheConfig, DeviceConfig, HttpConfig, IpcConfig,
                                SchedulerConfig)
 from neo_common.enums import OffloadMode
 from neo_operator import constants as c
+from neo_operator.engineargs import apply_engine_args
 from neo_operator.labels import child_labels
 from neo_operator.sizing import SizingDecision
 from neo_operator.spec import NeoServiceSpec
@@ -50,6 +51,12 @@ def model_path(spec: NeoServiceSpec) -> str:
 
 
 def engine_config(spec: NeoServiceSpec, decision: SizingDecision) -> NeoConfig:
+    """What the operator decides, with ``spec.engineArgs`` over it (raises EngineArgsError when the
+    engine refuses the combination)."""
+    return apply_engine_args(_decided_config(spec, decision), spec.engine_args)
+
+
+def _decided_config(spec: NeoServiceSpec, decision: SizingDecision) -> NeoConfig:
     return NeoConfig(
         model=ModelConfig(model=model_path(spec), load_format=spec.model.source, dtype=spec.model.dtype,
                           served_model_name=spec.model.served_name, max_model_len=spec.model.max_context),

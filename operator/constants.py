@@ -47,3 +47,13 @@ RUNTIME_DIR = f"{RUNTIME_MOUNT}/link"
 # inductor, Hugging Face, CUDA's JIT cache under $HOME) live in emptyDirs.
 TMP_MOUNT = "/tmp"
 CACHE_MOUNT = "/var/cache/neo"
+
+# Where the processes and their libraries write, all inside the cache emptyDir.
+CACHE_ENV = {
+    "HOME": CACHE_MOUNT,  # ~/.triton, ~/.nv (CUDA's JIT cache), anything else keyed on $HOME
+    "XDG_CACHE_HOME": CACHE_MOUNT,
+    "NEO_COST_CACHE_DIR": f"{CACHE_MOUNT}/neo/cost",
+    "TRITON_CACHE_DIR": f"{CACHE_MOUNT}/triton",
+    "TORCHINDUCTOR_CACHE_DIR": f"{CACHE_MOUNT}/inductor",
+    "HF_HOME": f"{CACHE_MOUNT}/huggingface",
+}

@@ -26,15 +26,7 @@ RUN_AS_USER = 10001
 RUNTIME_SIZE = "16Mi"  # sockets and two key files
 TMP_SIZE = "1Gi"
 CACHE_SIZE = "4Gi"  # Triton/inductor kernels and the cost tables; weights come from the model volume
-# Where the processes and their libraries write, all inside the cache emptyDir.
-CACHE_ENV = {
-    "HOME": c.CACHE_MOUNT,  # ~/.triton, ~/.nv (CUDA's JIT cache), anything else keyed on $HOME
-    "XDG_CACHE_HOME": c.CACHE_MOUNT,
-    "NEO_COST_CACHE_DIR": f"{c.CACHE_MOUNT}/neo/cost",
-    "TRITON_CACHE_DIR": f"{c.CACHE_MOUNT}/triton",
-    "TORCHINDUCTOR_CACHE_DIR": f"{c.CACHE_MOUNT}/inductor",
-    "HF_HOME": f"{c.CACHE_MOUNT}/huggingface",
-}
+CACHE_ENV = c.CACHE_ENV
 CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                       "capabilities": {"drop": ["ALL"]}}
 
@@ -65,8 +57,11 @@ def _container(name: str, image: str, command: str, spec: NeoServiceSpec, config
         "image": image,
         "imagePullPolicy": spec.images.pull_policy,
         "command": ["neo", command],
-        "envFrom": [{"configMapRef": {"name": configmap}}],
-        "env": [{"name": k, "value": v} for k, v in {**MULTICAST_OFF, **CACHE_ENV}.items()],
+        # the user's sources first: for a key in several, the last source wins, so the engine's NEO_*
+        # variables always come from the operator's ConfigMap
+        "envFrom": [*copy.deepcopy(list(spec.env_from)), {"configMapRef": {"name": configmap}}],
+        "env": [{"name": k, "value": v} for k, v in {**MULTICAST_OFF, **CACHE_ENV}.items()]
+        + copy.deepcopy(list(spec.env)),
         "resources": resources,
         "volumeMounts": mounts,
         "securityContext": copy.deepcopy(CONTAINER_SECURITY),

@@ -14,6 +14,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from neo_operator import constants as c
+from neo_operator.disruption import POLICY_VERSIONS
 from neo_operator.events import build_event, condition_changes
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class Kube:
         self.batch = client.BatchV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
         self.networking = client.NetworkingV1Api(self.api)
+        self._policy_version: str | None = None
 
     def _dict(self, obj: Any) -> dict[str, Any]:
         return self.api.sanitize_for_serialization(obj)
@@ -97,7 +99,33 @@ class Kube:
                               self.networking.create_namespaced_network_policy,
                               self.networking.replace_namespaced_network_policy),
         }
+        if kind == "PodDisruptionBudget":
+            return self._pdb_ops()
         return ops[kind]
+
+    def policy_version(self) -> str:
+        """The newest policy/ version the API server serves (v1 from 1.21, v1beta1 before)."""
+        if self._policy_version is None:
+            groups = {g.name: {v.version for v in g.versions} for g in client.ApisApi(self.api).get_api_versions().groups}
+            served = groups.get("policy", set())
+            self._policy_version = next((v for v in POLICY_VERSIONS if v in served), POLICY_VERSIONS[0])
+        return self._policy_version
+
+    def _pdb_ops(self) -> tuple[Callable, Callable, Callable]:
+        """PodDisruptionBudgets through the generic object API: the typed client knows policy/v1 only,
+        and 1.20 serves policy/v1beta1 only."""
+        version, plural = self.policy_version(), "poddisruptionbudgets"
+
+        def read(name: str, namespace: str) -> Any:
+            return self.custom.get_namespaced_custom_object("policy", version, namespace, plural, name)
+
+        def create(namespace: str, body: dict[str, Any], **kw: Any) -> Any:
+            return self.custom.create_namespaced_custom_object("policy", version, namespace, plural, body, **kw)
+
+        def replace(name: str, namespace: str, body: dict[str, Any], **kw: Any) -> Any:
+            return self.custom.replace_namespaced_custom_object("policy", version, namespace, plural, name, body, **kw)
+
+        return read, create, replace
 
     def conflicting(self, obj: Mapping[str, Any]) -> str | None:
         """Describes a live object of ``obj``'s kind and name that ``obj``'s controller does not own
@@ -175,7 +203,9 @@ class Kube:
         if live is None or not any(ref.get("uid") == owner_uid and ref.get("controller")
                                    for ref in live["metadata"].get("ownerReferences") or []):
             return False
-        delete = {"NetworkPolicy": self.networking.delete_namespaced_network_policy}[kind]
+        delete = {"NetworkPolicy": self.networking.delete_namespaced_network_policy,
+                  "PodDisruptionBudget": lambda n, ns: self.custom.delete_namespaced_custom_object(
+                      "policy", self.policy_version(), ns, "poddisruptionbudgets", n)}[kind]
         try:
             delete(name, namespace)
         except ApiException as exc:

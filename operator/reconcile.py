@@ -18,6 +18,8 @@ from neo_operator import constants as c
 from neo_operator import status as st
 from neo_operator.configmap import build_configmap, config_hash, configmaps_to_prune
 from neo_operator.deployment import build_deployment
+from neo_operator.disruption import build_disruption_budget, disruption_budget_name
+from neo_operator.engineargs import EngineArgsError
 from neo_operator.kube import Kube, is_spec_rejection, rejection_message
 from neo_operator.labels import selector_string
 from neo_operator.networkpolicy import build_network_policy, network_policy_name
@@ -108,12 +110,17 @@ def reconcile(kube: Kube, config: OperatorConfig, body: Mapping[str, Any],
         ensure_probe_jobs(kube, config, [n for n in nodes if n["metadata"]["name"] in decision.probes_pending])
     upd.cond("Sized", True, "Sized", decision.reason + selection.note())
 
-    configmap = build_configmap(name, spec, decision, upd.generation)
+    try:
+        configmap = build_configmap(name, spec, decision, upd.generation)
+    except EngineArgsError as exc:  # flags that parse alone but not with what the operator decided
+        return upd.cond("SpecValid", False, "InvalidSpec", f"spec.engineArgs: {exc}")
     deployment = build_deployment(name, spec, decision, config_hash(configmap["data"]))
     service = build_service(name, spec)
     children = [configmap, service, deployment]
     if spec.network_policy.enabled:
         children.append(build_network_policy(name, spec.network_policy, config.default_metrics_peers))
+    if spec.disruption_budget.enabled:
+        children.append(build_disruption_budget(name, spec.disruption_budget, kube.policy_version()))
     (adopt or _kopf_adopt)(children, body)
     taken = [what for child in children if (what := kube.conflicting(child))]
     if taken:
@@ -136,6 +143,8 @@ def reconcile(kube: Kube, config: OperatorConfig, body: Mapping[str, Any],
         kube.apply(child)
     if not spec.network_policy.enabled:
         kube.delete_owned("NetworkPolicy", namespace, network_policy_name(name), meta["uid"])
+    if not spec.disruption_budget.enabled:
+        kube.delete_owned("PodDisruptionBudget", namespace, disruption_budget_name(name), meta["uid"])
     _prune_configmaps(kube, namespace, name, meta["uid"], configmap["metadata"]["name"])
 
     upd.fields.update({

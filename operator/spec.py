@@ -15,6 +15,9 @@ from typing import Any, Mapping
 from kubernetes.utils import parse_quantity
 
 from neo_common.geometry import GEOMETRIES, ModelGeometry
+from neo_common.procs import MULTICAST_OFF
+from neo_operator import constants as c
+from neo_operator.engineargs import EngineArgsError, parse_engine_args
 from neo_operator.networkpolicy import NetworkPolicySpec, PeerError, check_peers
 
 MODEL_SOURCES = ("dummy", "hf", "gguf")
@@ -24,6 +27,9 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 # a Secret's name (DNS-1123 subdomain) and a key in its data
 _SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+_PERCENT = re.compile(r"^[0-9]+%$")
+# variables the operator sets on every engine container (multicast off, the caches on the writable volume)
+OPERATOR_ENV = frozenset({*MULTICAST_OFF, *c.CACHE_ENV})
 DEFAULT_SHUTDOWN_GRACE_S = 30  # the engine's --shutdown-grace-s default
 POD_OVERRIDE_FIELDS = ("nodeSelector", "tolerations", "affinity", "priorityClassName", "imagePullSecrets",
                        "serviceAccountName", "runtimeClassName", "schedulerName")
@@ -91,6 +97,12 @@ class SecretKeyRef:
 
 
 @dataclasses.dataclass(frozen=True)
+class DisruptionBudgetSpec:
+    enabled: bool = True
+    max_unavailable: int | str = 1  # a count, or a percentage of the replicas ("25%")
+
+
+@dataclasses.dataclass(frozen=True)
 class NeoServiceSpec:
     """A validated NeoService spec; build it with :func:`parse_spec`."""
 
@@ -107,6 +119,10 @@ class NeoServiceSpec:
     api_key_secret: SecretKeyRef | None = None
     shutdown_grace_seconds: int = DEFAULT_SHUTDOWN_GRACE_S
     network_policy: NetworkPolicySpec = NetworkPolicySpec()
+    env: tuple[dict[str, Any], ...] = ()  # core/v1 EnvVar, for the engine containers
+    env_from: tuple[dict[str, Any], ...] = ()  # core/v1 EnvFromSource
+    engine_args: tuple[str, ...] = ()  # extra engine flags, checked by the engine's parser
+    disruption_budget: DisruptionBudgetSpec = DisruptionBudgetSpec()
 
 
 def _quantity_bytes(field: str, value: Any) -> int:
@@ -244,6 +260,57 @@ def _parse_network_policy(raw: Any) -> NetworkPolicySpec:
     return NetworkPolicySpec(enabled=enabled, from_peers=peers["from"], metrics_peers=peers["metricsFrom"])
 
 
+def _parse_env(raw: Any, operator_env: frozenset[str]) -> tuple[dict[str, Any], ...]:
+    if not isinstance(raw, list):
+        raise SpecError("env", "must be a list of {name, value} or {name, valueFrom}")
+    for i, var in enumerate(raw):
+        name = var.get("name") if isinstance(var, Mapping) else None
+        if not isinstance(name, str) or not name:
+            raise SpecError(f"env[{i}].name", "every variable needs a name")
+        if name.startswith("NEO_"):
+            # the engine's settings live in its ConfigMap, decided or checked by the operator
+            raise SpecError(f"env[{i}].name", f"{name}: engine settings go through spec.engineArgs (checked "
+                            "against the engine's flags), or the spec field that sets them")
+        if name in operator_env:
+            raise SpecError(f"env[{i}].name", f"{name} is set by the operator (the pod's read-only root "
+                            "filesystem needs it); remove it")
+    return tuple(dict(var) for var in raw)
+
+
+def _parse_env_from(raw: Any) -> tuple[dict[str, Any], ...]:
+    if not isinstance(raw, list) or not all(isinstance(src, Mapping) for src in raw):
+        raise SpecError("envFrom", "must be a list of {configMapRef} or {secretRef} (with an optional prefix)")
+    return tuple(dict(src) for src in raw)
+
+
+def _parse_engine_args(raw: Any) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not all(isinstance(arg, str) for arg in raw):
+        raise SpecError("engineArgs", "must be a list of strings, e.g. [\"--enable-prefix-caching\", \"false\"]")
+    try:
+        parse_engine_args(raw)
+    except EngineArgsError as exc:
+        raise SpecError("engineArgs", str(exc)) from None
+    return tuple(raw)
+
+
+def _parse_disruption_budget(raw: Any) -> DisruptionBudgetSpec:
+    if not isinstance(raw, Mapping):
+        raise SpecError("disruptionBudget", "must be an object {enabled, maxUnavailable}")
+    enabled = raw.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise SpecError("disruptionBudget.enabled", f"{enabled!r} is not true or false")
+    value = raw.get("maxUnavailable", 1)
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, str):
+        if not _PERCENT.match(value) or int(value[:-1]) > 100:
+            raise SpecError("disruptionBudget.maxUnavailable", f"{value!r} is neither a count nor a percentage "
+                            "(0%..100%)")
+    else:
+        value = _int("disruptionBudget.maxUnavailable", value, 0)
+    return DisruptionBudgetSpec(enabled=enabled, max_unavailable=value)
+
+
 def parse_spec(raw: Mapping[str, Any], default_images: Mapping[str, str]) -> NeoServiceSpec:
     """Validate a NeoService ``spec`` dict; raises :class:`SpecError` naming the field to fix."""
     if not isinstance(raw, Mapping):
@@ -283,4 +350,8 @@ def parse_spec(raw: Mapping[str, Any], default_images: Mapping[str, str]) -> Neo
         shutdown_grace_seconds=_int("shutdownGraceSeconds", raw.get("shutdownGraceSeconds", DEFAULT_SHUTDOWN_GRACE_S),
                                     0, 3600),
         network_policy=_parse_network_policy(raw.get("networkPolicy") or {}),
+        env=_parse_env(raw.get("env") or [], OPERATOR_ENV),
+        env_from=_parse_env_from(raw.get("envFrom") or []),
+        engine_args=_parse_engine_args(raw.get("engineArgs") or []),
+        disruption_budget=_parse_disruption_budget(raw.get("disruptionBudget") or {}),
     )

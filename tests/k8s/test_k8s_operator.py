@@ -105,7 +105,13 @@ def children_exist(apis: dict, name: str) -> dict[str, bool]:
     return {"configmap": bool(configmaps(apis, name)),
             "service": exists(apis["core"].read_namespaced_service, name, NS),
             "deployment": exists(apis["apps"].read_namespaced_deployment, name, NS),
-            "networkpolicy": exists(client.NetworkingV1Api(apis["api"]).read_namespaced_network_policy, name, NS)}
+            "networkpolicy": exists(client.NetworkingV1Api(apis["api"]).read_namespaced_network_policy, name, NS),
+            "poddisruptionbudget": exists(read_pdb, apis, name)}
+
+
+def read_pdb(apis: dict, name: str) -> dict:
+    """The PodDisruptionBudget ``name`` (policy/v1beta1: what 1.20 serves)."""
+    return apis["custom"].get_namespaced_custom_object("policy", "v1beta1", NS, "poddisruptionbudgets", name)
 
 
 def fake_kubelet_complete_probe(apis: dict, node: str, read_gbps: float | None = None, threads: int = 0) -> str:
@@ -703,3 +709,42 @@ def test_condition_changes_are_events(apis: dict) -> None:
     time.sleep(1)
     assert [e.reason for e in events_of(apis, "told")][count:] in ([], ["RollingUpdate"], ["Progressing"],
                                                                      ["Progressing", "RollingUpdate"])
+
+
+def test_env_engine_args_and_disruption_budget(apis: dict) -> None:
+    """spec.env/envFrom reach the engine containers, spec.engineArgs the engine's ConfigMap (checked by the
+    engine's own parser: an unknown flag or one the operator sets is SpecValid=False naming it, nothing
+    written), and a PodDisruptionBudget is owned, follows the spec and goes when switched off."""
+    measured_a10g(apis)
+    custom = apis["custom"]
+    bad = {**SPEC, "engineArgs": ["--enable-prefix-caching", "false", "--no-such-flag"]}
+    custom.create_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, neoservice("knobs", **bad))
+    try:
+        obj = wait_for(lambda: (o := get_ns(apis, "knobs")) and (cond(o, "SpecValid") or {}).get("status") == "False"
+                       and o, what="SpecValid False for an unknown engine flag")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\noperator log:\n{apis['operator'].tail()}") from None
+    assert "spec.engineArgs" in cond(obj, "SpecValid")["message"] and "--no-such-flag" in cond(obj, "SpecValid")["message"]
+    assert not any(children_exist(apis, "knobs").values())
+    custom.patch_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, "knobs",
+                                          {"spec": {"engineArgs": ["--max-num-seqs", "8"]}})
+    wait_for(lambda: "--max-num-seqs (from spec.engine.maxNumSeqs)" in (cond(get_ns(apis, "knobs"), "SpecValid") or {})
+             .get("message", ""), what="an operator-set flag refused, naming it")
+    env = [{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://otel:4317"}]
+    env_from = [{"secretRef": {"name": "tracing", "optional": True}}]
+    custom.patch_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, "knobs", {"spec": {
+        "engineArgs": ["--enable-prefix-caching", "false"], "env": env, "envFrom": env_from,
+        "disruptionBudget": {"maxUnavailable": "50%"}}})
+    wait_for(lambda: all(children_exist(apis, "knobs").values()), what="knobs served")
+    assert current_configmap(apis, "knobs").data["NEO_ENABLE_PREFIX_CACHING"] == "false"
+    dep = apis["api"].sanitize_for_serialization(apis["apps"].read_namespaced_deployment("knobs", NS))
+    for ct in dep["spec"]["template"]["spec"]["containers"]:
+        assert ct["env"][-1] == env[0] and ct["envFrom"][0] == env_from[0]
+        assert "configMapRef" in ct["envFrom"][-1]
+    pdb = read_pdb(apis, "knobs")
+    uid = get_ns(apis, "knobs")["metadata"]["uid"]
+    assert pdb["spec"]["maxUnavailable"] == "50%" and pdb["metadata"]["ownerReferences"][0]["uid"] == uid
+    assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+    custom.patch_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, "knobs",
+                                          {"spec": {"disruptionBudget": {"enabled": False}}})
+    wait_for(lambda: not exists(read_pdb, apis, "knobs"), what="the budget removed when switched off")

@@ -72,6 +72,8 @@ def test_schema_defaults_equal_the_parser_defaults() -> None:
         "service.type": parsed.service_type,
         "shutdownGraceSeconds": parsed.shutdown_grace_seconds,
         "networkPolicy.enabled": parsed.network_policy.enabled,
+        "disruptionBudget.enabled": parsed.disruption_budget.enabled,
+        "disruptionBudget.maxUnavailable": parsed.disruption_budget.max_unavailable,
     }
     assert parsed.offload.kv_memory_bytes == 8 << 30
 
@@ -107,3 +109,24 @@ def test_schema_checks_the_new_security_fields() -> None:
     described = _version()["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     for field in ("apiKeySecretRef", "shutdownGraceSeconds", "networkPolicy"):
         assert described[field]["description"]
+
+
+def _undescribed(node: dict, path: str) -> list[str]:
+    """Paths of the properties under ``node`` (array items included) that have no description."""
+    out = []
+    for key, sub in (node.get("properties") or {}).items():
+        here = f"{path}.{key}" if path else key
+        if not str(sub.get("description") or "").strip():
+            out.append(here)
+        out += _undescribed(sub, here)
+    for nested in ("items", "additionalProperties"):
+        if isinstance(node.get(nested), dict):
+            out += _undescribed(node[nested], f"{path}[]")
+    return out
+
+
+def test_every_field_is_described() -> None:
+    """`kubectl explain neoservice.spec...` has something to say for every field, status included."""
+    schema = _version()["schema"]["openAPIV3Schema"]
+    assert schema.get("description")
+    assert _undescribed(schema, "") == []
