@@ -26,7 +26,7 @@ import numpy as np
 from neo_common.cost_model import CostTables
 from neo_common.geometry import ModelGeometry
 
-PROTOCOL_VERSION = 2  # 2: placeholder tokens (async scheduling)
+PROTOCOL_VERSION = 3  # 2: placeholder tokens (async scheduling); 3: min_p and logit_bias columns
 
 
 class MsgType(enum.IntEnum):
@@ -189,7 +189,10 @@ class IterationPlan(Message):
     - ``sub_batch[i]``: 0 or 1, the pipeline sub-batch (all 0 in sequential mode).
     - sampling columns: ``temperature`` (0 = greedy), ``top_p``, ``top_k`` (-1 = off), ``seeds``
       (-1 = unseeded) and ``steps`` (tokens generated so far; with a seed it makes each step's draw
-      reproducible regardless of batch composition).
+      reproducible regardless of batch composition), ``min_p`` (0 = off; may be empty: all off).
+    - ``bias_rows``/``bias_ids``/``bias_values``: the requests' logit biases, sparse: add
+      ``bias_values[j]`` to the logit of token ``bias_ids[j]`` of row ``bias_rows[j]`` (one entry
+      per row and token) before sampling, greedy rows too.
     - ``swap_out``/``swap_in``: ``[n, 3]`` runs of (src_block, dst_block, count) copied before the
       forward, GPU->CPU and CPU->GPU pools.
     """
@@ -209,6 +212,10 @@ class IterationPlan(Message):
     top_k: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
     seeds: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
     steps: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    min_p: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float32))
+    bias_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    bias_ids: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    bias_values: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float32))
     swap_out: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.int32))
     swap_in: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.int32))
     trace: dict = dataclasses.field(default_factory=dict)
@@ -217,6 +224,17 @@ class IterationPlan(Message):
     @property
     def batch_size(self) -> int:
         return int(self.seq_ids.shape[0])
+
+    def check(self) -> None:
+        n = self.bias_rows.shape
+        if (self.bias_ids.shape != n or self.bias_values.shape != n or self.bias_rows.ndim != 1
+                or self.bias_rows.dtype.kind not in "iu" or self.bias_ids.dtype.kind not in "iu"
+                or (n[0] and not 0 <= int(self.bias_rows.min()) <= int(self.bias_rows.max()) < self.batch_size)
+                or (n[0] and int(self.bias_ids.min()) < 0)):
+            raise ProtocolError("IterationPlan: bias_rows, bias_ids and bias_values must be vectors of one length "
+                                "naming rows of the plan and token ids")
+        if self.min_p.shape not in ((0,), (self.batch_size,)):
+            raise ProtocolError("IterationPlan: min_p must be empty or one value per row")
 
 
 @dataclasses.dataclass

@@ -110,6 +110,8 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
             params = params_of(max(1, limit - len(prompt_ids)))
         except ParamError as exc:
             raise APIError(400, str(exc), exc.param) from None
+        if any(not 0 <= t < vocab for t in params.logit_bias):
+            raise APIError(400, f"logit_bias token ids must be in [0, {vocab})", "logit_bias")
         cap = engine.config.http.max_tokens_limit
         if cap and params.max_tokens > cap:
             raise APIError(400, f"max_tokens must be at most {cap}", "max_tokens")

@@ -101,8 +101,6 @@ _REFUSED: dict[str, Refusal] = {
     "frequency_penalty": Refusal("penalties are not implemented yet", (0, 0.0)),
     "presence_penalty": Refusal("penalties are not implemented yet", (0, 0.0)),
     "repetition_penalty": Refusal("penalties are not implemented yet", (1, 1.0)),
-    "min_p": Refusal("min_p is not implemented yet", (0, 0.0)),
-    "logit_bias": Refusal("logit_bias is not implemented yet"),
     "allowed_token_ids": Refusal("allowed_token_ids is not implemented yet"),
     "bad_words": Refusal("bad_words is not implemented yet"),
     "use_beam_search": Refusal("beam search is not implemented", (False,)),
@@ -180,6 +178,8 @@ _HONOURED_NOTES: dict[str, str] = {
                   "as ordinary tokens; vLLM masks the stop tokens' logits instead)",
     "spaces_between_special_tokens": "as vLLM's fast detokenizer (it matters only between two added "
                                      "tokens kept in the text)",
+    "min_p": "on the device, on the tempered probabilities before top-k/top-p (vLLM's order)",
+    "logit_bias": "token id -> value in [-100, 100], added on the device before sampling (greedy too)",
     "include_stop_str_in_output": "keeps a matched stop string and a stop token's text (else both are "
                                   "left out, as vLLM does)",
     "max_tokens": "default 16 (completions) or the rest of the context (chat)",
@@ -194,7 +194,8 @@ _HONOURED_NOTES: dict[str, str] = {
 _HONOURED = ("model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
              "top_k", "seed", "stop", "stop_token_ids", "ignore_eos", "stream", "stream_options", "include_usage",
              "add_generation_prompt", "add_special_tokens", "request_id", "role", "content", "name", "n",
-             "min_tokens", "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output")
+             "min_tokens", "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
+             "min_p", "logit_bias")
 
 
 def refusals(endpoint: Endpoint) -> dict[str, Refusal]:

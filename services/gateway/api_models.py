@@ -56,11 +56,11 @@ class _GenerationRequest(BaseModel):
     logprobs: _Refused = None
     presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
-    logit_bias: _Refused = None
+    logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
     # vLLM's extra sampling parameters
     use_beam_search: _Refused = None
-    min_p: _Refused = None
+    min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: _Refused = None
     length_penalty: _Refused = None
     include_stop_str_in_output: StrictBool = False
@@ -98,6 +98,17 @@ class _GenerationRequest(BaseModel):
         if found:
             raise ParamError(*found)
 
+    def logit_bias_ids(self) -> dict[int, float]:
+        """``logit_bias`` keyed by token id (JSON object keys are strings of integers)."""
+        out: dict[int, float] = {}
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise ParamError("logit_bias", f"logit_bias keys are token ids, got {key!r}") from None
+            out[token] = value
+        return out
+
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
@@ -116,6 +127,8 @@ class _GenerationRequest(BaseModel):
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,
+            min_p=self.min_p or 0.0,
+            logit_bias=self.logit_bias_ids(),
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,

@@ -24,6 +24,8 @@ class SamplingParams:
     whose text is left out unless ``include_stop_str_in_output`` (which also keeps a matched stop
     string); neither a stop token nor a stop string ends it within the first ``min_tokens`` tokens.
     ``skip_special_tokens`` and ``spaces_between_special_tokens`` shape the text as in vLLM.
+    ``min_p`` (0 = off) drops tokens less likely than ``min_p`` times the likeliest; ``logit_bias``
+    (token id -> value in [-100, 100]) is added to the logits before sampling, greedy included.
     """
 
     max_tokens: int = 16
@@ -38,6 +40,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    min_p: float = 0.0
+    logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -55,6 +59,10 @@ class SamplingParams:
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ParamError("min_tokens", f"min_tokens must be in [0, max_tokens={self.max_tokens}], "
                                            f"got {self.min_tokens}")
+        if not math.isfinite(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise ParamError("min_p", f"min_p must be in [0, 1], got {self.min_p}")
+        if any(t < 0 for t in self.logit_bias) or any(not -100.0 <= v <= 100.0 for v in self.logit_bias.values()):
+            raise ParamError("logit_bias", "logit_bias maps token ids (>= 0) to values in [-100, 100]")
         if any(t < 0 for t in self.stop_token_ids):
             raise ParamError("stop_token_ids", "stop_token_ids must be non-negative")
 

@@ -94,6 +94,8 @@ class SchedulerOutput:
             top_k=np.array([p.top_k for p in params], np.int32),
             seeds=np.array([-1 if p.seed is None else p.seed for p in params], np.int64),
             steps=np.array([len(r.seq.output_ids) + r.placeholder for r in rows], np.int32),
+            min_p=np.array([p.min_p for p in params], np.float32),
+            **_bias_columns(params),
             swap_out=_runs(self.swap_out_pairs),
             swap_in=_runs(self.swap_in_pairs),
         )
@@ -111,6 +113,14 @@ class SchedulerOutput:
             seq_lens=[np.array([r.start + 1 for r in rows], np.int32) for rows in per_sb],
             block_tables=[self._tables(rows, cpu, cpu) for rows in per_sb],
         )
+
+
+def _bias_columns(params: list) -> dict[str, np.ndarray]:
+    """The rows' logit biases as the plan's sparse (row, token, value) columns."""
+    entries = [(i, t, v) for i, p in enumerate(params) for t, v in p.logit_bias.items()]
+    return {"bias_rows": np.array([e[0] for e in entries], np.int32),
+            "bias_ids": np.array([e[1] for e in entries], np.int32),
+            "bias_values": np.array([e[2] for e in entries], np.float32)}
 
 
 def _runs(pairs: list[tuple[list[int], list[int]]]) -> np.ndarray:

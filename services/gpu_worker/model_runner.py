@@ -207,7 +207,8 @@ class ModelRunner:
             logits = self.model.compute_logits(last)
             params = SamplingBatch.from_columns(
                 plan.temperature[sample_rows], plan.top_p[sample_rows], plan.top_k[sample_rows],
-                plan.seeds[sample_rows], plan.steps[sample_rows], logits.shape[-1], self.device)
+                plan.seeds[sample_rows], plan.steps[sample_rows], logits.shape[-1], self.device,
+                plan.min_p[sample_rows] if len(plan.min_p) else None, _sampled_bias(plan, sample_rows))
             sampled = sample(logits, params, self.generator)
             if self.tp is not None:
                 self.tp.broadcast(sampled)
@@ -272,3 +273,14 @@ def num_kv_blocks(model: CausalLM, device: torch.device, block_size: int, dtype:
     if blocks < 16:
         raise RuntimeError(f"only {blocks} KV blocks fit; lower the model size or raise --gpu-memory-utilization")
     return blocks
+
+
+def _sampled_bias(plan: IterationPlan, sample_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The plan's logit-bias entries of sampled rows, their rows renumbered as the sampled rows'."""
+    if not len(plan.bias_rows):
+        return None
+    where = np.full(plan.batch_size, -1, np.int64)
+    where[sample_rows] = np.arange(len(sample_rows))
+    rows = where[plan.bias_rows]
+    keep = rows >= 0
+    return rows[keep], plan.bias_ids[keep], plan.bias_values[keep]

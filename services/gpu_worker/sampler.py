@@ -1,4 +1,6 @@
-"""Token sampling on the device: greedy, temperature, top-k, top-p, and per-request seeds.
+"""Token sampling on the device: logit bias, greedy, temperature, min-p, top-k, top-p, and
+per-request seeds (vLLM's order: bias before the greedy argmax; min-p on the tempered
+probabilities before top-k/top-p).
 
 Sampling uses the exponential-race form of the Gumbel-max trick: ``argmax(p / E)`` with
 ``E ~ Exp(1)`` draws from ``p``. The noise of a seeded request comes from its own generator seeded
@@ -30,27 +32,45 @@ class SamplingBatch:
     steps: np.ndarray
     any_random: bool
     any_filter: bool
+    min_p: torch.Tensor | None = None                                   # None: no row uses it
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, token ids, values)
 
     @classmethod
     def from_columns(cls, temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray, seeds: np.ndarray,
-                     steps: np.ndarray, vocab: int, device: torch.device) -> "SamplingBatch":
+                     steps: np.ndarray, vocab: int, device: torch.device, min_p: np.ndarray | None = None,
+                     bias: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> "SamplingBatch":
+        """``bias``: (row, token id, value) entries, rows indexing these columns, one per (row, token)."""
         random_rows = temperature > 0
         filters = random_rows & (((top_k > 0) & (top_k < vocab)) | (top_p < 1.0))
+        dev = lambda a, dtype: torch.from_numpy(np.ascontiguousarray(a, dtype)).to(device, non_blocking=True)  # noqa: E731
+        use_min_p = min_p is not None and bool((random_rows & (min_p > 0)).any())
+        if bias is not None and len(bias[0]) and int(np.max(bias[1])) >= vocab:
+            raise ValueError(f"logit_bias names token {int(np.max(bias[1]))}, beyond the vocabulary ({vocab})")
         return cls(
-            temperature=torch.from_numpy(np.ascontiguousarray(temperature, np.float32)).to(device, non_blocking=True),
-            top_p=torch.from_numpy(np.ascontiguousarray(top_p, np.float32)).to(device, non_blocking=True),
-            top_k=torch.from_numpy(np.ascontiguousarray(top_k, np.int64)).to(device, non_blocking=True),
-            seeds=seeds, steps=steps, any_random=bool(random_rows.any()), any_filter=bool(filters.any()))
+            temperature=dev(temperature, np.float32), top_p=dev(top_p, np.float32), top_k=dev(top_k, np.int64),
+            seeds=seeds, steps=steps, any_random=bool(random_rows.any()), any_filter=bool(filters.any()),
+            min_p=dev(min_p, np.float32) if use_min_p else None,
+            bias=(dev(bias[0], np.int64), dev(bias[1], np.int64), dev(bias[2], np.float32))
+            if bias is not None and len(bias[0]) else None)
 
 
 def sample(logits: torch.Tensor, params: SamplingBatch, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits [B, V] float32 -> token ids [B] (int64)."""
+    if params.bias is not None:   # out of place: the caller's logits stay as the model made them
+        rows, ids, values = params.bias
+        logits = logits.index_put((rows, ids), values.to(logits.dtype), accumulate=True)
     greedy = logits.argmax(dim=-1)
     if not params.any_random:
         return greedy
     random_rows = params.temperature > 0
     t = torch.where(random_rows, params.temperature, torch.ones_like(params.temperature))
     logits = logits / t.unsqueeze(1)
+    if params.min_p is not None:
+        # vLLM's min-p: drop tokens whose probability is below min_p times the row's largest (rows
+        # with min_p 0 keep everything); the later filters and the draw see only the survivors
+        probs = torch.softmax(logits, dim=-1)
+        floor = probs.amax(dim=-1, keepdim=True) * params.min_p.unsqueeze(1)
+        logits = logits.masked_fill(probs < floor, float("-inf"))
     probs = _filtered_probs(logits, params.top_p, params.top_k) if params.any_filter else torch.softmax(logits, -1)
     noise = torch.empty_like(probs).exponential_(generator=generator)
     for row in np.flatnonzero(params.seeds >= 0):

@@ -87,11 +87,11 @@ def test_values_that_ask_for_the_default_are_accepted(fields):
 
 @pytest.mark.parametrize("fields,param", [
     ({"repetition_penalty": 1.2}, "repetition_penalty"), ({"repetition_penalty": True}, "repetition_penalty"),
-    ({"min_p": 0.1}, "min_p"), ({"tool_choice": "required"}, "tool_choice"),
+    ({"allowed_token_ids": [3]}, "allowed_token_ids"), ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"response_format": {"type": "json_object"}}, "response_format"), ({"best_of": 2}, "best_of"),
     ({"logprobs": True}, "logprobs"), ({"prompt_logprobs": 1}, "prompt_logprobs"),
-    ({"n": 3, "best_of": 4}, "best_of"), ({"logit_bias": {"5": 1}}, "logit_bias"),
+    ({"n": 3, "best_of": 4}, "best_of"), ({"bad_words": ["x"]}, "bad_words"),
     ({"chat_template_kwargs": {"x": 1}}, "chat_template_kwargs"),
     ({"stream_options": {"continuous_usage_stats": True}}, "stream_options.continuous_usage_stats"),
     ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]}, "messages.0.tool_calls")])
