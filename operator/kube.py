@@ -5,6 +5,7 @@ Objects go in and come out as plain dicts (the shape the builders produce and th
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import logging
@@ -51,6 +52,7 @@ class Kube:
         self.custom = client.CustomObjectsApi(self.api)
         self.networking = client.NetworkingV1Api(self.api)
         self._policy_version: str | None = None
+        self._events = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="neo-events")
 
     def _dict(self, obj: Any) -> dict[str, Any]:
         return self.api.sanitize_for_serialization(obj)
@@ -259,8 +261,14 @@ class Kube:
 
     def post_condition_events(self, neo: Mapping[str, Any], status: Mapping[str, Any]) -> None:
         """One Event per condition of ``status`` whose status or reason differs from ``neo``'s recorded
-        one. An Event that cannot be written is logged: it must never fail the reconcile."""
-        for cond in condition_changes(neo.get("status"), status):
+        one, written by a background thread in order: the writes must not slow the reconcile (a probe
+        failure is visible only until its Job is replaced) and a refused one is only logged."""
+        changes = condition_changes(neo.get("status"), status)
+        if changes:
+            self._events.submit(self._post_events, dict(neo), changes)
+
+    def _post_events(self, neo: dict[str, Any], changes: list[dict[str, str]]) -> None:
+        for cond in changes:
             event = build_event(neo, cond)
             try:
                 self.core.create_namespaced_event(event["metadata"]["namespace"], event)
