@@ -106,6 +106,11 @@ class SchedulerConfig(Settings):
                                   "this machine, profiled at the first start)")
 
     def validate(self) -> None:
+        try:
+            self.offload_mode = OffloadMode(self.offload_mode)   # callers in code may hand its word
+        except ValueError:
+            raise ConfigError(f"--offload-mode {self.offload_mode!r}: use one of "
+                              f"{', '.join(m.value for m in OffloadMode)}") from None
         if self.max_num_seqs < 1:
             raise ConfigError("--max-num-seqs must be >= 1")
         if self.max_num_batched_tokens < 16:
