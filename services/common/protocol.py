@@ -26,7 +26,7 @@ import numpy as np
 from neo_common.cost_model import CostTables
 from neo_common.geometry import ModelGeometry
 
-PROTOCOL_VERSION = 3  # 2: placeholder tokens (async scheduling); 3: min_p and logit_bias columns
+PROTOCOL_VERSION = 3  # 2: placeholder tokens (async scheduling); 3: min_p, logit_bias, penalty columns
 
 
 class MsgType(enum.IntEnum):
@@ -193,6 +193,10 @@ class IterationPlan(Message):
     - ``bias_rows``/``bias_ids``/``bias_values``: the requests' logit biases, sparse: add
       ``bias_values[j]`` to the logit of token ``bias_ids[j]`` of row ``bias_rows[j]`` (one entry
       per row and token) before sampling, greedy rows too.
+    - ``penalties``: ``[B, 3]`` presence, frequency and repetition penalty per row (empty: none),
+      over the sparse history ``hist_rows``/``hist_ids``/``hist_output``: each row's generated tokens
+      (``hist_output`` 1, one entry per occurrence; a placeholder row's are those before its
+      placeholder, which the worker adds) and, for repetition, its prompt tokens (0).
     - ``swap_out``/``swap_in``: ``[n, 3]`` runs of (src_block, dst_block, count) copied before the
       forward, GPU->CPU and CPU->GPU pools.
     """
@@ -216,6 +220,10 @@ class IterationPlan(Message):
     bias_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
     bias_ids: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
     bias_values: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float32))
+    penalties: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.float32))
+    hist_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    hist_ids: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    hist_output: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.uint8))
     swap_out: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.int32))
     swap_in: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.int32))
     trace: dict = dataclasses.field(default_factory=dict)
@@ -235,6 +243,15 @@ class IterationPlan(Message):
                                 "naming rows of the plan and token ids")
         if self.min_p.shape not in ((0,), (self.batch_size,)):
             raise ProtocolError("IterationPlan: min_p must be empty or one value per row")
+        if self.penalties.shape not in ((0, 3), (self.batch_size, 3)):
+            raise ProtocolError("IterationPlan: penalties must be empty or [rows, 3]")
+        m = self.hist_rows.shape
+        if (self.hist_ids.shape != m or self.hist_output.shape != m or self.hist_rows.ndim != 1
+                or self.hist_rows.dtype.kind not in "iu" or self.hist_ids.dtype.kind not in "iu"
+                or (m[0] and not 0 <= int(self.hist_rows.min()) <= int(self.hist_rows.max()) < self.batch_size)
+                or (m[0] and int(self.hist_ids.min()) < 0) or (m[0] and not len(self.penalties))):
+            raise ProtocolError("IterationPlan: hist_rows, hist_ids and hist_output must be vectors of one length "
+                                "naming rows of a plan with penalties and token ids")
 
 
 @dataclasses.dataclass

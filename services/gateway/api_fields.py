@@ -98,9 +98,6 @@ _NO_LOGPROBS = "logprobs are not implemented yet"
 _REFUSED: dict[str, Refusal] = {
     "best_of": Refusal("best_of above n (ranking candidates by cumulative logprob) is not implemented",
                        equal_to="n"),
-    "frequency_penalty": Refusal("penalties are not implemented yet", (0, 0.0)),
-    "presence_penalty": Refusal("penalties are not implemented yet", (0, 0.0)),
-    "repetition_penalty": Refusal("penalties are not implemented yet", (1, 1.0)),
     "allowed_token_ids": Refusal("allowed_token_ids is not implemented yet"),
     "bad_words": Refusal("bad_words is not implemented yet"),
     "use_beam_search": Refusal("beam search is not implemented", (False,)),
@@ -178,6 +175,9 @@ _HONOURED_NOTES: dict[str, str] = {
                   "as ordinary tokens; vLLM masks the stop tokens' logits instead)",
     "spaces_between_special_tokens": "as vLLM's fast detokenizer (it matters only between two added "
                                      "tokens kept in the text)",
+    "presence_penalty": "in [-2, 2], on the device over the generated tokens (vLLM's formula, greedy too)",
+    "frequency_penalty": "in [-2, 2], on the device: minus penalty x the token's count in the output",
+    "repetition_penalty": "in (0, 2], on the device over prompt and output tokens (vLLM's formula)",
     "min_p": "on the device, on the tempered probabilities before top-k/top-p (vLLM's order)",
     "logit_bias": "token id -> value in [-100, 100], added on the device before sampling (greedy too)",
     "include_stop_str_in_output": "keeps a matched stop string and a stop token's text (else both are "
@@ -195,7 +195,7 @@ _HONOURED = ("model", "prompt", "messages", "max_tokens", "max_completion_tokens
              "top_k", "seed", "stop", "stop_token_ids", "ignore_eos", "stream", "stream_options", "include_usage",
              "add_generation_prompt", "add_special_tokens", "request_id", "role", "content", "name", "n",
              "min_tokens", "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
-             "min_p", "logit_bias")
+             "min_p", "logit_bias", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
 def refusals(endpoint: Endpoint) -> dict[str, Refusal]:

@@ -61,7 +61,7 @@ class _GenerationRequest(BaseModel):
     # vLLM's extra sampling parameters
     use_beam_search: _Refused = None
     min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: _Refused = None
+    repetition_penalty: Optional[float] = Field(default=None, gt=0.0, le=2.0)
     length_penalty: _Refused = None
     include_stop_str_in_output: StrictBool = False
     min_tokens: int = Field(default=0, ge=0)
@@ -128,6 +128,9 @@ class _GenerationRequest(BaseModel):
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,
             min_p=self.min_p or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             logit_bias=self.logit_bias_ids(),
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,

@@ -26,6 +26,9 @@ class SamplingParams:
     ``skip_special_tokens`` and ``spaces_between_special_tokens`` shape the text as in vLLM.
     ``min_p`` (0 = off) drops tokens less likely than ``min_p`` times the likeliest; ``logit_bias``
     (token id -> value in [-100, 100]) is added to the logits before sampling, greedy included.
+    Penalties as vLLM's: ``repetition_penalty`` divides positive (multiplies negative) logits of
+    tokens in the prompt or the output; ``frequency_penalty`` x count and ``presence_penalty`` are
+    subtracted for tokens in the output.
     """
 
     max_tokens: int = 16
@@ -42,6 +45,9 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     min_p: float = 0.0
     logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -63,8 +69,18 @@ class SamplingParams:
             raise ParamError("min_p", f"min_p must be in [0, 1], got {self.min_p}")
         if any(t < 0 for t in self.logit_bias) or any(not -100.0 <= v <= 100.0 for v in self.logit_bias.values()):
             raise ParamError("logit_bias", "logit_bias maps token ids (>= 0) to values in [-100, 100]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or not -2.0 <= value <= 2.0:
+                raise ParamError(name, f"{name} must be in [-2, 2], got {value}")
+        if not math.isfinite(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 2.0:
+            raise ParamError("repetition_penalty", f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
         if any(t < 0 for t in self.stop_token_ids):
             raise ParamError("stop_token_ids", "stop_token_ids must be non-negative")
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @property
     def greedy(self) -> bool:

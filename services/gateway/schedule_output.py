@@ -96,6 +96,7 @@ class SchedulerOutput:
             steps=np.array([len(r.seq.output_ids) + r.placeholder for r in rows], np.int32),
             min_p=np.array([p.min_p for p in params], np.float32),
             **_bias_columns(params),
+            **_penalty_columns(rows),
             swap_out=_runs(self.swap_out_pairs),
             swap_in=_runs(self.swap_in_pairs),
         )
@@ -121,6 +122,25 @@ def _bias_columns(params: list) -> dict[str, np.ndarray]:
     return {"bias_rows": np.array([e[0] for e in entries], np.int32),
             "bias_ids": np.array([e[1] for e in entries], np.int32),
             "bias_values": np.array([e[2] for e in entries], np.float32)}
+
+
+def _penalty_columns(rows: list) -> dict[str, np.ndarray]:
+    """Penalties of the sampling rows and their token history (generated tokens; the prompt's too
+    for a repetition penalty). Empty when no row is penalized."""
+    penalized = [i for i, r in enumerate(rows) if r.sample and r.seq.params.has_penalties]
+    if not penalized:
+        return {}
+    entries: list[tuple[int, int, int]] = []
+    for i in penalized:
+        seq = rows[i].seq
+        entries += [(i, t, 1) for t in seq.output_ids]
+        if seq.params.repetition_penalty != 1.0:
+            entries += [(i, t, 0) for t in seq.prompt_ids]
+    return {"penalties": np.array([[p.presence_penalty, p.frequency_penalty, p.repetition_penalty]
+                                   for p in (r.seq.params for r in rows)], np.float32).reshape(len(rows), 3),
+            "hist_rows": np.array([e[0] for e in entries], np.int32),
+            "hist_ids": np.array([e[1] for e in entries], np.int32),
+            "hist_output": np.array([e[2] for e in entries], np.uint8)}
 
 
 def _runs(pairs: list[tuple[list[int], list[int]]]) -> np.ndarray:

@@ -21,7 +21,7 @@ from neo_gpu_worker.host_kv import HostKv
 from neo_gpu_worker.models.protocol import CausalLM
 from neo_gpu_worker.parallel import TensorParallel
 from neo_gpu_worker.pipeline import PipelinedExecutor
-from neo_gpu_worker.sampler import SamplingBatch, sample
+from neo_gpu_worker.sampler import PenaltyHistory, SamplingBatch, sample
 from neo_gpu_worker.stage_graphs import StageGraphs
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,9 @@ class ModelRunner:
             params = SamplingBatch.from_columns(
                 plan.temperature[sample_rows], plan.top_p[sample_rows], plan.top_k[sample_rows],
                 plan.seeds[sample_rows], plan.steps[sample_rows], logits.shape[-1], self.device,
-                plan.min_p[sample_rows] if len(plan.min_p) else None, _sampled_bias(plan, sample_rows))
+                plan.min_p[sample_rows] if len(plan.min_p) else None, _sampled_bias(plan, sample_rows),
+                plan.penalties[sample_rows] if len(plan.penalties) else None,
+                _sampled_history(plan, sample_rows, fill, self.device) if len(plan.penalties) else None)
             sampled = sample(logits, params, self.generator)
             if self.tp is not None:
                 self.tp.broadcast(sampled)
@@ -284,3 +286,18 @@ def _sampled_bias(plan: IterationPlan, sample_rows: np.ndarray) -> tuple[np.ndar
     rows = where[plan.bias_rows]
     keep = rows >= 0
     return rows[keep], plan.bias_ids[keep], plan.bias_values[keep]
+
+
+def _sampled_history(plan: IterationPlan, sample_rows: np.ndarray, fill, device: torch.device) -> PenaltyHistory:
+    """The penalty history of sampled rows, renumbered as the sampled rows'; a placeholder row's
+    last generated token is the device token ``fill`` feeds it (a placeholder row is one token,
+    so its token index is its row)."""
+    where = np.full(plan.batch_size, -1, np.int64)
+    where[sample_rows] = np.arange(len(sample_rows))
+    rows = where[plan.hist_rows]
+    keep = rows >= 0
+    placeholder = None
+    if fill is not None:
+        held = np.flatnonzero(plan.token_ids == PLACEHOLDER_TOKEN)
+        placeholder = (to_device(device)(where[held]), fill[1].to(torch.int64))
+    return PenaltyHistory.from_columns(rows[keep], plan.hist_ids[keep], plan.hist_output[keep], device, placeholder)

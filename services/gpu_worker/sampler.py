@@ -34,12 +34,17 @@ class SamplingBatch:
     any_filter: bool
     min_p: torch.Tensor | None = None                                   # None: no row uses it
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, token ids, values)
+    penalties: torch.Tensor | None = None                               # [B, 3]: presence, frequency, repetition
+    history: "PenaltyHistory | None" = None
 
     @classmethod
     def from_columns(cls, temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray, seeds: np.ndarray,
                      steps: np.ndarray, vocab: int, device: torch.device, min_p: np.ndarray | None = None,
-                     bias: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> "SamplingBatch":
-        """``bias``: (row, token id, value) entries, rows indexing these columns, one per (row, token)."""
+                     bias: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                     penalties: np.ndarray | None = None,
+                     history: "PenaltyHistory | None" = None) -> "SamplingBatch":
+        """``bias``: (row, token id, value) entries, rows indexing these columns, one per (row, token);
+        ``penalties`` ([B, 3], or None) apply over ``history``."""
         random_rows = temperature > 0
         filters = random_rows & (((top_k > 0) & (top_k < vocab)) | (top_p < 1.0))
         dev = lambda a, dtype: torch.from_numpy(np.ascontiguousarray(a, dtype)).to(device, non_blocking=True)  # noqa: E731
@@ -51,7 +56,28 @@ class SamplingBatch:
             seeds=seeds, steps=steps, any_random=bool(random_rows.any()), any_filter=bool(filters.any()),
             min_p=dev(min_p, np.float32) if use_min_p else None,
             bias=(dev(bias[0], np.int64), dev(bias[1], np.int64), dev(bias[2], np.float32))
-            if bias is not None and len(bias[0]) else None)
+            if bias is not None and len(bias[0]) else None,
+            penalties=dev(penalties, np.float32) if penalties is not None and len(penalties) else None,
+            history=history)
+
+
+@dataclasses.dataclass
+class PenaltyHistory:
+    """The tokens penalties look at, per sampled row, on the device: ``output`` (row, token) pairs
+    of generated tokens (one per occurrence), ``prompt`` pairs (repetition penalty only), and
+    ``placeholder``: (rows, tokens) generated last iteration, known only on the device."""
+
+    output: tuple[torch.Tensor, torch.Tensor]
+    prompt: tuple[torch.Tensor, torch.Tensor]
+    placeholder: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def from_columns(cls, rows: np.ndarray, ids: np.ndarray, is_output: np.ndarray, device: torch.device,
+                     placeholder: tuple[torch.Tensor, torch.Tensor] | None = None) -> "PenaltyHistory":
+        # split on the host: a boolean mask on the device would need a sync to size its result
+        dev = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.int64)).to(device, non_blocking=True)  # noqa: E731
+        out = is_output.astype(bool)
+        return cls((dev(rows[out]), dev(ids[out])), (dev(rows[~out]), dev(ids[~out])), placeholder)
 
 
 def sample(logits: torch.Tensor, params: SamplingBatch, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -59,6 +85,8 @@ def sample(logits: torch.Tensor, params: SamplingBatch, generator: torch.Generat
     if params.bias is not None:   # out of place: the caller's logits stay as the model made them
         rows, ids, values = params.bias
         logits = logits.index_put((rows, ids), values.to(logits.dtype), accumulate=True)
+    if params.penalties is not None:
+        logits = _penalized(logits, params.penalties, params.history)
     greedy = logits.argmax(dim=-1)
     if not params.any_random:
         return greedy
@@ -79,6 +107,27 @@ def sample(logits: torch.Tensor, params: SamplingBatch, generator: torch.Generat
         noise[row].exponential_(generator=gen)
     drawn = (probs / noise).argmax(dim=-1)
     return torch.where(random_rows, drawn, greedy)
+
+
+def _penalized(logits: torch.Tensor, penalties: torch.Tensor, history: PenaltyHistory | None) -> torch.Tensor:
+    """vLLM's penalties: repetition over prompt and output tokens, then frequency (x count) and
+    presence over output tokens. Counts are exact integers in float32, whatever the order of the
+    accumulation, so a row's result does not depend on its batch."""
+    counts = torch.zeros_like(logits)
+    in_prompt = torch.zeros_like(logits, dtype=torch.bool)
+    if history is not None:
+        rows, ids = history.output
+        counts.index_put_((rows, ids), torch.ones_like(rows, dtype=logits.dtype), accumulate=True)
+        if history.placeholder is not None:
+            rows, ids = history.placeholder
+            counts.index_put_((rows, ids), torch.ones_like(rows, dtype=logits.dtype), accumulate=True)
+        rows, ids = history.prompt
+        in_prompt.index_put_((rows, ids), torch.ones_like(rows, dtype=torch.bool))
+    presence, frequency, repetition = penalties.unbind(dim=1)
+    in_output = counts > 0
+    rep = repetition.unsqueeze(1)
+    logits = torch.where(in_prompt | in_output, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - frequency.unsqueeze(1) * counts - presence.unsqueeze(1) * in_output.to(logits.dtype)
 
 
 def _filtered_probs(logits: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:

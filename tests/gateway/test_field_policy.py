@@ -86,7 +86,7 @@ def test_values_that_ask_for_the_default_are_accepted(fields):
 
 
 @pytest.mark.parametrize("fields,param", [
-    ({"repetition_penalty": 1.2}, "repetition_penalty"), ({"repetition_penalty": True}, "repetition_penalty"),
+    ({"length_penalty": 1.2}, "length_penalty"), ({"length_penalty": True}, "length_penalty"),
     ({"allowed_token_ids": [3]}, "allowed_token_ids"), ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"response_format": {"type": "json_object"}}, "response_format"), ({"best_of": 2}, "best_of"),
