@@ -30,6 +30,7 @@ PROBE_RESULTS_CONFIGMAP = "neo-bandwidth-probes"
 PROBE_COMPONENT = "bandwidth-probe"
 PROBE_NODE_LABEL = f"{GROUP}/probe-node"
 PROBE_ATTEMPT_ANNOTATION = f"{GROUP}/probe-attempt"  # 1 for the first Job of a node, +1 per replacement
+PROBE_LAST_FAILURE_ANNOTATION = f"{GROUP}/probe-last-failure"  # on a replacement Job: why the last one failed (JSON)
 
 # GPU Feature Discovery labels.
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"

@@ -47,11 +47,13 @@ def probe_retry_delay(attempt: int, base_s: float) -> float:
 
 
 def build_probe_job(node: Mapping[str, Any], image: str, namespace: str, attempt: int = 1,
-                    image_pull_secrets: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
+                    image_pull_secrets: tuple[str, ...] | list[str] = (),
+                    last_failure: "ProbeFailure | None" = None) -> dict[str, Any]:
     """A Job pinned to ``node`` (nodeName bypasses the scheduler), tolerating its taints, owned by the Node
     so that deleting the node garbage-collects it. One pod per Job (``backoffLimit: 0``): the operator
     retries a failed probe itself, by replacing the Job with backoff, so the failure is seen and
-    reported between attempts."""
+    reported between attempts. A replacement carries ``last_failure``, so the NeoService keeps saying
+    why the probe failed while the retry runs, not "pending" as if nothing had happened."""
     meta = node["metadata"]
     node_name = meta["name"]
     labels = probe_labels(node_name)
@@ -63,7 +65,8 @@ def build_probe_job(node: Mapping[str, Any], image: str, namespace: str, attempt
             "name": probe_job_name(node_name),
             "namespace": namespace,
             "labels": labels,
-            "annotations": {c.PROBE_NODE_LABEL: node_name, c.PROBE_ATTEMPT_ANNOTATION: str(attempt)},
+            "annotations": {c.PROBE_NODE_LABEL: node_name, c.PROBE_ATTEMPT_ANNOTATION: str(attempt),
+                            **({c.PROBE_LAST_FAILURE_ANNOTATION: last_failure.to_json()} if last_failure else {})},
         },
         "spec": {
             "backoffLimit": 0,
@@ -147,10 +150,27 @@ class ProbeFailure:
     reason: str
     message: str
     failed_at: float  # epoch seconds
+    retrying: bool = False   # the Job that failed was replaced: attempt ``attempt`` + 1 runs now
 
     def describe(self, base_s: float) -> str:
-        return (f"the bandwidth probe of node {self.node} failed ({self.reason}: {self.message}); attempt "
-                f"{self.attempt}, retried by replacing its Job after {probe_retry_delay(self.attempt, base_s):.0f} s")
+        said = f"the bandwidth probe of node {self.node} failed ({self.reason}: {self.message}); attempt {self.attempt}"
+        if self.retrying:
+            return f"{said}; attempt {self.attempt + 1} is running"
+        return f"{said}, retried by replacing its Job after {probe_retry_delay(self.attempt, base_s):.0f} s"
+
+    def to_json(self) -> str:
+        return json.dumps({"attempt": self.attempt, "reason": self.reason, "message": self.message[-500:],
+                           "failed_at": self.failed_at})
+
+    @classmethod
+    def of_replaced(cls, node: str, text: str) -> "ProbeFailure | None":
+        """The failure a replacement Job carries (None if its annotation does not parse)."""
+        try:
+            d = json.loads(text)
+            return cls(node, int(d["attempt"]), str(d["reason"]), str(d["message"]), float(d["failed_at"]),
+                       retrying=True)
+        except (ValueError, KeyError, TypeError):
+            return None
 
 
 def _epoch(stamp: str | None) -> float:
@@ -167,6 +187,11 @@ def probe_failure(job: Mapping[str, Any] | None, pods: list[Mapping[str, Any]]) 
     failed = next((cnd for cnd in (job.get("status") or {}).get("conditions") or []
                    if cnd.get("type") == "Failed" and cnd.get("status") == "True"), None)
     if failed is None:
+        annotations = job["metadata"].get("annotations") or {}
+        last = annotations.get(c.PROBE_LAST_FAILURE_ANNOTATION)
+        if last and not any(cnd.get("type") == "Complete" and cnd.get("status") == "True"
+                            for cnd in (job.get("status") or {}).get("conditions") or []):
+            return ProbeFailure.of_replaced(annotations.get(c.PROBE_NODE_LABEL, ""), last)   # retry running
         return None
     said = ""
     for pod in pods:

@@ -67,6 +67,8 @@ def replace_failed_probe_jobs(kube: Kube, config: OperatorConfig, now: float | N
     nodes = {(p["metadata"].get("annotations") or {}).get(c.PROBE_NODE_LABEL) for p in kube.list_pods(namespace, selector)
              if (p.get("status") or {}).get("phase") == "Failed"}
     for node, failure in probe_failures(kube, namespace, sorted(n for n in nodes if n)).items():
+        if failure.retrying:
+            continue   # its Job was replaced already (the failed pod is not yet collected): the retry runs
         if now < failure.failed_at + probe_retry_delay(failure.attempt, config.retry_seconds):
             continue
         node_obj = kube.get_node(node)
@@ -74,7 +76,7 @@ def replace_failed_probe_jobs(kube: Kube, config: OperatorConfig, now: float | N
         if node_obj is None:
             continue  # the node is gone; nothing to measure
         job = build_probe_job(node_obj, config.effective_probe_image, namespace, attempt=failure.attempt + 1,
-                              image_pull_secrets=config.image_pull_secrets)
+                              image_pull_secrets=config.image_pull_secrets, last_failure=failure)
         kopf.append_owner_reference(job, owner=dict(node_obj))
         if kube.create_job(job):
             log.info("bandwidth probe of node %s failed (%s); replaced its Job (attempt %d)", node, failure.reason,

@@ -36,3 +36,17 @@ def test_failure_names_the_jobs_reason_and_what_the_probe_said() -> None:
 def test_retry_backoff_doubles_up_to_an_hour() -> None:
     assert [probe_retry_delay(a, 10.0) for a in (1, 2, 3)] == [10.0, 20.0, 40.0]
     assert probe_retry_delay(30, 10.0) == 3600.0
+
+
+def test_a_replacement_job_keeps_the_failure_until_a_probe_succeeds() -> None:
+    """While the retry runs, the NeoService keeps saying why the probe failed (a replacement Job that is
+    merely pending would otherwise read as 'waiting for the probe', as if nothing had happened)."""
+    failed = probe_failure({**build_probe_job(NODE, "img", "neo-system", attempt=1), "status": {"conditions": [
+        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "no AVX2",
+         "lastTransitionTime": "2024-01-01T00:00:10Z"}]}}, [])
+    retry = build_probe_job(NODE, "img", "neo-system", attempt=2, last_failure=failed)
+    running = probe_failure(retry, [])
+    assert running is not None and running.retrying and (running.reason, running.attempt) == ("BackoffLimitExceeded", 1)
+    assert "no AVX2" in running.describe(10.0) and "attempt 2 is running" in running.describe(10.0)
+    retry["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
+    assert probe_failure(retry, []) is None, "a probe that succeeded ends the failure"
