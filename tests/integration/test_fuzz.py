@@ -49,15 +49,15 @@ def tame(case, draw: int):
             body["prompt"] = [abs(v) % VOCAB for v in prompt]
         if draw in (1, 2) and "stream" not in body:
             body["stream"] = True
-            if draw == 2:
-                body["stream_options"] = {"include_usage": True}
+            if draw == 2 and "stream_options" not in body:   # never overwrite a field: it may be the
+                body["stream_options"] = {"include_usage": True}   # one a negative case made invalid
     if isinstance(body, dict):
         for key in ("max_tokens", "max_completion_tokens"):
             v = body.get(key)
             if isinstance(v, int) and not isinstance(v, bool) and MAX_TOKENS < v <= 512:
                 body[key] = MAX_TOKENS  # larger values still go through unchanged: they must get a 400
-        if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-            body["max_tokens"] = 2  # chat's default is the rest of the context
+        if "max_tokens" not in body and "max_completion_tokens" not in body:
+            body["max_tokens"] = 2  # chat's default is the rest of the context (an explicit null stays)
     return case
 
 
