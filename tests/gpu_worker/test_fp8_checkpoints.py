@@ -38,14 +38,13 @@ from neo_common.tensor_parallel import Shard
 from neo_common.segment import SegmentLayout
 from neo_common.cost_model import CostKey
 from neo_gpu_worker import fp8
-from neo_gpu_worker.attention import AttentionMetadata, PrefillSpan
 from neo_gpu_worker.batch import build_sub_batch
 from neo_gpu_worker.host_kv import HostKv
 from neo_gpu_worker.loader import load_model
 from neo_gpu_worker.model import _apply
 from neo_gpu_worker.model_runner import ModelRunner
 from neo_gpu_worker.parallel import TensorParallel
-from support.equivalence import DEVICE, check_equivalent, runner_for
+from support.equivalence import DEVICE, check_equivalent, prefill_hidden, runner_for
 from support.random_model import fp8_hf_folders, random_hf_folder
 from support.ranks import run_gloo_ranks
 
@@ -80,13 +79,9 @@ def prompts(vocab: int) -> list[list[int]]:
 
 
 def prefill_logits(model) -> torch.Tensor:
-    g = model.geometry
-    n = len(TOKENS)
-    kv = torch.zeros((g.num_layers, 2, 2, BS, g.num_kv_heads, g.head_dim))
-    slots = torch.arange(n)
-    meta = AttentionMetadata.for_prefill(slots, PrefillSpan(0, n, 0, slots))
+    hidden = prefill_hidden(model, TOKENS, BS)
     with torch.inference_mode():
-        return model.compute_logits(model(torch.tensor(TOKENS), torch.arange(n), kv, meta))
+        return model.compute_logits(hidden)
 
 
 # -- the twin ---------------------------------------------------------------------------------

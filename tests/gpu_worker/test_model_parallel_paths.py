@@ -16,12 +16,12 @@ from neo_common.model_source import ModelSource, read_geometry
 from neo_common.protocol import IterationPlan, Place
 from neo_common.tensor_parallel import Shard
 from neo_common.segment import SegmentLayout
-from neo_gpu_worker.attention import AttentionMetadata, PrefillSpan
 from neo_gpu_worker.batch import build_sub_batch
 from neo_gpu_worker.host_kv import HostKv
 from neo_gpu_worker.loader import load_model
 from neo_gpu_worker.model_runner import ModelRunner
 from neo_gpu_worker.parallel import TensorParallel
+from support.equivalence import prefill_hidden
 from support.random_model import random_hf_folder
 from support.ranks import run_gloo_ranks
 
@@ -42,13 +42,7 @@ def qwen3(tmp_path_factory) -> str:
 
 
 def prefill(model) -> torch.Tensor:
-    g = model.geometry
-    n = len(TOKENS)
-    kv = torch.zeros((g.num_layers, 2, 2, BS, g.num_kv_heads, g.head_dim))
-    slots = torch.arange(n)
-    meta = AttentionMetadata.for_prefill(slots, PrefillSpan(0, n, 0, slots))
-    with torch.inference_mode():
-        return model(torch.tensor(TOKENS), torch.arange(n), kv, meta)
+    return prefill_hidden(model, TOKENS, BS)
 
 
 def rank_main(folder: str, rank: int, world: int, init_method: str, out) -> None:

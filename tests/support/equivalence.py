@@ -228,3 +228,17 @@ def runner_for(source: ModelSource, max_len: int):
 
     max_len = min(max_len, read_geometry(source).max_position_embeddings)
     return ModelRunner(load_model(source, max_len, DEVICE, torch.float32), 96, BLOCK, DEVICE, torch.float32)
+
+
+def prefill_hidden(model, tokens: list[int], block_size: int = 16) -> torch.Tensor:
+    """The final hidden states of one whole-prompt prefill of ``tokens`` into a fresh, flat KV cache
+    (one block per layer: the prompt must fit ``2 * block_size`` slots)."""
+    from neo_gpu_worker.attention import AttentionMetadata, PrefillSpan
+
+    g = model.geometry
+    n = len(tokens)
+    kv = torch.zeros((g.num_layers, 2, 2, block_size, g.num_kv_heads, g.head_dim))
+    slots = torch.arange(n)
+    meta = AttentionMetadata.for_prefill(slots, PrefillSpan(0, n, 0, slots))
+    with torch.inference_mode():
+        return model(torch.tensor(tokens), torch.arange(n), kv, meta)
