@@ -89,16 +89,19 @@ class BlockManager:
 
     # -- prefix caching -----------------------------------------------------------------------
     def cached_prefix(self, hashes: list[bytes]) -> list[int]:
-        """The cached blocks of the longest prefix of ``hashes`` (counted in the hit statistics)."""
+        """The cached blocks of the longest prefix of ``hashes``."""
         blocks = []
         for h in hashes:
             block = self.cached.get(h)
             if block is None:
                 break
             blocks.append(block)
-        self.queried_tokens += len(hashes) * self.block_size
-        self.hit_tokens += len(blocks) * self.block_size
         return blocks
+
+    def count_lookup(self, queried_blocks: int, hit_blocks: int) -> None:
+        """Add one admitted request's lookup to the hit statistics."""
+        self.queried_tokens += queried_blocks * self.block_size
+        self.hit_tokens += hit_blocks * self.block_size
 
     def share(self, seq_id: int, blocks: list[int]) -> None:
         """Start the (new) sequence's table with ``blocks`` already holding its prefix's KV."""

@@ -252,6 +252,8 @@ class Scheduler:
                 self._unshare(seq)
                 break
             self.waiting.popleft()
+            if self.hasher is not None:   # counted once per admission, not per attempt that waited
+                self.gpu.count_lookup(self.hasher.cacheable_prefix_blocks(seq), seq.num_registered_blocks)
             seq.status, seq.place = SeqStatus.RUNNING, place
             if seq.scheduled_time is None:
                 seq.scheduled_time = time.monotonic()

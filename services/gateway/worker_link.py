@@ -325,12 +325,6 @@ class WorkerLink:
             await self._ask_ready()
         raise WorkerDown(f"{self.name} went away during the call")
 
-    def forget(self, iteration_id: int) -> None:
-        """Stop waiting for a reply (its iteration was given up); a late one is then dropped."""
-        future = self._waiting.pop(iteration_id, None)
-        if future is not None:
-            future.cancel()
-
 
 def _peer_credentials(fd: int) -> tuple[int, int] | None:
     """(pid, uid) of the process at the other end of a Unix socket (SO_PEERCRED), None if unknown."""

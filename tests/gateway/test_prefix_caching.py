@@ -118,3 +118,19 @@ def test_prefix_caching_off_computes_every_prompt_whole():
         out = run(sched)
         assert next(r for r in out.rows if r.seq is s).start == 0
         finish(sched, s)
+
+
+def test_a_request_that_waits_is_counted_once_when_admitted():
+    sched = caching_scheduler(num_blocks=5)
+    a = seq(1, SYSTEM + [1], max_tokens=4)               # 4 blocks of 5
+    sched.add(a)
+    run(sched)
+    b = seq(2, SYSTEM + list(range(600, 600 + 2 * BS)))  # shares 3 blocks, needs 2 more: waits for a
+    sched.add(b)
+    for _ in range(2):
+        out = run(sched)
+        assert all(r.seq is not b for r in out.rows), "b cannot fit yet"
+    finish(sched, a)
+    out = run(sched)
+    assert next(r for r in out.rows if r.seq is b).start == 3 * BS
+    assert sched.gpu.queried_tokens == (3 + 4) * BS and sched.gpu.hit_tokens == 3 * BS, "each admission counted once"
