@@ -101,6 +101,7 @@ class Engine:
         self.served_name = served_name
         self.tokenizer = tokenizer
         prepare_runtime_dir(config.runtime_dir)   # the ipc sockets (and tcp keys) live there
+        self._auth = None   # the ZAP handler of tcp links (_authenticate_tcp)
         keys = self._authenticate_tcp(ctx) if config.uses_tcp else None
         self.link = WorkerLink(ctx, config.worker_addr, "gpu_worker", WorkerKind.GPU_WORKER,
                                config.ipc.worker_timeout_s, lambda r: check_gpu_worker_ready(r, config), keys)
@@ -144,7 +145,7 @@ class Engine:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
-        if getattr(self, "_auth", None) is not None:
+        if self._auth is not None:
             self._auth.start()
             for link in self.links:   # ZAP looks providers up by domain: one per link name
                 self._auth.configure_curve_callback(link.name, credentials_provider=self._key_check)
@@ -160,7 +161,7 @@ class Engine:
         await self.shutdown_workers("the gateway is stopping")
         for link in self.links:
             await link.close()
-        if getattr(self, "_auth", None) is not None:
+        if self._auth is not None:
             self._auth.stop()
 
     @property
