@@ -70,11 +70,11 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
     app.add_middleware(RejectionCounter, observe=metrics.observe_rejected)
     prompts = PromptEncoder(engine.tokenizer)
 
-    async def close(stream: RequestStream) -> None:
+    def close(stream: RequestStream) -> None:
         """End a request's stream; one the client left before its end is counted as aborted."""
         seq = stream.req.seq
         left_early = not seq.is_finished
-        await stream.aclose()
+        stream.abort()
         if left_early and seq.finish_reason is FinishReason.ABORT:
             metrics.observe_finished(seq)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Awaitable, Callable
+from typing import Callable
 
 from neo_gateway.engine import RequestOutput, RequestStream
 from neo_gateway.errors import APIError
@@ -48,7 +48,7 @@ class ChoiceStreams:
     """
 
     def __init__(self, groups: list[list[Choice]], submit: Callable[[Choice], RequestStream],
-                 close: Callable[[RequestStream], Awaitable[None]]) -> None:
+                 close: Callable[[RequestStream], None]) -> None:
         self.groups, self.submit, self.close = groups, submit, close
         self.count = sum(len(g) for g in groups)
         self.streams: list[RequestStream] = []
@@ -105,11 +105,14 @@ class ChoiceStreams:
             yield index, out
 
     async def aclose(self) -> None:
+        """Abort every unfinished choice, then reap the forwarding tasks. The aborts come first and
+        without an ``await``: this runs in the ``finally`` of a response whose client hung up, and
+        there the first ``await`` is cancelled again (the server cancels the whole task scope)."""
         for task in self.tasks:
             task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
         for stream in self.streams:
-            await self.close(stream)
+            self.close(stream)
+        await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 def _failed(message: str) -> RequestOutput:

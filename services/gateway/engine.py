@@ -76,7 +76,10 @@ class RequestStream:
             raise StopAsyncIteration
         return await self.req.queue.get()
 
-    async def aclose(self) -> None:
+    def abort(self) -> None:
+        """Abort the request unless it has finished. Synchronous on purpose: it runs in ``finally``
+        blocks of cancelled tasks (a client that hung up), where any ``await`` is cancelled again
+        before it could run."""
         if not self.req.seq.is_finished:
             self.engine.abort(self.req.seq, FinishReason.ABORT)
 
