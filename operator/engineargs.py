@@ -33,6 +33,10 @@ OPERATOR_SET: Mapping[str, str] = {
 }
 
 
+# Engine flags that are measuring instruments, never serving modes (docs/design.md, "GPU emulation").
+BENCHMARK_ONLY: tuple[str, ...] = ("emulate_gpu",)
+
+
 class EngineArgsError(ValueError):
     """An engine flag the engine's parser refuses, or one the operator sets itself."""
 
@@ -55,6 +59,10 @@ def parse_engine_args(args: Sequence[str]) -> argparse.Namespace:
     if refused:
         raise EngineArgsError("the operator sets " + ", ".join(
             f"{Settings.flag(name)} (from {OPERATOR_SET[name]})" for name in refused) + "; remove it from engineArgs")
+    bench = sorted(name for name in vars(ns) if name in BENCHMARK_ONLY)
+    if bench:
+        raise EngineArgsError(", ".join(Settings.flag(n) for n in bench) + " is a benchmark instrument (GPU "
+                              "emulation), not a serving mode; remove it from engineArgs")
     return ns
 
 

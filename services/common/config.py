@@ -14,6 +14,7 @@ import os
 from typing import Sequence
 
 from neo_common.enums import OffloadMode
+from neo_common.gpu_presets import GPU_PRESETS
 from neo_common.link import default_runtime_dir, is_tcp
 from neo_common.settings import ConfigError, Settings, option
 from neo_common.tensor_parallel import rank_address
@@ -138,6 +139,9 @@ class DeviceConfig(Settings):
                                       "first, for comparison)")
     tensor_parallel_size: int = option(1, "GPUs the model is sharded over (one worker process and one CPU "
                                           "attention process per GPU; --cpu-threads is split between them)")
+    emulate_gpu: str = option("", "benchmarks only: make every GPU stage and host copy last as long as on this "
+                                  "slower GPU (t4, a10g, l4, l40s; see docs/design.md, 'GPU emulation'); size the "
+                                  "KV pool for it with --num-gpu-blocks. Off when empty")
 
     def validate(self) -> None:
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
@@ -146,6 +150,8 @@ class DeviceConfig(Settings):
             raise ConfigError("--cpu-threads must be >= 0")
         if not 1 <= self.tensor_parallel_size <= 64:
             raise ConfigError("--tensor-parallel-size must be within 1..64")
+        if self.emulate_gpu and self.emulate_gpu not in GPU_PRESETS:
+            raise ConfigError(f"--emulate-gpu {self.emulate_gpu!r}: use one of {', '.join(GPU_PRESETS)}")
         if self.device.startswith("cuda:") and self.tensor_parallel_size > 1:
             raise ConfigError("--device cuda:N names one GPU; with --tensor-parallel-size use --device cuda "
                               "(rank r takes the r-th visible GPU)")

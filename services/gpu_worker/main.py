@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 import zmq
 
-from neo_common import tracing
+from neo_common import gpu_presets, tracing
 from neo_common.config import NeoConfig
 from neo_common.link import prepare_runtime_dir, secure_connect
 from neo_common.logs import setup_logging
@@ -34,6 +34,7 @@ from neo_common.segment import SegmentLayout
 from neo_gpu_worker import ops
 from neo_gpu_worker.host_kv import HostKv
 from neo_gpu_worker.device import DTYPES, pick_device, pick_dtype
+from neo_gpu_worker.emulation import Emulator, emulated_name
 from neo_gpu_worker.loader import load_model
 from neo_gpu_worker.model_runner import ModelRunner, num_kv_blocks
 from neo_gpu_worker.parallel import FollowerLinks, TensorParallel, start_followers
@@ -98,11 +99,19 @@ def build_runner(config: NeoConfig, rank: int = 0, init_method: str = "") -> tup
             stage_graphs.capture()
     blocks = tp.min_int(num_kv_blocks(model, device, bs, kv_dtype, config.cache.num_gpu_blocks,
                                       config.cache.gpu_memory_utilization, config.cache.cpu_device_kv_gb))
+    preset = gpu_presets.preset(config.device.emulate_gpu) if config.device.emulate_gpu else None
+    emulator = Emulator(preset, model, kv_dtype, device) if preset else None
+    real_gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if preset:
+        log.warning("GPU emulation on: every GPU stage lasts as long as on %s (%.0f GB/s, %.0f TFLOPS, PCIe %.0f "
+                    "GB/s): %s; a benchmark instrument, not a serving mode", preset.product, preset.bandwidth_gbs,
+                    preset.tensor_tflops, preset.pcie_gbs, preset.label(real_gpu))
     runner = ModelRunner(model, blocks, bs, device, kv_dtype, host, staging, config.ipc.worker_timeout_s,
-                         graph_max_batch=graph_max_batch, max_model_len=max_len, tp=tp, stage_graphs=stage_graphs)
+                         graph_max_batch=graph_max_batch, max_model_len=max_len, tp=tp, stage_graphs=stage_graphs,
+                         emulator=emulator)
     ready = WorkerReady(kind=WorkerKind.GPU_WORKER, pid=os.getpid(), num_gpu_blocks=blocks,
                         block_size=bs, max_model_len=max_len, geometry=full,
-                        device=str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
+                        device=emulated_name(real_gpu, preset),
                         dtype=str(dtype).removeprefix("torch."), kv_dtype=kv_name,
                         num_cpu_blocks=host.segment.layout.num_blocks if host else 0, cost_tables=cost_tables)
     log.info("KV pool: %d blocks x %d tokens (%s) on %s%s", blocks, bs, kv_name, device,

@@ -17,6 +17,7 @@ import torch
 from neo_common.protocol import PLACEHOLDER_TOKEN, IterationPlan, IterationResult, Place
 from neo_gpu_worker.batch import build_sub_batch, to_device
 from neo_gpu_worker.cuda_graph import DecodeGraphs
+from neo_gpu_worker.emulation import Emulator
 from neo_gpu_worker.host_kv import HostKv
 from neo_gpu_worker.models.protocol import CausalLM
 from neo_gpu_worker.parallel import TensorParallel
@@ -119,6 +120,8 @@ class ModelRunner:
     - ``generator``: device RNG for unseeded sampling.
     - ``tp``: the tensor-parallel group (None: one rank). Rank 0 samples and broadcasts the tokens;
       the other ranks compute no logits and keep the broadcast tokens as their ``last_sample``.
+    - ``emulator``: GPU emulation for benchmarks (None: off); brackets every GPU stage and copy
+      (``emulation.py``).
     - ``cpu_stream``: on the CPU device, the one thread launches run on (None on CUDA, where the
       device's stream already runs them behind the host's back).
     """
@@ -126,7 +129,8 @@ class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, device: torch.device,
                  kv_dtype: torch.dtype, host: HostKv | None = None, staging_blocks: int = 0,
                  cpu_timeout_s: float = 60.0, graph_max_batch: int = 0, max_model_len: int = 0,
-                 tp: TensorParallel | None = None, stage_graphs: StageGraphs | None = None) -> None:
+                 tp: TensorParallel | None = None, stage_graphs: StageGraphs | None = None,
+                 emulator: Emulator | None = None) -> None:
         g = model.geometry
         self.tp = tp if tp is not None and tp.world > 1 else None
         self.model, self.device, self.block_size, self.num_blocks = model, device, block_size, num_blocks
@@ -142,7 +146,8 @@ class ModelRunner:
             with torch.inference_mode():
                 self.graphs.capture()
         self.pipeline = None if host is None else PipelinedExecutor(
-            model, self.kv_cache, host, block_size, staging_blocks, device, cpu_timeout_s, stage_graphs)
+            model, self.kv_cache, host, block_size, staging_blocks, device, cpu_timeout_s, stage_graphs, emulator)
+        self.emulator = emulator
         self.cpu_stream = None if device.type == "cuda" else ThreadPoolExecutor(1, "cpu-stream")
 
     def close(self) -> None:
@@ -190,20 +195,28 @@ class ModelRunner:
             where = np.empty(plan.batch_size, np.int64)
             where[rows] = np.arange(len(rows))
             last = hidden[rows_on(where[sample_rows])]
-        elif self.graphs is not None and self.graphs.can_run(plan):
-            last = self.graphs.run(plan, fill)[rows_on(sample_rows)]
         else:
-            sb = build_sub_batch(plan, np.arange(plan.batch_size), self.block_size, self.device, 0)
-            if fill is not None:
-                sb.input_ids[fill[0]] = fill[1]
-            hidden = self.model(sb.input_ids, sb.positions, self.kv_cache, sb.meta)
-            last = hidden[rows_on(sb.last_token[sample_rows])]
+            emu = self.emulator
+            if emu:
+                emu.main.begin()
+            if self.graphs is not None and self.graphs.can_run(plan):
+                last = self.graphs.run(plan, fill)[rows_on(sample_rows)]
+            else:
+                sb = build_sub_batch(plan, np.arange(plan.batch_size), self.block_size, self.device, 0)
+                if fill is not None:
+                    sb.input_ids[fill[0]] = fill[1]
+                hidden = self.model(sb.input_ids, sb.positions, self.kv_cache, sb.meta)
+                last = hidden[rows_on(sb.last_token[sample_rows])]
+            if emu:
+                emu.main.work(emu.roofline.forward(plan, np.arange(plan.batch_size)))
         timer.mark()
         tokens = None
         if len(sample_rows) and self.tp is not None and self.tp.rank > 0:
             sampled = self.tp.broadcast(torch.empty(len(sample_rows), dtype=torch.int64, device=self.device))
             self.last_sample = (plan.seq_ids[sample_rows], sampled)
         elif len(sample_rows):
+            if self.emulator:
+                self.emulator.main.begin()
             logits = self.model.compute_logits(last)
             params = SamplingBatch.from_columns(
                 plan.temperature[sample_rows], plan.top_p[sample_rows], plan.top_k[sample_rows],
@@ -212,6 +225,8 @@ class ModelRunner:
                 plan.penalties[sample_rows] if len(plan.penalties) else None,
                 _sampled_history(plan, sample_rows, fill, self.device) if len(plan.penalties) else None)
             sampled = sample(logits, params, self.generator)
+            if self.emulator:
+                self.emulator.main.work(self.emulator.roofline.lm_head(len(sample_rows)))
             if self.tp is not None:
                 self.tp.broadcast(sampled)
             result.seq_ids = plan.seq_ids[sample_rows]
@@ -247,8 +262,13 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # a launched-ahead plan: not the previous one's time
         t0 = time.perf_counter()
+        if self.emulator:
+            self.emulator.main.begin()
         self.host.swap_out(self.kv_cache, plan.swap_out)
         self.host.swap_in(self.kv_cache, plan.swap_in)
+        if self.emulator:
+            blocks = int(np.asarray(plan.swap_out)[:, 2].sum()) + int(np.asarray(plan.swap_in)[:, 2].sum())
+            self.emulator.main.copy(blocks * self.kv_cache[:, :, 0].numel() * self.kv_cache.element_size())
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         return time.perf_counter() - t0

@@ -40,6 +40,7 @@ from neo_common.segment import job_seq
 from neo_gpu_worker.attention import paged_attention
 from neo_gpu_worker.ops import write_kv
 from neo_gpu_worker.batch import SubBatch, build_sub_batch
+from neo_gpu_worker.emulation import Emulator, PipelineStages
 from neo_gpu_worker.host_kv import HostKv
 from neo_gpu_worker.models import cpu_attention_supports
 from neo_gpu_worker.models.protocol import CausalLM
@@ -62,8 +63,10 @@ class Handoff:
     the iteration's plan; set by :meth:`begin`.
     """
 
-    def __init__(self, host: HostKv, device: torch.device, timeout_s: float) -> None:
+    def __init__(self, host: HostKv, device: torch.device, timeout_s: float,
+                 emulator: Emulator | None = None) -> None:
         self.host, self.device, self.timeout_s = host, device, timeout_s
+        self.emulator = emulator   # paces the copies at the emulated PCIe rate (None: off)
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
         lay = host.segment.layout
         self.slots = [{name: host.region(name, j) for name in ("q", "k_new", "v_new", "o")}
@@ -86,9 +89,15 @@ class Handoff:
         if rows > self.max_rows:
             raise ValueError(f"{rows} CPU rows in one sub-batch; the segment holds {self.max_rows}")
         dst = self.slots[slot]
+        emu = self.emulator
+        nbytes = sum(t.numel() for t in (q, k, v)) * self.host.dtype.itemsize
         if self.side is None:
+            if emu:
+                emu.side.begin()
             for name, src in (("q", q), ("k_new", k), ("v_new", v)):
                 dst[name][:rows].copy_(src)
+            if emu:
+                emu.side.copy(nbytes)
             self.host.segment.ring(slot, job)
             return
         dtype = self.host.dtype
@@ -97,9 +106,13 @@ class Handoff:
         ready.record()
         self.side.wait_event(ready)
         with torch.cuda.stream(self.side):
+            if emu:
+                emu.side.begin()
             for name, src in zip(("q", "k_new", "v_new"), srcs):
                 dst[name][:rows].copy_(src, non_blocking=True)
                 src.record_stream(self.side)
+            if emu:
+                emu.side.copy(nbytes)
             copied = torch.cuda.Event()
             copied.record(self.side)
         self.unrung[slot] = (copied, job)
@@ -144,7 +157,11 @@ class Handoff:
         self.cpu_wait_s += time.perf_counter() - t0
         if status != 0:
             raise RuntimeError(f"cpu attention of layer {layer} failed: {kernel.describe(status)}")
+        if self.emulator:
+            self.emulator.main.begin()
         out.copy_(self.slots[slot]["o"][:out.shape[0]], non_blocking=True)
+        if self.emulator:
+            self.emulator.main.copy(out.numel() * out.element_size())
 
     def synchronize(self) -> None:
         self.unrung.clear()
@@ -161,11 +178,13 @@ class PipelinedExecutor:
       whose sub-batches outgrow its buckets run eagerly too. ``graphed``: whether the last did.
     - ``spent``: the current iteration's host seconds per part (``_PARTS``); ``totals`` sums
       iterations since the last log line.
+    - ``emulator``: GPU emulation (None: off). Each stage's GPU work is bracketed by its compute
+      clock: the dense step of one sub-batch plus the GPU-attended rows of the other.
     """
 
     def __init__(self, model: CausalLM, kv_cache: torch.Tensor, host: HostKv, block_size: int,
                  staging_blocks: int, device: torch.device, timeout_s: float,
-                 graphs: StageGraphs | None = None) -> None:
+                 graphs: StageGraphs | None = None, emulator: Emulator | None = None) -> None:
         g = model.geometry
         if not cpu_attention_supports(g):
             raise ConfigError(f"--model {g.name!r} ({g.architecture}): its attention soft-capping or scale is not "
@@ -175,7 +194,8 @@ class PipelinedExecutor:
         self.block_size, self.device = block_size, device
         self.staging = torch.zeros((2, staging_blocks, block_size, g.num_kv_heads, g.head_dim),
                                    dtype=kv_cache.dtype, device=device)
-        self.handoff = Handoff(host, device, timeout_s)
+        self.handoff = Handoff(host, device, timeout_s, emulator)
+        self.emulator = emulator
         self.spent = dict.fromkeys(_PARTS, 0.0)   # this iteration's host seconds per part (see _account)
         self.graphed = False
         self.totals = dict.fromkeys(("iterations", "graphed", "host", "copy", "cpu", *_PARTS), 0.0)
@@ -185,6 +205,7 @@ class PipelinedExecutor:
         self.handoff.begin()
         self.spent = dict.fromkeys(_PARTS, 0.0)
         t0 = time.perf_counter()
+        self.plan = plan
         sbs = [build_sub_batch(plan, np.flatnonzero(plan.sub_batch == j), self.block_size, self.device,
                                self.staging.shape[1]) for j in (0, 1)]
         try:
@@ -226,32 +247,45 @@ class PipelinedExecutor:
         dense.begin(sbs)
         live = [sb.num_tokens > 0 for sb in sbs]
         poll = self.handoff.poll
+        clock = PipelineStages(self.emulator, self.plan, sbs, layers)
 
         def step(j: int, i: int) -> None:
             with self._spending("dense"):
                 dense.step(j, i)
 
         if live[0]:
+            clock.begin()
             step(0, 0)
+            clock.end(dense=(0, 0))
         for i in range(layers):
             # stage A: attention of sub-batch 0 (CPU rows on the CPU), dense work of sub-batch 1
+            clock.begin()
             if live[0]:
                 self._send(0, it, i, sbs[0], dense.qkv[0])
             if live[1]:
                 step(1, i)
                 poll()
             if live[0]:
-                self._attention(0, it, i, sbs[0], dense)
+                self._attention(0, i, sbs[0], dense)
+            clock.end(dense=(1, i) if live[1] else None, attention=0 if live[0] else None)
+            if live[0]:
+                self._receive(0, it, i, sbs[0], dense)
             # stage B: attention of sub-batch 1, dense work of sub-batch 0
+            clock.begin()
             if live[1]:
                 self._send(1, it, i, sbs[1], dense.qkv[1])
             if live[0]:
                 step(0, i + 1)
                 poll()
             if live[1]:
-                self._attention(1, it, i, sbs[1], dense)
+                self._attention(1, i, sbs[1], dense)
+            clock.end(dense=(0, i + 1) if live[0] else None, attention=1 if live[1] else None)
+            if live[1]:
+                self._receive(1, it, i, sbs[1], dense)
         if live[1]:
+            clock.begin()
             step(1, layers)
+            clock.end(dense=(1, layers))
         return [dense.hidden(j) if live[j] else None for j in (0, 1)]
 
     @contextlib.contextmanager
@@ -268,9 +302,9 @@ class PipelinedExecutor:
             with self._spending("send"):
                 self.handoff.send(slot, job_seq(it, layer), q[c], k[c], v[c])
 
-    def _attention(self, j: int, it: int, i: int, sb: SubBatch, dense: EagerDense | StageGraphs) -> None:
+    def _attention(self, j: int, i: int, sb: SubBatch, dense: EagerDense | StageGraphs) -> None:
         """Attention of layer ``i`` for sub-batch ``j`` into ``dense.attn_out(j)``: the GPU-pool rows
-        and CPU-bound prefills here, the CPU decodes' o from the cpu_attention process."""
+        and CPU-bound prefills (the CPU decodes' o comes with :meth:`_receive`)."""
         q, k, v = dense.qkv[j]
         out = dense.attn_out(j)
         scale = self.model.layers[i].attn_scale   # the cpu_attention process applies the same (see __init__)
@@ -284,5 +318,8 @@ class PipelinedExecutor:
             paged_attention(q[s], self.staging, sb.stage_meta, scale, out=out[s])
             with self._spending("stream_out"):
                 self.host.stream_out(i, self.staging, sb.stage_runs, self.handoff.side)
+
+    def _receive(self, j: int, it: int, i: int, sb: SubBatch, dense: EagerDense | StageGraphs) -> None:
+        """The CPU decodes' o of layer ``i`` for sub-batch ``j``, from the cpu_attention process."""
         if sb.num_cpu:
-            self.handoff.finish(j, it, i, out[sb.cpu_slice])
+            self.handoff.finish(j, it, i, dense.attn_out(j)[sb.cpu_slice])

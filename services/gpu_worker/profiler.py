@@ -24,6 +24,7 @@ than fewer, longer ones), and the raw medians are kept under ``meta.raw``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -40,12 +41,14 @@ from neo_common.geometry import ModelGeometry, Quantization
 from neo_common.logs import setup_logging
 from neo_common.model_source import read_geometry, resolve
 from neo_common.tensor_parallel import Shard
-from neo_common import cost_model
+from neo_common import cost_model, gpu_presets
+from neo_common.gpu_presets import GpuPreset
 from neo_common.cost_model import CostKey, CostTables
 from neo_gpu_worker import fp8, ops
 from neo_gpu_worker.attention import AttentionMetadata, PrefillSpan, paged_attention
 from neo_gpu_worker.cuda_graph import capture
 from neo_gpu_worker.device import pick_device, pick_dtype
+from neo_gpu_worker.emulation import Roofline, StageClock, emulated_name
 from neo_gpu_worker.models import model_class
 from neo_gpu_worker.models.protocol import DecoderLayer
 from neo_gpu_worker.rope import RotaryEmbedding
@@ -239,8 +242,27 @@ def _monotone(ys: Sequence[float]) -> list[float]:
     return [float(v) for v in np.maximum.accumulate(np.asarray(ys, dtype=np.float64))]
 
 
+def _emulated(bench: "_Bench", preset: GpuPreset | None, dtype: torch.dtype):
+    """``wrap(fn, work)``: ``fn`` bracketed by a stage clock of ``preset`` for ``work`` per layer
+    (identity without a preset), so the tables price the emulated GPU as the worker runs it."""
+    if preset is None:
+        return lambda fn, work: fn
+    roofline = Roofline(bench.layers[0], bench.g, dtype, (0, 0))
+    clock = StageClock(preset, bench.device)
+    layers = len(bench.layers)
+
+    def wrap(fn: Callable[[], object], work) -> Callable[[], object]:
+        def run() -> None:
+            clock.begin()
+            fn()
+            clock.work(work(roofline) * layers)
+        return run
+    return wrap
+
+
 def profile(g: ModelGeometry, device: torch.device, dtype: torch.dtype, block_size: int, cpu_threads: int,
-            grid: tuple = QUICK_GRID, layers: int = 2, progress: bool = True, graphs: bool = False) -> CostTables:
+            grid: tuple = QUICK_GRID, layers: int = 2, progress: bool = True, graphs: bool = False,
+            preset: GpuPreset | None = None) -> CostTables:
     """Measure every table on ``device`` (CPU attention on this host with ``cpu_threads`` threads).
     With ``graphs`` (the worker replays CUDA graphs) ``linr`` and ``gdec`` are timed as graph
     replays: launched from Python, an 8B layer's dense work for a few rows takes ~3x its GPU time,
@@ -251,7 +273,7 @@ def profile(g: ModelGeometry, device: torch.device, dtype: torch.dtype, block_si
     linr_x, pref_x, gdec_x, cdec_b, cdec_n, decode_ctx, reps = grid
     threads = kernel.set_num_threads(cpu_threads)
     kv_dtype = "float16" if dtype == torch.float16 else "bfloat16"
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    gpu = emulated_name(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", preset)
     graphs = graphs and device.type == "cuda"
     key = CostKey.from_geometry(g, gpu, str(dtype).removeprefix("torch."), block_size, threads,
                                 ops.kernels_for(device, graphs))
@@ -264,15 +286,20 @@ def profile(g: ModelGeometry, device: torch.device, dtype: torch.dtype, block_si
                    f"profiling {g.name} on {gpu}", progress)
     raw: dict[str, list] = {"linr": [], "pref": [], "gdec": [], "cdec": []}
     t0 = time.perf_counter()
+    emulate = _emulated(bench, preset, dtype)
+    one = np.ones(1, np.int64)
     with torch.inference_mode():
         for s in linr_x:
-            raw["linr"].append(timeit(bench.linr(s), graphs) / layers)
+            raw["linr"].append(timeit(emulate(bench.linr(s), lambda r, s=s: r.dense(s)), graphs) / layers)
             bar.step(f"linr {s}")
         for s in pref_x:
-            raw["pref"].append(timeit(bench.pref(s)) / layers)
+            raw["pref"].append(timeit(emulate(bench.pref(s), lambda r, s=s: r.attention(0 * one, s * one))) / layers)
             bar.step(f"pref {s}")
         for n in gdec_x:
-            raw["gdec"].append(timeit(bench.gdec(n, decode_ctx), graphs) / layers)
+            length = min(n, decode_ctx)
+            rows = max(1, n // length)
+            work = lambda r, rows=rows, length=length: r.attention(np.full(rows, length - 1), np.ones(rows, np.int64))  # noqa: E731
+            raw["gdec"].append(timeit(emulate(bench.gdec(n, decode_ctx), work), graphs) / layers)
             bar.step(f"gdec {n}")
         for b in cdec_b:
             raw["cdec"].append([timeit(bench.cdec(b, n, kv_dtype)) / layers for n in cdec_n])
@@ -286,6 +313,7 @@ def profile(g: ModelGeometry, device: torch.device, dtype: torch.dtype, block_si
         torch.cuda.empty_cache()   # the worker sizes its KV pool from the free memory right after this
     cdec_y = np.maximum.accumulate(np.maximum.accumulate(np.asarray(raw["cdec"]), axis=0), axis=1)
     meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": time.perf_counter() - t0,
+            "emulated": None if preset is None else dataclasses.asdict(preset),
             "layers": layers, "reps": reps, "decode_ctx": decode_ctx, "cpu_kv_dtype": kv_dtype,
             "cpu_isa": kernel.isa(), "torch": torch.__version__, "host": platform.machine(),
             "load_before": load, "raw": raw}
@@ -313,7 +341,8 @@ def load_or_profile(config: NeoConfig, cache_dir: str | None = None, quick: bool
     dtype = pick_dtype(config.model.dtype, device)
     full = read_geometry(resolve(config.model))
     g = Shard.of(full, 0, config.device.tensor_parallel_size).local_geometry(full)
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    preset = gpu_presets.preset(config.device.emulate_gpu) if config.device.emulate_gpu else None
+    gpu = emulated_name(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", preset)
     threads = threads_per_rank(config.device.cpu_threads, config.device.tensor_parallel_size)
     ops.configure(config.device.kernels, device)  # the tables time the kernels the worker will run
     graphs = ops.uses_graphs(device, config.device.enforce_eager)
@@ -325,7 +354,7 @@ def load_or_profile(config: NeoConfig, cache_dir: str | None = None, quick: bool
         if found is not None:
             return found, path
     tables = profile(g, device, dtype, config.cache.block_size, threads, QUICK_GRID if quick else FULL_GRID,
-                     layers, progress, graphs)
+                     layers, progress, graphs, preset)
     if tables.key != key:  # the kernel's pool may be capped below what was asked
         path = cost_model.cache_path(tables.key, cache_dir)
     return tables, tables.save(path)

@@ -60,6 +60,7 @@ def test_engine_args_land_in_the_configmap() -> None:
     (["--worker-addr", "tcp://0.0.0.0:5555"], "--worker-addr"),
     (["--num-gpu-blocks=9"], "--num-gpu-blocks (from the sizing"),
     (["stray"], "unrecognized arguments: stray"),
+    (["--emulate-gpu", "t4"], "--emulate-gpu is a benchmark instrument"),
 ])
 def test_bad_or_operator_owned_engine_args_are_refused_naming_them(args: list, words: str) -> None:
     with pytest.raises(SpecError) as info:
