@@ -47,6 +47,8 @@ def configmap_name(name: str, data_hash: str) -> str:
 def model_path(spec: NeoServiceSpec) -> str:
     if spec.model.source == "dummy":
         return spec.model.geometry.name
+    if spec.model.hub is not None:
+        return spec.model.hub.model_dir
     return f"{c.MODEL_MOUNT}/{spec.model.path}"
 
 

@@ -17,6 +17,7 @@ from neo_common.procs import MULTICAST_OFF
 from neo_operator import constants as c
 from neo_operator.configmap import KEPT_CONFIGMAPS, configmap_name
 from neo_operator.labels import child_labels, selector_labels
+from neo_operator.model_source import download_init_container, model_volume
 from neo_operator.lifecycle import gateway_pre_stop, termination_grace_seconds, worker_pre_stop
 from neo_operator.sizing import SizingDecision
 from neo_operator.spec import NeoServiceSpec
@@ -50,7 +51,7 @@ def _container(name: str, image: str, command: str, spec: NeoServiceSpec, config
                resources: dict[str, Any], model: bool) -> dict[str, Any]:
     mounts = [{"name": "shm", "mountPath": c.SHM_PATH}, {"name": "runtime", "mountPath": c.RUNTIME_MOUNT},
               {"name": "tmp", "mountPath": c.TMP_MOUNT}, {"name": "cache", "mountPath": c.CACHE_MOUNT}]
-    if model and spec.model.source != "dummy":
+    if model and spec.model.source != "dummy":  # on the claim, or downloaded by the init container
         mounts.append({"name": "model", "mountPath": c.MODEL_MOUNT, "readOnly": True})
     return {
         "name": name,
@@ -88,6 +89,13 @@ def _model_check(spec: NeoServiceSpec) -> dict[str, Any]:
         "securityContext": copy.deepcopy(CONTAINER_SECURITY),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+
+
+def _init_container(spec: NeoServiceSpec) -> dict[str, Any]:
+    """Before the engine starts: download an hf:// model, or check that the volume holds the model."""
+    if spec.model.hub is not None:
+        return download_init_container(spec.model.hub, spec.images.gateway, spec.images.pull_policy)
+    return _model_check(spec)
 
 
 def _affinity(products: tuple[str, ...], override: dict[str, Any] | None) -> dict[str, Any]:
@@ -133,13 +141,15 @@ def build_pod_template(name: str, spec: NeoServiceSpec, decision: SizingDecision
         {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE}},
         {"name": "cache", "emptyDir": {"sizeLimit": CACHE_SIZE}},
     ]
-    if spec.model.source != "dummy":
+    if spec.model.hub is not None:
+        volumes.append(model_volume(spec.model.hub))
+    elif spec.model.on_volume:
         volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": spec.model.claim_name, "readOnly": True}})
 
     overrides = spec.pod_spec
     pod_spec: dict[str, Any] = {
         "containers": [gateway, *workers],
-        **({"initContainers": [_model_check(spec)]} if spec.model.source != "dummy" else {}),
+        **({"initContainers": [_init_container(spec)]} if spec.model.source != "dummy" else {}),
         "volumes": volumes,
         "automountServiceAccountToken": False,
         "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER,

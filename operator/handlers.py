@@ -67,7 +67,7 @@ def _reconcile(body: Mapping[str, Any], memo: kopf.Memo) -> None:
     upd = reconcile(kube, memo.config, body)
     kube.update_neoservice_status(meta["namespace"], meta["name"], lambda obj: upd.apply(obj.get("status") or {}))
     if upd.pending:
-        raise kopf.TemporaryError(upd.pending, delay=memo.config.retry_seconds)
+        raise kopf.TemporaryError(upd.pending, delay=upd.retry_after or memo.config.retry_seconds)
 
 
 @kopf.on.resume(c.GROUP, c.VERSION, c.PLURAL)

@@ -14,7 +14,10 @@ from typing import Any, Callable, Mapping
 import kopf
 from kubernetes.client.rest import ApiException
 
+from neo_common.geometry import ModelGeometry
+
 from neo_operator import constants as c
+from neo_operator import model_inspection as mi
 from neo_operator import status as st
 from neo_operator.configmap import build_configmap, config_hash, configmaps_to_prune
 from neo_operator.deployment import build_deployment
@@ -28,7 +31,7 @@ from neo_operator.opconfig import OperatorConfig
 from neo_operator.probes import ensure_probe_jobs, probe_failures
 from neo_operator.service import build_service, service_url
 from neo_operator.sizing import SizingError, SizingPending, size
-from neo_operator.spec import SpecError, parse_spec
+from neo_operator.spec import NeoServiceSpec, SpecError, check_context, parse_spec
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ class StatusUpdate:
     conditions: list[tuple[str, bool, str, str]] = dataclasses.field(default_factory=list)
     fields: dict[str, Any] = dataclasses.field(default_factory=dict)
     pending: str | None = None  # set when the pass must be retried later (waiting for a probe)
+    retry_after: float | None = None  # seconds until that retry (None: --retry-seconds)
 
     def cond(self, type_: str, ok: bool, reason: str, message: str) -> "StatusUpdate":
         self.conditions.append((type_, ok, reason, message))
@@ -78,12 +82,18 @@ def reconcile(kube: Kube, config: OperatorConfig, body: Mapping[str, Any],
         return upd.cond("SpecValid", False, exc.reason, str(exc))
     upd.cond("SpecValid", True, "Valid", "spec accepted")
 
-    if spec.model.source != "dummy" and kube.get_pvc(namespace, spec.model.claim_name) is None:
+    if spec.model.hub is not None:
+        resolved = _hub_model(kube, config, body, spec, upd, adopt or _kopf_adopt)
+        if resolved is None:
+            return upd
+        spec = resolved
+    elif spec.model.on_volume and kube.get_pvc(namespace, spec.model.claim_name) is None:
         return upd.cond("ModelAvailable", False, "ModelMissing",
                         f"PersistentVolumeClaim {spec.model.claim_name!r} not found in namespace {namespace}; create it "
                         f"with the model at {spec.model.path!r}, or fix spec.model.volume.claimName")
-    upd.cond("ModelAvailable", True, "Found", "dummy weights" if spec.model.source == "dummy"
-             else f"{spec.model.source} model on PersistentVolumeClaim {spec.model.claim_name}")
+    else:
+        upd.cond("ModelAvailable", True, "Found", "dummy weights" if spec.model.source == "dummy"
+                 else f"{spec.model.source} model on PersistentVolumeClaim {spec.model.claim_name}")
 
     selection = select_nodes(kube.list_nodes(), spec.gpu.products, spec.gpu.node_selector)
     nodes = selection.nodes
@@ -158,6 +168,70 @@ def reconcile(kube: Kube, config: OperatorConfig, body: Mapping[str, Any],
     upd.conditions += follow.conditions
     upd.fields.update(follow.fields)
     return upd
+
+
+def _hub_model(kube: Kube, config: OperatorConfig, body: Mapping[str, Any], spec: NeoServiceSpec, upd: StatusUpdate,
+               adopt: Callable[[list[dict[str, Any]], Mapping[str, Any]], None]) -> NeoServiceSpec | None:
+    """The spec with the hf:// model's commit and geometry, from ``status.model`` or the model-inspection
+    Job (created here when needed); None when the pass stops here (the Job runs, or it failed: the
+    condition in ``upd`` says which)."""
+    meta = body["metadata"]
+    hub = spec.model.hub
+    assert hub is not None
+    rec = mi.recorded(body.get("status"), hub)
+    job_name = mi.inspection_job_name(meta["name"], hub)
+    if rec is None:
+        job = kube.get_job(meta["namespace"], job_name)
+        state = mi.inspection_state(job, kube.list_pods(meta["namespace"], f"job-name={job_name}") if job else [])
+        if state.result is not None:
+            rec = mi.status_record(hub, state.result)
+        elif state.failure is not None and not state.failure.retrying:
+            wait = mi.retry_due(state.failure, config.retry_seconds)
+            if wait > 0:
+                upd.pending, upd.retry_after = "model inspection failed", wait
+                return _model_failed(upd, state.failure, hub, config)
+            kube.delete_job(meta["namespace"], job_name)
+            _start_inspection(kube, body, spec, state.failure.attempt + 1, state.failure, adopt)
+            upd.pending = "model inspection retried"
+            return _model_failed(upd, dataclasses.replace(state.failure, retrying=True), hub, config)
+        else:
+            if job is None:
+                _start_inspection(kube, body, spec, 1, None, adopt)
+            upd.pending = "waiting for the model inspection"
+            if state.failure is not None:  # a replacement runs; it carries why the last one failed
+                return _model_failed(upd, state.failure, hub, config)
+            upd.cond("ModelAvailable", False, "Inspecting", f"Job {job_name} is reading the config.json of "
+                     f"{hub.ref.uri} (its commit and geometry) before anything is sized")
+            return None
+    if kube.get_job(meta["namespace"], job_name) is not None:
+        kube.delete_job(meta["namespace"], job_name)
+    upd.fields["model"] = rec
+    geometry = spec.model.geometry or ModelGeometry.from_dict(rec["geometry"])
+    model = dataclasses.replace(spec.model, geometry=geometry,
+                                hub=dataclasses.replace(hub, resolved=rec["revision"]))
+    try:
+        check_context(model)
+    except SpecError as exc:
+        upd.cond("SpecValid", False, exc.reason, str(exc))
+        return None
+    upd.cond("ModelAvailable", True, "Found", f"{hub.ref.uri} is commit {rec['revision']} ({geometry.architecture}, "
+             f"{geometry.num_layers} layers); each pod downloads it into its model volume")
+    return dataclasses.replace(spec, model=model)
+
+
+def _model_failed(upd: StatusUpdate, failure: mi.InspectionFailure, hub: Any, config: OperatorConfig) -> None:
+    upd.cond("ModelAvailable", False, failure.reason, mi.describe(failure, hub, config.retry_seconds))
+    return None
+
+
+def _start_inspection(kube: Kube, body: Mapping[str, Any], spec: NeoServiceSpec, attempt: int,
+                      last: mi.InspectionFailure | None,
+                      adopt: Callable[[list[dict[str, Any]], Mapping[str, Any]], None]) -> None:
+    pull = list(spec.pod_spec.get("imagePullSecrets") or [])
+    job = mi.build_inspection_job(body["metadata"]["name"], body["metadata"]["namespace"], spec.model.hub,
+                                  spec.images.gateway, spec.images.pull_policy, pull, attempt, last)
+    adopt([job], body)
+    kube.create_job(job)
 
 
 def _prune_configmaps(kube: Kube, namespace: str, name: str, uid: str, current: str) -> None:

@@ -15,9 +15,12 @@ from typing import Any, Mapping
 from kubernetes.utils import parse_quantity
 
 from neo_common.geometry import GEOMETRIES, ModelGeometry
+from neo_common.model_source import geometry_from_hf_config
 from neo_common.procs import MULTICAST_OFF
 from neo_operator import constants as c
 from neo_operator.engineargs import EngineArgsError, parse_engine_args
+from neo_operator.model_fetch import HF_SCHEME, HubRef
+from neo_operator.model_source import HubSpec
 from neo_operator.networkpolicy import NetworkPolicySpec, PeerError, check_peers
 
 MODEL_SOURCES = ("dummy", "hf", "gguf")
@@ -28,6 +31,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 _SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 _PERCENT = re.compile(r"^[0-9]+%$")
+_ENDPOINT = re.compile(r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
 # variables the operator sets on every engine container (multicast off, the caches on the writable volume)
 OPERATOR_ENV = frozenset({*MULTICAST_OFF, *c.CACHE_ENV})
 DEFAULT_SHUTDOWN_GRACE_S = 30  # the engine's --shutdown-grace-s default
@@ -46,14 +50,24 @@ class SpecError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
+    """``spec.model``: ``source`` is the engine's load format (dummy, hf, gguf); ``hub`` is set for an
+    hf:// model (downloaded into the pod), else an hf/gguf model is on the PersistentVolumeClaim
+    ``claim_name``. ``geometry`` is None until the model-inspection Job read an hf:// model's config.json."""
+
     source: str
     name: str
-    geometry: ModelGeometry
+    geometry: ModelGeometry | None
     claim_name: str
     path: str
     served_name: str
     max_context: int
     dtype: str
+    hub: HubSpec | None = None
+
+    @property
+    def on_volume(self) -> bool:
+        """Whether the weights come from the PersistentVolumeClaim."""
+        return self.source != "dummy" and self.hub is None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,22 +164,81 @@ def _choice(field: str, value: Any, choices: tuple[str, ...]) -> str:
     return str(value)
 
 
-def _parse_model(raw: Mapping[str, Any]) -> ModelSpec:
-    source = _choice("model.source", raw.get("source", "dummy"), MODEL_SOURCES)
-    name = str(raw.get("name", ""))
+def _parse_geometry(raw: Mapping[str, Any], source: str, name: str, hub: HubSpec | None) -> ModelGeometry | None:
+    """The geometry to size with: ``model.config`` (the model's config.json fields, any supported
+    architecture), ``model.geometry`` (a built-in name), the dummy model's name, or (None) what the
+    model-inspection Job reads from an hf:// model's config.json."""
+    config = raw.get("config")
+    if config is not None:
+        if raw.get("geometry"):
+            raise SpecError("model.config", "give either spec.model.geometry (a built-in name) or spec.model.config "
+                            "(the model's config.json fields), not both")
+        if not isinstance(config, Mapping):
+            raise SpecError("model.config", "must be an object: the fields of the model's config.json")
+        try:
+            return geometry_from_hf_config(dict(config), name or "model")
+        except KeyError as exc:
+            raise SpecError("model.config", f"missing {exc.args[0]!r} (copy the model's config.json fields: "
+                            "architectures, hidden_size, num_hidden_layers, num_attention_heads, "
+                            "num_key_value_heads, intermediate_size, vocab_size, max_position_embeddings)") from None
+        except (ValueError, TypeError) as exc:
+            raise SpecError("model.config", str(exc)) from None
     geometry_name = str(raw.get("geometry", "") or (name if source == "dummy" else ""))
     if not geometry_name:
+        if hub is not None:
+            return None
         raise SpecError("model.geometry", f"a {source} model needs spec.model.geometry, one of "
-                        f"{', '.join(sorted(GEOMETRIES))}, so the operator can size the KV cache")
+                        f"{', '.join(sorted(GEOMETRIES))}, or spec.model.config (its config.json fields), so the "
+                        "operator can size the KV cache")
     if geometry_name not in GEOMETRIES:
         raise SpecError("model.geometry" if raw.get("geometry") else "model.name",
-                        f"unknown model geometry {geometry_name!r}; use one of {', '.join(sorted(GEOMETRIES))}",
+                        f"unknown model geometry {geometry_name!r}; use one of {', '.join(sorted(GEOMETRIES))}, or "
+                        "give the model's config.json fields as spec.model.config",
                         reason="UnknownModel")
-    geometry = GEOMETRIES[geometry_name]
+    return GEOMETRIES[geometry_name]
+
+
+def _parse_hub(source: str, raw: Any) -> HubSpec:
+    try:
+        ref = HubRef.parse(source)
+    except ValueError as exc:
+        raise SpecError("model.source", str(exc)) from None
+    if not isinstance(raw, Mapping):
+        raise SpecError("model.hub", "must be an object {tokenSecretRef, endpoint, cacheSize}")
+    token = _parse_secret_ref(raw.get("tokenSecretRef"), "model.hub.tokenSecretRef")
+    endpoint = str(raw.get("endpoint", "") or "")
+    if endpoint and not _ENDPOINT.match(endpoint):
+        raise SpecError("model.hub.endpoint", f"{endpoint!r} is not an http(s) URL (e.g. https://huggingface.co or "
+                        "a mirror)")
+    cache = raw.get("cacheSize", "")
+    if cache:
+        _quantity_bytes("model.hub.cacheSize", cache)
+    return HubSpec(ref=ref, token_secret=token.name if token else "", token_key=token.key if token else "token",
+                   endpoint=endpoint.rstrip("/"), cache_size=str(cache or ""))
+
+
+def check_context(model: ModelSpec) -> None:
+    """``maxContext`` within the geometry's positions (once the geometry is known)."""
+    g = model.geometry
+    if g is not None and model.max_context > g.max_position_embeddings:
+        raise SpecError("model.maxContext", f"{model.max_context} exceeds {g.name}'s "
+                        f"{g.max_position_embeddings} positions; lower it or set 0 for the model's own")
+
+
+def _parse_model(raw: Mapping[str, Any]) -> ModelSpec:
+    raw_source = raw.get("source", "dummy")
+    hub = _parse_hub(raw_source, raw.get("hub") or {}) if isinstance(raw_source, str) \
+        and raw_source.startswith(HF_SCHEME) else None
+    source = "hf" if hub is not None else _choice("model.source", raw_source, MODEL_SOURCES)
+    name = str(raw.get("name", ""))
+    geometry = _parse_geometry(raw, source, name or (hub.ref.repo_id if hub else ""), hub)
     volume = raw.get("volume") or {}
     claim = str(volume.get("claimName", ""))
     path = str(volume.get("path", ""))
-    if source != "dummy":
+    if hub is not None and (claim or path):
+        raise SpecError("model.volume", "an hf:// model is downloaded into the pod; remove spec.model.volume "
+                        "(or use source hf with the model on the volume)")
+    if source != "dummy" and hub is None:
         if not claim:
             raise SpecError("model.volume.claimName", f"a {source} model is read from a PersistentVolumeClaim; "
                             "set spec.model.volume.claimName")
@@ -174,15 +247,14 @@ def _parse_model(raw: Mapping[str, Any]) -> ModelSpec:
                             "(e.g. llama-3-8b or models/llama.gguf), without '..'")
         if source == "gguf" and not path.endswith(".gguf"):
             raise SpecError("model.volume.path", f"{path!r}: a gguf model is a file ending in .gguf")
-    max_context = _int("model.maxContext", raw.get("maxContext", 0), 0)
-    if max_context > geometry.max_position_embeddings:
-        raise SpecError("model.maxContext", f"{max_context} exceeds {geometry.name}'s "
-                        f"{geometry.max_position_embeddings} positions; lower it or set 0 for the model's own")
-    return ModelSpec(
-        source=source, name=name or geometry_name, geometry=geometry, claim_name=claim, path=path,
-        served_name=str(raw.get("servedName", "")), max_context=max_context,
-        dtype=_choice("model.dtype", raw.get("dtype", "auto"), DTYPES),
+    model = ModelSpec(
+        source=source, name=name or (hub.ref.repo_id if hub else geometry.name if geometry else ""),
+        geometry=geometry, claim_name=claim, path=path,
+        served_name=str(raw.get("servedName", "")), max_context=_int("model.maxContext", raw.get("maxContext", 0), 0),
+        dtype=_choice("model.dtype", raw.get("dtype", "auto"), DTYPES), hub=hub,
     )
+    check_context(model)
+    return model
 
 
 def _parse_gpu(raw: Mapping[str, Any]) -> GpuSpec:
@@ -225,16 +297,16 @@ def _parse_engine(raw: Mapping[str, Any]) -> EngineSpec:
     )
 
 
-def _parse_secret_ref(raw: Any) -> SecretKeyRef | None:
+def _parse_secret_ref(raw: Any, field: str = "apiKeySecretRef") -> SecretKeyRef | None:
     if raw is None:
         return None
     if not isinstance(raw, Mapping):
-        raise SpecError("apiKeySecretRef", "must be an object {name, key} naming a Secret in this namespace")
+        raise SpecError(field, "must be an object {name, key} naming a Secret in this namespace")
     name, key = raw.get("name", ""), raw.get("key", "")
     if not isinstance(name, str) or len(name) > 253 or not _SECRET_NAME.match(name):
-        raise SpecError("apiKeySecretRef.name", f"{name!r} is not a Secret name (lowercase DNS subdomain)")
+        raise SpecError(f"{field}.name", f"{name!r} is not a Secret name (lowercase DNS subdomain)")
     if not isinstance(key, str) or len(key) > 253 or not _SECRET_KEY.match(key):
-        raise SpecError("apiKeySecretRef.key", f"{key!r} is not a Secret key (letters, digits, '-', '_', '.')")
+        raise SpecError(f"{field}.key", f"{key!r} is not a Secret key (letters, digits, '-', '_', '.')")
     return SecretKeyRef(name=name, key=key)
 
 

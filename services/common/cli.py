@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe-bandwidth": ("neo_cpu_attention.membw:main", "measure host memory read bandwidth"),
     "profile": ("neo_gpu_worker.profiler:main", "measure the cost tables of this machine"),
     "operator": ("neo_operator.main:main", "run the Kubernetes operator"),
+    "fetch-model": ("neo_operator.model_fetch:main", "download an hf:// model (the operator's init container)"),
     "bench": ("neo_bench.serve:main", "online serving benchmark against an OpenAI-compatible server"),
 }
 

@@ -80,7 +80,14 @@ def test_schema_defaults_equal_the_parser_defaults() -> None:
 
 def test_schema_enums_equal_the_parser_choices() -> None:
     props = _version()["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
-    assert tuple(props["model"]["properties"]["source"]["enum"]) == MODEL_SOURCES
+    import re
+
+    source = re.compile(props["model"]["properties"]["source"]["pattern"])
+    assert [s for s in MODEL_SOURCES if source.match(s)] == list(MODEL_SOURCES)
+    for ok in ("hf://acme/qwen-mini", "hf://acme/qwen-mini@v1.2", "hf://a/b@refs/pr/1"):
+        assert source.match(ok), ok
+    for bad in ("safetensors", "hf://no-slash", "hf://a/b@bad rev", "hf://a/b/c", "HF"):
+        assert not source.match(bad), bad
     assert tuple(props["model"]["properties"]["dtype"]["enum"]) == DTYPES
     assert tuple(props["cpuOffload"]["properties"]["mode"]["enum"]) == OFFLOAD_MODES
     assert tuple(props["podTemplate"]["properties"]["spec"]["properties"]) == POD_OVERRIDE_FIELDS

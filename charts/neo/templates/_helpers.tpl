@@ -58,6 +58,13 @@ app.kubernetes.io/component: operator
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
   verbs: [get]
+# hf:// models: the model-inspection Job (config.json, before sizing) and its pod's termination message
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, create, delete]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list]
 - apiGroups: ["", events.k8s.io]
   resources: [events]
   verbs: [create]
