@@ -33,13 +33,11 @@ CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem
 
 
 def _resources(computed: dict[str, str], override: dict[str, Any], limits: dict[str, str] | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"requests": dict(computed)}
-    if limits:
-        out["limits"] = dict(limits)
-    for part in ("requests", "limits"):
-        if override.get(part):
-            out.setdefault(part, {}).update({k: str(v) for k, v in override[part].items()})
-    return out
+    """Requests, with limits equal to them (Guaranteed QoS: the static CPU manager pins a Guaranteed
+    pod's integer-CPU containers to whole cores), the user's ``spec.resources`` over both."""
+    requests = {**computed, **{k: str(v) for k, v in (override.get("requests") or {}).items()}}
+    return {"requests": requests,
+            "limits": {**requests, **(limits or {}), **{k: str(v) for k, v in (override.get("limits") or {}).items()}}}
 
 
 def _http_probe(path: str, period: int, failures: int) -> dict[str, Any]:
@@ -85,7 +83,7 @@ def _model_check(spec: NeoServiceSpec) -> dict[str, Any]:
         "command": ["/bin/sh", "-c", f'test {test} "$0" || {{ echo "$1" > /dev/termination-log; exit 1; }}',
                     path, message],
         "volumeMounts": [{"name": "model", "mountPath": c.MODEL_MOUNT, "readOnly": True}],
-        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}},
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"cpu": "10m", "memory": "16Mi"}},
         "securityContext": copy.deepcopy(CONTAINER_SECURITY),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }

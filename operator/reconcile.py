@@ -99,7 +99,7 @@ def reconcile(kube: Kube, config: OperatorConfig, body: Mapping[str, Any],
     nodes = selection.nodes
     probe_results = kube.probe_results(config.probe_namespace)
     try:
-        decision = size(spec, [node_facts(n, spec.gpu.resource_name, probe_results) for n in nodes])
+        decision = size(spec, [node_facts(n, spec.gpu.resource_name, probe_results) for n in nodes], config.node_reserve)
     except SizingPending as exc:
         ensure_probe_jobs(kube, config, [n for n in nodes if n["metadata"]["name"] in exc.nodes])
         upd.pending = str(exc)

@@ -11,6 +11,8 @@ import dataclasses
 import math
 from typing import Any, Sequence
 
+from neo_common.geometry import ModelGeometry
+from neo_common.segment import SegmentLayout
 from neo_common.tensor_parallel import Shard
 from neo_operator.constants import GPU_PRODUCT_LABEL
 from neo_operator.gpus import lookup_product
@@ -28,16 +30,47 @@ GPU_WORKER_MEMORY = 4 * GiB  # CUDA runtime and host staging; weights stream thr
 CPU_ATTENTION_MEMORY = 512 * MiB  # the process itself, besides the shared segment
 SHM_SLACK = 64 * MiB  # doorbells, alignment and other users of /dev/shm
 OFFLOAD_MIN_GAIN = 0.05  # offload only when it is predicted to add at least 5% decode throughput
-# CPUs of a node's allocatable a replica leaves to others: the DaemonSets every GPU node runs (kube-proxy,
+# What a replica leaves of a node's allocatable to others: the DaemonSets every GPU node runs (kube-proxy,
 # the CNI agent, the NVIDIA device plugin / GPU Feature Discovery / DCGM exporter, a log and a metrics
-# agent) request about 0.5-1 CPU together; the kubelet and the OS are already outside allocatable.
-# At least one CPU, and 5% on large nodes, which run more agents.
+# agent) request about 0.5-1 CPU and 0.5-1.5 GiB together; the kubelet and the OS are already outside
+# allocatable. At least one CPU and 1.5 GiB, and 5% on large nodes, which run more agents. The
+# operator's --node-cpu-reserve / --node-memory-reserve-gib / --node-reserve-fraction change them.
 NODE_CPU_RESERVE_MIN = 1.0
-NODE_CPU_RESERVE_FRACTION = 0.05
+NODE_MEMORY_RESERVE_MIN = 3 * GiB // 2
+NODE_RESERVE_FRACTION = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeReserve:
+    """The part of a node's allocatable a replica never requests: ``max(min, fraction * allocatable)``
+    of CPUs and of memory bytes."""
+
+    cpu_min: float = NODE_CPU_RESERVE_MIN
+    memory_min: int = NODE_MEMORY_RESERVE_MIN
+    fraction: float = NODE_RESERVE_FRACTION
+
+    def cpus(self, node_cpus: float) -> float:
+        return max(self.cpu_min, self.fraction * node_cpus)
+
+    def memory(self, node_bytes: int) -> int:
+        return int(max(self.memory_min, self.fraction * node_bytes))
+
+
+DEFAULT_RESERVE = NodeReserve()
 
 
 def node_cpu_reserve(node_cpus: float) -> float:
-    return max(NODE_CPU_RESERVE_MIN, NODE_CPU_RESERVE_FRACTION * node_cpus)
+    return DEFAULT_RESERVE.cpus(node_cpus)
+
+
+def shm_layouts(g: ModelGeometry, tp: int, cpu_blocks: int, block_size: int, max_rows: int,
+                kv_dtype: str) -> list[SegmentLayout]:
+    """The shared-memory segments of one replica, as the GPU worker creates them: one per tensor-parallel
+    rank (its shard's heads; every rank holds all CPU blocks of its heads), none without offloading."""
+    if not cpu_blocks:
+        return []
+    return [SegmentLayout.for_model(Shard.of(g, r, tp).local_geometry(g), cpu_blocks, block_size, max_rows, kv_dtype)
+            for r in range(tp)]
 
 
 class SizingError(Exception):
@@ -142,8 +175,9 @@ def _check_nodes(spec: NeoServiceSpec, nodes: Sequence[NodeFacts]) -> list[NodeF
     return enough
 
 
-def size(spec: NeoServiceSpec, nodes: Sequence[NodeFacts]) -> SizingDecision:
-    """Decide pool sizes and requests for one replica; raises SizingError or SizingPending."""
+def size(spec: NeoServiceSpec, nodes: Sequence[NodeFacts], reserve: NodeReserve = DEFAULT_RESERVE) -> SizingDecision:
+    """Decide pool sizes and requests (equal to limits: Guaranteed QoS) for one replica; raises
+    SizingError or SizingPending."""
     nodes = _check_nodes(spec, nodes)
     mode = spec.offload.mode
     # Nodes whose bandwidth probe has not finished (or failed): with no node measured, "auto" cannot
@@ -160,6 +194,8 @@ def size(spec: NeoServiceSpec, nodes: Sequence[NodeFacts]) -> SizingDecision:
     count = spec.gpu.count
     gpu_mem_mib = min(n.gpu_memory_mib or 0 for n in nodes)
     hbm = spec.gpu.hbm_gbps or min(lookup_product(n.gpu_product).hbm_gbps for n in nodes)  # type: ignore[union-attr]
+    products = [lookup_product(n.gpu_product) for n in nodes]
+    tflops = min((p.tensor_tflops for p in products if p is not None), default=None)
     host_gbps = min((n.read_gbps for n in nodes if n.read_gbps is not None), default=None)
     node_cpus = min(n.cpus for n in nodes)
     node_mem = min(n.memory_bytes for n in nodes)
@@ -191,7 +227,7 @@ def size(spec: NeoServiceSpec, nodes: Sequence[NodeFacts]) -> SizingDecision:
     gpu_blocks = gpu_kv // rank_block_bytes
 
     # -- CPU-attention threads and bandwidth ------------------------------------------------------
-    usable_cpus = node_cpus - node_cpu_reserve(node_cpus)  # what a replica may request at most
+    usable_cpus = node_cpus - reserve.cpus(node_cpus)  # what a replica may request at most
     host_share = usable_cpus * count / max(gpus_per_node, 1)  # the host cores that come with our GPUs
     if spec.offload.cores:
         threads = spec.offload.cores
@@ -217,7 +253,11 @@ def size(spec: NeoServiceSpec, nodes: Sequence[NodeFacts]) -> SizingDecision:
         offload, reason = True, f"cpuOffload.mode is {mode}"
     else:
         assert cpu_gbps is not None
-        t_linear = weights / (hbm * 1e9)  # dense part of a decode iteration: each GPU reads its weights once
+        # dense part of a decode iteration, the roofline: each GPU reads its weights once and does 2 FLOPs
+        # per weight and sequence (memory-bound at decode batches, unless the tensor rate is low)
+        t_linear = weights / (hbm * 1e9)
+        if tflops:
+            t_linear = max(t_linear, 2 * rank.num_parameters() * gpu_batch / (tflops * 1e12))
         cpu_tokens = t_linear * cpu_gbps * 1e9 / g.kv_bytes_per_token(dt)  # CPU attention hidden behind it
         cpu_batch = max(0.0, min(eng.max_num_seqs - gpu_batch, cpu_tokens / avg_ctx,
                                  requested_cpu_blocks * eng.block_size / avg_ctx))
@@ -231,27 +271,34 @@ def size(spec: NeoServiceSpec, nodes: Sequence[NodeFacts]) -> SizingDecision:
     cpu_blocks = requested_cpu_blocks if offload else 0
 
     # -- shared memory and requests ---------------------------------------------------------------
-    # q, k, v in and o out for one layer, two sub-batches, fp32 staging
-    staging = 2 * eng.max_num_seqs * (2 * g.num_heads + 2 * g.num_kv_heads) * g.head_dim * 4
-    shm = cpu_blocks * block_bytes + staging + SHM_SLACK
+    # The segments the GPU worker creates (neo_common.segment: the one layout formula), 16-bit KV
+    kv_dtype = "float16" if spec.model.dtype == "float16" else "bfloat16"
+    layouts = shm_layouts(g, count, cpu_blocks, eng.block_size, eng.max_num_seqs, kv_dtype)
+    shm = sum(layout.total_bytes for layout in layouts) + SHM_SLACK
     shm = -(-shm // MiB) * MiB
     att_threads = threads if offload else 1
     pod_memory = GATEWAY_MEMORY + GPU_WORKER_MEMORY * count + CPU_ATTENTION_MEMORY * count + shm
-    if pod_memory > node_mem:
-        fits = max(0, node_mem - (pod_memory - cpu_blocks * block_bytes))
+    usable_memory = node_mem - reserve.memory(node_mem)
+    if pod_memory > usable_memory:
+        fits = max(0, usable_memory - (pod_memory - cpu_blocks * block_bytes))
         raise SizingError("KvMemoryExceedsNode", f"one replica needs {_gib(pod_memory)} of host memory ({_gib(shm)} of "
                           f"/dev/shm for {cpu_blocks} CPU KV blocks) but the smallest matching node has {_gib(node_mem)} "
-                          f"allocatable; lower spec.cpuOffload.kvMemory to at most {_gib(fits)}")
+                          f"allocatable, of which {_gib(reserve.memory(node_mem))} stay free for DaemonSets and system "
+                          f"pods; lower spec.cpuOffload.kvMemory to at most {_gib(fits)}")
     pod_cpus = GATEWAY_CPU + GPU_WORKER_CPU * count + att_threads
     if pod_cpus > usable_cpus:
         raise SizingError("CpuExceedsNode", f"one replica needs {pod_cpus} CPUs ({att_threads} for CPU attention) but the "
                           f"smallest matching node has {node_cpus:g} allocatable, of which "
-                          f"{node_cpu_reserve(node_cpus):g} stay free for DaemonSets and system pods; "
+                          f"{reserve.cpus(node_cpus):g} stay free for DaemonSets and system pods; "
                           "lower spec.cpuOffload.cores")
+    # Integer CPUs, and limits equal to these requests (deployment.py): a Guaranteed pod whose containers
+    # the static CPU manager pins to whole cores. The /dev/shm pages count in the gpu-worker's memory: it
+    # creates the segment and pins it for CUDA (cudaHostRegister faults every page in), so its cgroup is
+    # charged for them; the cpu-attention process maps pages already resident.
     requests = {
         "gateway": {"cpu": str(GATEWAY_CPU), "memory": f"{GATEWAY_MEMORY // MiB}Mi"},
-        "gpuWorker": {"cpu": str(GPU_WORKER_CPU * count), "memory": f"{GPU_WORKER_MEMORY * count // MiB}Mi"},
-        "cpuAttention": {"cpu": str(att_threads), "memory": f"{(CPU_ATTENTION_MEMORY * count + shm) // MiB}Mi"},
+        "gpuWorker": {"cpu": str(GPU_WORKER_CPU * count), "memory": f"{(GPU_WORKER_MEMORY * count + shm) // MiB}Mi"},
+        "cpuAttention": {"cpu": str(att_threads), "memory": f"{CPU_ATTENTION_MEMORY * count // MiB}Mi"},
     }
     return SizingDecision(
         nodes=tuple(n.name for n in nodes),

@@ -71,7 +71,7 @@ def test_gpu_count_maps_to_tensor_parallelism() -> None:
     assert cfg.device.cpu_threads == d.cpu_attention_threads
     pod = build_deployment("svc", spec, d, "h")["spec"]["template"]["spec"]
     containers = {ct["name"]: ct for ct in pod["containers"]}
-    assert containers["gpu-worker"]["resources"]["limits"] == {"nvidia.com/gpu": "2"}
+    assert containers["gpu-worker"]["resources"]["limits"] == {**d.requests["gpuWorker"], "nvidia.com/gpu": "2"}
     assert containers["gpu-worker"]["resources"]["requests"] == d.requests["gpuWorker"]
 
 
@@ -134,9 +134,14 @@ def test_deployment_one_pod_three_containers_shared_shm(decided) -> None:
     assert gw["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
     assert gw["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert gw["livenessProbe"]["httpGet"]["path"] == "/health"
-    assert containers["gpu-worker"]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
-    assert containers["cpu-attention"]["resources"]["requests"] == d.requests["cpuAttention"]
-    assert "limits" not in containers["cpu-attention"]["resources"]
+    # limits equal to requests, integer CPUs: a Guaranteed pod the static CPU manager can pin
+    assert containers["gpu-worker"]["resources"]["limits"] == {**d.requests["gpuWorker"], "nvidia.com/gpu": "1"}
+    assert containers["cpu-attention"]["resources"] == {"requests": d.requests["cpuAttention"],
+                                                        "limits": d.requests["cpuAttention"]}
+    for ct in pod["containers"]:
+        res = ct["resources"]
+        assert {k: res["limits"][k] for k in ("cpu", "memory")} == res["requests"], ct["name"]
+        assert res["requests"]["cpu"].isdigit(), ct["name"]
     terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     assert terms == [{"matchExpressions": [{"key": c.GPU_PRODUCT_LABEL, "operator": "In", "values": ["NVIDIA-A10G"]}]}]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
@@ -172,8 +177,10 @@ def test_deployment_overrides_merge_without_losing_the_gpu_constraint() -> None:
     assert pod["priorityClassName"] == "high"
     assert {"key": "dedicated", "operator": "Exists"} in pod["tolerations"]
     containers = {ct["name"]: ct for ct in pod["containers"]}
-    assert containers["gpu-worker"]["resources"]["limits"] == {"nvidia.com/mig-3g.40gb": "2", "memory": "64Gi"}
+    assert containers["gpu-worker"]["resources"]["limits"] == {"nvidia.com/mig-3g.40gb": "2", "memory": "64Gi",
+                                                               "cpu": "4"}
     assert containers["gateway"]["resources"]["requests"]["cpu"] == "2"
+    assert containers["gateway"]["resources"]["limits"]["cpu"] == "2", "a raised request raises the limit with it"
     model_vol = next(v for v in pod["volumes"] if v["name"] == "model")
     assert model_vol["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
     assert {"name": "model", "mountPath": "/models", "readOnly": True} in containers["gpu-worker"]["volumeMounts"]

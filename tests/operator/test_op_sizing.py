@@ -7,6 +7,8 @@ import math
 import pytest
 
 from neo_common.geometry import GEOMETRIES
+from neo_common.segment import SegmentLayout
+from neo_common.tensor_parallel import Shard
 from neo_operator import sizing
 from neo_operator.gpus import GPU_PRODUCTS
 from neo_operator.sizing import GiB, MiB, SizingError, SizingPending, size
@@ -35,13 +37,18 @@ def test_cpu_blocks_shm_and_requests() -> None:
     d = size(make_spec(cpuOffload={"mode": "throughput", "kvMemory": "16Gi"}), [make_node()])
     assert d.offload and d.offload_mode == "throughput" and d.cpu_kv_blocks > 0, "the user's choice, no bandwidth test"
     assert d.cpu_kv_blocks == 16 * GiB // d.kv_bytes_per_block == 8192
-    staging = 2 * 256 * (2 * 32 + 2 * 8) * 128 * 4
-    assert d.shm_bytes == math.ceil((16 * GiB + staging + 64 * MiB) / MiB) * MiB
+    # the segment the GPU worker creates (neo_common.segment), plus the slack: header page, the K and V
+    # pools, two staging slots of q, k, v, o rows at bf16, each region 4 KiB aligned
+    layout = SegmentLayout.for_model(GEOMETRIES["llama-3-8b"], 8192, 16, 256, "bfloat16")
+    slot = 2 * 256 * (2 * 32 + 2 * 8) * 128
+    assert layout.total_bytes == 4096 + 16 * GiB + 2 * slot
+    assert d.shm_bytes == math.ceil((layout.total_bytes + 64 * MiB) / MiB) * MiB
     assert d.shm_quantity == f"{d.shm_bytes // MiB}Mi"
     # one GPU of one: the whole host less the node reserve (max(1, 5%) = 1.6), gateway (1) and gpu-worker (2)
     assert d.cpu_attention_threads == int(32 - 1.6) - 3 == 27
-    assert d.requests["cpuAttention"] == {"cpu": "27", "memory": f"{(512 * MiB + d.shm_bytes) // MiB}Mi"}
-    assert d.requests["gpuWorker"]["cpu"] == "2"
+    # the segment's pages are the gpu-worker's (it creates and pins them)
+    assert d.requests["cpuAttention"] == {"cpu": "27", "memory": "512Mi"}
+    assert d.requests["gpuWorker"] == {"cpu": "2", "memory": f"{(4 * GiB + d.shm_bytes) // MiB}Mi"}
 
 
 def test_threads_are_the_host_share_of_our_gpus_and_scale_bandwidth() -> None:
@@ -93,6 +100,7 @@ DECISIONS = [
     ("NVIDIA-A10G", 1, "llama-3-8b", 0, 12.0, 8, False),
     ("NVIDIA-A10G", 1, "llama-3-8b", 0, 60.0, 32, True),
     ("NVIDIA-L4", 1, "llama-3-8b", 0, 60.0, 32, True),
+    ("NVIDIA-L40S", 1, "llama-3-8b", 0, 60.0, 32, False),
     ("NVIDIA-A100-SXM4-80GB", 1, "llama-3-8b", 0, 100.0, 32, False),
     ("NVIDIA-H100-80GB-HBM3", 1, "llama-3-8b", 0, 103.0, 16, False),
     ("NVIDIA-H200", 1, "llama-3-8b", 0, 103.0, 16, False),
@@ -206,7 +214,12 @@ def test_gpu_count_is_tensor_parallelism_sized_per_gpu() -> None:
     assert d.gpu_kv_blocks == (int(0.9 * 81559 * MiB) - weights - workspace) // rank_block
     assert d.kv_bytes_per_block == 2 * rank_block, "the CPU pool holds both ranks' heads"
     assert d.cpu_attention_threads == int(64 - 0.05 * 64) - 1 - 2 * 2
-    assert d.requests["gpuWorker"] == {"cpu": "4", "memory": f"{8 * GiB // MiB}Mi"}
+    assert d.requests["gpuWorker"] == {"cpu": "4", "memory": f"{(8 * GiB + d.shm_bytes) // MiB}Mi"}
+    # one segment per rank, each with its 4 of the 8 KV heads (and 32 of the 64 query heads)
+    ranks = [SegmentLayout.for_model(Shard.of(g, r, 2).local_geometry(g), d.cpu_kv_blocks, 16, 256, "bfloat16")
+             for r in range(2)]
+    assert [r.num_kv_heads for r in ranks] == [4, 4]
+    assert d.shm_bytes == -(-(sum(r.total_bytes for r in ranks) + 64 * MiB) // MiB) * MiB
 
 
 def test_gpu_count_beyond_the_kv_heads_is_refused() -> None:
@@ -215,3 +228,54 @@ def test_gpu_count_beyond_the_kv_heads_is_refused() -> None:
         size(spec, [make_node(product="NVIDIA-H100-80GB-HBM3", memory_mib=81559, gpus=16, cpus=128)])
     assert err.value.reason == "TensorParallelUnsupported"
     assert "spec.gpu.count 16" in err.value.message and "at most 8" in err.value.message
+
+
+def test_the_node_reserve_is_configurable() -> None:
+    """--node-cpu-reserve / --node-memory-reserve-gib / --node-reserve-fraction: what a replica leaves free."""
+    from neo_operator.opconfig import OperatorConfig
+
+    assert sizing.DEFAULT_RESERVE == OperatorConfig.from_args([]).node_reserve
+    spec = make_spec(cpuOffload={"mode": "full", "kvMemory": "16Gi"})
+    assert size(spec, [make_node(cpus=32)]).cpu_attention_threads == 27
+    reserve = OperatorConfig.from_args(["--node-cpu-reserve", "4", "--node-memory-reserve-gib", "110"]).node_reserve
+    assert reserve == sizing.NodeReserve(cpu_min=4.0, memory_min=110 * GiB, fraction=0.05)
+    with pytest.raises(SizingError) as info:
+        size(spec, [make_node(cpus=32, host_gib=128)], reserve)
+    assert info.value.reason == "KvMemoryExceedsNode" and "110.0Gi stay free" in info.value.message
+    d = size(spec, [make_node(cpus=32)], sizing.NodeReserve(cpu_min=4.0))
+    assert d.cpu_attention_threads == 32 - 4 - 3
+    # the default leaves 1.5 GiB (5% on large nodes): a replica filling a 24 GiB node to the byte does not fit
+    assert sizing.DEFAULT_RESERVE.memory(24 * GiB) == 1.5 * GiB and sizing.DEFAULT_RESERVE.memory(512 * GiB) == int(25.6 * GiB)
+    with pytest.raises(Exception):
+        OperatorConfig.from_args(["--node-reserve-fraction", "1.5"])
+
+
+def test_gpu_table_has_the_datasheet_numbers_of_the_cards_the_benchmarks_emulate() -> None:
+    """T4, A10G, L4 and L40S: memory, bandwidth, dense 16-bit tensor rate and PCIe rate, the same
+    numbers as the benchmarks' emulation presets."""
+    from neo_common.gpu_presets import GPU_PRESETS
+
+    for preset in GPU_PRESETS.values():
+        p = GPU_PRODUCTS[preset.product]
+        assert (p.hbm_gbps, p.tensor_tflops, p.pcie_gbps) == (preset.bandwidth_gbs, preset.tensor_tflops, preset.pcie_gbs)
+        assert 0.9 < p.memory_mib / 1024 / preset.memory_gib <= 1.0, p  # GB on the box, GFD's usable MiB
+    assert (GPU_PRODUCTS["Tesla-T4"].tensor_tflops, GPU_PRODUCTS["NVIDIA-L40S"].hbm_gbps) == (65.0, 864.0)
+    for p in GPU_PRODUCTS.values():
+        assert p.memory_mib > 0 and p.hbm_gbps > 0 and p.tensor_tflops > 0 and p.pcie_gbps >= 16, p
+
+
+def test_a_low_tensor_rate_makes_the_dense_step_compute_bound() -> None:
+    """The dense time is the roofline: on a T4 (65 TFLOPS) a large GPU batch is compute-bound, so
+    the CPU has more time to hide attention behind it than weights / bandwidth alone would give."""
+    spec = make_spec(model={"name": "smollm2-135m", "maxContext": 2048}, cpuOffload={"kvMemory": "8Gi"},
+                     engine={"maxNumSeqs": 4096})
+    node = make_node(product="Tesla-T4", memory_mib=15360, cpus=16, gbps=40.0, threads=16)
+    with_rate = size(spec, [node]).predicted_gain
+    saved = GPU_PRODUCTS["Tesla-T4"]
+    try:
+        import dataclasses
+        GPU_PRODUCTS["Tesla-T4"] = dataclasses.replace(saved, tensor_tflops=1e6)
+        without = size(spec, [node]).predicted_gain
+    finally:
+        GPU_PRODUCTS["Tesla-T4"] = saved
+    assert with_rate > without
