@@ -259,7 +259,8 @@ def test_neoservice_creates_adopted_children_with_computed_sizes(apis: dict) -> 
     assert shm.empty_dir.medium == "Memory" and shm.empty_dir.size_limit == decision.shm_quantity
     cpu_att = pod.containers[2]
     assert cpu_att.resources.requests == decision.requests["cpuAttention"]
-    assert pod.containers[1].resources.limits == {"nvidia.com/gpu": "1"}
+    assert pod.containers[1].resources.limits == {**decision.requests["gpuWorker"], "nvidia.com/gpu": "1"}
+    assert cpu_att.resources.limits == decision.requests["cpuAttention"], "limits = requests: Guaranteed QoS"
     assert svc.spec.selector == dep.spec.selector.match_labels
     assert policy.spec.pod_selector.match_labels == dep.spec.selector.match_labels
 
