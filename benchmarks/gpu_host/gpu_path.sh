@@ -42,8 +42,8 @@ overhead() {  # $1 label, $2... extra serve flags
   # The full-batch window starts once all 256 requests are admitted and none waits.
   for _ in $(seq 600); do
     curl -s localhost:8000/metrics > "$OUT/metrics_full_$label.txt"
-    grep -q '^neo:num_requests_running{.*} 256' "$OUT/metrics_full_$label.txt" \
-      && grep -q '^neo:num_requests_waiting{.*} 0' "$OUT/metrics_full_$label.txt" && break
+    grep -q '^vllm:num_requests_running{.*} 256' "$OUT/metrics_full_$label.txt" \
+      && grep -q '^vllm:num_requests_waiting{.*} 0' "$OUT/metrics_full_$label.txt" && break
     sleep 0.05
   done
   wait $bench; grep -v "it/s" "$OUT/bench_$label.txt" | tail -2 | tee -a "$OUT/overhead.txt"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import os
 from typing import Sequence
 
@@ -38,10 +39,16 @@ class ModelConfig(Settings):
     quantization: str = option("none", "dense-layer weights: none (as loaded) or fp8 (float8_e4m3fn with "
                                        "per-output-channel scales, quantized at load; FP8 checkpoints are "
                                        "served as FP8 either way)", choices=("none", "fp8"))
+    chat_template: str = option("", "chat template: a .jinja file (or a .json with `chat_template`), or the "
+                                    "template itself (default: the tokenizer's chat_template.jinja, "
+                                    "tokenizer_config.json or GGUF metadata)")
 
     def validate(self) -> None:
         if not self.model:
             raise ConfigError("--model must not be empty")
+        if self.chat_template and not os.path.isfile(self.chat_template) and not (
+                "{{" in self.chat_template or "{%" in self.chat_template):
+            raise ConfigError(f"--chat-template {self.chat_template!r}: no such file (nor a Jinja template)")
         if self.max_model_len < 0:
             raise ConfigError("--max-model-len must be >= 0")
 
@@ -213,6 +220,12 @@ class HttpConfig(Settings):
     shutdown_grace_s: float = option(30.0, "after SIGTERM, in-flight requests get this long to finish (new "
                                            "ones get 503) before the processes stop")
     log_level: str = option("info", "logging level", choices=("debug", "info", "warning", "error"))
+    allowed_origins: str = option("", "CORS: origins browsers may call from (a JSON list or comma-separated; "
+                                      "`*` for any; empty: no CORS headers, where vLLM allows any)")
+    allowed_methods: str = option("*", "CORS: allowed methods (a JSON list or comma-separated)")
+    allowed_headers: str = option("*", "CORS: allowed request headers (a JSON list or comma-separated)")
+    allow_credentials: bool = option(False, "CORS: allow credentials (cookies, Authorization) in cross-origin "
+                                            "requests")
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -228,11 +241,45 @@ class HttpConfig(Settings):
             raise ConfigError("--shutdown-grace-s must be >= 0")
         if self.api_key and not self.api_keys:
             raise ConfigError("--api-key holds no key (only commas and spaces)")
+        for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
+            try:
+                _text_list(getattr(self, name))
+            except ValueError as exc:
+                raise ConfigError(f"--{name.replace('_', '-')}: {exc}") from None
+        if self.allow_credentials and "*" in self.cors_origins:
+            raise ConfigError("--allow-credentials needs explicit --allowed-origins (browsers refuse credentials "
+                              "with the origin `*`)")
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return _text_list(self.allowed_origins)
+
+    @property
+    def cors_methods(self) -> list[str]:
+        return _text_list(self.allowed_methods)
+
+    @property
+    def cors_headers(self) -> list[str]:
+        return _text_list(self.allowed_headers)
 
     @property
     def api_keys(self) -> tuple[str, ...]:
         """The accepted keys (``--api-key`` split on commas, blanks dropped)."""
         return tuple(k.strip() for k in self.api_key.split(",") if k.strip())
+
+
+def _text_list(text: str) -> list[str]:
+    """A list flag as vLLM writes it (a JSON list of strings) or comma-separated."""
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a JSON list: {exc}") from None
+        if not all(isinstance(i, str) for i in items):
+            raise ValueError("a JSON list of strings is expected")
+        return items
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig, IpcConfig, HttpConfig)

@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -21,6 +20,7 @@ from neo_gateway.engine import Engine, EngineOverloaded, EngineUnavailable, Requ
 from neo_gateway.auth import ApiKeyAuth
 from neo_gateway.choices import Choice, ChoiceStreams, choices_of
 from neo_gateway.errors import APIError, install_handlers
+from neo_gateway.extra_routes import base_request_id, install_extra_routes
 from neo_gateway.http_limits import BodyGuard, RejectionCounter
 from neo_gateway.json_route import FastJsonRoute
 from neo_gateway.metrics import GatewayMetrics
@@ -68,7 +68,8 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
     if http.api_keys:
         app.add_middleware(ApiKeyAuth, keys=http.api_keys, protect_metrics=http.protect_metrics)
     app.add_middleware(RejectionCounter, observe=metrics.observe_rejected)
-    prompts = PromptEncoder(engine.tokenizer)
+    prompts = PromptEncoder.for_model(engine.tokenizer, engine.config.model)
+    install_extra_routes(app, engine, prompts, served_name)  # /tokenize, /detokenize, /version, X-Request-Id, CORS
 
     def close(stream: RequestStream) -> None:
         """End a request's stream; one the client left before its end is counted as aborted."""
@@ -249,7 +250,7 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
                        if isinstance(p, str) else list(p) for p in batch]
         planned = [(ids, plan_request(ids, lambda _room: body.sampling_params(16), "prompt"))  # OpenAI's default
                    for ids in prompts_ids]
-        rid, now = f"cmpl-{body.request_id or uuid.uuid4().hex}", int(time.time())
+        rid, now = f"cmpl-{base_request_id(request, body.request_id)}", int(time.time())
         choices = await start(rid, choices_of(planned, body.n))
         prompt_tokens = sum(len(ids) for ids in prompts_ids)
 
@@ -272,16 +273,20 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
         check_ready()
         try:
             messages = [m.render() for m in body.messages]
-            text = await prompts.render_chat(messages, body.add_generation_prompt)
+            text = await prompts.render_chat(messages, body.add_generation_prompt,
+                                             continue_final_message=body.continue_final_message,
+                                             documents=body.documents, chat_template_kwargs=body.chat_template_kwargs)
         except ParamError as exc:
             raise APIError(400, str(exc), exc.param) from None
+        except APIError:
+            raise
         except Exception as exc:  # template errors are the request's fault (e.g. role order)
             raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from None
         prompt_ids = await prompts.encode(text, engine.max_model_len, "messages", body.add_special_tokens)
         if body.max_completion_tokens is not None and body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
         params = plan_request(prompt_ids, body.sampling_params, "messages")
-        rid, now = f"chatcmpl-{body.request_id or uuid.uuid4().hex}", int(time.time())
+        rid, now = f"chatcmpl-{base_request_id(request, body.request_id)}", int(time.time())
         choices = await start(rid, choices_of([(prompt_ids, params)], body.n))
 
         def chunk(index: int, out: RequestOutput | None) -> dict:

@@ -135,10 +135,8 @@ _REFUSED: dict[str, Refusal] = {
     "web_search_options": Refusal("web search is not available"),
     "store": Refusal("nothing is stored: there is no stored-completions API", (False,)),
     "service_tier": Refusal("there is one service tier", ("auto", "default")),
-    "continue_final_message": Refusal("continue_final_message is not implemented yet", (False,)),
-    "documents": Refusal("documents for retrieval-augmented templates are not implemented yet"),
-    "chat_template": Refusal("per-request chat templates are not accepted; the model's template is used"),
-    "chat_template_kwargs": Refusal("chat_template_kwargs are not implemented yet"),
+    "chat_template": Refusal("per-request chat templates are not accepted; the model's template (or "
+                              "the server's --chat-template) is used"),
     "mm_processor_kwargs": Refusal("multimodal input is not supported (text models only)"),
     "include_obfuscation": Refusal("stream obfuscation is not implemented", (False,)),
     "continuous_usage_stats": Refusal("usage is sent in the final chunk only (include_usage)", (False,)),
@@ -190,12 +188,20 @@ _HONOURED_NOTES: dict[str, str] = {
     "add_special_tokens": "completions default true, chat false (the template adds them)",
     "name": "passed to the chat template with the message",
     "messages": "text content parts; roles system, developer, user, assistant, tool",
+    "add_generation_prompt": "as transformers' `apply_chat_template` (the model's Hugging Face chat template, "
+                             "or `--chat-template`)",
+    "continue_final_message": "the last message is left open for the model to continue (not with "
+                              "`add_generation_prompt`)",
+    "documents": "passed to the chat template as `documents`",
+    "chat_template_kwargs": "extra chat-template variables; may also set `add_generation_prompt`, "
+                            "`continue_final_message`, `tools`, `documents`",
 }
 _HONOURED = ("model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
              "top_k", "seed", "stop", "stop_token_ids", "ignore_eos", "stream", "stream_options", "include_usage",
              "add_generation_prompt", "add_special_tokens", "request_id", "role", "content", "name", "n",
              "min_tokens", "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
-             "min_p", "logit_bias", "presence_penalty", "frequency_penalty", "repetition_penalty")
+             "min_p", "logit_bias", "presence_penalty", "frequency_penalty", "repetition_penalty",
+             "continue_final_message", "documents", "chat_template_kwargs")
 
 
 def refusals(endpoint: Endpoint) -> dict[str, Refusal]:

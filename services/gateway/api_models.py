@@ -209,10 +209,10 @@ class ChatCompletionRequest(_GenerationRequest):
     web_search_options: _Refused = None
     # vLLM's chat extras
     echo: _Refused = None
-    continue_final_message: _Refused = None
-    documents: _Refused = None
+    continue_final_message: StrictBool = False
+    documents: Optional[list[dict[str, Any]]] = None
     chat_template: _Refused = None
-    chat_template_kwargs: _Refused = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
     mm_processor_kwargs: _Refused = None
     structural_tag: _Refused = None
     include_reasoning: Optional[StrictBool] = None

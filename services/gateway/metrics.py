@@ -1,11 +1,11 @@
-"""Prometheus metrics of the gateway, with vLLM-compatible names under the ``neo:`` prefix.
+"""Prometheus metrics of the gateway: vLLM's series under their ``vllm:`` names (vllm_metrics), and
+NEO's own under ``neo:``.
 
-Scheduler state (running/waiting requests, KV usage of both pools, requests per pool, swaps) is read
-at scrape time by a collector, so the iteration loop pays nothing for gauges; per-request counters
-and histograms are updated once per request at its end, per-iteration ones once per iteration (the
-offload plan chosen, its predicted vs measured forward time, the wait on CPU attention). Requests
-that never ran are counted by why they were refused; frames the worker links dropped, by link and
-reason (read from the links at scrape time).
+Scheduler state (KV blocks of both pools, requests per pool, swaps) is read at scrape time by a
+collector, so the iteration loop pays nothing for gauges; per-iteration series are updated once per
+iteration (the offload plan chosen, its predicted vs measured forward time, the wait on CPU
+attention). Requests that never ran are counted by why they were refused; frames the worker links
+dropped, by link and reason (read from the links at scrape time).
 """
 
 from __future__ import annotations
@@ -17,14 +17,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from neo_gateway.errors import RejectReason
+from neo_gateway.vllm_metrics import VllmMetrics
 
 if TYPE_CHECKING:
     from neo_gateway.engine import Engine
     from neo_gateway.sequence import Sequence
-
-_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-                    10.0, 20.0, 40.0, 80.0)
-
 
 _STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
                  0.25, 0.5, 1.0, 2.5, 5.0)
@@ -43,14 +40,8 @@ class _SchedulerState(Collector):
             g.add_metric([self.model], value)
             return g
 
-        yield gauge("num_requests_running", "Requests holding KV and being served.",
-                    sched.num_running if sched else 0)
-        yield gauge("num_requests_waiting", "Requests queued for admission.", sched.num_waiting if sched else 0)
-        yield gauge("kv_cache_usage_perc", "Fraction of GPU KV blocks in use (0..1).", sched.gpu.usage if sched else 0)
         yield gauge("gpu_kv_blocks_total", "GPU KV blocks in the pool.", sched.gpu.num_blocks if sched else 0)
         yield gauge("gpu_kv_blocks_free", "GPU KV blocks free.", sched.gpu.num_free if sched else 0)
-        yield gauge("num_preemptions_total", "Requests preempted (recompute) so far.",
-                    sched.num_preemptions if sched else 0)
         yield gauge("worker_up", "1 while the GPU worker is connected and ready.", 1 if self.engine.link.alive else 0)
         yield gauge("pipeline_overhead_seconds", "Learnt extra time of a pipelined stage beyond the cost tables "
                     "(launches, handoffs, all-reduces); the policy adds it to pipelined plans.",
@@ -71,12 +62,6 @@ class _SchedulerState(Collector):
         swaps.add_metric([self.model, "out"], sched.num_swapped_out if sched else 0)
         swaps.add_metric([self.model, "in"], sched.num_swapped_in if sched else 0)
         yield swaps
-        for name, doc, attr in (
-                ("prefix_cache_queries", "Prompt tokens looked up in the GPU prefix cache.", "queried_tokens"),
-                ("prefix_cache_hits", "Prompt tokens found in the GPU prefix cache (not computed again).", "hit_tokens")):
-            family = CounterMetricFamily(f"neo:{name}", doc, labels=labels)
-            family.add_metric([self.model], getattr(sched.gpu, attr) if sched else 0)
-            yield family
 
 
 class _LinkRejections(Collector):
@@ -96,7 +81,8 @@ class _LinkRejections(Collector):
 
 
 class GatewayMetrics:
-    """The gateway's registry (one per app, so tests can run several apps in one process)."""
+    """The gateway's registry (one per app, so tests can run several apps in one process): vLLM's
+    series (``vllm``) and NEO's."""
 
     def __init__(self, engine: "Engine", model: str) -> None:
         self.model = model
@@ -104,20 +90,13 @@ class GatewayMetrics:
         self.registry = CollectorRegistry()
         self.registry.register(_SchedulerState(engine, model))
         self.registry.register(_LinkRejections(engine))
+        self.vllm = VllmMetrics(self.registry, engine, model)
         labels = ["model_name"]
-        self.prompt_tokens = Counter("neo:prompt_tokens", "Prefilled prompt tokens.", labels, registry=self.registry)
-        self.generation_tokens = Counter("neo:generation_tokens", "Generated tokens.", labels, registry=self.registry)
-        self.request_success = Counter("neo:request_success", "Finished requests by finish reason (abort: the "
-                                       "client went away).", labels + ["finished_reason"], registry=self.registry)
         self.rejected = Counter("neo:request_rejected", "Requests refused instead of served, by reason "
                                 "(unauthorized, too_large, timeout, overloaded, unavailable, ...).",
                                 labels + ["reason"], registry=self.registry)
         for reason in RejectReason:  # exported from the start (zeros), so alerts see the series
             self.rejected.labels(model, reason.value)
-        self.ttft = Histogram("neo:time_to_first_token_seconds", "Time to first token.", labels,
-                              buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.itl = Histogram("neo:inter_token_latency_seconds", "Mean time between tokens of a request.",
-                             labels, buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.iteration = Histogram("neo:iteration_duration_seconds", "Gateway wall time of one iteration: "
                                    "schedule, plan, IPC, worker, outputs.", labels, buckets=_STEP_BUCKETS,
                                    registry=self.registry)
@@ -147,12 +126,11 @@ class GatewayMetrics:
         self.cpu_wait.labels(model)
         self.launched_ahead.labels(model)
         engine.iteration_hooks.append(self.observe_iteration)
-        self.e2e = Histogram("neo:e2e_request_latency_seconds", "Arrival to last token.", labels,
-                             buckets=_LATENCY_BUCKETS, registry=self.registry)
 
     def observe_iteration(self, output, result, wall_s: float) -> None:
         """Gateway wall vs worker time per iteration: their gap is scheduler + IPC overhead."""
         m = self.model
+        self.vllm.observe_iteration(output)
         self.iteration.labels(m).observe(wall_s)
         self.worker_iteration.labels(m).observe(result.total_s)
         self.launched_ahead.labels(m).inc(bool(result.launched_ahead))
@@ -174,16 +152,7 @@ class GatewayMetrics:
         return ready.geometry.num_layers if ready is not None else 0
 
     def observe_finished(self, seq: "Sequence") -> None:
-        m = self.model
-        self.prompt_tokens.labels(m).inc(len(seq.prompt_ids))
-        self.generation_tokens.labels(m).inc(len(seq.output_ids))
-        self.request_success.labels(m, seq.finish_reason.value if seq.finish_reason else "unknown").inc()
-        if seq.first_token_time is not None:
-            self.ttft.labels(m).observe(seq.first_token_time - seq.arrival)
-            if len(seq.output_ids) > 1 and seq.last_token_time is not None:
-                self.itl.labels(m).observe((seq.last_token_time - seq.first_token_time) / (len(seq.output_ids) - 1))
-            if seq.last_token_time is not None:
-                self.e2e.labels(m).observe(seq.last_token_time - seq.arrival)
+        self.vllm.observe_finished(seq)
 
     def observe_rejected(self, reason: RejectReason) -> None:
         self.rejected.labels(self.model, reason.value).inc()

@@ -17,6 +17,9 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from neo_common.config import ModelConfig
+from neo_common.model_source import resolve
+from neo_gateway.chat_template import ChatTemplate
 from neo_gateway.errors import APIError
 from neo_gateway.tokenizer import TextTokenizer
 
@@ -60,12 +63,21 @@ def max_chars_per_token(tok: Tokenizer) -> int | None:
 
 class PromptEncoder:
     """Tokenizes prompts and renders chat templates on ``pool``; ``chars_per_token`` (None: no
-    bound) lets :meth:`check_length` refuse text longer than ``max_model_len`` tokens could cover."""
+    bound) lets :meth:`check_length` refuse text longer than ``max_model_len`` tokens could cover.
+    ``template``: the chat template (None: the model has none, chat requests get a 400)."""
 
-    def __init__(self, tokenizer: TextTokenizer, threads: int = _THREADS) -> None:
+    def __init__(self, tokenizer: TextTokenizer, template: ChatTemplate | None = None,
+                 threads: int = _THREADS) -> None:
         self.tokenizer = tokenizer
+        self.template = template
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="tokenize")
         self.chars_per_token = max_chars_per_token(tokenizer.tok)
+
+    @classmethod
+    def for_model(cls, tokenizer: TextTokenizer, cfg: ModelConfig) -> "PromptEncoder":
+        """The encoder of the served model: its tokenizer's chat template, or ``--chat-template``."""
+        source = resolve(cfg)
+        return cls(tokenizer, ChatTemplate.load(source.tokenizer_kind, source.tokenizer_path, cfg.chat_template))
 
     async def _run(self, fn, *args: Any, **kwargs: Any):
         return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
@@ -86,5 +98,17 @@ class PromptEncoder:
         except (TypeError, ValueError, UnicodeError):  # e.g. a lone surrogate escape ("\ud800") in the JSON
             raise APIError(400, "the text is not valid Unicode (unpaired surrogate?)", param) from None
 
-    async def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
-        return await self._run(self.tokenizer.apply_chat_template, messages, add_generation_prompt)
+    async def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return await self._run(self.tokenizer.decode, ids, skip_special_tokens=skip_special_tokens)
+
+    async def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, *,
+                          continue_final_message: bool = False, tools: list[dict] | None = None,
+                          documents: list[dict] | None = None,
+                          chat_template_kwargs: dict[str, Any] | None = None) -> str:
+        """The prompt text of a chat (chat_template.ChatTemplate.render, off the event loop)."""
+        if self.template is None:
+            raise APIError(400, "this model has no chat template; use /v1/completions or start the server "
+                                "with --chat-template", "messages")
+        return await self._run(self.template.render, messages, add_generation_prompt,
+                               continue_final_message=continue_final_message, tools=tools, documents=documents,
+                               chat_template_kwargs=chat_template_kwargs)

@@ -312,7 +312,7 @@ def test_burst_into_an_idle_server_gets_no_429(edge):
 
 # -- 5. aborted and rejected requests in /metrics --------------------------------------------------
 def test_aborted_and_rejected_requests_are_counted(edge):
-    before_abort = metric(edge.url, "neo:request_success_total", finished_reason="abort")
+    before_abort = metric(edge.url, "vllm:request_success_total", finished_reason="abort", engine="0")
     before_invalid = metric(edge.url, "neo:request_rejected_total", reason="invalid")
     before_large = metric(edge.url, "neo:request_rejected_total", reason="too_large")
     long = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 400, "temperature": 0,
@@ -323,7 +323,7 @@ def test_aborted_and_rejected_requests_are_counted(edge):
                 break  # hang up mid-stream
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(edge.url + "/v1/completions", json=long, timeout=1.0)  # gives up waiting
-    assert wait_until(lambda: metric(edge.url, "neo:request_success_total", finished_reason="abort")
+    assert wait_until(lambda: metric(edge.url, "vllm:request_success_total", finished_reason="abort", engine="0")
                       == before_abort + 2, 15), "aborted requests are not counted"
     assert complete(edge.url, temperature=-1).status_code == 400
     with socket.create_connection(("127.0.0.1", edge.port)) as sock:  # a declared length over the limit

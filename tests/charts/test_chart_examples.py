@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "charts" / "neo" / "examples"
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 CRD = REPO / "charts" / "neo" / "crds" / "neoservices.neo.serving.io.yaml"
-QUEUE_METRIC = "neo:num_requests_waiting"
+QUEUE_METRIC = "vllm:num_requests_waiting"
 
 
 def _load(name: str) -> dict:
@@ -31,8 +31,9 @@ def _scale_target_is_the_neoservice(ref: dict) -> None:
 
 
 def _gateway_exports(metric: str) -> bool:
-    name = metric.split(":", 1)[1]
-    return f'gauge("{name}"' in (REPO / "services" / "gateway" / "metrics.py").read_text()
+    prefix, name = metric.split(":", 1)
+    source = "vllm_metrics.py" if prefix == "vllm" else "metrics.py"
+    return f'("{name}"' in (REPO / "services" / "gateway" / source).read_text()
 
 
 def test_hpa_example_is_a_valid_hpa_on_the_queue_metric() -> None:

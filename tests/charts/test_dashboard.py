@@ -21,14 +21,15 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "neo"
 DASHBOARD = CHART / "dashboards" / "neo.json"
 CACHE = Path(os.environ.get("NEO_K8S_CACHE", Path.home() / ".cache" / "neo-k8s")) / os.environ.get("NEO_K8S_VERSION", "1.20.2")
-METRIC = re.compile(r"\bneo:[A-Za-z0-9_:]+")
+METRIC = re.compile(r"\b(?:neo|vllm):[A-Za-z0-9_:]+")
 BY = re.compile(r"\bby\s*\(([^)]*)\)")
 # The metrics the issue asks the dashboard to show (families, before the exposition's suffixes).
-REQUIRED = {"neo:num_requests_running", "neo:num_requests_waiting", "neo:kv_cache_usage_perc", "neo:gpu_kv_blocks_free",
-            "neo:gpu_kv_blocks_total", "neo:num_preemptions_total", "neo:worker_up",
-            "neo:time_to_first_token_seconds_bucket", "neo:inter_token_latency_seconds_bucket",
-            "neo:e2e_request_latency_seconds_bucket", "neo:prompt_tokens_total", "neo:generation_tokens_total",
-            "neo:request_success_total", "neo:iteration_duration_seconds_bucket",
+# vLLM's series under vLLM's names, NEO's own under neo:
+REQUIRED = {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+            "neo:gpu_kv_blocks_free", "neo:gpu_kv_blocks_total", "vllm:num_preemptions_total", "neo:worker_up",
+            "vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
+            "vllm:e2e_request_latency_seconds_bucket", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+            "vllm:request_success_total", "neo:iteration_duration_seconds_bucket",
             "neo:worker_iteration_seconds_bucket", "neo:iteration_tokens_total"}
 
 

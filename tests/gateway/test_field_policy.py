@@ -92,7 +92,7 @@ def test_values_that_ask_for_the_default_are_accepted(fields):
     ({"response_format": {"type": "json_object"}}, "response_format"), ({"best_of": 2}, "best_of"),
     ({"logprobs": True}, "logprobs"), ({"prompt_logprobs": 1}, "prompt_logprobs"),
     ({"n": 3, "best_of": 4}, "best_of"), ({"bad_words": ["x"]}, "bad_words"),
-    ({"chat_template_kwargs": {"x": 1}}, "chat_template_kwargs"),
+    ({"chat_template": "{{ messages }}"}, "chat_template"),
     ({"stream_options": {"continuous_usage_stats": True}}, "stream_options.continuous_usage_stats"),
     ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]}, "messages.0.tool_calls")])
 def test_other_values_are_refused_naming_the_field(fields, param):

@@ -102,10 +102,10 @@ def test_n_shares_the_prompts_blocks_through_the_prefix_cache(client, replica, t
     length = len(tok.encode(prompt))
     shareable = (length - 1) // 16 * 16   # full blocks before the last prompt token's
     assert shareable >= 64
-    before = replica.metric("neo:prefix_cache_hits_total")
+    before = replica.metric("vllm:prefix_cache_hits_total")
     out = complete(client, prompt, n=4, max_tokens=4)
     assert len(out.choices) == 4
-    assert replica.metric("neo:prefix_cache_hits_total") - before >= 3 * shareable
+    assert replica.metric("vllm:prefix_cache_hits_total") - before >= 3 * shareable
 
 
 def test_min_tokens_generates_past_the_stop_token(client):

@@ -20,7 +20,7 @@ def wait_all_free(replica, timeout: float = 10.0) -> bool:
     while time.monotonic() < deadline:
         if (replica.metric("neo:gpu_kv_blocks_free") == replica.metric("neo:gpu_kv_blocks_total")
                 and replica.metric("neo:cpu_kv_cache_usage_perc") == 0
-                and replica.metric("neo:num_requests_running") == 0):
+                and replica.metric("vllm:num_requests_running") == 0):
             return True
         time.sleep(0.1)
     return False

@@ -104,7 +104,7 @@ def fuzz_operation(url: str, op, mode: GenerationMode, stats: dict) -> None:
 def wait_idle(replica, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if (replica.metric("neo:num_requests_running") == 0 and replica.metric("neo:num_requests_waiting") == 0
+        if (replica.metric("vllm:num_requests_running") == 0 and replica.metric("vllm:num_requests_waiting") == 0
                 and replica.metric("neo:gpu_kv_blocks_free") == SMALL_POOL_BLOCKS):
             return
         time.sleep(0.2)

@@ -64,7 +64,7 @@ def test_offloaded_greedy_outputs_equal_gpu_only(model, replica_factory, tmp_pat
     for mode, m in stats.items():
         assert value(m, "neo:gpu_kv_blocks_free") == value(m, "neo:gpu_kv_blocks_total"), mode
         assert value(m, "neo:cpu_kv_cache_usage_perc") == 0.0, mode
-        assert value(m, "neo:num_requests_running") == 0.0, mode
+        assert value(m, "vllm:num_requests_running") == 0.0, mode
     assert value(stats["off"], "neo:cpu_kv_blocks_total") == 0
     full, auto = stats["full"], stats["auto"]
     assert value(full, "neo:iteration_plan_total", plan="pipelined") > 0

@@ -30,4 +30,4 @@ def test_overload_gets_429_not_crashes_and_accepted_requests_complete(replica_fa
         assert resp.headers.get("retry-after") and resp.json()["error"]["type"] == "rate_limit_error"
     assert all(resp.json()["usage"]["completion_tokens"] == 8 for resp in accepted)
     assert httpx.get(r.url + "/health").status_code == 200
-    assert r.metric("neo:gpu_kv_blocks_free") == 64 and r.metric("neo:num_requests_waiting") == 0
+    assert r.metric("neo:gpu_kv_blocks_free") == 64 and r.metric("vllm:num_requests_waiting") == 0

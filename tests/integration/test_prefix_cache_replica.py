@@ -55,11 +55,11 @@ def test_cached_prefixes_give_the_answers_computed_ones_give(offload, replica_fa
                    "--cpu-threads", "1", "--cost-tables", tables]
     plain = replica_factory(*common, "--enable-prefix-caching", "false")
     expected = conversations(plain.url)
-    assert counter(plain.url, "neo:prefix_cache_hits_total") == 0
+    assert counter(plain.url, "vllm:prefix_cache_hits_total") == 0
     plain.stop()
     cached = replica_factory(*common)
     assert conversations(cached.url) == expected
-    hits, queries = counter(cached.url, "neo:prefix_cache_hits_total"), counter(cached.url, "neo:prefix_cache_queries_total")
+    hits, queries = counter(cached.url, "vllm:prefix_cache_hits_total"), counter(cached.url, "vllm:prefix_cache_queries_total")
     # every turn after the first shares the system prompt and the history with an earlier request
     assert hits >= 0.5 * queries > 0, (hits, queries)
     assert conversations(cached.url) == expected, "a second round, now almost wholly cached"

@@ -101,9 +101,9 @@ def test_32_concurrent_mixed_lengths_equal_alone_and_free_all_blocks(replica, cl
         return await asyncio.gather(*(one(p, n) for p, n in zip(prompts, lengths)))
 
     concurrent = asyncio.run(together())
-    assert replica.metric("neo:num_preemptions_total") > 0, "the small pool should have forced preemption"
+    assert replica.metric("vllm:num_preemptions_total") > 0, "the small pool should have forced preemption"
     alone = [client.completions.create(model=MODEL, prompt=p, temperature=0, max_tokens=n).choices[0].text
              for p, n in zip(prompts, lengths)]
     assert concurrent == alone
     assert replica.metric("neo:gpu_kv_blocks_free") == POOL_BLOCKS
-    assert replica.metric("neo:num_requests_running") == 0 and replica.metric("neo:num_requests_waiting") == 0
+    assert replica.metric("vllm:num_requests_running") == 0 and replica.metric("vllm:num_requests_waiting") == 0

@@ -85,7 +85,7 @@ def test_tp2_greedy_outputs_equal_tp1(model, replica_factory, tmp_path, cost_cac
         assert not diff, f"{run} vs {ref}: requests {diff} differ, e.g. {texts[ref][diff[0]]!r} vs {texts[run][diff[0]]!r}"
     for run, m in stats.items():
         assert value(m, "neo:gpu_kv_blocks_free") == value(m, "neo:gpu_kv_blocks_total"), run
-        assert value(m, "neo:num_requests_running") == 0.0, run
+        assert value(m, "vllm:num_requests_running") == 0.0, run
     for run in ("tp2-full", "tp2-auto"):
         assert value(stats[run], "neo:cpu_kv_cache_usage_perc") == 0.0, run
         assert value(stats[run], "neo:cpu_attention_up") == 1.0, run

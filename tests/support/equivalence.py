@@ -66,7 +66,7 @@ async def _complete_all(url: str, model: str, requests, first: int) -> list[str]
             return body["choices"][0]["text"]
 
         async def running() -> float:
-            return value(metrics_of((await client.get("/metrics")).text), "neo:num_requests_running")
+            return value(metrics_of((await client.get("/metrics")).text), "vllm:num_requests_running")
 
         leading = [asyncio.ensure_future(one(p, n)) for p, n in requests[:first]]
         for _ in range(600):
@@ -84,7 +84,7 @@ def metrics(url: str) -> dict[str, float]:
 def metrics_of(text: str) -> dict[str, float]:
     out = {}
     for line in text.splitlines():
-        if line.startswith("neo:"):
+        if line.startswith(("neo:", "vllm:")):
             name, number = line.rsplit(" ", 1)
             out[name] = float(number)
     return out
