@@ -68,13 +68,13 @@ from typing import Sequence
 
 import numpy as np
 
+from neo_bench import neo_report
+from neo_bench.comparison import abba_order
 from neo_bench.serve import WORKLOADS, arrival_gaps, one_request, sample_lengths, summarize
 from neo_common.procs import descendants, serve_port_flags
 
 log = logging.getLogger(__name__)
 
-PAPER = {"paper-a": "+26% (1.26x) on A10G, Llama-3-8B, 1650 GPU blocks",
-         "paper-b": "7.5x on T4, Llama-2-7B, 54 GPU blocks"}
 STEADY_DONE_FRACTION = 0.10
 STEADY_MIN_TOKEN_FRACTION = 0.10  # a window with fewer of the run's tokens is no steady state
 SCRAPED = {  # report key -> (metric name, labels)
@@ -85,7 +85,7 @@ SCRAPED = {  # report key -> (metric name, labels)
     "decoding_gpu": ("neo:num_requests_decoding", {"place": "gpu"}),
     "decoding_cpu": ("neo:num_requests_decoding", {"place": "cpu"}),
     "gpu_kv_blocks_total": ("neo:gpu_kv_blocks_total", {}),
-    "preemptions": ("neo:num_preemptions_total", {}),
+    "preemptions": ("vllm:num_preemptions_total", {}),
 }
 MEANS = {  # report key -> histogram name (mean = _sum / _count)
     "iteration_s": "neo:iteration_duration_seconds",
@@ -230,7 +230,8 @@ def serve_args(args: argparse.Namespace, mode: str, extra: Sequence[str] = ()) -
     flags = {"--model": args.model, "--load-format": args.load_format, "--tokenizer": args.tokenizer,
              "--num-gpu-blocks": args.num_gpu_blocks, "--cpu-threads": args.cpu_threads,
              "--max-model-len": args.max_model_len, "--max-num-seqs": args.max_num_seqs,
-             "--max-num-batched-tokens": args.max_num_batched_tokens, "--device": args.device}
+             "--max-num-batched-tokens": args.max_num_batched_tokens, "--device": args.device,
+             "--emulate-gpu": args.emulate_gpu}
     if mode != "off":
         flags["--num-cpu-blocks"] = args.num_cpu_blocks
     out = [x for k, v in flags.items() if v is not None for x in (k, str(v))]
@@ -342,131 +343,92 @@ async def _poll_gauges(url: str, peaks: dict) -> None:
             await asyncio.sleep(1.0)
 
 
-def run_mode(args: argparse.Namespace, mode: str, rates: list[float]) -> dict:
-    """Start the server for one mode (or variant), run warmup, online rates and the offline batch,
-    scrape, stop."""
+def start_server(args: argparse.Namespace, mode: str, tag: str = "") -> tuple[Server, dict]:
+    """Start the server of one mode (or variant), wait until ready, warm it up."""
     offload, extra = args.variants.get(mode, (mode, []))
     argv = serve_args(args, offload, extra)
-    server = Server(argv, os.path.join(args.out, f"serve_{args.label}_{mode}.log"))
-    out: dict = {"mode": mode, "serve_args": argv, "online": [], "offline": None, "metrics": {}, "error": None}
-    try:
-        t = time.monotonic()
-        server.wait_ready(args.ready_timeout)
-        out["startup_s"] = time.monotonic() - t
-        model = out["served_model"] = server.served_model()
-        if args.warmup:
-            asyncio.run(send_all(server.url, model, [[100 + i for i in range(16)]] * args.warmup,
-                                 [4] * args.warmup, np.zeros(args.warmup)))
-        for rate in rates:
-            log.info("mode %s: %d requests at rate %g req/s", mode, args.num_prompts, rate)
-            results, wall = asyncio.run(send_all(server.url, model, *make_requests(args, args.num_prompts, rate,
-                                                                                   args.seed)))
-            out["online"].append({"mode": mode, "rate": rate, **summarize(results, wall, {})})
-        if args.offline_prompts:
-            log.info("mode %s: %d offline requests at t=0", mode, args.offline_prompts)
-            peaks: dict = {}
-            reqs = make_requests(args, args.offline_prompts, math.inf, args.seed + 1)
-            results, wall = asyncio.run(send_all(server.url, model, *reqs, poll=peaks))
-            whole = summarize(results, wall, {})
-            out["offline"] = {**whole, "steady": steady_window(results),
-                              "peak_decoding": {k: peaks.get(k) for k in POLLED}}
-        out["metrics"] = summarize_metrics(server.get("/metrics"))
-    except Exception as exc:  # one mode failing must not lose the others' results
-        log.error("mode %s failed: %s", mode, exc)
-        out["error"] = f"{type(exc).__name__}: {exc}"
-    finally:
-        server.stop(args.stop_grace)
+    server = Server(argv, os.path.join(args.out, f"serve_{args.label}_{mode}{tag}.log"))
+    info: dict = {"mode": mode, "serve_args": argv, "error": None}
+    t = time.monotonic()
+    server.wait_ready(args.ready_timeout)
+    info["startup_s"] = time.monotonic() - t
+    model = info["served_model"] = server.served_model()
+    if args.warmup:   # short requests, then a slice of the real workload: graphs, caches, allocator
+        asyncio.run(send_all(server.url, model, [[100 + i for i in range(16)]] * args.warmup,
+                             [4] * args.warmup, np.zeros(args.warmup)))
+        prompts, outs, gaps = make_requests(args, max(1, args.offline_prompts // 10), math.inf, args.seed + 99)
+        asyncio.run(send_all(server.url, model, prompts, [min(o, 16) for o in outs], gaps))
+    return server, info
+
+
+def measure(args: argparse.Namespace, server: Server, model: str, mode: str, rep: int, rates: list[float]) -> dict:
+    """One repetition of one mode: the offline batch (whole-run makespan and the steady window),
+    then each online rate; the same requests in every repetition and mode."""
+    out: dict = {"mode": mode, "rep": rep, "online": [], "offline": None}
+    if args.offline_prompts:
+        log.info("rep %d mode %s: %d offline requests at t=0", rep, mode, args.offline_prompts)
+        peaks: dict = {}
+        reqs = make_requests(args, args.offline_prompts, math.inf, args.seed + 1)
+        results, wall = asyncio.run(send_all(server.url, model, *reqs, poll=peaks))
+        whole = summarize(results, wall, {})
+        out["offline"] = {**whole, "makespan_s": wall, "steady": steady_window(results),
+                          "peak_decoding": {k: peaks.get(k) for k in POLLED}}
+    for rate in rates:
+        log.info("rep %d mode %s: %d requests at rate %g req/s", rep, mode, args.num_prompts, rate)
+        results, wall = asyncio.run(send_all(server.url, model, *make_requests(args, args.num_prompts, rate,
+                                                                               args.seed)))
+        out["online"].append({"mode": mode, "rep": rep, "rate": rate, **summarize(results, wall, {})})
     return out
 
 
-# -- report ------------------------------------------------------------------------------------------
-def compare(modes: dict[str, dict], prediction: dict | None, workload: str) -> dict:
-    """Offline throughput of each mode relative to GPU-only, beside the prediction and the paper."""
-    def steady(m):
-        off = (modes.get(m) or {}).get("offline")
-        return off["steady"]["throughput"] if off else None
-
-    base = steady("off")
-    relative = {m: (steady(m) / base if base and steady(m) is not None else None) for m in modes}
-    return {"offline_relative": relative, "measured_gain": relative.get("auto"),
-            "predicted_gain": (prediction or {}).get("gain"), "paper": PAPER.get(workload)}
-
-
-def _f(x, spec: str, scale: float = 1.0) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x * scale if scale != 1.0 else x, spec)
-
-
-def table(report: dict) -> str:
-    ms = lambda d, q: _f(d.get(q), ".1f", 1e3)  # noqa: E731
-    lines = [f"{'mode':>5} {'rate':>5} {'done':>5} {'fail':>4} {'req/s':>6} {'tok/s':>8} {'TTFT p50/p99 ms':>17} "
-             f"{'TPOT p50/p99 ms':>16} {'ITL p50/p99 ms':>15} {'s/tok p50/p99':>14}"]
-    for r in report["runs"]:
-        lines.append(f"{r['mode']:>5} {r['rate']:>5g} {r['completed']:>5} {r['failed']:>4} "
-                     f"{r['request_throughput']:>6.2f} {r['output_throughput']:>8.1f} "
-                     f"{ms(r['ttft_s'], 'p50') + '/' + ms(r['ttft_s'], 'p99'):>17} "
-                     f"{ms(r['tpot_s'], 'p50') + '/' + ms(r['tpot_s'], 'p99'):>16} "
-                     f"{ms(r['itl_s'], 'p50') + '/' + ms(r['itl_s'], 'p99'):>15} "
-                     f"{_f(r['normalized_latency_s_per_token'].get('p50'), '.3f')}/"
-                     f"{_f(r['normalized_latency_s_per_token'].get('p99'), '.3f'):<6}")
-    cmp_ = report["comparison"]
-    lines.append(f"\n{'mode':>5} {'offline done':>12} {'fail':>4} {'steady tok/s':>12} {'window s':>13} "
-                 f"{'whole tok/s':>11} {'vs off':>7} {'peak dec gpu/cpu':>16}")
-    for mode, off in report["offline"].items():
-        if not off:
-            continue
-        st, pk = off["steady"], off["peak_decoding"]
-        win = f"{_f(st['t_start'], '.1f')}-{_f(st['t_end'], '.1f')}{'*' if st['fallback'] else ''}"
-        lines.append(f"{mode:>5} {off['completed']:>12} {off['failed']:>4} {st['throughput']:>12.1f} {win:>13} "
-                     f"{off['output_throughput']:>11.1f} {_f(cmp_['offline_relative'].get(mode), '.3f'):>7} "
-                     f"{_f(pk.get('decoding_gpu'), '.0f') + '/' + _f(pk.get('decoding_cpu'), '.0f'):>16}")
-    lines.append(f"\n{'mode':>5} {'iters':>7} {'seq/pipe plans':>15} {'swaps out/in':>13} {'iter ms':>8} "
-                 f"{'worker ms':>9} {'fwd pred/meas ms':>17} {'pred/meas':>9} {'cpu wait ms':>11}")
-    for mode, m in report["metrics"].items():
-        fwd = lambda key: _f(m.get(key), ".2f", 1e3)  # noqa: E731
-        lines.append(f"{mode:>5} {_f(m.get('iterations'), '.0f'):>7} "
-                     f"{_f(m.get('plan_sequential'), '.0f') + '/' + _f(m.get('plan_pipelined'), '.0f'):>15} "
-                     f"{_f(m.get('swaps_out'), '.0f') + '/' + _f(m.get('swaps_in'), '.0f'):>13} "
-                     f"{_f(m.get('iteration_s'), '.2f', 1e3):>8} {_f(m.get('worker_iteration_s'), '.2f', 1e3):>9} "
-                     f"{fwd('forward_predicted_s') + '/' + fwd('forward_measured_s'):>17} "
-                     f"{_f(m.get('forward_predicted_over_measured'), '.2f'):>9} {fwd('cpu_wait_s'):>11}")
-    p = report["prediction"] or {}
-    gain = lambda x: _f(x, ".3f") + ("x" if x is not None else "")  # noqa: E731
-    lines.append(f"\ngain of NEO (auto) over GPU-only, offline steady state: measured "
-                 f"{gain(cmp_['measured_gain'])} | cost model predicts {gain(cmp_['predicted_gain'])}"
-                 f" ({_f(p.get('gpu_decodes'), 'd')} GPU + {_f(p.get('cpu_decodes_hidden'), 'd')}/"
-                 f"{_f(p.get('cpu_decodes_offered'), 'd')} CPU decodes at context {_f(p.get('mean_context'), 'd')})"
-                 f" | paper: {cmp_['paper'] or '-'}")
-    hw = report["hardware"]
-    lines.append(f"hardware: GPU {hw['gpu'] or '-'} | CPU {hw['cpu_model'] or '-'} x{hw['cpu_cores']} "
-                 f"| host bandwidth {_f(hw['host_bandwidth_gbs'], '.1f')} GB/s")
-    return "\n".join(lines)
-
-
-def plot(report: dict, path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for mode in report["modes"]:
-        runs = [r for r in report["runs"] if r["mode"] == mode and r["completed"]]
-        xs = [r["rate"] if math.isfinite(r["rate"]) else r["request_throughput"] for r in runs]
-        axes[0].plot(xs, [r["normalized_latency_s_per_token"].get("p50", float("nan")) for r in runs], "o-",
-                     label=f"{mode} p50")
-        axes[1].plot(xs, [r["output_throughput"] for r in runs], "o-", label=mode)
-    axes[0].set_ylabel("per-token latency (s/token)")
-    axes[1].set_ylabel("output throughput (tok/s)")
-    for ax in axes[:2]:
-        ax.set_xlabel("request rate (req/s; inf plotted at achieved)")
-        ax.legend()
-    offline = [(m, o["steady"]["throughput"]) for m, o in report["offline"].items() if o]
-    axes[2].bar([m for m, _ in offline], [v for _, v in offline])
-    axes[2].set_ylabel("offline steady-state tok/s")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def run_all(args: argparse.Namespace, rates: list[float]) -> tuple[dict[str, dict], list[dict], dict[str, dict]]:
+    """Every mode ``--reps`` times in ABBA order (``comparison.abba_order``). With ``--live-servers``
+    every mode's server is started (and warmed up) once, before any measurement, and stays up;
+    otherwise each repetition starts (and warms up) a fresh server. Returns the servers' info,
+    the measured runs in run order, and each mode's last metrics scrape."""
+    infos: dict[str, dict] = {}
+    runs: list[dict] = []
+    scraped: dict[str, dict] = {}
+    live: dict[str, tuple[Server, str]] = {}
+    try:
+        if args.live_servers:
+            for mode in args.modes:
+                try:
+                    server, info = start_server(args, mode)
+                    live[mode] = (server, info["served_model"])
+                except Exception as exc:  # noqa: BLE001 (one mode failing must not lose the others)
+                    info = {"mode": mode, "error": f"{type(exc).__name__}: {exc}"}
+                    log.error("mode %s failed to start: %s", mode, exc)
+                infos[mode] = info
+        for rep, mode in abba_order(args.modes, args.reps):
+            if args.live_servers:
+                if mode not in live:
+                    continue
+                server, model = live[mode]
+                fresh = None
+            else:
+                try:
+                    fresh, info = start_server(args, mode, f"_rep{rep}")
+                except Exception as exc:  # noqa: BLE001
+                    log.error("rep %d mode %s failed to start: %s", rep, mode, exc)
+                    infos.setdefault(mode, {"mode": mode, "error": f"{type(exc).__name__}: {exc}"})
+                    continue
+                infos.setdefault(mode, info)
+                server, model = fresh, info["served_model"]
+            try:
+                runs.append(measure(args, server, model, mode, rep, rates))
+                scraped[mode] = summarize_metrics(server.get("/metrics"))
+            except Exception as exc:  # noqa: BLE001
+                log.error("rep %d mode %s failed: %s", rep, mode, exc)
+                runs.append({"mode": mode, "rep": rep, "error": f"{type(exc).__name__}: {exc}", "online": [],
+                             "offline": None})
+            finally:
+                if fresh is not None:
+                    fresh.stop(args.stop_grace)
+    finally:
+        for server, _ in live.values():
+            server.stop(args.stop_grace)
+    return infos, runs, scraped
 
 
 # -- main --------------------------------------------------------------------------------------------
@@ -500,7 +462,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     wl.add_argument("--rates", default="1,2,4", help="comma list of request rates (req/s); inf = all at once")
     wl.add_argument("--burstiness", type=float, default=1.0)
     wl.add_argument("--offline-prompts", type=int, default=200, help="requests sent at t=0 (0: no offline part)")
-    wl.add_argument("--warmup", type=int, default=2, help="short requests before measuring, per mode")
+    wl.add_argument("--warmup", type=int, default=2, help="short requests before measuring, per server (then a "
+                                                          "tenth of the offline batch with short outputs)")
+    wl.add_argument("--reps", type=int, default=3, help="repetitions of every mode, interleaved ABBA")
+    wl.add_argument("--live-servers", action=argparse.BooleanOptionalAction, default=True,
+                    help="start every mode's server once and keep them all up (they share the GPU; each KV "
+                         "budget must fit beside the others); --no-live-servers starts a fresh one per run")
+    wl.add_argument("--slo-tpot-ms", type=float, default=200.0, help="p99 TPOT SLO of the max-rate figure")
+    srv.add_argument("--emulate-gpu", default=None, help="passed to every server: GPU emulation preset")
     wl.add_argument("--vocab", type=int, default=32000, help="prompt token ids are drawn below this")
     wl.add_argument("--seed", type=int, default=0)
     pr = ap.add_argument_group("prediction and report")
@@ -522,16 +491,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                      "or '-' and MODE one of off, auto, full, throughput")
         args.variants[label] = (mode, flags.split())
     args.modes += list(args.variants)
+    if args.reps < 1:
+        ap.error("--reps must be >= 1")
+    args.order = [f"{m}#{r}" for r, m in abba_order(args.modes, args.reps)]
     return args
 
 
-def prediction(args: argparse.Namespace, modes: dict[str, dict]) -> dict | None:
+def prediction(args: argparse.Namespace, scraped: dict[str, dict]) -> dict | None:
     if not args.cost_tables:
         return None
     from neo_common.cost_model import CostTables
 
     tables = CostTables.load(args.cost_tables)
-    gpu_blocks = args.num_gpu_blocks or ((modes.get("off") or {}).get("metrics") or {}).get("gpu_kv_blocks_total")
+    gpu_blocks = args.num_gpu_blocks or (scraped.get("off") or {}).get("gpu_kv_blocks_total")
     if not gpu_blocks:
         return {"gain": None, "reason": "GPU pool size unknown (no --num-gpu-blocks, no gpu_kv_blocks_total)"}
     inp, outp = mean_lengths(args)
@@ -541,30 +513,42 @@ def prediction(args: argparse.Namespace, modes: dict[str, dict]) -> dict | None:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "--replot":   # JSON files of earlier runs -> their PNG and table
+        for path in argv[1:]:
+            with open(path) as f:
+                report = json.load(f)
+            neo_report.plot(report, path.removesuffix(".json") + ".png",
+                            f"{report['config']['model'] or 'default model'} {report['config']['workload']}: "
+                            f"NEO vs GPU-only {report['config']['label']}")
+            print(neo_report.table(report))
+        return 0
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     rates = [float(r) for r in args.rates.split(",") if r]
     hw = hardware(args.host_bandwidth_gbs)
-    modes = {mode: run_mode(args, mode, rates) for mode in args.modes}
-    pred = prediction(args, modes)
-    report = {
-        "config": {k: v for k, v in vars(args).items()},
-        "hardware": hw,
-        "modes": {m: {k: r[k] for k in ("serve_args", "served_model", "startup_s", "error") if k in r}
-                  for m, r in modes.items()},
-        "runs": [run for r in modes.values() for run in r["online"]],
-        "offline": {m: r["offline"] for m, r in modes.items()},
-        "metrics": {m: r["metrics"] for m, r in modes.items()},
-        "prediction": pred,
-    }
-    report["comparison"] = compare(modes, pred, args.workload)
+    if args.emulate_gpu:
+        from neo_common.gpu_presets import preset
+
+        hw["gpu_label"] = preset(args.emulate_gpu).label(hw["gpu"] or "cpu")
+    infos, runs, scraped = run_all(args, rates)
+    pred = prediction(args, scraped)
+    report = {"config": {k: v for k, v in vars(args).items()}, "hardware": hw, "order": args.order,
+              "modes": infos, "runs": runs, "metrics": scraped, "prediction": pred,
+              "summary": neo_report.summary(runs, args.modes, args.slo_tpot_ms / 1e3)}
+    report["headline"] = neo_report.headline(report)
     stem = os.path.join(args.out, f"neo_vs_gpu_only_{args.label}")
     with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=2, default=str)
-    plot(report, stem + ".png", f"{args.model or 'default model'} {args.workload}: NEO vs GPU-only {args.label}")
-    print(table(report))
-    failed = any(r["error"] for r in modes.values()) or any(run["failed"] for run in report["runs"]) \
-        or any(o and o["failed"] for o in report["offline"].values())
+    try:   # the JSON is written; a host without matplotlib re-plots it with `--replot`
+        neo_report.plot(report, stem + ".png", f"{args.model or 'default model'} {args.workload}: NEO vs "
+                                               f"GPU-only {args.label}")
+    except ImportError as exc:
+        log.warning("no plot (%s); re-plot with: python -m neo_bench.neo_vs_gpu_only --replot %s.json", exc, stem)
+    print(neo_report.table(report))
+    failed = any(i.get("error") for i in infos.values()) or any(r.get("error") for r in runs) \
+        or any(o["failed"] for r in runs for o in r["online"]) or any((r["offline"] or {}).get("failed") for r in runs)
     return 1 if failed else 0
 
 

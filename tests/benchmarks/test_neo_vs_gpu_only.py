@@ -96,21 +96,26 @@ def test_a_variant_runs_its_offload_mode_with_its_own_flags_after_the_modes():
 
 
 def test_gpu_only_run_of_main_on_the_embedded_model(tmp_path):
+    """Two interleaved repetitions of one mode against a real `neo serve` (live server, warmed up)."""
     tables = synthetic().save(str(tmp_path / "cost.json"))
     code = main(["--modes", "off", "--device", "cpu", "--num-gpu-blocks", "48", "--max-model-len", "512",
                  "--max-num-seqs", "8", "--workload", "fixed", "--input-len", "8", "--output-len", "3",
-                 "--num-prompts", "4", "--rates", "inf", "--offline-prompts", "4", "--warmup", "1",
+                 "--num-prompts", "4", "--rates", "2,inf", "--offline-prompts", "4", "--warmup", "1", "--reps", "2",
                  "--vocab", "49152", "--cost-tables", tables, "--host-bandwidth-gbs", "12.5", "--ready-timeout", "120",
                  "--label", "ci", "--out", str(tmp_path)])
     assert code == 0, (tmp_path / "serve_ci_off.log").read_text()[-3000:]
     report = json.loads((tmp_path / "neo_vs_gpu_only_ci.json").read_text())
-    assert set(report) >= {"config", "hardware", "modes", "runs", "offline", "metrics", "prediction", "comparison"}
+    assert set(report) >= {"config", "hardware", "modes", "runs", "metrics", "prediction", "summary", "headline"}
+    assert report["order"] == ["off#0", "off#1"]
     assert report["modes"]["off"]["error"] is None and "--num-cpu-blocks" not in report["modes"]["off"]["serve_args"]
-    [run] = report["runs"]
-    assert run["mode"] == "off" and run["completed"] == 4 and run["failed"] == 0 and run["output_throughput"] > 0
-    off = report["offline"]["off"]
-    assert off["completed"] == 4 and off["steady"]["throughput"] > 0
+    assert [(r["mode"], r["rep"]) for r in report["runs"]] == [("off", 0), ("off", 1)]
+    for run in report["runs"]:
+        assert [o["rate"] for o in run["online"]] == [2.0, float("inf")]
+        assert all(o["completed"] == 4 and o["failed"] == 0 for o in run["online"])
+        assert run["offline"]["completed"] == 4 and run["offline"]["makespan_s"] > 0
+    spread = report["summary"]["whole_run"]["spread"]["off"]
+    assert spread["n"] == 2 and spread["min"] <= spread["median"] <= spread["max"]
+    assert report["summary"]["online"]["off"]["2.0"]["reps"] == 2
     assert report["metrics"]["off"]["iteration_s"] > 0 and report["metrics"]["off"]["gpu_kv_blocks_total"] == 48
-    assert report["comparison"]["offline_relative"]["off"] == pytest.approx(1.0)
     assert report["prediction"]["gain"] == 1.0 and report["hardware"]["host_bandwidth_gbs"] == 12.5
     assert (tmp_path / "neo_vs_gpu_only_ci.png").stat().st_size > 1000
