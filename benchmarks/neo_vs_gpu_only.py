@@ -1,18 +1,22 @@
 """NEO mode vs GPU-only mode, side by side in one run, under the same GPU KV budget.
 
-For each offload mode (``off``, then ``auto``; ``full`` on request) the script starts its own
-``neo serve`` with identical flags except ``--offload-mode`` (and no ``--num-cpu-blocks`` in ``off``:
-GPU-only has no host pool), waits for ``/ready``, runs the workload, scrapes ``/metrics`` and stops
-the server (SIGTERM to its PID, SIGKILL after a grace). The workload generator is ``neo_bench.serve``
-(``sample_lengths``, ``arrival_gaps``, ``one_request``, ``summarize``); every mode gets the same
-seeds, hence the same prompts and the same arrival times.
+Method (``comparison``): every mode (``off``, ``auto``; ``full`` and variants on request) gets its
+own ``neo serve`` with identical flags except ``--offload-mode`` (and no ``--num-cpu-blocks`` in
+``off``: GPU-only has no host pool). With ``--live-servers`` (default) all servers start first and
+stay up, each warmed up before any measurement; the modes then run ``--reps`` times in ABBA order
+(off auto auto off off auto ...), so a drift over the call falls on every mode alike. Every run
+sends the same requests (same seeds: prompts, lengths, arrival times; workload generator
+``neo_bench.serve``). The headline is the whole-run (makespan) output throughput of the offline
+batch, median over median, with the range of the extremes; overlapping ranges are "no difference".
+Servers are stopped by PID (SIGTERM, SIGKILL after a grace). ``--emulate-gpu PRESET`` runs every
+server under GPU emulation (docs/design.md, "GPU emulation"); the report says so.
 
 Online part: Poisson arrivals at each rate of ``--rates``; per mode and rate it reports request and
 output-token throughput, TTFT / TPOT / ITL p50 and p99, and NEO's normalized per-token latency
 (E2E / output tokens) p50 and p99: the paper's per-token latency vs request rate curves.
 
-Offline part (``--offline-prompts N``): all N requests at t=0. The reported throughput is output
-tokens per second in a steady-state window. Token arrival times are rebuilt from what
+Offline part (``--offline-prompts N``): all N requests at t=0. The headline is its whole-run
+throughput; a secondary column is the output tokens per second in a steady-state window. Token arrival times are rebuilt from what
 ``one_request`` records (``start + ttft + cumsum(itl)``, one stamp per streamed text chunk). Two
 events bound the window:
 
@@ -28,15 +32,15 @@ which finishing requests are replaced by waiting ones at a full batch: after the
 before the drain that starts once the queue is empty. Either way the ramp-up and the drain tail,
 whose lengths depend on N rather than on the engine, are left out. If the window is empty or holds
 under 10% of the run's tokens (a handful of requests: no steady phase to speak of) the whole run is
-used instead (``steady.fallback`` is then true). The
-relative offline throughput is NEO's steady-state tok/s over GPU-only's; the whole-run figures
-are reported too.
+used instead (``steady.fallback`` is then true). The window flatters whichever mode front-loads
+its prefills, which is why it is not the headline.
 
 Cost-model prediction (``--cost-tables``, a ``neo profile`` JSON): the steady-state decode
 throughput of each mode is estimated with the scheduler's own ``offload_policy.decide``. Every
 request is taken at the workload's mean context ``c = mean input + mean output / 2``. GPU-only holds
-``n_gpu = min(max_num_seqs, num_gpu_blocks * block_size // c)`` such decodes; NEO adds
-``n_cpu = min(max_num_seqs - n_gpu, num_cpu_blocks * block_size // c)`` CPU-resident decodes as
+``n_gpu = min(cap, num_gpu_blocks * block_size // c)`` such decodes, ``cap`` being ``max_num_seqs``
+or the offline batch if smaller; NEO adds ``n_cpu = min(cap - n_gpu, num_cpu_blocks * block_size // c)``
+CPU-resident decodes as
 ``cpu_decode_lens`` and ``decide(..., "auto")`` keeps those it can hide (or keeps the sequential
 plan). Rows per second = ``rows / (layer_s * num_layers)``; the predicted gain is NEO's over
 GPU-only's. Prefill cost is ignored (decodes dominate both workloads' GPU time; prefill would add
@@ -180,15 +184,17 @@ def mean_lengths(args: argparse.Namespace, n: int = 2000) -> tuple[float, float]
 
 
 def predict_gain(tables, mean_context: float, num_gpu_blocks: int, num_cpu_blocks: int,
-                 max_num_seqs: int, mode: str = "auto") -> dict:
-    """Predicted steady-state decode rows/s of GPU-only and NEO and their ratio (see module docstring)."""
+                 max_num_seqs: int, mode: str = "auto", num_requests: int | None = None) -> dict:
+    """Predicted steady-state decode rows/s of GPU-only and NEO and their ratio (see module docstring).
+    ``num_requests`` caps the decodes of both modes (a batch of 32 requests never puts 38 on the CPU)."""
     from neo_gateway.offload_policy import BatchCandidate, decide
 
     bs = tables.key.block_size
     layers = int(dict(tables.key.shapes)["num_layers"])
     ctx = max(1, int(round(mean_context)))
-    n_gpu = min(max_num_seqs, num_gpu_blocks * bs // ctx)
-    n_cpu = max(0, min(max_num_seqs - n_gpu, num_cpu_blocks * bs // ctx))
+    cap = max_num_seqs if num_requests is None else min(max_num_seqs, num_requests)
+    n_gpu = min(cap, num_gpu_blocks * bs // ctx)
+    n_cpu = max(0, min(cap - n_gpu, num_cpu_blocks * bs // ctx))
     out = {"mean_context": ctx, "block_size": bs, "num_layers": layers, "gpu_decodes": n_gpu,
            "cpu_decodes_offered": n_cpu, "gpu_only_tok_s": None, "neo_tok_s": None, "gain": None,
            "cpu_decodes_hidden": 0, "plan": None, "reason": ""}
@@ -507,7 +513,8 @@ def prediction(args: argparse.Namespace, scraped: dict[str, dict]) -> dict | Non
     if not gpu_blocks:
         return {"gain": None, "reason": "GPU pool size unknown (no --num-gpu-blocks, no gpu_kv_blocks_total)"}
     inp, outp = mean_lengths(args)
-    pred = predict_gain(tables, inp + outp / 2, int(gpu_blocks), args.num_cpu_blocks or 0, args.max_num_seqs or 256)
+    pred = predict_gain(tables, inp + outp / 2, int(gpu_blocks), args.num_cpu_blocks or 0, args.max_num_seqs or 256,
+                        num_requests=args.offline_prompts or None)
     return {**pred, "mean_input": inp, "mean_output": outp, "cost_key": tables.key.to_dict()}
 
 
