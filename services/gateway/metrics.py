@@ -43,6 +43,13 @@ class _SchedulerState(Collector):
         yield gauge("gpu_kv_blocks_total", "GPU KV blocks in the pool.", sched.gpu.num_blocks if sched else 0)
         yield gauge("gpu_kv_blocks_free", "GPU KV blocks free.", sched.gpu.num_free if sched else 0)
         yield gauge("worker_up", "1 while the GPU worker is connected and ready.", 1 if self.engine.link.alive else 0)
+        ready = self.engine.link.ready
+        info = GaugeMetricFamily("neo:worker_info", "1, labelled with the device the GPU worker reported (under "
+                                 "--emulate-gpu: 'emulated PRESET on GPU', a benchmark instrument).",
+                                 labels=labels + ["device", "dtype", "kv_dtype"])
+        if ready is not None:
+            info.add_metric([self.model, ready.device, ready.dtype, ready.kv_dtype], 1)
+        yield info
         yield gauge("pipeline_overhead_seconds", "Learnt extra time of a pipelined stage beyond the cost tables "
                     "(launches, handoffs, all-reduces); the policy adds it to pipelined plans.",
                     sched.calibration.overhead_s if sched else 0.0)
