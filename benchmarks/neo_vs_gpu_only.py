@@ -4,9 +4,10 @@ Method (``comparison``): every mode (``off``, ``auto``; ``full`` and variants on
 own ``neo serve`` with identical flags except ``--offload-mode`` (and no ``--num-cpu-blocks`` in
 ``off``: GPU-only has no host pool). With ``--live-servers`` (default) all servers start first and
 stay up, each warmed up before any measurement; the modes then run ``--reps`` times in ABBA order
-(off auto auto off off auto ...), so a drift over the call falls on every mode alike. Every run
-sends the same requests (same seeds: prompts, lengths, arrival times; workload generator
-``neo_bench.serve``). The headline is the whole-run (makespan) output throughput of the offline
+(off auto auto off off auto ...), so a drift over the call falls on every mode alike. Within a
+repetition every mode gets the same requests (same seeds: prompts, lengths, arrival times; workload
+generator ``neo_bench.serve``); each repetition draws new ones, so no live server's prefix cache
+serves a repetition what an earlier one computed. The headline is the whole-run (makespan) output throughput of the offline
 batch, median over median, with the range of the extremes; overlapping ranges are "no difference".
 Servers are stopped by PID (SIGTERM, SIGKILL after a grace). ``--emulate-gpu PRESET`` runs every
 server under GPU emulation (docs/design.md, "GPU emulation"); the report says so.
@@ -362,27 +363,29 @@ def start_server(args: argparse.Namespace, mode: str, tag: str = "") -> tuple[Se
     if args.warmup:   # short requests, then a slice of the real workload: graphs, caches, allocator
         asyncio.run(send_all(server.url, model, [[100 + i for i in range(16)]] * args.warmup,
                              [4] * args.warmup, np.zeros(args.warmup)))
-        prompts, outs, gaps = make_requests(args, max(1, args.offline_prompts // 10), math.inf, args.seed + 99)
+        prompts, outs, gaps = make_requests(args, max(1, args.offline_prompts // 10), math.inf, args.seed + 999)
         asyncio.run(send_all(server.url, model, prompts, [min(o, 16) for o in outs], gaps))
     return server, info
 
 
 def measure(args: argparse.Namespace, server: Server, model: str, mode: str, rep: int, rates: list[float]) -> dict:
     """One repetition of one mode: the offline batch (whole-run makespan and the steady window),
-    then each online rate; the same requests in every repetition and mode."""
+    then each online rate. Every mode gets the same requests in a repetition; each repetition
+    draws new prompts (seeds offset by the repetition), so the prefix cache of a live server never
+    serves a later repetition what an earlier one computed."""
+    seed = args.seed + 1000 * rep
     out: dict = {"mode": mode, "rep": rep, "online": [], "offline": None}
     if args.offline_prompts:
         log.info("rep %d mode %s: %d offline requests at t=0", rep, mode, args.offline_prompts)
         peaks: dict = {}
-        reqs = make_requests(args, args.offline_prompts, math.inf, args.seed + 1)
+        reqs = make_requests(args, args.offline_prompts, math.inf, seed + 1)
         results, wall = asyncio.run(send_all(server.url, model, *reqs, poll=peaks))
         whole = summarize(results, wall, {})
         out["offline"] = {**whole, "makespan_s": wall, "steady": steady_window(results),
                           "peak_decoding": {k: peaks.get(k) for k in POLLED}}
     for rate in rates:
         log.info("rep %d mode %s: %d requests at rate %g req/s", rep, mode, args.num_prompts, rate)
-        results, wall = asyncio.run(send_all(server.url, model, *make_requests(args, args.num_prompts, rate,
-                                                                               args.seed)))
+        results, wall = asyncio.run(send_all(server.url, model, *make_requests(args, args.num_prompts, rate, seed)))
         out["online"].append({"mode": mode, "rep": rep, "rate": rate, **summarize(results, wall, {})})
     return out
 
