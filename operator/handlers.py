@@ -15,15 +15,19 @@ from kubernetes.client.rest import ApiException
 
 from neo_operator import constants as c
 from neo_operator.kube import Kube, rejection_message
+from neo_operator.labels import ENGINE_COMPONENT, engine_pod_selector
+from neo_operator.model_source import HubSpec
 from neo_operator.nodes import bandwidth, is_gpu_node
 from neo_operator.nodewatch import NodeChanges, waits_for_nodes, waits_for_probes
 from neo_operator.opconfig import OperatorConfig
 from neo_operator.probes import ProbeCollector, ensure_probe_jobs
-from neo_operator.reconcile import reconcile, workload_update
+from neo_operator.reconcile import pods_update, reconcile, workload_update
+from neo_operator.spec import SpecError, parse_spec
 
 log = logging.getLogger(__name__)
 
 OWNED = {c.MANAGED_BY_LABEL: c.MANAGED_BY}
+ENGINE_PODS = {c.MANAGED_BY_LABEL: c.MANAGED_BY, c.COMPONENT_LABEL: ENGINE_COMPONENT}
 PEERING_LIFETIME_S = 20  # a replica killed without leaving is taken over this soon
 RECREATE_MAX_DELAY_S = 30.0  # the backoff cap of a Deployment recreation that keeps failing
 
@@ -93,6 +97,32 @@ async def deployment_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any
     upd = workload_update(dict(body), None)
     await asyncio.to_thread(kube.update_neoservice_status, namespace, owner["name"],
                             lambda obj: upd.apply(obj.get("status") or {}))
+
+
+@kopf.on.event("", "v1", "pods", labels=ENGINE_PODS)
+async def engine_pod_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """An engine pod changed: its NeoService's ``PodsInitialized`` follows the init containers of all its
+    pods (a model download that keeps failing shows on the NeoService, not only in ``kubectl describe
+    pod``; it clears once they finish). The Deployment's status does not change while an init container
+    crash-loops, so nothing else would notice."""
+    name = (body["metadata"].get("labels") or {}).get(c.INSTANCE_LABEL)
+    if name:
+        await asyncio.to_thread(_follow_pods, memo, body["metadata"]["namespace"], name)
+
+
+def _follow_pods(memo: kopf.Memo, namespace: str, name: str) -> None:
+    kube: Kube = memo.kube
+    pods = kube.list_pods(namespace, engine_pod_selector(name))
+    kube.update_neoservice_status(namespace, name,
+                                  lambda obj: pods_update(pods, _hub(obj, memo.config)).apply(obj.get("status") or {}))
+
+
+def _hub(neo: Mapping[str, Any], config: OperatorConfig) -> HubSpec | None:
+    """The hf:// model of a NeoService (to say what fixes its download), None for other models or a bad spec."""
+    try:
+        return parse_spec(neo.get("spec") or {}, config.default_images()).model.hub
+    except SpecError:
+        return None
 
 
 async def _recreate(memo: kopf.Memo, namespace: str, owner: Mapping[str, Any], deployment: str) -> None:

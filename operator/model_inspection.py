@@ -137,7 +137,7 @@ def _terminated(pods: list[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     return None
 
 
-def _result_line(message: str) -> dict[str, Any] | None:
+def result_line(message: str) -> dict[str, Any] | None:
     for line in reversed((message or "").strip().splitlines()):
         try:
             data = json.loads(line)
@@ -165,7 +165,7 @@ def inspection_state(job: Mapping[str, Any] | None, pods: list[Mapping[str, Any]
     attempt = int(annotations.get(ATTEMPT_ANNOTATION) or 1)
     term = _terminated(pods)
     if term is not None:
-        line = _result_line(term.get("message") or "")
+        line = result_line(term.get("message") or "")
         if term.get("exitCode") == 0 and line and "geometry" in line and "revision" in line:
             return InspectionState(result=line)
         if term.get("exitCode") != 0:

@@ -24,10 +24,11 @@ from neo_operator.deployment import build_deployment
 from neo_operator.disruption import build_disruption_budget, disruption_budget_name
 from neo_operator.engineargs import EngineArgsError
 from neo_operator.kube import Kube, is_spec_rejection, rejection_message
-from neo_operator.labels import selector_string
+from neo_operator.labels import engine_pod_selector, selector_string
 from neo_operator.networkpolicy import build_network_policy, network_policy_name
 from neo_operator.nodes import node_facts, select_nodes
 from neo_operator.opconfig import OperatorConfig
+from neo_operator.podhealth import CONDITION as PODS_INITIALIZED, pods_condition
 from neo_operator.probes import ensure_probe_jobs, probe_failures
 from neo_operator.service import build_service, service_url
 from neo_operator.sizing import SizingError, SizingPending, size
@@ -60,6 +61,11 @@ class StatusUpdate:
         if self.generation is not None:
             status["observedGeneration"] = self.generation
         return st.derive(status, self.generation)
+
+
+def pods_update(pods: list[dict[str, Any]], hub: Any) -> StatusUpdate:
+    """``PodsInitialized`` from the engine pods (the pod watch: says nothing about the spec's generation)."""
+    return StatusUpdate(generation=None).cond(PODS_INITIALIZED, *pods_condition(pods, hub))
 
 
 def workload_update(deployment: Mapping[str, Any] | None, generation: int | None) -> StatusUpdate:
@@ -164,6 +170,7 @@ def reconcile(kube: Kube, config: OperatorConfig, body: Mapping[str, Any],
         "url": service_url(name, namespace),
         "selector": selector_string(name),
     })
+    upd.cond(PODS_INITIALIZED, *pods_condition(kube.list_pods(namespace, engine_pod_selector(name)), spec.model.hub))
     follow = workload_update(kube.get_deployment(namespace, name), upd.generation)
     upd.conditions += follow.conditions
     upd.fields.update(follow.fields)

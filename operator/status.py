@@ -10,7 +10,10 @@ import copy
 import datetime
 from typing import Any, Mapping
 
-CONDITION_TYPES = ("SpecValid", "ModelAvailable", "Sized", "WorkloadReady", "Ready")
+CONDITION_TYPES = ("SpecValid", "ModelAvailable", "Sized", "PodsInitialized", "WorkloadReady", "Ready")
+# Known only once pods exist (the pod watch, a reconcile that wrote the children): its absence does
+# not hold Ready back, and it comes before WorkloadReady so Ready names the init container's reason.
+OPTIONAL_TYPES = {"PodsInitialized"}
 PENDING_REASONS = {"BandwidthProbePending", "BandwidthProbeFailed"}  # both retried by the operator
 
 
@@ -63,7 +66,7 @@ def derive(status: Mapping[str, Any], generation: int | None = None) -> dict[str
     out = copy.deepcopy(dict(status))
     conds = out.get("conditions") or []
     failing = [c for c in conds if c["type"] in CONDITION_TYPES[:-1] and c.get("status") != "True"]
-    missing = [t for t in CONDITION_TYPES[:-1] if condition(conds, t) is None]
+    missing = [t for t in CONDITION_TYPES[:-1] if t not in OPTIONAL_TYPES and condition(conds, t) is None]
     if failing:
         first = failing[0]
         conds = set_condition(conds, "Ready", False, first["reason"], f"{first['type']}: {first['message']}", generation)

@@ -24,6 +24,7 @@ from neo_operator import constants as c
 from neo_operator import model_inspection as mi
 from neo_operator.model_fetch import FetchFailure
 from neo_operator.model_source import INIT_CONTAINER
+from neo_operator.podhealth import CONDITION as PODS_INITIALIZED
 
 from kube_cluster import Cluster, Operator, wait_for
 
@@ -173,3 +174,77 @@ def test_hub_failures_become_conditions(env: dict, name: str, source: str, secre
     cnd = condition(env, name, "ModelAvailable")
     assert cnd["reason"] == reason.value and fix in cnd["message"], cnd
     assert not exists_deployment(env, name), "a model that cannot be fetched leaves no children"
+
+
+def fake_replicaset_pod(env: dict, name: str) -> dict:
+    """The ReplicaSet controller's part (this cluster runs none): one pod from the Deployment's template."""
+    dep = env["apps"].read_namespaced_deployment(name, NS)
+    template = env["core"].api_client.sanitize_for_serialization(dep.spec.template)
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": f"{name}-7c9d5-x2k4p", "namespace": NS, "labels": template["metadata"]["labels"]},
+           "spec": template["spec"]}
+    env["core"].create_namespaced_pod(NS, pod)
+    return pod
+
+
+def fake_kubelet_run_download(env: dict, pod: dict, restarts: int) -> int:
+    """The kubelet's part for the engine pod: run its model-download init container's real command here
+    (the Secret's current token, against the Hub stand-in), then write the pod status as a kubelet does:
+    a failed init container in CrashLoopBackOff with the last run's exit code and termination message,
+    or a finished one and the engine containers running."""
+    (init,) = pod["spec"]["initContainers"]
+    with tempfile.TemporaryDirectory() as tmp:
+        code, message = run_container_locally(init, secrets_of(env), {c.MODEL_MOUNT: f"{tmp}/models", "/tmp": f"{tmp}/t"})
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    run = {"exitCode": code, "reason": "Completed" if code == 0 else "Error", "message": message,
+           "startedAt": now, "finishedAt": now}
+    base = {"name": init["name"], "image": init["image"], "imageID": "", "restartCount": restarts}
+    if code:
+        init_status = {**base, "ready": False, "lastState": {"terminated": run}, "state": {"waiting": {
+            "reason": "CrashLoopBackOff",
+            "message": f"back-off 10s restarting failed container={init['name']} pod={pod['metadata']['name']}"}}}
+        containers = {"state": {"waiting": {"reason": "PodInitializing"}}, "ready": False}
+        phase = "Pending"
+    else:
+        init_status = {**base, "ready": True, "state": {"terminated": run}}
+        containers = {"state": {"running": {"startedAt": now}}, "ready": False}
+        phase = "Running"
+    env["core"].patch_namespaced_pod_status(pod["metadata"]["name"], NS, {"status": {
+        "phase": phase, "initContainerStatuses": [init_status],
+        "containerStatuses": [{"name": ct["name"], "image": ct["image"], "imageID": "", "restartCount": 0, **containers}
+                              for ct in pod["spec"]["containers"]]}})
+    return code
+
+
+def test_a_failing_model_download_becomes_a_condition_until_the_pods_run(env: dict) -> None:
+    """The token is revoked after the inspection succeeded: the engine pod's download init container
+    crash-loops. That shows on the NeoService (PodsInitialized=False naming the pod, the Secret and the
+    Hub's answer; Ready and phase follow; a Warning Event), not only in `kubectl describe pod`, and
+    clears once the fixed token lets the download finish."""
+    name = "qwen-revoked"
+    env["core"].create_namespaced_secret(NS, {"metadata": {"name": "hf-revocable"}, "stringData": {"token": TOKEN}})
+    create(env, name, "hf://acme/qwen-mini@v1", "hf-revocable")
+    assert fake_kubelet_run_inspection(env, name)["revision"] == REPO.commit
+    wait_for(lambda: exists_deployment(env, name), what="the Deployment")
+    env["core"].patch_namespaced_secret("hf-revocable", NS, {"stringData": {"token": "hf_revoked"}})
+    pod = fake_replicaset_pod(env, name)
+    assert fake_kubelet_run_download(env, pod, restarts=1) != 0
+    cnd = wait_for(lambda: (x := condition(env, name, PODS_INITIALIZED)) and x["status"] == "False" and x,
+                   what="PodsInitialized=False")
+    assert cnd["reason"] == FetchFailure.UNAUTHORIZED.value, cnd
+    for words in (pod["metadata"]["name"], INIT_CONTAINER, "CrashLoopBackOff", "exit code 1",
+                  "'hf-revocable' (spec.model.hub.tokenSecretRef)", "401"):
+        assert words in cnd["message"], (words, cnd["message"])
+    obj = env["custom"].get_namespaced_custom_object(c.GROUP, c.VERSION, NS, c.PLURAL, name)
+    assert obj["status"]["phase"] == "Failed"
+    assert condition(env, name, "Ready")["reason"] == FetchFailure.UNAUTHORIZED.value
+    wait_for(lambda: [e for e in env["core"].list_namespaced_event(NS, field_selector=f"involvedObject.name={name}").items
+                      if e.type == "Warning" and e.reason == FetchFailure.UNAUTHORIZED.value],
+             what="a Warning event for the failing download")
+    # the token is fixed; the kubelet's next restart of the init container downloads the model
+    env["core"].patch_namespaced_secret("hf-revocable", NS, {"stringData": {"token": TOKEN}})
+    assert fake_kubelet_run_download(env, pod, restarts=2) == 0
+    cnd = wait_for(lambda: (x := condition(env, name, PODS_INITIALIZED)) and x["status"] == "True" and x,
+                   what="PodsInitialized=True once the download finished")
+    assert cnd["reason"] == "Initialized", cnd
+    assert condition(env, name, "Ready")["reason"] != FetchFailure.UNAUTHORIZED.value

@@ -58,13 +58,14 @@ app.kubernetes.io/component: operator
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
   verbs: [get]
-# hf:// models: the model-inspection Job (config.json, before sizing) and its pod's termination message
+# hf:// models: the model-inspection Job (config.json, before sizing) and its pod's termination message;
+# the engine pods watched for a failing init container (model download or check: PodsInitialized)
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, create, delete]
 - apiGroups: [""]
   resources: [pods]
-  verbs: [list]
+  verbs: [list, watch]
 - apiGroups: ["", events.k8s.io]
   resources: [events]
   verbs: [create]
