@@ -52,7 +52,8 @@ def validate(doc: dict[str, Any]) -> None:
 VALUE_SETS = {
     "defaults": (),
     "everything": ("example.enabled=true", "serviceMonitor.enabled=true", "operator.verbose=true",
-                   "imagePullSecrets[0].name=regcred", "operator.nodeSelector.role=infra"),
+                   "imagePullSecrets[0].name=regcred", "operator.nodeSelector.role=infra",
+                   "operator.nodeReserve.cpu=2"),
     "namespaced": ("operator.watchNamespaces={team-a,team-b}", "serviceMonitor.enabled=true"),
     "cluster-wide": ("operator.clusterWide=true", "serviceMonitor.enabled=true", "networkPolicy.metricsFrom=null"),
 }
@@ -174,6 +175,25 @@ def test_metrics_peers_reach_the_operator() -> None:
     assert OperatorConfig.from_args([], env=env_of("networkPolicy.metricsFrom=null")).default_metrics_peers == ()
 
 
+def test_node_reserve_values_reach_the_operator() -> None:
+    """operator.nodeReserve becomes the operator's --node-cpu-reserve, --node-memory-reserve-gib and
+    --node-reserve-fraction (their NEO_* variables), parsed by the operator's own config."""
+    from neo_operator.opconfig import OperatorConfig
+    from neo_operator.sizing import NodeReserve
+
+    def reserve(*args: str) -> NodeReserve:
+        out = helm("template", "neo", str(CHART), *args).stdout
+        (dep,) = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "Deployment"]
+        env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+        return OperatorConfig.from_args([], env=env).node_reserve
+
+    assert reserve() == OperatorConfig.from_args([], env={}).node_reserve  # the chart's defaults are the flags'
+    assert reserve() == NodeReserve(cpu_min=1.0, memory_min=int(1.5 * (1 << 30)), fraction=0.05)
+    assert reserve("--set", "operator.nodeReserve.cpu=3", "--set-json", "operator.nodeReserve.memoryGiB=2.5",
+                   "--set-json", "operator.nodeReserve.fraction=0.1") == NodeReserve(
+        cpu_min=3.0, memory_min=int(2.5 * (1 << 30)), fraction=0.1)
+
+
 def test_example_neoservice_and_servicemonitor() -> None:
     docs = render("example.enabled=true", "serviceMonitor.enabled=true")
     (ns,) = [d for d in docs if d["kind"] == "NeoService"]
@@ -196,6 +216,9 @@ def test_example_neoservice_and_servicemonitor() -> None:
     "unknownKey=1",
     "operator.clusterWide=maybe",
     "networkPolicy.metricsFrom[0].pods.app=x",
+    "operator.nodeReserve.cpu=-1",
+    "operator.nodeReserve.fraction=1",
+    "operator.nodeReserve.cores=2",
 ])
 def test_values_schema_rejects_bad_values(bad: str) -> None:
     result = helm("template", "neo", str(CHART), "--set", bad, check=False)
