@@ -33,7 +33,9 @@ import numpy as np
 from neo_common.host_kernel import _native, kernel
 from neo_common.host_kernel.cpus import available_cpus
 from neo_cpu_attention.membw import cpu_model
-from neo_common.segment import KvSegment, SegmentLayout, job_seq
+from neo_common.enums import KvDtypeCode
+from neo_common.segment import ABORT_OFF, KvSegment, SegmentLayout, job_seq
+from neo_cpu_attention.slots import SlotDesc
 
 HQ, HKV, D, BS = 32, 8, 128, 16   # Llama-3-8B attention geometry
 
@@ -98,16 +100,14 @@ def handoff_child(name: str, jobs: int, threads: int) -> int:
     lay = seg.layout
     lens = np.ones(1, np.int32)
     bt = np.zeros((1, 1), np.int32)
-    slot = (seg.base_address + lay.req_off(0), seg.base_address + lay.done_off(0),
-            seg.base_address + lay.status_off(0), seg.address("q", 0), seg.address("k_new", 0),
-            seg.address("v_new", 0), seg.address("o", 0), 1, lens.ctypes.data, bt.ctypes.data, 1, 0)
+    slot = SlotDesc.for_slot(seg, 0, lens, bt)
     print("ATTACHED", flush=True)
     rc = 0
     for it in range(1, jobs // lay.num_layers + 1):
-        rc, _, _ = _native.serve_iteration(seg.address("k_pool"), seg.address("v_pool"), seg.base_address + 512,
-                                           lay.num_layers, lay.num_blocks, lay.num_q_heads, lay.num_kv_heads,
-                                           lay.head_dim, lay.block_size, 0, lay.attn_scale, it, [slot],
-                                           1_000_000, 30_000_000)
+        rc, *_ = _native.serve_iteration(seg.address("k_pool"), seg.address("v_pool"), seg.base_address + ABORT_OFF,
+                                         lay.num_layers, lay.num_blocks, lay.num_q_heads, lay.num_kv_heads,
+                                         lay.head_dim, lay.block_size, KvDtypeCode[lay.dtype], lay.attn_scale, it,
+                                         [slot], 1_000_000, 30_000_000)
         if rc:
             break
     seg.close()

@@ -98,3 +98,25 @@ def context_from_headers(headers: Iterable[tuple[bytes, bytes]]) -> Any:
     """Parent context from an incoming HTTP request's traceparent/tracestate headers."""
     carrier = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in headers}
     return _PROPAGATOR.extract(carrier)
+
+
+def iteration_parent(trace: dict, served: Iterable[int] | None = None) -> tuple[Any, list[Link]] | None:
+    """Parent context and links of a worker's iteration span, from a plan's ``trace`` map.
+
+    The gateway's map names the batch's traced requests: ``traceparent`` (the first), ``links`` (the
+    others) and, aligned with them, their ``seq_ids``. Given ``served``, the sequence ids this process
+    computed for, the first traced request among them is the parent and the others among them links,
+    so a process that serves part of a batch (cpu_attention: the CPU rows) puts its span in the trace
+    of a request it worked for; None when it served no traced request. A map without ``seq_ids``
+    keeps the batch's parent and links.
+    """
+    if not trace or not trace.get("traceparent"):
+        return None
+    parents = [trace["traceparent"], *trace.get("links", ())]
+    ids = trace.get("seq_ids")
+    if served is not None and isinstance(ids, list) and len(ids) == len(parents):
+        wanted = set(served)
+        parents = [tp for sid, tp in zip(ids, parents) if sid in wanted]
+        if not parents:
+            return None
+    return context_from_traceparent(parents[0]), links_from(parents[1:])

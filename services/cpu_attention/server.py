@@ -3,7 +3,8 @@
 Per ``CpuAttentionPlan`` the process serves, for every layer and every sub-batch with CPU rows, one
 job: wait for the slot's doorbell, run the kernel on the slot's staging rows (appending k/v to the
 pool), publish completion (see ``segment`` for the protocol). The whole iteration runs in native code
-with the GIL released; Python only regains control between time slices to notice a Shutdown.
+with the GIL released; Python only regains control between time slices to notice a Shutdown. With
+tracing on, each iteration serving a traced request is a span (``iteration``).
 """
 
 from __future__ import annotations
@@ -15,18 +16,21 @@ import time
 import numpy as np
 import zmq
 
-from neo_common import protocol, tracing
+from neo_common import protocol
 from neo_common.config import NeoConfig
 from neo_common.enums import CpuState, KvDtypeCode, NativeStatus
 from neo_common.link import secure_connect
 from neo_common.host_kernel import _native, kernel
 from neo_common.procs import pid_alive
 from neo_common.segment import ABORT_OFF, KvSegment, SegmentError
+from neo_cpu_attention.iteration import ServedIteration, iteration_span
+from neo_cpu_attention.slots import SlotDesc
 
 log = logging.getLogger(__name__)
-_tracer = tracing.tracer("neo.cpu_attention")
 
 HELLO_INTERVAL_S = 1.0
+GATEWAY_GRACE_MAX_S = 10.0  # a departed gateway's grace is at most this (or --worker-timeout-s)
+POLL_MS = 100               # the idle loop's socket poll
 CURRENT_CHECK_S = 0.5       # how often an idle process checks that its segment was not replaced
 SLICE_US = 200_000          # native serve slice; between slices we look at the socket
 SPIN_US = 2_000             # spin this long on a doorbell before sleep-polling
@@ -52,7 +56,8 @@ class CpuAttentionServer:
                  attach_timeout_s: float = 30.0, threads: int | None = None) -> None:
         self.config = config
         # a gateway that dropped the connection gets this long to come back before we exit
-        self.gateway_grace_s = min(10.0, config.ipc.worker_timeout_s) if gateway_grace_s is None else gateway_grace_s
+        self.gateway_grace_s = (min(GATEWAY_GRACE_MAX_S, config.ipc.worker_timeout_s) if gateway_grace_s is None
+                                else gateway_grace_s)
         self.attach_timeout_s = attach_timeout_s
         self.segment: KvSegment | None = None
         self.threads = kernel.set_num_threads(config.device.cpu_threads if threads is None else threads)
@@ -95,7 +100,7 @@ class CpuAttentionServer:
                     self._drop_if_replaced()
                 if self.segment is None:
                     self._try_attach(0.0)
-                events = dict(poller.poll(100))
+                events = dict(poller.poll(POLL_MS))
                 if self.monitor in events:
                     self._drain_monitor()
                 if self.sock in events or self._pending:
@@ -203,59 +208,47 @@ class CpuAttentionServer:
                                     block_size=lay.block_size, device="cpu", dtype=lay.dtype)
 
     # -- one iteration ----------------------------------------------------------------------------
-    def serve_plan(self, plan: protocol.CpuAttentionPlan) -> None:
-        """Serve one iteration, under a span (child of the oldest traced request, linked to the
-        others) when the gateway traced it."""
-        if not plan.trace:
-            return self._serve_plan(plan)
-        parent = tracing.context_from_traceparent(plan.trace.get("traceparent"))
-        with _tracer.start_as_current_span("cpu_attention.iteration", context=parent,
-                                           links=tracing.links_from(plan.trace.get("links", ()))) as span:
-            span.set_attribute("neo.iteration_id", int(plan.iteration_id))
-            span.set_attribute("neo.cpu_rows", [int(np.asarray(s).shape[0]) for s in plan.seq_lens])
-            span.set_attribute("neo.cpu_context_tokens", int(sum(int(np.asarray(s).sum()) for s in plan.seq_lens)))
-            jobs = self.jobs
-            self._serve_plan(plan)
-            span.set_attribute("neo.jobs", self.jobs - jobs)
+    def serve_plan(self, plan: protocol.CpuAttentionPlan) -> ServedIteration:
+        """Serve one iteration, under its span when it serves a traced request; returns its account."""
+        served = ServedIteration.of(plan)
+        with iteration_span(plan) as span:
+            self._serve_plan(plan, served)
+            if span is not None:
+                served.record(span)
+        return served
 
-    def _serve_plan(self, plan: protocol.CpuAttentionPlan) -> None:
-        it = int(plan.iteration_id)
-        rows = [int(np.asarray(s).shape[0]) for s in plan.seq_lens]
+    def _serve_plan(self, plan: protocol.CpuAttentionPlan, served: ServedIteration) -> None:
+        it, rows = served.iteration_id, served.rows
         if sum(rows) == 0:
             return
         self._drop_if_replaced()
         if self.segment is None and not self._try_attach(self.attach_timeout_s):
-            self._fail(it, f"shared-memory segment {self.config.shm_name} not available")
-            return
+            return self._fail(served, f"shared-memory segment {self.config.shm_name} not available")
         seg = self.segment
         lay = seg.layout
         if len(rows) > lay.num_slots or max(rows) > lay.max_rows:
-            self._fail(it, f"plan has sub-batches {rows}; segment holds {lay.num_slots} x {lay.max_rows} rows")
-            return
+            return self._fail(served, f"plan has sub-batches {rows}; "
+                                      f"segment holds {lay.num_slots} x {lay.max_rows} rows")
         keep = []  # arrays whose addresses the native loop uses
-        slots = []
+        slots: list[SlotDesc] = []
         for s, n in enumerate(rows):
             lens = np.ascontiguousarray(plan.seq_lens[s], dtype=np.int32)
             bt = np.ascontiguousarray(plan.block_tables[s], dtype=np.int32)
             if n and (bt.ndim != 2 or bt.shape[0] != n):
-                self._fail(it, f"sub-batch {s}: block_tables shape {bt.shape} for {n} rows")
-                return
+                return self._fail(served, f"sub-batch {s}: block_tables shape {bt.shape} for {n} rows")
             keep += [lens, bt]
-            slots.append((
-                seg.base_address + lay.req_off(s), seg.base_address + lay.done_off(s),
-                seg.base_address + lay.status_off(s), seg.address("q", s), seg.address("k_new", s),
-                seg.address("v_new", s), seg.address("o", s), n, lens.ctypes.data,
-                bt.ctypes.data if n else 0, int(bt.shape[1]) if n else 0, 0,
-            ))
+            slots.append(SlotDesc.for_slot(seg, s, lens, bt))
         budget_s = self.config.ipc.worker_timeout_s
-        idle_since = time.monotonic()
+        started = idle_since = time.monotonic()
+        busy_ns = 0
         while True:
-            rc, failed, next_layers = _native.serve_iteration(
+            rc, failed, next_layers, slice_busy_ns = _native.serve_iteration(
                 seg.address("k_pool"), seg.address("v_pool"), seg.base_address + ABORT_OFF, lay.num_layers,
                 lay.num_blocks, lay.num_q_heads, lay.num_kv_heads, lay.head_dim, lay.block_size,
                 KvDtypeCode[lay.dtype], lay.attn_scale, it, slots, SPIN_US, SLICE_US)
-            progressed = [sl[11] for sl in slots] != list(next_layers)
-            slots = [sl[:11] + (nl,) for sl, nl in zip(slots, next_layers)]
+            busy_ns += slice_busy_ns
+            progressed = [sl.next_layer for sl in slots] != list(next_layers)
+            slots = [sl._replace(next_layer=nl) for sl, nl in zip(slots, next_layers)]
             if rc != NativeStatus.NO_DOORBELL:  # anything else ends the iteration
                 break
             now = time.monotonic()
@@ -267,14 +260,18 @@ class CpuAttentionServer:
             if self.stopping:
                 log.warning("iteration %d interrupted by shutdown", it)
                 return
+        served.status = NativeStatus(rc) if rc in set(NativeStatus) else None
+        served.jobs = sum(sl.next_layer for sl in slots if sl.rows)   # an idle slot reports every layer done
+        served.busy_s = busy_ns / 1e9
+        served.wait_s = max(0.0, time.monotonic() - started - served.busy_s)
         self.iterations += 1
-        self.jobs += sum(next_layers)
+        self.jobs += served.jobs
         if rc == NativeStatus.OK:
             return
         if rc == NativeStatus.ABORTED:
             log.info("iteration %d aborted by the GPU worker", it)
             return
-        self._fail(it, f"iteration {it} layer {failed}: {kernel.describe(rc)}")
+        self._fail(served, f"iteration {it} layer {failed}: {kernel.describe(rc)}")
 
     def _poll_control(self) -> None:
         """Between native slices: notice a Shutdown (other frames are kept for the main loop)."""
@@ -287,9 +284,11 @@ class CpuAttentionServer:
                 return
             self._pending.append(frame)   # served by the main loop after this iteration
 
-    def _fail(self, it: int, message: str) -> None:
+    def _fail(self, served: ServedIteration, message: str) -> None:
         log.error("%s", message)
-        self._send(protocol.WorkerError(iteration_id=it, message=f"cpu_attention: {message}", fatal=False))
+        served.error = message
+        self._send(protocol.WorkerError(iteration_id=served.iteration_id, message=f"cpu_attention: {message}",
+                                        fatal=False))
 
 
 def install_signal_handlers(server: CpuAttentionServer, parent: int | None = None) -> None:

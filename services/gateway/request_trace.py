@@ -42,8 +42,13 @@ def record_phases(seq: Sequence, model: str) -> None:
 
 def iteration_trace(output: SchedulerOutput) -> dict:
     """Context for the workers' iteration span: the oldest traced request is its parent, every
-    traced request in the batch a link (one iteration serves many requests)."""
-    parents = [tp for tp in (tracing.traceparent(r.seq.span) for r in output.rows if r.seq.span is not None) if tp]
-    if not parents:
+    traced request in the batch a link (one iteration serves many requests); ``seq_ids`` says which
+    request each is, so a process serving part of the batch (cpu_attention) picks among its own rows
+    (``neo_common.tracing.iteration_parent``)."""
+    traced = [(r.seq.seq_id, r.seq.span) for r in output.rows if r.seq.span is not None]
+    pairs = [(sid, tp) for sid, tp in ((sid, tracing.traceparent(span)) for sid, span in traced) if tp]
+    if not pairs:
         return {}
-    return {"traceparent": parents[0], "links": parents[1:], "iteration_id": output.iteration_id}
+    parents = [tp for _, tp in pairs]
+    return {"traceparent": parents[0], "links": parents[1:], "seq_ids": [int(sid) for sid, _ in pairs],
+            "iteration_id": output.iteration_id}

@@ -3,13 +3,15 @@
 Creates the segment described by ``<dir>/meta.json``, loads the initial pools, then for every
 iteration and layer stages each slot's q/k/v rows, rings its doorbell, waits for completion and keeps
 o. Prints READY after creating the segment and DONE after the last job (outputs in ``<dir>/out.npz``),
-then waits for a line on stdin (or EOF) and exits, removing the segment.
+then waits for a line on stdin (or EOF) and exits, removing the segment. With ``ring_delay_s`` in the
+meta, it holds every layer's doorbells that long, as a GPU slower than the CPU would.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 
 import numpy as np
 
@@ -29,10 +31,12 @@ def main(folder: str, name: str) -> int:
         seg.unlink()
         return 0
     outs = {}
+    delay_s = float(meta.get("ring_delay_s", 0.0))
     for it, plan in enumerate(meta["iterations"]):
         iteration_id = plan["iteration_id"]
         for layer in range(layout.num_layers):
             active = [s for s, lens in enumerate(plan["seq_lens"]) if lens]
+            time.sleep(delay_s)
             for s in active:
                 n = len(plan["seq_lens"][s])
                 for part in ("q", "k_new", "v_new"):

@@ -2,7 +2,8 @@
 
 The test plays the gateway (a ZeroMQ ROUTER): it receives the Hello, sends CpuAttentionPlans, and
 checks that the answers that came back through the doorbell path equal the in-process kernel's, bit
-for bit, and that the segment is gone after both exit, also when one of them is killed by PID.
+for bit, and that the segment is gone after both exit, also when one of them is killed by PID; with a
+real OTLP collector, that the iterations' spans land in the right traces with their timings.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 
 import numpy as np
@@ -22,6 +24,7 @@ from neo_common import protocol
 
 from neo_common.host_kernel import _native, kernel
 from neo_common.segment import SegmentLayout
+from support.otlp import attributes, collector  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.integration
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -37,7 +40,7 @@ def bf16(rng, shape) -> np.ndarray:
     return (rng.standard_normal(shape, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
 
 
-def make_inputs(folder, rng):
+def make_inputs(folder, rng, ring_delay_s: float = 0.0):
     """Two iterations; slot 0 has 3 rows, slot 1 has 2 rows (the second iteration's lengths + 1)."""
     lay = LAYOUT
     perm = rng.permutation(lay.num_blocks).astype(np.int32)
@@ -64,7 +67,8 @@ def make_inputs(folder, rng):
                 arrays[f"v_new_{it}_{layer}_{s}"] = bf16(rng, (len(lens), lay.num_kv_heads, lay.head_dim))
     np.savez(f"{folder}/inputs.npz", **arrays)
     with open(f"{folder}/meta.json", "w") as f:
-        json.dump({"layout": {k: getattr(lay, k) for k in lay.__dataclass_fields__}, "iterations": iterations}, f)
+        json.dump({"layout": {k: getattr(lay, k) for k in lay.__dataclass_fields__}, "iterations": iterations,
+                   "ring_delay_s": ring_delay_s}, f)
     return arrays, iterations
 
 
@@ -87,7 +91,7 @@ def expected_outputs(arrays, iterations):
 class Replica:
     """The two processes plus the gateway socket of one test."""
 
-    def __init__(self, tmp_path, grace_s: float = 60.0):
+    def __init__(self, tmp_path, grace_s: float = 60.0, env: dict[str, str] | None = None):
         self.name = f"neo-test-{uuid.uuid4().hex[:10]}"
         self.folder = str(tmp_path)
         self.ctx = zmq.Context()
@@ -96,7 +100,7 @@ class Replica:
         run = tmp_path / "run"
         run.mkdir(mode=0o700)
         self.router.bind(f"ipc://{run}/cpu-attention.sock")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.cpu = subprocess.Popen(
             [sys.executable, "-m", "neo_cpu_attention.main", "--runtime-dir", str(run),
              "--shm-name", self.name, "--cpu-threads", "2", "--worker-timeout-s", str(grace_s),
@@ -141,13 +145,14 @@ class Replica:
         return open(f"{self.folder}/cpu.log").read()
 
 
-def send_plans(rep: Replica, iterations) -> None:
-    for plan in iterations:
+def send_plans(rep: Replica, iterations, traces=None) -> None:
+    """The plans; row r of sub-batch s is sequence 10 * s + r."""
+    for plan, trace in zip(iterations, traces or [{}] * len(iterations)):
         rep.send(protocol.CpuAttentionPlan(
             iteration_id=plan["iteration_id"],
-            seq_ids=[np.arange(len(l), dtype=np.int64) for l in plan["seq_lens"]],
+            seq_ids=[np.arange(len(l), dtype=np.int64) + 10 * s for s, l in enumerate(plan["seq_lens"])],
             seq_lens=[np.asarray(l, np.int32) for l in plan["seq_lens"]],
-            block_tables=[np.asarray(t, np.int32) for t in plan["block_tables"]]))
+            block_tables=[np.asarray(t, np.int32) for t in plan["block_tables"]], trace=trace))
 
 
 def test_answers_arrive_through_the_doorbells_and_segment_is_removed(tmp_path):
@@ -221,3 +226,54 @@ def test_product_modules_import_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def _traceparent(n: int) -> str:
+    return f"00-{n:032x}-{n:016x}-01"
+
+
+def _batch_trace(seq_ids: list[int]) -> dict:
+    """The gateway's trace map for a batch whose traced requests are ``seq_ids`` (in row order)."""
+    parents = [_traceparent(1000 + sid) for sid in seq_ids]
+    return {"traceparent": parents[0], "links": parents[1:], "seq_ids": seq_ids}
+
+
+def test_iteration_spans_join_the_traces_of_the_cpu_rows(tmp_path, collector):
+    """Through a real OTLP collector: an iteration is a span in the trace of the first traced request
+    among its CPU rows (the batch's first traced request runs on the GPU), linked to the other traced
+    CPU rows, with the rows, context tokens, kernel time and the time spent waiting for doorbells; an
+    iteration whose traced requests all run on the GPU makes no span."""
+    delay_s = 0.05
+    arrays, iterations = make_inputs(tmp_path, np.random.default_rng(3), ring_delay_s=delay_s)
+    rep = Replica(tmp_path, env=collector.env())
+    try:
+        rep.hello()
+        assert rep.driver_line() == "READY"
+        # iteration 7: traced GPU rows 500, 501 and CPU rows 1 (sub-batch 0) and 11 (sub-batch 1);
+        # iteration 8: only GPU rows traced
+        send_plans(rep, iterations, [_batch_trace([500, 1, 501, 11]), _batch_trace([500, 501])])
+        rep.driver_go()
+        assert rep.driver_line() == "DONE", rep.cpu_log()
+        rep.send(protocol.Shutdown(reason="test"))
+        assert rep.cpu.wait(20) == 0   # the exit flushes its spans
+        spans = collector.wait_for(lambda spans: any(s.name == "cpu_attention.iteration" for _, s in spans))
+        time.sleep(1.0)                # rotel forwards in 100 ms batches: anything else has arrived too
+        spans = [(svc, s) for svc, s in collector.spans() if s.name == "cpu_attention.iteration"]
+    finally:
+        rep.close()
+    assert len(spans) == 1, [attributes(s) for _, s in spans]
+    (service, span), = spans
+    assert service == "neo-cpu-attention"
+    first_cpu = _traceparent(1001).split("-")
+    assert span.trace_id.hex() == first_cpu[1] and span.parent_span_id.hex() == first_cpu[2]
+    assert [link.span_id.hex() for link in span.links] == [_traceparent(1011).split("-")[2]]
+    attrs = attributes(span)
+    lens = iterations[0]["seq_lens"]
+    assert attrs["neo.iteration_id"] == 7 and attrs["neo.cpu_status"] == "OK"
+    assert attrs["neo.cpu_rows"] == [3, 2] and attrs["neo.cpu_context_tokens"] == sum(map(sum, lens))
+    assert attrs["neo.jobs"] == LAYOUT.num_layers * 2
+    duration_ms = (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6
+    # every layer's doorbells were held delay_s: the CPU waited at least that long per layer
+    assert attrs["neo.cpu_wait_ms"] >= LAYOUT.num_layers * delay_s * 1e3 * 0.9, attrs
+    assert 0 < attrs["neo.cpu_busy_ms"] < attrs["neo.cpu_wait_ms"], attrs
+    assert attrs["neo.cpu_busy_ms"] + attrs["neo.cpu_wait_ms"] <= duration_ms + 0.5

@@ -1,98 +1,23 @@
 """Traces across processes through a real OTLP collector (rotel).
 
-gateway and gpu_worker export OTLP/HTTP to a rotel agent, which forwards to a small OTLP/HTTP
-receiver in this test; one chat request's trace must hold the gateway's server span, its queue /
-prefill / decode phases, the GPU worker's iteration spans and, with every decode offloaded, the
-cpu_attention process's iteration spans, each with the right parent.
+gateway, gpu_worker and cpu_attention export OTLP/HTTP to a rotel agent, which forwards to a small
+OTLP/HTTP receiver in this test (``support.otlp``); one chat request's trace must hold the gateway's
+server span, its queue / prefill / decode phases, the GPU worker's iteration spans and, with every
+decode offloaded, the cpu_attention process's iteration spans (rows, context tokens, kernel and
+doorbell-wait times), each with the right parent.
 """
 
 from __future__ import annotations
 
-import gzip
-import http.server
-import os
-import signal
-import subprocess
-import threading
-import time
-
 import httpx
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (ExportTraceServiceRequest,
-                                                                    ExportTraceServiceResponse)
 
-from support.replica import Replica, free_ports
+from support.otlp import attributes, collector  # noqa: F401 (the fixture)
+from support.replica import Replica
 
 pytestmark = pytest.mark.integration
 
 MODEL = "smollm2-135m-instruct"
-
-
-class _Receiver(http.server.BaseHTTPRequestHandler):
-    spans: list = []
-
-    def do_POST(self):  # noqa: N802 (http.server's naming)
-        if self.headers.get("transfer-encoding", "").lower() == "chunked":
-            body = b""
-            while (size := int(self.rfile.readline().strip(), 16)):
-                body += self.rfile.read(size)
-                self.rfile.readline()
-            self.rfile.readline()
-        else:
-            body = self.rfile.read(int(self.headers.get("content-length", 0)))
-        if self.headers.get("content-encoding", "").lower() == "gzip":
-            body = gzip.decompress(body)
-        req = ExportTraceServiceRequest()
-        req.ParseFromString(body)
-        for rs in req.resource_spans:
-            service = next(a.value.string_value for a in rs.resource.attributes if a.key == "service.name")
-            for ss in rs.scope_spans:
-                for span in ss.spans:
-                    _Receiver.spans.append((service, span))
-        reply = ExportTraceServiceResponse().SerializeToString()
-        self.send_response(200)
-        self.send_header("content-type", "application/x-protobuf")
-        self.send_header("content-length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
-
-    def log_message(self, *args):
-        pass
-
-
-def rotel_agent() -> str:
-    import rotel
-
-    path = os.path.join(os.path.dirname(rotel.__file__), "rotel-agent")
-    assert os.access(path, os.X_OK), "the rotel package ships its agent binary"
-    return path
-
-
-@pytest.fixture
-def collector(tmp_path):
-    """rotel listening for OTLP/HTTP, exporting to an in-test receiver; yields the rotel endpoint."""
-    recv_port, http_port, grpc_port = free_ports(1, 1, 1)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", recv_port), _Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    _Receiver.spans = []
-    log = open(tmp_path / "rotel.log", "wb")
-    agent = subprocess.Popen([rotel_agent(), "start", "--otlp-http-endpoint", f"127.0.0.1:{http_port}",
-                              "--otlp-grpc-endpoint", f"127.0.0.1:{grpc_port}", "--exporter", "otlp",
-                              "--otlp-exporter-endpoint", f"http://127.0.0.1:{recv_port}",
-                              "--otlp-exporter-protocol", "http", "--batch-timeout", "100ms",
-                              "--pid-file", str(tmp_path / "rotel.pid")], stdout=log, stderr=log)
-    try:
-        yield f"http://127.0.0.1:{http_port}"
-    finally:
-        agent.send_signal(signal.SIGTERM)
-        try:
-            agent.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait()
-        server.shutdown()
-        log.close()
-
 
 OFFLOAD_FULL = ["--offload-mode", "full", "--num-cpu-blocks", "64", "--kv-cache-dtype", "bfloat16",
                 "--cpu-threads", "1"]
@@ -100,8 +25,7 @@ OFFLOAD_FULL = ["--offload-mode", "full", "--num-cpu-blocks", "64", "--kv-cache-
 
 @pytest.mark.parametrize("offload", ["off", "full"])
 def test_one_request_trace_spans_gateway_and_worker(offload, collector, tmp_path):
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector, "OTEL_BSP_SCHEDULE_DELAY": "100",
-           "OTEL_TRACES_SAMPLER": "parentbased_always_on", "NEO_COST_CACHE_DIR": str(tmp_path / "cost")}
+    env = dict(collector.env(), NEO_COST_CACHE_DIR=str(tmp_path / "cost"))
     wanted = {"POST /v1/chat/completions", "decode", "gpu_worker.iteration"}
     if offload == "full":  # every decode runs in the cpu_attention process: its spans join the trace
         wanted.add("cpu_attention.iteration")
@@ -115,16 +39,10 @@ def test_one_request_trace_spans_gateway_and_worker(offload, collector, tmp_path
             "model": MODEL, "max_tokens": 6, "temperature": 0,
             "messages": [{"role": "user", "content": "What is the capital of France?"}]})
         assert resp.status_code == 200
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            names = {s.name for _, s in _Receiver.spans if s.trace_id.hex() == client_trace}
-            if wanted <= names:
-                break
-            time.sleep(0.2)
+        collector.wait_for(lambda spans: wanted <= {s.name for _, s in spans if s.trace_id.hex() == client_trace})
     finally:
         replica.stop()
-    unique = {s.span_id: (svc, s) for svc, s in _Receiver.spans}  # a collector may deliver a batch twice
-    ours = [(svc, s) for svc, s in unique.values() if s.trace_id.hex() == client_trace]
+    ours = [(svc, s) for svc, s in collector.spans() if s.trace_id.hex() == client_trace]
     by_name: dict[str, list] = {}
     for svc, s in ours:
         by_name.setdefault(s.name, []).append((svc, s))
@@ -153,11 +71,19 @@ def test_one_request_trace_spans_gateway_and_worker(offload, collector, tmp_path
     assert len(iterations) >= 6, "one iteration span per prefill/decode step of this request"
     assert all(svc == "neo-gpu-worker" and s.parent_span_id == request.span_id for svc, s in iterations)
     if offload == "full":
-        cpu = by_name["cpu_attention.iteration"]
+        cpu = sorted(by_name["cpu_attention.iteration"], key=lambda p: attributes(p[1])["neo.iteration_id"])
         assert len(cpu) >= 5, "one span per decode step the CPU attended"
         assert all(svc == "neo-cpu-attention" and s.parent_span_id == request.span_id for svc, s in cpu)
-        rows = {a.key: a.value for a in cpu[0][1].attributes}["neo.cpu_rows"].array_value.values
-        assert sum(v.int_value for v in rows) == 1, "this request's row, in one sub-batch"
+        cpu_attrs = [attributes(s) for _, s in cpu]
+        assert all(sum(a["neo.cpu_rows"]) == 1 for a in cpu_attrs), "this request's row, in one sub-batch"
+        tokens = [a["neo.cpu_context_tokens"] for a in cpu_attrs]
+        assert tokens == list(range(tokens[0], tokens[0] + len(tokens))), "one more token of context per step"
+        assert tokens[0] > attrs["gen_ai.usage.input_tokens"].int_value, "the prompt's tokens and the first"
+        for (_, span), a in zip(cpu, cpu_attrs):
+            duration_ms = (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6
+            assert a["neo.cpu_status"] == "OK" and a["neo.jobs"] > 0
+            assert a["neo.cpu_busy_ms"] > 0 and a["neo.cpu_wait_ms"] >= 0
+            assert a["neo.cpu_busy_ms"] + a["neo.cpu_wait_ms"] <= duration_ms + 0.5, "both within the span"
 
 
 def test_tracing_is_off_without_an_endpoint():

@@ -52,8 +52,8 @@ static int attend_raw(uintptr_t q, uintptr_t k_new, uintptr_t v_new, uintptr_t o
 using SlotTuple = std::tuple<uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, int,
                              uintptr_t, uintptr_t, int, int>;
 
-// Returns (status, failed_layer, next_layer per slot).
-static std::tuple<int, int, std::vector<int>> serve_iteration(uintptr_t k_pool, uintptr_t v_pool, uintptr_t abort_word,
+// Returns (status, failed_layer, next_layer per slot, nanoseconds spent in the kernel).
+static std::tuple<int, int, std::vector<int>, int64_t> serve_iteration(uintptr_t k_pool, uintptr_t v_pool, uintptr_t abort_word,
                                            int num_layers, int num_blocks, int hq, int hkv, int head_dim,
                                            int block_size, int dtype, float scale, uint64_t iteration_id,
                                            const std::vector<SlotTuple>& slots, int64_t spin_us,
@@ -99,7 +99,7 @@ static std::tuple<int, int, std::vector<int>> serve_iteration(uintptr_t k_pool, 
   }
   std::vector<int> next;
   for (size_t i = 0; i < slots.size(); ++i) next.push_back(s.slots[i].next_layer);
-  return {rc, failed, next};
+  return {rc, failed, next, s.busy_ns};
 }
 
 PYBIND11_MODULE(_native, m) {

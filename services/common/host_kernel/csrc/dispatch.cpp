@@ -242,6 +242,12 @@ inline int64_t now_us() {
   return (int64_t)ts.tv_sec * 1000000LL + ts.tv_nsec / 1000;
 }
 
+inline int64_t now_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_ia32_pause();
@@ -378,6 +384,7 @@ uint64_t neo_wait_u64(const uint64_t* addr, uint64_t target, int64_t spin_us, in
 
 int neo_serve_iteration(neo_serve_args* s, int32_t* failed_layer) {
   if (failed_layer) *failed_layer = -1;
+  if (s) s->busy_ns = 0;
   if (!s || s->num_slots < 0 || s->num_slots > 4 || s->num_layers < 1 || s->num_layers > 65534) return NEO_EINVAL;
   const size_t layer_bytes =
       (size_t)s->num_blocks * s->num_kv_heads * s->block_size * s->head_dim * 2;
@@ -425,10 +432,12 @@ int neo_serve_iteration(neo_serve_args* s, int32_t* failed_layer) {
       a.dtype = s->dtype;
       a.scale = s->scale;
       int rc;
+      const int64_t t_job = now_ns();
       {
         std::lock_guard<std::mutex> lock(pool_mutex());
         rc = attn_locked(&a);
       }
+      s->busy_ns += now_ns() - t_job;
       __atomic_store_n(sl.status, (int64_t)rc, __ATOMIC_RELEASE);
       if (rc != NEO_OK) {
         // Mark every remaining job of this slot done (with the error) so the peer never waits.

@@ -109,6 +109,7 @@ typedef struct neo_serve_args {
   uint64_t iteration_id;
   int64_t spin_us;
   int64_t timeout_us;
+  int64_t busy_ns;        /* out: time this call spent in the kernel (the rest waited on doorbells) */
 } neo_serve_args;
 
 /* Job sequence number of (iteration, layer): (iteration_id << 16) | (layer + 1). */
