@@ -26,7 +26,8 @@ import numpy as np
 from neo_common.cost_model import CostTables
 from neo_common.geometry import ModelGeometry
 
-PROTOCOL_VERSION = 3  # 2: placeholder tokens (async scheduling); 3: min_p, logit_bias, penalty columns
+PROTOCOL_VERSION = 5  # 2: placeholder tokens (async scheduling); 3: min_p, logit_bias, penalty columns;
+#                      5: grammar bitmask columns (structured outputs)
 
 
 class MsgType(enum.IntEnum):
@@ -197,6 +198,9 @@ class IterationPlan(Message):
       over the sparse history ``hist_rows``/``hist_ids``/``hist_output``: each row's generated tokens
       (``hist_output`` 1, one entry per occurrence; a placeholder row's are those before its
       placeholder, which the worker adds) and, for repetition, its prompt tokens (0).
+    - ``bitmask_rows``/``bitmask``: structured outputs, over the constrained sampling rows only:
+      row ``bitmask_rows[j]`` may sample token ``t`` only if bit ``t % 32`` of ``bitmask[j, t // 32]``
+      (int32 words) is set; the others' logits become -inf before sampling.
     - ``swap_out``/``swap_in``: ``[n, 3]`` runs of (src_block, dst_block, count) copied before the
       forward, GPU->CPU and CPU->GPU pools.
     """
@@ -224,6 +228,8 @@ class IterationPlan(Message):
     hist_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
     hist_ids: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
     hist_output: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.uint8))
+    bitmask_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    bitmask: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), np.int32))
     swap_out: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.int32))
     swap_in: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.int32))
     trace: dict = dataclasses.field(default_factory=dict)
@@ -232,6 +238,15 @@ class IterationPlan(Message):
     @property
     def batch_size(self) -> int:
         return int(self.seq_ids.shape[0])
+
+    def _check_bitmask(self) -> None:
+        r = self.bitmask_rows
+        if (r.ndim != 1 or r.dtype.kind not in "iu" or self.bitmask.dtype != np.int32 or self.bitmask.ndim != 2
+                or self.bitmask.shape[0] != len(r) or (len(r) and not self.bitmask.shape[1])
+                or (len(r) and not 0 <= int(r.min()) <= int(r.max()) < self.batch_size)
+                or len(np.unique(r)) != len(r) or (len(r) and not np.all(self.sample[r.astype(np.int64)]))):
+            raise ProtocolError("IterationPlan: bitmask_rows must name distinct sampling rows of the plan and "
+                                "bitmask hold one row of int32 words for each")
 
     def check(self) -> None:
         n = self.bias_rows.shape
@@ -252,6 +267,7 @@ class IterationPlan(Message):
                 or (m[0] and int(self.hist_ids.min()) < 0) or (m[0] and not len(self.penalties))):
             raise ProtocolError("IterationPlan: hist_rows, hist_ids and hist_output must be vectors of one length "
                                 "naming rows of a plan with penalties and token ids")
+        self._check_bitmask()
 
 
 @dataclasses.dataclass

@@ -150,6 +150,11 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
         if total > 1 and sched is not None and sched.num_running + sched.num_waiting + total > cap:
             raise APIError(429, f"server overloaded: {total} sequences do not fit the queue now",
                            headers={"Retry-After": "1"})
+        for spec in {c.params.structured_outputs for g in groups for c in g} - {None}:
+            try:   # compiled (or found in the cache) off the event loop, before any choice runs
+                await engine.structured.prepare(spec)
+            except ParamError as exc:
+                raise APIError(400, str(exc), exc.param) from None
         many = total > 1
         choices = ChoiceStreams(groups, lambda c: submit(f"{rid}-{c.index}" if many else rid, c.prompt_ids, c.params),
                                 close)

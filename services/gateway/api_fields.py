@@ -90,7 +90,6 @@ def _same(value: Any, neutral: Any) -> bool:
     return value == neutral
 
 
-_NO_STRUCTURED = "structured outputs are not implemented yet"
 _NO_TOOLS = "tool calling is not implemented yet"
 _NO_LOGPROBS = "logprobs are not implemented yet"
 
@@ -106,15 +105,9 @@ _REFUSED: dict[str, Refusal] = {
     "prompt_logprobs": Refusal(_NO_LOGPROBS),
     "top_logprobs": Refusal(_NO_LOGPROBS, (0,)),
     "return_tokens_as_token_ids": Refusal("it only applies to logprobs, which are not implemented yet", (False,)),
-    "response_format": Refusal(_NO_STRUCTURED + " (only {\"type\": \"text\"})", ({"type": "text"},)),
-    "guided_json": Refusal(_NO_STRUCTURED),
-    "guided_regex": Refusal(_NO_STRUCTURED),
-    "guided_choice": Refusal(_NO_STRUCTURED),
-    "guided_grammar": Refusal(_NO_STRUCTURED),
-    "guided_decoding_backend": Refusal(_NO_STRUCTURED),
-    "guided_whitespace_pattern": Refusal(_NO_STRUCTURED),
-    "structured_outputs": Refusal(_NO_STRUCTURED),
-    "structural_tag": Refusal(_NO_STRUCTURED),
+    "guided_decoding_backend": Refusal("the grammar backend is llguidance", ("auto", "guidance", "llguidance")),
+    "structural_tag": Refusal("structural tags are not implemented (`response_format`, `guided_*` and "
+                              "`structured_outputs` are)"),
     "priority": Refusal("requests are scheduled first come, first served (no priority scheduling)", (0,)),
     "logits_processors": Refusal("custom logits processors are not loaded by this server"),
     "cache_salt": Refusal("per-request prefix-cache salts are not implemented"),
@@ -180,6 +173,16 @@ _HONOURED_NOTES: dict[str, str] = {
     "logit_bias": "token id -> value in [-100, 100], added on the device before sampling (greedy too)",
     "include_stop_str_in_output": "keeps a matched stop string and a stop token's text (else both are "
                                   "left out, as vLLM does)",
+    "response_format": "`text`, `json_object`, `json_schema` (strict or not: the schema always binds); "
+                       "compiled with llguidance (cached, off the event loop), the mask applied on the device "
+                       "before sampling; JSON without free whitespace; an invalid schema is a 400",
+    "guided_json": "a JSON schema (object or string), as `response_format` `json_schema`",
+    "guided_regex": "the output matches the regex",
+    "guided_choice": "the output is one of the strings",
+    "guided_grammar": "GBNF/EBNF (llama.cpp's) or Lark",
+    "guided_whitespace_pattern": "JSON only: the whitespace allowed between JSON tokens (a regex)",
+    "structured_outputs": "vLLM's form: one of `json`, `regex`, `choice`, `grammar`, `json_object`; "
+                          "`whitespace_pattern`; `structural_tag` refused",
     "max_tokens": "default 16 (completions) or the rest of the context (chat)",
     "max_completion_tokens": "taken when `max_tokens` is not set",
     "top_k": "-1 disables",
@@ -200,6 +203,8 @@ _HONOURED = ("model", "prompt", "messages", "max_tokens", "max_completion_tokens
              "top_k", "seed", "stop", "stop_token_ids", "ignore_eos", "stream", "stream_options", "include_usage",
              "add_generation_prompt", "add_special_tokens", "request_id", "role", "content", "name", "n",
              "min_tokens", "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
+             "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+             "guided_whitespace_pattern", "structured_outputs",
              "min_p", "logit_bias", "presence_penalty", "frequency_penalty", "repetition_penalty",
              "continue_final_message", "documents", "chat_template_kwargs")
 

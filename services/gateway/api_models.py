@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from neo_gateway.api_fields import Endpoint, check_refused
 from neo_gateway.sampling_params import ParamError, SamplingParams
+from neo_gateway.structured_output.spec import STRUCTURED_FIELDS, StructuredOutputSpec, spec_from_fields
 
 
 _INT32_MAX = 2**31 - 1
@@ -72,14 +73,14 @@ class _GenerationRequest(BaseModel):
     prompt_logprobs: _Refused = None
     bad_words: _Refused = None
     # vLLM's extra parameters
-    response_format: _Refused = None
-    guided_json: _Refused = None
-    guided_regex: _Refused = None
-    guided_choice: _Refused = None
-    guided_grammar: _Refused = None
+    response_format: Optional[dict[str, Any]] = None
+    guided_json: Optional[Union[str, dict[str, Any]]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
     guided_decoding_backend: _Refused = None
-    guided_whitespace_pattern: _Refused = None
-    structured_outputs: _Refused = None
+    guided_whitespace_pattern: Optional[str] = None
+    structured_outputs: Optional[dict[str, Any]] = None
     priority: _Refused = None
     request_id: Optional[str] = Field(default=None, min_length=1, max_length=256)
     logits_processors: _Refused = None
@@ -114,6 +115,11 @@ class _GenerationRequest(BaseModel):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    def structured_output_spec(self) -> StructuredOutputSpec | None:
+        """The request's grammar, from whichever structured-output field carries it (ParamError
+        naming the field when it is malformed or a second one is given)."""
+        return spec_from_fields({name: getattr(self, name) for name in STRUCTURED_FIELDS})
+
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         self.check_supported()
         return SamplingParams(
@@ -135,6 +141,7 @@ class _GenerationRequest(BaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
+            structured_outputs=self.structured_output_spec(),
         )
 
 

@@ -28,6 +28,7 @@ from neo_gateway.sampling_params import SamplingParams
 from neo_gateway.scheduler import Scheduler, SchedulerOutput
 from neo_gateway.sequence import FinishReason, Sequence, SeqStatus
 from neo_gateway.request_trace import iteration_trace, record_phases
+from neo_gateway.structured_output import StructuredOutputManager
 from neo_gateway.tokenizer import TextTokenizer
 from neo_gateway.worker_link import IterationFailed, RejectReason, WorkerDown, WorkerLink
 
@@ -96,6 +97,8 @@ class Engine:
       CpuAttentionPlan before the GPU worker gets the IterationPlan; they answer only with errors.
     - ``requests``: seq_id -> live request (removed when finished).
     - ``max_model_len``: context limit (config, else the model's).
+    - ``structured``: compiles the requests' grammars (structured outputs) and gives each sequence
+      its matcher, which ``_apply`` advances with every accepted token.
     """
 
     def __init__(self, config: NeoConfig, tokenizer: TextTokenizer, ctx: zmq.asyncio.Context,
@@ -128,6 +131,7 @@ class Engine:
         self._ready_seen = 0
         self.finished_hooks: list = []  # callbacks(seq) when a request ends (metrics)
         self.iteration_hooks: list = []  # callbacks(output, result, wall_s) after each iteration (metrics)
+        self.structured = StructuredOutputManager(tokenizer)
 
     def _authenticate_tcp(self, ctx: zmq.asyncio.Context) -> LinkKeys:
         """The replica's CurveZMQ keys, and a ZAP handler on ``ctx`` that admits only its workers'
@@ -166,6 +170,7 @@ class Engine:
             await link.close()
         if self._auth is not None:
             self._auth.stop()
+        self.structured.close()
 
     @property
     def links(self) -> list[WorkerLink]:
@@ -187,6 +192,7 @@ class Engine:
         limit = self.config.model.max_model_len
         self.max_model_len = min(limit, ready.max_model_len) if limit else ready.max_model_len
         self.eos_token_ids = self.tokenizer.eos_token_ids or tuple(ready.geometry.eos_token_ids)
+        self.structured.bind_vocab(ready.geometry.vocab_size)
         gpu = BlockManager(ready.num_gpu_blocks, ready.block_size, Place.GPU, self.config.cache.enable_prefix_caching)
         cpu, costs = None, None
         if self.cpu_links and ready.num_cpu_blocks:
@@ -226,6 +232,8 @@ class Engine:
         seq = Sequence(next(self._ids), request_id, prompt_ids, params, self.eos_token_ids, self.max_model_len)
         if tracing.enabled():
             seq.span = trace.get_current_span()  # the request's server span (TracingMiddleware)
+        if params.structured_outputs is not None:   # compiled already (api: StructuredOutputManager.prepare)
+            seq.structured = self.structured.request_for(params.structured_outputs)
         req = _Request(seq, IncrementalDetokenizer.for_params(self.tokenizer, params), asyncio.Queue())
         self.requests[seq.seq_id] = req
         self.scheduler.add(seq)
@@ -363,12 +371,36 @@ class Engine:
             if req is None:
                 continue
             text = req.detok.add(token, stop_token=reason is FinishReason.STOP)
+            if seq.structured is not None:
+                reason = self._advance_grammar(seq, token, reason)
+                if reason is FinishReason.ERROR:
+                    self._push(req, "", [], reason, error="the output left its grammar (structured outputs)")
+                    continue
             if reason is None and req.detok.stopped:
                 reason = FinishReason.STOP
                 self.scheduler.finish(seq, reason)
             if reason is not None:
                 text += req.detok.flush()
             self._push(req, text, [token], reason)
+
+    def _advance_grammar(self, seq: Sequence, token: int,
+                         reason: FinishReason | None) -> FinishReason | None:
+        """Feed an accepted token to the request's grammar. A grammar that is complete and cannot
+        grow ends the request (stop, also on its last allowed token); a token the grammar rejects
+        (its mask was not applied) fails the request loudly rather than returning invalid output."""
+        assert self.scheduler is not None and seq.structured is not None
+        if not seq.structured.accept(token):
+            log.error("request %s: the grammar rejected token %d: %s", seq.request_id, token, seq.structured.error)
+            if reason is None:
+                self.scheduler.finish(seq, FinishReason.ERROR)
+            seq.finish_reason = FinishReason.ERROR
+            return FinishReason.ERROR
+        if seq.structured.terminated and reason in (None, FinishReason.LENGTH):
+            if reason is None:
+                self.scheduler.finish(seq, FinishReason.STOP)
+            seq.finish_reason = FinishReason.STOP
+            return FinishReason.STOP
+        return reason
 
     def _push(self, req: _Request, text: str, tokens: list[int], reason: FinishReason | None,
               error: str | None = None) -> None:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from neo_gateway.structured_output.spec import StructuredOutputSpec
 
 
 class ParamError(ValueError):
@@ -29,6 +33,8 @@ class SamplingParams:
     Penalties as vLLM's: ``repetition_penalty`` divides positive (multiplies negative) logits of
     tokens in the prompt or the output; ``frequency_penalty`` x count and ``presence_penalty`` are
     subtracted for tokens in the output.
+    ``structured_outputs`` (None = free text): the grammar the output follows (vLLM's field of that
+    name; a ``structured_output.StructuredOutputSpec``, compiled by the engine's manager).
     """
 
     max_tokens: int = 16
@@ -48,6 +54,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    structured_outputs: "StructuredOutputSpec | None" = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -11,6 +11,7 @@ from neo_gateway.block_manager import BlockManager
 from neo_common.block_runs import merge_runs
 from neo_gateway.offload_policy import OffloadDecision, PlanKind
 from neo_gateway.sequence import Sequence
+from neo_gateway.structured_output import fill_bitmasks
 
 
 @dataclasses.dataclass
@@ -97,6 +98,7 @@ class SchedulerOutput:
             min_p=np.array([p.min_p for p in params], np.float32),
             **_bias_columns(params),
             **_penalty_columns(rows),
+            **_bitmask_columns(rows),
             swap_out=_runs(self.swap_out_pairs),
             swap_in=_runs(self.swap_in_pairs),
         )
@@ -141,6 +143,18 @@ def _penalty_columns(rows: list) -> dict[str, np.ndarray]:
             "hist_rows": np.array([e[0] for e in entries], np.int32),
             "hist_ids": np.array([e[1] for e in entries], np.int32),
             "hist_output": np.array([e[2] for e in entries], np.uint8)}
+
+
+def _bitmask_columns(rows: list) -> dict[str, np.ndarray]:
+    """The grammar masks of the sampling rows a grammar constrains (none: no columns). Each is the
+    mask after every token its request has accepted: a constrained row is never a placeholder
+    (``Scheduler.schedule_ahead`` holds it back until its previous token is known)."""
+    held = [(i, r.seq.structured) for i, r in enumerate(rows) if r.sample and r.seq.structured is not None]
+    if not held:
+        return {}
+    assert not any(rows[i].placeholder for i, _ in held), "a constrained row cannot be scheduled ahead"
+    return {"bitmask_rows": np.array([i for i, _ in held], np.int32),
+            "bitmask": fill_bitmasks([s for _, s in held])}
 
 
 def _runs(pairs: list[tuple[list[int], list[int]]]) -> np.ndarray:

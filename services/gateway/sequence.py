@@ -33,6 +33,8 @@ class Sequence:
       latency metrics and trace phases; ``arrival_ns`` anchors them to wall time for tracing.
     - ``span``: the request's tracing span (None when tracing is off).
     - ``block_hashes``: the prefix-cache hash chain of its full blocks computed so far.
+    - ``structured``: its grammar's matcher (``params.structured_outputs``; None: free text),
+      advanced by the engine with each accepted token.
     """
 
     def __init__(self, seq_id: int, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -57,6 +59,7 @@ class Sequence:
         self.span = None
         self.block_hashes: list[bytes] = []   # prefix-cache hashes of its full blocks (PrefixHasher)
         self.num_registered_blocks = 0        # of its GPU table's blocks, those registered in the cache
+        self.structured = None                # structured_output.StructuredOutputRequest (engine.submit)
 
     def wall_ns(self, monotonic_time: float) -> int:
         """A monotonic timestamp of this request as epoch nanoseconds (for span start/end times)."""

@@ -223,7 +223,8 @@ class ModelRunner:
                 plan.seeds[sample_rows], plan.steps[sample_rows], logits.shape[-1], self.device,
                 plan.min_p[sample_rows] if len(plan.min_p) else None, _sampled_bias(plan, sample_rows),
                 plan.penalties[sample_rows] if len(plan.penalties) else None,
-                _sampled_history(plan, sample_rows, fill, self.device) if len(plan.penalties) else None)
+                _sampled_history(plan, sample_rows, fill, self.device) if len(plan.penalties) else None,
+                _sampled_bitmask(plan, sample_rows))
             sampled = sample(logits, params, self.generator)
             if self.emulator:
                 self.emulator.main.work(self.emulator.roofline.lm_head(len(sample_rows)))
@@ -306,6 +307,16 @@ def _sampled_bias(plan: IterationPlan, sample_rows: np.ndarray) -> tuple[np.ndar
     rows = where[plan.bias_rows]
     keep = rows >= 0
     return rows[keep], plan.bias_ids[keep], plan.bias_values[keep]
+
+
+def _sampled_bitmask(plan: IterationPlan, sample_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The grammar masks of the plan, their rows renumbered as the sampled rows' (every masked
+    row samples: ``IterationPlan.check``)."""
+    if not len(plan.bitmask_rows):
+        return None
+    where = np.full(plan.batch_size, -1, np.int64)
+    where[sample_rows] = np.arange(len(sample_rows))
+    return where[plan.bitmask_rows], plan.bitmask
 
 
 def _sampled_history(plan: IterationPlan, sample_rows: np.ndarray, fill, device: torch.device) -> PenaltyHistory:

@@ -1,6 +1,6 @@
-"""Token sampling on the device: logit bias, greedy, temperature, min-p, top-k, top-p, and
-per-request seeds (vLLM's order: bias before the greedy argmax; min-p on the tempered
-probabilities before top-k/top-p).
+"""Token sampling on the device: the grammar bitmask of structured outputs, logit bias, greedy,
+temperature, min-p, top-k, top-p, and per-request seeds (vLLM's order: the grammar's mask first,
+bias before the greedy argmax; min-p on the tempered probabilities before top-k/top-p).
 
 Sampling uses the exponential-race form of the Gumbel-max trick: ``argmax(p / E)`` with
 ``E ~ Exp(1)`` draws from ``p``. The noise of a seeded request comes from its own generator seeded
@@ -36,15 +36,18 @@ class SamplingBatch:
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, token ids, values)
     penalties: torch.Tensor | None = None                               # [B, 3]: presence, frequency, repetition
     history: "PenaltyHistory | None" = None
+    bitmask: tuple[torch.Tensor, torch.Tensor] | None = None            # (rows, [R, words] int32): grammar masks
 
     @classmethod
     def from_columns(cls, temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray, seeds: np.ndarray,
                      steps: np.ndarray, vocab: int, device: torch.device, min_p: np.ndarray | None = None,
                      bias: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
                      penalties: np.ndarray | None = None,
-                     history: "PenaltyHistory | None" = None) -> "SamplingBatch":
+                     history: "PenaltyHistory | None" = None,
+                     bitmask: tuple[np.ndarray, np.ndarray] | None = None) -> "SamplingBatch":
         """``bias``: (row, token id, value) entries, rows indexing these columns, one per (row, token);
-        ``penalties`` ([B, 3], or None) apply over ``history``."""
+        ``penalties`` ([B, 3], or None) apply over ``history``; ``bitmask``: (rows, packed int32
+        masks) of the rows a grammar constrains."""
         random_rows = temperature > 0
         filters = random_rows & (((top_k > 0) & (top_k < vocab)) | (top_p < 1.0))
         dev = lambda a, dtype: torch.from_numpy(np.ascontiguousarray(a, dtype)).to(device, non_blocking=True)  # noqa: E731
@@ -58,7 +61,9 @@ class SamplingBatch:
             bias=(dev(bias[0], np.int64), dev(bias[1], np.int64), dev(bias[2], np.float32))
             if bias is not None and len(bias[0]) else None,
             penalties=dev(penalties, np.float32) if penalties is not None and len(penalties) else None,
-            history=history)
+            history=history,
+            bitmask=(dev(bitmask[0], np.int64), dev(bitmask[1], np.int32))
+            if bitmask is not None and len(bitmask[0]) else None)
 
 
 @dataclasses.dataclass
@@ -82,6 +87,8 @@ class PenaltyHistory:
 
 def sample(logits: torch.Tensor, params: SamplingBatch, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits [B, V] float32 -> token ids [B] (int64)."""
+    if params.bitmask is not None:
+        logits = apply_token_bitmask(logits, *params.bitmask)
     if params.bias is not None:   # out of place: the caller's logits stay as the model made them
         rows, ids, values = params.bias
         logits = logits.index_put((rows, ids), values.to(logits.dtype), accumulate=True)
@@ -107,6 +114,19 @@ def sample(logits: torch.Tensor, params: SamplingBatch, generator: torch.Generat
         noise[row].exponential_(generator=gen)
     drawn = (probs / noise).argmax(dim=-1)
     return torch.where(random_rows, drawn, greedy)
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """Out of place: ``logits`` with the tokens each of ``rows`` may not sample at -inf. ``bitmask``
+    is ``[R, words]`` int32, bit ``t % 32`` of word ``t // 32`` set where token ``t`` is allowed;
+    tokens beyond the mask's words are not allowed. All on the device: no host sync."""
+    vocab = logits.shape[-1]
+    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).flatten(1).to(torch.bool)   # [R, words * 32]
+    if allowed.shape[1] < vocab:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    masked = logits[rows].masked_fill(~allowed[:, :vocab], float("-inf"))
+    return logits.index_put((rows,), masked)
 
 
 def _penalized(logits: torch.Tensor, penalties: torch.Tensor, history: PenaltyHistory | None) -> torch.Tensor:

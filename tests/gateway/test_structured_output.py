@@ -1,0 +1,199 @@
+"""Structured outputs on the gateway: the API fields read into one spec (400s naming the field),
+grammars compiled once per spec off the event loop and LRU-cached, matchers per sequence, and the
+scheduler's launch-ahead holding a constrained request back until its previous token is known."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from neo_common.config import SchedulerConfig
+from neo_common.model_source import embedded_gguf_path
+from neo_common.protocol import Place
+from neo_gateway.block_manager import BlockManager
+from neo_gateway.sampling_params import ParamError, SamplingParams
+from neo_gateway.scheduler import Scheduler
+from neo_gateway.sequence import FinishReason, Sequence
+from neo_gateway.structured_output import (StructuredOutputKind, StructuredOutputManager, spec_from_fields,
+                                           unpack_bitmask)
+from neo_gateway.tokenizer import TextTokenizer
+
+SCHEMA = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"enum": ["x", "y"]}}, "required": ["b"]}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return TextTokenizer.from_gguf(embedded_gguf_path())
+
+
+@pytest.mark.parametrize("fields,kind,param", [
+    ({"response_format": {"type": "json_object"}}, StructuredOutputKind.JSON_OBJECT, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": SCHEMA, "strict": True}}},
+     StructuredOutputKind.JSON, "response_format"),
+    ({"guided_json": SCHEMA}, StructuredOutputKind.JSON, "guided_json"),
+    ({"guided_json": '{"type": "object"}'}, StructuredOutputKind.JSON, "guided_json"),
+    ({"guided_regex": "a+"}, StructuredOutputKind.REGEX, "guided_regex"),
+    ({"guided_choice": ["a", "b"]}, StructuredOutputKind.CHOICE, "guided_choice"),
+    ({"guided_grammar": 'root ::= "a"'}, StructuredOutputKind.GRAMMAR, "guided_grammar"),
+    ({"structured_outputs": {"regex": "a+"}}, StructuredOutputKind.REGEX, "structured_outputs.regex"),
+    ({"structured_outputs": {"json_object": True}}, StructuredOutputKind.JSON_OBJECT, "structured_outputs.json_object"),
+    ({"response_format": {"type": "text"}, "guided_choice": ["a"]}, StructuredOutputKind.CHOICE, "guided_choice")])
+def test_each_field_becomes_one_spec(fields, kind, param):
+    spec = spec_from_fields(fields)
+    assert spec.kind is kind and spec.param == param
+
+
+def test_a_schema_keeps_its_property_order_and_free_text_is_no_spec():
+    assert list(__import__("json").loads(spec_from_fields({"guided_json": SCHEMA}).text)["properties"]) == ["b", "a"]
+    assert spec_from_fields({"response_format": {"type": "text"}}) is None
+    assert spec_from_fields({"structured_outputs": {"json_object": False}}) is None
+    assert spec_from_fields({}) is None
+
+
+@pytest.mark.parametrize("fields,param", [
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": {"format": "json"}}, "response_format"),
+    ({"guided_json": "{not json"}, "guided_json"), ({"guided_json": [1]}, "guided_json"),
+    ({"guided_regex": ""}, "guided_regex"), ({"guided_choice": []}, "guided_choice"),
+    ({"guided_choice": ["a", 3]}, "guided_choice"),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+    ({"response_format": {"type": "json_object"}, "guided_json": SCHEMA}, "guided_json"),
+    ({"structured_outputs": {"regexp": "a"}}, "structured_outputs.regexp"),
+    ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag"),
+    ({"guided_whitespace_pattern": 3}, "guided_whitespace_pattern")])
+def test_malformed_fields_name_themselves(fields, param):
+    with pytest.raises(ParamError) as err:
+        spec_from_fields(fields)
+    assert err.value.param == param
+
+
+class CountingManager(StructuredOutputManager):
+    """The real manager, noting on which thread each compilation ran."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.compiled_on: list[str] = []
+
+    def _compile(self, spec):
+        self.compiled_on.append(threading.current_thread().name)
+        return super()._compile(spec)
+
+
+def test_a_spec_compiles_once_off_the_event_loop_and_the_cache_is_lru(tok):
+    manager = CountingManager(tok, tok.vocab_size, cache_size=2)
+    specs = [spec_from_fields({"guided_regex": f"[a-c]{{{i}}}"}) for i in (1, 2, 3)]
+
+    async def go():
+        await asyncio.gather(*(manager.prepare(specs[0]) for _ in range(8)))   # concurrent: compiled once
+        await manager.prepare(specs[1])
+        await manager.prepare(specs[0])                                        # a hit: now the newest
+        await manager.prepare(specs[2])                                        # evicts specs[1]
+        return threading.current_thread().name
+
+    loop_thread = asyncio.run(go())
+    assert len(manager.compiled_on) == 3
+    assert loop_thread not in manager.compiled_on and all(n.startswith("grammar-compile") for n in manager.compiled_on)
+    assert list(manager._compiled) == [specs[0], specs[2]]
+    manager.request_for(specs[1])   # left the cache: compiled again, here
+    assert len(manager.compiled_on) == 4
+    manager.close()
+
+
+@pytest.mark.parametrize("fields,param", [({"guided_regex": "(a"}, "guided_regex"),
+                                          ({"guided_json": {"type": "strin"}}, "guided_json"),
+                                          ({"guided_grammar": "root ::= (("}, "guided_grammar"),
+                                          ({"response_format": {"type": "json_schema", "json_schema": {
+                                              "name": "n", "schema": {"type": "object", "required": 5}}}},
+                                           "response_format")])
+def test_an_invalid_grammar_is_a_param_error_naming_its_field(tok, fields, param):
+    manager = StructuredOutputManager(tok, tok.vocab_size)
+    with pytest.raises(ParamError) as err:
+        asyncio.run(manager.prepare(spec_from_fields(fields)))
+    assert err.value.param == param and "invalid" in str(err.value)
+    manager.close()
+
+
+def test_each_sequence_advances_its_own_matcher_to_the_end(tok):
+    manager = StructuredOutputManager(tok, tok.vocab_size)
+    spec = spec_from_fields({"guided_choice": ["yes", "no"]})
+    a, b = manager.request_for(spec), manager.request_for(spec)
+    for token in tok.encode("yes", add_special_tokens=False):
+        assert a.accept(token)
+    assert a.terminated and not b.terminated
+    allowed = np.flatnonzero(unpack_bitmask(__import__("neo_gateway.structured_output", fromlist=["x"])
+                                            .fill_bitmasks([b]), tok.vocab_size)[0])
+    assert {tok.decode([int(t)]) for t in allowed} <= {"y", "ye", "yes", "n", "no"}
+    assert not b.accept(tok.encode(" maybe", add_special_tokens=False)[0]) and b.error
+    manager.close()
+
+
+# -- the scheduler ---------------------------------------------------------------------------------
+def token_for(seq: Sequence, position: int, allowed: np.ndarray | None) -> int:
+    """A deterministic 'model' (2 is EOS): a token of the request and the position; for a
+    constrained row, one its mask allows."""
+    if allowed is not None:
+        ids = np.flatnonzero(allowed)
+        return int(ids[(seq.seq_id * 7 + position) % len(ids)])
+    return 2 if (seq.seq_id * 7 + position) % 23 == 0 else 100 + (seq.seq_id + position) % 50
+
+
+def test_constrained_requests_sit_out_launched_ahead_plans_and_still_get_their_tokens(tok):
+    manager = StructuredOutputManager(tok, tok.vocab_size)
+    words = ["alpha", "beta", "gamma delta"]
+    spec = spec_from_fields({"guided_choice": words})
+
+    def run(async_: bool):
+        sched = Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256), BlockManager(64, 16, Place.GPU))
+        seqs = [Sequence(i, f"r{i}", list(range(5, 15 + i)), SamplingParams(max_tokens=16 if i % 3 == 0 else 6 + i % 5),
+                         eos_token_ids=(2,), max_model_len=512) for i in range(10)]
+        for s in seqs:
+            if s.seq_id % 3 == 0:
+                s.structured = manager.request_for(spec)
+            sched.add(s)
+        in_flight, ahead_runs, masked_rows = [], 0, 0   # (output, its plan), built when sent as the engine does
+
+        def send(out):
+            nonlocal masked_rows
+            plan = out.to_plan(sched.gpu)
+            plan.check()
+            want = [i for i, r in enumerate(out.rows) if r.sample and r.seq.structured is not None]
+            assert plan.bitmask_rows.tolist() == want
+            assert not want or plan.bitmask.shape == (len(want), (tok.vocab_size + 31) // 32)
+            masked_rows += len(want)
+            in_flight.append((out, plan))
+
+        while sched.has_work() or in_flight:
+            if not in_flight:
+                send(sched.schedule())
+            current, plan = in_flight[0]
+            if async_ and len(in_flight) == 1:
+                ahead = sched.schedule_ahead(current)
+                if ahead is not None:
+                    ahead_runs += 1
+                    held = {r.seq.seq_id for r in current.rows if r.seq.structured is not None}
+                    assert not held & {r.seq.seq_id for r in ahead.rows}, "a constrained row ran ahead of its token"
+                    assert all(r.placeholder == (r.seq.structured is None) for r in ahead.rows)
+                    send(ahead)
+            in_flight.pop(0)
+            masks = dict(zip(plan.bitmask_rows.tolist(), unpack_bitmask(plan.bitmask, tok.vocab_size)))
+            sampled = {r.seq.seq_id: token_for(r.seq, r.start + r.num_tokens, masks.get(i))
+                       for i, r in enumerate(current.rows) if r.sample}
+            for seq, token, reason in sched.update(current, sampled):
+                if seq.structured is not None:   # as the engine does
+                    assert seq.structured.accept(token)
+                    if seq.structured.terminated and reason is None:
+                        sched.finish(seq, FinishReason.STOP)
+        assert sched.gpu.num_free == 64
+        done = [s for s in seqs if s.structured is not None and s.finish_reason is FinishReason.STOP]
+        assert len(done) == 4 and all(tok.decode(s.output_ids) in words for s in done)
+        return {s.request_id: (s.output_ids, s.finish_reason) for s in seqs}, ahead_runs, masked_rows
+
+    want, _, _ = run(False)
+    got, ahead_runs, masked_rows = run(True)
+    assert got == want
+    assert ahead_runs > 0 and masked_rows > 0
+    manager.close()
