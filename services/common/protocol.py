@@ -26,7 +26,7 @@ import numpy as np
 from neo_common.cost_model import CostTables
 from neo_common.geometry import ModelGeometry
 
-PROTOCOL_VERSION = 5  # 2: placeholder tokens (async scheduling); 3: min_p, logit_bias, penalty columns;
+PROTOCOL_VERSION = 5  # 2: placeholder tokens (async scheduling); 3: min_p, logit_bias, penalty columns; 4: logprobs;
 #                      5: grammar bitmask columns (structured outputs)
 
 
@@ -174,6 +174,7 @@ class WorkerReady(Message):
 
 
 PLACEHOLDER_TOKEN = -1
+MAX_LOGPROBS = 20   # top logprobs per token at most (vLLM's default max_logprobs; OpenAI's limit)
 
 
 @dataclasses.dataclass
@@ -198,6 +199,12 @@ class IterationPlan(Message):
       over the sparse history ``hist_rows``/``hist_ids``/``hist_output``: each row's generated tokens
       (``hist_output`` 1, one entry per occurrence; a placeholder row's are those before its
       placeholder, which the worker adds) and, for repetition, its prompt tokens (0).
+    - ``logprobs``: per row, how many top logprobs to return with the sampled token's (-1: none;
+      0: the sampled token's alone); empty when no row asks, so rows that do not ask cost nothing.
+    - prompt logprobs, sparse over the rows that ask: row ``plp_rows[j]`` returns, for
+      ``plp_count[j]`` of its positions from the ``plp_first[j]``-th token of its chunk on, the
+      logprob of the token that follows each (``plp_targets``, concatenated in row order) and the
+      top ``plp_k[j]``.
     - ``bitmask_rows``/``bitmask``: structured outputs, over the constrained sampling rows only:
       row ``bitmask_rows[j]`` may sample token ``t`` only if bit ``t % 32`` of ``bitmask[j, t // 32]``
       (int32 words) is set; the others' logits become -inf before sampling.
@@ -228,6 +235,12 @@ class IterationPlan(Message):
     hist_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
     hist_ids: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
     hist_output: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.uint8))
+    logprobs: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int8))
+    plp_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    plp_first: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    plp_count: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    plp_k: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int8))
+    plp_targets: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
     bitmask_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
     bitmask: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), np.int32))
     swap_out: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.int32))
@@ -268,6 +281,27 @@ class IterationPlan(Message):
             raise ProtocolError("IterationPlan: hist_rows, hist_ids and hist_output must be vectors of one length "
                                 "naming rows of a plan with penalties and token ids")
         self._check_bitmask()
+        if self.logprobs.shape not in ((0,), (self.batch_size,)) or self.logprobs.dtype.kind not in "iu" or (
+                len(self.logprobs) and int(self.logprobs.max()) > MAX_LOGPROBS):
+            raise ProtocolError(f"IterationPlan: logprobs must be empty or one count (<= {MAX_LOGPROBS}) per row")
+        self._check_prompt_logprobs()
+
+    def _check_prompt_logprobs(self) -> None:
+        p = self.plp_rows.shape
+        cols = (self.plp_rows, self.plp_first, self.plp_count, self.plp_k, self.plp_targets)
+        ok = (all(c.ndim == 1 and c.dtype.kind in "iu" for c in cols)
+              and self.plp_first.shape == p and self.plp_count.shape == p and self.plp_k.shape == p)
+        if ok and p[0]:
+            rows = self.plp_rows.astype(np.int64)
+            ok = (0 <= int(rows.min()) and int(rows.max()) < self.batch_size and len(np.unique(rows)) == p[0]
+                  and int(self.plp_first.min()) >= 0 and int(self.plp_count.min()) >= 1
+                  and 0 <= int(self.plp_k.min()) and int(self.plp_k.max()) <= MAX_LOGPROBS
+                  and bool(np.all(self.plp_first + self.plp_count <= self.num_tokens[rows]))
+                  and int(self.plp_targets.min()) >= 0)
+        if not ok or int(self.plp_count.sum()) != len(self.plp_targets):
+            raise ProtocolError("IterationPlan: plp_rows, plp_first, plp_count and plp_k must be vectors of one "
+                                "length naming distinct rows and positions of their chunks; plp_targets one "
+                                "token id per position")
 
 
 @dataclasses.dataclass
@@ -280,6 +314,11 @@ class IterationResult(Message):
     On a GPU, ``forward_s`` and ``total_s`` are the device's own time (CUDA events from where the
     device reached the iteration). ``launched_ahead``: the worker launched this plan while the
     previous one was still running (the device had no gap between them).
+
+    Logprobs (plan rows that asked only): ``lp_*`` one row per sampled token of ``lp_seq_ids``: its
+    logprob, its rank (1 = likeliest) and the top ``K`` ids and logprobs (``K``: the most any row
+    asked; a row keeps its own first k). ``plp_*``: prompt logprobs, ``plp_count[j]`` positions of
+    ``plp_seq_ids[j]`` in the order the plan named them, the same per-position columns.
     """
 
     TYPE: ClassVar[MsgType] = MsgType.ITERATION_RESULT
@@ -292,11 +331,30 @@ class IterationResult(Message):
     cpu_wait_s: float = 0.0
     swap_s: float = 0.0
     launched_ahead: bool = False
+    lp_seq_ids: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    lp_logprob: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float32))
+    lp_rank: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    lp_top_ids: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), np.int32))
+    lp_top_values: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    plp_seq_ids: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    plp_count: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    plp_logprob: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float32))
+    plp_rank: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    plp_top_ids: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), np.int32))
+    plp_top_values: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), np.float32))
 
     def check(self) -> None:
         if (self.seq_ids.ndim != 1 or self.token_ids.shape != self.seq_ids.shape
                 or self.seq_ids.dtype.kind not in "iu" or self.token_ids.dtype.kind not in "iu"):
             raise ProtocolError("IterationResult: seq_ids and token_ids must be integer vectors of one length")
+        for prefix, n in (("lp", len(self.lp_seq_ids)), ("plp", int(np.sum(self.plp_count)))):
+            ids, top = getattr(self, f"{prefix}_top_ids"), getattr(self, f"{prefix}_top_values")
+            vectors = (getattr(self, f"{prefix}_logprob"), getattr(self, f"{prefix}_rank"))
+            if (any(v.shape != (n,) for v in vectors) or ids.ndim != 2 or ids.shape[0] != n
+                    or top.shape != ids.shape or ids.dtype.kind not in "iu"):
+                raise ProtocolError(f"IterationResult: {prefix}_* logprob columns do not fit one another")
+        if self.plp_count.shape != self.plp_seq_ids.shape:
+            raise ProtocolError("IterationResult: plp_seq_ids and plp_count must be of one length")
 
 
 @dataclasses.dataclass

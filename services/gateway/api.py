@@ -18,11 +18,12 @@ from neo_gateway.api_models import (ChatCompletionChunk, ChatCompletionRequest, 
                                     generation_responses, stream_components)
 from neo_gateway.engine import Engine, EngineOverloaded, EngineUnavailable, RequestOutput, RequestStream
 from neo_gateway.auth import ApiKeyAuth
-from neo_gateway.choices import Choice, ChoiceStreams, choices_of
+from neo_gateway.choices import Choice, ChoiceStreams, best_of, choices_of
 from neo_gateway.errors import APIError, install_handlers
 from neo_gateway.extra_routes import base_request_id, install_extra_routes
 from neo_gateway.http_limits import BodyGuard, RejectionCounter
 from neo_gateway.json_route import FastJsonRoute
+from neo_gateway.logprobs import LogprobFormatter, PendingLogprobs
 from neo_gateway.metrics import GatewayMetrics
 from neo_gateway.prompt_encoder import PromptEncoder
 from neo_gateway.sampling_params import ParamError, SamplingParams
@@ -165,12 +166,15 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
         """Every choice's whole text and final state; aborts them if the client goes away while waiting."""
         async def drain() -> dict[int, RequestOutput]:
             texts: dict[int, str] = {}
+            logprobs = PendingLogprobs()
             final: dict[int, RequestOutput] = {}
             async for index, out in choices:
                 texts[index] = texts.get(index, "") + out.text
+                logprobs.add(index, out)
                 if out.finished:
                     final[index] = RequestOutput(texts[index], [], True, out.finish_reason, out.prompt_tokens,
-                                                 out.completion_tokens, out.error)
+                                                 out.completion_tokens, out.error, logprobs.take(index),
+                                                 logprobs.prompt.get(index), out.cumulative_logprob)
             return final
 
         task = asyncio.ensure_future(drain())
@@ -203,8 +207,9 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
                 if out.error:
                     yield f"data: {json.dumps({'error': {'message': out.error, 'type': 'server_error', 'code': 500}})}\n\n"
                     break
-                if out.text or out.finished:
-                    yield f"data: {json.dumps(chunk(index, out))}\n\n"
+                body = chunk(index, out)   # None: nothing to send yet (text held back)
+                if body is not None:
+                    yield f"data: {json.dumps(body)}\n\n"
                 if out.finished:
                     final[index] = out
             else:
@@ -256,18 +261,22 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
         planned = [(ids, plan_request(ids, lambda _room: body.sampling_params(16), "prompt"))  # OpenAI's default
                    for ids in prompts_ids]
         rid, now = f"cmpl-{base_request_id(request, body.request_id)}", int(time.time())
-        choices = await start(rid, choices_of(planned, body.n))
+        per = body.sequences_per_prompt
+        choices = await start(rid, choices_of(planned, per))
         prompt_tokens = sum(len(ids) for ids in prompts_ids)
+        shape = _CompletionShaper(body, LogprobFormatter(engine.tokenizer, bool(body.return_tokens_as_token_ids)),
+                                  batch, prompts_ids, per)
 
-        def chunk(index: int, out: RequestOutput | None) -> dict:
-            choices = [] if out is None else [{"index": index, "text": out.text, "logprobs": None,
-                                               "finish_reason": out.finish_reason}]
+        def chunk(index: int, out: RequestOutput | None) -> dict | None:
+            choices = [] if out is None else [shape.choice(index, out)]
+            if choices == [None]:
+                return None
             return {"id": rid, "object": "text_completion", "created": now, "model": served_name, "choices": choices}
 
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(sse(choices, chunk, include, prompt_tokens, []), media_type="text/event-stream")
-        final = await collect(choices, request)
+        final = shape.ranked(await collect(choices, request))
         return JSONResponse(chunk(0, None) | {"choices": [chunk(i, out)["choices"][0] for i, out in final.items()],
                                               "usage": usage(prompt_tokens, final.values())})
 
@@ -292,11 +301,23 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
             body.max_tokens = body.max_completion_tokens
         params = plan_request(prompt_ids, body.sampling_params, "messages")
         rid, now = f"chatcmpl-{base_request_id(request, body.request_id)}", int(time.time())
-        choices = await start(rid, choices_of([(prompt_ids, params)], body.n))
+        per = body.sequences_per_prompt
+        choices = await start(rid, choices_of([(prompt_ids, params)], per))
+        fmt = LogprobFormatter(engine.tokenizer, bool(body.return_tokens_as_token_ids))
+        pending = PendingLogprobs()
+        top = body.wanted_logprobs
 
-        def chunk(index: int, out: RequestOutput | None) -> dict:
-            choices = [] if out is None else [{"index": index, "delta": {"content": out.text} if out.text else {},
-                                               "logprobs": None, "finish_reason": out.finish_reason}]
+        def chat_logprobs(entries) -> dict | None:
+            return fmt.chat(entries or [], top) if top is not None else None
+
+        def chunk(index: int, out: RequestOutput | None) -> dict | None:
+            choices = []
+            if out is not None:
+                pending.add(index, out)
+                if not (out.text or out.finished):
+                    return None   # its tokens' logprobs go with the text they make
+                choices = [{"index": index, "delta": {"content": out.text} if out.text else {},
+                            "logprobs": chat_logprobs(pending.take(index)), "finish_reason": out.finish_reason}]
             return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": served_name,
                     "choices": choices}
 
@@ -308,10 +329,63 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
             return StreamingResponse(sse(choices, chunk, include, len(prompt_ids), headers),
                                      media_type="text/event-stream")
         final = await collect(choices, request)
+        if per != body.n:
+            final = best_of(final, body.n, per)
+        extra = {}
+        if body.prompt_logprobs is not None:
+            extra["prompt_logprobs"] = fmt.prompt(final[0].prompt_logprobs or [], body.prompt_logprobs)
         return JSONResponse({"id": rid, "object": "chat.completion", "created": now, "model": served_name,
                              "choices": [{"index": i, "message": {"role": "assistant", "content": out.text},
-                                          "logprobs": None, "finish_reason": out.finish_reason}
+                                          "logprobs": chat_logprobs(out.logprobs), "finish_reason": out.finish_reason}
                                          for i, out in final.items()],
-                             "usage": usage(len(prompt_ids), final.values())})
+                             "usage": usage(len(prompt_ids), final.values())} | extra)
 
     return app
+
+
+class _CompletionShaper:
+    """The choices of one completions response: ``echo`` (the prompt's text, and with ``logprobs``
+    its tokens' logprobs, before the first text of each choice), ``logprobs`` of the tokens whose
+    text a chunk carries (``text_offset`` counting on from the text sent before), ``best_of``
+    ranking, and vLLM's ``prompt_logprobs``. A prompt's logprobs are computed by its first choice
+    only; the others take them from it."""
+
+    def __init__(self, body: CompletionRequest, fmt: LogprobFormatter, prompts: list, prompts_ids: list[list[int]],
+                 per: int) -> None:
+        self.body, self.fmt, self.per = body, fmt, per
+        self.prompts_ids = prompts_ids
+        self.prompt_texts = [p if isinstance(p, str) else fmt.tokenizer.decode(list(p)) for p in prompts] \
+            if body.echo else []
+        self.pending = PendingLogprobs()
+        self.sent: dict[int, int] = {}            # choice -> length of the text sent so far
+        self.prompt_lp: dict[int, list] = {}      # prompt -> its logprobs (from its first choice)
+
+    def ranked(self, final: dict[int, RequestOutput]) -> dict[int, RequestOutput]:
+        return best_of(final, self.body.n, self.per) if self.per != self.body.n else final
+
+    def choice(self, index: int, out: RequestOutput) -> dict | None:
+        """The choice's next part (streaming) or whole (``out`` final from ``collect``); None: hold."""
+        body, k = self.body, self.body.logprobs
+        prompt = index // self.body.n
+        self.pending.add(index, out)
+        if out.prompt_logprobs is not None and index % self.body.n == 0:
+            self.prompt_lp[prompt] = out.prompt_logprobs
+        first = index not in self.sent
+        if not (out.text or out.finished or (first and body.echo)):
+            return None
+        entries = self.pending.take(index) or []
+        text, tokens, shaped = out.text, [e.token for e in entries], list(entries)
+        if first and body.echo:
+            text = self.prompt_texts[prompt] + text
+            ids = self.prompts_ids[prompt]
+            plp = out.prompt_logprobs or self.prompt_lp.get(prompt) or []
+            tokens, shaped = ids + tokens, [None, *plp[:len(ids) - 1]] + shaped
+        offset = self.sent.get(index, 0)
+        self.sent[index] = offset + len(text)
+        choice = {"index": index, "text": text,
+                  "logprobs": self.fmt.completion(shaped, tokens, k, offset) if k is not None else None,
+                  "finish_reason": out.finish_reason}
+        if body.prompt_logprobs is not None and out.finished:
+            choice["prompt_logprobs"] = self.fmt.prompt(out.prompt_logprobs or self.prompt_lp.get(prompt) or [],
+                                                        body.prompt_logprobs)
+        return choice

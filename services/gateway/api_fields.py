@@ -91,20 +91,14 @@ def _same(value: Any, neutral: Any) -> bool:
 
 
 _NO_TOOLS = "tool calling is not implemented yet"
-_NO_LOGPROBS = "logprobs are not implemented yet"
 
 # fields refused in both endpoints (a field missing from an endpoint's schema is not checked there)
 _REFUSED: dict[str, Refusal] = {
-    "best_of": Refusal("best_of above n (ranking candidates by cumulative logprob) is not implemented",
-                       equal_to="n"),
     "allowed_token_ids": Refusal("allowed_token_ids is not implemented yet"),
     "bad_words": Refusal("bad_words is not implemented yet"),
     "use_beam_search": Refusal("beam search is not implemented", (False,)),
     "length_penalty": Refusal("length_penalty only applies to beam search, which is not implemented", (1, 1.0)),
     "truncate_prompt_tokens": Refusal("prompt truncation is not implemented; send a shorter prompt"),
-    "prompt_logprobs": Refusal(_NO_LOGPROBS),
-    "top_logprobs": Refusal(_NO_LOGPROBS, (0,)),
-    "return_tokens_as_token_ids": Refusal("it only applies to logprobs, which are not implemented yet", (False,)),
     "guided_decoding_backend": Refusal("the grammar backend is llguidance", ("auto", "guidance", "llguidance")),
     "structural_tag": Refusal("structural tags are not implemented (`response_format`, `guided_*` and "
                               "`structured_outputs` are)"),
@@ -128,8 +122,8 @@ _REFUSED: dict[str, Refusal] = {
     "web_search_options": Refusal("web search is not available"),
     "store": Refusal("nothing is stored: there is no stored-completions API", (False,)),
     "service_tier": Refusal("there is one service tier", ("auto", "default")),
-    "chat_template": Refusal("per-request chat templates are not accepted; the model's template (or "
-                              "the server's --chat-template) is used"),
+    "chat_template": Refusal("per-request chat templates are not accepted; the model's template (or the "
+                                     "server's --chat-template) is used"),
     "mm_processor_kwargs": Refusal("multimodal input is not supported (text models only)"),
     "include_obfuscation": Refusal("stream obfuscation is not implemented", (False,)),
     "continuous_usage_stats": Refusal("usage is sent in the final chunk only (include_usage)", (False,)),
@@ -139,13 +133,10 @@ _REFUSED: dict[str, Refusal] = {
     "refusal": Refusal("assistant refusal messages are not rendered by the chat template"),
 }
 # endpoint-specific meanings of the same name
-_REFUSED_COMPLETIONS = {**_REFUSED,
-                        "echo": Refusal("echo is not implemented yet", (False,)),
-                        "logprobs": Refusal(_NO_LOGPROBS, (False,))}
+_REFUSED_COMPLETIONS = dict(_REFUSED)
 _REFUSED_CHAT = {**_REFUSED,
                  "echo": Refusal("echo (prepending the last message of the same role) is not implemented",
-                                 (False,)),
-                 "logprobs": Refusal(_NO_LOGPROBS, (False,))}
+                                 (False,))}
 
 _NO_EFFECT: dict[str, str] = {
     "user": "an end-user id for the provider's abuse monitoring; vLLM ignores it too",
@@ -173,6 +164,19 @@ _HONOURED_NOTES: dict[str, str] = {
     "logit_bias": "token id -> value in [-100, 100], added on the device before sampling (greedy too)",
     "include_stop_str_in_output": "keeps a matched stop string and a stop token's text (else both are "
                                   "left out, as vLLM does)",
+    "logprobs": "completions: an integer in [0, 20], the sampled token's logprob and the top that many "
+                "(`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`); chat: `true` for `content` "
+                "logprobs. Raw: log-softmax of the model's logits before bias, penalties and temperature "
+                "(vLLM's default); computed on the device, only for the rows that ask; streamed with the "
+                "text they belong to",
+    "top_logprobs": "0..20, with `logprobs: true`",
+    "echo": "the prompt is prepended to the text; with `logprobs`, its tokens' logprobs too (the first "
+            "null)",
+    "prompt_logprobs": "0..20, vLLM's `prompt_logprobs` (not with `stream`); such a request computes its "
+                       "whole prompt (no prefix-cache hit)",
+    "best_of": "at least `n`, at most 128, not above `n` with `stream`: runs `best_of` sequences and returns the `n` "
+               "with the highest cumulative logprob, best first; they share the prompt's blocks as `n` does",
+    "return_tokens_as_token_ids": "logprob tokens as `token_id:<id>`",
     "response_format": "`text`, `json_object`, `json_schema` (strict or not: the schema always binds); "
                        "compiled with llguidance (cached, off the event loop), the mask applied on the device "
                        "before sampling; JSON without free whitespace; an invalid schema is a 400",
@@ -206,7 +210,9 @@ _HONOURED = ("model", "prompt", "messages", "max_tokens", "max_completion_tokens
              "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
              "guided_whitespace_pattern", "structured_outputs",
              "min_p", "logit_bias", "presence_penalty", "frequency_penalty", "repetition_penalty",
-             "continue_final_message", "documents", "chat_template_kwargs")
+             "continue_final_message", "documents", "chat_template_kwargs",
+             "logprobs", "top_logprobs", "prompt_logprobs", "best_of", "return_tokens_as_token_ids")
+_HONOURED_IN = {Endpoint.COMPLETIONS: ("echo",), Endpoint.CHAT: ()}   # one endpoint's meaning of the name
 
 
 def refusals(endpoint: Endpoint) -> dict[str, Refusal]:
@@ -215,7 +221,7 @@ def refusals(endpoint: Endpoint) -> dict[str, Refusal]:
 
 def status(endpoint: Endpoint, name: str) -> FieldStatus | None:
     """What ``endpoint`` does with the field (top level or nested) called ``name``; None: unknown."""
-    if name in _HONOURED:
+    if name in _HONOURED or name in _HONOURED_IN[endpoint]:
         return FieldStatus.HONOURED
     if name in _NO_EFFECT:
         return FieldStatus.NO_EFFECT

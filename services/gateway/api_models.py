@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
+from neo_common.protocol import MAX_LOGPROBS
 from neo_gateway.api_fields import Endpoint, check_refused
 from neo_gateway.sampling_params import ParamError, SamplingParams
 from neo_gateway.structured_output.spec import STRUCTURED_FIELDS, StructuredOutputSpec, spec_from_fields
@@ -54,7 +55,6 @@ class _GenerationRequest(BaseModel):
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
     best_of: Optional[int] = Field(default=None, ge=1)
-    logprobs: _Refused = None
     presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: Optional[dict[str, float]] = None
@@ -70,7 +70,7 @@ class _GenerationRequest(BaseModel):
     spaces_between_special_tokens: StrictBool = True
     truncate_prompt_tokens: _Refused = None
     allowed_token_ids: _Refused = None
-    prompt_logprobs: _Refused = None
+    prompt_logprobs: Optional[int] = Field(default=None, ge=0)
     bad_words: _Refused = None
     # vLLM's extra parameters
     response_format: Optional[dict[str, Any]] = None
@@ -84,17 +84,42 @@ class _GenerationRequest(BaseModel):
     priority: _Refused = None
     request_id: Optional[str] = Field(default=None, min_length=1, max_length=256)
     logits_processors: _Refused = None
-    return_tokens_as_token_ids: _Refused = None
+    return_tokens_as_token_ids: Optional[StrictBool] = None
     cache_salt: _Refused = None
     kv_transfer_params: _Refused = None
     vllm_xargs: _Refused = None
 
     ENDPOINT: ClassVar[Endpoint]
+    _LOGPROB_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def wanted_logprobs(self) -> int | None:
+        """Top logprobs per generated token (None: none asked)."""
+        return None
+
+    @property
+    def wanted_prompt_logprobs(self) -> int | None:
+        return self.prompt_logprobs
+
+    @property
+    def sequences_per_prompt(self) -> int:
+        """``best_of`` sequences run for each prompt (``n`` of them returned)."""
+        return self.best_of or self.n
 
     def check_supported(self) -> None:
         """400 for the first refused field whose value is not the default (api_fields)."""
         if self.best_of is not None and self.best_of < self.n:
             raise ParamError("best_of", f"best_of must be at least n={self.n}, got {self.best_of}")
+        if self.best_of is not None and self.best_of > self.n and self.stream:
+            raise ParamError("best_of", "best_of above n cannot be streamed (the best are known only at the end)")
+        if self.best_of is not None and self.best_of > _MAX_N:
+            raise ParamError("best_of", f"best_of must be at most {_MAX_N}, got {self.best_of}")
+        for name in ("prompt_logprobs", *self._LOGPROB_FIELDS):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > MAX_LOGPROBS:
+                raise ParamError(name, f"{name} must be at most {MAX_LOGPROBS}, got {value}")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ParamError("prompt_logprobs", "prompt_logprobs are not available with stream=true (as vLLM)")
         found = check_refused(self, self.ENDPOINT)
         if found:
             raise ParamError(*found)
@@ -142,6 +167,9 @@ class _GenerationRequest(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
             structured_outputs=self.structured_output_spec(),
+            # best_of ranks by cumulative logprob: its sequences compute the sampled token's at least
+            logprobs=self.wanted_logprobs if self.sequences_per_prompt == self.n else (self.wanted_logprobs or 0),
+            prompt_logprobs=self.wanted_prompt_logprobs,
         )
 
 
@@ -149,12 +177,25 @@ class CompletionRequest(_GenerationRequest):
     """POST /v1/completions. ``prompt`` is text or token ids (a batch of one is accepted too)."""
 
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    echo: _Refused = None
+    logprobs: Optional[int] = Field(default=None, ge=0)
+    echo: StrictBool = False
     suffix: _Refused = None
     add_special_tokens: StrictBool = True
     prompt_embeds: _Refused = None
 
     ENDPOINT: ClassVar[Endpoint] = Endpoint.COMPLETIONS
+    _LOGPROB_FIELDS: ClassVar[tuple[str, ...]] = ("logprobs",)
+
+    @property
+    def wanted_logprobs(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def wanted_prompt_logprobs(self) -> int | None:
+        """``echo`` with ``logprobs`` returns the prompt's logprobs too (vLLM's rule)."""
+        if self.prompt_logprobs is None and self.echo and self.logprobs is not None:
+            return self.logprobs
+        return self.prompt_logprobs
 
 
 class ChatMessage(BaseModel):
@@ -193,7 +234,8 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     add_generation_prompt: StrictBool = True
     add_special_tokens: StrictBool = False
-    top_logprobs: _Refused = None
+    logprobs: Optional[StrictBool] = False
+    top_logprobs: Optional[int] = Field(default=None, ge=0)
     # OpenAI fields for features this server does not have (api_fields says which and why)
     audio: _Refused = None
     function_call: _Refused = None
@@ -225,6 +267,16 @@ class ChatCompletionRequest(_GenerationRequest):
     include_reasoning: Optional[StrictBool] = None
 
     ENDPOINT: ClassVar[Endpoint] = Endpoint.CHAT
+    _LOGPROB_FIELDS: ClassVar[tuple[str, ...]] = ("top_logprobs",)
+
+    @property
+    def wanted_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def check_supported(self) -> None:
+        if self.top_logprobs and not self.logprobs:
+            raise ParamError("top_logprobs", "top_logprobs needs logprobs: true")
+        super().check_supported()
 
 
 # -- response bodies: documented in the OpenAPI schema (the routes build them as plain dicts) --------
@@ -252,11 +304,46 @@ class Usage(BaseModel):
 FinishReason = Optional[Literal["stop", "length", "abort", "error"]]
 
 
+class CompletionLogprobs(BaseModel):
+    """Per token (with ``echo``, the prompt's first): its text, logprob, the top tokens' logprobs
+    (and its own) and its offset in the choice's text; the first prompt token's are null."""
+
+    tokens: list[str]
+    token_logprobs: list[Optional[float]]
+    top_logprobs: list[Optional[dict[str, float]]]
+    text_offset: list[int]
+
+
+class PromptLogprob(BaseModel):
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+# vLLM's prompt_logprobs: per prompt token (null for the first), token id -> its logprob
+PromptLogprobs = Optional[list[Optional[dict[str, PromptLogprob]]]]
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: Optional[list[ChatTokenLogprob]]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: Optional[CompletionLogprobs] = None
     finish_reason: FinishReason
+    prompt_logprobs: PromptLogprobs = None
 
 
 class CompletionResponse(BaseModel):
@@ -276,7 +363,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: Optional[ChatLogprobs] = None
     finish_reason: FinishReason
 
 
@@ -287,6 +374,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs = None
 
 
 class ModelCard(BaseModel):
@@ -315,7 +403,7 @@ def error_responses(*statuses: int) -> dict[int, dict]:
 class CompletionChunkChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: Optional[CompletionLogprobs] = None
     finish_reason: FinishReason
 
 
@@ -338,7 +426,7 @@ class Delta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: Delta
-    logprobs: None = None
+    logprobs: Optional[ChatLogprobs] = None
     finish_reason: FinishReason
 
 

@@ -26,13 +26,28 @@ class Choice:
 def choices_of(prompts: list[tuple[list[int], SamplingParams]], n: int) -> list[list[Choice]]:
     """``n`` choices per prompt, grouped by prompt. With a seed, sample i draws from seed + i: each
     choice differs from the others, the whole response is reproducible, and choice 0 is what the
-    same request with n=1 gives."""
+    same request with n=1 gives. Only the first of a prompt computes its prompt logprobs (the
+    others take its cached blocks; the prompt's logprobs are the same for all)."""
     groups = []
     for p, (ids, params) in enumerate(prompts):
-        groups.append([Choice(p * n + i, ids, params if params.seed is None or i == 0 else
-                              dataclasses.replace(params, seed=(params.seed + i) % _SEED_SPACE))
+        follower = dataclasses.replace(params, prompt_logprobs=None)
+        groups.append([Choice(p * n + i, ids, params if i == 0 else follower if params.seed is None else
+                              dataclasses.replace(follower, seed=(params.seed + i) % _SEED_SPACE))
                        for i in range(n)])
     return groups
+
+
+def best_of(outputs: dict[int, "RequestOutput"], n: int, best: int) -> dict[int, "RequestOutput"]:
+    """Of each prompt's ``best`` sequences (indices prompt * best + i), the ``n`` with the highest
+    cumulative logprob, best first, indexed prompt * n + rank (vLLM's best_of). The prompt's
+    logprobs (computed by its first sequence) go with each."""
+    out: dict[int, RequestOutput] = {}
+    for p in range(len(outputs) // best):
+        group = [outputs[p * best + i] for i in range(best)]
+        ranked = sorted(group, key=lambda o: o.cumulative_logprob, reverse=True)[:n]
+        for rank, o in enumerate(ranked):
+            out[p * n + rank] = dataclasses.replace(o, prompt_logprobs=group[0].prompt_logprobs)
+    return out
 
 
 class ChoiceStreams:

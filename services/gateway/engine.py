@@ -24,6 +24,7 @@ from neo_common.link import ClientKeyCheck, LinkKeys, prepare_runtime_dir
 from neo_common.protocol import IterationResult, Place, WorkerError, WorkerKind
 from neo_gateway.block_manager import BlockManager
 from neo_gateway.detokenizer import IncrementalDetokenizer
+from neo_gateway.logprobs import TokenLogprob, prompt_entries, prompt_logprobs, sampled_logprobs
 from neo_gateway.sampling_params import SamplingParams
 from neo_gateway.scheduler import Scheduler, SchedulerOutput
 from neo_gateway.sequence import FinishReason, Sequence, SeqStatus
@@ -45,7 +46,10 @@ class EngineOverloaded(RuntimeError):
 
 @dataclasses.dataclass
 class RequestOutput:
-    """One step of a request's stream: new text, and the final state once ``finished``."""
+    """One step of a request's stream: new text, and the final state once ``finished``.
+    ``logprobs``: the entries of ``token_ids`` (when asked); ``prompt_logprobs``: the prompt's, on
+    the request's first output only (when asked); ``cumulative_logprob``: over the output so far
+    (when logprobs are computed)."""
 
     text: str
     token_ids: list[int]
@@ -54,6 +58,9 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
+    cumulative_logprob: float = 0.0
 
 
 @dataclasses.dataclass
@@ -61,6 +68,7 @@ class _Request:
     seq: Sequence
     detok: IncrementalDetokenizer
     queue: asyncio.Queue
+    pushed: bool = False   # an output went out (the prompt logprobs go with the first)
 
 
 class RequestStream:
@@ -366,10 +374,20 @@ class Engine:
     def _apply(self, output: SchedulerOutput, result: IterationResult) -> None:
         assert self.scheduler is not None
         sampled = dict(zip(result.seq_ids.tolist(), result.token_ids.tolist()))
+        self._apply_prompt_logprobs(result)
+        logprobs = {}
+        if len(result.lp_seq_ids):
+            asked = {r.seq.seq_id: r.seq.params.logprobs for r in output.rows
+                     if r.sample and r.seq.params.logprobs is not None}
+            logprobs = sampled_logprobs(result, sampled, asked)
         for seq, token, reason in self.scheduler.update(output, sampled):
             req = self.requests.get(seq.seq_id)
             if req is None:
                 continue
+            entry = logprobs.get(seq.seq_id)
+            if entry is not None:
+                seq.logprobs.append(entry)
+                seq.cumulative_logprob += entry.logprob
             text = req.detok.add(token, stop_token=reason is FinishReason.STOP)
             if seq.structured is not None:
                 reason = self._advance_grammar(seq, token, reason)
@@ -381,7 +399,19 @@ class Engine:
                 self.scheduler.finish(seq, reason)
             if reason is not None:
                 text += req.detok.flush()
-            self._push(req, text, [token], reason)
+            self._push(req, text, [token], reason, [entry] if entry is not None else None)
+
+    def _apply_prompt_logprobs(self, result: IterationResult) -> None:
+        """Append the prompt logprobs of each row that asked: its positions from the first missing
+        one on (``Sequence.prompt_logprob_span``), whose tokens are the prompt's next ones."""
+        for seq_id, start, count in prompt_logprobs(result):
+            req = self.requests.get(seq_id)
+            if req is None:
+                continue
+            seq = req.seq
+            have = len(seq.prompt_logprobs)
+            tokens = seq.prompt_ids[have + 1:have + 1 + count]
+            seq.prompt_logprobs.extend(prompt_entries(result, start, tokens, seq.params.prompt_logprobs or 0))
 
     def _advance_grammar(self, seq: Sequence, token: int,
                          reason: FinishReason | None) -> FinishReason | None:
@@ -403,12 +433,15 @@ class Engine:
         return reason
 
     def _push(self, req: _Request, text: str, tokens: list[int], reason: FinishReason | None,
-              error: str | None = None) -> None:
+              logprobs: list[TokenLogprob] | None = None, error: str | None = None) -> None:
         seq = req.seq
+        first, req.pushed = not req.pushed, True
         req.queue.put_nowait(RequestOutput(
             text=text, token_ids=tokens, finished=reason is not None,
             finish_reason=reason.value if reason is not None else None,
-            prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids), error=error))
+            prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids), error=error,
+            logprobs=logprobs, cumulative_logprob=seq.cumulative_logprob,
+            prompt_logprobs=seq.prompt_logprobs if first and seq.params.prompt_logprobs is not None else None))
         if reason is not None:
             self.requests.pop(seq.seq_id, None)
             for hook in self.finished_hooks:
@@ -425,7 +458,7 @@ class Engine:
             req = self.requests.get(seq.seq_id)
             if req is not None and seq.status is SeqStatus.RUNNING:   # not finished, nor requeued to recompute
                 self.abort(seq, FinishReason.ERROR)
-                self._push(req, "", [], FinishReason.ERROR, message)
+                self._push(req, "", [], FinishReason.ERROR, error=message)
 
     def _fail_running(self, message: str, places: tuple[Place, ...] = (Place.GPU, Place.CPU)) -> None:
         """A worker is gone with the KV: requests that held KV there end with an error now."""
@@ -436,7 +469,7 @@ class Engine:
             req = self.requests.get(seq.seq_id)
             self.abort(seq, FinishReason.ERROR)
             if req is not None:
-                self._push(req, "", [], FinishReason.ERROR, message)
+                self._push(req, "", [], FinishReason.ERROR, error=message)
 
     def _on_worker_down(self, reason: str) -> None:
         self._fail_running(reason)
@@ -460,7 +493,7 @@ class Engine:
         live = list(self.requests.values())
         for req in live:
             self.abort(req.seq, FinishReason.ERROR)
-            self._push(req, "", [], FinishReason.ERROR, message)
+            self._push(req, "", [], FinishReason.ERROR, error=message)
         return len(live)
 
     async def shutdown_workers(self, reason: str, timeout_s: float = 5.0) -> None:

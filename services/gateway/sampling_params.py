@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from neo_gateway.structured_output.spec import StructuredOutputSpec
 
+from neo_common.protocol import MAX_LOGPROBS
+
 
 class ParamError(ValueError):
     """A request parameter is out of range; ``param`` names the field for the error body."""
@@ -35,6 +37,9 @@ class SamplingParams:
     subtracted for tokens in the output.
     ``structured_outputs`` (None = free text): the grammar the output follows (vLLM's field of that
     name; a ``structured_output.StructuredOutputSpec``, compiled by the engine's manager).
+    ``logprobs`` (None = off): return each generated token's logprob and the top that many;
+    ``prompt_logprobs`` likewise for every prompt token after the first (the request then skips the
+    prefix cache: every prompt position must be computed).
     """
 
     max_tokens: int = 16
@@ -55,6 +60,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     structured_outputs: "StructuredOutputSpec | None" = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -82,6 +89,10 @@ class SamplingParams:
                 raise ParamError(name, f"{name} must be in [-2, 2], got {value}")
         if not math.isfinite(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 2.0:
             raise ParamError("repetition_penalty", f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ParamError(name, f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
         if any(t < 0 for t in self.stop_token_ids):
             raise ParamError("stop_token_ids", "stop_token_ids must be non-negative")
 

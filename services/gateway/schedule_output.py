@@ -99,6 +99,7 @@ class SchedulerOutput:
             **_bias_columns(params),
             **_penalty_columns(rows),
             **_bitmask_columns(rows),
+            **_logprob_columns(rows),
             swap_out=_runs(self.swap_out_pairs),
             swap_in=_runs(self.swap_in_pairs),
         )
@@ -143,6 +144,29 @@ def _penalty_columns(rows: list) -> dict[str, np.ndarray]:
             "hist_rows": np.array([e[0] for e in entries], np.int32),
             "hist_ids": np.array([e[1] for e in entries], np.int32),
             "hist_output": np.array([e[2] for e in entries], np.uint8)}
+
+
+def _logprob_columns(rows: list) -> dict[str, np.ndarray]:
+    """``logprobs`` of the sampling rows that ask (empty when none does), and the prompt positions
+    whose logprobs are still missing in each prompt chunk that asks (``Sequence.prompt_logprob_span``)."""
+    out: dict[str, np.ndarray] = {}
+    if any(r.sample and r.seq.params.logprobs is not None for r in rows):
+        out["logprobs"] = np.array([r.seq.params.logprobs if r.sample and r.seq.params.logprobs is not None
+                                    else -1 for r in rows], np.int8)
+    spans = []
+    for i, r in enumerate(rows):
+        span = r.seq.prompt_logprob_span(r.start, r.num_tokens) if not r.placeholder else None
+        if span is not None:
+            spans.append((i, *span, r.seq.params.prompt_logprobs, r.seq.prompt_ids))
+    if spans:
+        out |= {"plp_rows": np.array([s[0] for s in spans], np.int32),
+                "plp_first": np.array([s[1] for s in spans], np.int32),
+                "plp_count": np.array([s[2] for s in spans], np.int32),
+                "plp_k": np.array([s[3] for s in spans], np.int8),
+                "plp_targets": np.array([t for i, first, count, _, ids in spans
+                                         for t in ids[rows[i].start + first + 1:rows[i].start + first + 1 + count]],
+                                        np.int32)}
+    return out
 
 
 def _bitmask_columns(rows: list) -> dict[str, np.ndarray]:

@@ -283,8 +283,8 @@ class Scheduler:
     def _share_cached_prefix(self, seq: Sequence) -> bool:
         """Give a new (or recomputed) request the GPU blocks that already hold its prompt's leading
         full blocks; its prefill then starts after them. True if any were found."""
-        if self.hasher is None or seq.num_computed or seq.seq_id in self.gpu.tables:
-            return False
+        if self.hasher is None or seq.num_computed or seq.seq_id in self.gpu.tables or seq.needs_prompt_logprobs:
+            return False   # (prompt logprobs need every prompt position computed)
         blocks = self.gpu.cached_prefix(self.hasher.hashes(seq, self.hasher.cacheable_prefix_blocks(seq)))
         if not blocks:
             return False

@@ -35,6 +35,9 @@ class Sequence:
     - ``block_hashes``: the prefix-cache hash chain of its full blocks computed so far.
     - ``structured``: its grammar's matcher (``params.structured_outputs``; None: free text),
       advanced by the engine with each accepted token.
+    - ``logprobs``: per output token, its logprob and top ones (when ``params.logprobs`` is set);
+      ``prompt_logprobs``: the same for prompt positions 1.. (``params.prompt_logprobs``), filled in
+      order as the prefill computes them; ``cumulative_logprob``: the sum over the output tokens.
     """
 
     def __init__(self, seq_id: int, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -60,6 +63,9 @@ class Sequence:
         self.block_hashes: list[bytes] = []   # prefix-cache hashes of its full blocks (PrefixHasher)
         self.num_registered_blocks = 0        # of its GPU table's blocks, those registered in the cache
         self.structured = None                # structured_output.StructuredOutputRequest (engine.submit)
+        self.logprobs: list = []              # logprobs.TokenLogprob per output token
+        self.prompt_logprobs: list = []       # logprobs.TokenLogprob per prompt token from the second on
+        self.cumulative_logprob = 0.0
 
     def wall_ns(self, monotonic_time: float) -> int:
         """A monotonic timestamp of this request as epoch nanoseconds (for span start/end times)."""
@@ -77,6 +83,21 @@ class Sequence:
         if start >= p:
             return self.output_ids[start - p:end - p]
         return self.prompt_ids[start:] + self.output_ids[:end - p]
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs are asked for and not all computed yet (so its prefill cannot start
+        after cached blocks: it must compute every prompt position)."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids) - 1
+
+    def prompt_logprob_span(self, start: int, num_tokens: int) -> tuple[int, int] | None:
+        """(first, count): the positions of the chunk ``[start, start + num_tokens)`` whose next-token
+        logprobs are still missing, the first as an offset into the chunk; None: none is."""
+        if not self.needs_prompt_logprobs or len(self.prompt_logprobs) < start:   # (a gap: never when uncached)
+            return None
+        first = max(start, len(self.prompt_logprobs))      # position p predicts prompt token p + 1
+        last = min(start + num_tokens, len(self.prompt_ids) - 1)
+        return (first - start, last - first) if last > first else None
 
     @property
     def num_pending(self) -> int:

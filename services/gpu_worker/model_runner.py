@@ -19,6 +19,7 @@ from neo_gpu_worker.batch import build_sub_batch, to_device
 from neo_gpu_worker.cuda_graph import DecodeGraphs
 from neo_gpu_worker.emulation import Emulator
 from neo_gpu_worker.host_kv import HostKv
+from neo_gpu_worker.logprobs import SampledLogprobs, fill_result, flat_positions, prompt_logprobs
 from neo_gpu_worker.models.protocol import CausalLM
 from neo_gpu_worker.parallel import TensorParallel
 from neo_gpu_worker.pipeline import PipelinedExecutor
@@ -68,11 +69,15 @@ class Launched:
 
     - ``result``: filled by ``ModelRunner.launch`` except ``token_ids`` and the times.
     - ``tokens``: the sampled tokens' host copy, in flight (None: nothing sampled on this rank).
+    - ``logprobs``: the host copies of the sampled tokens' logprobs (seq ids, values) and of the
+      prompt logprobs (plan, values), in flight like the tokens (None: no row asked).
     - ``timer``: marks the start and the end of the forward; the end of the iteration is marked here.
     """
 
-    def __init__(self, result: IterationResult, timer: _Timer, tokens: torch.Tensor | None = None) -> None:
+    def __init__(self, result: IterationResult, timer: _Timer, tokens: torch.Tensor | None = None,
+                 logprobs: tuple | None = None) -> None:
         self.result, self.timer, self.tokens = result, timer, tokens
+        self.logprobs = logprobs
         timer.mark()
 
     def done(self) -> bool:
@@ -84,6 +89,8 @@ class Launched:
         result = self.result
         if self.tokens is not None:
             result.token_ids = self.tokens.numpy()
+        if self.logprobs is not None:
+            fill_result(result, *self.logprobs)
         result.forward_s, result.total_s = self.timer.seconds()
         result.sample_s = result.total_s - result.forward_s
         return result
@@ -195,22 +202,33 @@ class ModelRunner:
             where = np.empty(plan.batch_size, np.int64)
             where[rows] = np.arange(len(rows))
             last = hidden[rows_on(where[sample_rows])]
+            hidden_at = self._pipelined_positions(self.pipeline.take_hidden())
         else:
             emu = self.emulator
             if emu:
                 emu.main.begin()
             if self.graphs is not None and self.graphs.can_run(plan):
-                last = self.graphs.run(plan, fill)[rows_on(sample_rows)]
+                hidden = self.graphs.run(plan, fill)   # one token per row: row i's is hidden[i]
+                offsets = np.arange(plan.batch_size)
+                last = hidden[rows_on(sample_rows)]
             else:
                 sb = build_sub_batch(plan, np.arange(plan.batch_size), self.block_size, self.device, 0)
                 if fill is not None:
                     sb.input_ids[fill[0]] = fill[1]
                 hidden = self.model(sb.input_ids, sb.positions, self.kv_cache, sb.meta)
                 last = hidden[rows_on(sb.last_token[sample_rows])]
+                offsets = sb.last_token - plan.num_tokens.astype(np.int64) + 1
+
+            def hidden_at(rows, first, count, hidden=hidden, offsets=offsets):
+                return hidden[rows_on(flat_positions(offsets, rows, first, count))]
+
             if emu:
                 emu.main.work(emu.roofline.forward(plan, np.arange(plan.batch_size)))
         timer.mark()
-        tokens = None
+        tokens, logprobs = None, None
+        if self.tp is None or self.tp.rank == 0:   # rank 0 holds the logits (see ``tp``)
+            prompt = prompt_logprobs(plan, hidden_at, self.model.compute_logits)
+            logprobs = (None, (plan, prompt.to_host())) if prompt is not None else None
         if len(sample_rows) and self.tp is not None and self.tp.rank > 0:
             sampled = self.tp.broadcast(torch.empty(len(sample_rows), dtype=torch.int64, device=self.device))
             self.last_sample = (plan.seq_ids[sample_rows], sampled)
@@ -218,6 +236,7 @@ class ModelRunner:
             if self.emulator:
                 self.emulator.main.begin()
             logits = self.model.compute_logits(last)
+            asked = SampledLogprobs(plan, sample_rows, logits)   # raw: before the sampler's processing
             params = SamplingBatch.from_columns(
                 plan.temperature[sample_rows], plan.top_p[sample_rows], plan.top_k[sample_rows],
                 plan.seeds[sample_rows], plan.steps[sample_rows], logits.shape[-1], self.device,
@@ -233,7 +252,31 @@ class ModelRunner:
             result.seq_ids = plan.seq_ids[sample_rows]
             tokens = sampled.to(torch.int32).to("cpu", non_blocking=True)  # into pinned memory on CUDA
             self.last_sample = (result.seq_ids, sampled)
-        return Launched(result, timer, tokens)
+            if asked:
+                logprobs = ((asked.seq_ids, asked.of(sampled).to_host()), logprobs[1] if logprobs else None)
+        return Launched(result, timer, tokens, logprobs)
+
+    def _pipelined_positions(self, kept):
+        """``hidden_at`` of a pipelined forward: positions of each sub-batch's hidden states."""
+        if kept is None:
+            return None
+        hidden, sbs = kept
+        rows_on = to_device(self.device)
+
+        def hidden_at(rows, first, count):
+            parts = []
+            for row, f, c in zip(rows, first, count):
+                j = next(j for j, sb in enumerate(sbs) if hidden[j] is not None and row in sb.rows)
+                sb = sbs[j]
+                i = int(np.flatnonzero(sb.rows == row)[0])
+                start = int(sb.last_token[i]) - int(self._n_tokens_of(sb, i)) + 1 + int(f)
+                parts.append(hidden[j][rows_on(np.arange(start, start + int(c)))])
+            return torch.cat(parts)
+        return hidden_at
+
+    @staticmethod
+    def _n_tokens_of(sb, i: int) -> int:
+        return int(sb.last_token[i] - (sb.last_token[i - 1] if i else -1))
 
     def _placeholders(self, plan: IterationPlan) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(token indices, tokens on the device) for the plan's placeholder tokens: what the

@@ -195,6 +195,7 @@ class PipelinedExecutor:
         self.staging = torch.zeros((2, staging_blocks, block_size, g.num_kv_heads, g.head_dim),
                                    dtype=kv_cache.dtype, device=device)
         self.handoff = Handoff(host, device, timeout_s, emulator)
+        self._kept: tuple[list, list[SubBatch]] | None = None   # see take_hidden
         self.emulator = emulator
         self.spent = dict.fromkeys(_PARTS, 0.0)   # this iteration's host seconds per part (see _account)
         self.graphed = False
@@ -216,9 +217,16 @@ class PipelinedExecutor:
         finally:
             self.handoff.synchronize()
         last = [h[torch.from_numpy(sb.last_token).to(self.device)] for h, sb in zip(hidden, sbs) if sb.num_tokens]
+        self._kept = (hidden, sbs) if len(plan.plp_rows) else None   # prompt logprobs read every position
         rows = np.concatenate([sb.rows for sb in sbs if sb.num_tokens])
         self._account(time.perf_counter() - t0)
         return torch.cat(last), rows
+
+    def take_hidden(self) -> tuple[list, list[SubBatch]] | None:
+        """Every token's hidden states of the last forward, per sub-batch, and the sub-batches (kept
+        only when its plan asked for prompt logprobs); forgotten once taken."""
+        kept, self._kept = self._kept, None
+        return kept
 
     def _account(self, host_s: float) -> None:
         """Log, every ``_LOG_EVERY`` iterations, where the host's time went: a forward bounded by the

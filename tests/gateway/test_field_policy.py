@@ -90,9 +90,7 @@ def test_values_that_ask_for_the_default_are_accepted(fields):
     ({"allowed_token_ids": [3]}, "allowed_token_ids"), ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"structural_tag": "{}"}, "structural_tag"), ({"guided_decoding_backend": "xgrammar"}, "guided_decoding_backend"),
-    ({"best_of": 2}, "best_of"),
-    ({"logprobs": True}, "logprobs"), ({"prompt_logprobs": 1}, "prompt_logprobs"),
-    ({"n": 3, "best_of": 4}, "best_of"), ({"bad_words": ["x"]}, "bad_words"),
+    ({"bad_words": ["x"]}, "bad_words"),
     ({"chat_template": "{{ messages }}"}, "chat_template"),
     ({"stream_options": {"continuous_usage_stats": True}}, "stream_options.continuous_usage_stats"),
     ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]}, "messages.0.tool_calls")])
@@ -105,9 +103,35 @@ def test_other_values_are_refused_naming_the_field(fields, param):
     assert err.value.param == param and "not supported" in str(err.value)
 
 
-def test_logprobs_zero_asks_for_logprobs_on_completions():
+def test_logprobs_zero_asks_for_the_sampled_tokens_logprob_on_completions():
     body = CompletionRequest.model_validate({"model": "m", "prompt": "x", "logprobs": 0})
-    assert check_refused(body, Endpoint.COMPLETIONS)[0] == "logprobs"
+    assert check_refused(body, Endpoint.COMPLETIONS) is None
+    assert body.sampling_params(16).logprobs == 0
+
+
+@pytest.mark.parametrize("fields,param", [
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+    ({"prompt_logprobs": 21}, "prompt_logprobs"), ({"n": 3, "best_of": 2}, "best_of"),
+    ({"n": 1, "best_of": 2, "stream": True}, "best_of"), ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs")])
+def test_logprob_limits_are_refused_naming_the_field(fields, param):
+    with pytest.raises(ParamError) as err:
+        _chat(**fields).check_supported()
+    assert err.value.param == param
+
+
+def test_logprobs_above_twenty_are_refused_on_completions():
+    with pytest.raises(ParamError) as err:
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", "logprobs": 21}).check_supported()
+    assert err.value.param == "logprobs"
+
+
+def test_logprob_fields_become_sampling_params():
+    chat = _chat(logprobs=True, top_logprobs=3, prompt_logprobs=2).sampling_params(16)
+    assert (chat.logprobs, chat.prompt_logprobs) == (3, 2)
+    assert _chat(logprobs=False, top_logprobs=0).sampling_params(16).logprobs is None
+    assert _chat(n=2, best_of=4).sampling_params(16).logprobs == 0   # ranking needs the sampled token's
+    echo = CompletionRequest.model_validate({"model": "m", "prompt": "x", "echo": True, "logprobs": 2})
+    assert (echo.sampling_params(16).logprobs, echo.sampling_params(16).prompt_logprobs) == (2, 2)
 
 
 def test_unknown_fields_are_collected_with_their_path():
