@@ -120,3 +120,15 @@ def iteration_parent(trace: dict, served: Iterable[int] | None = None) -> tuple[
         if not parents:
             return None
     return context_from_traceparent(parents[0]), links_from(parents[1:])
+
+
+def traced_requests(trace: dict) -> dict[int, str]:
+    """The traceparent of each traced request of a plan's ``trace`` map, by sequence id (empty for a
+    map that does not name them)."""
+    if not trace or not trace.get("traceparent"):
+        return {}
+    parents = [trace["traceparent"], *trace.get("links", ())]
+    ids = trace.get("seq_ids")
+    if not isinstance(ids, list) or len(ids) != len(parents):
+        return {}
+    return {int(sid): tp for sid, tp in zip(ids, parents)}

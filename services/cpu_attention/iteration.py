@@ -33,6 +33,7 @@ class ServedIteration:
       of the serving time, spent waiting for doorbells.
     - ``status``: the native loop's final return (None when it never ran); ``error``: why the
       iteration failed (also sent to the gateway).
+    - ``start_ns`` / ``end_ns``: wall clock around the serving (the request spans' ends).
     """
 
     iteration_id: int
@@ -43,6 +44,8 @@ class ServedIteration:
     wait_s: float = 0.0
     status: NativeStatus | None = None
     error: str | None = None
+    start_ns: int = 0
+    end_ns: int = 0
 
     @classmethod
     def of(cls, plan: protocol.CpuAttentionPlan) -> "ServedIteration":

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import zmq
 
-from neo_common import protocol
+from neo_common import protocol, tracing
 from neo_common.config import NeoConfig
 from neo_common.enums import CpuState, KvDtypeCode, NativeStatus
 from neo_common.link import secure_connect
@@ -24,6 +24,7 @@ from neo_common.host_kernel import _native, kernel
 from neo_common.procs import pid_alive
 from neo_common.segment import ABORT_OFF, KvSegment, SegmentError
 from neo_cpu_attention.iteration import ServedIteration, iteration_span
+from neo_cpu_attention.request_spans import RequestSpans
 from neo_cpu_attention.slots import SlotDesc
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class CpuAttentionServer:
     - ``stopping``: set by Shutdown or SIGTERM/SIGINT; the loop exits at the next check.
     - ``iterations`` / ``jobs``: counters of served plans and (layer, sub-batch) jobs.
     - ``_pending``: frames that arrived while an iteration ran (served next, in order).
+    - ``request_spans``: with tracing on, the traced requests' open ``cpu_attention.request`` spans.
     """
 
     def __init__(self, config: NeoConfig, gateway_grace_s: float | None = None,
@@ -69,6 +71,7 @@ class CpuAttentionServer:
         self.iterations = 0
         self.jobs = 0
         self._pending: list[bytes] = []   # frames read while an iteration was running
+        self.request_spans = RequestSpans() if tracing.enabled() else None
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -100,6 +103,8 @@ class CpuAttentionServer:
                     self._drop_if_replaced()
                 if self.segment is None:
                     self._try_attach(0.0)
+                if self.request_spans is not None:
+                    self.request_spans.expire()
                 events = dict(poller.poll(POLL_MS))
                 if self.monitor in events:
                     self._drain_monitor()
@@ -110,6 +115,8 @@ class CpuAttentionServer:
         return code
 
     def close(self) -> None:
+        if self.request_spans is not None:
+            self.request_spans.close()
         if self.segment is not None:
             try:
                 self.segment.set_cpu_state(os.getpid(), CpuState.EXITED)
@@ -212,9 +219,13 @@ class CpuAttentionServer:
         """Serve one iteration, under its span when it serves a traced request; returns its account."""
         served = ServedIteration.of(plan)
         with iteration_span(plan) as span:
+            served.start_ns = time.time_ns()
             self._serve_plan(plan, served)
+            served.end_ns = time.time_ns()
             if span is not None:
                 served.record(span)
+        if self.request_spans is not None and plan.trace:
+            self.request_spans.observe(plan, served)
         return served
 
     def _serve_plan(self, plan: protocol.CpuAttentionPlan, served: ServedIteration) -> None:

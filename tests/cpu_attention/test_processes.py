@@ -238,42 +238,58 @@ def _batch_trace(seq_ids: list[int]) -> dict:
     return {"traceparent": parents[0], "links": parents[1:], "seq_ids": seq_ids}
 
 
-def test_iteration_spans_join_the_traces_of_the_cpu_rows(tmp_path, collector):
-    """Through a real OTLP collector: an iteration is a span in the trace of the first traced request
+def test_spans_join_the_traces_of_the_cpu_rows(tmp_path, collector):
+    """Through a real OTLP collector: each iteration is a span in the trace of the first traced request
     among its CPU rows (the batch's first traced request runs on the GPU), linked to the other traced
-    CPU rows, with the rows, context tokens, kernel time and the time spent waiting for doorbells; an
-    iteration whose traced requests all run on the GPU makes no span."""
+    CPU rows, with the rows, context tokens, kernel time and the time spent waiting for doorbells; each
+    traced CPU request gets its own span over its stretch of iterations, in its own trace; a plan
+    whose traced requests all run on the GPU makes no iteration span and ends the stretches."""
     delay_s = 0.05
     arrays, iterations = make_inputs(tmp_path, np.random.default_rng(3), ring_delay_s=delay_s)
     rep = Replica(tmp_path, env=collector.env())
     try:
         rep.hello()
         assert rep.driver_line() == "READY"
-        # iteration 7: traced GPU rows 500, 501 and CPU rows 1 (sub-batch 0) and 11 (sub-batch 1);
-        # iteration 8: only GPU rows traced
-        send_plans(rep, iterations, [_batch_trace([500, 1, 501, 11]), _batch_trace([500, 501])])
+        # traced: GPU rows 500 and 501, CPU rows 1 (sub-batch 0) and 11 (sub-batch 1), GPU first
+        batch = _batch_trace([500, 1, 501, 11])
+        send_plans(rep, iterations, [batch, batch])
+        rep.send(protocol.CpuAttentionPlan(iteration_id=9, seq_ids=[np.zeros(0, np.int64)] * 2,
+                                           seq_lens=[np.zeros(0, np.int32)] * 2,
+                                           block_tables=[np.zeros((0, 5), np.int32)] * 2,
+                                           trace=_batch_trace([500, 501])))
         rep.driver_go()
         assert rep.driver_line() == "DONE", rep.cpu_log()
+        collector.wait_for(lambda spans: sum(s.name.startswith("cpu_attention.") for _, s in spans) >= 4)
         rep.send(protocol.Shutdown(reason="test"))
         assert rep.cpu.wait(20) == 0   # the exit flushes its spans
-        spans = collector.wait_for(lambda spans: any(s.name == "cpu_attention.iteration" for _, s in spans))
         time.sleep(1.0)                # rotel forwards in 100 ms batches: anything else has arrived too
-        spans = [(svc, s) for svc, s in collector.spans() if s.name == "cpu_attention.iteration"]
+        spans = collector.spans()
     finally:
         rep.close()
-    assert len(spans) == 1, [attributes(s) for _, s in spans]
-    (service, span), = spans
-    assert service == "neo-cpu-attention"
+    assert {svc for svc, _ in spans} == {"neo-cpu-attention"}
+    its = sorted((s for _, s in spans if s.name == "cpu_attention.iteration"),
+                 key=lambda s: attributes(s)["neo.iteration_id"])
+    assert [attributes(s)["neo.iteration_id"] for s in its] == [7, 8], "none for the GPU-only plan 9"
     first_cpu = _traceparent(1001).split("-")
-    assert span.trace_id.hex() == first_cpu[1] and span.parent_span_id.hex() == first_cpu[2]
-    assert [link.span_id.hex() for link in span.links] == [_traceparent(1011).split("-")[2]]
-    attrs = attributes(span)
-    lens = iterations[0]["seq_lens"]
-    assert attrs["neo.iteration_id"] == 7 and attrs["neo.cpu_status"] == "OK"
-    assert attrs["neo.cpu_rows"] == [3, 2] and attrs["neo.cpu_context_tokens"] == sum(map(sum, lens))
-    assert attrs["neo.jobs"] == LAYOUT.num_layers * 2
-    duration_ms = (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6
-    # every layer's doorbells were held delay_s: the CPU waited at least that long per layer
-    assert attrs["neo.cpu_wait_ms"] >= LAYOUT.num_layers * delay_s * 1e3 * 0.9, attrs
-    assert 0 < attrs["neo.cpu_busy_ms"] < attrs["neo.cpu_wait_ms"], attrs
-    assert attrs["neo.cpu_busy_ms"] + attrs["neo.cpu_wait_ms"] <= duration_ms + 0.5
+    for span, plan in zip(its, iterations):
+        assert span.trace_id.hex() == first_cpu[1] and span.parent_span_id.hex() == first_cpu[2]
+        assert [link.span_id.hex() for link in span.links] == [_traceparent(1011).split("-")[2]]
+        attrs = attributes(span)
+        assert attrs["neo.cpu_status"] == "OK" and attrs["neo.jobs"] == LAYOUT.num_layers * 2
+        assert attrs["neo.cpu_rows"] == [3, 2] and attrs["neo.cpu_context_tokens"] == sum(map(sum, plan["seq_lens"]))
+        duration_ms = (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6
+        # every layer's doorbells were held delay_s: the CPU waited at least that long per layer
+        assert attrs["neo.cpu_wait_ms"] >= LAYOUT.num_layers * delay_s * 1e3 * 0.9, attrs
+        assert 0 < attrs["neo.cpu_busy_ms"] < attrs["neo.cpu_wait_ms"], attrs
+        assert attrs["neo.cpu_busy_ms"] + attrs["neo.cpu_wait_ms"] <= duration_ms + 0.5
+    requests = {attributes(s)["neo.seq_id"]: s for _, s in spans if s.name == "cpu_attention.request"}
+    assert sorted(requests) == [1, 11], "one span per traced CPU request, none for the GPU rows"
+    for sid, (slot, row) in {1: (0, 1), 11: (1, 1)}.items():
+        span, own = requests[sid], _traceparent(1000 + sid).split("-")
+        assert span.trace_id.hex() == own[1] and span.parent_span_id.hex() == own[2], "in its own trace"
+        attrs = attributes(span)
+        assert (attrs["neo.iterations"], attrs["neo.first_iteration_id"], attrs["neo.last_iteration_id"]) == (2, 7, 8)
+        assert attrs["neo.cpu_context_tokens"] == iterations[1]["seq_lens"][slot][row]
+        assert attrs["neo.cpu_wait_ms"] == pytest.approx(sum(attributes(s)["neo.cpu_wait_ms"] for s in its))
+        assert its[0].start_time_unix_nano <= span.start_time_unix_nano < its[0].end_time_unix_nano
+        assert its[1].start_time_unix_nano < span.end_time_unix_nano <= its[1].end_time_unix_nano

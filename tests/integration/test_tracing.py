@@ -4,7 +4,7 @@ gateway, gpu_worker and cpu_attention export OTLP/HTTP to a rotel agent, which f
 OTLP/HTTP receiver in this test (``support.otlp``); one chat request's trace must hold the gateway's
 server span, its queue / prefill / decode phases, the GPU worker's iteration spans and, with every
 decode offloaded, the cpu_attention process's iteration spans (rows, context tokens, kernel and
-doorbell-wait times), each with the right parent.
+doorbell-wait times) and the request's own span over its CPU decodes, each with the right parent.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def test_one_request_trace_spans_gateway_and_worker(offload, collector, tmp_path
     env = dict(collector.env(), NEO_COST_CACHE_DIR=str(tmp_path / "cost"))
     wanted = {"POST /v1/chat/completions", "decode", "gpu_worker.iteration"}
     if offload == "full":  # every decode runs in the cpu_attention process: its spans join the trace
-        wanted.add("cpu_attention.iteration")
+        wanted |= {"cpu_attention.iteration", "cpu_attention.request"}
     args = ["--num-gpu-blocks", "32"] + (OFFLOAD_FULL if offload == "full" else [])
     replica = Replica(args, str(tmp_path / "serve.log"), env=env)
     try:
@@ -84,6 +84,14 @@ def test_one_request_trace_spans_gateway_and_worker(offload, collector, tmp_path
             assert a["neo.cpu_status"] == "OK" and a["neo.jobs"] > 0
             assert a["neo.cpu_busy_ms"] > 0 and a["neo.cpu_wait_ms"] >= 0
             assert a["neo.cpu_busy_ms"] + a["neo.cpu_wait_ms"] <= duration_ms + 0.5, "both within the span"
+        (svc, stretch), = by_name["cpu_attention.request"]   # its decodes, one stretch of CPU iterations
+        assert svc == "neo-cpu-attention" and stretch.parent_span_id == request.span_id
+        a = attributes(stretch)
+        assert a["neo.iterations"] == len(cpu) and a["neo.cpu_context_tokens"] == tokens[-1]
+        assert (a["neo.first_iteration_id"], a["neo.last_iteration_id"]) == (cpu_attrs[0]["neo.iteration_id"],
+                                                                            cpu_attrs[-1]["neo.iteration_id"])
+        assert cpu[0][1].start_time_unix_nano <= stretch.start_time_unix_nano
+        assert stretch.end_time_unix_nano <= cpu[-1][1].end_time_unix_nano
 
 
 def test_tracing_is_off_without_an_endpoint():
