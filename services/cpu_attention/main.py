@@ -19,6 +19,8 @@ from neo_common.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
+RANK_STOP_WAIT_S = 10.0   # a rank that outlives rank 0 by this long after its SIGTERM is killed
+
 
 def _setup_logging(config: NeoConfig, rank: int) -> None:
     setup_logging(config.http.log_level, "cpu_attention" if rank == 0 else f"cpu_attention.tp{rank}")
@@ -81,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if child.is_alive():
                 child.terminate()
         for child in children:
-            child.join(10)
+            child.join(RANK_STOP_WAIT_S)
             if child.is_alive():
                 child.kill()
                 child.join()
