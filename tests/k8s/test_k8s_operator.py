@@ -620,8 +620,10 @@ def test_a_pending_probe_does_not_block_scaling(apis: dict) -> None:
                  what="Deployment scaled to 2 while the new node's probe is pending")
     except AssertionError as exc:
         raise AssertionError(f"{exc}\nstatus: {get_ns(apis, 'grow').get('status')}") from None
-    obj = get_ns(apis, "grow")
-    assert cond(obj, "Sized")["status"] == "True" and "gpu-a100-2" in cond(obj, "Sized")["message"]
+    # the scale and the status that reports the pending node may come from two reconciles
+    obj = wait_for(lambda: (o := get_ns(apis, "grow")) and cond(o, "Sized")["status"] == "True"
+                   and "gpu-a100-2" in cond(o, "Sized")["message"] and o, timeout=15,
+                   what="the pending node reported in Sized")
     assert obj["status"]["sizing"]["probesPending"] == ["gpu-a100-2"]
     fake_kubelet_complete_probe(apis, "gpu-a100-2", 70.0, 64)
     obj = wait_for(lambda: (o := get_ns(apis, "grow"))["status"]["sizing"]["probesPending"] == [] and o, timeout=20,
