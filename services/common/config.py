@@ -42,6 +42,11 @@ class ModelConfig(Settings):
     chat_template: str = option("", "chat template: a .jinja file (or a .json with `chat_template`), or the "
                                     "template itself (default: the tokenizer's chat_template.jinja, "
                                     "tokenizer_config.json or GGUF metadata)")
+    tool_call_parser: str = option("hermes", "how tool calls are found in the output of a chat request with "
+                                             "tools and tool_choice auto (vLLM's --tool-call-parser): hermes "
+                                             "(<tool_call>{...}</tool_call>, Hermes/Qwen2.5) or llama3_json "
+                                             "(Llama 3.x JSON); none refuses tool_choice auto",
+                                   choices=("hermes", "llama3_json", "none"))
 
     def validate(self) -> None:
         if not self.model:

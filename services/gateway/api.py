@@ -28,6 +28,7 @@ from neo_gateway.metrics import GatewayMetrics
 from neo_gateway.prompt_encoder import PromptEncoder
 from neo_gateway.sampling_params import ParamError, SamplingParams
 from neo_gateway.sequence import FinishReason
+from neo_gateway.tool_parsers import ToolOutput
 
 
 log = logging.getLogger(__name__)
@@ -289,13 +290,18 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
             messages = [m.render() for m in body.messages]
             text = await prompts.render_chat(messages, body.add_generation_prompt,
                                              continue_final_message=body.continue_final_message,
-                                             documents=body.documents, chat_template_kwargs=body.chat_template_kwargs)
+                                             tools=body.tool_request().template_tools, documents=body.documents,
+                                             chat_template_kwargs=body.chat_template_kwargs)
         except ParamError as exc:
             raise APIError(400, str(exc), exc.param) from None
         except APIError:
             raise
         except Exception as exc:  # template errors are the request's fault (e.g. role order)
             raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from None
+        try:   # content and tool calls from the text (``tool_parsers``)
+            tool_out = ToolOutput.for_request(body.tool_request(), engine.config.model.tool_call_parser)
+        except ParamError as exc:
+            raise APIError(400, str(exc), exc.param) from None
         prompt_ids = await prompts.encode(text, engine.max_model_len, "messages", body.add_special_tokens)
         if body.max_completion_tokens is not None and body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
@@ -321,6 +327,7 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
             return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": served_name,
                     "choices": choices}
 
+        chunk = tool_out.wrap_chunk(chunk)
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
             headers = [chunk(0, None) | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -334,8 +341,9 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
         extra = {}
         if body.prompt_logprobs is not None:
             extra["prompt_logprobs"] = fmt.prompt(final[0].prompt_logprobs or [], body.prompt_logprobs)
+        messages, final = tool_out.shape(final)
         return JSONResponse({"id": rid, "object": "chat.completion", "created": now, "model": served_name,
-                             "choices": [{"index": i, "message": {"role": "assistant", "content": out.text},
+                             "choices": [{"index": i, "message": messages[i],
                                           "logprobs": chat_logprobs(out.logprobs), "finish_reason": out.finish_reason}
                                          for i, out in final.items()],
                              "usage": usage(len(prompt_ids), final.values())} | extra)

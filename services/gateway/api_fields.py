@@ -90,7 +90,7 @@ def _same(value: Any, neutral: Any) -> bool:
     return value == neutral
 
 
-_NO_TOOLS = "tool calling is not implemented yet"
+_NO_TOOLS = "the deprecated `functions` / `function_call` are not accepted; use `tools` / `tool_choice`"
 
 # fields refused in both endpoints (a field missing from an endpoint's schema is not checked there)
 _REFUSED: dict[str, Refusal] = {
@@ -109,8 +109,6 @@ _REFUSED: dict[str, Refusal] = {
     "vllm_xargs": Refusal("this server has no custom extensions that read vllm_xargs"),
     "prompt_embeds": Refusal("prompt embeddings are not accepted; send text or token ids"),
     "suffix": Refusal("suffix (insertion) is not supported by this model's completions", ("",)),
-    "tools": Refusal(_NO_TOOLS),
-    "tool_choice": Refusal(_NO_TOOLS, ("none", "auto")),
     "functions": Refusal(_NO_TOOLS),
     "function_call": Refusal(_NO_TOOLS, ("none", "auto")),
     "audio": Refusal("audio output is not supported (text models only)"),
@@ -145,7 +143,6 @@ _NO_EFFECT: dict[str, str] = {
     "prompt_cache_key": "prefix caching is automatic (exact block-hash matches)",
     "prompt_cache_options": "prefix caching is automatic (exact block-hash matches)",
     "prompt_cache_retention": "prefix caching is automatic; cached blocks live until the pool needs them",
-    "parallel_tool_calls": "only applies to tool calls, which are refused",
     "include_reasoning": "no reasoning parser: responses never carry reasoning content",
 }
 
@@ -187,6 +184,14 @@ _HONOURED_NOTES: dict[str, str] = {
     "guided_whitespace_pattern": "JSON only: the whitespace allowed between JSON tokens (a regex)",
     "structured_outputs": "vLLM's form: one of `json`, `regex`, `choice`, `grammar`, `json_object`; "
                           "`whitespace_pattern`; `structural_tag` refused",
+    "tools": "function tools, passed to the chat template as `tools`",
+    "tool_choice": "`none`, `auto` (calls found by `--tool-call-parser`: `hermes` or `llama3_json`), "
+                   "`required` or a named function (both enforced by a structured-output grammar); calls "
+                   "come back as `tool_calls` (streamed as deltas at the end of the choice) with "
+                   "`finish_reason: tool_calls`; a function not among the tools is a 400",
+    "parallel_tool_calls": "false: at most one call",
+    "tool_calls": "an assistant message's calls, rendered by the chat template (arguments as an object)",
+    "tool_call_id": "a tool message's call id, passed to the chat template",
     "max_tokens": "default 16 (completions) or the rest of the context (chat)",
     "max_completion_tokens": "taken when `max_tokens` is not set",
     "top_k": "-1 disables",
@@ -209,6 +214,7 @@ _HONOURED = ("model", "prompt", "messages", "max_tokens", "max_completion_tokens
              "min_tokens", "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
              "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
              "guided_whitespace_pattern", "structured_outputs",
+             "tools", "tool_choice", "parallel_tool_calls", "tool_calls", "tool_call_id",
              "min_p", "logit_bias", "presence_penalty", "frequency_penalty", "repetition_penalty",
              "continue_final_message", "documents", "chat_template_kwargs",
              "logprobs", "top_logprobs", "prompt_logprobs", "best_of", "return_tokens_as_token_ids")

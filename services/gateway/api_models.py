@@ -8,6 +8,7 @@ nothing is silently ignored. Fields of neither API are kept aside (``model_extra
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
@@ -16,6 +17,7 @@ from neo_common.protocol import MAX_LOGPROBS
 from neo_gateway.api_fields import Endpoint, check_refused
 from neo_gateway.sampling_params import ParamError, SamplingParams
 from neo_gateway.structured_output.spec import STRUCTURED_FIELDS, StructuredOutputSpec, spec_from_fields
+from neo_gateway.tool_parsers.choice import ToolRequest
 
 
 _INT32_MAX = 2**31 - 1
@@ -198,21 +200,38 @@ class CompletionRequest(_GenerationRequest):
         return self.prompt_logprobs
 
 
+def _template_tool_call(call: dict[str, Any]) -> dict[str, Any]:
+    """An assistant message's tool call as chat templates read it: ``arguments`` parsed into an object."""
+    fn = call.get("function")
+    if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(fn["arguments"])
+    except json.JSONDecodeError:
+        return call
+    return {**call, "function": {**fn, "arguments": arguments}}
+
+
 class ChatMessage(BaseModel):
     model_config = _STRICT
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Union[str, list[dict[str, Any]], None] = None
     name: Optional[str] = None
-    tool_calls: _Refused = None
-    tool_call_id: _Refused = None
+    tool_calls: Optional[list[dict[str, Any]]] = None
+    tool_call_id: Optional[str] = None
     function_call: _Refused = None
     refusal: _Refused = None
     audio: _Refused = None
 
     def render(self) -> dict[str, Any]:
         """The message as the chat template sees it."""
-        return {"role": self.role, "content": self.text()} | ({"name": self.name} if self.name is not None else {})
+        out = {"role": self.role, "content": self.text()} | ({"name": self.name} if self.name is not None else {})
+        if self.tool_calls:   # templates read arguments as a mapping (transformers' and vLLM's convention)
+            out["tool_calls"] = [_template_tool_call(c) for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
     def text(self) -> str:
         if self.content is None:
@@ -252,8 +271,8 @@ class ChatCompletionRequest(_GenerationRequest):
     safety_identifier: Optional[str] = None
     service_tier: _Refused = None
     store: _Refused = None
-    tool_choice: _Refused = None
-    tools: _Refused = None
+    tool_choice: Optional[Union[str, dict[str, Any]]] = None
+    tools: Optional[list[dict[str, Any]]] = None
     verbosity: _Refused = None
     web_search_options: _Refused = None
     # vLLM's chat extras
@@ -267,6 +286,18 @@ class ChatCompletionRequest(_GenerationRequest):
     include_reasoning: Optional[StrictBool] = None
 
     ENDPOINT: ClassVar[Endpoint] = Endpoint.CHAT
+
+    def tool_request(self) -> ToolRequest:
+        """The tools and tool choice, validated (ParamError naming the field)."""
+        return ToolRequest.from_fields(self.tools, self.tool_choice, self.parallel_tool_calls)
+
+    def structured_output_spec(self) -> StructuredOutputSpec | None:
+        """``required`` and a named tool choice constrain the output like a schema does."""
+        spec = super().structured_output_spec()
+        forced = self.tool_request().spec()
+        if forced is not None and spec is not None:
+            raise ParamError(spec.param, f"{spec.param} cannot be combined with tool_choice {self.tool_choice!r}")
+        return forced or spec
     _LOGPROB_FIELDS: ClassVar[tuple[str, ...]] = ("top_logprobs",)
 
     @property
@@ -301,7 +332,7 @@ class Usage(BaseModel):
     total_tokens: int = Field(ge=0)
 
 
-FinishReason = Optional[Literal["stop", "length", "abort", "error"]]
+FinishReason = Optional[Literal["stop", "length", "abort", "error", "tool_calls"]]
 
 
 class CompletionLogprobs(BaseModel):
@@ -357,7 +388,8 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: Optional[str]
+    tool_calls: Optional[list[dict[str, Any]]] = None
 
 
 class ChatChoice(BaseModel):
@@ -421,6 +453,7 @@ class CompletionChunk(BaseModel):
 class Delta(BaseModel):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -87,13 +87,13 @@ def test_values_that_ask_for_the_default_are_accepted(fields):
 
 @pytest.mark.parametrize("fields,param", [
     ({"length_penalty": 1.2}, "length_penalty"), ({"length_penalty": True}, "length_penalty"),
-    ({"allowed_token_ids": [3]}, "allowed_token_ids"), ({"tool_choice": "required"}, "tool_choice"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"allowed_token_ids": [3]}, "allowed_token_ids"), ({"functions": [{"name": "f"}]}, "functions"),
+    ({"function_call": {"name": "f"}}, "function_call"),
     ({"structural_tag": "{}"}, "structural_tag"), ({"guided_decoding_backend": "xgrammar"}, "guided_decoding_backend"),
     ({"bad_words": ["x"]}, "bad_words"),
     ({"chat_template": "{{ messages }}"}, "chat_template"),
     ({"stream_options": {"continuous_usage_stats": True}}, "stream_options.continuous_usage_stats"),
-    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]}, "messages.0.tool_calls")])
+    ({"messages": [{"role": "assistant", "content": "x", "refusal": "no"}]}, "messages.0.refusal")])
 def test_other_values_are_refused_naming_the_field(fields, param):
     body = _chat(**fields)
     found = check_refused(body, Endpoint.CHAT)

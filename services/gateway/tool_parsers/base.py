@@ -1,0 +1,78 @@
+"""What a tool-call parser finds, and the registry of parsers by their flag value."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import uuid
+from typing import Any
+
+
+class ToolParserName(str, enum.Enum):
+    HERMES = "hermes"            # Hermes / Qwen2.5: <tool_call>{"name": ..., "arguments": {...}}</tool_call>
+    LLAMA3_JSON = "llama3_json"  # Llama 3.x: [<|python_tag|>]{"name": ..., "parameters": {...}}[; {...}]
+
+
+@dataclasses.dataclass
+class ToolCall:
+    """One function call as the API returns it: ``arguments`` is a JSON text."""
+
+    name: str
+    arguments: str
+    id: str = dataclasses.field(default_factory=lambda: f"chatcmpl-tool-{uuid.uuid4().hex}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+    @classmethod
+    def of(cls, name: Any, arguments: Any) -> "ToolCall | None":
+        """From a parsed call: None when it is not one (no string name, arguments not an object)."""
+        if not isinstance(name, str) or not name:
+            return None
+        if isinstance(arguments, str):   # some models write the arguments as a JSON string
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                return None
+        if arguments is None:
+            arguments = {}
+        if not isinstance(arguments, dict):
+            return None
+        return cls(name, json.dumps(arguments, ensure_ascii=False))
+
+
+@dataclasses.dataclass
+class ExtractedToolCalls:
+    """``content``: the text that is not a tool call (None when there is none); ``calls`` in order."""
+
+    content: str | None
+    calls: list[ToolCall]
+
+
+class ToolParser:
+    """Finds tool calls in a model's whole output (:meth:`extract`) and, while it streams, how much
+    of it is surely plain content (:meth:`content_end`): text from there on may still turn out to
+    be a tool call, so it is held back until the end."""
+
+    def extract(self, text: str) -> ExtractedToolCalls:
+        raise NotImplementedError
+
+    def content_end(self, text: str) -> int:
+        raise NotImplementedError
+
+
+def held_prefix(text: str, marker: str) -> int:
+    """Where a trailing partial ``marker`` starts in ``text`` (len(text) when there is none)."""
+    for k in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:k]):
+            return len(text) - k
+    return len(text)
+
+
+def parser_for(name: str) -> ToolParser:
+    from neo_gateway.tool_parsers.hermes import HermesToolParser
+    from neo_gateway.tool_parsers.llama3_json import Llama3JsonToolParser
+
+    return {ToolParserName.HERMES: HermesToolParser, ToolParserName.LLAMA3_JSON: Llama3JsonToolParser}[
+        ToolParserName(name)]()
