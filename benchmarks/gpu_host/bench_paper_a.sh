@@ -4,7 +4,6 @@
 # and the gateway's iteration histograms (gateway wall vs worker time = scheduler + IPC overhead).
 set -uo pipefail
 source benchmarks/gpu_host/env.sh
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # SERVE_ARGS adds serve flags (e.g. --enforce-eager), LABEL names the run.
 BLOCKS=${BLOCKS:-1650}; RATES=${RATES:-1,2,inf}; N=${N:-64}; LABEL=${LABEL:-paper-a_${BLOCKS}blocks}
 python3 -m neo_common.cli serve --model llama-3-8b --load-format dummy --tokenizer .gpu/tokenizer --port 8000 \

@@ -3,16 +3,12 @@
 # path against their torch twins on the device (the same tests CI runs through Triton's
 # interpreter and the graph path's CPU twin); (2) the roofline of llama-3-8b decode and prefill for
 # the three GPU paths side by side (graphs / eager Triton / torch twins); (3) scheduler + IPC
-# overhead at batch 256 through the full stack. Needs .whl/ and .gpu/tokenizer carried (env.sh).
+# overhead at batch 256 through the full stack. Needs .whl/ and .gpu/tokenizer (env.sh).
 set -uo pipefail
 source benchmarks/gpu_host/env.sh
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  lscpu | grep -E 'Model name|^CPU\(s\)'
-  python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } \
-  | tee "$OUT/hardware.txt"
+hardware "$OUT"; cat "$OUT/hardware.txt"
 
-NEO_BUILD_JOBS=16 python3 setup.py -q build_ext --inplace > /tmp/build.log 2>&1 || tail -20 /tmp/build.log
+build_native /tmp/build.log
 if [ "${KERNEL_TESTS:-1}" = 1 ]; then
   python3 -m pytest -q -p no:cacheprovider tests/gpu_worker/test_kernels.py tests/gpu_worker/test_cuda_graph.py \
     tests/gpu_worker/test_serve_loop.py 2>&1 | tee "$OUT/kernels_cuda.txt" | tail -15

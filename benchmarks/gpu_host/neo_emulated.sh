@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
-# NEO vs GPU-only on emulated GPUs (docs/design.md, "GPU emulation"), on the GPU host, in one call:
+# NEO vs GPU-only on emulated GPUs (docs/design.md, "GPU emulation"), on the GPU host, in one run:
 # builds the native kernel, runs the CUDA test of the emulation's stage clock, then for each CASE
 # (PRESET:WORKLOAD, e.g. a10g:a t4:b l4:a; PRESET "real" runs the real GPU) profiles the cost tables
 # under the emulation and runs benchmarks/neo_vs_gpu_only.py: REPS interleaved repetitions (ABBA) of
 # each mode on live, warmed-up servers. Workloads as in neo_vs_gpu_only.sh: a = Llama-3-8B, paper-a,
 # 1650 GPU blocks (the paper's A10G budget); b = Llama-2-7B, paper-b, 54 GPU blocks (its T4 budget);
 # l = Llama-3-8B, long inputs (~2000 +-50%, outputs ~110 +-50%), 1650 blocks.
-# Install line of the wheels: see env.sh. Everything lands in $OUT; a short table per case at the end.
+# Everything lands in $OUT; a short table per case at the end.
 set -uo pipefail
 source benchmarks/gpu_host/env.sh
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 prepare_run "$OUT" || exit 1
 CASES=${CASES:-a10g:a}; REPS=${REPS:-3}; OFFLINE=${OFFLINE:-64}; RATES=${RATES:-}; N=${N:-16}
 CPU_THREADS=${CPU_THREADS:-0}
@@ -20,7 +19,7 @@ if [ "${SKIP_CUDA_TEST:-0}" != 1 ]; then
 fi
 python3 -m neo_common.cli probe-bandwidth --json > "$OUT/bandwidth.json"
 BW=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["read_gbps"])' "$OUT/bandwidth.json")
-export NEO_COST_CACHE_DIR=${NEO_COST_CACHE_DIR:-$PWD/.cost-cache}   # kept between calls on a warm machine
+export NEO_COST_CACHE_DIR=${NEO_COST_CACHE_DIR:-$PWD/.cost-cache}   # profiles kept between runs
 
 for case in $CASES; do
   preset=${case%%:*}; wl=${case##*:}

@@ -21,7 +21,6 @@
 # (e.g. 'auto-eager=auto:--pipeline-graphs false'). Writes JSON, PNG, table and logs under $OUT.
 set -uo pipefail
 source benchmarks/gpu_host/env.sh
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 WORKLOAD=${WORKLOAD:-a}; N=${N:-64}; RATES=${RATES:-1,2,4}; OFFLINE=${OFFLINE:-200}; MODES=${MODES:-off,auto}
 CPU_THREADS=${CPU_THREADS:-0}
 case "$WORKLOAD" in

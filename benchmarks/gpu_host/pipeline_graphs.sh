@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Captured pipeline stages (issue 4) and the CPU-attention layout under tensor parallelism (issue 8),
-# on a one-GPU host in one call:
+# on a one-GPU host in one run:
 #   (1) the stage graphs and the decode graphs against their eager twins on the device (real replays);
 #   (2) CPU attention over llama-3-70b's KV heads: one process vs one pinned process per rank
 #       (benchmarks/cpu_attention_split.py), before any server loads the host;
@@ -9,10 +9,9 @@
 # Cost tables come from NEO_COST_CACHE_DIR when it holds this host's (else they are profiled).
 # CHECKS=0 skips (1) and (2); VARIANT= (empty) skips the auto-eager server; MODES (default off,auto)
 # picks the offload modes, WORKLOADS (default "b a") the workloads, OFFLINE the offline prompts.
-# Everything lands in $OUT/pipeline_graphs.tgz plus a summary.txt (the device returns few files).
+# Everything lands in one archive, $OUT/pipeline_graphs.tgz, plus a summary.txt.
 set -uo pipefail
 source benchmarks/gpu_host/env.sh
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 RUN=$OUT/run
 prepare_run "$RUN" || exit 1
 [ "${CHECKS:-1}" = 1 ] && timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu_worker/test_stage_graphs.py \

@@ -2,13 +2,10 @@
 # Issue-2 evidence on an H100/H200 host: (1) the greedy-equivalence tests on CUDA (random Llama-3.1
 # with rope scaling and random Qwen2 vs transformers); (2) the dummy llama-3-8b geometry served
 # through the full stack (neo serve -> gateway -> gpu worker) and driven by the openai client.
-# Writes logs and JSON under $OUT. Needs .whl/ and .gpu/tokenizer carried (see env.sh).
+# Writes logs and JSON under $OUT. Needs .whl/ and .gpu/tokenizer (see env.sh).
 set -uo pipefail
 source benchmarks/gpu_host/env.sh
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  lscpu | grep -E 'Model name|^CPU\(s\)'; python3 -c 'import torch; print("torch", torch.__version__)'; } \
-  | tee "$OUT/hardware.txt"
+hardware "$OUT"; cat "$OUT/hardware.txt"
 
 python3 -m pytest -q -p no:cacheprovider tests/gpu_worker/test_model_equivalence.py -k random 2>&1 \
   | tee "$OUT/equivalence_cuda.txt" | tail -3

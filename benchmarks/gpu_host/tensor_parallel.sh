@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Tensor parallelism (issue 8) on a 2-GPU host, in one call: build, then greedy agreement and decode
+# Tensor parallelism (issue 8) on a 2-GPU host, in one run: build, then greedy agreement and decode
 # speed on dummy llama-3-8b with benchmarks/tp_agreement.py (its docstring says why these pairs):
 #   (a) TP=1 vs TP=2, float32, torch kernels, eager: the sharding, the all-reduce, the token broadcast;
 #   (b) TP=2 eager vs TP=2 CUDA graphs, float32, Triton kernels: the captured NCCL all-reduce;
@@ -9,8 +9,7 @@
 # Writes tables, JSON, PNG and logs under $OUT.
 set -uo pipefail
 source benchmarks/gpu_host/env.sh
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-NEO_BUILD_JOBS=16 python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log"; exit 1; }
+build_native "$OUT/build.log" || exit 1
 rm -f "$OUT/build.log"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpus.txt"
 MODEL=${MODEL:-llama-3-8b}
@@ -34,7 +33,7 @@ r = json.load(open(sys.argv[1])); print("==", r["label"]); print(table(r))
 PY
 done | tee "$OUT/tp_agreement.txt"
 grep -hiE "error|traceback" "$OUT"/serve_*.log | grep -v "gpu_worker disconnected" | head -20
-# the device returns a handful of files: everything else travels in one archive
+# everything but the table in one archive
 (cd "$OUT" && tar czf tp_results.tgz --exclude tp_results.tgz --exclude tp_agreement.txt * && \
   find . -maxdepth 1 -type f ! -name tp_results.tgz ! -name tp_agreement.txt -delete)
 [ "$rc_a" = 0 ] && [ "$rc_b" = 0 ] && [ "$rc_c" = 0 ]
