@@ -30,7 +30,8 @@ python3 -c 'from neo_common.host_kernel import kernel; from neo_common.host_kern
   | tee -a "$OUT/host.txt"
 
 # 2. tests (kernel vs torch reference on every ISA of this CPU, segment, two real processes)
-timeout 300 python3 -m pytest -q -p no:cacheprovider tests/cpu_attention 2>&1 | tee "$OUT/tests.txt" | tail -5
+timeout 300 python3 -m pytest -q -p no:cacheprovider tests/common/test_host_kernel.py tests/common/test_host_cpus.py \
+  tests/common/test_segment.py tests/cpu_attention 2>&1 | tee "$OUT/tests.txt" | tail -5
 
 # 3. the operator's probe (one JSON line), all threads and one thread
 python3 -m neo_common.cli probe-bandwidth --json | tee "$OUT/probe.json"
