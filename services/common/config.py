@@ -113,6 +113,10 @@ class SchedulerConfig(Settings):
                                           "tokens are fed on the device), so the GPU does not wait for the "
                                           "gateway; steady GPU decoding only")
     swap_in_threshold: float = option(0.95, "swap CPU requests back in only below this GPU KV use")
+    host_prefix_cache_fraction: float = option(1.0, "with prefix caching and a host KV pool: the share of the host "
+                                                     "pool that may keep cached blocks no request holds (blocks the "
+                                                     "GPU pool evicts, and CPU-resident requests' blocks); requests "
+                                                     "always take them like free blocks. 0: no host tier")
     calibrate_pipeline: bool = option(True, "learn the pipelined plan's extra cost per stage (launches, handoffs, "
                                             "all-reduces) from measured forwards and plan with it")
     cost_tables: str = option("", "cost tables JSON for the offload policy (default: the cached profile of "
@@ -132,6 +136,8 @@ class SchedulerConfig(Settings):
             raise ConfigError("--max-waiting must be >= 1")
         if not 0.0 < self.swap_in_threshold <= 1.0:
             raise ConfigError("--swap-in-threshold must be within (0, 1]")
+        if not 0.0 <= self.host_prefix_cache_fraction <= 1.0:
+            raise ConfigError("--host-prefix-cache-fraction must be within [0, 1]")
 
 
 @dataclasses.dataclass

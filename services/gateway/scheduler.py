@@ -34,7 +34,9 @@ from neo_common.protocol import Place
 from neo_gateway.block_manager import BlockManager
 from neo_common.cost_model import CostTables
 from neo_gateway.calibration import PipelineCalibration
+from neo_gateway.host_tier import HostTier
 from neo_gateway.offload_policy import WAIT, BatchCandidate, OffloadDecision, choose_swap_in, decide
+from neo_gateway import prefix_cost
 from neo_gateway.prefix_hash import PrefixHasher
 from neo_gateway.schedule_output import ScheduledSeq, SchedulerOutput
 from neo_gateway.sequence import FinishReason, Sequence, SeqStatus
@@ -60,6 +62,9 @@ class Scheduler:
       decision, and so the admission and swap gates, plans with.
     - ``hasher``: prefix-cache hashes of the requests' blocks (None when ``gpu`` does not cache):
       admissions to the GPU start after their cached full blocks (docs/design.md, "Prefix caching").
+    - ``host``: the cache's host tier (None without prefix caching, a host pool or its budget):
+      GPU blocks evicted are demoted to the host pool, prompts found there are swapped in or, placed
+      on the CPU, decode against the host blocks directly (``prefix_cost`` decides).
     """
 
     def __init__(self, config: SchedulerConfig, gpu_blocks: BlockManager, cpu_blocks: BlockManager | None = None,
@@ -79,6 +84,10 @@ class Scheduler:
         self.num_swapped_in = 0
         self.calibration = PipelineCalibration(config.calibrate_pipeline)
         self.hasher = PrefixHasher(gpu_blocks.block_size, cache_salt) if gpu_blocks.caching else None
+        budget = int(config.host_prefix_cache_fraction * cpu_blocks.num_blocks) if cpu_blocks is not None else 0
+        self.host = (HostTier(gpu_blocks, cpu_blocks, budget, prefix_cost.kv_block_bytes(costs) if costs else 0)
+                     if self.hasher is not None and budget > 0 else None)
+        self._hit: list[tuple[Place, int]] = []         # the admission under way: its cached prefix
 
     def observe(self, output: SchedulerOutput, forward_s: float) -> None:
         """What the worker measured for ``output``'s forward (seconds, swaps excluded)."""
@@ -127,13 +136,18 @@ class Scheduler:
         budget = self._schedule_gpu_running(out, self.config.max_num_batched_tokens)
         if self.offloading and not out.swapped_out and self.mode is not OffloadMode.FULL:
             budget -= self._swap_in(out)
-        cpu_decodes = [s for s in self.cpu_queue if s.num_pending == 1] if self.offloading else []
+        # decodes, and prompts decoding against host-cached blocks (fed a token per iteration)
+        cpu_decodes = [s for s in self.cpu_queue if s.num_computed] if self.offloading else []
         slots = self.config.max_num_seqs - len(out.rows) - len(cpu_decodes)
-        budget = self._admit(out, budget - len(cpu_decodes), slots)
+        direct: list[Sequence] = []
+        budget = self._admit(out, budget - len(cpu_decodes), slots, direct)
+        cpu_decodes += direct
         if cpu_decodes:
             self._place_cpu_decodes(out, cpu_decodes, budget + len(cpu_decodes))
         elif self.offloading:
             out.decision = self._decide(self._candidate(out.rows, []))
+        if self.host is not None:
+            self.host.flush(out)
         return out
 
     def schedule_ahead(self, prev: SchedulerOutput) -> SchedulerOutput | None:
@@ -177,6 +191,8 @@ class Scheduler:
             out.rows.append(ScheduledSeq(seq, seq.num_computed, 1, True))
         if self.offloading:
             out.decision = self._decide(self._candidate(out.rows, []))
+        if self.host is not None:
+            self.host.flush(out)
         return out
 
     def _schedule_gpu_running(self, out: SchedulerOutput, budget: int) -> int:
@@ -234,16 +250,21 @@ class Scheduler:
             src = self.cpu.table(seq.seq_id)[:self.cpu.blocks_for(seq.num_computed)]
             dst = self.gpu.allocate(seq.seq_id, seq.num_computed + 1)[:len(src)]
             out.swap_in_pairs.append((list(src), list(dst)))
-            self.cpu.free(seq.seq_id)
+            if self.host is not None:
+                self.cpu.park(seq.seq_id)   # its blocks must not receive a demotion of this iteration
+            else:
+                self.cpu.free(seq.seq_id)
             self.cpu_queue.remove(seq)
-            seq.place = Place.GPU
+            seq.place, seq.num_registered_blocks = Place.GPU, 0
             bisect.insort(self.running, seq, key=lambda s: s.seq_id)  # back in admission order
             out.swapped_in.append(seq)
             self.num_swapped_in += 1
             out.rows.append(ScheduledSeq(seq, seq.num_computed, 1, True))
         return len(out.swapped_in)
 
-    def _admit(self, out: SchedulerOutput, budget: int, slots: int) -> int:
+    def _admit(self, out: SchedulerOutput, budget: int, slots: int, direct: list[Sequence]) -> int:
+        """Admit waiting requests FCFS; those that decode against host-cached blocks at once (CPU
+        direct) join ``direct`` instead of running a prefill row."""
         to_cpu_round = False
         while self.waiting and budget > 0 and slots > 0 and not out.preempted:
             seq = self.waiting[0]
@@ -264,17 +285,23 @@ class Scheduler:
                 self._unshare(seq)
                 break
             self.waiting.popleft()
-            if self.hasher is not None:   # counted once per admission, not per attempt that waited
-                self.gpu.count_lookup(self.hasher.cacheable_prefix_blocks(seq), seq.num_registered_blocks)
             seq.status, seq.place = SeqStatus.RUNNING, place
             if seq.scheduled_time is None:
                 seq.scheduled_time = time.monotonic()
             if place is Place.GPU:
                 self.gpu.allocate(seq.seq_id, seq.num_computed + n)
                 self.running.append(seq)
+                self._promote(out, seq)
             else:
+                self._take_host_prefix(seq)
                 self.cpu.allocate(seq.seq_id, seq.num_tokens)
                 self.cpu_queue.append(seq)
+            self._count_lookup(seq)   # once per admission, not per attempt that waited
+            if seq.num_computed and place is Place.CPU:
+                direct.append(seq)    # its first row is a CPU step, placed with the other CPU decodes
+                budget -= 1
+                slots -= 1
+                continue
             out.rows.append(ScheduledSeq(seq, seq.num_computed, n, seq.num_computed + n == seq.num_tokens))
             budget -= n
             slots -= 1
@@ -282,28 +309,85 @@ class Scheduler:
 
     def _share_cached_prefix(self, seq: Sequence) -> bool:
         """Give a new (or recomputed) request the GPU blocks that already hold its prompt's leading
-        full blocks; its prefill then starts after them. True if any were found."""
+        full blocks, and fresh GPU blocks for those the host tier holds when copying them pays
+        (``_promote`` copies them once it is placed on the GPU); its prefill then starts after
+        them. True if any were found."""
+        self._hit = []
         if self.hasher is None or seq.num_computed or seq.seq_id in self.gpu.tables or seq.needs_prompt_logprobs:
             return False   # (prompt logprobs need every prompt position computed)
-        blocks = self.gpu.cached_prefix(self.hasher.hashes(seq, self.hasher.cacheable_prefix_blocks(seq)))
-        if not blocks:
+        hashes = self.hasher.hashes(seq, self.hasher.cacheable_prefix_blocks(seq))
+        hit = self.host.lookup(hashes) if self.host is not None else [(Place.GPU, b) for b in self.gpu.cached_prefix(hashes)]
+        first_host = next((i for i, (p, _) in enumerate(hit) if p is not Place.GPU), len(hit))
+        if first_host < len(hit):
+            n_host = sum(p is not Place.GPU for p, _ in hit)
+            room = self.gpu.num_free - sum(b in self.gpu.evictable for p, b in hit if p is Place.GPU)
+            if n_host > room or not prefix_cost.swap_in_pays(self.costs, first_host, len(hit), n_host,
+                                                             seq.num_tokens, self.gpu.block_size):
+                hit = hit[:first_host]   # recomputing them costs less than copying them
+        self._hit = hit
+        if not hit:
             return False
-        self.gpu.share(seq.seq_id, blocks)
-        seq.num_computed = len(blocks) * self.gpu.block_size
-        seq.num_registered_blocks = len(blocks)
+        self.gpu.share(seq.seq_id, [b if p is Place.GPU else None for p, b in hit])
+        seq.num_computed = len(hit) * self.gpu.block_size
+        seq.num_registered_blocks = first_host   # the copies are registered once they have run
         return True
 
     def _unshare(self, seq: Sequence) -> None:
         """Undo ``_share_cached_prefix`` for a request that stays waiting or goes to the CPU."""
+        self._hit = []
         if seq.status is SeqStatus.WAITING and seq.seq_id in self.gpu.tables:
             self.gpu.free(seq.seq_id)
             seq.num_computed = seq.num_registered_blocks = 0
 
+    def _promote(self, out: SchedulerOutput, seq: Sequence) -> None:
+        """Copy the host-tier blocks of a GPU admission's prefix into the GPU blocks it got for them."""
+        table = self.gpu.table(seq.seq_id)
+        pairs = [(b, table[i]) for i, (p, b) in enumerate(self._hit) if p is Place.CPU]
+        if pairs:
+            self.host.promote(out, [h for h, _ in pairs], [g for _, g in pairs])
+
+    def _take_host_prefix(self, seq: Sequence) -> None:
+        """A CPU admission decodes against the host-tier blocks of its prefix, no copy, when that
+        pays (``prefix_cost.cpu_direct_pays``); its other prompt tokens are then fed one per
+        iteration as CPU rows. Else it is prefilled whole, as without the host tier."""
+        self._hit = []
+        if self.host is None or seq.num_computed or seq.needs_prompt_logprobs:
+            return
+        blocks = self.host.host_prefix(self.hasher.hashes(seq, self.hasher.cacheable_prefix_blocks(seq)))
+        tail = seq.num_tokens - len(blocks) * self.cpu.block_size
+        if not blocks or not prefix_cost.cpu_direct_pays(self.costs, seq.num_tokens, tail, self._step_s(seq),
+                                                         self.num_running):
+            return
+        self.cpu.share(seq.seq_id, blocks)
+        self._hit = [(Place.CPU, b) for b in blocks]
+        seq.num_computed = len(blocks) * self.cpu.block_size
+        seq.num_registered_blocks = len(blocks)
+
+    def _step_s(self, seq: Sequence) -> float:
+        """Predicted forward time of an iteration of the running requests plus ``seq`` on the CPU."""
+        if self.costs is None:
+            return 0.0
+        candidate = BatchCandidate(
+            gpu_decode_lens=[s.num_tokens + 1 for s in self.running if s.place is Place.GPU],
+            cpu_decode_lens=[s.num_tokens + 1 for s in self.cpu_queue if s is not seq] + [seq.num_tokens])
+        return self._decide(candidate).predicted_forward_s(prefix_cost.num_layers(self.costs))
+
+    def _count_lookup(self, seq: Sequence) -> None:
+        if self.hasher is None:
+            return
+        queried = self.hasher.cacheable_prefix_blocks(seq)
+        self.gpu.count_lookup(queried, sum(p is Place.GPU for p, _ in self._hit))
+        if self.host is not None:
+            self.cpu.count_lookup(queried, sum(p is Place.CPU for p, _ in self._hit))
+        self._hit = []
+
     def _register_computed(self, seq: Sequence) -> None:
-        """Offer the request's newly computed full GPU blocks to later prompts."""
-        full = seq.num_computed // self.gpu.block_size
-        if self.hasher is not None and seq.place is Place.GPU and full > seq.num_registered_blocks:
-            self.gpu.register(seq.seq_id, self.hasher.hashes(seq, full), seq.num_registered_blocks)
+        """Offer the request's newly computed full blocks to later prompts (GPU blocks, and host
+        blocks when the host pool is a cache tier)."""
+        pool = self.gpu if seq.place is Place.GPU else self.cpu
+        full = seq.num_computed // pool.block_size
+        if self.hasher is not None and pool.caching and full > seq.num_registered_blocks:
+            pool.register(seq.seq_id, self.hasher.hashes(seq, full), seq.num_registered_blocks)
             seq.num_registered_blocks = full
 
     def _place(self, seq: Sequence, n: int, to_cpu_round: bool) -> Place | None:
@@ -359,17 +443,19 @@ class Scheduler:
 
     def _place_cpu_decodes(self, out: SchedulerOutput, cpu_decodes: list[Sequence], budget: int) -> None:
         """Ask the policy which CPU decodes run (and in which sub-batch); grow their CPU tables."""
-        runnable = []
+        runnable, reserved = [], 0
         for seq in cpu_decodes[:max(0, budget)]:
-            if not self.cpu.can_allocate(seq.seq_id, seq.num_computed + 1):
+            if not self.cpu.can_allocate(seq.seq_id, seq.num_computed + 1, reserve=reserved):
                 break  # the CPU pool is full: it waits until a CPU request finishes
+            reserved += self.cpu.num_missing(seq.seq_id, seq.num_computed + 1)   # the earlier ones grow too
             runnable.append(seq)
         out.decision = self._decide(self._candidate(out.rows, runnable))
         for seq, sub_batch in zip(runnable, out.decision.cpu_sub_batch):
             if sub_batch == WAIT:
                 continue
             self.cpu.allocate(seq.seq_id, seq.num_computed + 1)
-            out.rows.append(ScheduledSeq(seq, seq.num_computed, 1, True, sub_batch))
+            sample = seq.num_computed + 1 == seq.num_tokens   # false while a CPU-direct prompt is fed
+            out.rows.append(ScheduledSeq(seq, seq.num_computed, 1, sample, sub_batch))
 
     @staticmethod
     def _candidate(rows: list[ScheduledSeq], cpu_decodes: list[Sequence]) -> BatchCandidate:
@@ -409,6 +495,8 @@ class Scheduler:
         already removed and their blocks freed.
         """
         events = []
+        if self.host is not None:
+            self.host.confirm(output.iteration_id)
         for row in output.rows:
             seq = row.seq
             if seq.status is not SeqStatus.RUNNING:

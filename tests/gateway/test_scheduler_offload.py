@@ -259,3 +259,14 @@ def test_measured_pipeline_overhead_turns_a_losing_pipeline_off():
     assert slow.calibration.overhead_s > 0 and kinds[-5:] == [PlanKind.SEQUENTIAL] * 5
     newcomer = seq(999, 64)
     assert not slow._cpu_pays(newcomer) and honest._cpu_pays(newcomer)
+
+
+def test_cpu_decodes_that_each_need_a_new_block_are_run_only_as_far_as_the_host_pool_holds_them_all():
+    s = scheduler(mode="full", cpu=3)
+    a, b = seq(1, 16, max_tokens=4), seq(2, 16, max_tokens=4)   # one block each; each decode then needs a second
+    s.add(a)
+    s.add(b)
+    step(s)
+    assert a.place is b.place is Place.CPU and s.cpu.num_free == 1
+    out = step(s)                                               # one new block left: one of them decodes, one waits
+    assert [r.seq for r in out.rows if r.cpu_decode] == [a]
