@@ -69,6 +69,30 @@ class _SchedulerState(Collector):
         swaps.add_metric([self.model, "out"], sched.num_swapped_out if sched else 0)
         swaps.add_metric([self.model, "in"], sched.num_swapped_in if sched else 0)
         yield swaps
+        yield from self._prefix_cache(sched, labels)
+
+    def _prefix_cache(self, sched, labels: list[str]) -> Iterator:
+        """Per-tier hits and the host tier's copies (docs/design.md, "Prefix caching"); vLLM's own
+        prefix-cache series (GPU tier) are in vllm_metrics."""
+        host = sched.host if sched else None
+        hits = CounterMetricFamily("neo:prefix_cache_hits", "Prompt tokens an admission found in the prefix cache, "
+                                   "by the tier that held them (gpu: shared in place; host: swapped in, or "
+                                   "attended there by a CPU-resident request).", labels=labels + ["tier"])
+        hits.add_metric([self.model, "gpu"], sched.gpu.hit_tokens if sched else 0)
+        hits.add_metric([self.model, "host"], sched.cpu.hit_tokens if host else 0)
+        yield hits
+        for name, doc, blocks in (
+                ("demoted_bytes", "KV bytes of cached GPU blocks copied to the host tier when evicted.",
+                 host.num_demoted_blocks if host else 0),
+                ("promoted_bytes", "KV bytes of host-tier blocks copied back to the GPU for a prompt.",
+                 host.num_promoted_blocks if host else 0)):
+            family = CounterMetricFamily(f"neo:prefix_cache_{name}", doc, labels=labels)
+            family.add_metric([self.model], blocks * (host.block_bytes if host else 0))
+            yield family
+        cached = GaugeMetricFamily("neo:prefix_cache_host_blocks", "Host KV blocks holding cached KV that no "
+                                   "request holds (the host tier; taken like free blocks when needed).", labels=labels)
+        cached.add_metric([self.model], len(sched.cpu.evictable) if host else 0)
+        yield cached
 
 
 class _LinkRejections(Collector):
