@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 from typing import Any, Callable, Mapping
 
 import kopf
@@ -53,6 +54,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         settings.peering.lifetime = PEERING_LIFETIME_S
     memo.kube = Kube()
     memo.node_changes = NodeChanges()
+    memo.pod_locks = {}  # (namespace, NeoService) -> the lock of its pod follower
     memo.collector = ProbeCollector(memo.kube, memo.config, memo.config.retry_seconds,
                                     on_recorded=lambda nodes: _reconcile_all(memo, waits_for_probes,
                                                                              f"probe result of {', '.join(nodes)}"))
@@ -112,9 +114,12 @@ async def engine_pod_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 def _follow_pods(memo: kopf.Memo, namespace: str, name: str) -> None:
     kube: Kube = memo.kube
-    pods = kube.list_pods(namespace, engine_pod_selector(name))
-    kube.update_neoservice_status(namespace, name,
-                                  lambda obj: pods_update(pods, _hub(obj, memo.config)).apply(obj.get("status") or {}))
+    # Events of two pods of one NeoService run concurrently: one at a time per NeoService, so a write
+    # computed from an older listing never lands after a newer one.
+    with memo.pod_locks.setdefault((namespace, name), threading.Lock()):  # setdefault: atomic
+        pods = kube.list_pods(namespace, engine_pod_selector(name))
+        kube.update_neoservice_status(
+            namespace, name, lambda obj: pods_update(pods, _hub(obj, memo.config)).apply(obj.get("status") or {}))
 
 
 def _hub(neo: Mapping[str, Any], config: OperatorConfig) -> HubSpec | None:

@@ -54,7 +54,12 @@ def test_rights_only_in_watched_namespaces(cluster: Cluster, scoped: Operator) -
         assert not allowed(cluster, verb, resource, "", group), f"{verb} {resource} cluster-wide"
     assert not allowed(cluster, "get", "secrets", WATCHED)
     assert allowed(cluster, "create", "jobs", SCOPED_NAMESPACE, "batch")
-    assert not allowed(cluster, "create", "jobs", WATCHED, "batch")
+    # hf:// models: the model-inspection Jobs run in the NeoService's namespace, watched ones only
+    assert allowed(cluster, "create", "jobs", WATCHED, "batch")
+    assert not allowed(cluster, "create", "jobs", OTHER, "batch")
+    # the engine pods are watched (PodsInitialized) in the watched namespaces only
+    assert allowed(cluster, "watch", "pods", WATCHED) and not allowed(cluster, "watch", "pods", OTHER)
+    assert not allowed(cluster, "watch", "pods", "")
     # Nodes: read, never write (the probe results go to a ConfigMap of the operator's namespace)
     assert allowed(cluster, "list", "nodes", "") and allowed(cluster, "watch", "nodes", "")
     for verb in ("patch", "update", "create", "delete"):
