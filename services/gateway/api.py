@@ -26,7 +26,8 @@ from neo_gateway.json_route import FastJsonRoute
 from neo_gateway.logprobs import LogprobFormatter, PendingLogprobs
 from neo_gateway.metrics import GatewayMetrics
 from neo_gateway.prompt_encoder import PromptEncoder
-from neo_gateway.sampling_params import ParamError, SamplingParams
+from neo_gateway.param_error import ParamError
+from neo_gateway.sampling_params import SamplingParams
 from neo_gateway.sequence import FinishReason
 from neo_gateway.tool_parsers import ToolOutput
 

@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from neo_common.protocol import MAX_LOGPROBS
 from neo_gateway.api_fields import Endpoint, check_refused
-from neo_gateway.sampling_params import ParamError, SamplingParams
+from neo_gateway.param_error import ParamError
+from neo_gateway.sampling_params import SamplingParams
 from neo_gateway.structured_output.spec import STRUCTURED_FIELDS, StructuredOutputSpec, spec_from_fields
 from neo_gateway.tool_parsers.choice import ToolRequest
 

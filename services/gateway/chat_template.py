@@ -27,7 +27,7 @@ import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from neo_common.gguf_file import open_gguf
-from neo_gateway.sampling_params import ParamError
+from neo_gateway.param_error import ParamError
 
 # the tokenizer attributes transformers hands every template (its special_tokens_map)
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")

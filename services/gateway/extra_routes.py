@@ -19,7 +19,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from neo_gateway.api_models import ChatMessage, error_responses
 from neo_gateway.errors import APIError
-from neo_gateway.sampling_params import ParamError
+from neo_gateway.param_error import ParamError
 
 if TYPE_CHECKING:
     from neo_gateway.engine import Engine

@@ -10,14 +10,9 @@ if TYPE_CHECKING:
     from neo_gateway.structured_output.spec import StructuredOutputSpec
 
 from neo_common.protocol import MAX_LOGPROBS
+from neo_gateway.param_error import ParamError
 
 
-class ParamError(ValueError):
-    """A request parameter is out of range; ``param`` names the field for the error body."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 @dataclasses.dataclass

@@ -13,7 +13,7 @@ import pytest
 
 from neo_common.model_source import embedded_gguf_path
 from neo_gateway.chat_template import ChatTemplate, ChatTemplateError
-from neo_gateway.sampling_params import ParamError
+from neo_gateway.param_error import ParamError
 from support.chat_templates import LLAMA3, QWEN2, TOOL_CHAT, WEATHER_TOOL
 
 transformers = pytest.importorskip("transformers")

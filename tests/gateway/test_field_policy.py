@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from neo_gateway import api_fields
 from neo_gateway.api_fields import Endpoint, FieldStatus, check_refused, status, unknown_fields
 from neo_gateway.api_models import ChatCompletionRequest, ChatMessage, CompletionRequest, StreamOptions
-from neo_gateway.sampling_params import ParamError
+from neo_gateway.param_error import ParamError
 
 MODELS = [(CompletionRequest, Endpoint.COMPLETIONS), (ChatCompletionRequest, Endpoint.CHAT),
           (ChatMessage, Endpoint.CHAT), (StreamOptions, Endpoint.CHAT), (StreamOptions, Endpoint.COMPLETIONS)]

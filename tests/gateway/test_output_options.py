@@ -8,7 +8,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from neo_common.model_source import embedded_gguf_path
 from neo_gateway.detokenizer import IncrementalDetokenizer
-from neo_gateway.sampling_params import ParamError, SamplingParams
+from neo_gateway.param_error import ParamError
+from neo_gateway.sampling_params import SamplingParams
 from neo_gateway.sequence import FinishReason, Sequence
 from neo_gateway.tokenizer import TextTokenizer
 

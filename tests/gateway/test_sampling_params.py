@@ -1,6 +1,7 @@
 import pytest
 
-from neo_gateway.sampling_params import ParamError, SamplingParams
+from neo_gateway.param_error import ParamError
+from neo_gateway.sampling_params import SamplingParams
 
 
 @pytest.mark.parametrize("field,value", [("max_tokens", 0), ("temperature", -0.1), ("temperature", float("nan")),

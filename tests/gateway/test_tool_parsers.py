@@ -9,7 +9,7 @@ import json
 import jsonschema
 import pytest
 
-from neo_gateway.sampling_params import ParamError
+from neo_gateway.param_error import ParamError
 from neo_gateway.tool_parsers import ToolChoiceMode, ToolOutput, ToolRequest, parser_for
 from neo_gateway.tool_parsers.hermes import HermesToolParser
 from neo_gateway.tool_parsers.llama3_json import Llama3JsonToolParser

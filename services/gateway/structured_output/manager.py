@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import llguidance
 
-from neo_gateway.sampling_params import ParamError
+from neo_gateway.param_error import ParamError
 from neo_gateway.structured_output.request import StructuredOutputRequest
 from neo_gateway.structured_output.spec import StructuredOutputKind, StructuredOutputSpec
 from neo_gateway.tokenizer import TextTokenizer

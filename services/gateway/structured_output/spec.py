@@ -13,7 +13,7 @@ import enum
 import json
 from typing import Any
 
-from neo_gateway.sampling_params import ParamError
+from neo_gateway.param_error import ParamError
 
 
 class StructuredOutputKind(str, enum.Enum):

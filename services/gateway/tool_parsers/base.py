@@ -68,11 +68,3 @@ def held_prefix(text: str, marker: str) -> int:
         if text.endswith(marker[:k]):
             return len(text) - k
     return len(text)
-
-
-def parser_for(name: str) -> ToolParser:
-    from neo_gateway.tool_parsers.hermes import HermesToolParser
-    from neo_gateway.tool_parsers.llama3_json import Llama3JsonToolParser
-
-    return {ToolParserName.HERMES: HermesToolParser, ToolParserName.LLAMA3_JSON: Llama3JsonToolParser}[
-        ToolParserName(name)]()

@@ -9,7 +9,7 @@ import enum
 import json
 from typing import Any
 
-from neo_gateway.sampling_params import ParamError
+from neo_gateway.param_error import ParamError
 from neo_gateway.structured_output.spec import StructuredOutputKind, StructuredOutputSpec
 
 _ANY_OBJECT = {"type": "object", "properties": {}}

@@ -6,8 +6,9 @@ import dataclasses
 import json
 from typing import Callable
 
-from neo_gateway.sampling_params import ParamError
-from neo_gateway.tool_parsers.base import ExtractedToolCalls, ToolCall, ToolParser, parser_for
+from neo_gateway.param_error import ParamError
+from neo_gateway.tool_parsers.base import ExtractedToolCalls, ToolCall, ToolParser
+from neo_gateway.tool_parsers.registry import parser_for
 from neo_gateway.tool_parsers.choice import ToolChoiceMode, ToolRequest
 
 TOOL_CALLS = "tool_calls"   # the finish reason of a choice that ends in tool calls
