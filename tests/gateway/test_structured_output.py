@@ -14,7 +14,8 @@ from neo_common.config import SchedulerConfig
 from neo_common.model_source import embedded_gguf_path
 from neo_common.protocol import Place
 from neo_gateway.block_manager import BlockManager
-from neo_gateway.sampling_params import ParamError, SamplingParams
+from neo_gateway.param_error import ParamError
+from neo_gateway.sampling_params import SamplingParams
 from neo_gateway.scheduler import Scheduler
 from neo_gateway.sequence import FinishReason, Sequence
 from neo_gateway.structured_output import (StructuredOutputKind, StructuredOutputManager, spec_from_fields,
@@ -196,4 +197,21 @@ def test_constrained_requests_sit_out_launched_ahead_plans_and_still_get_their_t
     got, ahead_runs, masked_rows = run(True)
     assert got == want
     assert ahead_runs > 0 and masked_rows > 0
+    manager.close()
+
+
+def test_choices_are_written_exactly_and_unwritable_characters_are_refused(tok):
+    manager = StructuredOutputManager(tok, tok.vocab_size)
+    for word in ("café", 'a "quoted" \\ word', "日本"):
+        r = manager.request_for(spec_from_fields({"guided_choice": ["x", word]}))
+        for token in tok.encode(word, add_special_tokens=False):
+            assert r.accept(token), (word, r.error)
+        assert r.terminated
+    # a character whose lead byte the byte-level vocabulary lacks: its grammar could force bytes no
+    # token holds (found by the API fuzzer: llguidance then allowed a token it refused to accept)
+    for fields in ({"guided_choice": ["=", "*\U00072e95"]}, {"guided_regex": "x\U00072e95"},
+                   {"guided_json": {"enum": ["\U00072e95"]}}):
+        with pytest.raises(ParamError) as err:
+            asyncio.run(manager.prepare(spec_from_fields(fields)))
+        assert err.value.param == next(iter(fields)) and "vocabulary" in str(err.value)
     manager.close()

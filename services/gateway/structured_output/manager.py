@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import os
 import threading
@@ -80,23 +81,37 @@ class StructuredOutputManager:
 
     def _compile(self, spec: StructuredOutputSpec) -> llguidance.LLMatcher:
         tokenizer = self._tokenizer()
-        try:
+        missing = self._unwritable(spec)
+        if missing:   # the grammar could force bytes no token holds: llguidance's masks then go astray
+            raise ParamError(spec.param, f"{spec.param}: the character {missing!r} (U+{ord(missing):04X}) cannot "
+                                         "be written with this model's vocabulary")
+        try:   # the library's own exceptions too: whatever it cannot read is the request's fault
             grammar = _grammar_text(spec)
-        except ValueError as exc:
-            raise ParamError(spec.param, f"{spec.param}: invalid {spec.kind.value}: {exc}") from None
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
-        if is_error:
-            raise ParamError(spec.param, f"{spec.param}: invalid {spec.kind.value}: {_first_line(messages[0])}")
-        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
-        if matcher.is_error():
-            raise ParamError(spec.param, f"{spec.param}: invalid {spec.kind.value}: "
-                                         f"{_first_line(matcher.get_error())}")
+            is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
+            matcher = None if is_error else llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        except Exception as exc:  # noqa: BLE001
+            raise ParamError(spec.param, f"{spec.param}: invalid {spec.kind.value}: {_first_line(str(exc))}") from None
+        if matcher is None or matcher.is_error():
+            why = messages[0] if matcher is None else matcher.get_error()
+            raise ParamError(spec.param, f"{spec.param}: invalid {spec.kind.value}: {_first_line(why)}")
         with self._lock:
             self._compiled[spec] = matcher
             self._compiled.move_to_end(spec)
             while len(self._compiled) > self.cache_size:
                 self._compiled.popitem(last=False)
         return matcher
+
+    def _unwritable(self, spec: StructuredOutputSpec) -> str | None:
+        """A character of the constraint's text that the tokenizer cannot encode and decode back (a
+        byte-level vocabulary may lack rare lead bytes), or None. Strict: such a character is refused
+        wherever it appears, also where the grammar would not force it."""
+        text = spec.text
+        if spec.kind in (StructuredOutputKind.JSON, StructuredOutputKind.JSON_OBJECT, StructuredOutputKind.CHOICE):
+            text = json.dumps(json.loads(text), ensure_ascii=False)
+        for ch in sorted({c for c in text if ord(c) > 127}):
+            if self.tokenizer.decode(self.tokenizer.encode(ch, add_special_tokens=False)) != ch:
+                return ch
+        return None
 
     def _tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
@@ -121,7 +136,11 @@ def _grammar_text(spec: StructuredOutputSpec) -> str:
     if spec.kind is StructuredOutputKind.REGEX:
         return llguidance.LLMatcher.grammar_from_regex(spec.text)
     if spec.kind is StructuredOutputKind.CHOICE:
-        return llguidance.grammar_from("choice", spec.text)
+        # the strings as Lark literals in plain UTF-8: llguidance's own choice helper escapes astral
+        # characters as surrogate pairs, which its masks and its parser then read differently
+        choices = json.loads(spec.text)
+        return llguidance.LLMatcher.grammar_from_lark(
+            "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices))
     return llguidance.grammar_from("grammar", spec.text)   # GBNF/EBNF (llama.cpp's) or Lark
 
 
