@@ -8,6 +8,13 @@ p50, p90, p99; goodput under an SLO) plus NEO's normalized per-token latency (E2
 prints a table, and writes JSON and a PNG of latency against request rate.
 
     neo bench --url http://127.0.0.1:8000 --model llama-3-8b --workload paper-a --rates 1,2,4,inf --out DIR
+
+``--workload multiturn`` runs chat conversations that resend their history every turn instead
+(``neo_bench.multiturn``; ``--rates`` are then conversation arrivals per second) and reports TTFT of
+first and later turns and the prefix cache's hit rates per tier:
+
+    neo bench --model llama-3-8b --workload multiturn --num-conversations 64 --num-turns 6 \\
+        --system-prompt-len 1024 --user-len 128 --answer-len 256 --think-time 2 --rates 2 --out DIR
 """
 
 from __future__ import annotations
@@ -150,13 +157,16 @@ def plot(runs: list[dict], path: str, title: str) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from neo_bench import multiturn   # it imports this module
+
     ap = argparse.ArgumentParser(prog="neo bench", description=__doc__.splitlines()[0])
     ap.add_argument("--url", default="http://127.0.0.1:8000")
     ap.add_argument("--model", required=True)
     ap.add_argument("--num-prompts", type=int, default=200)
-    ap.add_argument("--rates", default="inf", help="comma list of request rates (req/s); inf = all at once")
+    ap.add_argument("--rates", default="inf", help="comma list of request rates (req/s; multiturn: conversations/s); "
+                                                   "inf = all at once")
     ap.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 = Poisson")
-    ap.add_argument("--workload", default="fixed", choices=["fixed", "uniform", *WORKLOADS])
+    ap.add_argument("--workload", default="fixed", choices=["fixed", "uniform", *WORKLOADS, "multiturn"])
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--range-ratio", type=float, default=0.1)
@@ -165,17 +175,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--label", default="")
     ap.add_argument("--out", default="")
+    multiturn.add_args(ap)
     args = ap.parse_args(argv)
+    if args.workload == "multiturn" and (problem := multiturn.check_args(args)):
+        ap.error(problem)
     args.slo = {k: float(v) / 1e3 for k, v in (p.split(":") for p in args.goodput.split(",") if p)}
     return args
 
 
 def main(argv=None) -> int:
+    from neo_bench import multiturn
+
     args = parse_args(argv)
     rates = [float(r) for r in args.rates.split(",")]
     runs = []
     for rate in rates:
-        runs.append(asyncio.run(run_rate(args, rate, np.random.default_rng(args.seed))))
+        if args.workload == "multiturn":
+            runs.append(multiturn.run(args, rate, args.seed))
+        else:
+            runs.append(asyncio.run(run_rate(args, rate, np.random.default_rng(args.seed))))
     head = f"{'rate':>6} {'done':>5} {'fail':>4} {'req/s':>7} {'tok/s':>8} {'TTFT p50/p99 ms':>17} " \
            f"{'TPOT p50/p99 ms':>17} {'ITL p99 ms':>10} {'s/token p50':>11}"
     lines = [head]
@@ -185,7 +203,7 @@ def main(argv=None) -> int:
                      f"{r['output_throughput']:>8.1f} {ms(r['ttft_s'], 'p50'):>8.0f}/{ms(r['ttft_s'], 'p99'):<8.0f} "
                      f"{ms(r['tpot_s'], 'p50'):>8.1f}/{ms(r['tpot_s'], 'p99'):<8.1f} {ms(r['itl_s'], 'p99'):>10.1f} "
                      f"{r['normalized_latency_s_per_token'].get('p50', float('nan')):>11.3f}")
-    print("\n".join(lines))
+    print(multiturn.table(runs) if args.workload == "multiturn" else "\n".join(lines))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         stem = os.path.join(args.out, f"bench{'_' + args.label if args.label else ''}")
