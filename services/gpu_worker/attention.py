@@ -96,6 +96,16 @@ class AttentionMetadata:
         """The prefill spans as one packed batch (built once per iteration, used by every layer)."""
         return PackedPrefill.of(self.prefills)
 
+    def decode_gather(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode twin's slots and mask (``ops.decode_gather``), built by the first layer and
+        kept for the others (the CPU device runs the twin eagerly, where 30 layers rebuilding them
+        cost ~10 small ops each per iteration)."""
+        held = self.__dict__.get("_decode_gather")
+        if held is None or held[0] != block_size:
+            held = (block_size, ops.decode_gather(self.block_tables, self.seq_lens, block_size, self.max_decode_len))
+            self.__dict__["_decode_gather"] = held
+        return held[1]
+
     @functools.cached_property
     def compact_decode_tables(self) -> tuple[torch.Tensor, np.ndarray]:
         """The distinct blocks the decode rows read, and their tables renumbered into that list
@@ -134,11 +144,11 @@ def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMeta
         _native_decode(q, kv_layer, meta, scale, out)
     elif meta.num_decodes and meta.decode_only and not narrow:
         ops.decode_attention(q, kv_layer[0], kv_layer[1], meta.block_tables, meta.seq_lens, scale, out,
-                             meta.max_decode_len, softcap)
+                             meta.max_decode_len, softcap, _twin_gather(q, kv_layer, meta))
     elif meta.num_decodes:
         od = ops.decode_attention(q[meta.decode_token_idx], kv_layer[0], kv_layer[1], meta.block_tables,
                                   meta.seq_lens, scale, torch.empty_like(q[:meta.num_decodes]), meta.max_decode_len,
-                                  softcap)
+                                  softcap, _twin_gather(q, kv_layer, meta))
         out[meta.decode_token_idx] = od.to(kv_layer.dtype).to(out.dtype) if narrow else od
     if meta.prefills and not narrow and not softcap and ops.use_varlen(q):
         p = meta.packed_prefill
@@ -151,6 +161,12 @@ def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMeta
                                    softcap)
         out[rows] = op.to(kv_layer.dtype).to(out.dtype) if narrow else op
     return out
+
+
+def _twin_gather(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata):
+    """The kept gather of the decode twin on the CPU device (None elsewhere: the Triton kernel needs
+    none, and a CUDA graph's metadata changes between replays)."""
+    return meta.decode_gather(kv_layer.shape[2]) if q.device.type == "cpu" else None
 
 
 _NATIVE_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}

@@ -130,11 +130,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, out: torch.Tensor, max_len: int | None = None,
-                     softcap: float = 0.0) -> torch.Tensor:
+                     softcap: float = 0.0, gather: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """One query token per row against its paged context: q ``[B, Hq, D]`` -> out ``[B, Hq, D]``;
     caches ``[blocks, block_size, Hkv, D]``, block_tables ``[B, W]``, seq_lens ``[B]`` (int32).
     ``max_len`` (the longest context, if the caller knows it) spares the twin a device read.
-    ``softcap`` > 0 caps the scaled scores at ``softcap * tanh(s / softcap)`` (Gemma-2)."""
+    ``softcap`` > 0 caps the scaled scores at ``softcap * tanh(s / softcap)`` (Gemma-2).
+    ``gather``: the twin's ``decode_gather`` of these tables, when the caller keeps it for every layer."""
     if use_triton(q):
         from neo_gpu_worker.kernels import decode_attention as kernel
 
@@ -142,11 +143,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             return kernel.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, out,
                                            softcap=softcap)
     heads, dim, bs = k_cache.shape[2], k_cache.shape[3], k_cache.shape[1]
-    width = int(seq_lens.max()) if max_len is None else max_len
-    j = torch.arange(width, device=q.device)
-    mask = j[None, :] < seq_lens[:, None].long()
-    blocks = block_tables.long()[:, j // bs].clamp_min(0)
-    slots = torch.where(mask, blocks * bs + j % bs, 0)
+    slots, mask = gather if gather is not None else decode_gather(block_tables, seq_lens, bs, max_len)
     k = k_cache.reshape(-1, heads, dim)[slots].to(q.dtype).transpose(1, 2)     # [B, Hk, S, D]
     v = v_cache.reshape(-1, heads, dim)[slots].to(q.dtype).transpose(1, 2)
     if softcap:
@@ -156,6 +153,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                            enable_gqa=True)
     out.copy_(o.squeeze(2))
     return out
+
+
+def decode_gather(block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
+                  max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode twin's gather: each row's KV slots ``[B, S]`` up to the longest context (0 past its
+    own end) and which of them are in its context (``[B, S]``, bool). The same for every layer."""
+    width = int(seq_lens.max()) if max_len is None else max_len
+    j = torch.arange(width, device=block_tables.device)
+    mask = j[None, :] < seq_lens[:, None].long()
+    blocks = block_tables.long()[:, j // block_size].clamp_min(0)
+    return torch.where(mask, blocks * block_size + j % block_size, 0), mask
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_start: int, scale: float,
