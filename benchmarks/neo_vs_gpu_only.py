@@ -390,8 +390,10 @@ def measure(args: argparse.Namespace, server: Server, model: str, mode: str, rep
     return out
 
 
-def run_all(args: argparse.Namespace, rates: list[float]) -> tuple[dict[str, dict], list[dict], dict[str, dict]]:
-    """Every mode ``--reps`` times in ABBA order (``comparison.abba_order``). With ``--live-servers``
+def run_all(args: argparse.Namespace, rates: list[float], measure=measure) -> tuple[dict[str, dict], list[dict],
+                                                                                   dict[str, dict]]:
+    """Every mode ``--reps`` times in ABBA order (``comparison.abba_order``), each run by ``measure``
+    (another benchmark passes its own workload, e.g. benchmarks/prefix_cache.py). With ``--live-servers``
     every mode's server is started (and warmed up) once, before any measurement, and stays up;
     otherwise each repetition starts (and warms up) a fresh server. Returns the servers' info,
     the measured runs in run order, and each mode's last metrics scrape."""
