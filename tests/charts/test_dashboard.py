@@ -30,7 +30,11 @@ REQUIRED = {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_c
             "vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
             "vllm:e2e_request_latency_seconds_bucket", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
             "vllm:request_success_total", "neo:iteration_duration_seconds_bucket",
-            "neo:worker_iteration_seconds_bucket", "neo:iteration_tokens_total"}
+            "neo:worker_iteration_seconds_bucket", "neo:iteration_tokens_total",
+            # the prefix cache (issue 18): vLLM's GPU-tier series, NEO's per-tier hits and host-tier traffic
+            "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "neo:prefix_cache_hits_total",
+            "neo:prefix_cache_demoted_bytes_total", "neo:prefix_cache_promoted_bytes_total",
+            "neo:prefix_cache_host_blocks"}
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +83,9 @@ def test_every_expression_uses_exported_series_and_labels(exported_samples) -> N
             assert all(n.endswith("_bucket") for n in names) and "le" in BY.findall(expr)[0]
         used |= names
     assert REQUIRED <= used, f"metrics without a panel: {REQUIRED - used}"
+    per_tier = [e for e in exprs if "neo:prefix_cache_hits_total" in e and "vllm:prefix_cache_queries_total" in e]
+    assert any("tier" in {g.strip() for g in BY.findall(e)[0].split(",")} for e in per_tier), \
+        "a hit rate per tier: hits by tier over the tokens looked up"
 
 
 def test_panels_use_the_datasource_variable_and_filter_by_model() -> None:
