@@ -274,10 +274,10 @@ class PipelinedExecutor:
                 step(1, i)
                 poll()
             if live[0]:
-                self._attention(0, i, sbs[0], dense)
+                out = self._attention(0, i, sbs[0], dense)
             clock.end(dense=(1, i) if live[1] else None, attention=0 if live[0] else None)
             if live[0]:
-                self._receive(0, it, i, sbs[0], dense)
+                self._receive(0, it, i, sbs[0], out)
             # stage B: attention of sub-batch 1, dense work of sub-batch 0
             clock.begin()
             if live[1]:
@@ -286,10 +286,10 @@ class PipelinedExecutor:
                 step(0, i + 1)
                 poll()
             if live[1]:
-                self._attention(1, i, sbs[1], dense)
+                out = self._attention(1, i, sbs[1], dense)
             clock.end(dense=(0, i + 1) if live[0] else None, attention=1 if live[1] else None)
             if live[1]:
-                self._receive(1, it, i, sbs[1], dense)
+                self._receive(1, it, i, sbs[1], out)
         if live[1]:
             clock.begin()
             step(1, layers)
@@ -310,9 +310,10 @@ class PipelinedExecutor:
             with self._spending("send"):
                 self.handoff.send(slot, job_seq(it, layer), q[c], k[c], v[c])
 
-    def _attention(self, j: int, i: int, sb: SubBatch, dense: EagerDense | StageGraphs) -> None:
-        """Attention of layer ``i`` for sub-batch ``j`` into ``dense.attn_out(j)``: the GPU-pool rows
-        and CPU-bound prefills (the CPU decodes' o comes with :meth:`_receive`)."""
+    def _attention(self, j: int, i: int, sb: SubBatch, dense: EagerDense | StageGraphs) -> torch.Tensor:
+        """Attention of layer ``i`` for sub-batch ``j`` into ``dense.attn_out(j)``, which it returns:
+        the GPU-pool rows and CPU-bound prefills here (the CPU decodes' o comes with
+        :meth:`_receive`, into the same tensor: ``EagerDense.attn_out`` allocates a new one per call)."""
         q, k, v = dense.qkv[j]
         out = dense.attn_out(j)
         scale = self.model.layers[i].attn_scale   # the cpu_attention process applies the same (see __init__)
@@ -326,8 +327,10 @@ class PipelinedExecutor:
             paged_attention(q[s], self.staging, sb.stage_meta, scale, out=out[s])
             with self._spending("stream_out"):
                 self.host.stream_out(i, self.staging, sb.stage_runs, self.handoff.side)
+        return out
 
-    def _receive(self, j: int, it: int, i: int, sb: SubBatch, dense: EagerDense | StageGraphs) -> None:
-        """The CPU decodes' o of layer ``i`` for sub-batch ``j``, from the cpu_attention process."""
+    def _receive(self, j: int, it: int, i: int, sb: SubBatch, out: torch.Tensor) -> None:
+        """The CPU decodes' o of layer ``i`` for sub-batch ``j``, from the cpu_attention process, into
+        ``out`` (the tensor :meth:`_attention` filled)."""
         if sb.num_cpu:
-            self.handoff.finish(j, it, i, dense.attn_out(j)[sb.cpu_slice])
+            self.handoff.finish(j, it, i, out[sb.cpu_slice])
