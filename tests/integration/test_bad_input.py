@@ -36,7 +36,7 @@ CASES = [
     (COMP, {"model": MODEL, "prompt": "x", "stream": "yes"}, 400, "stream", "boolean"),
     (CHAT, {"model": MODEL, "messages": []}, 400, "messages", "at least 1"),
     (CHAT, {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role", "system"),
-    (CHAT, {"model": MODEL, "messages": MSG, "logprobs": True}, 400, "logprobs", "not supported"),
+    (CHAT, {"model": MODEL, "messages": MSG, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "20"),
 ]
 
 
