@@ -287,18 +287,7 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
         check_model(body.model)
         check_fields(body)
         check_ready()
-        try:
-            messages = [m.render() for m in body.messages]
-            text = await prompts.render_chat(messages, body.add_generation_prompt,
-                                             continue_final_message=body.continue_final_message,
-                                             tools=body.tool_request().template_tools, documents=body.documents,
-                                             chat_template_kwargs=body.chat_template_kwargs)
-        except ParamError as exc:
-            raise APIError(400, str(exc), exc.param) from None
-        except APIError:
-            raise
-        except Exception as exc:  # template errors are the request's fault (e.g. role order)
-            raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from None
+        text = await prompts.render_chat_request(body, lambda b: b.tool_request().template_tools)
         try:   # content and tool calls from the text (``tool_parsers``)
             tool_out = ToolOutput.for_request(body.tool_request(), engine.config.model.tool_call_parser)
         except ParamError as exc:

@@ -19,7 +19,6 @@ from starlette.middleware.cors import CORSMiddleware
 
 from neo_gateway.api_models import ChatMessage, error_responses
 from neo_gateway.errors import APIError
-from neo_gateway.param_error import ParamError
 
 if TYPE_CHECKING:
     from neo_gateway.engine import Engine
@@ -149,17 +148,7 @@ def install_extra_routes(app: FastAPI, engine: "Engine", prompts: "PromptEncoder
         check_model(body.model)
         limit = engine.max_model_len
         if isinstance(body, TokenizeChatRequest):
-            try:
-                text = await prompts.render_chat(
-                    [m.render() for m in body.messages], body.add_generation_prompt,
-                    continue_final_message=body.continue_final_message, tools=body.tools,
-                    documents=body.documents, chat_template_kwargs=body.chat_template_kwargs)
-            except ParamError as exc:
-                raise APIError(400, str(exc), exc.param) from None
-            except APIError:
-                raise
-            except Exception as exc:  # template errors are the request's fault (e.g. role order)
-                raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from None
+            text = await prompts.render_chat_request(body, lambda b: b.tools)
             ids = await prompts.encode(text, limit, "messages", body.add_special_tokens)
         else:
             ids = await prompts.encode(body.prompt, limit, "prompt", body.add_special_tokens)

@@ -13,7 +13,7 @@ import functools
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 from tokenizers import Tokenizer
 
@@ -21,6 +21,7 @@ from neo_common.config import ModelConfig
 from neo_common.model_source import resolve
 from neo_gateway.chat_template import ChatTemplate
 from neo_gateway.errors import APIError
+from neo_gateway.param_error import ParamError
 from neo_gateway.tokenizer import TextTokenizer
 
 _THREADS = min(4, os.cpu_count() or 1)
@@ -112,3 +113,18 @@ class PromptEncoder:
         return await self._run(self.template.render, messages, add_generation_prompt,
                                continue_final_message=continue_final_message, tools=tools, documents=documents,
                                chat_template_kwargs=chat_template_kwargs)
+
+    async def render_chat_request(self, body: Any, tools_of: Callable[[Any], list[dict] | None]) -> str:
+        """:meth:`render_chat` of a request with ``messages`` and the template fields, its tools from
+        ``tools_of(body)``; an error there or in the template is the request's fault: a 400 naming
+        its field (``messages`` unless it names another)."""
+        try:
+            return await self.render_chat([m.render() for m in body.messages], body.add_generation_prompt,
+                                          continue_final_message=body.continue_final_message, tools=tools_of(body),
+                                          documents=body.documents, chat_template_kwargs=body.chat_template_kwargs)
+        except ParamError as exc:
+            raise APIError(400, str(exc), exc.param) from None
+        except APIError:
+            raise
+        except Exception as exc:  # template errors are the request's fault (e.g. role order)
+            raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from None
