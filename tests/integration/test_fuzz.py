@@ -27,6 +27,9 @@ EXAMPLES = {"GET": 10, "POST": 80}      # per operation and generation mode
 BUDGET_S = {"GET": 10.0, "POST": 60.0}  # per operation and mode; examples past it are skipped
 MAX_TOKENS = 3                          # decoding on a 2-core CPU costs ~60-100 ms per token
 REQUEST_TIMEOUT_S = 60.0                # a request running longer counts as a hang
+# schemathesis stops reading an event stream after 20 events by default; a chat stream with n=20
+# sends 20 role chunks before any token, so the [DONE] check needs the whole stream
+MAX_STREAM_EVENTS = 10_000
 # Unset: the same examples every run (a regression suite). Set: another walk, e.g. to hunt for new bugs;
 # NEO_FUZZ_SCALE multiplies the example counts and time budgets.
 SEED = os.environ.get("NEO_FUZZ_SEED")
@@ -69,6 +72,7 @@ def check_openai_shape(resp: schemathesis.Response) -> None:
         assert set(body["error"]) >= {"message", "type", "param", "code"}, resp.text
         return
     if (resp.headers.get("content-type") or [""])[0].startswith("text/event-stream"):
+        assert not resp.stream_cut_short, "the client stopped reading the stream (timeout or event cap)"
         events = [line[6:] for line in resp.text.split("\n\n") if line.startswith("data: ")]
         assert events and events[-1] == "[DONE]", resp.text[-500:]
         chunks = [json.loads(e) for e in events[:-1]]
@@ -114,6 +118,7 @@ def wait_idle(replica, timeout: float = 30.0) -> None:
 def test_fuzz_api_from_its_openapi_schema(small_pool_replica) -> None:
     url = small_pool_replica.url
     schema = schemathesis.openapi.from_url(url + "/openapi.json")
+    schema.config.max_stream_events = MAX_STREAM_EVENTS
     operations = [r.ok() for r in schema.get_all_operations()]
     labels = {op.label for op in operations}
     assert {"POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /health"} <= labels
