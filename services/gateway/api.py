@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import AsyncIterator
@@ -20,6 +19,7 @@ from neo_gateway.engine import Engine, EngineOverloaded, EngineUnavailable, Requ
 from neo_gateway.auth import ApiKeyAuth
 from neo_gateway.choices import Choice, ChoiceStreams, best_of, choices_of
 from neo_gateway.errors import APIError, install_handlers
+from neo_gateway.fast_json import FastJSONResponse, sse_event
 from neo_gateway.extra_routes import base_request_id, install_extra_routes
 from neo_gateway.http_limits import BodyGuard, RejectionCounter
 from neo_gateway.json_route import FastJsonRoute
@@ -200,24 +200,24 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
                 "total_tokens": prompt_tokens + completion}
 
     async def sse(choices: ChoiceStreams, chunk, include_usage: bool, prompt_tokens: int,
-                  headers: list[dict]) -> AsyncIterator[str]:
+                  headers: list[dict]) -> AsyncIterator[bytes | str]:
         try:
             for header in headers:
-                yield f"data: {json.dumps(header)}\n\n"
+                yield sse_event(header)
             final: dict[int, RequestOutput] = {}
             async for index, out in choices:
                 if out.error:
-                    yield f"data: {json.dumps({'error': {'message': out.error, 'type': 'server_error', 'code': 500}})}\n\n"
+                    yield sse_event({'error': {'message': out.error, 'type': 'server_error', 'code': 500}})
                     break
                 body = chunk(index, out)   # None: nothing to send yet (text held back)
                 if body is not None:
-                    yield f"data: {json.dumps(body)}\n\n"
+                    yield sse_event(body)
                 if out.finished:
                     final[index] = out
             else:
                 if include_usage:
                     last = chunk(0, None) | {"choices": [], "usage": usage(prompt_tokens, final.values())}
-                    yield f"data: {json.dumps(last)}\n\n"
+                    yield sse_event(last)
             yield "data: [DONE]\n\n"
         finally:
             await choices.aclose()
@@ -279,8 +279,8 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
             include = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(sse(choices, chunk, include, prompt_tokens, []), media_type="text/event-stream")
         final = shape.ranked(await collect(choices, request))
-        return JSONResponse(chunk(0, None) | {"choices": [chunk(i, out)["choices"][0] for i, out in final.items()],
-                                              "usage": usage(prompt_tokens, final.values())})
+        return FastJSONResponse(chunk(0, None) | {"choices": [chunk(i, out)["choices"][0] for i, out in final.items()],
+                                                  "usage": usage(prompt_tokens, final.values())})
 
     @app.post("/v1/chat/completions", responses=generation_responses(ChatCompletionResponse, ChatCompletionChunk))
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
@@ -332,11 +332,11 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
         if body.prompt_logprobs is not None:
             extra["prompt_logprobs"] = fmt.prompt(final[0].prompt_logprobs or [], body.prompt_logprobs)
         messages, final = tool_out.shape(final)
-        return JSONResponse({"id": rid, "object": "chat.completion", "created": now, "model": served_name,
-                             "choices": [{"index": i, "message": messages[i],
-                                          "logprobs": chat_logprobs(out.logprobs), "finish_reason": out.finish_reason}
-                                         for i, out in final.items()],
-                             "usage": usage(len(prompt_ids), final.values())} | extra)
+        return FastJSONResponse({"id": rid, "object": "chat.completion", "created": now, "model": served_name,
+                                 "choices": [{"index": i, "message": messages[i],
+                                              "logprobs": chat_logprobs(out.logprobs),
+                                              "finish_reason": out.finish_reason} for i, out in final.items()],
+                                 "usage": usage(len(prompt_ids), final.values())} | extra)
 
     return app
 
