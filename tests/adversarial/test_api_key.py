@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from neo_common.config import NeoConfig
+from support.clients import openai_client
 from support.replica import Replica, descendants
 
 pytestmark = pytest.mark.integration
@@ -29,7 +30,7 @@ def keyed(tmp_path_factory) -> Replica:
 
 
 def client(replica: Replica, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=replica.url + "/v1", api_key=key, max_retries=0, timeout=120)
+    return openai_client(replica.url, timeout=120, api_key=key)
 
 
 def test_without_a_key_or_with_a_wrong_one_gets_401(keyed):

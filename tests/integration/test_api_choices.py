@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import uuid
 
-import openai
 import pytest
 
 from neo_common.model_source import embedded_gguf_path
 from neo_gateway.tokenizer import TextTokenizer
+from support.clients import openai_client
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +24,7 @@ def replica(small_pool_replica):
 
 @pytest.fixture(scope="module")
 def client(replica):
-    return openai.OpenAI(base_url=replica.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    return openai_client(replica.url)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from neo_gateway.api_fields import Endpoint, FieldStatus, schema_fields, status
+from support.clients import openai_client
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +60,7 @@ def replica(small_pool_replica):
 
 @pytest.fixture(scope="module")
 def client(replica):
-    return openai.OpenAI(base_url=replica.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(replica.url, timeout=120)
 
 
 def create(client: openai.OpenAI, endpoint: Endpoint, **fields):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from neo_common.model_source import embedded_gguf_path
+from support.clients import openai_client
 
 pytestmark = pytest.mark.integration
 transformers = pytest.importorskip("transformers")
@@ -30,7 +31,7 @@ def replica(small_pool_replica):
 
 @pytest.fixture(scope="module")
 def client(replica):
-    return openai.OpenAI(base_url=replica.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    return openai_client(replica.url)
 
 
 @pytest.fixture(scope="module")

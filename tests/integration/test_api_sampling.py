@@ -9,6 +9,7 @@ import pytest
 
 from neo_common.model_source import embedded_gguf_path
 from neo_gateway.tokenizer import TextTokenizer
+from support.clients import openai_client
 
 pytestmark = pytest.mark.integration
 
@@ -18,7 +19,7 @@ PROMPT = "The best fruit in the world is"
 
 @pytest.fixture(scope="module")
 def client(small_pool_replica):
-    return openai.OpenAI(base_url=small_pool_replica.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    return openai_client(small_pool_replica.url)
 
 
 @pytest.fixture(scope="module")

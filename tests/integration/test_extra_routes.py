@@ -13,6 +13,7 @@ import pytest
 
 from neo_common.model_source import embedded_gguf_path
 from support.chat_templates import LLAMA3, TOOL_CHAT, WEATHER_TOOL
+from support.clients import openai_client
 
 pytestmark = pytest.mark.integration
 
@@ -106,7 +107,7 @@ def test_cors_preflight_and_simple_requests(replica):
 
 
 def test_chat_options_through_the_openai_client(replica, ref):
-    client = openai.OpenAI(base_url=replica.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    client = openai_client(replica.url, timeout=120)
     prefill = MSG + [{"role": "assistant", "content": "Hello! My name is"}]
     out = client.chat.completions.create(
         model=MODEL, messages=prefill, max_tokens=3, temperature=0,

@@ -11,10 +11,10 @@ import json
 
 import httpx
 import pytest
-from openai import AsyncOpenAI, OpenAI
 
 from neo_common.model_source import embedded_gguf_path
 from neo_gateway.tokenizer import TextTokenizer
+from support.clients import async_openai_client, openai_client
 from support.replica import SMALL_POOL_BLOCKS as POOL_BLOCKS
 
 pytestmark = pytest.mark.integration
@@ -29,7 +29,7 @@ def replica(small_pool_replica):
 
 @pytest.fixture(scope="module")
 def client(replica):
-    return OpenAI(base_url=replica.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    return openai_client(replica.url)
 
 
 def test_chat_answers_the_capital_of_france(client):
@@ -91,7 +91,7 @@ def test_32_concurrent_mixed_lengths_equal_alone_and_free_all_blocks(replica, cl
     # Outputs long enough that requests overlap in the 48-block pool whatever the arrival timing
     # (with short ones, staggered arrivals let early requests finish first and nothing preempts).
     lengths = [40 + (i * 5) % 12 for i in range(32)]
-    aclient = AsyncOpenAI(base_url=replica.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    aclient = async_openai_client(replica.url, timeout=600)
 
     async def one(p: str, n: int) -> str:
         r = await aclient.completions.create(model=MODEL, prompt=p, temperature=0, max_tokens=n)
