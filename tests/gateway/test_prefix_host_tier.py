@@ -4,6 +4,7 @@ CPU-direct decoding of CPU-placed prompts, the host budget, failed iterations, a
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from support.cost_tables import synthetic
 from neo_common.config import SchedulerConfig
@@ -11,17 +12,12 @@ from neo_common.cost_model import CostTables
 from neo_common.protocol import Place
 from neo_gateway import prefix_cost
 from neo_gateway.block_manager import BlockManager
-from neo_gateway.sampling_params import SamplingParams
 from neo_gateway.scheduler import Scheduler
-from neo_gateway.sequence import FinishReason, Sequence
+from neo_gateway.sequence import FinishReason
+from support import prefix_scheduling
+from support.prefix_scheduling import BS, SYSTEM, finish, run
 
-BS = 16
-SYSTEM = list(range(100, 100 + 3 * BS))   # a three-block shared prefix
-
-
-def seq(i: int, prompt: list[int], max_tokens: int = 2) -> Sequence:
-    return Sequence(i, f"r{i}", prompt, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
-                    eos_token_ids=(2,), max_model_len=4096)
+seq = functools.partial(prefix_scheduling.seq, max_tokens=2)
 
 
 def scheduler(gpu: int = 8, cpu: int = 64, mode: str = "auto", costs: CostTables | None = None,
@@ -29,17 +25,6 @@ def scheduler(gpu: int = 8, cpu: int = 64, mode: str = "auto", costs: CostTables
     config = SchedulerConfig(offload_mode=mode, host_prefix_cache_fraction=fraction)
     return Scheduler(config, BlockManager(gpu, BS, Place.GPU, caching=True), BlockManager(cpu, BS, Place.CPU),
                      costs or synthetic(cpu_s_per_token=4e-9), cache_salt="m|bf16")
-
-
-def run(sched: Scheduler, token: int = 7):
-    out = sched.schedule()
-    sched.update(out, {r.seq.seq_id: token for r in out.rows if r.sample})
-    return out
-
-
-def finish(sched: Scheduler, s: Sequence) -> None:
-    while not s.is_finished:
-        run(sched)
 
 
 def demoted_system(sched: Scheduler):
