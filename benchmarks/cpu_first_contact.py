@@ -46,6 +46,7 @@ import numpy as np
 
 from neo_bench.comparison import Spread, abba_order, describe, verdict
 from neo_bench.neo_vs_gpu_only import Server, send_all
+from neo_bench.peer_transformers import timed_generate
 from neo_common.procs import serve_port_flags
 
 log = logging.getLogger(__name__)
@@ -89,13 +90,7 @@ def load_hf(gguf: str):
 def hf_run(model, prompt: list[int], output_len: int) -> dict:
     import torch
 
-    ids = torch.tensor([prompt])
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
-                             min_new_tokens=output_len, do_sample=False, pad_token_id=model.config.eos_token_id)
-    wall = time.perf_counter() - t0
-    made = int(out.shape[1] - ids.shape[1])
+    wall, made = timed_generate(model, torch.tensor([prompt]), output_len, "cpu")
     return {"wall_s": wall, "tokens": made, "tok_s": made / wall,
             "error": None if made == output_len else f"generated {made} tokens, not {output_len}"}
 
