@@ -11,7 +11,7 @@ per-request histograms once at a request's end; scheduler state is read at scrap
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -32,6 +32,38 @@ TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5
                          20.0, 40.0, 80.0)
 REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                            240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+class _RequestHistogram(NamedTuple):
+    """One of vLLM's per-request histograms: observed once, at the request's end, with ``source``
+    (of the finished request and the time now)."""
+
+    name: str
+    doc: str
+    buckets: tuple[float, ...]
+    source: Callable[["Sequence", float], float]
+
+
+def _decode_time(seq: "Sequence") -> float:
+    return seq.last_token_time - seq.first_token_time
+
+
+# vLLM's FinishedRequestStats (in its registration order, which is the order of /metrics)
+REQUEST_HISTOGRAMS = (
+    _RequestHistogram("request_time_per_output_token_seconds", "Histogram of time_per_output_token_seconds per request.",
+                      TOKEN_LATENCY_BUCKETS,
+                      lambda s, now: _decode_time(s) / (len(s.output_ids) - 1) if len(s.output_ids) > 1 else 0.0),
+    _RequestHistogram("e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+                      REQUEST_LATENCY_BUCKETS, lambda s, now: now - s.arrival),
+    _RequestHistogram("request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.",
+                      REQUEST_LATENCY_BUCKETS, lambda s, now: s.scheduled_time - s.arrival),
+    _RequestHistogram("request_inference_time_seconds", "Histogram of time spent in RUNNING phase for request.",
+                      REQUEST_LATENCY_BUCKETS, lambda s, now: s.last_token_time - s.scheduled_time),
+    _RequestHistogram("request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request.",
+                      REQUEST_LATENCY_BUCKETS, lambda s, now: s.first_token_time - s.scheduled_time),
+    _RequestHistogram("request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.",
+                      REQUEST_LATENCY_BUCKETS, lambda s, now: _decode_time(s)),
+)
 
 
 class _SchedulerSeries(Collector):
@@ -88,18 +120,7 @@ class VllmMetrics:
                               TTFT_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
                              TOKEN_LATENCY_BUCKETS)
-        self.tpot = histogram("request_time_per_output_token_seconds",
-                              "Histogram of time_per_output_token_seconds per request.", TOKEN_LATENCY_BUCKETS)
-        self.e2e = histogram("e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
-                             REQUEST_LATENCY_BUCKETS)
-        self.queue = histogram("request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.",
-                               REQUEST_LATENCY_BUCKETS)
-        self.inference = histogram("request_inference_time_seconds",
-                                   "Histogram of time spent in RUNNING phase for request.", REQUEST_LATENCY_BUCKETS)
-        self.prefill = histogram("request_prefill_time_seconds",
-                                 "Histogram of time spent in PREFILL phase for request.", REQUEST_LATENCY_BUCKETS)
-        self.decode = histogram("request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.",
-                                REQUEST_LATENCY_BUCKETS)
+        self.per_request = [(spec, histogram(spec.name, spec.doc, spec.buckets)) for spec in REQUEST_HISTOGRAMS]
         self._seen: dict[int, tuple[int, float]] = {}
 
     def observe_tokens(self, seq: "Sequence") -> None:
@@ -132,11 +153,6 @@ class VllmMetrics:
         self.request_success.labels(*m, reason).inc()
         if seq.first_token_time is None or seq.scheduled_time is None or seq.last_token_time is None:
             return
-        n = len(seq.output_ids)
-        decode = seq.last_token_time - seq.first_token_time
-        self.e2e.labels(*m).observe(time.monotonic() - seq.arrival)
-        self.queue.labels(*m).observe(seq.scheduled_time - seq.arrival)
-        self.prefill.labels(*m).observe(seq.first_token_time - seq.scheduled_time)
-        self.decode.labels(*m).observe(decode)
-        self.inference.labels(*m).observe(seq.last_token_time - seq.scheduled_time)
-        self.tpot.labels(*m).observe(decode / (n - 1) if n > 1 else 0.0)
+        now = time.monotonic()
+        for spec, hist in self.per_request:
+            hist.labels(*m).observe(spec.source(seq, now))
