@@ -148,7 +148,7 @@ def _stream(tool_out, pieces):
     return [wrapped(0, o)["choices"][0] for o in outs]
 
 
-def test_a_stream_sends_content_as_it_comes_and_the_calls_at_the_end():
+def test_a_stream_sends_content_as_it_comes_and_the_calls_as_they_are_written():
     auto = ToolOutput.for_request(ToolRequest.from_fields([WEATHER, TIME], "auto", None), "hermes")
     pieces = ["I will ", "check both.\n<tool", "_call>\n{\"name\": \"get_weather\", ", HERMES_TWO[len("I will check both.\n<tool_call>\n{\"name\": \"get_weather\", "):]]
     assert "".join(pieces) == HERMES_TWO
@@ -156,9 +156,13 @@ def test_a_stream_sends_content_as_it_comes_and_the_calls_at_the_end():
     sent = "".join(s["delta"].get("content", "") for s in steps)
     assert steps[0]["delta"] == {"content": "I will "} and steps[1]["delta"] == {"content": "check both.\n"}
     assert sent.strip() == "I will check both." and "<tool" not in sent
-    last = steps[-1]
-    assert last["finish_reason"] == "tool_calls"
-    assert [(t["index"], t["function"]["name"]) for t in last["delta"]["tool_calls"]] == [(0, "get_weather"), (1, "get_time")]
+    named = steps[2]["delta"]["tool_calls"]   # the name is complete, its arguments not begun
+    assert [(t["index"], t["type"], t["function"]) for t in named] == [(0, "function", {"name": "get_weather",
+                                                                                        "arguments": ""})]
+    rest = steps[3]["delta"]["tool_calls"]
+    assert rest[0] == {"index": 0, "function": {"arguments": '{"city": "Oslo"}'}}
+    assert (rest[1]["index"], rest[1]["function"]["name"]) == (1, "get_time") and rest[1]["id"] != named[0]["id"]
+    assert steps[3]["finish_reason"] == "tool_calls"
     plain = _stream(ToolOutput.for_request(ToolRequest.from_fields([WEATHER], "auto", None), "llama3_json"),
                     ["Sunny ", "and warm."])
     assert [s["delta"] for s in plain] == [{"content": "Sunny "}, {"content": "and warm."}]

@@ -2,7 +2,13 @@
 SmolLM2-135M (default ``--tool-call-parser hermes``): ``required`` and a named function (enforced
 by the structured-output grammar), ``auto`` (the parser finds the call the model wrote; a regex
 makes this small model write one), plain text when no call is made, streaming deltas, the tool
-result sent back through the chat template, and 400s naming the field."""
+result sent back through the chat template, and 400s naming the field.
+
+Streamed calls as vLLM streams them: each call's first delta carries its ``id``, ``type`` and
+``function.name``, then ``function.arguments`` arrives in pieces as the model writes it, and the
+client's accumulation (its stream helper's ``ChatCompletionStreamState``) equals the non-streamed
+response's calls exactly: ``required``, a named function, and ``auto`` with both parsers (a regex
+makes the model write the call in the parser's format)."""
 
 from __future__ import annotations
 
@@ -74,9 +80,14 @@ def test_streamed_calls_arrive_as_deltas_with_finish_reason_tool_calls(client):
         deltas = [d for c in chunks for d in (c.delta.tool_calls or [])]
         assert chunks[-1].finish_reason == "tool_calls" and deltas
         assert not "".join(c.delta.content or "" for c in chunks)
+        calls = {}   # accumulated by index: the first delta names the call, the rest add to its arguments
         for d in deltas:
-            assert d.id and d.function.name in SCHEMAS
-            jsonschema.validate(json.loads(d.function.arguments), SCHEMAS[d.function.name])
+            if d.index not in calls:
+                assert d.id and d.function.name in SCHEMAS
+                calls[d.index] = [d.function.name, ""]
+            calls[d.index][1] += d.function.arguments or ""
+        for name, arguments in calls.values():
+            jsonschema.validate(json.loads(arguments), SCHEMAS[name])
 
 
 def test_the_tool_result_goes_back_through_the_chat_template(client):
@@ -100,3 +111,56 @@ def test_bad_tool_requests_get_400_naming_the_field(client, fields, param):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=5, **fields)
     assert err.value.body["param"] == param, err.value.body
+
+
+# -- streamed calls, piece by piece ------------------------------------------------------------------
+HERMES_CALL = (r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "[A-Z][a-z]{2,8}", '
+               r'"unit": "(c|f)"\}\}\n</tool_call>')
+LLAMA_CALL = r'\{"name": "get_weather", "parameters": \{"city": "[A-Z][a-z]{2,8}", "unit": "(c|f)"\}\}'
+
+
+def _client(replica):
+    return openai.OpenAI(base_url=replica.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _calls(message):
+    return [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
+
+
+def _compare_streamed_with_whole(client, **request):
+    whole = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=80, temperature=0,
+                                           **request)
+    assert whole.choices[0].finish_reason == "tool_calls", whole
+    chunks, pieces = [], {}
+    with client.chat.completions.stream(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=80, temperature=0,
+                                        **request) as stream:
+        for event in stream:
+            if event.type == "chunk":
+                chunks.append(event.chunk)
+            elif event.type == "tool_calls.function.arguments.delta":
+                pieces.setdefault(event.index, []).append(event.arguments_delta)
+        final = stream.get_final_completion()
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert _calls(final.choices[0].message) == _calls(whole.choices[0].message)
+    deltas = [d for c in chunks for ch in c.choices for d in (ch.delta.tool_calls or [])]
+    for index, (name, arguments) in enumerate(_calls(whole.choices[0].message)):
+        own = [d for d in deltas if d.index == index]
+        assert own[0].id and own[0].type == "function" and own[0].function.name == name
+        assert all(d.id is None and d.function.name is None for d in own[1:]), "the name goes out once, first"
+        assert len([p for p in pieces[index] if p]) >= 5, f"arguments in pieces as written: {pieces[index]}"
+        assert "".join(d.function.arguments or "" for d in own) == arguments
+        json.loads(arguments)
+    assert not "".join(ch.delta.content or "" for c in chunks for ch in c.choices)
+
+
+@pytest.mark.parametrize("request_fields", [
+    {"tool_choice": "required"},
+    {"tool_choice": {"type": "function", "function": {"name": "get_time"}}},
+    {"tool_choice": "auto", "extra_body": {"guided_regex": HERMES_CALL}}], ids=["required", "named", "auto-hermes"])
+def test_streamed_calls_accumulate_to_the_whole_response(small_pool_replica, request_fields):
+    _compare_streamed_with_whole(_client(small_pool_replica), **request_fields)
+
+
+def test_llama3_json_parser_streams_its_calls(replica_factory):
+    replica = replica_factory("--tool-call-parser", "llama3_json", "--num-gpu-blocks", "48", "--max-model-len", "512")
+    _compare_streamed_with_whole(_client(replica), tool_choice="auto", extra_body={"guided_regex": LLAMA_CALL})

@@ -26,8 +26,10 @@ class ToolCall:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
     @classmethod
-    def of(cls, name: Any, arguments: Any) -> "ToolCall | None":
-        """From a parsed call: None when it is not one (no string name, arguments not an object)."""
+    def of(cls, name: Any, arguments: Any, text: str | None = None) -> "ToolCall | None":
+        """From a parsed call: None when it is not one (no string name, arguments not an object).
+        ``text``: the arguments' JSON text as the model wrote it (what a stream sends piece by
+        piece, :meth:`PartialCall.arguments`); without it, the arguments re-encoded."""
         if not isinstance(name, str) or not name:
             return None
         if isinstance(arguments, str):   # some models write the arguments as a JSON string
@@ -39,7 +41,15 @@ class ToolCall:
             arguments = {}
         if not isinstance(arguments, dict):
             return None
-        return cls(name, json.dumps(arguments, ensure_ascii=False))
+        return cls(name, text if text is not None else json.dumps(arguments, ensure_ascii=False))
+
+
+@dataclasses.dataclass
+class CallDraft:
+    """A call while it is being written: ``name`` once known, ``arguments``: its JSON text so far."""
+
+    name: str | None
+    arguments: str
 
 
 @dataclasses.dataclass
@@ -52,13 +62,17 @@ class ExtractedToolCalls:
 
 class ToolParser:
     """Finds tool calls in a model's whole output (:meth:`extract`) and, while it streams, how much
-    of it is surely plain content (:meth:`content_end`): text from there on may still turn out to
-    be a tool call, so it is held back until the end."""
+    of it is surely plain content (:meth:`content_end`: text from there on may still turn out to
+    be a tool call, so it is held back) and the calls as far as written (:meth:`drafts`, whose
+    arguments grow to the text :meth:`extract` returns for a well-formed call)."""
 
     def extract(self, text: str) -> ExtractedToolCalls:
         raise NotImplementedError
 
     def content_end(self, text: str) -> int:
+        raise NotImplementedError
+
+    def drafts(self, text: str) -> list[CallDraft]:
         raise NotImplementedError
 
 

@@ -7,7 +7,8 @@ import json
 from typing import Callable
 
 from neo_gateway.param_error import ParamError
-from neo_gateway.tool_parsers.base import ExtractedToolCalls, ToolCall, ToolParser
+from neo_gateway.tool_parsers.base import CallDraft, ExtractedToolCalls, ToolCall, ToolParser
+from neo_gateway.tool_parsers.partial_json import PartialCall, drafts_of, scan_sequence
 from neo_gateway.tool_parsers.registry import parser_for
 from neo_gateway.tool_parsers.choice import ToolChoiceMode, ToolRequest
 
@@ -20,12 +21,16 @@ class ToolOutput:
     - ``request``: the tools and the choice mode; ``parser``: the server's tool-call parser (auto).
     - ``_text``/``_sent``: per choice index (streaming), the text so far and how much of it went
       out as content; text that may still be a tool call is held back until the choice ends.
+    - ``_calls``: per choice index, the calls streamed so far (:class:`_SentCall`): each is sent
+      as vLLM streams them, its ``id``, ``type`` and ``function.name`` first, then its
+      ``function.arguments`` in pieces as the model writes them.
     """
 
     def __init__(self, request: ToolRequest, parser: ToolParser | None) -> None:
         self.request, self.parser = request, parser
         self._text: dict[int, str] = {}
         self._sent: dict[int, int] = {}
+        self._calls: dict[int, list[_SentCall]] = {}
 
     @classmethod
     def for_request(cls, request: ToolRequest, parser_name: str) -> "ToolOutput":
@@ -46,7 +51,10 @@ class ToolOutput:
             return ExtractedToolCalls(None, [ToolCall(self.request.named, text)])
         if mode is ToolChoiceMode.REQUIRED:
             try:
-                calls = [ToolCall.of(c.get("name"), c.get("parameters")) for c in json.loads(text)]
+                parsed = json.loads(text)
+                raw = [c.arguments(text) for c in _required_calls(text)]
+                raw = raw if len(raw) == len(parsed) else [None] * len(parsed)
+                calls = [ToolCall.of(c.get("name"), c.get("parameters"), r) for c, r in zip(parsed, raw)]
             except (json.JSONDecodeError, AttributeError, TypeError):
                 return ExtractedToolCalls(text, [])   # cut short by max_tokens: what was written stays text
             return ExtractedToolCalls(None, [c for c in calls if c is not None])
@@ -81,20 +89,36 @@ class ToolOutput:
     # -- streams ----------------------------------------------------------------------------------
     def wrap_chunk(self, chunk: Callable) -> Callable:
         """``chunk(index, out)`` with tool-aware deltas: content streams while it surely is content;
-        the rest is held and, at the choice's end, sent as its remaining content and tool calls."""
+        calls stream as they are written (:meth:`_call_deltas`); at the choice's end, the rest of
+        the content and of the calls, as :meth:`extract` finds them in the whole text."""
         if not self.active:
             return chunk
 
         def wrapped(index, out):
             if out is None:
                 return chunk(index, out)
-            delta, reason = self._step(index, out.text, out.finished, out.finish_reason)
             made = chunk(index, out)
-            if made is not None:
-                for choice in made["choices"]:
-                    choice["delta"], choice["finish_reason"] = delta, reason
+            if made is None:
+                return None   # no new text: nothing new to say either (and a call's first delta must go out)
+            delta, reason = self._step(index, out.text, out.finished, out.finish_reason)
+            for choice in made["choices"]:
+                choice["delta"], choice["finish_reason"] = delta, reason
             return made
         return wrapped
+
+    def drafts(self, text: str, finished: bool) -> list[CallDraft]:
+        """The calls in ``text`` as far as written, by the mode: the named function's arguments are
+        the whole text; ``required`` writes an array of calls; ``auto``: the parser's."""
+        mode = self.request.mode
+        if mode is ToolChoiceMode.NAMED:
+            return [CallDraft(self.request.named, text)]
+        if mode is ToolChoiceMode.REQUIRED:
+            drafts = drafts_of(text, _required_calls(text))
+        elif mode is ToolChoiceMode.AUTO and self.parser is not None:
+            drafts = self.parser.drafts(text)
+        else:
+            drafts = []
+        return drafts if self.request.parallel else drafts[:1]
 
     def _step(self, index: int, text: str, finished: bool, reason: str | None) -> tuple[dict, str | None]:
         whole = self._text.get(index, "") + text
@@ -103,15 +127,58 @@ class ToolOutput:
         if not finished:
             end = self.parser.content_end(whole) if self.request.mode is ToolChoiceMode.AUTO and self.parser else 0
             self._sent[index] = max(sent, end)
-            return ({"content": whole[sent:end]} if end > sent else {}), None
+            delta = {"content": whole[sent:end]} if end > sent else {}
+            calls = self._call_deltas(index, self.drafts(whole, False))
+            if calls:
+                delta["tool_calls"] = calls
+            return delta, None
         found = self.extract(whole)
         delta: dict = {}
         rest = (found.content or "")[sent:] if found.content is not None and found.content.startswith(whole[:sent]) \
             else ""
         if rest:
             delta["content"] = rest
-        if found.calls:
-            delta["tool_calls"] = [{"index": k, **c.to_dict()} for k, c in enumerate(found.calls)]
+        calls = self._call_deltas(index, [CallDraft(c.name, c.arguments) for c in found.calls], found.calls)
+        if calls:
+            delta["tool_calls"] = calls
         return delta, self.finish_reason(found, reason)
 
+    def _call_deltas(self, index: int, drafts: list[CallDraft], final: list[ToolCall] | None = None) -> list[dict]:
+        """What the client has not seen of ``drafts``: a call's first delta once its name is known
+        (``id``, ``type``, ``function.name``, the arguments so far), then the arguments' growth.
+        ``final``: the calls of the whole output (a call first seen there goes out with its id)."""
+        sent = self._calls.setdefault(index, [])
+        out = []
+        for k, draft in enumerate(drafts):
+            if draft.name is None:
+                break   # calls go out in order: a later one waits for this one's name
+            if k == len(sent):
+                call_id = final[k].id if final else ToolCall(draft.name, "").id
+                sent.append(_SentCall(call_id, draft.name, draft.arguments))
+                out.append({"index": k, "id": call_id, "type": "function",
+                            "function": {"name": draft.name, "arguments": draft.arguments}})
+                continue
+            done = sent[k]
+            if draft.arguments.startswith(done.arguments) and len(draft.arguments) > len(done.arguments):
+                out.append({"index": k, "function": {"arguments": draft.arguments[len(done.arguments):]}})
+                done.arguments = draft.arguments
+        return out
 
+
+@dataclasses.dataclass
+class _SentCall:
+    """A call as a stream has sent it so far."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+def _required_calls(text: str) -> list[PartialCall]:
+    """The call objects of ``required``'s array (``[{"name": ..., "parameters": {...}}, ...]``)."""
+    at = len(text) - len(text.lstrip())
+    if not text.startswith("[", at):
+        return []
+    at += 1
+    at += len(text[at:]) - len(text[at:].lstrip())
+    return scan_sequence(text, at, ("parameters",), ",")
