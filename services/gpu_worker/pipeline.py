@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 _LOG_EVERY = 200
 _POLL_S = 0.2   # doorbell waits are sliced so a dead cpu_attention process is noticed quickly
 _PARTS = ("dense", "send", "stream_out")   # host time of a forward, by what it launched
+# the stage clock without emulation: every call a no-op, so one serves every forward (an emulated
+# forward builds its own: it prices that forward's sub-batches)
+_UNEMULATED = PipelineStages(None, None, (), 0)
 
 
 class Handoff:
@@ -255,7 +258,7 @@ class PipelinedExecutor:
         dense.begin(sbs)
         live = [sb.num_tokens > 0 for sb in sbs]
         poll = self.handoff.poll
-        clock = PipelineStages(self.emulator, self.plan, sbs, layers)
+        clock = _UNEMULATED if self.emulator is None else PipelineStages(self.emulator, self.plan, sbs, layers)
 
         def step(j: int, i: int) -> None:
             with self._spending("dense"):
