@@ -12,8 +12,9 @@ Each ``schedule()`` call forms one iteration:
 2. With no swap-out this iteration, CPU-resident requests come back (*swap in*, oldest first) while
    GPU use stays below ``swap_in_threshold``; the band up to 100% is the hysteresis.
 3. Waiting requests are admitted FCFS under the token and sequence budgets and placed by
-   ``offload_policy.place_admissions``: GPU first; once one goes to the CPU, the rest of the round
-   follows. A CPU-bound prompt is prefilled on the GPU in one chunk (its KV streams to the host pool
+   ``Scheduler._place``: GPU first; once one goes to the CPU, the rest of the round follows (a
+   request goes to the CPU only where ``offload_policy.decide`` would decode it there: ``_cpu_pays``).
+   A CPU-bound prompt is prefilled on the GPU in one chunk (its KV streams to the host pool
    layer by layer), so it must fit the iteration's remaining token budget.
 4. ``offload_policy.decide`` picks the sequential or the pipelined plan and which CPU-resident
    decodes run in which sub-batch; the others wait for a later iteration.
