@@ -100,8 +100,6 @@ _REFUSED: dict[str, Refusal] = {
     "length_penalty": Refusal("length_penalty only applies to beam search, which is not implemented", (1, 1.0)),
     "truncate_prompt_tokens": Refusal("prompt truncation is not implemented; send a shorter prompt"),
     "guided_decoding_backend": Refusal("the grammar backend is llguidance", ("auto", "guidance", "llguidance")),
-    "structural_tag": Refusal("structural tags are not implemented (`response_format`, `guided_*` and "
-                              "`structured_outputs` are)"),
     "priority": Refusal("requests are scheduled first come, first served (no priority scheduling)", (0,)),
     "logits_processors": Refusal("custom logits processors are not loaded by this server"),
     "cache_salt": Refusal("per-request prefix-cache salts are not implemented"),
@@ -174,21 +172,27 @@ _HONOURED_NOTES: dict[str, str] = {
     "best_of": "at least `n`, at most 128, not above `n` with `stream`: runs `best_of` sequences and returns the `n` "
                "with the highest cumulative logprob, best first; they share the prompt's blocks as `n` does",
     "return_tokens_as_token_ids": "logprob tokens as `token_id:<id>`",
-    "response_format": "`text`, `json_object`, `json_schema` (strict or not: the schema always binds); "
-                       "compiled with llguidance (cached, off the event loop), the mask applied on the device "
-                       "before sampling; JSON without free whitespace; an invalid schema is a 400",
+    "response_format": "`text`, `json_object`, `json_schema` (strict or not: the schema always binds), "
+                       "vLLM's `structural_tag` (`structures` of `begin`/`schema`/`end` and `triggers`: free text "
+                       "in which a trigger starts a structure; its `format` form is a 400); compiled with "
+                       "llguidance (cached, off the event loop), the mask applied on the device before sampling; "
+                       "JSON without free whitespace; an invalid schema is a 400",
     "guided_json": "a JSON schema (object or string), as `response_format` `json_schema`",
     "guided_regex": "the output matches the regex",
     "guided_choice": "the output is one of the strings",
     "guided_grammar": "GBNF/EBNF (llama.cpp's) or Lark",
     "guided_whitespace_pattern": "JSON only: the whitespace allowed between JSON tokens (a regex)",
-    "structured_outputs": "vLLM's form: one of `json`, `regex`, `choice`, `grammar`, `json_object`; "
-                          "`whitespace_pattern`; `structural_tag` refused",
+    "structured_outputs": "vLLM's form: one of `json`, `regex`, `choice`, `grammar`, `json_object`, "
+                          "`structural_tag`; `whitespace_pattern`",
+    "structural_tag": "vLLM's structural tag (its JSON text or the object), as `response_format` "
+                      "`structural_tag`",
     "tools": "function tools, passed to the chat template as `tools`",
     "tool_choice": "`none`, `auto` (calls found by `--tool-call-parser`: `hermes` or `llama3_json`), "
                    "`required` or a named function (both enforced by a structured-output grammar); calls "
-                   "come back as `tool_calls` (streamed as deltas at the end of the choice) with "
-                   "`finish_reason: tool_calls`; a function not among the tools is a 400",
+                   "come back as `tool_calls` with `finish_reason: tool_calls` (streamed as vLLM does: a "
+                   "call's `id`, `type` and `function.name` first, then its `function.arguments` in pieces "
+                   "as the model writes them; arguments are the JSON text the model wrote); a function not "
+                   "among the tools is a 400",
     "parallel_tool_calls": "false: at most one call",
     "tool_calls": "an assistant message's calls, rendered by the chat template (arguments as an object)",
     "tool_call_id": "a tool message's call id, passed to the chat template",
@@ -213,7 +217,7 @@ _HONOURED = ("model", "prompt", "messages", "max_tokens", "max_completion_tokens
              "add_generation_prompt", "add_special_tokens", "request_id", "role", "content", "name", "n",
              "min_tokens", "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
              "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-             "guided_whitespace_pattern", "structured_outputs",
+             "guided_whitespace_pattern", "structured_outputs", "structural_tag",
              "tools", "tool_choice", "parallel_tool_calls", "tool_calls", "tool_call_id",
              "min_p", "logit_bias", "presence_penalty", "frequency_penalty", "repetition_penalty",
              "continue_final_message", "documents", "chat_template_kwargs",

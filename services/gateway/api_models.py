@@ -146,7 +146,7 @@ class _GenerationRequest(BaseModel):
     def structured_output_spec(self) -> StructuredOutputSpec | None:
         """The request's grammar, from whichever structured-output field carries it (ParamError
         naming the field when it is malformed or a second one is given)."""
-        return spec_from_fields({name: getattr(self, name) for name in STRUCTURED_FIELDS})
+        return spec_from_fields({name: getattr(self, name, None) for name in STRUCTURED_FIELDS})
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         self.check_supported()
@@ -283,7 +283,7 @@ class ChatCompletionRequest(_GenerationRequest):
     chat_template: _Refused = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
     mm_processor_kwargs: _Refused = None
-    structural_tag: _Refused = None
+    structural_tag: Optional[Union[str, dict[str, Any]]] = None
     include_reasoning: Optional[StrictBool] = None
 
     ENDPOINT: ClassVar[Endpoint] = Endpoint.CHAT

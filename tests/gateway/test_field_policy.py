@@ -89,7 +89,7 @@ def test_values_that_ask_for_the_default_are_accepted(fields):
     ({"length_penalty": 1.2}, "length_penalty"), ({"length_penalty": True}, "length_penalty"),
     ({"allowed_token_ids": [3]}, "allowed_token_ids"), ({"functions": [{"name": "f"}]}, "functions"),
     ({"function_call": {"name": "f"}}, "function_call"),
-    ({"structural_tag": "{}"}, "structural_tag"), ({"guided_decoding_backend": "xgrammar"}, "guided_decoding_backend"),
+    ({"guided_decoding_backend": "xgrammar"}, "guided_decoding_backend"),
     ({"bad_words": ["x"]}, "bad_words"),
     ({"chat_template": "{{ messages }}"}, "chat_template"),
     ({"stream_options": {"continuous_usage_stats": True}}, "stream_options.continuous_usage_stats"),

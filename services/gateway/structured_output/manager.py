@@ -106,7 +106,8 @@ class StructuredOutputManager:
         byte-level vocabulary may lack rare lead bytes), or None. Strict: such a character is refused
         wherever it appears, also where the grammar would not force it."""
         text = spec.text
-        if spec.kind in (StructuredOutputKind.JSON, StructuredOutputKind.JSON_OBJECT, StructuredOutputKind.CHOICE):
+        if spec.kind in (StructuredOutputKind.JSON, StructuredOutputKind.JSON_OBJECT, StructuredOutputKind.CHOICE,
+                         StructuredOutputKind.STRUCTURAL_TAG):
             text = json.dumps(json.loads(text), ensure_ascii=False)
         for ch in sorted({c for c in text if ord(c) > 127}):
             if self.tokenizer.decode(self.tokenizer.encode(ch, add_special_tokens=False)) != ch:
@@ -141,7 +142,22 @@ def _grammar_text(spec: StructuredOutputSpec) -> str:
         choices = json.loads(spec.text)
         return llguidance.LLMatcher.grammar_from_lark(
             "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices))
+    if spec.kind is StructuredOutputKind.STRUCTURAL_TAG:
+        return llguidance.LLMatcher.grammar_from_lark(_structural_tag_lark(json.loads(spec.text)))
     return llguidance.grammar_from("grammar", spec.text)   # GBNF/EBNF (llama.cpp's) or Lark
+
+
+def _structural_tag_lark(tag: dict) -> str:
+    """llguidance's own structural tags (lazy triggers in free text), each schema's JSON written
+    without free whitespace as the other JSON constraints are (unless the schema says otherwise)."""
+    tags = []
+    for item in tag["structures"]:
+        schema = item["schema"]
+        if isinstance(schema, dict) and "x-guidance" not in schema:
+            schema = {**schema, "x-guidance": {"whitespace_flexible": False}}
+        trigger = next(t for t in tag["triggers"] if item["begin"].startswith(t))
+        tags.append(llguidance.StructTag(trigger=trigger, begin=item["begin"], grammar=schema, end=item["end"]))
+    return llguidance.StructTag.to_grammar(tags)
 
 
 def _first_line(message: str) -> str:

@@ -1,8 +1,9 @@
 """What a request constrains its output to, read from the API's fields.
 
-OpenAI's ``response_format`` (``json_object``, ``json_schema``), vLLM's ``guided_json`` /
-``guided_regex`` / ``guided_choice`` / ``guided_grammar`` and its newer ``structured_outputs``
-object all become one :class:`StructuredOutputSpec`. At most one constraint per request (vLLM's
+OpenAI's ``response_format`` (``json_object``, ``json_schema``, and vLLM's ``structural_tag``),
+vLLM's ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``, its chat
+``structural_tag`` and its newer ``structured_outputs`` object all become one
+:class:`StructuredOutputSpec`. At most one constraint per request (vLLM's
 rule); anything malformed is a :class:`ParamError` naming the field, so the client gets a 400.
 """
 
@@ -22,12 +23,15 @@ class StructuredOutputKind(str, enum.Enum):
     REGEX = "regex"
     CHOICE = "choice"            # exactly one of a list of strings
     GRAMMAR = "grammar"          # GBNF / EBNF (llama.cpp's) or Lark
+    # free text in which a trigger starts one of the structures: its ``begin``, JSON following its
+    # ``schema``, its ``end`` (vLLM's structural tags, as tool calls inside running text)
+    STRUCTURAL_TAG = "structural_tag"
 
 
 # the keys of vLLM's ``structured_outputs`` object that carry a constraint, and their kinds
 _SO_KINDS = {"json": StructuredOutputKind.JSON, "regex": StructuredOutputKind.REGEX,
              "choice": StructuredOutputKind.CHOICE, "grammar": StructuredOutputKind.GRAMMAR,
-             "json_object": StructuredOutputKind.JSON_OBJECT}
+             "json_object": StructuredOutputKind.JSON_OBJECT, "structural_tag": StructuredOutputKind.STRUCTURAL_TAG}
 # its other keys: options we honour, and ones that only choose vLLM's own backends (no effect here)
 _SO_OPTIONS = {"whitespace_pattern", "disable_any_whitespace", "disable_additional_properties",
                "disable_fallback", "backend", "_backend", "_backend_was_auto"}
@@ -74,6 +78,35 @@ def _choices(value: Any, param: str) -> str:
     return json.dumps(value)
 
 
+def _structural_tag(value: Any, param: str) -> str:
+    """vLLM's structural tag (an object, or its JSON text): ``triggers`` and ``structures`` of
+    ``{"begin", "schema", "end"}``, each ``begin`` starting with a trigger."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ParamError(param, f"{param}: the structural tag is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ParamError(param, f"{param}: a structural tag is an object with `structures` and `triggers`")
+    if "format" in value:
+        raise ParamError(param, f"{param}: the structural tag `format` form is not supported; send `structures` "
+                                "and `triggers`")
+    triggers, structures = value.get("triggers"), value.get("structures")
+    if not isinstance(triggers, list) or not triggers or not all(isinstance(t, str) and t for t in triggers):
+        raise ParamError(param, f"{param}: `triggers` must be a non-empty list of non-empty strings")
+    if not isinstance(structures, list) or not structures:
+        raise ParamError(param, f"{param}: `structures` must be a non-empty list")
+    out = []
+    for i, item in enumerate(structures):
+        if not isinstance(item, dict) or not isinstance(item.get("begin"), str) or \
+                not isinstance(item.get("end"), str) or not isinstance(item.get("schema"), (dict, bool)):
+            raise ParamError(param, f"{param}: structures[{i}] needs a `begin` and an `end` string and a `schema`")
+        if not any(item["begin"].startswith(t) for t in triggers):
+            raise ParamError(param, f"{param}: structures[{i}].begin must start with one of the triggers")
+        out.append({"begin": item["begin"], "schema": item["schema"], "end": item["end"]})
+    return json.dumps({"structures": out, "triggers": triggers})
+
+
 def _make(kind: StructuredOutputKind, value: Any, param: str, whitespace: str | None) -> StructuredOutputSpec:
     if kind is StructuredOutputKind.JSON:
         text = _schema_text(value, param)
@@ -81,6 +114,8 @@ def _make(kind: StructuredOutputKind, value: Any, param: str, whitespace: str | 
         text = _ANY_OBJECT
     elif kind is StructuredOutputKind.CHOICE:
         text = _choices(value, param)
+    elif kind is StructuredOutputKind.STRUCTURAL_TAG:
+        text = _structural_tag(value, param)
     else:
         text = _text(value, param, kind.value)
     json_like = kind in (StructuredOutputKind.JSON, StructuredOutputKind.JSON_OBJECT)
@@ -104,13 +139,16 @@ def _from_response_format(value: Any) -> tuple[StructuredOutputKind, Any] | None
         if schema is None:   # OpenAI allows a json_schema without a schema: any JSON object then
             return StructuredOutputKind.JSON_OBJECT, None
         return StructuredOutputKind.JSON, schema
-    raise ParamError(param, f"response_format type {kind!r} is not supported (text, json_object, json_schema)")
+    if kind == "structural_tag":
+        return StructuredOutputKind.STRUCTURAL_TAG, value
+    raise ParamError(param, f"response_format type {kind!r} is not supported (text, json_object, json_schema, "
+                            "structural_tag)")
 
 
 def spec_from_fields(fields: dict[str, Any]) -> StructuredOutputSpec | None:
     """The request's one constraint (None: free text), from the fields named as in the API:
     ``response_format``, ``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_grammar``,
-    ``guided_whitespace_pattern``, ``structured_outputs`` (absent or None: not sent)."""
+    ``guided_whitespace_pattern``, ``structural_tag``, ``structured_outputs`` (absent or None: not sent)."""
     found: list[tuple[str, StructuredOutputKind, Any]] = []
     whitespace = fields.get("guided_whitespace_pattern")
     if whitespace is not None and not isinstance(whitespace, str):
@@ -121,16 +159,17 @@ def spec_from_fields(fields: dict[str, Any]) -> StructuredOutputSpec | None:
             found.append(("response_format", *got))
     for name, kind in (("guided_json", StructuredOutputKind.JSON), ("guided_regex", StructuredOutputKind.REGEX),
                        ("guided_choice", StructuredOutputKind.CHOICE),
-                       ("guided_grammar", StructuredOutputKind.GRAMMAR)):
+                       ("guided_grammar", StructuredOutputKind.GRAMMAR),
+                       ("structural_tag", StructuredOutputKind.STRUCTURAL_TAG)):
         if fields.get(name) is not None:
             found.append((name, kind, fields[name]))
     so = fields.get("structured_outputs")
     if so is not None:
         if not isinstance(so, dict):
             raise ParamError("structured_outputs", "structured_outputs must be an object")
-        unknown = set(so) - set(_SO_KINDS) - _SO_OPTIONS - {"structural_tag"}
-        if unknown or so.get("structural_tag") is not None:
-            name = sorted(unknown)[0] if unknown else "structural_tag"
+        unknown = set(so) - set(_SO_KINDS) - _SO_OPTIONS
+        if unknown:
+            name = sorted(unknown)[0]
             raise ParamError(f"structured_outputs.{name}", f"structured_outputs.{name} is not supported")
         for key, kind in _SO_KINDS.items():
             value = so.get(key)
@@ -150,4 +189,4 @@ def spec_from_fields(fields: dict[str, Any]) -> StructuredOutputSpec | None:
 
 # the request fields :func:`spec_from_fields` reads
 STRUCTURED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                     "guided_whitespace_pattern", "structured_outputs")
+                     "guided_whitespace_pattern", "structural_tag", "structured_outputs")
