@@ -85,7 +85,6 @@ class SubBatch:
     - ``num_gpu``/``num_staged``/``num_cpu``: tokens of each part, in that order.
     - ``meta``/``stage_meta``: attention metadata of parts 1 and 2 (None when the part is empty).
     - ``stage_runs``: ``[n, 3]`` (staging block, host block, count) copies after each layer.
-    - ``cpu_seq_lens``: context length of each CPU decode (for checks; the cpu process has them too).
     """
 
     rows: np.ndarray
