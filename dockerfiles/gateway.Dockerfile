@@ -37,6 +37,7 @@ COPY dockerfiles/pyproject-deps.py pyproject.toml ./
 FROM toolchain AS native
 COPY setup.py README.md ./
 COPY services/common/host_kernel/csrc ./services/common/host_kernel/csrc
+COPY services/gpu_worker/csrc ./services/gpu_worker/csrc
 RUN --mount=type=secret,id=pipconf --mount=type=secret,id=cacert \
     python3 pyproject-deps.py pyproject.toml --build-system > build-requirements.txt \
     && pip install --no-cache-dir -r build-requirements.txt \

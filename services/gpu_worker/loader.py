@@ -14,7 +14,7 @@ import torch
 from neo_common.geometry import Architecture, ModelGeometry, Quantization
 from neo_common.gguf_file import GGUFFile, open_gguf
 from neo_common.model_source import Fp8Checkpoint, ModelSource, checkpoint_fp8, read_geometry
-from neo_gpu_worker import fp8
+from neo_gpu_worker import fp8, quant_dense
 from neo_gpu_worker.dequant import dequantize
 from neo_gpu_worker.models.protocol import CausalLM
 from neo_gpu_worker.models import model_class
@@ -55,14 +55,21 @@ def build_model(geometry: ModelGeometry, max_positions: int, device: torch.devic
 
 
 def load_model(source: ModelSource, max_positions: int, device: torch.device, dtype: torch.dtype,
-               seed: int = 0, tp: TensorParallel | None = None) -> CausalLM:
+               seed: int = 0, tp: TensorParallel | None = None, gguf_blocks: bool = True) -> CausalLM:
+    """The model of ``source`` on ``device``. A GGUF file's dense layers keep their blocks on the
+    CPU device in float32 (``quant_dense``: no float32 copy of those weights) unless ``gguf_blocks``
+    is False (GPU emulation times the float32 model); elsewhere GGUF is dequantized on load."""
     geometry = read_geometry(source)
     if source.kind == "gguf":
         reader = open_gguf(source.path)
         has_output = any(t.name == "output.weight" for t in reader.tensors)
         geometry = dataclasses.replace(geometry, tie_word_embeddings=not has_output)
         model = build_model(geometry, max_positions, device, dtype, tp)
-        model.load_weights(_gguf_tensors(reader, geometry))
+        keep = gguf_blocks and device.type == "cpu" and dtype == torch.float32 and not model.fp8
+        if keep and not quant_dense.available():
+            log.info("neo_gpu_worker._quant_dense is not built (no compiler at install?): the GGUF weights "
+                     "are dequantized to float32 and run through the float32 dense path")
+        model.load_weights(_gguf_tensors(reader, geometry, keep and quant_dense.available()))
     elif source.kind == "hf":
         model = build_model(geometry, max_positions, device, dtype, tp, checkpoint_fp8(source))
         model.load_weights(_safetensors(source.path, device))
@@ -99,7 +106,10 @@ def unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _gguf_tensors(reader: GGUFFile, g: ModelGeometry) -> Iterator[tuple[str, torch.Tensor]]:
+def _gguf_tensors(reader: GGUFFile, g: ModelGeometry, keep_blocks: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """The HF-named tensors of a GGUF file, dequantized to float32; with ``keep_blocks`` a tensor in
+    a format ``quant_dense`` reads also carries its raw blocks (``tensor.gguf_blocks``, rows in the
+    same order) for ``load_weights`` to keep."""
     from gguf import GGMLQuantizationType
 
     # llama.cpp interleaves q/k rows for its "normal" RoPE (llama, mistral); Qwen's NeoX-style RoPE
@@ -118,13 +128,25 @@ def _gguf_tensors(reader: GGUFFile, g: ModelGeometry) -> Iterator[tuple[str, tor
         else:
             raise KeyError(f"GGUF tensor {t.name!r} is not understood")
         raw = reader.tensor_data(t)
+        blocks = None
         if t.qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             data = np.asarray(raw)
         else:
             data = dequantize(raw, t.qtype, t.shape)
+            if keep_blocks and name.endswith("weight"):
+                blocks = quant_dense.QuantBlocks.from_gguf(raw, t.qtype, t.shape)
         data = data.astype(np.float32)
+        heads = None
         if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
-            data = unpermute_rope_rows(data, g.num_heads)
+            heads = g.num_heads
         elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
-            data = unpermute_rope_rows(data, g.num_kv_heads)
-        yield name, torch.from_numpy(np.ascontiguousarray(data))
+            heads = g.num_kv_heads
+        if heads is not None:
+            data = unpermute_rope_rows(data, heads)
+            if blocks is not None:   # whole rows move: a row's blocks move with it
+                blocks = dataclasses.replace(blocks, data=torch.from_numpy(
+                    np.ascontiguousarray(unpermute_rope_rows(blocks.data.numpy(), heads))))
+        tensor = torch.from_numpy(np.ascontiguousarray(data))
+        if blocks is not None:
+            tensor.gguf_blocks = blocks
+        yield name, tensor

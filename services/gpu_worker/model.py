@@ -7,7 +7,10 @@ bias) and Qwen3 (RMSNorm over each head's q and k, no bias): the differences are
 ``models/protocol.py`` states what the engine relies on.
 
 Weights arrive as Hugging Face names (whatever the file format) and are fused on load: q/k/v into
-one ``qkv_proj`` and gate/up into one ``gate_up_proj``, so a layer runs four matmuls. Under tensor
+one ``qkv_proj`` and gate/up into one ``gate_up_proj``, so a layer runs four matmuls. A tensor that
+carries GGUF blocks (the loader's, on the CPU device in float32) leaves its dense layer as a
+``quant_dense.QuantLinear`` over the blocks (fused layers stack their parts' block rows), and a
+tied embedding's blocks become the LM head (``tied_head``). Under tensor
 parallelism (``neo_common.tensor_parallel``) the model is built from the rank's local geometry, the
 loader keeps the rank's slice of each full tensor, and the O-projection and MLP outputs are
 all-reduced over the ranks.
@@ -29,6 +32,7 @@ from neo_gpu_worker import ops
 from neo_gpu_worker.dense import dense
 from neo_gpu_worker.fp8 import FP8_TYPES, Fp8Linear
 from neo_gpu_worker.fp8_weights import fp8_stream
+from neo_gpu_worker.quant_dense import QuantBlocks, QuantLinear, isa_name
 from neo_gpu_worker.attention import AttentionMetadata, paged_attention
 from neo_gpu_worker.parallel import TensorParallel
 from neo_gpu_worker.rope import RotaryEmbedding
@@ -36,11 +40,12 @@ from neo_gpu_worker.rope import RotaryEmbedding
 log = logging.getLogger(__name__)
 
 
-def _apply(layer: nn.Linear | Fp8Linear, x: torch.Tensor) -> torch.Tensor:
-    """A dense layer: an FP8 one through its own forward (``fp8.py``), else ``dense``."""
-    if isinstance(layer, Fp8Linear):
-        return layer(x)
-    return dense(x, layer.weight, layer.bias)
+def _apply(layer: nn.Linear | Fp8Linear | QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """A dense layer: ``dense`` over an ``nn.Linear``; an FP8 one (``fp8.py``) or one over GGUF
+    blocks (``quant_dense.py``) through its own forward."""
+    if isinstance(layer, nn.Linear):
+        return dense(x, layer.weight, layer.bias)
+    return layer(x)
 
 
 class RMSNorm(nn.Module):
@@ -160,6 +165,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(self.layer_class(g, self.tp) for _ in range(g.num_layers))
         self.norm = RMSNorm(g.hidden_size, g.rms_norm_eps)
         self.lm_head = None if g.tie_word_embeddings else nn.Linear(g.hidden_size, g.vocab_size, bias=False)
+        self.tied_head: QuantLinear | None = None   # the LM head over a tied embedding's GGUF blocks
         self.rope: RotaryEmbedding | None = None  # set by the loader once the model is on its device
 
     def setup_rope(self, max_positions: int, device: torch.device) -> None:
@@ -177,8 +183,10 @@ class LlamaModel(nn.Module):
         return self.embed_tokens(input_ids)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return dense(hidden, weight).float()
+        head = self.lm_head if self.lm_head is not None else self.tied_head
+        if head is None:
+            return dense(hidden, self.embed_tokens.weight).float()
+        return _apply(head, hidden).float()
 
     # -- weights ------------------------------------------------------------------------------
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -195,7 +203,9 @@ class LlamaModel(nn.Module):
             "up_proj": ("gate_up_proj", g.intermediate_size, g.intermediate_size),
         }
         filled: dict[str, int] = {}
+        blocks: dict[str, list[tuple[int, QuantBlocks]]] = {}   # parameter -> (first row, GGUF blocks)
         for stored, tensor in tensors:
+            part = getattr(tensor, "gguf_blocks", None)
             name = stored.removeprefix("model.")
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: some checkpoints still ship a copy
@@ -212,6 +222,7 @@ class LlamaModel(nn.Module):
                 axis = Shard.axis(parts[-2]) if parts[-1] == "weight" else 0
                 if span is not None and (parts[-1] == "weight" or Shard.axis(parts[-2]) == 0):
                     tensor = tensor.narrow(axis, span[0], span[1] - span[0])
+                    part = part and part.narrow(axis, span[0], span[1] - span[0])
             target, offset, size = name, 0, None
             if len(parts) >= 2 and parts[-2] in fused:
                 new, offset, size = fused[parts[-2]]
@@ -219,7 +230,10 @@ class LlamaModel(nn.Module):
             if target not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no place in the model")
             param = params[target]
-            tensor = self._convert(target, tensor)
+            converted = self._convert(target, tensor)
+            if part is not None and converted is tensor:
+                blocks.setdefault(target, []).append((offset, part))
+            tensor = converted
             with torch.no_grad():
                 dest = param if size is None else param.narrow(0, offset, size)
                 if dest.shape != tensor.shape:
@@ -229,6 +243,32 @@ class LlamaModel(nn.Module):
         missing = [n for n, p in params.items() if filled.get(n, 0) != p.numel()]
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        self._keep_blocks(params, blocks)
+
+    def _keep_blocks(self, params: dict[str, nn.Parameter], blocks: dict[str, list[tuple[int, QuantBlocks]]]) -> None:
+        """Dense layers whose weight arrived whole as GGUF blocks of one format become
+        ``QuantLinear`` s over them, their float32 weight dropped; a tied embedding's blocks become
+        ``tied_head`` (the lookup keeps the float32 table). The others keep the float32 path."""
+        kept = 0
+        for target, parts in blocks.items():
+            param = params[target]
+            whole = QuantBlocks.cat(parts, param.shape[0])
+            if whole is None or whole.cols != param.shape[1] or param.device.type != "cpu" or param.dtype != torch.float32:
+                continue
+            if target == "embed_tokens.weight":
+                if self.lm_head is None:
+                    self.tied_head = QuantLinear(whole, None)
+                    kept += 1
+                continue
+            owner, _, attr = target.rpartition(".")
+            layer = self.get_submodule(owner)
+            if attr != "weight" or not isinstance(layer, nn.Linear):
+                continue
+            parent, _, child = owner.rpartition(".")
+            self.get_submodule(parent).register_module(child, QuantLinear(whole, layer.bias))
+            kept += 1
+        if kept:
+            log.info("%d dense layers run on their GGUF blocks (quant_dense, %s)", kept, isa_name())
 
     def _convert(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """A checkpoint tensor in the form this model's parameter holds (as is, here)."""
