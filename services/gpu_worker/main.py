@@ -74,7 +74,8 @@ def build_runner(config: NeoConfig, rank: int = 0, init_method: str = "") -> tup
         raise ConfigError(f"--max-model-len {max_len} exceeds the model's context length {trained}")
     tp = TensorParallel(shard, device)
     tp.init_group(init_method, _GROUP_TIMEOUT_S)
-    model = load_model(source, max_len, device, dtype, config.model.seed, tp)
+    # GPU emulation times the float32 model (its roofline counts the layers' parameters)
+    model = load_model(source, max_len, device, dtype, config.model.seed, tp, gguf_blocks=not config.device.emulate_gpu)
     g = model.geometry
     kv_name = config.cache.resolve_kv_dtype(str(dtype).removeprefix("torch."), config.offload_enabled)
     kv_dtype = DTYPES[kv_name]
