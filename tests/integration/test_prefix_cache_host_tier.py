@@ -13,25 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 
-import httpx
 import pytest
 
 from support.cost_tables import synthetic
+from support.prefix_cache import chat, uncached_then_cached
 
 pytestmark = pytest.mark.integration
 
-MODEL = "smollm2-135m-instruct"
 SYSTEMS = [f"You are the assistant of the {name} office. Answer in one short sentence. Never invent numbers. "
            f"Opening hours are nine to five on weekdays. The {name} office handles parcels and letters. " * 2
            for name in ("harbour", "airport", "station")]
 TURNS = ["Where is my parcel?", "And when will it arrive?", "Can I pick it up myself?"]
-
-
-def chat(url: str, messages: list[dict]) -> str:
-    resp = httpx.post(url + "/v1/chat/completions", timeout=120, json={
-        "model": MODEL, "messages": messages, "max_tokens": 12, "temperature": 0})
-    assert resp.status_code == 200, resp.text
-    return resp.json()["choices"][0]["message"]["content"]
 
 
 def conversations(url: str) -> list[list[str]]:
@@ -42,17 +34,9 @@ def conversations(url: str) -> list[list[str]]:
     for question in TURNS:
         for i, messages in enumerate(history):
             messages.append({"role": "user", "content": question})
-            answers[i].append(chat(url, messages))
+            answers[i].append(chat(url, messages, max_tokens=12))
             messages.append({"role": "assistant", "content": answers[i][-1]})
     return answers
-
-
-def value(url: str, name: str, **labels: str) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + "{") and want in line or line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise KeyError(name)
 
 
 def tables(path: str, slow_prefill: bool) -> str:
@@ -70,17 +54,14 @@ def test_host_tier_hits_give_the_answers_an_uncached_replica_gives(mode, replica
               "--calibrate-pipeline", "false",
               "--num-gpu-blocks", "24" if mode == "auto" else "64",
               "--cost-tables", tables(str(tmp_path / "tables.json"), slow_prefill=mode == "full")]
-    plain = replica_factory(*common, "--enable-prefix-caching", "false")
-    expected = conversations(plain.url)
-    plain.stop()
-    cached = replica_factory(*common)
+    expected, cached = uncached_then_cached(replica_factory, common, conversations)
     assert conversations(cached.url) == expected
-    host_hits = value(cached.url, "neo:prefix_cache_hits_total", tier="host")
-    promoted = value(cached.url, "neo:prefix_cache_promoted_bytes_total")
+    host_hits = cached.metric("neo:prefix_cache_hits_total", tier="host")
+    promoted = cached.metric("neo:prefix_cache_promoted_bytes_total")
     assert host_hits > 0, "later turns found their history in the host tier"
     if mode == "auto":
-        assert value(cached.url, "neo:prefix_cache_demoted_bytes_total") > 0, "evicted GPU blocks were demoted"
+        assert cached.metric("neo:prefix_cache_demoted_bytes_total") > 0, "evicted GPU blocks were demoted"
         assert promoted > 0, "and swapped back in"
     else:
         assert promoted == 0, "CPU-resident requests attend the host blocks where they are"
-    assert value(cached.url, "vllm:num_requests_running") == 0
+    assert cached.metric("vllm:num_requests_running") == 0

@@ -74,10 +74,12 @@ class Replica:
         with open(self.log_path, "rb") as f:
             return b"\n".join(f.read().splitlines()[-n:]).decode(errors="replace")
 
-    def metric(self, name: str) -> float:
+    def metric(self, name: str, **labels: str) -> float:
+        """The first sample of ``name`` on /metrics that carries ``labels`` (any, when none are given)."""
+        want = [f'{k}="{v}"' for k, v in labels.items()]
         text = httpx.get(self.url + "/metrics", timeout=10).text
         for line in text.splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
+            if line.startswith(name + "{") and all(w in line for w in want) or line.startswith(name + " "):
                 return float(line.rsplit(" ", 1)[1])
         raise KeyError(name)
 
