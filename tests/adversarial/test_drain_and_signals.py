@@ -17,7 +17,7 @@ import time
 import httpx
 import pytest
 
-from support.replica import descendants, http_status, pid_alive, serve_port_flags, wait_until
+from support.replica import descendants, http_status, pid_alive, reap, serve_port_flags, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -170,9 +170,7 @@ def test_kill_9_of_the_launcher_takes_children_and_segments(replica_factory):
             [p for p in children if pid_alive(p)]
         assert wait_until(lambda: not any(os.path.exists(s) for s in segments), 5), segments
     finally:   # what the launcher's death left behind is this test's to remove
-        for pid in children:
-            if pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        reap(None, children)
         for path in segments:
             if wait_until(lambda: not any(pid_alive(p) for p in children), 5) and os.path.exists(path):
                 os.unlink(path)
@@ -205,12 +203,7 @@ def test_sigint_stops_every_child_although_the_launcher_inherited_it_ignored(tmp
         assert wait_until(lambda: not any(pid_alive(p) for p in children), 15)
         assert _log_faults(log_path) == []
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pid in children:
-            if pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        reap(proc, children)
 
 
 def test_sigterm_to_every_process_at_once_as_kubernetes_does(replica_factory):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 
@@ -12,7 +10,7 @@ import zmq
 
 from neo_common.procs import descendants, pid_alive
 from neo_common.protocol import Hello, Shutdown, WorkerReady, decode
-from support.replica import wait_until
+from support.replica import reap, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -47,12 +45,7 @@ def test_shutdown_reaches_the_follower_and_both_ranks_exit_cleanly(tmp_path):
         text = (tmp_path / "worker.log").read_text(errors="replace")
         assert "Traceback" not in text, text[-2000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pid in tree:
-            if pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        reap(proc, tree)
         sock.close(0)
         ctx.term()
         log.close()

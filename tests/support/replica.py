@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Iterable
 
 import httpx
 
@@ -21,6 +22,17 @@ def wait_until(cond, timeout: float, step: float = 0.1) -> bool:
             return True
         time.sleep(step)
     return False
+
+
+def reap(proc: subprocess.Popen | None, pids: Iterable[int]) -> None:
+    """What a test leaves behind: ``proc`` killed (and waited for) if it still runs, then each of
+    ``pids`` (its process tree, taken while it ran) that outlived it, by SIGKILL."""
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pid in pids:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def http_status(url: str) -> int:
@@ -90,9 +102,6 @@ class Replica:
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for pid in tree:
-            if pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
+                pass   # reap kills it
+        reap(self.proc, tree)
         self.log.close()
