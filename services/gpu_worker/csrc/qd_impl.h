@@ -20,9 +20,10 @@
 namespace neo_qd {
 
 constexpr int kRowTile = 4;      // weight rows per one-row step
-constexpr int kColTile = 4;      // weight rows per buffered tile
-constexpr int kRowGroup = 3;     // activation rows per micro-kernel call (4 x 3 accumulators)
-constexpr int kChunk = 512;      // values of K per buffered tile (4 x 512 floats: 8 KiB)
+constexpr int kColTile = 3;      // weight rows per buffered tile
+constexpr int kRowGroup = 3;     // activation rows per micro-kernel call: 3 x 3 accumulators, 3 weight
+                                 // vectors, an activation vector (4 x 3 or 3 x 4 spill out of 16 registers)
+constexpr int kChunk = 512;      // values of K per buffered tile (3 x 512 floats: 6 KiB)
 constexpr int kRowsPerPass = 64; // activation rows per pass over W (accumulators: 4 x 64 x 8 floats)
 
 template <class S>
@@ -70,8 +71,10 @@ struct Kernel {
   static void micro_rows(const float* wbuf, int kc, const float* x, int64_t ldx, float* acc, int mc) {
     int i = 0;
     for (; i + kRowGroup <= mc; i += kRowGroup) micro<NR, kRowGroup>(wbuf, kc, x + i * ldx, ldx, acc + i * 8, kRowsPerPass);
-    if (mc - i == 2) micro<NR, 2>(wbuf, kc, x + i * ldx, ldx, acc + i * 8, kRowsPerPass);
-    if (mc - i == 1) micro<NR, 1>(wbuf, kc, x + i * ldx, ldx, acc + i * 8, kRowsPerPass);
+    switch (mc - i) {
+      case 2: micro<NR, 2>(wbuf, kc, x + i * ldx, ldx, acc + i * 8, kRowsPerPass); break;
+      case 1: micro<NR, 1>(wbuf, kc, x + i * ldx, ldx, acc + i * 8, kRowsPerPass); break;
+    }
   }
 
   template <int FMT>
@@ -97,7 +100,6 @@ struct Kernel {
           }
           const float* x = p.x + m0 * p.ldx + k0;
           switch (nr) {
-            case 4: micro_rows<4>(wbuf, kc, x, p.ldx, acc, mc); break;
             case 3: micro_rows<3>(wbuf, kc, x, p.ldx, acc, mc); break;
             case 2: micro_rows<2>(wbuf, kc, x, p.ldx, acc, mc); break;
             default: micro_rows<1>(wbuf, kc, x, p.ldx, acc, mc); break;
