@@ -166,3 +166,17 @@ def test_the_embedded_model_runs_its_dense_layers_and_head_on_the_blocks(smollm2
     check_close(quant.layers[3].mlp.gate_up_proj(x), f32.layers[3].mlp.gate_up_proj.weight, x)
     # q/k rows were un-permuted with their blocks (llama.cpp's RoPE order) and q/k/v fused in order
     check_close(quant.layers[5].self_attn.qkv_proj(x), f32.layers[5].self_attn.qkv_proj.weight, x)
+
+
+def test_without_the_native_module_the_model_loads_dequantized_with_one_log_line(monkeypatch, caplog):
+    from neo_common.config import ModelConfig
+    from neo_common.model_source import resolve
+    from neo_gpu_worker.loader import load_model
+
+    monkeypatch.setattr(qd, "_native", None)
+    with caplog.at_level("INFO", logger="neo_gpu_worker.loader"):
+        model = load_model(resolve(ModelConfig()), 64, torch.device("cpu"), torch.float32)
+    assert not any(isinstance(m, qd.QuantLinear) for m in model.modules())
+    assert sum("_quant_dense is not built" in r.getMessage() for r in caplog.records) == 1
+    hidden = torch.randn(2, model.geometry.hidden_size)
+    assert model.compute_logits(hidden).shape == (2, model.geometry.vocab_size)
