@@ -9,8 +9,8 @@ bias) and Qwen3 (RMSNorm over each head's q and k, no bias): the differences are
 Weights arrive as Hugging Face names (whatever the file format) and are fused on load: q/k/v into
 one ``qkv_proj`` and gate/up into one ``gate_up_proj``, so a layer runs four matmuls. A tensor that
 carries GGUF blocks (the loader's, on the CPU device in float32) leaves its dense layer as a
-``quant_dense.QuantLinear`` over the blocks (fused layers stack their parts' block rows), and a
-tied embedding's blocks become the LM head (``tied_head``). Under tensor
+``quant_dense.QuantLinear`` over the blocks (fused layers stack their parts' block rows); the
+embedding looks rows up in its blocks, and a tied one's blocks are the LM head (``tied_head``). Under tensor
 parallelism (``neo_common.tensor_parallel``) the model is built from the rank's local geometry, the
 loader keeps the rank's slice of each full tensor, and the O-projection and MLP outputs are
 all-reduced over the ranks.
@@ -32,7 +32,7 @@ from neo_gpu_worker import ops
 from neo_gpu_worker.dense import dense
 from neo_gpu_worker.fp8 import FP8_TYPES, Fp8Linear
 from neo_gpu_worker.fp8_weights import fp8_stream
-from neo_gpu_worker.quant_dense import QuantBlocks, QuantLinear, isa_name
+from neo_gpu_worker.quant_dense import QuantBlocks, QuantEmbedding, QuantLinear, isa_name
 from neo_gpu_worker.attention import AttentionMetadata, paged_attention
 from neo_gpu_worker.parallel import TensorParallel
 from neo_gpu_worker.rope import RotaryEmbedding
@@ -247,17 +247,18 @@ class LlamaModel(nn.Module):
 
     def _keep_blocks(self, params: dict[str, nn.Parameter], blocks: dict[str, list[tuple[int, QuantBlocks]]]) -> None:
         """Dense layers whose weight arrived whole as GGUF blocks of one format become
-        ``QuantLinear`` s over them, their float32 weight dropped; a tied embedding's blocks become
-        ``tied_head`` (the lookup keeps the float32 table). The others keep the float32 path."""
+        ``QuantLinear`` s over them, their float32 weight dropped; an embedding's blocks become a
+        ``QuantEmbedding`` and, tied, ``tied_head``. The others keep the float32 path."""
         kept = 0
         for target, parts in blocks.items():
             param = params[target]
             whole = QuantBlocks.cat(parts, param.shape[0])
             if whole is None or whole.cols != param.shape[1] or param.device.type != "cpu" or param.dtype != torch.float32:
                 continue
-            if target == "embed_tokens.weight":
+            if target == "embed_tokens.weight":   # the lookup dequantizes the rows it reads
+                self.embed_tokens = QuantEmbedding(whole)
                 if self.lm_head is None:
-                    self.tied_head = QuantLinear(whole, None)
+                    self.tied_head = QuantLinear(whole, None)   # the same blocks, not a copy
                     kept += 1
                 continue
             owner, _, attr = target.rpartition(".")

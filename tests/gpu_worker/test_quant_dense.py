@@ -157,8 +157,11 @@ def test_the_embedded_model_runs_its_dense_layers_and_head_on_the_blocks(smollm2
                             layer.mlp.down_proj):
             assert isinstance(dense_layer, qd.QuantLinear) and dense_layer.blocks.fmt == qd.BlockFormat.Q4_1
     assert quant.tied_head.blocks.fmt == qd.BlockFormat.Q8_0 and f32.tied_head is None
+    assert isinstance(quant.embed_tokens, qd.QuantEmbedding) and quant.embed_tokens.blocks is quant.tied_head.blocks
+    ids = torch.tensor([0, 17, 49151, 17])
+    assert torch.equal(quant.embed(ids), f32.embed(ids))   # the same float32 values as the dequantized table
     assert not isinstance(f32.layers[0].mlp.down_proj, qd.QuantLinear)
-    assert weight_bytes(quant) < 0.4 * weight_bytes(f32)
+    assert weight_bytes(quant) < 0.25 * weight_bytes(f32)
     # the same hidden states in: the head's logits within the kernel's bound of the float32 head's
     hidden = torch.randn(3, quant.geometry.hidden_size)
     check_close(quant.compute_logits(hidden), f32.embed_tokens.weight, hidden)
