@@ -75,6 +75,14 @@ class QuantBlocks:
     fmt: BlockFormat
     data: torch.Tensor
 
+    def __post_init__(self) -> None:
+        # the native kernel reads raw addresses: the layout must be exactly this
+        d = self.data
+        if (d.dtype != torch.uint8 or d.dim() != 3 or d.shape[2] != self.fmt.block_bytes or d.device.type != "cpu"
+                or not d.is_contiguous()):
+            raise ValueError(f"{self.fmt.name} blocks must be contiguous uint8 [rows, cols/32, "
+                             f"{self.fmt.block_bytes}] on the CPU, got {d.dtype} {tuple(d.shape)}")
+
     @property
     def rows(self) -> int:
         return self.data.shape[0]

@@ -183,3 +183,12 @@ def test_without_the_native_module_the_model_loads_dequantized_with_one_log_line
     assert sum("_quant_dense is not built" in r.getMessage() for r in caplog.records) == 1
     hidden = torch.randn(2, model.geometry.hidden_size)
     assert model.compute_logits(hidden).shape == (2, model.geometry.vocab_size)
+
+
+def test_blocks_in_any_other_layout_are_refused_before_the_kernel_reads_them():
+    qb, _ = make(qd.BlockFormat.Q8_0, 8, 64)
+    for bad in (qb.data.to(torch.int8), qb.data.reshape(8, -1), qb.data[:, :, :20], qb.data.transpose(0, 1)):
+        with pytest.raises(ValueError, match="Q8_0 blocks must be contiguous uint8"):
+            qd.QuantBlocks(qd.BlockFormat.Q8_0, bad)
+    with pytest.raises(ValueError, match="Q4_1 blocks"):   # Q8_0's 34-byte blocks read as Q4_1's 20
+        qd.QuantBlocks(qd.BlockFormat.Q4_1, qb.data)
