@@ -112,7 +112,8 @@ class SchedulerConfig(Settings):
     async_scheduling: bool = option(True, "schedule the next decode step while the worker runs this one (its "
                                           "tokens are fed on the device), so the GPU does not wait for the "
                                           "gateway; steady GPU decoding only")
-    swap_in_threshold: float = option(0.95, "swap CPU requests back in only below this GPU KV use")
+    swap_in_threshold: float = option(0.95, "swap CPU requests back in while GPU KV use, with their blocks, "
+                                            "stays at or below this")
     host_prefix_cache_fraction: float = option(1.0, "with prefix caching and a host KV pool: the share of the host "
                                                      "pool that may keep cached blocks no request holds (blocks the "
                                                      "GPU pool evicts, and CPU-resident requests' blocks); requests "
