@@ -33,7 +33,9 @@ def sse_event(value: Any) -> bytes:
 
 class FastJSONResponse(JSONResponse):
     """Starlette's JSONResponse (compact, UTF-8) rendered by orjson where it can. (A NaN becomes
-    ``null`` where Starlette raised; the responses carry none: logprobs are floored at -9999.)"""
+    ``null`` where Starlette raised; the responses carry none: logprobs are floored at -9999.)
+    What orjson refuses is written ASCII-only by the standard library: Starlette's own render
+    (``ensure_ascii=False``, then UTF-8) raises on a lone surrogate, which ``\\ud800`` escapes carry."""
 
     def render(self, content: Any) -> bytes:
         if orjson is not None:
@@ -41,4 +43,4 @@ class FastJSONResponse(JSONResponse):
                 return orjson.dumps(content)
             except TypeError:
                 pass
-        return super().render(content)
+        return json.dumps(content, separators=(",", ":")).encode()
