@@ -40,7 +40,7 @@ def calls(found):
 
 @pytest.mark.parametrize("text,content,expected", [
     (HERMES_ONE, None, [("get_weather", {"city": "Paris", "unit": "c"})]),
-    (HERMES_TWO, "I will check both.", [("get_weather", {"city": "Oslo"}), ("get_time", {"zone": "CET"})]),
+    (HERMES_TWO, "I will check both.\n", [("get_weather", {"city": "Oslo"}), ("get_time", {"zone": "CET"})]),
     (HERMES_UNCLOSED, None, [("ping", {})]),
     ("The weather is fine.", "The weather is fine.", []),
     ('<tool_call>\n{"name": "get_weather", "arguments": {"city": }\n</tool_call>', None, None),   # malformed
@@ -117,7 +117,7 @@ def test_the_required_grammar_admits_calls_of_the_tools_only():
 def test_messages_and_finish_reasons():
     auto = ToolOutput.for_request(ToolRequest.from_fields([WEATHER, TIME], "auto", None), "hermes")
     message, reason = auto.message(HERMES_TWO, "stop")
-    assert reason == "tool_calls" and message["content"] == "I will check both."
+    assert reason == "tool_calls" and message["content"] == "I will check both.\n"   # as streamed, as vLLM
     assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_weather", "get_time"]
     assert auto.message("Plain words.", "stop") == ({"role": "assistant", "content": "Plain words."}, "stop")
     assert auto.message(HERMES_ONE, "length")[1] == "length"
@@ -150,17 +150,18 @@ def _stream(tool_out, pieces):
 
 def test_a_stream_sends_content_as_it_comes_and_the_calls_as_they_are_written():
     auto = ToolOutput.for_request(ToolRequest.from_fields([WEATHER, TIME], "auto", None), "hermes")
-    pieces = ["I will ", "check both.\n<tool", "_call>\n{\"name\": \"get_weather\", ", HERMES_TWO[len("I will check both.\n<tool_call>\n{\"name\": \"get_weather\", "):]]
+    head = 'I will check both.\n<tool_call>\n{"name": "get_weather", "arguments": {'
+    pieces = ["I will ", "check both.\n<tool", head[len("I will check both.\n<tool"):], HERMES_TWO[len(head):]]
     assert "".join(pieces) == HERMES_TWO
     steps = _stream(auto, pieces)
     sent = "".join(s["delta"].get("content", "") for s in steps)
     assert steps[0]["delta"] == {"content": "I will "} and steps[1]["delta"] == {"content": "check both.\n"}
-    assert sent.strip() == "I will check both." and "<tool" not in sent
-    named = steps[2]["delta"]["tool_calls"]   # the name is complete, its arguments not begun
+    assert sent == "I will check both.\n"
+    named = steps[2]["delta"]["tool_calls"]   # the name is complete, its arguments begun as an object
     assert [(t["index"], t["type"], t["function"]) for t in named] == [(0, "function", {"name": "get_weather",
-                                                                                        "arguments": ""})]
+                                                                                        "arguments": "{"})]
     rest = steps[3]["delta"]["tool_calls"]
-    assert rest[0] == {"index": 0, "function": {"arguments": '{"city": "Oslo"}'}}
+    assert rest[0] == {"index": 0, "function": {"arguments": '"city": "Oslo"}'}}
     assert (rest[1]["index"], rest[1]["function"]["name"]) == (1, "get_time") and rest[1]["id"] != named[0]["id"]
     assert steps[3]["finish_reason"] == "tool_calls"
     plain = _stream(ToolOutput.for_request(ToolRequest.from_fields([WEATHER], "auto", None), "llama3_json"),

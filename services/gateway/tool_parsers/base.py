@@ -35,10 +35,10 @@ class ToolCall:
         if isinstance(arguments, str):   # some models write the arguments as a JSON string
             try:
                 arguments = json.loads(arguments)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 return None
-        if arguments is None:
-            arguments = {}
+        if arguments is None:   # null, or the string "null": no arguments
+            arguments, text = {}, "{}"
         if not isinstance(arguments, dict):
             return None
         return cls(name, text if text is not None else json.dumps(arguments, ensure_ascii=False))
@@ -60,20 +60,36 @@ class ExtractedToolCalls:
     calls: list[ToolCall]
 
 
+class CallScanner:
+    """The calls of one growing output as far as written: :meth:`drafts` is called with the whole
+    text so far (each time longer) and reads only what was written since; ``scanned``: the
+    characters it has read in all."""
+
+    scanned: int
+
+    def drafts(self, text: str) -> list[CallDraft]:
+        raise NotImplementedError
+
+
 class ToolParser:
     """Finds tool calls in a model's whole output (:meth:`extract`) and, while it streams, how much
     of it is surely plain content (:meth:`content_end`: text from there on may still turn out to
-    be a tool call, so it is held back) and the calls as far as written (:meth:`drafts`, whose
-    arguments grow to the text :meth:`extract` returns for a well-formed call)."""
+    be a tool call, so it is held back) and the calls as far as written (a :meth:`scanner` per
+    output, whose drafts' arguments grow to the text :meth:`extract` returns for a valid call)."""
 
     def extract(self, text: str) -> ExtractedToolCalls:
         raise NotImplementedError
 
-    def content_end(self, text: str) -> int:
+    def content_end(self, text: str, start: int = 0) -> int:
+        """``start``: how much of ``text`` already went out as content (no call starts before it)."""
+        raise NotImplementedError
+
+    def scanner(self) -> CallScanner:
         raise NotImplementedError
 
     def drafts(self, text: str) -> list[CallDraft]:
-        raise NotImplementedError
+        """The calls in ``text`` as far as written, scanned at once."""
+        return self.scanner().drafts(text)
 
 
 def held_prefix(text: str, marker: str) -> int:

@@ -7,8 +7,9 @@ import json
 from typing import Callable
 
 from neo_gateway.param_error import ParamError
-from neo_gateway.tool_parsers.base import CallDraft, ExtractedToolCalls, ToolCall, ToolParser
-from neo_gateway.tool_parsers.partial_json import PartialCall, drafts_of, scan_sequence
+from neo_gateway.tool_parsers.base import CallDraft, CallScanner, ExtractedToolCalls, ToolCall, ToolParser
+from neo_gateway.tool_parsers.call_sequence import SequenceCallScanner
+from neo_gateway.tool_parsers.partial_json import loads_first_wins, skip_space
 from neo_gateway.tool_parsers.registry import parser_for
 from neo_gateway.tool_parsers.choice import ToolChoiceMode, ToolRequest
 
@@ -24,6 +25,7 @@ class ToolOutput:
     - ``_calls``: per choice index, the calls streamed so far (:class:`_SentCall`): each is sent
       as vLLM streams them, its ``id``, ``type`` and ``function.name`` first, then its
       ``function.arguments`` in pieces as the model writes them.
+    - ``_scanners``: per choice index, the scanner of its calls (it reads each chunk's text once).
     """
 
     def __init__(self, request: ToolRequest, parser: ToolParser | None) -> None:
@@ -31,6 +33,7 @@ class ToolOutput:
         self._text: dict[int, str] = {}
         self._sent: dict[int, int] = {}
         self._calls: dict[int, list[_SentCall]] = {}
+        self._scanners: dict[int, CallScanner] = {}
 
     @classmethod
     def for_request(cls, request: ToolRequest, parser_name: str) -> "ToolOutput":
@@ -51,11 +54,11 @@ class ToolOutput:
             return ExtractedToolCalls(None, [ToolCall(self.request.named, text)])
         if mode is ToolChoiceMode.REQUIRED:
             try:
-                parsed = json.loads(text)
-                raw = [c.arguments(text) for c in _required_calls(text)]
+                parsed = loads_first_wins(text)
+                raw = [c.arguments(text) for c in _RequiredScanner().calls(text)]
                 raw = raw if len(raw) == len(parsed) else [None] * len(parsed)
                 calls = [ToolCall.of(c.get("name"), c.get("parameters"), r) for c, r in zip(parsed, raw)]
-            except (json.JSONDecodeError, AttributeError, TypeError):
+            except (json.JSONDecodeError, RecursionError, AttributeError, TypeError):
                 return ExtractedToolCalls(text, [])   # cut short by max_tokens: what was written stays text
             return ExtractedToolCalls(None, [c for c in calls if c is not None])
         if mode is ToolChoiceMode.AUTO and self.parser is not None:
@@ -106,18 +109,23 @@ class ToolOutput:
             return made
         return wrapped
 
-    def drafts(self, text: str, finished: bool) -> list[CallDraft]:
-        """The calls in ``text`` as far as written, by the mode: the named function's arguments are
-        the whole text; ``required`` writes an array of calls; ``auto``: the parser's."""
+    def scanner(self) -> CallScanner | None:
+        """A scanner of one output's calls as far as written, by the mode (None: named, whose
+        arguments are the whole text): ``required`` writes an array of calls; ``auto``: the parser's."""
         mode = self.request.mode
-        if mode is ToolChoiceMode.NAMED:
-            return [CallDraft(self.request.named, text)]
         if mode is ToolChoiceMode.REQUIRED:
-            drafts = drafts_of(text, _required_calls(text))
-        elif mode is ToolChoiceMode.AUTO and self.parser is not None:
-            drafts = self.parser.drafts(text)
-        else:
-            drafts = []
+            return _RequiredScanner()
+        if mode is ToolChoiceMode.AUTO and self.parser is not None:
+            return self.parser.scanner()
+        return _NoCalls() if mode is not ToolChoiceMode.NAMED else None
+
+    def _drafts(self, index: int, text: str) -> list[CallDraft]:
+        if self.request.mode is ToolChoiceMode.NAMED:
+            return [CallDraft(self.request.named, text)]
+        scanner = self._scanners.get(index)
+        if scanner is None:
+            scanner = self._scanners[index] = self.scanner()
+        drafts = scanner.drafts(text)
         return drafts if self.request.parallel else drafts[:1]
 
     def _step(self, index: int, text: str, finished: bool, reason: str | None) -> tuple[dict, str | None]:
@@ -125,23 +133,38 @@ class ToolOutput:
         self._text[index] = whole
         sent = self._sent.get(index, 0)
         if not finished:
-            end = self.parser.content_end(whole) if self.request.mode is ToolChoiceMode.AUTO and self.parser else 0
+            end = self.parser.content_end(whole, sent) \
+                if self.request.mode is ToolChoiceMode.AUTO and self.parser else 0
             self._sent[index] = max(sent, end)
             delta = {"content": whole[sent:end]} if end > sent else {}
-            calls = self._call_deltas(index, self.drafts(whole, False))
+            calls = self._call_deltas(index, self._drafts(index, whole))
             if calls:
                 delta["tool_calls"] = calls
             return delta, None
         found = self.extract(whole)
+        final = [CallDraft(c.name, c.arguments) for c in found.calls]
         delta: dict = {}
-        rest = (found.content or "")[sent:] if found.content is not None and found.content.startswith(whole[:sent]) \
-            else ""
-        if rest:
-            delta["content"] = rest
-        calls = self._call_deltas(index, [CallDraft(c.name, c.arguments) for c in found.calls], found.calls)
+        if not self._continues(index, final):
+            # A call already streamed turned out not to be one (cut short, a trailing comma, text
+            # after it...): it cannot be taken back (vLLM's streaming parsers cannot either), so the
+            # stream ends it as scanned, and the text it was written in is not sent as content too.
+            calls = self._call_deltas(index, self._drafts(index, whole))
+            reason = TOOL_CALLS if reason == "stop" else reason
+        else:
+            content = found.content or ""
+            if content.startswith(whole[:sent]) and len(content) > sent:
+                delta["content"] = content[sent:]
+            calls = self._call_deltas(index, final, found.calls)
+            reason = self.finish_reason(found, reason)
         if calls:
             delta["tool_calls"] = calls
-        return delta, self.finish_reason(found, reason)
+        return delta, reason
+
+    def _continues(self, index: int, final: list[CallDraft]) -> bool:
+        """Whether the calls a stream sent are the start of ``final``'s (same names, arguments prefixes)."""
+        sent = self._calls.get(index, [])
+        return len(sent) <= len(final) and all(
+            s.name == f.name and f.arguments.startswith(s.arguments) for s, f in zip(sent, final))
 
     def _call_deltas(self, index: int, drafts: list[CallDraft], final: list[ToolCall] | None = None) -> list[dict]:
         """What the client has not seen of ``drafts``: a call's first delta once its name is known
@@ -159,7 +182,8 @@ class ToolOutput:
                             "function": {"name": draft.name, "arguments": draft.arguments}})
                 continue
             done = sent[k]
-            if draft.arguments.startswith(done.arguments) and len(draft.arguments) > len(done.arguments):
+            if len(draft.arguments) > len(done.arguments) and draft.name == done.name \
+                    and draft.arguments.startswith(done.arguments):
                 out.append({"index": k, "function": {"arguments": draft.arguments[len(done.arguments):]}})
                 done.arguments = draft.arguments
         return out
@@ -174,11 +198,28 @@ class _SentCall:
     arguments: str
 
 
-def _required_calls(text: str) -> list[PartialCall]:
-    """The call objects of ``required``'s array (``[{"name": ..., "parameters": {...}}, ...]``)."""
-    at = len(text) - len(text.lstrip())
+def _array_start(text: str) -> int | None:
+    """Where ``required``'s first call object may start (after ``[``); None: not an array (yet)."""
+    at = skip_space(text, 0)
     if not text.startswith("[", at):
+        return None
+    return skip_space(text, at + 1)
+
+
+class _RequiredScanner(SequenceCallScanner):
+    """The calls of ``required``'s array (``[{"name": ..., "parameters": {...}}, ...]``) as far as
+    written; a call :meth:`ToolOutput.extract` would leave out (its parameters not an object) is
+    left out here too, so that the calls' indices are the same."""
+
+    args_keys, separators, skip_invalid = ("parameters",), ",", True
+
+    def start(self, text: str) -> int | None:
+        return _array_start(text)
+
+
+class _NoCalls(CallScanner):
+    scanned = 0
+
+    def drafts(self, text: str) -> list[CallDraft]:
         return []
-    at += 1
-    at += len(text[at:]) - len(text[at:].lstrip())
-    return scan_sequence(text, at, ("parameters",), ",")
+
