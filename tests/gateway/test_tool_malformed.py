@@ -34,6 +34,7 @@ SAME = [
     # required leaves out a call whose parameters are not an object: the next keeps index 0
     ("hermes", "required", '[{"name": "note", "parameters": "abc"}, {"name": "get_weather", "parameters": {"city": "x"}}]'),
     ("hermes", "required", '[{"name": "note", "parameters": 5}, {"name": "get_time", "parameters": {"zone": "CET"}}]'),
+    ("hermes", "required", '[{"parameters": {}}, {"name": "get_time", "parameters": {"zone": "CET"}}]'),   # no name
     # a key written twice: the first value wins in the stream and in the whole response
     ("hermes", "auto", '<tool_call>{"name": "get_weather", "arguments": {"a": 1}, "name": "get_time"}</tool_call>'),
     ("hermes", "auto", '<tool_call>{"name": "ping", "arguments": {"a": 1}, "arguments": {"b": 2}}</tool_call>'),
@@ -81,6 +82,13 @@ def test_a_call_streamed_before_it_turned_out_malformed(parser, choice, text, re
     for at in range(0, len(text) + 1, max(1, len(text) // 50)):
         got, got_calls, _ = _accumulate(_stream(parser, choice, [text[:at], text[at:]], reason))
         assert got in ("", content, text) and (got == text) == (not got_calls), "never the call as content too"
+
+
+@pytest.mark.parametrize("text", [t for _, choice, t in SAME if choice == "required"], ids=range(3))
+def test_a_call_required_leaves_out_does_not_hold_the_next_one_back(text):
+    steps = _stream("hermes", "required", list(text) + [""])
+    first = next(k for k, s in enumerate(steps) if s["delta"].get("tool_calls"))
+    assert first < len(steps) - 5 and steps[first]["delta"]["tool_calls"][0]["index"] == 0
 
 
 def test_arguments_written_as_the_string_null_are_none():

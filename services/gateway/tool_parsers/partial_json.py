@@ -58,8 +58,8 @@ class ArgsState(enum.Enum):
 class PartialCall:
     """One call object (``{"name": ..., "arguments": {...}}``) in ``text[start:]`` as far as written.
 
-    - ``name``: the name once its string is complete (the last ``name`` key's); ``bad_name``: the
-      last ``name`` key's value is not a string; ``args_start``/``args_end``: the arguments value's
+    - ``name``: the name once its string is complete (the first ``name`` key's); ``bad_name``: that
+      value is not a string; ``args_start``/``args_end``: the arguments value's
       span (``args_end`` None while it is open); ``end``: just after the closing brace (None while
       open); ``broken``: not JSON, or not the shape of a call (it can only be text, or garbage).
     """
@@ -115,7 +115,7 @@ class PartialCall:
         return draft
 
     def _draft(self, text: str) -> CallDraft | None:
-        if self.broken or self.bad_name or self.name == "":
+        if self.broken or self.bad_name or self.name == "" or (self.name is None and self.end is not None):
             return None
         state, arguments = self.args(text)
         if state is ArgsState.INVALID:
