@@ -10,7 +10,7 @@ Each ``schedule()`` call forms one iteration:
    Recompute is the GPU-only choice because without a host pool there is nowhere to swap to, and for
    the prompt lengths one GPU serves re-prefilling costs less than two PCIe trips.
 2. With no swap-out this iteration, CPU-resident requests come back (*swap in*, oldest first) while
-   GPU use stays below ``swap_in_threshold``; the band up to 100% is the hysteresis.
+   GPU use, with their blocks, stays at or below ``swap_in_threshold``; the band up to 100% is the hysteresis.
 3. Waiting requests are admitted FCFS under the token and sequence budgets and placed by
    ``Scheduler._place``: GPU first; once one goes to the CPU, the rest of the round follows (a
    request goes to the CPU only where ``offload_policy.decide`` would decode it there: ``_cpu_pays``).
