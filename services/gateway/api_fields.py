@@ -183,14 +183,17 @@ _HONOURED_NOTES: dict[str, str] = {
     "guided_grammar": "GBNF/EBNF (llama.cpp's) or Lark",
     "guided_whitespace_pattern": "JSON only: the whitespace allowed between JSON tokens (a regex)",
     "structured_outputs": "vLLM's form: one of `json`, `regex`, `choice`, `grammar`, `json_object`, "
-                          "`structural_tag`; `whitespace_pattern`",
+                          "`structural_tag`; `whitespace_pattern`, `disable_any_whitespace` (false: JSON's "
+                          "whitespace allowed), `disable_additional_properties`; `backend` auto/guidance/llguidance "
+                          "(others refused); `disable_fallback` no effect (there is no other backend)",
     "structural_tag": "vLLM's structural tag (its JSON text or the object), as `response_format` "
                       "`structural_tag`",
     "tools": "function tools, passed to the chat template as `tools`",
     "tool_choice": "`none`, `auto` (calls found by `--tool-call-parser`: `hermes` or `llama3_json`), "
                    "`required` or a named function (both enforced by a structured-output grammar); calls "
                    "come back as `tool_calls` with `finish_reason: tool_calls` (streamed as vLLM does: a "
-                   "call's `id`, `type` and `function.name` first, then its `function.arguments` in pieces "
+                   "call's `id`, `type`, `function.name` and the arguments written so far first, then its "
+                   "`function.arguments` in pieces "
                    "as the model writes them; arguments are the JSON text the model wrote); a function not "
                    "among the tools is a 400",
     "parallel_tool_calls": "false: at most one call",

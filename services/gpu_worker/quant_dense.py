@@ -3,8 +3,8 @@
 A GGUF weight stays as its raw blocks (``QuantBlocks``: 32 values per block, row-major, so a row of
 the matrix is a run of whole blocks) and the native kernel (``csrc/``, built as
 ``neo_gpu_worker._quant_dense``) dequantizes each block in registers as it multiplies. A decode step
-then reads ~7x fewer bytes than over float32 weights (Q4_1: 20 bytes per 32 values instead of 128),
-and the CPU device's decode is bound by those bytes.
+then reads ~5.6x fewer bytes than over float32 weights (Q4_1: 20 bytes per 32 values instead of 128;
+the Q8_0 head 34), and the CPU device's decode is bound by those bytes.
 
 What the kernel guarantees (``csrc/quant_dense.h`` states the order):
 
@@ -16,7 +16,7 @@ What the kernel guarantees (``csrc/quant_dense.h`` states the order):
   (``torch.get_num_threads``), which the worker sets.
 
 ``QuantLinear`` is the module that replaces an ``nn.Linear`` whose weight arrived as blocks (the
-loader decides, ``adopt``); the tied LM head runs on the embedding's blocks (``QuantHead``).
+loader decides, ``adopt``); the tied LM head runs on the embedding's blocks (``model.py``'s ``tied_head``).
 """
 
 from __future__ import annotations

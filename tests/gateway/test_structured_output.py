@@ -65,11 +65,53 @@ def test_a_schema_keeps_its_property_order_and_free_text_is_no_spec():
     ({"response_format": {"type": "json_object"}, "guided_json": SCHEMA}, "guided_json"),
     ({"structured_outputs": {"regexp": "a"}}, "structured_outputs.regexp"),
     ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag"),
-    ({"guided_whitespace_pattern": 3}, "guided_whitespace_pattern")])
+    ({"guided_whitespace_pattern": 3}, "guided_whitespace_pattern"),
+    ({"structured_outputs": {"regex": "a", "backend": "xgrammar"}}, "structured_outputs.backend"),
+    ({"structured_outputs": {"regex": "a", "_backend": "outlines"}}, "structured_outputs._backend"),
+    ({"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": "no"}},
+     "structured_outputs.disable_any_whitespace")])
 def test_malformed_fields_name_themselves(fields, param):
     with pytest.raises(ParamError) as err:
         spec_from_fields(fields)
     assert err.value.param == param
+
+
+NESTED = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"const": {"x": 1}}}},
+                                          "c": {"type": "array", "items": {"properties": {"d": {}}}},
+                                          "e": {"type": "object", "additionalProperties": True}}}
+
+
+def test_structured_outputs_options_are_honoured_not_dropped(tok):
+    """vLLM's options inside ``structured_outputs``: each has its effect (none silently ignored)."""
+    json_ = __import__("json")
+    plain = spec_from_fields({"structured_outputs": {"json": NESTED}})
+    assert plain.whitespace_pattern is None and "additionalProperties" not in json_.loads(plain.text)
+    same = spec_from_fields({"structured_outputs": {"json": NESTED, "disable_any_whitespace": True, "backend": "auto",
+                                                    "disable_fallback": True, "_backend_was_auto": True}})
+    assert same == plain   # what this server does anyway: one backend, no free whitespace
+    spaced = spec_from_fields({"structured_outputs": {"json": NESTED, "disable_any_whitespace": False}})
+    assert spaced.whitespace_pattern and spaced != plain
+    closed = json_.loads(spec_from_fields({"structured_outputs": {"json": NESTED,
+                                                                  "disable_additional_properties": True}}).text)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["a"]["additionalProperties"] is False
+    assert closed["properties"]["c"]["items"]["additionalProperties"] is False
+    assert closed["properties"]["e"]["additionalProperties"] is True              # said explicitly: kept
+    assert closed["properties"]["a"]["properties"]["b"] == {"const": {"x": 1}}    # values, not schemas
+    manager = StructuredOutputManager(tok, tok.vocab_size)
+    try:   # the matchers differ: free whitespace is allowed after "{" only when asked for
+        tight, loose = (manager.request_for(spec) for spec in (plain, spaced))
+        space = tok.encode(" ", add_special_tokens=False)[0]
+        assert tight.accept(tok.encode("{", add_special_tokens=False)[0])
+        assert loose.accept(tok.encode("{", add_special_tokens=False)[0])
+        assert loose.accept(space) and not tight.accept(space)
+        strict = manager.request_for(spec_from_fields({"structured_outputs": {
+            "json": {"type": "object", "properties": {"a": {"type": "integer"}}}, "disable_additional_properties": True}}))
+        for t in tok.encode('{"', add_special_tokens=False):
+            assert strict.accept(t)
+        assert not strict.accept(tok.encode("z", add_special_tokens=False)[0])   # only "a" may follow
+    finally:
+        manager.close()
 
 
 class CountingManager(StructuredOutputManager):

@@ -32,9 +32,13 @@ class StructuredOutputKind(str, enum.Enum):
 _SO_KINDS = {"json": StructuredOutputKind.JSON, "regex": StructuredOutputKind.REGEX,
              "choice": StructuredOutputKind.CHOICE, "grammar": StructuredOutputKind.GRAMMAR,
              "json_object": StructuredOutputKind.JSON_OBJECT, "structural_tag": StructuredOutputKind.STRUCTURAL_TAG}
-# its other keys: options we honour, and ones that only choose vLLM's own backends (no effect here)
+# its other keys: options honoured (whitespace, additional properties), the backend (llguidance: any
+# other name is refused), and what has no effect here by design (there is no other backend to fall
+# back to; vLLM's own bookkeeping flag)
 _SO_OPTIONS = {"whitespace_pattern", "disable_any_whitespace", "disable_additional_properties",
                "disable_fallback", "backend", "_backend", "_backend_was_auto"}
+_BACKENDS = (None, "auto", "guidance", "llguidance")
+_JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]+"   # JSON's own whitespace, as llguidance's flexible default
 _ANY_OBJECT = json.dumps({"type": "object"})
 
 
@@ -64,6 +68,19 @@ def _schema_text(value: Any, param: str) -> str:
     if not isinstance(value, (dict, bool)):
         raise ParamError(param, f"{param}: a JSON schema must be an object")
     return json.dumps(value)   # property order kept: the output follows it
+
+
+def _closed_objects(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on every object schema that does not say
+    (vLLM's ``disable_additional_properties``)."""
+    if isinstance(schema, list):
+        return [_closed_objects(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _closed_objects(v) if k not in ("const", "enum", "default", "examples") else v for k, v in schema.items()}
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 def _text(value: Any, param: str, what: str) -> str:
@@ -176,8 +193,21 @@ def spec_from_fields(fields: dict[str, Any]) -> StructuredOutputSpec | None:
             if value is None or (key == "json_object" and value is False):
                 continue
             found.append((f"structured_outputs.{key}", kind, value))
+        for key in ("backend", "_backend"):
+            if so.get(key) not in _BACKENDS:
+                raise ParamError(f"structured_outputs.{key}", f"structured_outputs.{key}: the grammar backend is "
+                                                              f"llguidance (auto, guidance or llguidance)")
+        for key in ("disable_any_whitespace", "disable_additional_properties", "disable_fallback"):
+            if so.get(key) is not None and not isinstance(so[key], bool):
+                raise ParamError(f"structured_outputs.{key}", f"structured_outputs.{key} must be a boolean")
         if so.get("whitespace_pattern") is not None:
             whitespace = _text(so["whitespace_pattern"], "structured_outputs.whitespace_pattern", "regex")
+        elif so.get("disable_any_whitespace") is False and whitespace is None:
+            whitespace = _JSON_WHITESPACE   # asked for explicitly: JSON with free whitespace, as vLLM's default
+        if so.get("disable_additional_properties") and found and found[-1][1] is StructuredOutputKind.JSON \
+                and found[-1][0] == "structured_outputs.json":
+            name, kind, value = found.pop()
+            found.append((name, kind, _closed_objects(json.loads(_schema_text(value, name)))))
     if len(found) > 1:
         raise ParamError(found[1][0], f"only one kind of structured output per request: {found[0][0]} and "
                                       f"{found[1][0]} were both given")
