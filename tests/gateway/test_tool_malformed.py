@@ -9,6 +9,7 @@ scanner reads each chunk's text once: its work is bounded by the text's length."
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from test_tool_streaming import _Out, _accumulate, _check, _expected, _stream, _tool_output
@@ -19,6 +20,16 @@ from neo_gateway.tool_parsers.base import ToolCall
 from neo_gateway.tool_parsers.partial_json import loads_first_wins, scan_object
 
 DEEP = '{"a": ' + "[" * 1100 + "]" * 1100 + "}"   # beyond json's recursion limit (1000)
+
+
+@pytest.fixture(autouse=True)
+def python_recursion_limit():
+    """DEEP must exceed the recursion limit: Python's default, which other tests of a whole run (or
+    libraries they load) may have raised."""
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(1000)
+    yield
+    sys.setrecursionlimit(before)
 
 # streamed exactly as the whole response: the flaw shows before any delta of the call goes out
 SAME = [

@@ -670,7 +670,11 @@ def test_a_failed_probe_surfaces_and_is_retried(apis: dict) -> None:
                         .metadata.uid != first and j, what="the failed probe Job replaced")
     assert replaced.metadata.annotations[c.PROBE_ATTEMPT_ANNOTATION] == "2"
     fake_kubelet_complete_probe(apis, "gpu-t4-1", 30.0, 16)
-    wait_for(lambda: (cond(get_ns(apis, "t4"), "Sized") or {}).get("status") == "True", what="t4 sized after the retry")
+    try:   # the pending service is sized at its next retry after the probe result lands (within ~a minute)
+        wait_for(lambda: (cond(get_ns(apis, "t4"), "Sized") or {}).get("status") == "True", timeout=90.0,
+                 what="t4 sized after the retry")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\noperator log:\n{apis['operator'].tail()}") from None
 
 
 def events_of(apis: dict, name: str) -> list[Any]:
