@@ -123,7 +123,11 @@ def fake_kubelet_complete_probe(apis: dict, node: str, read_gbps: float | None =
     job = probe_job_name(node)
 
     def pod():
-        pods = core.list_namespaced_pod(OPERATOR_NAMESPACE, label_selector=f"job-name={job}").items
+        # the pod of the Job now under that name: a replaced Job's pod may linger with the same labels
+        uid = apis["batch"].read_namespaced_job(job, OPERATOR_NAMESPACE).metadata.uid
+        pods = [q for q in core.list_namespaced_pod(OPERATOR_NAMESPACE, label_selector=f"job-name={job}").items
+                if q.metadata.deletion_timestamp is None
+                and any(ref.uid == uid for ref in q.metadata.owner_references or [])]
         return pods[0] if pods else None
 
     p = wait_for(pod, timeout=30, what=f"job controller to create the probe pod of {job}")
