@@ -57,24 +57,29 @@ def arrival_gaps(rate: float, burstiness: float, n: int, rng: np.random.Generato
     return rng.gamma(burstiness, theta, n)
 
 
-async def one_request(client, model: str, prompt: list[int], max_tokens: int) -> dict:
+async def one_request(client, model: str, prompt: list[int], max_tokens: int, extra_body: dict | None = None) -> dict:
+    """One streamed completion, ``ignore_eos`` and ``extra_body``'s fields: its timings, tokens, text, finish reason."""
     t0 = time.perf_counter()
     stamps: list[float] = []
-    tokens, error = 0, None
+    text, tokens, finish, error = [], 0, None, None
     try:
         stream = await client.completions.create(
             model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
-            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True, **(extra_body or {})})
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].text:
                 stamps.append(time.perf_counter())
+                text.append(chunk.choices[0].text)
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
             if chunk.usage:
                 tokens = chunk.usage.completion_tokens
     except Exception as exc:  # a failed request counts as such; the run goes on
         error = f"{type(exc).__name__}: {exc}"
     end = time.perf_counter()
     return {"start": t0, "ttft": (stamps[0] - t0) if stamps else None, "e2e": end - t0, "tokens": tokens,
-            "itl": list(np.diff(stamps)), "prompt_tokens": len(prompt), "error": error}
+            "itl": list(np.diff(stamps)), "prompt_tokens": len(prompt), "error": error, "finish_reason": finish,
+            "text": "".join(text)}
 
 
 def summarize(results: list[dict], wall: float, slo: dict[str, float]) -> dict:
