@@ -6,8 +6,9 @@ mask on every row, timed with CUDA events (host clock on the CPU) over ``--reps`
 a warm-up; half the rows greedy, half sampled with temperature and top-p, as a mixed load.
 
 Host side (the gateway, with ``--host``): ``fill_bitmasks`` for ``--batch`` JSON-schema matchers
-mid-object on the embedded model's tokenizer (needs the package and llguidance installed), the
-work the gateway does per iteration while the GPU runs the previous one.
+mid-object on the embedded model's tokenizer (needs the package and llguidance installed; or a
+Hugging Face tokenizer folder, ``--tokenizer DIR``), the work the gateway does per iteration while
+the GPU runs the previous one.
 
 Prints one JSON object. Usage: ``python -m neo_bench.structured_overhead --device cuda``.
 """
@@ -69,12 +70,12 @@ def device_cost(batch: int, vocab: int, device: torch.device, reps: int) -> dict
     return out
 
 
-def host_cost(batch: int, reps: int) -> dict:
+def host_cost(batch: int, reps: int, tokenizer: str | None = None) -> dict:
     from neo_common.model_source import embedded_gguf_path
     from neo_gateway.structured_output import StructuredOutputManager, fill_bitmasks, spec_from_fields
     from neo_gateway.tokenizer import TextTokenizer
 
-    tok = TextTokenizer.from_gguf(embedded_gguf_path())
+    tok = TextTokenizer.from_hf_folder(tokenizer) if tokenizer else TextTokenizer.from_gguf(embedded_gguf_path())
     manager = StructuredOutputManager(tok, tok.vocab_size)
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
                                                "age": {"type": "integer"}, "tags": {"type": "array",
@@ -101,12 +102,13 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--host", action="store_true", help="also time the gateway's mask fill")
+    ap.add_argument("--tokenizer", default=None, help="--host's tokenizer folder (default: the embedded model's)")
     args = ap.parse_args()
     device = torch.device(args.device)
     report = {"batch": args.batch, "vocab": args.vocab, "device": torch.cuda.get_device_name(device)
               if device.type == "cuda" else "cpu", "sampler": device_cost(args.batch, args.vocab, device, args.reps)}
     if args.host:
-        report["gateway"] = host_cost(args.batch, max(10, args.reps // 10))
+        report["gateway"] = host_cost(args.batch, max(10, args.reps // 10), args.tokenizer)
     print(json.dumps(report, indent=1))
 
 
