@@ -10,6 +10,7 @@ Direction and purpose:
 - ``WorkerReady`` (gpu_worker -> gateway): model loaded, KV pool sized; carries the geometry.
 - ``IterationPlan`` (gateway -> gpu_worker): what to run this iteration, per request.
 - ``IterationResult`` (gpu_worker -> gateway): sampled tokens and worker-side timings.
+- ``GrammarBitmask`` (gateway -> gpu_worker): the grammar masks of a plan sent before they were known.
 - ``CpuAttentionPlan`` (gateway -> cpu_attention): the CPU-resident rows of each sub-batch.
 - ``Shutdown`` (gateway -> worker), ``WorkerError`` (worker -> gateway).
 """
@@ -26,8 +27,8 @@ import numpy as np
 from neo_common.cost_model import CostTables
 from neo_common.geometry import ModelGeometry
 
-PROTOCOL_VERSION = 5  # 2: placeholder tokens (async scheduling); 3: min_p, logit_bias, penalty columns; 4: logprobs;
-#                      5: grammar bitmask columns (structured outputs)
+PROTOCOL_VERSION = 6  # 2: placeholder tokens (async scheduling); 3: min_p, logit_bias, penalty columns; 4: logprobs;
+#                      5: grammar bitmask columns (structured outputs); 6: masks that follow their plan
 
 
 class MsgType(enum.IntEnum):
@@ -38,6 +39,7 @@ class MsgType(enum.IntEnum):
     CPU_ATTENTION_PLAN = 5
     SHUTDOWN = 6
     WORKER_ERROR = 7
+    GRAMMAR_BITMASK = 8
 
 
 class Place(enum.IntEnum):
@@ -207,7 +209,11 @@ class IterationPlan(Message):
       top ``plp_k[j]``.
     - ``bitmask_rows``/``bitmask``: structured outputs, over the constrained sampling rows only:
       row ``bitmask_rows[j]`` may sample token ``t`` only if bit ``t % 32`` of ``bitmask[j, t // 32]``
-      (int32 words) is set; the others' logits become -inf before sampling.
+      (int32 words) is set; the others' logits become -inf before sampling. With ``bitmask_deferred``
+      the masks are not known yet (their rows are placeholders of a plan scheduled ahead: each
+      mask needs the token the previous plan samples): ``bitmask`` is empty and a ``GrammarBitmask``
+      of this iteration follows; the worker queues the forward at once and the sampling when the
+      masks come (docs/design.md, "Structured outputs").
     - ``swap_out``/``swap_in``: ``[n, 3]`` runs of (src_block, dst_block, count) copied before the
       forward, GPU->CPU and CPU->GPU pools.
     """
@@ -243,6 +249,7 @@ class IterationPlan(Message):
     plp_targets: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
     bitmask_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
     bitmask: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), np.int32))
+    bitmask_deferred: bool = False
     swap_out: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.int32))
     swap_in: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.int32))
     trace: dict = dataclasses.field(default_factory=dict)
@@ -254,12 +261,15 @@ class IterationPlan(Message):
 
     def _check_bitmask(self) -> None:
         r = self.bitmask_rows
-        if (r.ndim != 1 or r.dtype.kind not in "iu" or self.bitmask.dtype != np.int32 or self.bitmask.ndim != 2
-                or self.bitmask.shape[0] != len(r) or (len(r) and not self.bitmask.shape[1])
+        if (r.ndim != 1 or r.dtype.kind not in "iu"
                 or (len(r) and not 0 <= int(r.min()) <= int(r.max()) < self.batch_size)
                 or len(np.unique(r)) != len(r) or (len(r) and not np.all(self.sample[r.astype(np.int64)]))):
-            raise ProtocolError("IterationPlan: bitmask_rows must name distinct sampling rows of the plan and "
-                                "bitmask hold one row of int32 words for each")
+            raise ProtocolError("IterationPlan: bitmask_rows must name distinct sampling rows of the plan")
+        if self.bitmask_deferred:
+            if not len(r) or self.bitmask.shape != (0, 0):
+                raise ProtocolError("IterationPlan: deferred masks name their rows and send no bitmask yet")
+        else:
+            check_bitmask_words("IterationPlan", self.bitmask, len(r))
 
     def check(self) -> None:
         n = self.bias_rows.shape
@@ -357,6 +367,27 @@ class IterationResult(Message):
             raise ProtocolError("IterationResult: plp_seq_ids and plp_count must be of one length")
 
 
+def check_bitmask_words(cls_name: str, bitmask: np.ndarray, rows: int) -> None:
+    if (bitmask.dtype != np.int32 or bitmask.ndim != 2 or bitmask.shape[0] != rows
+            or (rows and not bitmask.shape[1])):
+        raise ProtocolError(f"{cls_name}: bitmask must hold one row of int32 words for each of bitmask_rows")
+
+
+@dataclasses.dataclass
+class GrammarBitmask(Message):
+    """The masks of an ``IterationPlan`` sent with ``bitmask_deferred``: ``bitmask`` as that plan's
+    would have been, one row per entry of its ``bitmask_rows``, in that order. The gateway sends it
+    as soon as the previous plan's tokens have advanced the grammars, and always (an all-ones mask
+    for a request that ended meanwhile): the worker holds the plan's sampling until it comes."""
+
+    TYPE: ClassVar[MsgType] = MsgType.GRAMMAR_BITMASK
+    iteration_id: int = 0
+    bitmask: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), np.int32))
+
+    def check(self) -> None:
+        check_bitmask_words("GrammarBitmask", self.bitmask, self.bitmask.shape[0] if self.bitmask.ndim == 2 else -1)
+
+
 @dataclasses.dataclass
 class CpuAttentionPlan(Message):
     """The CPU-resident decode rows of one iteration, per sub-batch, in staging-slot order.
@@ -419,7 +450,8 @@ class WorkerError(Message):
 
 _BY_TYPE: dict[int, type[Message]] = {
     cls.TYPE: cls
-    for cls in (Hello, WorkerReady, IterationPlan, IterationResult, CpuAttentionPlan, Shutdown, WorkerError)
+    for cls in (Hello, WorkerReady, IterationPlan, IterationResult, CpuAttentionPlan, Shutdown, WorkerError,
+                GrammarBitmask)
 }
 
 

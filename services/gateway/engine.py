@@ -21,7 +21,7 @@ from neo_common import tracing
 from neo_common.config import NeoConfig
 from neo_common.handshake import check_cpu_attention_ready, check_gpu_worker_ready
 from neo_common.link import ClientKeyCheck, LinkKeys, prepare_runtime_dir
-from neo_common.protocol import IterationResult, Place, WorkerError, WorkerKind
+from neo_common.protocol import GrammarBitmask, IterationResult, Place, WorkerError, WorkerKind
 from neo_gateway.block_manager import BlockManager
 from neo_gateway.detokenizer import IncrementalDetokenizer
 from neo_gateway.logprobs import TokenLogprob, prompt_entries, prompt_logprobs, sampled_logprobs
@@ -285,9 +285,12 @@ class Engine:
         """Run ``output`` and, with async scheduling, the iterations scheduled ahead of it: each
         next one is sent before the current one's result is awaited, so the worker finds it queued
         and the GPU does not wait while this process applies results and serves HTTP. A hook's
-        wall time is then the cycle between consecutive results."""
+        wall time is then the cycle between consecutive results. A plan scheduled ahead with
+        grammar-constrained rows gets its masks as soon as the current result has advanced the
+        grammars, before anything else is sent (``SchedulerOutput.bitmask_deferred``)."""
         generation = self.link.generation
         sent: list[SchedulerOutput] = []  # sent, reply not read yet (at most two)
+        masked: set[int] = set()          # deferred-mask plans whose masks were sent
         try:
             await self._send(sched, output, sent)
             while sent:
@@ -302,12 +305,14 @@ class Engine:
                 except IterationFailed as exc:
                     self._iteration_failed(sent, str(exc))
                     sent.pop(0)
-                    await self._discard_replies(sent, generation)
+                    await self._discard_replies(sent, generation, masked)
                     return
                 finally:
                     self._drain_cpu_errors()
                 sent.pop(0)
                 self._apply(current, result)
+                if sent and sent[0].bitmask_deferred:
+                    await self._send_masks(sent[0], masked)
                 sched.observe(current, result.forward_s - result.swap_s)
                 now = time.perf_counter()
                 for hook in self.iteration_hooks:
@@ -318,14 +323,23 @@ class Engine:
         except Exception:
             for out in sent:
                 self._fail_rows(out, "internal error in the gateway")
-            await self._discard_replies(sent, generation)  # the next iteration must not read them
+            await self._discard_replies(sent, generation, masked)  # the next iteration must not read them
             raise
 
-    async def _discard_replies(self, sent: list[SchedulerOutput], generation: int) -> None:
+    async def _discard_replies(self, sent: list[SchedulerOutput], generation: int, masked: set[int]) -> None:
+        """Read and drop the replies to ``sent`` (failed already). A plan whose masks were never
+        sent gets all-ones masks first: the worker holds its sampling until they come."""
         while sent:
             out = sent.pop(0)
             with contextlib.suppress(IterationFailed, WorkerDown):
+                if out.bitmask_deferred and out.iteration_id not in masked:
+                    await self._send_masks(out, masked, allow_all=True)
                 await self.link.reply(generation, out.iteration_id)
+
+    async def _send_masks(self, output: SchedulerOutput, masked: set[int], allow_all: bool = False) -> None:
+        await self.link.send(GrammarBitmask(iteration_id=output.iteration_id,
+                                            bitmask=output.grammar_bitmask(allow_all)))
+        masked.add(output.iteration_id)
 
     @staticmethod
     def _check_answers(output: SchedulerOutput, result) -> None:

@@ -11,7 +11,7 @@ from neo_gateway.block_manager import BlockManager
 from neo_common.block_runs import merge_runs
 from neo_gateway.offload_policy import OffloadDecision, PlanKind
 from neo_gateway.sequence import Sequence
-from neo_gateway.structured_output import fill_bitmasks
+from neo_gateway.structured_output import bitmask_width, fill_bitmasks
 
 
 @dataclasses.dataclass
@@ -65,6 +65,24 @@ class SchedulerOutput:
     @property
     def cpu_rows(self) -> list[ScheduledSeq]:
         return [r for r in self.rows if r.cpu_decode]
+
+    @property
+    def constrained_rows(self) -> list[ScheduledSeq]:
+        """The sampling rows a grammar constrains, in plan order (the plan's ``bitmask_rows``)."""
+        return [r for r in self.rows if r.sample and r.seq.structured is not None]
+
+    @property
+    def bitmask_deferred(self) -> bool:
+        """Its constrained rows were scheduled ahead: their masks need the tokens the previous
+        iteration samples, and follow the plan (``grammar_bitmask``, sent as ``GrammarBitmask``)."""
+        return any(r.placeholder for r in self.constrained_rows)
+
+    def grammar_bitmask(self, allow_all: bool = False) -> np.ndarray:
+        """The constrained rows' masks as of now (after the previous iteration's tokens). A request
+        that ended meanwhile, or whose grammar did, gets every token: the worker samples its row
+        all the same and ``Scheduler.update`` discards the token. ``allow_all``: every row so (an
+        iteration failed already, whose tokens nobody reads)."""
+        return _masks([r.seq for r in self.constrained_rows], allow_all)
 
     def _tables(self, rows: list[ScheduledSeq], gpu: BlockManager, cpu: BlockManager | None) -> np.ndarray:
         tables = [(cpu if r.seq.place is Place.CPU else gpu).table(r.seq.seq_id) for r in rows]
@@ -169,16 +187,28 @@ def _logprob_columns(rows: list) -> dict[str, np.ndarray]:
     return out
 
 
-def _bitmask_columns(rows: list) -> dict[str, np.ndarray]:
-    """The grammar masks of the sampling rows a grammar constrains (none: no columns). Each is the
-    mask after every token its request has accepted: a constrained row is never a placeholder
-    (``Scheduler.schedule_ahead`` holds it back until its previous token is known)."""
-    held = [(i, r.seq.structured) for i, r in enumerate(rows) if r.sample and r.seq.structured is not None]
+def _bitmask_columns(rows: list) -> dict:
+    """The grammar masks of the sampling rows a grammar constrains (none: no columns): each the
+    mask after every token its request has accepted, or, when those rows are placeholders (all of
+    them: ``Scheduler.schedule_ahead`` schedules only placeholders), deferred."""
+    held = [i for i, r in enumerate(rows) if r.sample and r.seq.structured is not None]
     if not held:
         return {}
-    assert not any(rows[i].placeholder for i, _ in held), "a constrained row cannot be scheduled ahead"
-    return {"bitmask_rows": np.array([i for i, _ in held], np.int32),
-            "bitmask": fill_bitmasks([s for _, s in held])}
+    out: dict = {"bitmask_rows": np.array(held, np.int32)}
+    if any(rows[i].placeholder for i in held):
+        assert all(rows[i].placeholder for i in held), "masks are deferred for a whole plan or not at all"
+        return out | {"bitmask_deferred": True}
+    return out | {"bitmask": _masks([rows[i].seq for i in held])}
+
+
+def _masks(seqs: list[Sequence], allow_all: bool = False) -> np.ndarray:
+    """``fill_bitmasks`` of the sequences whose grammar can go on; all-ones rows for the others."""
+    live = [] if allow_all else [i for i, s in enumerate(seqs) if not s.is_finished and not s.structured.terminated]
+    width = bitmask_width(seqs[0].structured.vocab_size)
+    out = np.full((len(seqs), width), -1, np.int32)
+    if live:
+        out[live] = fill_bitmasks([seqs[i].structured for i in live])
+    return out
 
 
 def _runs(pairs: list[tuple[list[int], list[int]]]) -> np.ndarray:

@@ -159,37 +159,29 @@ class Scheduler:
         waits for ``prev`` and schedules normally. A request that ends on ``prev``'s token by
         length is left out; one that ends by a stop token runs one wasted row, discarded by
         ``update`` (its blocks are reused only by later iterations, which the worker runs after).
-        A request with a grammar (structured outputs) sits out the plan after each of its rows: its
-        next mask needs the token that row samples. It comes back in the plan after, as an ordinary
-        decode row, its mask computed while the GPU runs the one it sat out; so it decodes every
-        other iteration while the others keep launching ahead (a batch of such requests alone runs
-        without launch-ahead)."""
+        A request with a grammar (structured outputs) is scheduled ahead too: its mask needs the
+        token ``prev`` samples, so the plan says its masks follow (``bitmask_deferred``) and the
+        engine sends them once ``prev``'s tokens advanced the grammars, while the GPU runs this
+        plan's forward."""
         if (self.waiting or self.cpu_queue or prev.preempted or prev.swap_out_pairs or prev.swap_in_pairs
                 or prev.pipelined or not all(r.sample and r.seq.place is Place.GPU for r in prev.rows)):
             return None
         ahead = []
         for r in prev.rows:
             seq, pos = r.seq, r.start + r.num_tokens  # where prev's sampled token goes
-            if seq.status is not SeqStatus.RUNNING or seq.structured is not None:
+            if seq.status is not SeqStatus.RUNNING:
                 continue
             if len(seq.output_ids) + 1 >= seq.params.max_tokens or pos + 1 >= seq.max_model_len:
                 continue  # prev's token is its last
             ahead.append((seq, pos))
-        in_prev = {r.seq.seq_id for r in prev.rows}
-        rejoin = [s for s in self.running if s.structured is not None and s.seq_id not in in_prev
-                  and s.status is SeqStatus.RUNNING and s.place is Place.GPU and s.num_pending == 1]
-        missing = (sum(self.gpu.num_missing(seq.seq_id, pos + 1) for seq, pos in ahead)
-                   + sum(self.gpu.num_missing(s.seq_id, s.num_computed + 1) for s in rejoin))
-        if not (ahead or rejoin) or missing > self.gpu.num_free:
+        missing = sum(self.gpu.num_missing(seq.seq_id, pos + 1) for seq, pos in ahead)
+        if not ahead or missing > self.gpu.num_free:
             return None
         self.iteration += 1
         out = SchedulerOutput(self.iteration, [], [])
         for seq, pos in ahead:
             self.gpu.allocate(seq.seq_id, pos + 1)
             out.rows.append(ScheduledSeq(seq, pos, 1, True, placeholder=True))
-        for seq in rejoin:   # every token of theirs is known: a plain decode row with its mask
-            self.gpu.allocate(seq.seq_id, seq.num_computed + 1)
-            out.rows.append(ScheduledSeq(seq, seq.num_computed, 1, True))
         if self.offloading:
             out.decision = self._decide(self._candidate(out.rows, []))
         if self.host is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -19,7 +19,8 @@ from neo_gpu_worker.batch import build_sub_batch, to_device
 from neo_gpu_worker.cuda_graph import DecodeGraphs
 from neo_gpu_worker.emulation import Emulator
 from neo_gpu_worker.host_kv import HostKv
-from neo_gpu_worker.logprobs import SampledLogprobs, fill_result, flat_positions, prompt_logprobs
+from neo_gpu_worker.launched import AwaitingMask, Forwarded, Launched, OnCpuThread, Timer
+from neo_gpu_worker.logprobs import SampledLogprobs, flat_positions, prompt_logprobs
 from neo_gpu_worker.models.protocol import CausalLM
 from neo_gpu_worker.parallel import TensorParallel
 from neo_gpu_worker.pipeline import PipelinedExecutor
@@ -27,88 +28,6 @@ from neo_gpu_worker.sampler import PenaltyHistory, SamplingBatch, sample
 from neo_gpu_worker.stage_graphs import StageGraphs
 
 log = logging.getLogger(__name__)
-
-
-class _Timer:
-    """Start, end-of-forward and end marks of one iteration: CUDA events on a GPU (the device's
-    own time, so an iteration queued behind another counts from when the GPU reached it), the
-    host clock elsewhere."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.marks = [self._now()]
-
-    def _now(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def mark(self) -> None:
-        self.marks.append(self._now())
-
-    def done(self) -> bool:
-        return not self.cuda or self.marks[-1].query()
-
-    def wait(self) -> None:
-        if self.cuda:
-            self.marks[-1].synchronize()
-
-    def seconds(self) -> list[float]:
-        """Seconds from the start to each later mark (after :meth:`wait`)."""
-        first = self.marks[0]
-        if self.cuda:
-            return [first.elapsed_time(m) / 1e3 for m in self.marks[1:]]
-        return [m - first for m in self.marks[1:]]
-
-
-class Launched:
-    """An iteration whose work is queued: its result lacks the tokens and the times until
-    :meth:`finish`, which waits for the tokens' copy to the host.
-
-    - ``result``: filled by ``ModelRunner.launch`` except ``token_ids`` and the times.
-    - ``tokens``: the sampled tokens' host copy, in flight (None: nothing sampled on this rank).
-    - ``logprobs``: the host copies of the sampled tokens' logprobs (seq ids, values) and of the
-      prompt logprobs (plan, values), in flight like the tokens (None: no row asked).
-    - ``timer``: marks the start and the end of the forward; the end of the iteration is marked here.
-    """
-
-    def __init__(self, result: IterationResult, timer: _Timer, tokens: torch.Tensor | None = None,
-                 logprobs: tuple | None = None) -> None:
-        self.result, self.timer, self.tokens = result, timer, tokens
-        self.logprobs = logprobs
-        timer.mark()
-
-    def done(self) -> bool:
-        """Whether :meth:`finish` would return at once."""
-        return self.timer.done()
-
-    def finish(self) -> IterationResult:
-        self.timer.wait()
-        result = self.result
-        if self.tokens is not None:
-            result.token_ids = self.tokens.numpy()
-        if self.logprobs is not None:
-            fill_result(result, *self.logprobs)
-        result.forward_s, result.total_s = self.timer.seconds()
-        result.sample_s = result.total_s - result.forward_s
-        return result
-
-
-class _OnCpuThread:
-    """A launch running on the runner's CPU thread: the CPU device's stand-in for a CUDA stream
-    (plans run in order, behind the caller's back), so the worker's loop overlaps its IPC with
-    the forward there too, and CI runs the same launch-ahead path as a GPU."""
-
-    def __init__(self, future: Future) -> None:
-        self.future = future
-
-    def done(self) -> bool:
-        return self.future.done()
-
-    def finish(self) -> IterationResult:
-        return self.future.result().finish()
 
 
 class ModelRunner:
@@ -171,18 +90,28 @@ class ModelRunner:
         """Run ``plan`` and wait for its tokens."""
         return self.launch(plan).finish()
 
-    def launch(self, plan: IterationPlan) -> Launched | _OnCpuThread:
+    def launch(self, plan: IterationPlan) -> "Launched | AwaitingMask | OnCpuThread":
         """Queue ``plan``'s work (forward, sampling, the tokens' copy to the host) and return
         without waiting for it, so the worker can queue the next plan behind it (placeholder tokens
         come from this one's device tokens). Swaps and pipelined forwards wait inside (for the
-        copies, for CPU attention)."""
+        copies, for CPU attention). A plan with ``bitmask_deferred`` returns with its sampling not
+        queued yet (``awaits_mask``): ``supply`` it the masks, then the next plan may follow."""
         if self.cpu_stream is not None:
-            return _OnCpuThread(self.cpu_stream.submit(self._launch, plan))
+            deferred = plan.bitmask_deferred and (self.tp is None or self.tp.rank == 0)
+            return OnCpuThread(self.cpu_stream, self.cpu_stream.submit(self._launch, plan), deferred)
         return self._launch(plan)
 
     @torch.inference_mode()
-    def _launch(self, plan: IterationPlan) -> Launched:
-        timer = _Timer(self.device)
+    def _launch(self, plan: IterationPlan) -> Launched | AwaitingMask:
+        forwarded = self._forward(plan)
+        if isinstance(forwarded, Launched):
+            return forwarded
+        if plan.bitmask_deferred and (self.tp is None or self.tp.rank == 0):
+            return AwaitingMask(plan.iteration_id, lambda bitmask: self._sample(forwarded, bitmask))
+        return self._sample(forwarded, plan.bitmask)
+
+    def _forward(self, plan: IterationPlan) -> "Forwarded | Launched":
+        timer = Timer(self.device)
         try:
             fill = self._placeholders(plan)
         finally:
@@ -225,9 +154,17 @@ class ModelRunner:
             if emu:
                 emu.main.work(emu.roofline.forward(plan, np.arange(plan.batch_size)))
         timer.mark()
+        return Forwarded(plan, result, timer, fill, sample_rows, last, hidden_at)
+
+    @torch.inference_mode()
+    def _sample(self, fw: Forwarded, bitmask: np.ndarray) -> Launched:
+        """Queue the logits, the sampling (the plan's ``bitmask_rows`` under ``bitmask``, the
+        plan's or the ``GrammarBitmask``'s; unread on the ranks that do not sample) and the
+        tokens' copy to the host behind ``fw``'s forward."""
+        plan, result, sample_rows = fw.plan, fw.result, fw.sample_rows
         tokens, logprobs = None, None
         if self.tp is None or self.tp.rank == 0:   # rank 0 holds the logits (see ``tp``)
-            prompt = prompt_logprobs(plan, hidden_at, self.model.compute_logits)
+            prompt = prompt_logprobs(plan, fw.hidden_at, self.model.compute_logits)
             logprobs = (None, (plan, prompt.to_host())) if prompt is not None else None
         if len(sample_rows) and self.tp is not None and self.tp.rank > 0:
             sampled = self.tp.broadcast(torch.empty(len(sample_rows), dtype=torch.int64, device=self.device))
@@ -235,15 +172,15 @@ class ModelRunner:
         elif len(sample_rows):
             if self.emulator:
                 self.emulator.main.begin()
-            logits = self.model.compute_logits(last)
+            logits = self.model.compute_logits(fw.last)
             asked = SampledLogprobs(plan, sample_rows, logits)   # raw: before the sampler's processing
             params = SamplingBatch.from_columns(
                 plan.temperature[sample_rows], plan.top_p[sample_rows], plan.top_k[sample_rows],
                 plan.seeds[sample_rows], plan.steps[sample_rows], logits.shape[-1], self.device,
                 plan.min_p[sample_rows] if len(plan.min_p) else None, _sampled_bias(plan, sample_rows),
                 plan.penalties[sample_rows] if len(plan.penalties) else None,
-                _sampled_history(plan, sample_rows, fill, self.device) if len(plan.penalties) else None,
-                _sampled_bitmask(plan, sample_rows))
+                _sampled_history(plan, sample_rows, fw.fill, self.device) if len(plan.penalties) else None,
+                _sampled_bitmask(plan, sample_rows, bitmask))
             sampled = sample(logits, params, self.generator)
             if self.emulator:
                 self.emulator.main.work(self.emulator.roofline.lm_head(len(sample_rows)))
@@ -254,7 +191,7 @@ class ModelRunner:
             self.last_sample = (result.seq_ids, sampled)
             if asked:
                 logprobs = ((asked.seq_ids, asked.of(sampled).to_host()), logprobs[1] if logprobs else None)
-        return Launched(result, timer, tokens, logprobs)
+        return Launched(result, fw.timer, tokens, logprobs)
 
     def _pipelined_positions(self, kept):
         """``hidden_at`` of a pipelined forward: positions of each sub-batch's hidden states."""
@@ -352,14 +289,18 @@ def _sampled_bias(plan: IterationPlan, sample_rows: np.ndarray) -> tuple[np.ndar
     return rows[keep], plan.bias_ids[keep], plan.bias_values[keep]
 
 
-def _sampled_bitmask(plan: IterationPlan, sample_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """The grammar masks of the plan, their rows renumbered as the sampled rows' (every masked
-    row samples: ``IterationPlan.check``)."""
+def _sampled_bitmask(plan: IterationPlan, sample_rows: np.ndarray,
+                     bitmask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The grammar masks ``bitmask`` of the plan's ``bitmask_rows``, their rows renumbered as the
+    sampled rows' (every masked row samples: ``IterationPlan.check``)."""
     if not len(plan.bitmask_rows):
         return None
+    if bitmask.shape[0] != len(plan.bitmask_rows):
+        raise ValueError(f"iteration {plan.iteration_id}: {bitmask.shape[0]} grammar masks for "
+                         f"{len(plan.bitmask_rows)} constrained rows")
     where = np.full(plan.batch_size, -1, np.int64)
     where[sample_rows] = np.arange(len(sample_rows))
-    return where[plan.bitmask_rows], plan.bitmask
+    return where[plan.bitmask_rows], bitmask
 
 
 def _sampled_history(plan: IterationPlan, sample_rows: np.ndarray, fill, device: torch.device) -> PenaltyHistory:

@@ -21,8 +21,8 @@ import zmq
 from opentelemetry.trace import Status, StatusCode
 
 from neo_common import tracing
-from neo_common.protocol import (Hello, IterationPlan, IterationResult, ProtocolError, Shutdown, WorkerError,
-                                 WorkerKind, WorkerReady, decode)
+from neo_common.protocol import (GrammarBitmask, Hello, IterationPlan, IterationResult, ProtocolError, Shutdown,
+                                 WorkerError, WorkerKind, WorkerReady, decode)
 from neo_gpu_worker.model_runner import ModelRunner
 from neo_gpu_worker.parallel import FollowerLinks
 
@@ -55,6 +55,20 @@ class _InFlight:
 
     def done(self) -> bool:
         return self.launched is None or self.launched.done()
+
+    @property
+    def awaits_mask(self) -> bool:
+        return self.launched is not None and self.launched.awaits_mask
+
+    def supply(self, msg: GrammarBitmask) -> None:
+        """Queue the plan's sampling under the masks that followed it (a failure fails this plan)."""
+        if self.launched is None:
+            return   # its launch failed already; the reply says why
+        try:
+            self.launched.supply(msg.bitmask)
+        except Exception as exc:
+            self.launched = None
+            self._failed(exc)
 
     def reply(self) -> IterationResult | WorkerError:
         result = None
@@ -99,7 +113,9 @@ class IterationLoop:
     - ``sock``: the DEALER socket to the gateway; ``ready``: the WorkerReady a (re)started gateway's
       Hello is answered with; ``followers``: the tensor-parallel ranks plans are forwarded to.
     - ``inflight``: the launched plan not replied to yet (at most one: the next plan is launched
-      behind it, then it is finished and replied to; with ``launch_ahead`` false, before).
+      behind it, then it is finished and replied to; with ``launch_ahead`` false, before). A plan
+      with deferred grammar masks samples once its ``GrammarBitmask`` comes, which the gateway
+      sends before the next plan; replied to without it, it fails.
     - ``launched_ahead``: plans launched while the previous one was still running (in steady
       decoding, every plan; each reply says whether its plan was).
     - ``connects`` (a callable, the gateway connections seen so far) and ``greeted``: the gateway's
@@ -141,6 +157,8 @@ class IterationLoop:
                 self.launched_ahead += launched.ahead
                 self._reply()
                 self.inflight = launched
+            elif isinstance(msg, GrammarBitmask):
+                self._supply(msg)
             elif isinstance(msg, Hello):
                 self._reply()
                 self.sock.send(self.ready.encode())   # a (re)started gateway asks who is there
@@ -158,6 +176,12 @@ class IterationLoop:
             self.greeted = self.connects()
             log.info("gateway reconnected; saying Hello")
             self.sock.send(Hello(kind=WorkerKind.GPU_WORKER, pid=os.getpid()).encode())
+
+    def _supply(self, msg: GrammarBitmask) -> None:
+        if self.inflight is None or self.inflight.plan_id != msg.iteration_id or not self.inflight.awaits_mask:
+            log.error("dropping the grammar masks of iteration %d: no plan of that id awaits them", msg.iteration_id)
+            return
+        self.inflight.supply(msg)
 
     def _reply(self) -> None:
         if self.inflight is not None:

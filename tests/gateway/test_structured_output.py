@@ -184,10 +184,15 @@ def token_for(seq: Sequence, position: int, allowed: np.ndarray | None) -> int:
     return 2 if (seq.seq_id * 7 + position) % 23 == 0 else 100 + (seq.seq_id + position) % 50
 
 
-def test_constrained_requests_sit_out_launched_ahead_plans_and_still_get_their_tokens(tok):
+def test_constrained_requests_run_ahead_with_masks_that_follow_and_get_the_synchronous_tokens(tok):
+    """Async scheduling as the engine drives it: a plan scheduled ahead holds constrained rows as
+    placeholders with ``bitmask_deferred``; their masks (``grammar_bitmask``) are taken once the
+    previous plan's tokens advanced the grammars, and every request gets the tokens the synchronous
+    schedule gives it. A request that ended meanwhile gets an all-ones mask (its row is discarded)."""
     manager = StructuredOutputManager(tok, tok.vocab_size)
     words = ["alpha", "beta", "gamma delta"]
     spec = spec_from_fields({"guided_choice": words})
+    width = (tok.vocab_size + 31) // 32
 
     def run(async_: bool):
         sched = Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256), BlockManager(64, 16, Place.GPU))
@@ -197,32 +202,33 @@ def test_constrained_requests_sit_out_launched_ahead_plans_and_still_get_their_t
             if s.seq_id % 3 == 0:
                 s.structured = manager.request_for(spec)
             sched.add(s)
-        in_flight, ahead_runs, masked_rows = [], 0, 0   # (output, its plan), built when sent as the engine does
+        in_flight, counts = [], {"ahead": 0, "deferred": 0, "ended": 0}   # (output, its plan's masks)
 
         def send(out):
-            nonlocal masked_rows
             plan = out.to_plan(sched.gpu)
             plan.check()
             want = [i for i, r in enumerate(out.rows) if r.sample and r.seq.structured is not None]
-            assert plan.bitmask_rows.tolist() == want
-            assert not want or plan.bitmask.shape == (len(want), (tok.vocab_size + 31) // 32)
-            masked_rows += len(want)
-            in_flight.append((out, plan))
+            assert plan.bitmask_rows.tolist() == want and out.bitmask_deferred == plan.bitmask_deferred
+            if plan.bitmask_deferred:
+                assert all(out.rows[i].placeholder for i in want) and plan.bitmask.shape == (0, 0)
+                counts["deferred"] += 1
+            else:
+                assert not want or plan.bitmask.shape == (len(want), width)
+            in_flight.append([out, None if plan.bitmask_deferred else plan.bitmask])
 
         while sched.has_work() or in_flight:
             if not in_flight:
                 send(sched.schedule())
-            current, plan = in_flight[0]
             if async_ and len(in_flight) == 1:
-                ahead = sched.schedule_ahead(current)
+                ahead = sched.schedule_ahead(in_flight[0][0])
                 if ahead is not None:
-                    ahead_runs += 1
-                    held = {r.seq.seq_id for r in current.rows if r.seq.structured is not None}
-                    assert not held & {r.seq.seq_id for r in ahead.rows}, "a constrained row ran ahead of its token"
-                    assert all(r.placeholder == (r.seq.structured is None) for r in ahead.rows)
+                    counts["ahead"] += 1
+                    assert all(r.placeholder for r in ahead.rows)
                     send(ahead)
-            in_flight.pop(0)
-            masks = dict(zip(plan.bitmask_rows.tolist(), unpack_bitmask(plan.bitmask, tok.vocab_size)))
+            current, bitmask = in_flight.pop(0)
+            assert bitmask is not None, "a plan's masks are known before it samples"
+            rows = [i for i, r in enumerate(current.rows) if r.sample and r.seq.structured is not None]
+            masks = dict(zip(rows, unpack_bitmask(bitmask, tok.vocab_size)))
             sampled = {r.seq.seq_id: token_for(r.seq, r.start + r.num_tokens, masks.get(i))
                        for i, r in enumerate(current.rows) if r.sample}
             for seq, token, reason in sched.update(current, sampled):
@@ -230,15 +236,22 @@ def test_constrained_requests_sit_out_launched_ahead_plans_and_still_get_their_t
                     assert seq.structured.accept(token)
                     if seq.structured.terminated and reason is None:
                         sched.finish(seq, FinishReason.STOP)
+            if in_flight and in_flight[0][0].bitmask_deferred:   # the engine's GrammarBitmask
+                nxt = in_flight[0][0]
+                in_flight[0][1] = nxt.grammar_bitmask()
+                ended = [i for i, r in enumerate(nxt.constrained_rows) if r.seq.is_finished]
+                assert (in_flight[0][1][ended] == -1).all()
+                counts["ended"] += len(ended)
+                assert (nxt.grammar_bitmask(allow_all=True) == -1).all()
         assert sched.gpu.num_free == 64
         done = [s for s in seqs if s.structured is not None and s.finish_reason is FinishReason.STOP]
         assert len(done) == 4 and all(tok.decode(s.output_ids) in words for s in done)
-        return {s.request_id: (s.output_ids, s.finish_reason) for s in seqs}, ahead_runs, masked_rows
+        return {s.request_id: (s.output_ids, s.finish_reason) for s in seqs}, counts
 
-    want, _, _ = run(False)
-    got, ahead_runs, masked_rows = run(True)
+    want, _ = run(False)
+    got, counts = run(True)
     assert got == want
-    assert ahead_runs > 0 and masked_rows > 0
+    assert counts["ahead"] > 0 and counts["deferred"] > 0 and counts["ended"] > 0, counts
     manager.close()
 
 

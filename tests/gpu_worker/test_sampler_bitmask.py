@@ -113,7 +113,7 @@ def test_the_plan_carries_masks_only_for_sampling_rows():
     p = plan([1, 0, 1, 1], [2, 0])
     decoded = decode(p.encode())
     assert np.array_equal(decoded.bitmask_rows, [2, 0]) and decoded.bitmask.shape == (2, 4)
-    rows, masks = _sampled_bitmask(decoded, np.flatnonzero(decoded.sample))
+    rows, masks = _sampled_bitmask(decoded, np.flatnonzero(decoded.sample), decoded.bitmask)
     assert rows.tolist() == [1, 0], "plan rows 2 and 0 are the 2nd and 1st sampled rows"
     for bad in (plan([1, 0], [1]), plan([1, 1], [0, 0]), plan([1, 1], [2])):
         with pytest.raises(ProtocolError):

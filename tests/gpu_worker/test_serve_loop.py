@@ -25,8 +25,8 @@ import zmq
 
 from neo_common.model_source import SMOLLM2_PACKAGE
 
-from neo_common.protocol import (PLACEHOLDER_TOKEN, Hello, IterationPlan, IterationResult, Shutdown, WorkerError,
-                                 WorkerReady, decode)
+from neo_common.protocol import (PLACEHOLDER_TOKEN, GrammarBitmask, Hello, IterationPlan, IterationResult, Shutdown,
+                                 WorkerError, WorkerReady, decode)
 from neo_gpu_worker.serve_loop import IterationLoop
 
 pytestmark = pytest.mark.integration
@@ -127,6 +127,49 @@ def test_plans_sent_ahead_are_launched_ahead_and_answered_in_order(worker):
     assert isinstance(again, IterationResult) and not again.launched_ahead
     assert np.array_equal(again.token_ids, third.token_ids)
 
+    worker.sock.send(Shutdown(reason="test").encode())
+    assert worker.proc.wait(timeout=60) == 0
+
+
+def only(tokens: list[int], vocab: int) -> np.ndarray:
+    """Grammar masks, one row per token, each allowing that token alone."""
+    words = np.zeros((len(tokens), (vocab + 31) // 32), np.uint32)
+    for i, t in enumerate(tokens):
+        words[i, t // 32] = np.uint32(1) << np.uint32(t % 32)
+    return words.view(np.int32)
+
+
+def deferred(p: IterationPlan) -> IterationPlan:
+    p.bitmask_rows, p.bitmask_deferred = np.arange(p.batch_size, dtype=np.int32), True
+    return p
+
+
+def test_a_plan_whose_masks_follow_samples_under_them_and_fails_alone_without_them(worker):
+    """A plan scheduled ahead with grammar-constrained rows (``bitmask_deferred``): the worker
+    queues its forward, answers the plan before it, and samples only once the ``GrammarBitmask``
+    comes, under those masks. Masks nobody awaits are dropped; a plan answered without its masks
+    fails alone and the next plan runs."""
+    vocab = 49152
+    prompt_lens = [len(p) for p in PROMPTS]
+    worker.sock.send(GrammarBitmask(iteration_id=99, bitmask=only([5], vocab)).encode())   # awaited by no plan
+    worker.sock.send(plan(1, PROMPTS, [0, 0]).encode())
+    first = worker.recv()
+    assert isinstance(first, IterationResult) and first.iteration_id == 1
+    worker.sock.send(plan(2, [[int(t)] for t in first.token_ids], prompt_lens).encode())
+    worker.sock.send(deferred(plan(3, [[PLACEHOLDER_TOKEN]] * 2, [n + 1 for n in prompt_lens])).encode())
+    second = worker.recv()
+    assert isinstance(second, IterationResult) and second.iteration_id == 2
+    assert not worker.sock.poll(1500), "plan 3 must not sample before its masks come"
+    worker.sock.send(GrammarBitmask(iteration_id=3, bitmask=only([42, 4242], vocab)).encode())
+    third = worker.recv()
+    assert isinstance(third, IterationResult) and third.token_ids.tolist() == [42, 4242]
+
+    # plan 4's masks never come: plan 5 behind it makes the worker answer 4 with an error, then 5
+    worker.sock.send(deferred(plan(4, [[PLACEHOLDER_TOKEN]] * 2, [n + 2 for n in prompt_lens])).encode())
+    worker.sock.send(plan(5, [[42], [4242]], [n + 2 for n in prompt_lens]).encode())
+    failed, fifth = worker.recv(), worker.recv()
+    assert isinstance(failed, WorkerError) and failed.iteration_id == 4 and "never came" in failed.message
+    assert isinstance(fifth, IterationResult) and fifth.iteration_id == 5 and len(fifth.token_ids) == 2
     worker.sock.send(Shutdown(reason="test").encode())
     assert worker.proc.wait(timeout=60) == 0
 

@@ -135,6 +135,31 @@ def test_sampled_outputs_validate_too(replica):
         jsonschema.validate(json.loads(out.choices[0].message.content), schema)
 
 
+def test_constrained_requests_launch_ahead_like_any_other(replica):
+    """A batch of constrained requests alone keeps the worker's launch-ahead pipeline full: each
+    plan scheduled ahead carries deferred masks the engine sends once the previous tokens advanced
+    the grammars (before, such a batch ran without launch-ahead). Every output holds its grammar."""
+    pattern = r"[a-z]{400}"   # more letters than 40 tokens write: every request ends by length
+
+    def counters():
+        return (replica.metric("neo:worker_launched_ahead_total"),
+                replica.metric("neo:iteration_duration_seconds_count"))
+
+    _gather(replica, [lambda c: c.completions.create(model=MODEL, prompt="Hi", max_tokens=2)])  # series exist
+    ahead0, iterations0 = counters()
+    outs = _gather(replica, [
+        (lambda c, i=i: c.completions.create(model=MODEL, prompt=f"Item {i}:", max_tokens=40, temperature=0,
+                                             extra_body={"guided_regex": pattern}))
+        for i in range(8)])
+    ahead1, iterations1 = counters()
+    for out in outs:
+        choice = out.choices[0]
+        assert choice.finish_reason == "length" and out.usage.completion_tokens == 40
+        assert re.fullmatch(r"[a-z]*", choice.text) and len(choice.text) >= 40, choice.text
+    iterations = iterations1 - iterations0
+    assert iterations >= 40 and ahead1 - ahead0 >= iterations / 2, (ahead1 - ahead0, iterations)
+
+
 REGEXES = [r"[0-9]{3}-[0-9]{4}", r"(yes|no), because [a-z]{2,8}", r"[A-Z][a-z]{2,6} [0-9]{1,2}",
            r"#[0-9a-f]{6}", r"[0-9]{1,4}\.[0-9]{2}", r"[a-z]{1,10}@[a-z]{1,10}\.(com|org)"]
 CHOICES = [["yes", "no"], ["red", "green", "blue"], ["Paris", "London", "Rome", "Madrid"], ["a b c", "d e"]]

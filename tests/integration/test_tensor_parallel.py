@@ -22,6 +22,7 @@ request's text must match, and both pools must be free afterwards.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 
@@ -50,6 +51,22 @@ RUNS = {"tp1": ["--kv-cache-dtype", "float32", "--offload-mode", "off", "--num-g
         "tp2-auto": [*TP2, *BF16, "--offload-mode", "auto", "--num-gpu-blocks", "16", "--swap-in-threshold", "1.0",
                      "--calibrate-pipeline", "false"]}
 EQUAL = {"tp2": "tp1", "tp2-full": "tp2-bf16", "tp2-auto": "tp2-bf16"}
+CONSTRAINED = ("tp1", "tp2")   # GPU-only runs: constrained rows launched ahead, their masks deferred
+
+
+def complete_constrained(url: str, model: str) -> list[str]:
+    """Four concurrent greedy requests under a regex they cannot finish: every one ends by length
+    and writes letters only."""
+    def one(i: int) -> str:
+        r = httpx.post(url + "/v1/completions", timeout=300, json={
+            "model": model, "prompt": f"Item {i}:", "max_tokens": 24, "temperature": 0,
+            "guided_regex": "[a-z]{400}"})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "length" and choice["text"].isalpha(), choice
+        return choice["text"]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        return list(pool.map(one, range(4)))
 
 
 def random_gqa_llama(folder) -> str:
@@ -69,7 +86,7 @@ def test_tp2_greedy_outputs_equal_tp1(model, replica_factory, tmp_path, cost_cac
     # a wave that fills tp2-auto's 16 GPU blocks goes first: its growth must swap some of it out
     wave = filling_wave(16)
     requests = wave + workload(seed=1, num_requests=NUM_REQUESTS)
-    texts, stats = {}, {}
+    texts, stats, constrained = {}, {}, {}
     for run, run_args in RUNS.items():
         if run == "tp2-auto":
             run_args = [*run_args, "--cost-tables", fast_host_tables(cost_cache, tmp_path)]
@@ -78,11 +95,14 @@ def test_tp2_greedy_outputs_equal_tp1(model, replica_factory, tmp_path, cost_cac
             assert len(rank_children(replica, b"gpu-worker")) == 1, run
             assert len(rank_children(replica, b"cpu-attention")) == (run in ("tp2-full", "tp2-auto")), run
         texts[run] = complete_all(replica.url, name, requests, first=len(wave))
+        if run in CONSTRAINED:
+            constrained[run] = complete_constrained(replica.url, name)
         stats[run] = metrics(replica.url)
         replica.stop()
     for run, ref in EQUAL.items():
         diff = [i for i, (a, b) in enumerate(zip(texts[ref], texts[run])) if a != b]
         assert not diff, f"{run} vs {ref}: requests {diff} differ, e.g. {texts[ref][diff[0]]!r} vs {texts[run][diff[0]]!r}"
+    assert constrained["tp2"] == constrained["tp1"], "grammar-constrained rows (masks sent to rank 0 alone)"
     for run, m in stats.items():
         assert value(m, "neo:gpu_kv_blocks_free") == value(m, "neo:gpu_kv_blocks_total"), run
         assert value(m, "vllm:num_requests_running") == 0.0, run
