@@ -21,14 +21,20 @@ except ImportError:   # an install without it keeps the standard library's encod
     orjson = None
 
 
-def sse_event(value: Any) -> bytes:
-    """One server-sent event carrying ``value`` as JSON."""
+def dumps(value: Any, separators: tuple[str, str] = (", ", ": ")) -> bytes:
+    """``value`` as UTF-8 JSON: orjson's (compact) where it can encode it, else the standard
+    library's (ASCII-only, with ``separators``)."""
     if orjson is not None:
         try:
-            return b"data: " + orjson.dumps(value) + b"\n\n"
+            return orjson.dumps(value)
         except TypeError:   # orjson.JSONEncodeError is a TypeError
             pass
-    return f"data: {json.dumps(value)}\n\n".encode()
+    return json.dumps(value, separators=separators).encode()
+
+
+def sse_event(value: Any) -> bytes:
+    """One server-sent event carrying ``value`` as JSON."""
+    return b"data: " + dumps(value) + b"\n\n"
 
 
 class FastJSONResponse(JSONResponse):
@@ -38,9 +44,4 @@ class FastJSONResponse(JSONResponse):
     (``ensure_ascii=False``, then UTF-8) raises on a lone surrogate, which ``\\ud800`` escapes carry."""
 
     def render(self, content: Any) -> bytes:
-        if orjson is not None:
-            try:
-                return orjson.dumps(content)
-            except TypeError:
-                pass
-        return json.dumps(content, separators=(",", ":")).encode()
+        return dumps(content, separators=(",", ":"))
