@@ -189,11 +189,14 @@ def structured_cost(throughput: dict, target: float = TARGET_COST) -> dict:
             "target": target, "verdict": verdict.value}
 
 
+def fit(run: dict) -> bool:
+    """A run to compare: no error, no problem (a failed request would count its missing tokens as a slowdown)."""
+    return not run.get("error") and not run.get("problems")
+
+
 def summary(runs: list[dict]) -> dict:
-    """Per figure, each variant's spread and its verdict against plain, over the runs fit to compare
-    (no error, no problem: a failed request would count its missing tokens as a slowdown)."""
-    ok = {v.value: [r for r in runs if r["mode"] == v.value and not r.get("error") and not r.get("problems")]
-          for v in Variant}
+    """Per figure, each variant's spread over its ``fit`` runs and its verdict against plain."""
+    ok = {v.value: [r for r in runs if r["mode"] == v.value and fit(r)] for v in Variant}
     out = {key: summarize_modes(ok, fig, Variant.PLAIN.value) for key, fig in FIGURES.items()}
     out["structured_cost"] = structured_cost(out["output_throughput"])
     # json's median iteration time less plain's: what the bitmask path adds to one step
@@ -218,8 +221,8 @@ def table(report: dict) -> str:
         w = s["output_throughput"]["spread"].get(v.value)
         vs = s["output_throughput"]["vs_plain"].get(v.value)
         med = {k: (s[k]["spread"].get(v.value) or {}).get("median") for k in FIGURES}
-        ahead = [r["launched_ahead_share"] for r in runs if r["mode"] == v.value and r.get("launched_ahead_share")
-                 is not None]
+        ahead = [r["launched_ahead_share"] for r in runs
+                 if r["mode"] == v.value and fit(r) and r["launched_ahead_share"] is not None]
         mmm = "/".join(f"{w[q]:.0f}" for q in ("min", "median", "max")) if w else "-"
         lines.append(f"{v.value:>8} {(w or {}).get('n', 0):>4} {mmm:>20} "
                      f"{(describe(vs) if vs else '(base)'):>30} {_ms(med['tpot_p50_s']):>11} "
@@ -250,7 +253,7 @@ def plot(report: dict, path: str) -> None:
     for ax, key, label, scale in ((axes[0], "output_throughput", "output tok/s (burst makespan)", 1.0),
                                   (axes[1], "worker_iteration_s", "worker iteration (ms, mean)", 1e3)):
         for k, v in enumerate(Variant):
-            runs = [r for r in report["runs"] if r["mode"] == v.value and r.get(key) is not None]
+            runs = [r for r in report["runs"] if r["mode"] == v.value and fit(r) and r.get(key) is not None]
             vals = [r[key] * scale for r in runs]
             if vals:
                 ax.bar(k, float(np.median(vals)), color=f"C{k}", alpha=0.4)
