@@ -85,3 +85,17 @@ def summarize_modes(results: dict[str, list[dict]], figure: Callable[[dict], flo
     spreads = {m: Spread.of(figure(r) for r in runs) for m, runs in results.items()}
     return {"spread": {m: (s.to_dict() if s else None) for m, s in spreads.items()},
             "vs_" + base: {m: verdict(s, spreads.get(base)) for m, s in spreads.items() if m != base}}
+
+
+def spread_bars(ax, spread: dict[str, dict | None], values: dict[str, list[float]], ylabel: str,
+                scale: float = 1.0) -> None:
+    """One bar per mode at its median, whiskers to its min and max, each repetition a dot (a
+    panel of a benchmark's PNG); ``spread``: mode -> ``Spread.to_dict()`` (None: did not run)."""
+    modes = [m for m, s in spread.items() if s]
+    med = [spread[m]["median"] * scale for m in modes]
+    err = [[(spread[m]["median"] - spread[m]["min"]) * scale for m in modes],
+           [(spread[m]["max"] - spread[m]["median"]) * scale for m in modes]]
+    ax.bar(modes, med, yerr=err, capsize=6, color=[f"C{i}" for i in range(len(modes))])
+    for i, m in enumerate(modes):
+        ax.plot([i] * len(values.get(m, [])), [v * scale for v in values.get(m, [])], "k.", alpha=0.6)
+    ax.set_ylabel(ylabel, fontsize=8)

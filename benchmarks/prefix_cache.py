@@ -40,7 +40,7 @@ import re
 import sys
 
 from neo_bench import multiturn
-from neo_bench.comparison import abba_order, describe, summarize_modes
+from neo_bench.comparison import abba_order, describe, spread_bars, summarize_modes
 from neo_bench.neo_vs_gpu_only import hardware, run_all
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,30 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(report: dict, path: str) -> None:
+    """Three panels (later turns' TTFT p50, output throughput, TPOT p99), one bar per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summ, runs = report["summary"], [r for r in report["runs"] if not r.get("error")]
+    panels = (("ttft_later_p50_s", "TTFT p50, later turns (ms)", 1e3), ("output_throughput", "output tokens/s", 1.0),
+              ("tpot_p99_s", "TPOT p99 (ms)", 1e3))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    for ax, (key, label, scale) in zip(axes, panels):
+        values = {v: [FIGURES[key](r) for r in runs if r["mode"] == v] for v in report["config"]["variants"]}
+        spread_bars(ax, summ[key]["spread"], {v: [x for x in xs if x is not None] for v, xs in values.items()},
+                    label, scale)
+    c = report["config"]
+    fig.suptitle(f"prefix caching, {c['model']}: {c['num_conversations']} conversations x {c['num_turns']} turns, "
+                 f"{c['num_gpu_blocks']} GPU / {c['num_cpu_blocks']} host blocks, {c['reps']} reps ABBA "
+                 f"(median, min-max)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m neo_bench.prefix_cache", description=__doc__.splitlines()[0])
     srv = ap.add_argument_group("neo serve (same for every variant)")
@@ -181,8 +205,10 @@ def main(argv=None) -> int:
     config = {**{k: v for k, v in vars(args).items() if k != "variants"}, "variants": args.modes}
     report = {"config": config, "hardware": hardware(None), "order": args.order, "servers": infos, "runs": runs,
               "metrics": scraped, "summary": summ, "targets": targets(summ, args.base)}
-    with open(os.path.join(args.out, f"prefix_cache_{args.label}.json"), "w") as f:
+    stem = os.path.join(args.out, f"prefix_cache_{args.label}")
+    with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=2, default=str)
+    plot(report, stem + ".png")
     print(table(report))
     failed = any(i.get("error") for i in infos.values()) or len(runs) != len(args.order) \
         or any(r.get("error") or r.get("failed") for r in runs)

@@ -43,6 +43,7 @@ def test_gpu_only_caching_vs_host_tier_on_the_embedded_model(tmp_path, monkeypat
                  "--label", "ci", "--out", str(tmp_path)])
     assert code == 0, (tmp_path / "serve_ci_host.log").read_text()[-3000:]
     report = json.loads((tmp_path / "prefix_cache_ci.json").read_text())
+    assert (tmp_path / "prefix_cache_ci.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["order"] == ["gpu#0", "host#0", "host#1", "gpu#1"]
     assert [(r["mode"], r["rep"]) for r in report["runs"]] == [("gpu", 0), ("host", 0), ("host", 1), ("gpu", 1)]
     for run in report["runs"]:
