@@ -73,7 +73,8 @@ class WorkerLink:
     - ``generation``: bumps every time the role goes down, so a reply from before is never used.
     - ``ready_event``: set while ``ready`` is not None.
     - ``rejected``: frames dropped, by reason (a Counter; the metrics render it).
-    - ``_waiting``: iteration id -> future of the call waiting for that reply.
+    - ``_waiting``: iteration id -> future of the call waiting for that reply, from the send to
+      the ``reply()`` that reads it (the answer may come first: it waits in the future).
     - ``errors``: one-way error reports of the worker that no call waited for (``drain()``).
     """
 
@@ -214,7 +215,8 @@ class WorkerLink:
             self._mark_down(f"{self.name} failed: {msg.message}")
         else:
             iteration_id = getattr(msg, "iteration_id", None)
-            future = self._waiting.pop(iteration_id, None) if isinstance(iteration_id, int) else None
+            # kept until reply() reads it: a plan sent ahead is often answered before its reply()
+            future = self._waiting.get(iteration_id) if isinstance(iteration_id, int) else None
             if future is not None and not future.done():
                 future.set_result(msg)
             elif isinstance(msg, WorkerError):
@@ -313,12 +315,13 @@ class WorkerLink:
                                          return_when=asyncio.FIRST_COMPLETED)
         finally:
             down.cancel()
+            if self._waiting.get(iteration_id) is future:   # answered, timed out or down: a second answer is unexpected
+                del self._waiting[iteration_id]
         if future in done and not future.cancelled() and generation == self.generation:
             reply = future.result()
             if isinstance(reply, WorkerError):
                 raise IterationFailed(f"{self.name}: {reply.message}")
             return reply
-        self._waiting.pop(iteration_id, None)
         if not done:
             self._mark_down(f"{self.name} gave no answer to iteration {iteration_id} within "
                             f"{self.timeout_s:.0f}s; asking it to register again")

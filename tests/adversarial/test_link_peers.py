@@ -152,6 +152,28 @@ def test_a_port_scan_and_a_rogue_hello_never_touch_the_registered_worker(tmp_pat
     run(scenario, tmp_path)
 
 
+def test_a_plan_answered_before_its_reply_is_awaited_is_not_lost(tmp_path):
+    """Async scheduling sends plan 2 before it awaits plan 1's reply; a fast worker answers both
+    before the engine asks for plan 2's. Each reply must be there when asked for (it was taken
+    for a worker gone away, failing every running request); a second answer is unexpected."""
+    async def scenario(bench: Bench):
+        worker = await bench.worker()
+        generation = bench.link.generation
+        for i in (1, 2):
+            await bench.link.send(IterationPlan(iteration_id=i), awaits_reply=True)
+        for _ in (1, 2):
+            await answer(worker)
+        await asyncio.sleep(0.3)            # both answers are in before either reply() call
+        for i in (1, 2):
+            reply = await bench.link.reply(generation, i)
+            assert isinstance(reply, IterationResult) and reply.iteration_id == i
+        await worker.send(result(2).encode())   # answered twice
+        await asyncio.sleep(0.3)
+        assert bench.link.rejected[RejectReason.UNEXPECTED] == 1 and bench.link.alive
+
+    run(scenario, tmp_path)
+
+
 def test_a_rogue_that_stays_receives_no_plan_and_injects_nothing(tmp_path):
     async def scenario(bench: Bench):
         worker = await bench.worker()
