@@ -44,7 +44,7 @@ def device_cost(batch: int, vocab: int, device: torch.device, reps: int) -> dict
     def step(with_mask: bool) -> None:
         params = SamplingBatch.from_columns(temps, top_p, np.full(batch, -1, np.int32), np.full(batch, -1, np.int64),
                                             np.zeros(batch, np.int32), vocab, device,
-                                            bitmask=(rows, masks) if with_mask else None)
+                                            bitmask=(rows, masks, rows) if with_mask else None)
         sample(logits, params, gen)
 
     out = {}

@@ -209,7 +209,9 @@ class IterationPlan(Message):
       top ``plp_k[j]``.
     - ``bitmask_rows``/``bitmask``: structured outputs, over the constrained sampling rows only:
       row ``bitmask_rows[j]`` may sample token ``t`` only if bit ``t % 32`` of ``bitmask[j, t // 32]``
-      (int32 words) is set; the others' logits become -inf before sampling. With ``bitmask_deferred``
+      (int32 words) is set; the others' logits become -inf before sampling. Rows in one grammar
+      state share a mask, so ``bitmask`` holds the distinct masks and ``bitmask_index[j]`` names
+      row ``bitmask_rows[j]``'s (empty: one mask per row, in order). With ``bitmask_deferred``
       the masks are not known yet (their rows are placeholders of a plan scheduled ahead: each
       mask needs the token the previous plan samples): ``bitmask`` is empty and a ``GrammarBitmask``
       of this iteration follows; the worker queues the forward at once and the sampling when the
@@ -249,6 +251,7 @@ class IterationPlan(Message):
     plp_targets: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
     bitmask_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
     bitmask: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), np.int32))
+    bitmask_index: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
     bitmask_deferred: bool = False
     swap_out: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.int32))
     swap_in: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.int32))
@@ -266,10 +269,10 @@ class IterationPlan(Message):
                 or len(np.unique(r)) != len(r) or (len(r) and not np.all(self.sample[r.astype(np.int64)]))):
             raise ProtocolError("IterationPlan: bitmask_rows must name distinct sampling rows of the plan")
         if self.bitmask_deferred:
-            if not len(r) or self.bitmask.shape != (0, 0):
+            if not len(r) or self.bitmask.shape != (0, 0) or len(self.bitmask_index):
                 raise ProtocolError("IterationPlan: deferred masks name their rows and send no bitmask yet")
         else:
-            check_bitmask_words("IterationPlan", self.bitmask, len(r))
+            check_bitmask_words("IterationPlan", self.bitmask, self.bitmask_index, len(r))
 
     def check(self) -> None:
         n = self.bias_rows.shape
@@ -367,25 +370,33 @@ class IterationResult(Message):
             raise ProtocolError("IterationResult: plp_seq_ids and plp_count must be of one length")
 
 
-def check_bitmask_words(cls_name: str, bitmask: np.ndarray, rows: int) -> None:
-    if (bitmask.dtype != np.int32 or bitmask.ndim != 2 or bitmask.shape[0] != rows
-            or (rows and not bitmask.shape[1])):
-        raise ProtocolError(f"{cls_name}: bitmask must hold one row of int32 words for each of bitmask_rows")
+def check_bitmask_words(cls_name: str, bitmask: np.ndarray, index: np.ndarray, rows: int) -> None:
+    """``bitmask``: int32 words, one row per constrained row (``index`` empty) or the distinct rows
+    that ``index`` (one entry per constrained row) names."""
+    distinct = rows if not len(index) else (int(index.max()) + 1 if index.dtype.kind in "iu" else -1)
+    if (bitmask.dtype != np.int32 or bitmask.ndim != 2 or (rows and not bitmask.shape[1])
+            or bitmask.shape[0] != distinct or index.ndim != 1 or len(index) not in (0, rows)
+            or (len(index) and (index.dtype.kind not in "iu" or int(index.min()) < 0))):
+        raise ProtocolError(f"{cls_name}: bitmask must hold int32 words for each of bitmask_rows, or the "
+                            "distinct rows bitmask_index names")
 
 
 @dataclasses.dataclass
 class GrammarBitmask(Message):
-    """The masks of an ``IterationPlan`` sent with ``bitmask_deferred``: ``bitmask`` as that plan's
-    would have been, one row per entry of its ``bitmask_rows``, in that order. The gateway sends it
+    """The masks of an ``IterationPlan`` sent with ``bitmask_deferred``: ``bitmask`` and
+    ``bitmask_index`` as that plan's would have been, for its ``bitmask_rows`` in that order.
+    The gateway sends it
     as soon as the previous plan's tokens have advanced the grammars, and always (an all-ones mask
     for a request that ended meanwhile): the worker holds the plan's sampling until it comes."""
 
     TYPE: ClassVar[MsgType] = MsgType.GRAMMAR_BITMASK
     iteration_id: int = 0
     bitmask: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), np.int32))
+    bitmask_index: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
 
     def check(self) -> None:
-        check_bitmask_words("GrammarBitmask", self.bitmask, self.bitmask.shape[0] if self.bitmask.ndim == 2 else -1)
+        rows = len(self.bitmask_index) or (self.bitmask.shape[0] if self.bitmask.ndim == 2 else -1)
+        check_bitmask_words("GrammarBitmask", self.bitmask, self.bitmask_index, rows)
 
 
 @dataclasses.dataclass

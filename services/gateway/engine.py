@@ -310,9 +310,10 @@ class Engine:
                 finally:
                     self._drain_cpu_errors()
                 sent.pop(0)
-                self._apply(current, result)
-                if sent and sent[0].bitmask_deferred:
+                updates = self._advance(current, result)
+                if sent and sent[0].bitmask_deferred:   # first: the device waits on them
                     await self._send_masks(sent[0], masked)
+                self._emit(current, result, updates)
                 sched.observe(current, result.forward_s - result.swap_s)
                 now = time.perf_counter()
                 for hook in self.iteration_hooks:
@@ -337,8 +338,8 @@ class Engine:
                 await self.link.reply(generation, out.iteration_id)
 
     async def _send_masks(self, output: SchedulerOutput, masked: set[int], allow_all: bool = False) -> None:
-        await self.link.send(GrammarBitmask(iteration_id=output.iteration_id,
-                                            bitmask=output.grammar_bitmask(allow_all)))
+        masks, index = output.grammar_bitmask(allow_all)
+        await self.link.send(GrammarBitmask(iteration_id=output.iteration_id, bitmask=masks, bitmask_index=index))
         masked.add(output.iteration_id)
 
     @staticmethod
@@ -385,16 +386,31 @@ class Engine:
         await self.link.send(plan, awaits_reply=True)
         sent.append(output)
 
-    def _apply(self, output: SchedulerOutput, result: IterationResult) -> None:
+    def _advance(self, output: SchedulerOutput, result: IterationResult) -> list[tuple]:
+        """The iteration's tokens into the scheduler and the grammars, before anything is
+        detokenized or streamed: the next plan's deferred masks wait on the grammars alone.
+        Per row: (sequence, token, the scheduler's finish reason, the reason after its grammar)."""
         assert self.scheduler is not None
         sampled = dict(zip(result.seq_ids.tolist(), result.token_ids.tolist()))
+        updates = []
+        for seq, token, reason in self.scheduler.update(output, sampled):
+            final = reason
+            if seq.structured is not None and seq.seq_id in self.requests:
+                final = self._advance_grammar(seq, token, reason)
+            updates.append((seq, token, reason, final))
+        return updates
+
+    def _emit(self, output: SchedulerOutput, result: IterationResult, updates: list[tuple]) -> None:
+        """Detokenize and stream what ``_advance`` took in (stop strings end requests here)."""
+        assert self.scheduler is not None
         self._apply_prompt_logprobs(result)
         logprobs = {}
         if len(result.lp_seq_ids):
+            sampled = dict(zip(result.seq_ids.tolist(), result.token_ids.tolist()))
             asked = {r.seq.seq_id: r.seq.params.logprobs for r in output.rows
                      if r.sample and r.seq.params.logprobs is not None}
             logprobs = sampled_logprobs(result, sampled, asked)
-        for seq, token, reason in self.scheduler.update(output, sampled):
+        for seq, token, scheduled_reason, reason in updates:
             req = self.requests.get(seq.seq_id)
             if req is None:
                 continue
@@ -402,12 +418,10 @@ class Engine:
             if entry is not None:
                 seq.logprobs.append(entry)
                 seq.cumulative_logprob += entry.logprob
-            text = req.detok.add(token, stop_token=reason is FinishReason.STOP)
-            if seq.structured is not None:
-                reason = self._advance_grammar(seq, token, reason)
-                if reason is FinishReason.ERROR:
-                    self._push(req, "", [], reason, error="the output left its grammar (structured outputs)")
-                    continue
+            text = req.detok.add(token, stop_token=scheduled_reason is FinishReason.STOP)
+            if seq.structured is not None and reason is FinishReason.ERROR:
+                self._push(req, "", [], reason, error="the output left its grammar (structured outputs)")
+                continue
             if reason is None and req.detok.stopped:
                 reason = FinishReason.STOP
                 self.scheduler.finish(seq, reason)

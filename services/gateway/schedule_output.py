@@ -11,7 +11,7 @@ from neo_gateway.block_manager import BlockManager
 from neo_common.block_runs import merge_runs
 from neo_gateway.offload_policy import OffloadDecision, PlanKind
 from neo_gateway.sequence import Sequence
-from neo_gateway.structured_output import bitmask_width, fill_bitmasks
+from neo_gateway.structured_output import bitmask_width, distinct_rows, fill_bitmasks
 
 
 @dataclasses.dataclass
@@ -77,12 +77,13 @@ class SchedulerOutput:
         iteration samples, and follow the plan (``grammar_bitmask``, sent as ``GrammarBitmask``)."""
         return any(r.placeholder for r in self.constrained_rows)
 
-    def grammar_bitmask(self, allow_all: bool = False) -> np.ndarray:
+    def grammar_bitmask(self, allow_all: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The constrained rows' masks as of now (after the previous iteration's tokens). A request
         that ended meanwhile, or whose grammar did, gets every token: the worker samples its row
         all the same and ``Scheduler.update`` discards the token. ``allow_all``: every row so (an
-        iteration failed already, whose tokens nobody reads)."""
-        return _masks([r.seq for r in self.constrained_rows], allow_all)
+        iteration failed already, whose tokens nobody reads). Returns (distinct masks, each row's
+        index among them): ``GrammarBitmask``'s ``bitmask`` and ``bitmask_index``."""
+        return distinct_rows(_masks([r.seq for r in self.constrained_rows], allow_all))
 
     def _tables(self, rows: list[ScheduledSeq], gpu: BlockManager, cpu: BlockManager | None) -> np.ndarray:
         tables = [(cpu if r.seq.place is Place.CPU else gpu).table(r.seq.seq_id) for r in rows]
@@ -198,7 +199,8 @@ def _bitmask_columns(rows: list) -> dict:
     if any(rows[i].placeholder for i in held):
         assert all(rows[i].placeholder for i in held), "masks are deferred for a whole plan or not at all"
         return out | {"bitmask_deferred": True}
-    return out | {"bitmask": _masks([rows[i].seq for i in held])}
+    masks, index = distinct_rows(_masks([rows[i].seq for i in held]))
+    return out | {"bitmask": masks, "bitmask_index": index}
 
 
 def _masks(seqs: list[Sequence], allow_all: bool = False) -> np.ndarray:

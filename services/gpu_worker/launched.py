@@ -102,6 +102,7 @@ class Forwarded:
     sample_rows: np.ndarray
     last: torch.Tensor
     hidden_at: object
+    logits: torch.Tensor | None = None   # queued already (a plan whose masks follow), else None
 
 
 class AwaitingMask:
@@ -110,7 +111,7 @@ class AwaitingMask:
     The device runs the forward meanwhile, so the masks cost no gap unless they come later than it
     ends. ``launched``: the sampling, once :meth:`supply` queued it (None until then)."""
 
-    def __init__(self, iteration_id: int, sample: Callable[[np.ndarray], Launched]) -> None:
+    def __init__(self, iteration_id: int, sample: Callable[[tuple[np.ndarray, np.ndarray]], Launched]) -> None:
         self.iteration_id, self.sample = iteration_id, sample
         self.launched: Launched | None = None
 
@@ -118,9 +119,9 @@ class AwaitingMask:
     def awaits_mask(self) -> bool:
         return self.launched is None
 
-    def supply(self, bitmask: np.ndarray) -> "AwaitingMask":
-        """Queue the sampling under ``bitmask`` (one row per entry of the plan's ``bitmask_rows``)."""
-        self.launched = self.sample(bitmask)
+    def supply(self, masks: tuple[np.ndarray, np.ndarray]) -> "AwaitingMask":
+        """Queue the sampling under ``masks``: the ``GrammarBitmask``'s (distinct masks, index)."""
+        self.launched = self.sample(masks)
         return self
 
     def done(self) -> bool:
@@ -141,11 +142,11 @@ class OnCpuThread:
     def __init__(self, stream: ThreadPoolExecutor, future: Future, awaits_mask: bool) -> None:
         self.stream, self.future, self.awaits_mask = stream, future, awaits_mask
 
-    def supply(self, bitmask: np.ndarray) -> "OnCpuThread":
+    def supply(self, masks: tuple[np.ndarray, np.ndarray]) -> "OnCpuThread":
         if not self.awaits_mask:
             raise ValueError("this plan awaits no grammar masks")
         forward = self.future
-        self.future = self.stream.submit(lambda: forward.result().supply(bitmask))
+        self.future = self.stream.submit(lambda: forward.result().supply(masks))
         self.awaits_mask = False
         return self
 

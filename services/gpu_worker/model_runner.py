@@ -107,8 +107,10 @@ class ModelRunner:
         if isinstance(forwarded, Launched):
             return forwarded
         if plan.bitmask_deferred and (self.tp is None or self.tp.rank == 0):
-            return AwaitingMask(plan.iteration_id, lambda bitmask: self._sample(forwarded, bitmask))
-        return self._sample(forwarded, plan.bitmask)
+            if len(forwarded.sample_rows) and not self.emulator:   # the LM head does not wait for the masks
+                forwarded.logits = self.model.compute_logits(forwarded.last)
+            return AwaitingMask(plan.iteration_id, lambda masks: self._sample(forwarded, masks))
+        return self._sample(forwarded, (plan.bitmask, plan.bitmask_index))
 
     def _forward(self, plan: IterationPlan) -> "Forwarded | Launched":
         timer = Timer(self.device)
@@ -157,10 +159,10 @@ class ModelRunner:
         return Forwarded(plan, result, timer, fill, sample_rows, last, hidden_at)
 
     @torch.inference_mode()
-    def _sample(self, fw: Forwarded, bitmask: np.ndarray) -> Launched:
-        """Queue the logits, the sampling (the plan's ``bitmask_rows`` under ``bitmask``, the
-        plan's or the ``GrammarBitmask``'s; unread on the ranks that do not sample) and the
-        tokens' copy to the host behind ``fw``'s forward."""
+    def _sample(self, fw: Forwarded, masks: tuple[np.ndarray, np.ndarray]) -> Launched:
+        """Queue the logits, the sampling (the plan's ``bitmask_rows`` under ``masks``: distinct
+        masks and each row's index, the plan's or the ``GrammarBitmask``'s; unread on the ranks that
+        do not sample) and the tokens' copy to the host behind ``fw``'s forward."""
         plan, result, sample_rows = fw.plan, fw.result, fw.sample_rows
         tokens, logprobs = None, None
         if self.tp is None or self.tp.rank == 0:   # rank 0 holds the logits (see ``tp``)
@@ -172,7 +174,7 @@ class ModelRunner:
         elif len(sample_rows):
             if self.emulator:
                 self.emulator.main.begin()
-            logits = self.model.compute_logits(fw.last)
+            logits = fw.logits if fw.logits is not None else self.model.compute_logits(fw.last)
             asked = SampledLogprobs(plan, sample_rows, logits)   # raw: before the sampler's processing
             params = SamplingBatch.from_columns(
                 plan.temperature[sample_rows], plan.top_p[sample_rows], plan.top_k[sample_rows],
@@ -180,7 +182,7 @@ class ModelRunner:
                 plan.min_p[sample_rows] if len(plan.min_p) else None, _sampled_bias(plan, sample_rows),
                 plan.penalties[sample_rows] if len(plan.penalties) else None,
                 _sampled_history(plan, sample_rows, fw.fill, self.device) if len(plan.penalties) else None,
-                _sampled_bitmask(plan, sample_rows, bitmask))
+                _sampled_bitmask(plan, sample_rows, masks))
             sampled = sample(logits, params, self.generator)
             if self.emulator:
                 self.emulator.main.work(self.emulator.roofline.lm_head(len(sample_rows)))
@@ -289,18 +291,22 @@ def _sampled_bias(plan: IterationPlan, sample_rows: np.ndarray) -> tuple[np.ndar
     return rows[keep], plan.bias_ids[keep], plan.bias_values[keep]
 
 
-def _sampled_bitmask(plan: IterationPlan, sample_rows: np.ndarray,
-                     bitmask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """The grammar masks ``bitmask`` of the plan's ``bitmask_rows``, their rows renumbered as the
-    sampled rows' (every masked row samples: ``IterationPlan.check``)."""
+def _sampled_bitmask(plan: IterationPlan, sample_rows: np.ndarray, masks: tuple[np.ndarray, np.ndarray]
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(rows, distinct masks, each row's mask index) of the plan's ``bitmask_rows``, their rows
+    renumbered as the sampled rows' (every masked row samples: ``IterationPlan.check``); ``masks``:
+    (words, index), an empty index meaning one mask per row."""
     if not len(plan.bitmask_rows):
         return None
-    if bitmask.shape[0] != len(plan.bitmask_rows):
-        raise ValueError(f"iteration {plan.iteration_id}: {bitmask.shape[0]} grammar masks for "
-                         f"{len(plan.bitmask_rows)} constrained rows")
+    words, index = masks
+    if not len(index):
+        index = np.arange(words.shape[0], dtype=np.int32)
+    if len(index) != len(plan.bitmask_rows) or (len(index) and int(index.max()) >= words.shape[0]):
+        raise ValueError(f"iteration {plan.iteration_id}: grammar masks for {len(index)} rows, "
+                         f"{len(plan.bitmask_rows)} constrained")
     where = np.full(plan.batch_size, -1, np.int64)
     where[sample_rows] = np.arange(len(sample_rows))
-    return where[plan.bitmask_rows], bitmask
+    return where[plan.bitmask_rows], words, index
 
 
 def _sampled_history(plan: IterationPlan, sample_rows: np.ndarray, fill, device: torch.device) -> PenaltyHistory:

@@ -44,13 +44,15 @@ class SamplingBatch:
                      bias: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
                      penalties: np.ndarray | None = None,
                      history: "PenaltyHistory | None" = None,
-                     bitmask: tuple[np.ndarray, np.ndarray] | None = None) -> "SamplingBatch":
+                     bitmask: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> "SamplingBatch":
         """``bias``: (row, token id, value) entries, rows indexing these columns, one per (row, token);
-        ``penalties`` ([B, 3], or None) apply over ``history``; ``bitmask``: (rows, packed int32
-        masks) of the rows a grammar constrains."""
+        ``penalties`` ([B, 3], or None) apply over ``history``; ``bitmask``: (rows a grammar
+        constrains, distinct packed int32 masks, each row's index among them), the masks expanded
+        on the device (the distinct ones are all that cross to it)."""
         random_rows = temperature > 0
         filters = random_rows & (((top_k > 0) & (top_k < vocab)) | (top_p < 1.0))
-        dev = lambda a, dtype: torch.from_numpy(np.ascontiguousarray(a, dtype)).to(device, non_blocking=True)  # noqa: E731
+        # a copy: columns of a decoded frame are read-only views of its buffer (torch warns on those)
+        dev = lambda a, dtype: torch.from_numpy(np.array(a, dtype)).to(device, non_blocking=True)  # noqa: E731
         use_min_p = min_p is not None and bool((random_rows & (min_p > 0)).any())
         if bias is not None and len(bias[0]) and int(np.max(bias[1])) >= vocab:
             raise ValueError(f"logit_bias names token {int(np.max(bias[1]))}, beyond the vocabulary ({vocab})")
@@ -62,7 +64,7 @@ class SamplingBatch:
             if bias is not None and len(bias[0]) else None,
             penalties=dev(penalties, np.float32) if penalties is not None and len(penalties) else None,
             history=history,
-            bitmask=(dev(bitmask[0], np.int64), dev(bitmask[1], np.int32))
+            bitmask=(dev(bitmask[0], np.int64), dev(bitmask[1], np.int32)[dev(bitmask[2], np.int64)])
             if bitmask is not None and len(bitmask[0]) else None)
 
 

@@ -65,7 +65,7 @@ class _InFlight:
         if self.launched is None:
             return   # its launch failed already; the reply says why
         try:
-            self.launched.supply(msg.bitmask)
+            self.launched.supply((msg.bitmask, msg.bitmask_index))
         except Exception as exc:
             self.launched = None
             self._failed(exc)

@@ -213,8 +213,8 @@ def test_constrained_requests_run_ahead_with_masks_that_follow_and_get_the_synch
                 assert all(out.rows[i].placeholder for i in want) and plan.bitmask.shape == (0, 0)
                 counts["deferred"] += 1
             else:
-                assert not want or plan.bitmask.shape == (len(want), width)
-            in_flight.append([out, None if plan.bitmask_deferred else plan.bitmask])
+                assert not want or (plan.bitmask.shape[1] == width and len(plan.bitmask_index) == len(want))
+            in_flight.append([out, None if plan.bitmask_deferred else plan.bitmask[plan.bitmask_index]])
 
         while sched.has_work() or in_flight:
             if not in_flight:
@@ -238,11 +238,13 @@ def test_constrained_requests_run_ahead_with_masks_that_follow_and_get_the_synch
                         sched.finish(seq, FinishReason.STOP)
             if in_flight and in_flight[0][0].bitmask_deferred:   # the engine's GrammarBitmask
                 nxt = in_flight[0][0]
-                in_flight[0][1] = nxt.grammar_bitmask()
+                masks, index = nxt.grammar_bitmask()
+                in_flight[0][1] = masks[index]
                 ended = [i for i, r in enumerate(nxt.constrained_rows) if r.seq.is_finished]
                 assert (in_flight[0][1][ended] == -1).all()
                 counts["ended"] += len(ended)
-                assert (nxt.grammar_bitmask(allow_all=True) == -1).all()
+                masks, index = nxt.grammar_bitmask(allow_all=True)
+                assert len(masks) == 1 and (masks == -1).all() and len(index) == len(nxt.constrained_rows)
         assert sched.gpu.num_free == 64
         done = [s for s in seqs if s.structured is not None and s.finish_reason is FinishReason.STOP]
         assert len(done) == 4 and all(tok.decode(s.output_ids) in words for s in done)
@@ -270,3 +272,16 @@ def test_choices_are_written_exactly_and_unwritable_characters_are_refused(tok):
             asyncio.run(manager.prepare(spec_from_fields(fields)))
         assert err.value.param == next(iter(fields)) and "vocabulary" in str(err.value)
     manager.close()
+
+
+def test_distinct_rows_rebuild_every_row_and_hold_no_duplicate():
+    from neo_gateway.structured_output import distinct_rows
+
+    rng = np.random.default_rng(5)
+    states = rng.integers(-2**31, 2**31 - 1, (5, 40), dtype=np.int64).astype(np.int32)
+    for picks in ([0] * 8, [0, 1, 0, 1, 2, 2, 4], list(range(5)), [3]):
+        rows = states[picks]
+        masks, index = distinct_rows(rows)
+        assert np.array_equal(masks[index], rows)
+        assert len(masks) == len(set(picks)) and index.dtype == np.int32
+        assert int(index.max()) == len(masks) - 1

@@ -63,11 +63,11 @@ def test_greedy_and_drawn_tokens_stay_inside_the_mask_whatever_the_bias():
     best = int(logits[0].argmax())
     bias = [(0, best, 100.0), (1, 50, 100.0)]   # a huge bias on a banned token cannot bring it back
     for seed in range(50):
-        params = batch([0.0, 1.5, 1.0], [seed, seed, seed], (np.array([0, 1]), pack(allowed)), bias)
+        params = batch([0.0, 1.5, 1.0], [seed, seed, seed], (np.array([0, 1]), pack(allowed), np.array([0, 1])), bias)
         out = sample(logits, params).tolist()
         assert out[0] in {5, 17, 40, 99} and out[0] == [5, 17, 40, 99][int(logits[0, [5, 17, 40, 99]].argmax())]
         assert out[1] in {2, 3}
-    free = {sample(logits, batch([0.0, 1.5, 1.0], [s] * 3, (np.array([0, 1]), pack(allowed)))).tolist()[2]
+    free = {sample(logits, batch([0.0, 1.5, 1.0], [s] * 3, (np.array([0, 1]), pack(allowed), np.array([0, 1])))).tolist()[2]
             for s in range(30)}
     assert len(free) > 2, "the unmasked row keeps sampling from the whole vocabulary"
 
@@ -76,7 +76,7 @@ def test_a_mask_of_one_token_forces_it():
     allowed = np.zeros((1, V), bool)
     allowed[0, 77] = True
     logits = torch.randn(2, V)
-    out = sample(logits, batch([1.0, 0.0], [3, 3], (np.array([1]), pack(allowed)))).tolist()
+    out = sample(logits, batch([1.0, 0.0], [3, 3], (np.array([1]), pack(allowed), np.array([0])))).tolist()
     assert out[1] == 77
 
 
@@ -109,12 +109,39 @@ def plan(sample_rows, bitmask_rows, words=4):
                          bitmask=np.full((len(bitmask_rows), words), -1, np.int32))
 
 
+def test_rows_in_one_state_share_one_mask_that_is_expanded_on_the_device():
+    """The gateway sends the distinct masks and an index (``distinct_rows``); sampling under them
+    equals sampling under one mask per row."""
+    from neo_gateway.structured_output import distinct_rows
+
+    rng = np.random.default_rng(3)
+    allowed = rng.random((2, V)) < 0.2
+    per_row = pack(allowed[[0, 1, 0, 0]])            # rows 0, 2, 3 in one state
+    masks, index = distinct_rows(per_row)
+    assert masks.shape[0] == 2 and index.tolist() == [0, 1, 0, 0]
+    p = plan([1, 1, 1, 1], [0, 1, 2, 3], words=per_row.shape[1])
+    p.bitmask, p.bitmask_index = masks, index
+    decoded = decode(p.encode())
+    rows, words, idx = _sampled_bitmask(decoded, np.arange(4), (decoded.bitmask, decoded.bitmask_index))
+    logits = torch.randn(4, V) * 3
+    shared = sample(logits, batch([0.0] * 4, [1] * 4, (rows, words, idx)))
+    one_each = sample(logits, batch([0.0] * 4, [1] * 4, (rows, per_row, np.arange(4))))
+    assert torch.equal(shared, one_each)
+    assert all(allowed[[0, 1, 0, 0][r], int(t)] for r, t in enumerate(shared))
+    for bad_index in (np.array([0, 1, 0], np.int32), np.array([0, 2, 0, 0], np.int32), np.array([0, 0, 0, 0], np.int32)):
+        p.bitmask_index = bad_index   # one short; beyond the masks; a mask no row uses
+        with pytest.raises(ProtocolError):
+            decode(p.encode())
+
+
 def test_the_plan_carries_masks_only_for_sampling_rows():
     p = plan([1, 0, 1, 1], [2, 0])
     decoded = decode(p.encode())
     assert np.array_equal(decoded.bitmask_rows, [2, 0]) and decoded.bitmask.shape == (2, 4)
-    rows, masks = _sampled_bitmask(decoded, np.flatnonzero(decoded.sample), decoded.bitmask)
+    rows, masks, index = _sampled_bitmask(decoded, np.flatnonzero(decoded.sample),
+                                          (decoded.bitmask, decoded.bitmask_index))
     assert rows.tolist() == [1, 0], "plan rows 2 and 0 are the 2nd and 1st sampled rows"
+    assert index.tolist() == [0, 1], "no index: one mask per row"
     for bad in (plan([1, 0], [1]), plan([1, 1], [0, 0]), plan([1, 1], [2])):
         with pytest.raises(ProtocolError):
             decode(bad.encode())
