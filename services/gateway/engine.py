@@ -332,9 +332,10 @@ class Engine:
         sent gets all-ones masks first: the worker holds its sampling until they come."""
         while sent:
             out = sent.pop(0)
-            with contextlib.suppress(IterationFailed, WorkerDown):
-                if out.bitmask_deferred and out.iteration_id not in masked:
+            if out.bitmask_deferred and out.iteration_id not in masked:
+                with contextlib.suppress(WorkerDown):
                     await self._send_masks(out, masked, allow_all=True)
+            with contextlib.suppress(IterationFailed, WorkerDown):
                 await self.link.reply(generation, out.iteration_id)
 
     async def _send_masks(self, output: SchedulerOutput, masked: set[int], allow_all: bool = False) -> None:

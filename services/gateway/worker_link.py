@@ -288,7 +288,8 @@ class WorkerLink:
         if awaits_reply:
             self._waiting[msg.iteration_id] = asyncio.get_running_loop().create_future()
         if not await self._send_to_peer(msg.encode()):
-            self._waiting.pop(getattr(msg, "iteration_id", None), None)
+            if awaits_reply:   # (a one-way message of the same iteration leaves its plan's call alone)
+                self._waiting.pop(msg.iteration_id, None)
             raise WorkerDown(f"{self.name} went away")
 
     def drain(self) -> list[WorkerError]:

@@ -109,11 +109,18 @@ class AwaitingMask:
     """A plan sent with ``bitmask_deferred``: its forward is queued, its sampling waits for the
     ``GrammarBitmask`` the gateway sends once the previous plan's tokens advanced the grammars.
     The device runs the forward meanwhile, so the masks cost no gap unless they come later than it
-    ends. ``launched``: the sampling, once :meth:`supply` queued it (None until then)."""
+    ends. ``launched``: the sampling, once queued (None until then); ``error``: why the plan fails
+    although it sampled (masks that never came or could not be used).
 
-    def __init__(self, iteration_id: int, sample: Callable[[tuple[np.ndarray, np.ndarray]], Launched]) -> None:
+    A plan that fails here still samples, unmasked: tensor-parallel followers sample nothing but
+    wait in the broadcast of rank 0's tokens, and a rank that skipped it would pair its next
+    collective with theirs. The gateway discards those tokens with the failed plan."""
+
+    def __init__(self, iteration_id: int,
+                 sample: Callable[[tuple[np.ndarray, np.ndarray] | None], Launched]) -> None:
         self.iteration_id, self.sample = iteration_id, sample
         self.launched: Launched | None = None
+        self.error: Exception | None = None
 
     @property
     def awaits_mask(self) -> bool:
@@ -121,16 +128,28 @@ class AwaitingMask:
 
     def supply(self, masks: tuple[np.ndarray, np.ndarray]) -> "AwaitingMask":
         """Queue the sampling under ``masks``: the ``GrammarBitmask``'s (distinct masks, index)."""
-        self.launched = self.sample(masks)
+        try:
+            self.launched = self.sample(masks)
+        except Exception as exc:   # masks that do not fit the plan
+            self.error = exc
+            self.launched = self.sample(None)
+        return self
+
+    def abandon(self) -> "AwaitingMask":
+        """The masks will not come (the plan is being answered without them): sample unmasked and fail."""
+        if self.launched is None:
+            self.error = ValueError(f"iteration {self.iteration_id}: its grammar masks never came")
+            self.launched = self.sample(None)
         return self
 
     def done(self) -> bool:
         return self.launched is not None and self.launched.done()
 
     def finish(self) -> IterationResult:
-        if self.launched is None:
-            raise ValueError(f"iteration {self.iteration_id}: its grammar masks never came")
-        return self.launched.finish()
+        result = self.abandon().launched.finish()
+        if self.error is not None:
+            raise self.error
+        return result
 
 
 class OnCpuThread:
@@ -153,7 +172,13 @@ class OnCpuThread:
     def done(self) -> bool:
         return not self.awaits_mask and self.future.done()
 
-    def finish(self) -> IterationResult:
+    def abandon(self) -> "OnCpuThread":
+        """As ``AwaitingMask.abandon``, queued on the launch thread behind the forward."""
         if self.awaits_mask:
-            raise ValueError("the plan's grammar masks never came")
-        return self.future.result().finish()
+            forward = self.future
+            self.future = self.stream.submit(lambda: forward.result().abandon())
+            self.awaits_mask = False
+        return self
+
+    def finish(self) -> IterationResult:
+        return self.abandon().future.result().finish()

@@ -107,8 +107,8 @@ class ModelRunner:
         if isinstance(forwarded, Launched):
             return forwarded
         if plan.bitmask_deferred and (self.tp is None or self.tp.rank == 0):
-            if len(forwarded.sample_rows) and not self.emulator:   # the LM head does not wait for the masks
-                forwarded.logits = self.model.compute_logits(forwarded.last)
+            if len(forwarded.sample_rows):   # the LM head does not wait for the masks
+                forwarded.logits = self._lm_head(forwarded)
             return AwaitingMask(plan.iteration_id, lambda masks: self._sample(forwarded, masks))
         return self._sample(forwarded, (plan.bitmask, plan.bitmask_index))
 
@@ -159,10 +159,20 @@ class ModelRunner:
         return Forwarded(plan, result, timer, fill, sample_rows, last, hidden_at)
 
     @torch.inference_mode()
-    def _sample(self, fw: Forwarded, masks: tuple[np.ndarray, np.ndarray]) -> Launched:
+    def _lm_head(self, fw: Forwarded) -> torch.Tensor:
+        """The sampled rows' logits (bracketed as the LM head's roofline under GPU emulation)."""
+        if self.emulator:
+            self.emulator.main.begin()
+        logits = self.model.compute_logits(fw.last)
+        if self.emulator:
+            self.emulator.main.work(self.emulator.roofline.lm_head(len(fw.sample_rows)))
+        return logits
+
+    @torch.inference_mode()
+    def _sample(self, fw: Forwarded, masks: tuple[np.ndarray, np.ndarray] | None) -> Launched:
         """Queue the logits, the sampling (the plan's ``bitmask_rows`` under ``masks``: distinct
-        masks and each row's index, the plan's or the ``GrammarBitmask``'s; unread on the ranks that
-        do not sample) and the tokens' copy to the host behind ``fw``'s forward."""
+        masks and each row's index, the plan's or the ``GrammarBitmask``'s; None: unmasked; unread
+        on the ranks that do not sample) and the tokens' copy to the host behind ``fw``'s forward."""
         plan, result, sample_rows = fw.plan, fw.result, fw.sample_rows
         tokens, logprobs = None, None
         if self.tp is None or self.tp.rank == 0:   # rank 0 holds the logits (see ``tp``)
@@ -172,9 +182,7 @@ class ModelRunner:
             sampled = self.tp.broadcast(torch.empty(len(sample_rows), dtype=torch.int64, device=self.device))
             self.last_sample = (plan.seq_ids[sample_rows], sampled)
         elif len(sample_rows):
-            if self.emulator:
-                self.emulator.main.begin()
-            logits = fw.logits if fw.logits is not None else self.model.compute_logits(fw.last)
+            logits = fw.logits if fw.logits is not None else self._lm_head(fw)
             asked = SampledLogprobs(plan, sample_rows, logits)   # raw: before the sampler's processing
             params = SamplingBatch.from_columns(
                 plan.temperature[sample_rows], plan.top_p[sample_rows], plan.top_k[sample_rows],
@@ -184,8 +192,6 @@ class ModelRunner:
                 _sampled_history(plan, sample_rows, fw.fill, self.device) if len(plan.penalties) else None,
                 _sampled_bitmask(plan, sample_rows, masks))
             sampled = sample(logits, params, self.generator)
-            if self.emulator:
-                self.emulator.main.work(self.emulator.roofline.lm_head(len(sample_rows)))
             if self.tp is not None:
                 self.tp.broadcast(sampled)
             result.seq_ids = plan.seq_ids[sample_rows]
@@ -291,12 +297,12 @@ def _sampled_bias(plan: IterationPlan, sample_rows: np.ndarray) -> tuple[np.ndar
     return rows[keep], plan.bias_ids[keep], plan.bias_values[keep]
 
 
-def _sampled_bitmask(plan: IterationPlan, sample_rows: np.ndarray, masks: tuple[np.ndarray, np.ndarray]
+def _sampled_bitmask(plan: IterationPlan, sample_rows: np.ndarray, masks: tuple[np.ndarray, np.ndarray] | None
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(rows, distinct masks, each row's mask index) of the plan's ``bitmask_rows``, their rows
     renumbered as the sampled rows' (every masked row samples: ``IterationPlan.check``); ``masks``:
-    (words, index), an empty index meaning one mask per row."""
-    if not len(plan.bitmask_rows):
+    (words, index), an empty index meaning one mask per row; None: sample unmasked."""
+    if not len(plan.bitmask_rows) or masks is None:
         return None
     words, index = masks
     if not len(index):

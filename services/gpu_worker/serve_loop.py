@@ -70,6 +70,12 @@ class _InFlight:
             self.launched = None
             self._failed(exc)
 
+    def abandon(self) -> None:
+        """Its masks will not come (another plan came first): queue its sampling, unmasked, now;
+        its reply says it failed (``AwaitingMask``)."""
+        if self.launched is not None:
+            self.launched.abandon()
+
     def reply(self) -> IterationResult | WorkerError:
         result = None
         if self.launched is not None:
@@ -151,6 +157,8 @@ class IterationLoop:
                 self.followers.stopping = isinstance(msg, Shutdown)
                 self.followers.forward(frame)
             if isinstance(msg, IterationPlan):
+                if self.inflight is not None and self.inflight.awaits_mask:
+                    self.inflight.abandon()   # its sampling goes before this plan's work (followers' order)
                 if not self.launch_ahead:
                     self._reply()
                 launched = _InFlight(msg, self.runner, self.inflight)
@@ -174,6 +182,8 @@ class IterationLoop:
     def _greet_if_reconnected(self) -> None:
         if self.connects is not None and self.connects() > self.greeted:
             self.greeted = self.connects()
+            if self.inflight is not None and self.inflight.awaits_mask:   # the gateway that would send them is gone
+                self._reply()
             log.info("gateway reconnected; saying Hello")
             self.sock.send(Hello(kind=WorkerKind.GPU_WORKER, pid=os.getpid()).encode())
 
@@ -191,15 +201,20 @@ class IterationLoop:
 
 def next_frame(sock: zmq.Socket, inflight, spin_s: float, idle: Callable[[], None] | None = None) -> bytes | None:
     """The next frame on ``sock``, or None once ``inflight`` (a launch, or None: just wait for a
-    frame) is done with no frame waiting; ``idle`` runs every ``_IDLE_S`` while nothing comes."""
+    frame) is done with no frame waiting; ``idle`` runs every ``_IDLE_S`` while nothing comes (also
+    while ``inflight`` runs: a plan awaiting its grammar masks waits on the gateway)."""
     if inflight is None:
         if idle is not None:
             while not sock.poll(int(_IDLE_S * 1000)):
                 idle()
         return sock.recv()
+    idle_at = time.monotonic() + _IDLE_S
     while not sock.poll(0):
         if inflight.done():
             return None
+        if idle is not None and time.monotonic() >= idle_at:   # a plan awaiting masks is never done
+            idle()
+            idle_at = time.monotonic() + _IDLE_S
         time.sleep(spin_s)
     return sock.recv()
 

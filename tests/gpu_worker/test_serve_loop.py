@@ -28,11 +28,11 @@ from neo_common.model_source import SMOLLM2_PACKAGE
 from neo_common.protocol import (PLACEHOLDER_TOKEN, GrammarBitmask, Hello, IterationPlan, IterationResult, Shutdown,
                                  WorkerError, WorkerReady, decode)
 from neo_gpu_worker.serve_loop import IterationLoop
+from support.plans import PROMPTS, deferred, only, plan
 
 pytestmark = pytest.mark.integration
 
 BS = 16
-PROMPTS = [[1, 504, 3458, 314, 260, 3153, 282, 4780], [1, 11148, 284, 1345, 314]]
 
 
 class Worker:
@@ -45,7 +45,7 @@ class Worker:
             flags += ["--model", "smollm2-135m", "--load-format", "dummy"]
         run = tmp_path / "run"
         run.mkdir(mode=0o700)
-        addr = f"ipc://{run}/worker.sock"   # a private directory, as `neo serve` gives its links
+        addr = self.addr = f"ipc://{run}/worker.sock"   # a private directory, as `neo serve` gives its links
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -85,19 +85,6 @@ def worker(tmp_path, request) -> Iterator[Worker]:
         w.close()
 
 
-def plan(iteration: int, tokens: list[list[int]], start: list[int]) -> IterationPlan:
-    """One row per request (ids 0, 1), request r in blocks 4r..4r+3, every row sampled greedily."""
-    n = len(tokens)
-    return IterationPlan(
-        iteration_id=iteration, seq_ids=np.arange(n, dtype=np.int64), places=np.zeros(n, np.uint8),
-        sub_batch=np.zeros(n, np.uint8), start_pos=np.array(start, np.int32),
-        num_tokens=np.array([len(t) for t in tokens], np.int32),
-        token_ids=np.array([t for row in tokens for t in row], np.int32),
-        block_tables=np.arange(4 * n, dtype=np.int32).reshape(n, 4), sample=np.ones(n, np.uint8),
-        temperature=np.zeros(n, np.float32), top_p=np.ones(n, np.float32), top_k=np.full(n, -1, np.int32),
-        seeds=np.full(n, -1, np.int64), steps=np.zeros(n, np.int32))
-
-
 def test_plans_sent_ahead_are_launched_ahead_and_answered_in_order(worker):
     """With ``--launch-ahead false`` the same exchange gives the same replies, none launched ahead."""
     prompt_lens = [len(p) for p in PROMPTS]
@@ -131,19 +118,6 @@ def test_plans_sent_ahead_are_launched_ahead_and_answered_in_order(worker):
     assert worker.proc.wait(timeout=60) == 0
 
 
-def only(tokens: list[int], vocab: int) -> np.ndarray:
-    """Grammar masks, one row per token, each allowing that token alone."""
-    words = np.zeros((len(tokens), (vocab + 31) // 32), np.uint32)
-    for i, t in enumerate(tokens):
-        words[i, t // 32] = np.uint32(1) << np.uint32(t % 32)
-    return words.view(np.int32)
-
-
-def deferred(p: IterationPlan) -> IterationPlan:
-    p.bitmask_rows, p.bitmask_deferred = np.arange(p.batch_size, dtype=np.int32), True
-    return p
-
-
 def test_a_plan_whose_masks_follow_samples_under_them_and_fails_alone_without_them(worker):
     """A plan scheduled ahead with grammar-constrained rows (``bitmask_deferred``): the worker
     queues its forward, answers the plan before it, and samples only once the ``GrammarBitmask``
@@ -174,8 +148,37 @@ def test_a_plan_whose_masks_follow_samples_under_them_and_fails_alone_without_th
     assert worker.proc.wait(timeout=60) == 0
 
 
+def test_a_plan_awaiting_masks_does_not_keep_a_restarted_gateway_waiting(worker):
+    """The gateway goes away while the worker holds a plan awaiting its masks (a gateway container
+    restarted on its own): the worker fails that plan and says Hello to the new one, which can
+    then use it (a ROUTER cannot address a worker that never spoke)."""
+    prompt_lens = [len(p) for p in PROMPTS]
+    worker.sock.send(plan(1, PROMPTS, [0, 0]).encode())
+    first = worker.recv()
+    worker.sock.send(plan(2, [[int(t)] for t in first.token_ids], prompt_lens).encode())
+    worker.sock.send(deferred(plan(3, [[PLACEHOLDER_TOKEN]] * 2, [n + 1 for n in prompt_lens])).encode())
+    assert isinstance(worker.recv(), IterationResult)
+    worker.sock.close(0)                       # the gateway dies; a new one binds the same address
+    worker.sock = worker.ctx.socket(zmq.DEALER)
+    worker.sock.setsockopt(zmq.LINGER, 0)
+    worker.sock.bind(worker.addr)
+    frames = []
+    while not any(isinstance(f, Hello) for f in frames):
+        frames.append(worker.recv(10))
+    assert all(isinstance(f, (Hello, WorkerError)) for f in frames), frames
+    worker.sock.send(Hello().encode())         # the new gateway asks who is there
+    assert isinstance(worker.recv(), WorkerReady)
+    worker.sock.send(plan(4, PROMPTS, [0, 0]).encode())
+    again = worker.recv()
+    assert isinstance(again, IterationResult) and np.array_equal(again.token_ids, first.token_ids)
+    worker.sock.send(Shutdown(reason="test").encode())
+    assert worker.proc.wait(timeout=60) == 0
+
+
 class FakeGpuLaunch:
     """A launch as on a GPU (no GPU here): queued at once, done ``delay_s`` later."""
+
+    awaits_mask = False
 
     def __init__(self, plan: IterationPlan, delay_s: float) -> None:
         self.plan_id, self.ready_at = plan.iteration_id, time.monotonic() + delay_s

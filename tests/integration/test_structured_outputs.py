@@ -157,7 +157,8 @@ def test_constrained_requests_launch_ahead_like_any_other(replica):
         assert choice.finish_reason == "length" and out.usage.completion_tokens == 40
         assert re.fullmatch(r"[a-z]*", choice.text) and len(choice.text) >= 40, choice.text
     iterations = iterations1 - iterations0
-    assert iterations >= 40 and ahead1 - ahead0 >= iterations / 2, (ahead1 - ahead0, iterations)
+    # (most are launched ahead; a quarter leaves room for a loaded machine; the old scheduler: none)
+    assert iterations >= 40 and ahead1 - ahead0 >= iterations / 4, (ahead1 - ahead0, iterations)
 
 
 REGEXES = [r"[0-9]{3}-[0-9]{4}", r"(yes|no), because [a-z]{2,8}", r"[A-Z][a-z]{2,6} [0-9]{1,2}",
