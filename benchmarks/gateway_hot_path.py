@@ -134,15 +134,11 @@ def measure(cases: dict[str, dict[str, Callable[[], int]]], reps: int) -> dict:
 
 
 def machine() -> dict:
-    model = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
-    except OSError:
-        pass
     import orjson
     import tokenizers
-    return {"cpu": model, "usable_cpus": len(os.sched_getaffinity(0)), "loadavg_1m": os.getloadavg()[0],
+
+    from neo_bench.neo_vs_gpu_only import cpu_model
+    return {"cpu": cpu_model(), "usable_cpus": len(os.sched_getaffinity(0)), "loadavg_1m": os.getloadavg()[0],
             "python": platform.python_version(), "tokenizers": tokenizers.__version__, "orjson": orjson.__version__}
 
 

@@ -212,6 +212,15 @@ def predict_gain(tables, mean_context: float, num_gpu_blocks: int, num_cpu_block
 
 
 # -- hardware ----------------------------------------------------------------------------------------
+def cpu_model() -> str | None:
+    """The host CPU's model name (``/proc/cpuinfo``), None where that file is not."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+    except OSError:
+        return None
+
+
 def hardware(host_bandwidth_gbs: float | None) -> dict:
     gpu = None
     try:
@@ -220,13 +229,7 @@ def hardware(host_bandwidth_gbs: float | None) -> dict:
         gpu = ", ".join(x.strip() for x in res.stdout.splitlines() if x.strip()) or None
     except (OSError, subprocess.SubprocessError):
         pass
-    cpu = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
-    except OSError:
-        pass
-    return {"gpu": gpu, "cpu_model": cpu, "cpu_cores": os.cpu_count(),
+    return {"gpu": gpu, "cpu_model": cpu_model(), "cpu_cores": os.cpu_count(),
             "cpu_affinity": len(os.sched_getaffinity(0)), "host_bandwidth_gbs": host_bandwidth_gbs}
 
 
