@@ -106,7 +106,7 @@ class Engine:
     - ``requests``: seq_id -> live request (removed when finished).
     - ``max_model_len``: context limit (config, else the model's).
     - ``structured``: compiles the requests' grammars (structured outputs) and gives each sequence
-      its matcher, which ``_apply`` advances with every accepted token.
+      its matcher, which ``_advance`` advances with every accepted token.
     """
 
     def __init__(self, config: NeoConfig, tokenizer: TextTokenizer, ctx: zmq.asyncio.Context,
