@@ -234,6 +234,21 @@ def hardware(host_bandwidth_gbs: float | None) -> dict:
 
 
 # -- one server per mode -----------------------------------------------------------------------------
+def add_serve_arguments(group, cpu_blocks_help: str = "host KV pool") -> None:
+    """The `neo serve` flags a benchmark passes to the servers it starts (``serve_args``), plus how
+    long to wait for them; the caller adds ``--offload-mode`` with its own choices."""
+    for flag in ("--model", "--load-format", "--tokenizer", "--device"):
+        group.add_argument(flag, default=None)
+    group.add_argument("--emulate-gpu", default=None, help="passed to every server: GPU emulation preset")
+    group.add_argument("--num-cpu-blocks", type=int, default=None, help=cpu_blocks_help)
+    for flag in ("--num-gpu-blocks", "--cpu-threads", "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens"):
+        group.add_argument(flag, type=int, default=None)
+    group.add_argument("--serve-arg", action="append", default=[],
+                       help="extra `neo serve` flag(s), repeatable; write --serve-arg='--flag value'")
+    group.add_argument("--ready-timeout", type=float, default=600.0)
+    group.add_argument("--stop-grace", type=float, default=60.0)
+
+
 def serve_args(args: argparse.Namespace, mode: str, extra: Sequence[str] = ()) -> list[str]:
     """`neo serve` flags for one mode: the common ones, the mode (plus a variant's ``extra`` flags),
     and no host pool when off."""
@@ -449,20 +464,7 @@ def run_all(args: argparse.Namespace, rates: list[float], measure=measure) -> tu
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m neo_bench.neo_vs_gpu_only", description=__doc__.splitlines()[0])
     srv = ap.add_argument_group("neo serve (same for every mode)")
-    srv.add_argument("--model", default=None)
-    srv.add_argument("--load-format", default=None)
-    srv.add_argument("--tokenizer", default=None)
-    srv.add_argument("--num-gpu-blocks", type=int, default=None)
-    srv.add_argument("--num-cpu-blocks", type=int, default=None, help="host KV pool (not passed in mode off)")
-    srv.add_argument("--cpu-threads", type=int, default=None)
-    srv.add_argument("--max-model-len", type=int, default=None)
-    srv.add_argument("--max-num-seqs", type=int, default=None)
-    srv.add_argument("--max-num-batched-tokens", type=int, default=None)
-    srv.add_argument("--device", default=None)
-    srv.add_argument("--serve-arg", action="append", default=[],
-                     help="extra `neo serve` flag(s), repeatable; write --serve-arg='--flag value'")
-    srv.add_argument("--ready-timeout", type=float, default=600.0)
-    srv.add_argument("--stop-grace", type=float, default=60.0)
+    add_serve_arguments(srv, "host KV pool (not passed in mode off)")
     wl = ap.add_argument_group("workload")
     wl.add_argument("--modes", default="off,auto", help="comma list of off, auto, full")
     wl.add_argument("--variant", action="append", default=[],
@@ -483,7 +485,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="start every mode's server once and keep them all up (they share the GPU; each KV "
                          "budget must fit beside the others); --no-live-servers starts a fresh one per run")
     wl.add_argument("--slo-tpot-ms", type=float, default=200.0, help="p99 TPOT SLO of the max-rate figure")
-    srv.add_argument("--emulate-gpu", default=None, help="passed to every server: GPU emulation preset")
     wl.add_argument("--vocab", type=int, default=32000, help="prompt token ids are drawn below this")
     wl.add_argument("--seed", type=int, default=0)
     pr = ap.add_argument_group("prediction and report")

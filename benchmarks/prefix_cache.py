@@ -41,7 +41,7 @@ import sys
 
 from neo_bench import multiturn
 from neo_bench.comparison import abba_order, describe, spread_bars, summarize_modes
-from neo_bench.neo_vs_gpu_only import hardware, run_all
+from neo_bench.neo_vs_gpu_only import add_serve_arguments, hardware, run_all
 
 log = logging.getLogger(__name__)
 
@@ -140,23 +140,9 @@ def plot(report: dict, path: str) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m neo_bench.prefix_cache", description=__doc__.splitlines()[0])
     srv = ap.add_argument_group("neo serve (same for every variant)")
-    srv.add_argument("--model", default=None)
-    srv.add_argument("--load-format", default=None)
-    srv.add_argument("--tokenizer", default=None)
-    srv.add_argument("--num-gpu-blocks", type=int, default=None)
-    srv.add_argument("--num-cpu-blocks", type=int, default=None, help="host KV pool, and so the host tier's room")
+    add_serve_arguments(srv, "host KV pool, and so the host tier's room")
     srv.add_argument("--offload-mode", default="auto", choices=["auto", "full", "throughput"],
                      help="every variant's (the host pool exists only with offloading on; default: %(default)s)")
-    srv.add_argument("--cpu-threads", type=int, default=None)
-    srv.add_argument("--max-model-len", type=int, default=None)
-    srv.add_argument("--max-num-seqs", type=int, default=None)
-    srv.add_argument("--max-num-batched-tokens", type=int, default=None)
-    srv.add_argument("--device", default=None)
-    srv.add_argument("--emulate-gpu", default=None)
-    srv.add_argument("--serve-arg", action="append", default=[],
-                     help="extra `neo serve` flag(s), repeatable; write --serve-arg='--flag value'")
-    srv.add_argument("--ready-timeout", type=float, default=600.0)
-    srv.add_argument("--stop-grace", type=float, default=60.0)
     cmp = ap.add_argument_group("comparison")
     cmp.add_argument("--variants", default="off,gpu,host", help=f"comma list of {', '.join(VARIANTS)} "
                                                                 "(default: %(default)s)")

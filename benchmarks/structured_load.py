@@ -44,7 +44,7 @@ import time
 import numpy as np
 
 from neo_bench.comparison import abba_order, describe, summarize_modes
-from neo_bench.neo_vs_gpu_only import hardware, start_server
+from neo_bench.neo_vs_gpu_only import add_serve_arguments, hardware, start_server
 from neo_bench.overhead import overhead
 from neo_bench.serve import one_request, summarize
 
@@ -275,17 +275,9 @@ def plot(report: dict, path: str) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m neo_bench.structured_load", description=__doc__.splitlines()[0])
     srv = ap.add_argument_group("neo serve (one, for both variants)")
-    for flag in ("--model", "--load-format", "--tokenizer", "--device", "--emulate-gpu"):
-        srv.add_argument(flag, default=None)
-    for flag in ("--num-gpu-blocks", "--num-cpu-blocks", "--cpu-threads", "--max-model-len", "--max-num-seqs",
-                 "--max-num-batched-tokens"):
-        srv.add_argument(flag, type=int, default=None)
+    add_serve_arguments(srv)
     srv.add_argument("--offload-mode", default="off", choices=["off", "auto", "full", "throughput"],
                      help="default: %(default)s (GPU only: the bitmask path alone)")
-    srv.add_argument("--serve-arg", action="append", default=[],
-                     help="extra `neo serve` flag(s), repeatable; write --serve-arg='--flag value'")
-    srv.add_argument("--ready-timeout", type=float, default=600.0)
-    srv.add_argument("--stop-grace", type=float, default=60.0)
     wl = ap.add_argument_group("load")
     wl.add_argument("--concurrency", type=int, default=64, help="requests per burst, sent at once")
     wl.add_argument("--input-len", type=int, default=256)
