@@ -29,6 +29,11 @@ class ScheduledSeq:
     placeholder: bool = False
 
     @property
+    def constrained(self) -> bool:
+        """A grammar constrains the token this row samples (its mask is in the plan's ``bitmask_rows``)."""
+        return self.sample and self.seq.structured is not None
+
+    @property
     def cpu_decode(self) -> bool:
         """Attention of this row runs in the cpu_attention process (one new token, KV on the host)."""
         return self.seq.place is Place.CPU and self.num_tokens == 1
@@ -69,7 +74,7 @@ class SchedulerOutput:
     @property
     def constrained_rows(self) -> list[ScheduledSeq]:
         """The sampling rows a grammar constrains, in plan order (the plan's ``bitmask_rows``)."""
-        return [r for r in self.rows if r.sample and r.seq.structured is not None]
+        return [r for r in self.rows if r.constrained]
 
     @property
     def bitmask_deferred(self) -> bool:
@@ -192,7 +197,7 @@ def _bitmask_columns(rows: list) -> dict:
     """The grammar masks of the sampling rows a grammar constrains (none: no columns): each the
     mask after every token its request has accepted, or, when those rows are placeholders (all of
     them: ``Scheduler.schedule_ahead`` schedules only placeholders), deferred."""
-    held = [i for i, r in enumerate(rows) if r.sample and r.seq.structured is not None]
+    held = [i for i, r in enumerate(rows) if r.constrained]
     if not held:
         return {}
     out: dict = {"bitmask_rows": np.array(held, np.int32)}
