@@ -58,3 +58,12 @@ class NativeStatus(enum.IntEnum):
     NO_DOORBELL = -4       # a serve slice ended with no doorbell rung for a while: call again
     ABORTED = -5           # the GPU worker cancelled the iteration
     OUT_OF_MEMORY = -6
+
+
+class FinishReason(str, enum.Enum):
+    """Why a request's generation ended (the OpenAI ``finish_reason`` words, plus vLLM's abort)."""
+
+    STOP = "stop"            # EOS, a stop token, a stop string or a complete grammar
+    LENGTH = "length"        # max_tokens or the context length
+    ABORT = "abort"          # the client went away
+    ERROR = "error"          # a worker failed while the request was in flight, or it left its grammar

@@ -98,10 +98,11 @@ def _check_type(cls_name: str, name: str, default: Any, value: Any) -> None:
 class Message:
     """Base of every message: dataclass fields <-> msgpack map; ndarray fields travel as raw bytes."""
 
-    TYPE: ClassVar[MsgType]
+    TYPE: ClassVar[int]
+    VERSION: ClassVar[int] = PROTOCOL_VERSION   # a protocol's messages share theirs
 
     def encode(self) -> bytes:
-        body: dict[str, Any] = {"v": PROTOCOL_VERSION}
+        body: dict[str, Any] = {"v": self.VERSION}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
             if isinstance(value, np.ndarray):
@@ -470,9 +471,14 @@ def decode(frame: bytes) -> Message:
     """Decode one frame. Raises ProtocolError, and nothing else, on anything that is not a well-formed
     message of this protocol version: an unknown type, another version, a body that is not a map,
     a field of the wrong type, an array of a non-number dtype or a shape that does not fit its bytes."""
+    return decode_with(_BY_TYPE, PROTOCOL_VERSION, frame)
+
+
+def decode_with(types: dict[int, type[Message]], version: int, frame: bytes) -> Message:
+    """:func:`decode` for a protocol of these message ``types`` and this ``version``."""
     if not frame:
         raise ProtocolError("empty frame")
-    cls = _BY_TYPE.get(frame[0])
+    cls = types.get(frame[0])
     if cls is None:
         raise ProtocolError(f"unknown message type {frame[0]}")
     try:
@@ -481,8 +487,8 @@ def decode(frame: bytes) -> Message:
         raise ProtocolError(f"{cls.__name__}: not msgpack: {type(exc).__name__}") from None
     if not isinstance(body, dict):
         raise ProtocolError(f"{cls.__name__}: body is a {type(body).__name__}, not a map")
-    if body.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"{cls.__name__}: protocol version {body.get('v')!r} != {PROTOCOL_VERSION}")
+    if body.get("v") != version:
+        raise ProtocolError(f"{cls.__name__}: protocol version {body.get('v')!r} != {version}")
     try:
         return cls._decode_body(body)
     except ProtocolError:

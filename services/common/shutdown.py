@@ -1,4 +1,4 @@
-"""When a data-plane process (GPU worker, CPU attention) stops after SIGTERM or SIGINT.
+"""When a process the API server needs (GPU worker, CPU attention, engine core) stops after a signal.
 
 In Kubernetes every container of a pod gets SIGTERM at the same moment, while the gateway drains
 for up to ``--shutdown-grace-s`` and needs its workers all that time. So a worker does not stop at

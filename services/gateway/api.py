@@ -15,7 +15,7 @@ from neo_gateway.api_fields import unknown_fields
 from neo_gateway.api_models import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                     CompletionChunk, CompletionRequest, CompletionResponse, ModelList,
                                     generation_responses, stream_components)
-from neo_gateway.engine import Engine, EngineOverloaded, EngineUnavailable, RequestOutput, RequestStream
+from neo_gateway.async_engine import AsyncEngine, EngineOverloaded, EngineUnavailable, RequestOutput, RequestStream
 from neo_gateway.auth import ApiKeyAuth
 from neo_gateway.choices import Choice, ChoiceStreams, best_of, choices_of
 from neo_gateway.errors import APIError, install_handlers
@@ -55,7 +55,7 @@ def _openapi_without_422(app: FastAPI):
     return openapi
 
 
-def create_app(engine: Engine, served_name: str) -> FastAPI:
+def create_app(engine: AsyncEngine, served_name: str) -> FastAPI:
     app = FastAPI(title="NEO serving stack", version="0.1.0")
     app.router.route_class = FastJsonRoute  # before any route: large JSON bodies parse in ~5 ms, not ~50
     app.openapi = _openapi_without_422(app)
@@ -76,7 +76,7 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
 
     def close(stream: RequestStream) -> None:
         """End a request's stream; one the client left before its end is counted as aborted."""
-        seq = stream.req.seq
+        seq = stream.req
         left_early = not seq.is_finished
         stream.abort()
         if left_early and seq.finish_reason is FinishReason.ABORT:
@@ -107,7 +107,7 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
         limit = engine.max_model_len
         if not prompt_ids:
             raise APIError(400, "the prompt is empty", prompt_param)
-        vocab = engine.tokenizer.vocab_size if engine.link.ready is None else engine.link.ready.geometry.vocab_size
+        vocab = engine.vocab_size
         if max(prompt_ids) >= vocab or min(prompt_ids) < 0:
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", prompt_param)
         try:
@@ -145,12 +145,12 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
     async def start(rid: str, groups: list[list[Choice]]) -> ChoiceStreams:
         """Run a request's choices; refused as a whole when the queue cannot take all of them."""
         total = sum(len(g) for g in groups)
-        cfg, sched = engine.config.scheduler, engine.scheduler
+        cfg = engine.config.scheduler
         cap = cfg.max_num_seqs + cfg.max_waiting
         if total > cap:
             raise APIError(400, f"the request asks for {total} sequences (prompts x n); this server queues at most "
                                 f"{cap}", "n")
-        if total > 1 and sched is not None and sched.num_running + sched.num_waiting + total > cap:
+        if total > 1 and len(engine.requests) + total > cap:
             raise APIError(429, f"server overloaded: {total} sequences do not fit the queue now",
                            headers={"Retry-After": "1"})
         for spec in {c.params.structured_outputs for g in groups for c in g} - {None}:
@@ -228,14 +228,19 @@ def create_app(engine: Engine, served_name: str) -> FastAPI:
     async def health() -> Response:
         if not engine.loop_alive:
             return JSONResponse({"status": "unhealthy", "reason": "the engine loop stopped"}, 503)
-        for link in engine.links:
-            if not link.alive:
-                return JSONResponse({"status": "unhealthy", "reason": f"{link.name} is down"}, 503,
+        status = engine.status
+        if status is None:
+            return JSONResponse({"status": "unhealthy", "reason": "the engine core is starting"}, 503,
+                                headers={"Retry-After": "5"})
+        for name, pid in status.workers:
+            if not pid:
+                return JSONResponse({"status": "unhealthy", "reason": f"{name} is down"}, 503,
                                     headers={"Retry-After": "5"})
-        return JSONResponse({"status": "ok", "workers": {link.name: {"pid": link.ready.pid} for link in engine.links}})
+        return JSONResponse({"status": "ok", "workers": {name: {"pid": pid} for name, pid in status.workers}})
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
+        await engine.fresh_status()
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/ready", responses={503: {"description": "Not ready yet (or a worker is down)",

@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 from typing import Callable
 
-from neo_gateway.engine import RequestOutput, RequestStream
+from neo_gateway.async_engine import RequestOutput, RequestStream
 from neo_gateway.errors import APIError
 from neo_gateway.sampling_params import SamplingParams
 

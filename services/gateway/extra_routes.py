@@ -21,7 +21,7 @@ from neo_gateway.api_models import ChatMessage, error_responses
 from neo_gateway.errors import APIError
 
 if TYPE_CHECKING:
-    from neo_gateway.engine import Engine
+    from neo_gateway.async_engine import AsyncEngine
     from neo_gateway.prompt_encoder import PromptEncoder
 
 REQUEST_ID_HEADER = b"x-request-id"
@@ -134,7 +134,7 @@ class VersionResponse(BaseModel):
     version: str
 
 
-def install_extra_routes(app: FastAPI, engine: "Engine", prompts: "PromptEncoder", served_name: str) -> None:
+def install_extra_routes(app: FastAPI, engine: "AsyncEngine", prompts: "PromptEncoder", served_name: str) -> None:
     """Register /tokenize, /detokenize and /version, and wrap the app in the request id and CORS."""
     wrap_outermost(app, engine.config.http)
     version = _version()

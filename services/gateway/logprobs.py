@@ -145,3 +145,13 @@ class PendingLogprobs:
 
 def _clamp(value: float) -> float:
     return _FLOOR if math.isnan(value) or value < _FLOOR else value
+
+
+def to_wire(entry: TokenLogprob) -> list:
+    """An entry as the engine core sends it (``EngineCoreOutputs.details``)."""
+    return [entry.token, entry.logprob, entry.rank, [[t, v] for t, v in entry.top]]
+
+
+def from_wire(value: list) -> TokenLogprob:
+    token, logprob, rank, top = value
+    return TokenLogprob(int(token), float(logprob), int(rank), [(int(t), float(v)) for t, v in top])

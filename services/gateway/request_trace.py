@@ -1,7 +1,7 @@
 """Trace shapes of a request: its phase spans, and the context an iteration plan carries.
 
-Phases are recorded once a request ends, as children of its server span with the times the engine
-noted on the way (queue: arrival -> first scheduled; prefill: -> first token; decode: -> last
+Phases are recorded by the API server once a request ends, as children of its server span with the
+times noted on the way (queue: arrival -> first scheduled; prefill: -> first token; decode: -> last
 token), so the iteration loop does no tracing work per token.
 """
 
@@ -11,13 +11,14 @@ from opentelemetry import trace
 
 from neo_common import tracing
 from neo_gateway.scheduler import SchedulerOutput
-from neo_gateway.sequence import Sequence
 
 _tracer = tracing.tracer("neo.gateway.engine")
 
 
-def record_phases(seq: Sequence, model: str) -> None:
-    """Phase spans under the request's span, plus GenAI attributes on it (the span is still open)."""
+def record_phases(seq, model: str) -> None:
+    """Phase spans under the request's span, plus GenAI attributes on it (the span is still open).
+    ``seq``: the API server's ``async_engine.RequestState`` (not imported: the engine core imports
+    this module for ``iteration_trace``)."""
     span = seq.span
     if span is None or not span.get_span_context().is_valid:
         return
@@ -44,9 +45,9 @@ def iteration_trace(output: SchedulerOutput) -> dict:
     """Context for the workers' iteration span: the oldest traced request is its parent, every
     traced request in the batch a link (one iteration serves many requests); ``seq_ids`` says which
     request each is, so a process serving part of the batch (cpu_attention) picks among its own rows
-    (``neo_common.tracing.iteration_parent``)."""
-    traced = [(r.seq.seq_id, r.seq.span) for r in output.rows if r.seq.span is not None]
-    pairs = [(sid, tp) for sid, tp in ((sid, tracing.traceparent(span)) for sid, span in traced) if tp]
+    (``neo_common.tracing.iteration_parent``). Built in the engine core from the traceparents the
+    API server sent with each request."""
+    pairs = [(r.seq.seq_id, r.seq.traceparent) for r in output.rows if r.seq.traceparent]
     if not pairs:
         return {}
     parents = [tp for _, tp in pairs]

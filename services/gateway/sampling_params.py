@@ -91,6 +91,27 @@ class SamplingParams:
         if any(t < 0 for t in self.stop_token_ids):
             raise ParamError("stop_token_ids", "stop_token_ids must be non-negative")
 
+    def to_wire(self) -> dict:
+        """Its fields as plain values (``AddRequest.params``); ``from_wire`` validates them again."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        spec = self.structured_outputs
+        if spec is not None:
+            d["structured_outputs"] = {"kind": spec.kind.value, "text": spec.text,
+                                       "whitespace_pattern": spec.whitespace_pattern, "param": spec.param}
+        return d
+
+    @classmethod
+    def from_wire(cls, fields: dict) -> "SamplingParams":
+        from neo_gateway.structured_output.spec import StructuredOutputKind, StructuredOutputSpec
+
+        d = dict(fields)
+        spec = d.get("structured_outputs")
+        if spec is not None:
+            d["structured_outputs"] = StructuredOutputSpec(StructuredOutputKind(spec["kind"]), spec["text"],
+                                                           spec["whitespace_pattern"], spec["param"])
+        d["logit_bias"] = {int(k): float(v) for k, v in d.get("logit_bias", {}).items()}
+        return cls(**d)
+
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 
+from neo_common.enums import FinishReason
 from neo_common.protocol import Place
 from neo_gateway.sampling_params import SamplingParams
 
@@ -15,13 +16,6 @@ class SeqStatus(enum.Enum):
     FINISHED = "finished"
 
 
-class FinishReason(str, enum.Enum):
-    STOP = "stop"            # EOS, a stop token or a stop string
-    LENGTH = "length"        # max_tokens or the context length
-    ABORT = "abort"          # client went away
-    ERROR = "error"          # a worker failed while the request was in flight
-
-
 class Sequence:
     """One request (n=1) from admission to finish.
 
@@ -29,19 +23,20 @@ class Sequence:
     - ``num_computed``: tokens whose KV is in the pool; reset to 0 when preempted by recompute.
     - ``place``: which pool holds the KV (GPU only until CPU offloading is on).
     - ``status``/``finish_reason``: lifecycle; set by the scheduler and the engine.
-    - ``arrival``/``scheduled_time``/``first_token_time``/``last_token_time``: monotonic times for
-      latency metrics and trace phases; ``arrival_ns`` anchors them to wall time for tracing.
-    - ``span``: the request's tracing span (None when tracing is off).
+    - ``arrival`` (the API server's, by default now)/``scheduled_time``/``first_token_time``/
+      ``last_token_time``: monotonic times (one clock for the processes of a host).
+    - ``traceparent``: the W3C context of the request's span in the API server (None: not traced),
+      parent of the workers' iteration spans.
     - ``block_hashes``: the prefix-cache hash chain of its full blocks computed so far.
     - ``structured``: its grammar's matcher (``params.structured_outputs``; None: free text),
       advanced by the engine with each accepted token.
-    - ``logprobs``: per output token, its logprob and top ones (when ``params.logprobs`` is set);
-      ``prompt_logprobs``: the same for prompt positions 1.. (``params.prompt_logprobs``), filled in
-      order as the prefill computes them; ``cumulative_logprob``: the sum over the output tokens.
+    - ``prompt_logprobs``: per prompt position 1.., its logprob and top ones
+      (``params.prompt_logprobs``), filled in order as the prefill computes them;
+      ``cumulative_logprob``: the sum of the output tokens' logprobs (when ``params.logprobs``).
     """
 
     def __init__(self, seq_id: int, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 eos_token_ids: tuple[int, ...], max_model_len: int) -> None:
+                 eos_token_ids: tuple[int, ...], max_model_len: int, arrival: float | None = None) -> None:
         self.seq_id = seq_id
         self.request_id = request_id
         self.prompt_ids = list(prompt_ids)
@@ -54,22 +49,16 @@ class Sequence:
         self.status = SeqStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.num_preemptions = 0
-        self.arrival = time.monotonic()
-        self.arrival_ns = time.time_ns()
+        self.arrival = time.monotonic() if arrival is None else arrival
         self.scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
-        self.span = None
+        self.traceparent: str | None = None
         self.block_hashes: list[bytes] = []   # prefix-cache hashes of its full blocks (PrefixHasher)
         self.num_registered_blocks = 0        # of its GPU table's blocks, those registered in the cache
         self.structured = None                # structured_output.StructuredOutputRequest (engine.submit)
-        self.logprobs: list = []              # logprobs.TokenLogprob per output token
         self.prompt_logprobs: list = []       # logprobs.TokenLogprob per prompt token from the second on
         self.cumulative_logprob = 0.0
-
-    def wall_ns(self, monotonic_time: float) -> int:
-        """A monotonic timestamp of this request as epoch nanoseconds (for span start/end times)."""
-        return self.arrival_ns + int((monotonic_time - self.arrival) * 1e9)
 
     @property
     def num_tokens(self) -> int:

@@ -1,4 +1,6 @@
-"""`neo gateway`: the control-plane process (HTTP API, tokenizer, scheduler, worker links)."""
+"""`neo gateway`: the control plane: this process is the API server (HTTP, tokenization, chat
+templates, detokenization, stop strings, SSE); the engine core (scheduler, block managers, worker
+links) runs in a child process it starts and stops (docs/design.md, "The engine core")."""
 
 from __future__ import annotations
 
@@ -9,14 +11,13 @@ import signal
 from typing import Sequence
 
 import uvicorn
-import zmq.asyncio
 
 from neo_common import tracing
 from neo_common.config import NeoConfig
 from neo_common.model_source import resolve
 from neo_gateway.api import create_app
 from neo_gateway.drain import Drain, DrainingServer, DrainMiddleware
-from neo_gateway.engine import Engine
+from neo_gateway.async_engine import AsyncEngine
 from neo_gateway.http_protocol import server_options
 from neo_gateway.tokenizer import TextTokenizer
 
@@ -28,13 +29,12 @@ def build(config: NeoConfig):
     a draining gateway refuses new requests before any other layer reads them)."""
     source = resolve(config.model)
     tokenizer = TextTokenizer.load(source.tokenizer_kind, source.tokenizer_path)
-    ctx = zmq.asyncio.Context()
-    engine = Engine(config, tokenizer, ctx, source.served_name)
+    engine = AsyncEngine(config, tokenizer, source.served_name)
     app = create_app(engine, source.served_name)
     drain = Drain(config.http.shutdown_grace_s, engine.fail_requests)
     app.add_middleware(DrainMiddleware, drain=drain)
     # FastAPI's own telemetry makes the HTTP server spans once a tracer provider is installed; the
-    # engine hangs each request's phases and the workers' iteration spans under them.
+    # engine hangs each request's phases under them, the workers their iteration spans.
     tracing.setup_tracing("neo-gateway")
 
     @contextlib.asynccontextmanager
@@ -46,7 +46,6 @@ def build(config: NeoConfig):
             yield
         finally:
             await engine.stop()
-            ctx.term()
             tracing.shutdown_tracing()
 
     app.router.lifespan_context = lifespan
@@ -61,11 +60,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = NeoConfig.for_process("neo gateway", __doc__, argv, "gateway")
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_at_once)
-    app, _, drain = build(config)
+    app, engine, drain = build(config)
     # The drain decides when the server exits (drain.py); the graceful timeout is what uvicorn then
     # gives connections that are still open (the drained requests have sent their last bytes).
     server = DrainingServer(uvicorn.Config(app, host=config.http.host, port=config.http.port,
                                            log_level=config.http.log_level, access_log=False,
                                            timeout_graceful_shutdown=5, **server_options(config.http, app)), drain)
+
+    def core_exited() -> None:   # every request failed already; the supervisor restarts the replica
+        server.should_exit = True
+
+    engine.on_core_exit.append(core_exited)
     asyncio.run(server.serve())
-    return 0
+    return 1 if engine.core_failed else 0

@@ -5,7 +5,8 @@ Gateway API Inference Extension's endpoint picker written for vLLM work unchange
 Labels are vLLM's: ``model_name`` and ``engine`` (one engine here: ``"0"``), plus ``finished_reason``
 on ``vllm:request_success``. Per-token series (generation tokens, TTFT and prompt tokens at the first
 token, inter-token latency) are updated once per iteration from the requests that got a token in it;
-per-request histograms once at a request's end; scheduler state is read at scrape time.
+per-request histograms once at a request's end; scheduler state from the engine core's status,
+fresh at every scrape.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from neo_gateway.sequence import FinishReason
+from neo_common.engine_core_protocol import EngineStatus
+from neo_common.enums import FinishReason
 
 if TYPE_CHECKING:
-    from neo_gateway.engine import Engine
-    from neo_gateway.sequence import Sequence
+    from neo_gateway.async_engine import AsyncEngine, RequestState
 
 LABELS = ["model_name", "engine"]
 ENGINE = "0"
@@ -41,10 +42,10 @@ class _RequestHistogram(NamedTuple):
     name: str
     doc: str
     buckets: tuple[float, ...]
-    source: Callable[["Sequence", float], float]
+    source: Callable[["RequestState", float], float]
 
 
-def _decode_time(seq: "Sequence") -> float:
+def _decode_time(seq: "RequestState") -> float:
     return seq.last_token_time - seq.first_token_time
 
 
@@ -67,30 +68,27 @@ REQUEST_HISTOGRAMS = (
 
 
 class _SchedulerSeries(Collector):
-    """Gauges and counters vLLM reads from its scheduler, read from ours at scrape time."""
+    """Gauges and counters vLLM reads from its scheduler, from the engine core's last ``EngineStatus``."""
 
-    def __init__(self, engine: "Engine", model: str) -> None:
+    def __init__(self, engine: "AsyncEngine", model: str) -> None:
         self.engine, self.model = engine, model
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        sched = self.engine.scheduler
+        s = self.engine.status or EngineStatus(loop_alive=False)
         values = [self.model, ENGINE]
         for name, doc, value in (
-                ("num_requests_running", "Number of requests in model execution batches.",
-                 sched.num_running if sched else 0),
-                ("num_requests_waiting", "Number of requests waiting to be processed.",
-                 sched.num_waiting if sched else 0),
-                ("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", sched.gpu.usage if sched else 0)):
+                ("num_requests_running", "Number of requests in model execution batches.", s.num_running),
+                ("num_requests_waiting", "Number of requests waiting to be processed.", s.num_waiting),
+                ("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", s.gpu_usage)):
             g = GaugeMetricFamily(f"vllm:{name}", doc, labels=LABELS)
             g.add_metric(values, value)
             yield g
         for name, doc, value in (
-                ("num_preemptions", "Cumulative number of preemption from the engine.",
-                 sched.num_preemptions if sched else 0),
+                ("num_preemptions", "Cumulative number of preemption from the engine.", s.num_preemptions),
                 ("prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
-                 sched.gpu.queried_tokens if sched else 0),
+                 s.prefix_queried_tokens),
                 ("prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
-                 sched.gpu.hit_tokens if sched else 0)):
+                 s.prefix_hit_tokens_gpu)):
             c = CounterMetricFamily(f"vllm:{name}", doc, labels=LABELS)
             c.add_metric(values, value)
             yield c
@@ -100,7 +98,7 @@ class VllmMetrics:
     """vLLM's per-token and per-request series in ``registry``. ``_seen``: per running request, the
     output tokens already counted and the time of the last one (for the next inter-token latency)."""
 
-    def __init__(self, registry: CollectorRegistry, engine: "Engine", model: str) -> None:
+    def __init__(self, registry: CollectorRegistry, engine: "AsyncEngine", model: str) -> None:
         self.labels = (model, ENGINE)
         registry.register(_SchedulerSeries(engine, model))
 
@@ -123,7 +121,7 @@ class VllmMetrics:
         self.per_request = [(spec, histogram(spec.name, spec.doc, spec.buckets)) for spec in REQUEST_HISTOGRAMS]
         self._seen: dict[int, tuple[int, float]] = {}
 
-    def observe_tokens(self, seq: "Sequence") -> None:
+    def observe_tokens(self, seq: "RequestState") -> None:
         """Count the output tokens ``seq`` got since the last call: the first one brings its prompt
         tokens and TTFT, each later one an inter-token latency (one per output, as vLLM's)."""
         count, last_time = self._seen.get(seq.seq_id, (0, None))
@@ -138,12 +136,12 @@ class VllmMetrics:
             self.itl.labels(*self.labels).observe(seq.last_token_time - last_time)
         self._seen[seq.seq_id] = (len(seq.output_ids), seq.last_token_time)
 
-    def observe_iteration(self, output) -> None:
-        for row in output.rows:
-            if row.sample and not row.seq.is_finished:   # a finished one was counted by observe_finished
-                self.observe_tokens(row.seq)
+    def observe_iteration(self, got_token: list["RequestState"]) -> None:
+        """The running requests that got a token (a finished one was counted by observe_finished)."""
+        for seq in got_token:
+            self.observe_tokens(seq)
 
-    def observe_finished(self, seq: "Sequence") -> None:
+    def observe_finished(self, seq: "RequestState") -> None:
         """vLLM's FinishedRequestStats: the request's phases, from its arrival, first scheduling,
         first and last token (a request that never got a token is counted by reason only)."""
         self.observe_tokens(seq)

@@ -117,3 +117,42 @@ def test_crashed_worker_is_restarted_and_queued_requests_survive(replica_factory
     queued.join(timeout=240)
     status, _, payload = results["queued"]
     assert status == 200 and payload["usage"]["completion_tokens"] == 5, "the queued request was served after restart"
+
+
+def _engine_core_pid(launcher_pid: int) -> int:
+    for pid in descendants(launcher_pid):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"neo_gateway.core_process" in f.read():
+                return pid
+    raise AssertionError("no engine core process under the replica")
+
+
+def test_killed_engine_core_fails_in_flight_requests_and_the_replica_stops_nonzero(replica_factory):
+    """The engine core is the gateway's child: killed mid-decode, the request in flight gets an error
+    at once (not a hang, not a truncated 200) and the gateway exits 1, so the supervisor sees it."""
+    r = replica_factory("--num-gpu-blocks", "64")
+    core = _engine_core_pid(r.proc.pid)
+    result: dict = {}
+
+    def long_request() -> None:
+        t0 = time.monotonic()
+        try:
+            resp = httpx.post(r.url + "/v1/completions", timeout=120, json={
+                "model": MODEL, "prompt": "Tell a long story.", "max_tokens": 400, "temperature": 0,
+                "ignore_eos": True})
+            result["status"], result["body"] = resp.status_code, resp.text
+        except httpx.HTTPError as exc:
+            result["status"] = type(exc).__name__
+        result["elapsed"] = time.monotonic() - t0
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    time.sleep(3.0)  # mid-decode
+    t_kill = time.monotonic()
+    os.kill(core, signal.SIGKILL)
+    t.join(timeout=60)
+    assert not t.is_alive(), "the in-flight request hung after the engine core died"
+    assert result["status"] == 500 and "engine core exited" in result["body"], result
+    assert time.monotonic() - t_kill < 30
+    assert r.proc.wait(timeout=30) != 0
+    assert wait_until(lambda: not any(pid_alive(p) for p in descendants(r.proc.pid)), 15)

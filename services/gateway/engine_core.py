@@ -1,34 +1,37 @@
-"""The gateway's engine: request intake, the iteration loop, and per-request output streams.
+"""The engine core: scheduling, block managers, grammars and the worker links, in a process of its own.
 
-One asyncio task runs the loop: schedule -> send the plan to the GPU worker -> apply sampled tokens
--> detokenize, check stops, push deltas to each request's queue. HTTP handlers only add requests
-and read their queues, so the loop is the single writer of scheduler state.
+One asyncio task runs the loop: schedule -> send the plan to the GPU worker -> take the sampled
+tokens into the scheduler and the grammars -> send the rows to the API server (``EngineCoreOutputs``,
+one message per iteration). Requests come from the API server as ``AddRequest`` and leave as
+``AbortRequests`` (a client gone, a stop string matched); the loop is the single writer of the
+scheduler's state (docs/design.md, "The engine core").
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import logging
 import time
+from typing import Callable
+
 import zmq.asyncio
 
-from opentelemetry import trace
-
-from neo_common import tracing
 from neo_common.config import NeoConfig
+from neo_common.engine_core_protocol import NO_TOKEN, AddRequest, EngineStatus, IterationStats
 from neo_common.handshake import check_cpu_attention_ready, check_gpu_worker_ready
 from neo_common.link import ClientKeyCheck, LinkKeys, prepare_runtime_dir
-from neo_common.protocol import GrammarBitmask, IterationResult, Place, WorkerError, WorkerKind
+from neo_common.protocol import GrammarBitmask, IterationResult, Message, Place, WorkerError, WorkerKind
 from neo_gateway.block_manager import BlockManager
-from neo_gateway.detokenizer import IncrementalDetokenizer
-from neo_gateway.logprobs import TokenLogprob, prompt_entries, prompt_logprobs, sampled_logprobs
+from neo_gateway.core_outputs import OutputBatch
+from neo_gateway.core_status import engine_status
+from neo_gateway.logprobs import prompt_entries, prompt_logprobs, sampled_logprobs, to_wire
+from neo_gateway.param_error import ParamError
+from neo_gateway.request_trace import iteration_trace
 from neo_gateway.sampling_params import SamplingParams
 from neo_gateway.scheduler import Scheduler, SchedulerOutput
 from neo_gateway.sequence import FinishReason, Sequence, SeqStatus
-from neo_gateway.request_trace import iteration_trace, record_phases
 from neo_gateway.structured_output import StructuredOutputManager
 from neo_gateway.tokenizer import TextTokenizer
 from neo_gateway.worker_link import IterationFailed, RejectReason, WorkerDown, WorkerLink
@@ -36,66 +39,10 @@ from neo_gateway.worker_link import IterationFailed, RejectReason, WorkerDown, W
 log = logging.getLogger(__name__)
 
 
-class EngineUnavailable(RuntimeError):
-    """No worker can take the request now (503 + Retry-After)."""
-
-
-class EngineOverloaded(RuntimeError):
-    """The waiting queue is full (429 + Retry-After)."""
-
-
-@dataclasses.dataclass
-class RequestOutput:
-    """One step of a request's stream: new text, and the final state once ``finished``.
-    ``logprobs``: the entries of ``token_ids`` (when asked); ``prompt_logprobs``: the prompt's, on
-    the request's first output only (when asked); ``cumulative_logprob``: over the output so far
-    (when logprobs are computed)."""
-
-    text: str
-    token_ids: list[int]
-    finished: bool = False
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: str | None = None
-    logprobs: list[TokenLogprob] | None = None
-    prompt_logprobs: list[TokenLogprob] | None = None
-    cumulative_logprob: float = 0.0
-
-
-@dataclasses.dataclass
-class _Request:
-    seq: Sequence
-    detok: IncrementalDetokenizer
-    queue: asyncio.Queue
-    pushed: bool = False   # an output went out (the prompt logprobs go with the first)
-
-
-class RequestStream:
-    """Async iterator over one request's outputs; closing it before the end aborts the request."""
-
-    def __init__(self, engine: "Engine", req: _Request) -> None:
-        self.engine, self.req = engine, req
-
-    def __aiter__(self) -> "RequestStream":
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.req.seq.is_finished and self.req.queue.empty():
-            raise StopAsyncIteration
-        return await self.req.queue.get()
-
-    def abort(self) -> None:
-        """Abort the request unless it has finished. Synchronous on purpose: it runs in ``finally``
-        blocks of cancelled tasks (a client that hung up), where any ``await`` is cancelled again
-        before it could run."""
-        if not self.req.seq.is_finished:
-            self.engine.abort(self.req.seq, FinishReason.ABORT)
-
-
-class Engine:
+class EngineCore:
     """Owns every live request and the scheduler; talks to the GPU worker through ``link`` and,
-    with offloading on, to the cpu_attention processes through ``cpu_links``.
+    with offloading on, to the cpu_attention processes through ``cpu_links``; to the API server
+    through ``emit`` (a message out) and the ``add``/``abort`` calls its messages become.
 
     - ``scheduler``: created when the worker first reports ready (its pool sizes decide the block
       managers, its cost tables the offload policy), recreated when a restarted worker reports
@@ -103,15 +50,19 @@ class Engine:
     - ``cpu_links``: empty in GPU-only mode, else one per tensor-parallel rank (each rank's CPU
       process serves that rank's KV heads). Every CPU process gets each iteration's
       CpuAttentionPlan before the GPU worker gets the IterationPlan; they answer only with errors.
-    - ``requests``: seq_id -> live request (removed when finished).
+    - ``requests``: seq_id -> live request (removed when finished or aborted); ``_announced``:
+      those whose first output went out (it carries their scheduling time and prompt logprobs);
+      ``_compiling``: those whose grammar is being compiled (not in the scheduler yet).
+    - ``outputs``: rows gathered for the API server, sent once per iteration.
     - ``max_model_len``: context limit (config, else the model's).
     - ``structured``: compiles the requests' grammars (structured outputs) and gives each sequence
       its matcher, which ``_advance`` advances with every accepted token.
     """
 
     def __init__(self, config: NeoConfig, tokenizer: TextTokenizer, ctx: zmq.asyncio.Context,
-                 served_name: str = "") -> None:
+                 served_name: str, emit: Callable[[Message], None]) -> None:
         self.config = config
+        self.emit = emit
         self.served_name = served_name
         self.tokenizer = tokenizer
         prepare_runtime_dir(config.runtime_dir)   # the ipc sockets (and tcp keys) live there
@@ -130,15 +81,18 @@ class Engine:
                 link.on_down.append(self._on_cpu_attention_down)
                 self.cpu_links.append(link)
         self.scheduler: Scheduler | None = None
-        self.requests: dict[int, _Request] = {}
+        self.requests: dict[int, Sequence] = {}
+        self._announced: set[int] = set()
+        self._compiling: set[int] = set()   # constrained requests waiting for their grammar
+        self.outputs = OutputBatch()
         self.max_model_len = 0
         self.eos_token_ids: tuple[int, ...] = ()
-        self._ids = itertools.count(1)
+        self._stats_ids = itertools.count(1)
+        self._status_key: tuple = ()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._ready_seen = 0
-        self.finished_hooks: list = []  # callbacks(seq) when a request ends (metrics)
-        self.iteration_hooks: list = []  # callbacks(output, result, wall_s) after each iteration (metrics)
+        self._watch_task: asyncio.Task | None = None
         self.structured = StructuredOutputManager(tokenizer)
 
     def _authenticate_tcp(self, ctx: zmq.asyncio.Context) -> LinkKeys:
@@ -167,12 +121,14 @@ class Engine:
         for link in self.links:
             link.start()
         self._loop_task = asyncio.create_task(self._loop())
+        self._watch_task = asyncio.create_task(self._watch_status())
 
     async def stop(self) -> None:
         """Stop the loop, tell the workers to exit (Shutdown), close the links."""
-        if self._loop_task:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
+        for task in (self._loop_task, self._watch_task):
+            if task:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self.shutdown_workers("the gateway is stopping")
         for link in self.links:
             await link.close()
@@ -217,42 +173,93 @@ class Engine:
                 self.scheduler.add(seq)
         self._ready_seen = self.link.generation
 
-    # -- intake -------------------------------------------------------------------------------
-    def check_capacity(self, num_tokens: int) -> str | None:
-        """Why a request of this many tokens can never run here (None if it can)."""
-        sched = self.scheduler
-        if sched is not None and sched.gpu.blocks_for(num_tokens) > sched.gpu.num_blocks:
-            return (f"the request needs {num_tokens} tokens of KV cache but the cache holds "
-                    f"{sched.gpu.num_blocks * sched.gpu.block_size}")
-        return None
+    # -- the API server's side --------------------------------------------------------------
+    def status(self, request_id: int = 0) -> EngineStatus:
+        return engine_status(self, request_id)
 
-    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> "RequestStream":
-        """Queue a request; raises at once when it cannot be taken, else returns its output stream."""
-        if not self.ready:
-            raise EngineUnavailable("the GPU worker is not ready")
-        assert self.scheduler is not None
-        # Capacity is the running slots plus the waiting queue: a burst into an idle replica queues
-        # briefly before the loop admits it to free slots, and must not be refused meanwhile.
-        sched, cfg = self.scheduler, self.config.scheduler
-        if sched.num_running + sched.num_waiting >= cfg.max_num_seqs + cfg.max_waiting:
-            raise EngineOverloaded(f"{sched.num_running} requests are running and {sched.num_waiting} waiting "
-                                   f"(capacity {cfg.max_num_seqs} + {cfg.max_waiting})")
-        seq = Sequence(next(self._ids), request_id, prompt_ids, params, self.eos_token_ids, self.max_model_len)
-        if tracing.enabled():
-            seq.span = trace.get_current_span()  # the request's server span (TracingMiddleware)
-        if params.structured_outputs is not None:   # compiled already (api: StructuredOutputManager.prepare)
-            seq.structured = self.structured.request_for(params.structured_outputs)
-        req = _Request(seq, IncrementalDetokenizer.for_params(self.tokenizer, params), asyncio.Queue())
-        self.requests[seq.seq_id] = req
+    async def _watch_status(self) -> None:
+        """Tell the API server whenever readiness, limits or the workers change (it admits requests
+        on what it last heard; link events come from several tasks, so they are polled here)."""
+        while True:
+            key = (self.ready, self.loop_alive, self.max_model_len,
+                   tuple((link.alive, link.ready.pid if link.ready else 0) for link in self.links))
+            if key != self._status_key:
+                self._status_key = key
+                self.emit(self.status())
+            await asyncio.sleep(0.02)
+
+    def add(self, msg: AddRequest) -> None:
+        """Queue a request; one that cannot be taken (no worker ready, invalid parameters) ends at
+        once with an error row (the API server checked both: this is the race, or a bug)."""
+        if self.scheduler is None or not self.ready:
+            self._fail_now(msg.seq_id, "the GPU worker is not ready")
+            return
+        try:
+            params = SamplingParams.from_wire(msg.params)
+        except (ParamError, TypeError, ValueError) as exc:
+            self._fail_now(msg.seq_id, f"invalid sampling parameters: {exc}")
+            return
+        seq = Sequence(msg.seq_id, msg.request_id, msg.prompt_ids.tolist(), params, self.eos_token_ids,
+                       self.max_model_len, arrival=msg.arrival)
+        seq.traceparent = msg.traceparent or None
+        self.requests[seq.seq_id] = seq
+        if params.structured_outputs is None:
+            self.scheduler.add(seq)
+            self._wake.set()
+        else:
+            self._compiling.add(seq.seq_id)
+            asyncio.ensure_future(self._add_when_compiled(seq))
+
+    async def _add_when_compiled(self, seq: Sequence) -> None:
+        """Queue a constrained request once its grammar is compiled (off the loop, on the
+        manager's threads; the API server compiled it already, so this is usually a cache hit)."""
+        try:
+            await self.structured.prepare(seq.params.structured_outputs)
+            if seq.seq_id in self._compiling:   # not aborted meanwhile
+                seq.structured = self.structured.request_for(seq.params.structured_outputs)
+        except Exception as exc:  # noqa: BLE001 (ParamError, or a bug: the request fails, loudly)
+            if seq.seq_id in self._compiling:
+                self._compiling.discard(seq.seq_id)
+                self._forget(seq)
+                self._fail_now(seq.seq_id, str(exc) if isinstance(exc, ParamError) else
+                               f"internal error: {type(exc).__name__}: {exc}")
+            return
+        if seq.seq_id not in self._compiling:
+            return
+        self._compiling.discard(seq.seq_id)
+        if self.scheduler is None:
+            self._forget(seq)
+            self._fail_now(seq.seq_id, "the GPU worker is not ready")
+            return
         self.scheduler.add(seq)
         self._wake.set()
-        return RequestStream(self, req)
+
+    def _fail_now(self, seq_id: int, message: str) -> None:
+        self.outputs.fail(seq_id, message)
+        self._flush()
 
     def abort(self, seq: Sequence, reason: FinishReason) -> None:
-        if self.scheduler is not None and not seq.is_finished:
+        if seq.seq_id in self._compiling:   # never reached the scheduler
+            self._compiling.discard(seq.seq_id)
+        elif self.scheduler is not None and not seq.is_finished:
             self.scheduler.finish(seq, reason)
         seq.status, seq.finish_reason = SeqStatus.FINISHED, seq.finish_reason or reason
+        self._forget(seq)
+
+    def abort_requests(self, seq_ids, reason: FinishReason) -> None:
+        """The API server ended these requests (it sends nothing more for them, nor do we)."""
+        for seq_id in seq_ids:
+            seq = self.requests.get(int(seq_id))
+            if seq is not None:
+                self.abort(seq, reason)
+
+    def _forget(self, seq: Sequence) -> None:
         self.requests.pop(seq.seq_id, None)
+        self._announced.discard(seq.seq_id)
+
+    def _flush(self, iteration: IterationStats | None = None) -> None:
+        if len(self.outputs) or iteration is not None:
+            self.emit(self.outputs.take(time.monotonic(), iteration))
 
     # -- the loop -----------------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -278,14 +285,15 @@ class Engine:
             try:
                 await self._iterate(sched, output, t_start)
             except Exception as exc:  # noqa: BLE001 (the loop must survive; the requests in it may not)
-                log.exception("iteration %d failed in the gateway", output.iteration_id)
+                log.exception("iteration %d failed in the engine core", output.iteration_id)
                 self._fail_rows(output, f"internal error: {type(exc).__name__}: {exc}")
+            self._flush()
 
     async def _iterate(self, sched: Scheduler, output: SchedulerOutput, t_start: float) -> None:
         """Run ``output`` and, with async scheduling, the iterations scheduled ahead of it: each
         next one is sent before the current one's result is awaited, so the worker finds it queued
-        and the GPU does not wait while this process applies results and serves HTTP. A hook's
-        wall time is then the cycle between consecutive results. A plan scheduled ahead with
+        and the GPU does not wait while this process applies results. An iteration's wall time
+        is then the cycle between consecutive results. A plan scheduled ahead with
         grammar-constrained rows gets its masks as soon as the current result has advanced the
         grammars, before anything else is sent (``SchedulerOutput.bitmask_deferred``)."""
         generation = self.link.generation
@@ -316,14 +324,13 @@ class Engine:
                 self._emit(current, result, updates)
                 sched.observe(current, result.forward_s - result.swap_s)
                 now = time.perf_counter()
-                for hook in self.iteration_hooks:
-                    hook(current, result, now - t_start)
+                self._flush(self._iteration_stats(current, result, now - t_start))
                 t_start = now
         except WorkerDown as exc:
             self._fail_running(str(exc))
         except Exception:
             for out in sent:
-                self._fail_rows(out, "internal error in the gateway")
+                self._fail_rows(out, "internal error in the engine core")
             await self._discard_replies(sent, generation, masked)  # the next iteration must not read them
             raise
 
@@ -376,8 +383,7 @@ class Engine:
 
     async def _send(self, sched: Scheduler, output: SchedulerOutput, sent: list[SchedulerOutput]) -> None:
         plan = output.to_plan(sched.gpu, sched.cpu)
-        if tracing.enabled():
-            plan.trace = iteration_trace(output)
+        plan.trace = iteration_trace(output)
         cpu_plan = output.to_cpu_plan(sched.cpu) if sched.cpu is not None else None
         if cpu_plan is not None:
             assert self.cpu_links
@@ -402,8 +408,7 @@ class Engine:
         return updates
 
     def _emit(self, output: SchedulerOutput, result: IterationResult, updates: list[tuple]) -> None:
-        """Detokenize and stream what ``_advance`` took in (stop strings end requests here)."""
-        assert self.scheduler is not None
+        """What ``_advance`` took in, as rows for the API server (which detokenizes and streams)."""
         self._apply_prompt_logprobs(result)
         logprobs = {}
         if len(result.lp_seq_ids):
@@ -412,32 +417,46 @@ class Engine:
                      if r.sample and r.seq.params.logprobs is not None}
             logprobs = sampled_logprobs(result, sampled, asked)
         for seq, token, scheduled_reason, reason in updates:
-            req = self.requests.get(seq.seq_id)
-            if req is None:
+            if seq.seq_id not in self.requests:
                 continue
+            details: dict = {}
+            if seq.seq_id not in self._announced:
+                self._announced.add(seq.seq_id)
+                details["scheduled"] = seq.scheduled_time
+                if seq.params.prompt_logprobs is not None:
+                    details["prompt_logprobs"] = [to_wire(e) for e in seq.prompt_logprobs]
             entry = logprobs.get(seq.seq_id)
             if entry is not None:
-                seq.logprobs.append(entry)
                 seq.cumulative_logprob += entry.logprob
-            text = req.detok.add(token, stop_token=scheduled_reason is FinishReason.STOP)
+                details["logprob"], details["cumulative"] = to_wire(entry), seq.cumulative_logprob
             if seq.structured is not None and reason is FinishReason.ERROR:
-                self._push(req, "", [], reason, error="the output left its grammar (structured outputs)")
-                continue
-            if reason is None and req.detok.stopped:
-                reason = FinishReason.STOP
-                self.scheduler.finish(seq, reason)
+                details["error"] = "the output left its grammar (structured outputs)"
+                self.outputs.add(seq.seq_id, NO_TOKEN, reason, **details)
+            else:
+                self.outputs.add(seq.seq_id, token, reason, scheduled_reason is FinishReason.STOP, **details)
             if reason is not None:
-                text += req.detok.flush()
-            self._push(req, text, [token], reason, [entry] if entry is not None else None)
+                self._forget(seq)
+
+    def _iteration_stats(self, output: SchedulerOutput, result: IterationResult, wall_s: float) -> IterationStats:
+        stats = IterationStats(wall_s=wall_s, worker_s=result.total_s, launched_ahead=bool(result.launched_ahead),
+                               num_tokens=sum(r.num_tokens for r in output.rows))
+        decision, ready = output.decision, self.link.ready
+        if decision is not None:
+            stats.plan = "pipelined" if output.pipelined else "sequential"
+            if ready is not None and ready.geometry is not None:
+                stats.predicted_forward_s = decision.predicted_forward_s(ready.geometry.num_layers)
+            stats.measured_forward_s = result.forward_s - result.swap_s
+            if output.cpu_rows:
+                stats.cpu_wait_s = result.cpu_wait_s
+        return stats
 
     def _apply_prompt_logprobs(self, result: IterationResult) -> None:
         """Append the prompt logprobs of each row that asked: its positions from the first missing
         one on (``Sequence.prompt_logprob_span``), whose tokens are the prompt's next ones."""
         for seq_id, start, count in prompt_logprobs(result):
-            req = self.requests.get(seq_id)
-            if req is None:
+            seq = self.requests.get(seq_id)
+            if seq is None:
                 continue
-            seq = req.seq
             have = len(seq.prompt_logprobs)
             tokens = seq.prompt_ids[have + 1:have + 1 + count]
             seq.prompt_logprobs.extend(prompt_entries(result, start, tokens, seq.params.prompt_logprobs or 0))
@@ -461,33 +480,15 @@ class Engine:
             return FinishReason.STOP
         return reason
 
-    def _push(self, req: _Request, text: str, tokens: list[int], reason: FinishReason | None,
-              logprobs: list[TokenLogprob] | None = None, error: str | None = None) -> None:
-        seq = req.seq
-        first, req.pushed = not req.pushed, True
-        req.queue.put_nowait(RequestOutput(
-            text=text, token_ids=tokens, finished=reason is not None,
-            finish_reason=reason.value if reason is not None else None,
-            prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids), error=error,
-            logprobs=logprobs, cumulative_logprob=seq.cumulative_logprob,
-            prompt_logprobs=seq.prompt_logprobs if first and seq.params.prompt_logprobs is not None else None))
-        if reason is not None:
-            self.requests.pop(seq.seq_id, None)
-            for hook in self.finished_hooks:
-                hook(seq)
-            if seq.span is not None:
-                record_phases(seq, self.served_name)
-
     def _fail_rows(self, output: SchedulerOutput, message: str) -> None:
         """End the requests of a failed iteration, and those it moved between pools (their copies
         may not have happened, so their KV cannot be trusted)."""
         seqs = {r.seq.seq_id: r.seq for r in output.rows}
         seqs.update((s.seq_id, s) for s in output.swapped_out + output.swapped_in)
         for seq in seqs.values():
-            req = self.requests.get(seq.seq_id)
-            if req is not None and seq.status is SeqStatus.RUNNING:   # not finished, nor requeued to recompute
+            if seq.seq_id in self.requests and seq.status is SeqStatus.RUNNING:   # not finished, nor requeued
                 self.abort(seq, FinishReason.ERROR)
-                self._push(req, "", [], FinishReason.ERROR, error=message)
+                self.outputs.fail(seq.seq_id, message)
 
     def _fail_running(self, message: str, places: tuple[Place, ...] = (Place.GPU, Place.CPU)) -> None:
         """A worker is gone with the KV: requests that held KV there end with an error now."""
@@ -495,10 +496,10 @@ class Engine:
             return
         held = self.scheduler.running + self.scheduler.cpu_queue
         for seq in [s for s in held if s.place in places]:
-            req = self.requests.get(seq.seq_id)
+            if seq.seq_id in self.requests:
+                self.outputs.fail(seq.seq_id, message)
             self.abort(seq, FinishReason.ERROR)
-            if req is not None:
-                self._push(req, "", [], FinishReason.ERROR, error=message)
+        self._flush()
 
     def _on_worker_down(self, reason: str) -> None:
         self._fail_running(reason)
@@ -515,16 +516,7 @@ class Engine:
                 if isinstance(msg, WorkerError):
                     log.error("%s: %s", link.name, msg.message)
 
-    # -- drain --
-    def fail_requests(self, message: str) -> int:
-        """End every live request, running or waiting, with an error (the shutdown grace is over):
-        each stream gets an error event, each waiting client a 500. Returns how many."""
-        live = list(self.requests.values())
-        for req in live:
-            self.abort(req.seq, FinishReason.ERROR)
-            self._push(req, "", [], FinishReason.ERROR, error=message)
-        return len(live)
-
+    # -- shutdown --
     async def shutdown_workers(self, reason: str, timeout_s: float = 5.0) -> None:
         """Say Shutdown to every registered worker and wait (at most ``timeout_s``) until each has
         left: a worker stops serving on it, also one that got SIGTERM and waits for the drain. The

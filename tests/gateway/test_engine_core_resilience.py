@@ -1,4 +1,4 @@
-"""The engine loop outlives a bug in one iteration: that iteration's requests fail, later ones run."""
+"""The engine core's loop outlives a bug in one iteration: that iteration's requests fail, later ones run."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import numpy as np
 import zmq.asyncio
 
 from neo_common.config import NeoConfig
+from neo_common.engine_core_protocol import NO_TOKEN, AddRequest, EngineCoreOutputs, finish_reason
 from neo_common.geometry import GEOMETRIES
 from neo_common.model_source import embedded_gguf_path
 from neo_common.protocol import IterationResult, WorkerReady
-from neo_gateway.engine import Engine
+from neo_gateway.engine_core import EngineCore
 from neo_gateway.sampling_params import SamplingParams
 from neo_gateway.scheduler import SchedulerOutput
 from neo_gateway.tokenizer import TextTokenizer
@@ -23,7 +24,15 @@ def test_a_failing_iteration_fails_its_requests_and_the_loop_goes_on(tmp_path):
     async def scenario() -> tuple[list, list]:
         ctx = zmq.asyncio.Context()
         config = NeoConfig.from_args(["--runtime-dir", str(tmp_path / "run")], env={})
-        engine = Engine(config, tokenizer, ctx, "m")
+        sent: list = []
+        arrived = asyncio.Event()
+
+        def emit(msg) -> None:   # what the core sends the API server
+            if isinstance(msg, EngineCoreOutputs):
+                sent.append(msg)
+                arrived.set()
+
+        engine = EngineCore(config, tokenizer, ctx, "m", emit)
         engine.link.ready = WorkerReady(num_gpu_blocks=16, block_size=16, max_model_len=256,
                                         geometry=GEOMETRIES["smollm2-135m"])
         calls = {"n": 0}
@@ -52,11 +61,24 @@ def test_a_failing_iteration_fails_its_requests_and_the_loop_goes_on(tmp_path):
         engine._adopt_worker()
         try:
             engine._loop_task = asyncio.create_task(engine._loop())
-            async def collect(rid: str) -> list:
-                return [o async for o in engine.submit(rid, [5, 6, 7], SamplingParams(max_tokens=3, temperature=0))]
+            async def collect(seq_id: int) -> list:
+                """(token, finish, details) of each row the core sent for this request, to its last."""
+                engine.add(AddRequest(seq_id=seq_id, request_id=str(seq_id), prompt_ids=np.array([5, 6, 7], np.int32),
+                                      params=SamplingParams(max_tokens=3, temperature=0).to_wire()))
+                rows: list = []
+                while not rows or finish_reason(rows[-1][1]) is None:
+                    arrived.clear()
+                    for msg in sent:
+                        for i, sid in enumerate(msg.seq_ids.tolist()):
+                            if sid == seq_id:
+                                rows.append((int(msg.token_ids[i]), int(msg.finish[i]), msg.details.get(i, {})))
+                    sent.clear()
+                    if not rows or finish_reason(rows[-1][1]) is None:
+                        await arrived.wait()
+                return rows
 
-            first = await asyncio.wait_for(collect("a"), 10)  # a dead loop would never answer
-            second = await asyncio.wait_for(collect("b"), 10)
+            first = await asyncio.wait_for(collect(1), 10)  # a dead loop would never answer
+            second = await asyncio.wait_for(collect(2), 10)
             assert engine.loop_alive and engine.ready
             engine._loop_task.cancel()
             await asyncio.gather(engine._loop_task, return_exceptions=True)
@@ -67,5 +89,7 @@ def test_a_failing_iteration_fails_its_requests_and_the_loop_goes_on(tmp_path):
             ctx.destroy(linger=0)
 
     first, second = asyncio.run(scenario())
-    assert first[-1].finished and first[-1].error and "simulated bug" in first[-1].error
-    assert second[-1].finished and second[-1].error is None and second[-1].finish_reason == "stop"
+    token, finish, details = first[-1]
+    assert token == NO_TOKEN and finish_reason(finish) == "error" and "simulated bug" in details["error"]
+    token, finish, details = second[-1]
+    assert token == 2 and finish_reason(finish) == "stop" and "error" not in details
