@@ -21,6 +21,7 @@ from typing import Sequence
 import zmq
 import zmq.asyncio
 
+from neo_common import event_loop
 from neo_common.config import NeoConfig
 from neo_common.engine_core_protocol import (AbortRequests, AddRequest, ShutdownCore, StatsRequest, core_address,
                                              decode, finish_reason, pair_socket)
@@ -86,7 +87,7 @@ async def _read(sock: zmq.asyncio.Socket, core: EngineCore, stop: asyncio.Event)
 def main(argv: Sequence[str] | None = None) -> int:
     config = NeoConfig.for_process("neo engine-core", __doc__, argv, "engine-core")
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(config))
+        event_loop.run(serve(config))
     return 0
 
 

@@ -4,8 +4,9 @@ uvicorn closes idle keep-alive connections (``timeout_keep_alive``) but gives a 
 for its request line and headers: a client that sends them a byte at a time (slowloris) holds its
 connection, and the server's memory for it, forever. Its ``limit_concurrency`` counts running
 requests as well as connections and answers from inside uvicorn, where nothing is counted.
-:class:`EdgeProtocol` adds a header deadline and a connection cap to uvicorn's HTTP/1.1 protocol;
-the body's own limits are ASGI middleware (http_limits.py).
+:class:`EdgeProtocol` adds a header deadline and a connection cap to uvicorn's HTTP/1.1 protocols:
+httptools' C parser where it is installed (a dependency; uvicorn's choice too), else h11's. The
+body's own limits are ASGI middleware (http_limits.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ import json
 from typing import Any, Callable
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:   # httptools missing: h11 alone
+    HttpToolsProtocol = None
 
 from neo_common.config import HttpConfig
 from neo_gateway.errors import RejectReason, error_body, error_json
@@ -38,8 +44,8 @@ def _over_connection_limit(limit: int, observe: Observe):
     return app
 
 
-class EdgeProtocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with a header deadline and a connection cap.
+class EdgeProtocol:
+    """A mixin for uvicorn's HTTP/1.1 protocols: a header deadline and a connection cap.
 
     - Header deadline: armed when a connection opens, and on a kept-alive connection when the first
       byte of its next request arrives (the idle time before is the keep-alive's); disarmed when
@@ -74,8 +80,7 @@ class EdgeProtocol(H11Protocol):
         self._partial = True
         super().data_received(data)
 
-    def handle_events(self) -> None:
-        super().handle_events()
+    def _headers_parsed(self) -> None:
         if self._header_timer is not None and self.cycle is not self._armed_for:
             self._disarm()  # a new request's headers are in
 
@@ -103,9 +108,26 @@ class EdgeProtocol(H11Protocol):
         self.transport.close()
 
 
-def edge_protocol(http: HttpConfig, observe: Observe) -> type[EdgeProtocol]:
+class EdgeH11Protocol(EdgeProtocol, H11Protocol):
+    def handle_events(self) -> None:
+        super().handle_events()
+        self._headers_parsed()
+
+
+if HttpToolsProtocol is not None:
+    class EdgeHttpToolsProtocol(EdgeProtocol, HttpToolsProtocol):
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            self._headers_parsed()
+
+    DEFAULT_PROTOCOL: type[EdgeProtocol] = EdgeHttpToolsProtocol
+else:
+    DEFAULT_PROTOCOL = EdgeH11Protocol
+
+
+def edge_protocol(http: HttpConfig, observe: Observe, base: type[EdgeProtocol] = DEFAULT_PROTOCOL) -> type:
     """An :class:`EdgeProtocol` class with this configuration (uvicorn builds one per connection)."""
-    return type("ConfiguredEdgeProtocol", (EdgeProtocol,), {
+    return type("ConfiguredEdgeProtocol", (base,), {
         "header_timeout_s": http.header_timeout_s, "max_connections": http.max_connections,
         "observe": staticmethod(observe)})
 

@@ -4,7 +4,6 @@ links) runs in a child process it starts and stops (docs/design.md, "The engine 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import signal
@@ -13,6 +12,7 @@ from typing import Sequence
 import uvicorn
 
 from neo_common import tracing
+from neo_common import event_loop
 from neo_common.config import NeoConfig
 from neo_common.model_source import resolve
 from neo_gateway.api import create_app
@@ -71,5 +71,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.should_exit = True
 
     engine.on_core_exit.append(core_exited)
-    asyncio.run(server.serve())
+    event_loop.run(server.serve())
     return 1 if engine.core_failed else 0
