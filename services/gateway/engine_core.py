@@ -189,9 +189,10 @@ class EngineCore:
             await asyncio.sleep(0.02)
 
     def add(self, msg: AddRequest) -> None:
-        """Queue a request; one that cannot be taken (no worker ready, invalid parameters) ends at
-        once with an error row (the API server checked both: this is the race, or a bug)."""
-        if self.scheduler is None or not self.ready:
+        """Queue a request; one that cannot be taken (no worker ever ready, invalid parameters) ends
+        at once with an error row (the API server checked both: this is a race, or a bug). One that
+        arrives while a worker restarts waits for it, as the requests queued before did."""
+        if self.scheduler is None:
             self._fail_now(msg.seq_id, "the GPU worker is not ready")
             return
         try:
