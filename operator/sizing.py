@@ -23,7 +23,7 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 GPU_RUNTIME_RESERVE = 512 * MiB  # CUDA context, allocator slack, graphs
-GATEWAY_CPU = 1  # HTTP, tokenizer, scheduler
+GATEWAY_CPU = 2  # the API server (HTTP, tokenizer, detokenizer) and the engine core (scheduler), one each
 GATEWAY_MEMORY = 1 * GiB
 GPU_WORKER_CPU = 2  # launch thread + copy/IPC thread
 GPU_WORKER_MEMORY = 4 * GiB  # CUDA runtime and host staging; weights stream through the page cache

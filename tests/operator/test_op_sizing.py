@@ -44,18 +44,19 @@ def test_cpu_blocks_shm_and_requests() -> None:
     assert layout.total_bytes == 4096 + 16 * GiB + 2 * slot
     assert d.shm_bytes == math.ceil((layout.total_bytes + 64 * MiB) / MiB) * MiB
     assert d.shm_quantity == f"{d.shm_bytes // MiB}Mi"
-    # one GPU of one: the whole host less the node reserve (max(1, 5%) = 1.6), gateway (1) and gpu-worker (2)
-    assert d.cpu_attention_threads == int(32 - 1.6) - 3 == 27
+    # one GPU of one: the whole host less the node reserve (max(1, 5%) = 1.6), the gateway (2: its API
+    # server and engine core) and the gpu-worker (2)
+    assert d.cpu_attention_threads == int(32 - 1.6) - 4 == 26
     # the segment's pages are the gpu-worker's (it creates and pins them)
-    assert d.requests["cpuAttention"] == {"cpu": "27", "memory": "512Mi"}
+    assert d.requests["cpuAttention"] == {"cpu": "26", "memory": "512Mi"}
     assert d.requests["gpuWorker"] == {"cpu": "2", "memory": f"{(4 * GiB + d.shm_bytes) // MiB}Mi"}
 
 
 def test_threads_are_the_host_share_of_our_gpus_and_scale_bandwidth() -> None:
-    # 8 GPUs on a 64-core host: one GPU comes with (64 - 3.2 reserved) / 8 = 7.6 cores, 4 of them for attention
+    # 8 GPUs on a 64-core host: one GPU comes with (64 - 3.2 reserved) / 8 = 7.6 cores, 3 of them for attention
     d = size(make_spec(cpuOffload={"mode": "full"}), [make_node(gpus=8, cpus=64, gbps=200.0, threads=64)])
-    assert d.cpu_attention_threads == 4
-    assert d.cpu_attention_gbps == pytest.approx(200.0 * 4 / 64, abs=0.05)
+    assert d.cpu_attention_threads == 3
+    assert d.cpu_attention_gbps == pytest.approx(200.0 * 3 / 64, abs=0.05)
     # explicit cores win
     d = size(make_spec(cpuOffload={"mode": "full", "cores": 12}), [make_node(gpus=8, cpus=64, gbps=200.0, threads=64)])
     assert d.cpu_attention_threads == 12
@@ -182,9 +183,9 @@ def test_cores_larger_than_node() -> None:
 
 def test_requests_leave_a_reserve_of_node_allocatable() -> None:
     """A replica never asks for all of a node's CPUs: the DaemonSets there request some too."""
-    # 1 + 2 + 13 = 16 CPUs on a 16-CPU node: all of it, so unschedulable beside any DaemonSet
-    assert _reason(make_spec(cpuOffload={"mode": "full", "cores": 13}), [make_node(cpus=16)]) == "CpuExceedsNode"
-    assert size(make_spec(cpuOffload={"mode": "full", "cores": 12}), [make_node(cpus=16)]).cpu_attention_threads == 12
+    # 2 + 2 + 12 = 16 CPUs on a 16-CPU node: all of it, so unschedulable beside any DaemonSet
+    assert _reason(make_spec(cpuOffload={"mode": "full", "cores": 12}), [make_node(cpus=16)]) == "CpuExceedsNode"
+    assert size(make_spec(cpuOffload={"mode": "full", "cores": 11}), [make_node(cpus=16)]).cpu_attention_threads == 11
     for product, count, model, ctx, gbps, cores, _ in DECISIONS:
         d = _decide(product, count, model, ctx, gbps, cores)
         requested = sum(float(r["cpu"]) for r in d.requests.values())
@@ -194,7 +195,7 @@ def test_requests_leave_a_reserve_of_node_allocatable() -> None:
 
 def test_constants_are_what_the_docs_say() -> None:
     assert sizing.OFFLOAD_MIN_GAIN == 0.05
-    assert (sizing.GATEWAY_CPU, sizing.GPU_WORKER_CPU) == (1, 2)
+    assert (sizing.GATEWAY_CPU, sizing.GPU_WORKER_CPU) == (2, 2)
 
 
 def test_gpu_count_is_tensor_parallelism_sized_per_gpu() -> None:
@@ -213,7 +214,7 @@ def test_gpu_count_is_tensor_parallelism_sized_per_gpu() -> None:
     assert d.weight_bytes == weights
     assert d.gpu_kv_blocks == (int(0.9 * 81559 * MiB) - weights - workspace) // rank_block
     assert d.kv_bytes_per_block == 2 * rank_block, "the CPU pool holds both ranks' heads"
-    assert d.cpu_attention_threads == int(64 - 0.05 * 64) - 1 - 2 * 2
+    assert d.cpu_attention_threads == int(64 - 0.05 * 64) - 2 - 2 * 2
     assert d.requests["gpuWorker"] == {"cpu": "4", "memory": f"{(8 * GiB + d.shm_bytes) // MiB}Mi"}
     # one segment per rank, each with its 4 of the 8 KV heads (and 32 of the 64 query heads)
     ranks = [SegmentLayout.for_model(Shard.of(g, r, 2).local_geometry(g), d.cpu_kv_blocks, 16, 256, "bfloat16")
@@ -236,14 +237,14 @@ def test_the_node_reserve_is_configurable() -> None:
 
     assert sizing.DEFAULT_RESERVE == OperatorConfig.from_args([]).node_reserve
     spec = make_spec(cpuOffload={"mode": "full", "kvMemory": "16Gi"})
-    assert size(spec, [make_node(cpus=32)]).cpu_attention_threads == 27
+    assert size(spec, [make_node(cpus=32)]).cpu_attention_threads == 26
     reserve = OperatorConfig.from_args(["--node-cpu-reserve", "4", "--node-memory-reserve-gib", "110"]).node_reserve
     assert reserve == sizing.NodeReserve(cpu_min=4.0, memory_min=110 * GiB, fraction=0.05)
     with pytest.raises(SizingError) as info:
         size(spec, [make_node(cpus=32, host_gib=128)], reserve)
     assert info.value.reason == "KvMemoryExceedsNode" and "110.0Gi stay free" in info.value.message
     d = size(spec, [make_node(cpus=32)], sizing.NodeReserve(cpu_min=4.0))
-    assert d.cpu_attention_threads == 32 - 4 - 3
+    assert d.cpu_attention_threads == 32 - 4 - 4
     # the default leaves 1.5 GiB (5% on large nodes): a replica filling a 24 GiB node to the byte does not fit
     assert sizing.DEFAULT_RESERVE.memory(24 * GiB) == 1.5 * GiB and sizing.DEFAULT_RESERVE.memory(512 * GiB) == int(25.6 * GiB)
     with pytest.raises(Exception):
