@@ -52,6 +52,9 @@ def pair_socket(ctx: zmq.Context) -> zmq.Socket:
 
 
 ENGINE_CORE_VERSION = 1
+HEARTBEAT_S = 1.0      # the core sends an EngineStatus at least this often
+CORE_SILENCE_S = 10.0  # the API server deems a core it has not heard from this long wedged
+PARENT_ENV = "NEO_ENGINE_CORE_PARENT"   # the API server's pid, given to the core: it dies with it
 NO_TOKEN = -1
 RUNNING = -1                         # finish code of a row whose request goes on
 FINISH_REASONS = tuple(FinishReason)  # finish code i <-> FINISH_REASONS[i]
@@ -135,7 +138,6 @@ class EngineCoreOutputs(_CoreMessage):
       (a list of such entries, on the request's first output), ``scheduled`` (monotonic time the
       request was first scheduled, on its first output).
     - ``stop_token``: the row's token is a stop token (its text is left out unless asked for).
-    - ``timestamp``: monotonic time the tokens were taken in (first/last token times).
     - ``iteration``: the iteration's stats (``IterationStats`` fields), empty for a failure message.
     """
 
@@ -145,7 +147,6 @@ class EngineCoreOutputs(_CoreMessage):
     finish: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int8))
     stop_token: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.bool_))
     details: dict = dataclasses.field(default_factory=dict)
-    timestamp: float = 0.0
     iteration: dict = dataclasses.field(default_factory=dict)
 
     def check(self) -> None:

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from neo_common.engine_core_protocol import CORE_SILENCE_S
 from neo_gateway.api_fields import unknown_fields
 from neo_gateway.api_models import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                     CompletionChunk, CompletionRequest, CompletionResponse, ModelList,
@@ -228,6 +229,9 @@ def create_app(engine: AsyncEngine, served_name: str) -> FastAPI:
     async def health() -> Response:
         if not engine.loop_alive:
             return JSONResponse({"status": "unhealthy", "reason": "the engine loop stopped"}, 503)
+        if engine.core_silent_s >= CORE_SILENCE_S:   # wedged: the liveness probe restarts the replica
+            return JSONResponse({"status": "unhealthy", "reason": f"the engine core has not answered for "
+                                 f"{engine.core_silent_s:.0f} s"}, 503)
         status = engine.status
         if status is None:
             return JSONResponse({"status": "unhealthy", "reason": "the engine core is starting"}, 503,

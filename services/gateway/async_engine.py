@@ -14,7 +14,6 @@ import dataclasses
 import itertools
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,11 +24,10 @@ from opentelemetry import trace
 
 from neo_common import tracing
 from neo_common.config import NeoConfig
-from neo_common.engine_core_protocol import (NO_TOKEN, AbortRequests, AddRequest, EngineCoreOutputs, EngineStatus,
-                                             IterationStats, ShutdownCore, StatsRequest, core_address, decode,
-                                             finish_code, finish_reason, pair_socket)
+from neo_common.engine_core_protocol import (CORE_SILENCE_S, NO_TOKEN, PARENT_ENV, AbortRequests, AddRequest, EngineCoreOutputs,
+                                             EngineStatus, IterationStats, ShutdownCore, StatsRequest, core_address,
+                                             decode, finish_code, finish_reason, pair_socket)
 from neo_common.link import prepare_runtime_dir
-from neo_common.procs import die_with_parent, load_libc
 from neo_common.protocol import Message, ProtocolError
 from neo_gateway.detokenizer import IncrementalDetokenizer
 from neo_gateway.logprobs import TokenLogprob, from_wire
@@ -160,6 +158,7 @@ class AsyncEngine:
         self._ctx: zmq.asyncio.Context | None = None
         self._sock = None
         self._tasks: list[asyncio.Task] = []
+        self.heard_at = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -168,15 +167,9 @@ class AsyncEngine:
         self._ctx = zmq.asyncio.Context()
         self._sock = pair_socket(self._ctx)
         self._sock.bind(core_address(self.config.runtime_dir))
-        parent = os.getpid()
-        load_libc()
-
-        def tie_to_parent() -> None:   # between fork and exec: the core dies with this process
-            if not die_with_parent(signal.SIGKILL, parent):
-                os._exit(1)
-
+        # the core ties its life to this process itself (no preexec_fn: this process has threads)
         self.core = subprocess.Popen([sys.executable, "-m", "neo_gateway.core_process", *self.config.to_args()],
-                                     process_group=0, preexec_fn=tie_to_parent)
+                                     process_group=0, env={**os.environ, PARENT_ENV: str(os.getpid())})
         log.info("started the engine core (pid %d)", self.core.pid)
         self._tasks = [asyncio.ensure_future(self._read()), asyncio.ensure_future(self._watch_core())]
 
@@ -189,7 +182,9 @@ class AsyncEngine:
         if self.core is not None and self.core.poll() is None:
             if self.status is not None:   # connected: it reads the request
                 self._send(ShutdownCore(reason="the gateway is stopping"))
-            else:
+            else:   # still starting: its signal policy stops it at a second signal
+                self.core.terminate()
+                await asyncio.sleep(0.2)
                 self.core.terminate()
             deadline = time.monotonic() + _CORE_STOP_S
             while self.core.poll() is None and time.monotonic() < deadline:
@@ -224,6 +219,7 @@ class AsyncEngine:
             except ProtocolError as exc:
                 log.error("dropped a frame from the engine core: %s", exc)
                 continue
+            self.heard_at = time.monotonic()
             try:
                 if isinstance(msg, EngineCoreOutputs):
                     self._on_outputs(msg)
@@ -247,8 +243,15 @@ class AsyncEngine:
         return not self.core_failed and (self.status is None or self.status.loop_alive)
 
     @property
+    def core_silent_s(self) -> float:
+        """Seconds since the core last said anything (it sends a status every second at least);
+        past ``CORE_SILENCE_S`` it is wedged: not ready, and /health says so."""
+        return time.monotonic() - self.heard_at if self.status is not None else 0.0
+
+    @property
     def ready(self) -> bool:
-        return self.status is not None and self.status.ready and not self.core_failed and not self._stopping
+        return (self.status is not None and self.status.ready and not self.core_failed and not self._stopping
+                and self.core_silent_s < CORE_SILENCE_S)
 
     @property
     def max_model_len(self) -> int:
@@ -326,37 +329,47 @@ class AsyncEngine:
     # -- outputs ------------------------------------------------------------------------------
     def _on_outputs(self, msg: EngineCoreOutputs) -> None:
         """Detokenize and stream one message's rows (stop strings end requests here)."""
-        got_token = []
+        got_token: list[RequestState] = []
+        now = time.monotonic()   # token times as the client can first see them (vLLM's frontend stamps)
         tokens, finish, stop_token = msg.token_ids.tolist(), msg.finish.tolist(), msg.stop_token.tolist()
         for i, seq_id in enumerate(msg.seq_ids.tolist()):
             req = self.requests.get(seq_id)
             if req is None:
                 continue   # ended here already (aborted, a stop string): the core learns it
-            reason, entry, error = finish_reason(finish[i]), None, None
-            details = msg.details.get(i)
-            if details:
-                entry, error = self._take_details(req, details)
-            token = tokens[i]
-            if token == NO_TOKEN:
-                self._push(req, "", [], reason or FinishReason.ERROR, error=error)
-                continue
-            req.output_ids.append(token)
-            if req.first_token_time is None:
-                req.first_token_time = msg.timestamp
-            req.last_token_time = msg.timestamp
-            text = req.detok.add(token, stop_token=stop_token[i])
-            if reason is None and req.detok.stopped:
-                reason = FinishReason.STOP
-                self._send(AbortRequests(seq_ids=np.array([seq_id], np.int64), finish=finish_code(reason)))
-            if reason is not None:
-                text += req.detok.flush()
-            else:
-                got_token.append(req)
-            self._push(req, text, [token], reason, [entry] if entry is not None else None)
+            try:
+                self._apply_row(req, tokens[i], finish[i], stop_token[i], msg.details.get(i), now, got_token)
+            except Exception as exc:  # noqa: BLE001 (this request fails loudly; the batch's others go on)
+                log.exception("request %s: applying its output failed", req.request_id)
+                if not req.is_finished:
+                    self.abort(req, FinishReason.ERROR)
+                    req.queue.put_nowait(RequestOutput("", [], True, FinishReason.ERROR.value,
+                                                       error=f"internal error: {type(exc).__name__}: {exc}"))
         if msg.iteration:
             stats = IterationStats.from_dict(msg.iteration)
             for hook in self.iteration_hooks:
                 hook(stats, got_token)
+
+    def _apply_row(self, req: RequestState, token: int, finish: int, stop_token: bool, details: dict | None,
+                   now: float, got_token: list[RequestState]) -> None:
+        reason, entry, error = finish_reason(finish), None, None
+        if details:
+            entry, error = self._take_details(req, details)
+        if token == NO_TOKEN:
+            self._push(req, "", [], reason or FinishReason.ERROR, error=error)
+            return
+        req.output_ids.append(token)
+        if req.first_token_time is None:
+            req.first_token_time = now
+        req.last_token_time = now
+        text = req.detok.add(token, stop_token=stop_token)
+        if reason is None and req.detok.stopped:
+            reason = FinishReason.STOP
+            self._send(AbortRequests(seq_ids=np.array([req.seq_id], np.int64), finish=finish_code(reason)))
+        if reason is not None:
+            text += req.detok.flush()
+        else:
+            got_token.append(req)
+        self._push(req, text, [token], reason, [entry] if entry is not None else None)
 
     @staticmethod
     def _take_details(req: RequestState, details: dict) -> tuple[TokenLogprob | None, str | None]:

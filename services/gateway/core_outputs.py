@@ -38,10 +38,10 @@ class OutputBatch:
     def fail(self, seq_id: int, message: str) -> None:
         self.add(seq_id, reason=FinishReason.ERROR, error=message)
 
-    def take(self, timestamp: float, iteration: IterationStats | None = None) -> EngineCoreOutputs:
+    def take(self, iteration: IterationStats | None = None) -> EngineCoreOutputs:
         msg = EngineCoreOutputs(seq_ids=np.array(self.seq_ids, np.int64), token_ids=np.array(self.tokens, np.int32),
                                 finish=np.array(self.finish, np.int8), stop_token=np.array(self.stop_token, np.bool_),
-                                details=self.details, timestamp=timestamp,
+                                details=self.details,
                                 iteration=iteration.to_dict() if iteration is not None else {})
         self._clear()
         return msg

@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 from typing import Sequence
 
 import zmq
@@ -23,10 +25,11 @@ import zmq.asyncio
 
 from neo_common import event_loop
 from neo_common.config import NeoConfig
-from neo_common.engine_core_protocol import (AbortRequests, AddRequest, ShutdownCore, StatsRequest, core_address,
-                                             decode, finish_reason, pair_socket)
+from neo_common.engine_core_protocol import (PARENT_ENV, AbortRequests, AddRequest, ShutdownCore, StatsRequest,
+                                             core_address, decode, finish_reason, pair_socket)
 from neo_common.model_source import resolve
 from neo_common.protocol import Message, ProtocolError
+from neo_common.procs import die_with_parent
 from neo_common.shutdown import SignalStop
 from neo_gateway.engine_core import EngineCore
 from neo_gateway.tokenizer import TextTokenizer
@@ -70,21 +73,33 @@ async def _read(sock: zmq.asyncio.Socket, core: EngineCore, stop: asyncio.Event)
         except ProtocolError as exc:
             log.error("dropped a frame from the API server: %s", exc)
             continue
-        if isinstance(msg, AddRequest):
-            core.add(msg)
-        elif isinstance(msg, AbortRequests):
-            core.abort_requests(msg.seq_ids.tolist(), finish_reason(msg.finish))
-        elif isinstance(msg, StatsRequest):
-            core.emit(core.status(msg.request_id))
-        elif isinstance(msg, ShutdownCore):
+        if isinstance(msg, ShutdownCore):
             log.info("the API server asked the engine core to stop (%s)", msg.reason)
             stop.set()
             return
-        else:
-            log.error("dropped a %s from the API server (not a request to the core)", type(msg).__name__)
+        try:
+            _apply(core, msg)
+        except Exception as exc:  # noqa: BLE001 (a dead reader would wedge the core: no adds, aborts, stops)
+            log.exception("applying the API server's %s failed", type(msg).__name__)
+            if isinstance(msg, AddRequest):
+                core.forget_and_fail(msg.seq_id, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _apply(core: EngineCore, msg: Message) -> None:
+    if isinstance(msg, AddRequest):
+        core.add(msg)
+    elif isinstance(msg, AbortRequests):
+        core.abort_requests(msg.seq_ids.tolist(), finish_reason(msg.finish))
+    elif isinstance(msg, StatsRequest):
+        core.emit(core.status(msg.request_id))
+    else:
+        log.error("dropped a %s from the API server (not a request to the core)", type(msg).__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    parent = int(os.environ.get(PARENT_ENV, "0"))
+    if parent and not die_with_parent(signal.SIGKILL, parent):
+        return 1   # the API server died while this process started
     config = NeoConfig.for_process("neo engine-core", __doc__, argv, "engine-core")
     with contextlib.suppress(KeyboardInterrupt):
         event_loop.run(serve(config))

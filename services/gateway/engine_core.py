@@ -19,7 +19,7 @@ from typing import Callable
 import zmq.asyncio
 
 from neo_common.config import NeoConfig
-from neo_common.engine_core_protocol import NO_TOKEN, AddRequest, EngineStatus, IterationStats
+from neo_common.engine_core_protocol import HEARTBEAT_S, NO_TOKEN, AddRequest, EngineStatus, IterationStats
 from neo_common.handshake import check_cpu_attention_ready, check_gpu_worker_ready
 from neo_common.link import ClientKeyCheck, LinkKeys, prepare_runtime_dir
 from neo_common.protocol import GrammarBitmask, IterationResult, Message, Place, WorkerError, WorkerKind
@@ -179,12 +179,15 @@ class EngineCore:
 
     async def _watch_status(self) -> None:
         """Tell the API server whenever readiness, limits or the workers change (it admits requests
-        on what it last heard; link events come from several tasks, so they are polled here)."""
+        on what it last heard; link events come from several tasks, so they are polled here), and
+        at least every ``HEARTBEAT_S``: a core it has not heard from in a while is wedged."""
+        last = 0.0
         while True:
             key = (self.ready, self.loop_alive, self.max_model_len,
                    tuple((link.alive, link.ready.pid if link.ready else 0) for link in self.links))
-            if key != self._status_key:
-                self._status_key = key
+            now = time.monotonic()
+            if key != self._status_key or now - last >= HEARTBEAT_S:
+                self._status_key, last = key, now
                 self.emit(self.status())
             await asyncio.sleep(0.02)
 
@@ -213,7 +216,8 @@ class EngineCore:
 
     async def _add_when_compiled(self, seq: Sequence) -> None:
         """Queue a constrained request once its grammar is compiled (off the loop, on the
-        manager's threads; the API server compiled it already, so this is usually a cache hit)."""
+        manager's threads; each process has its own cache, so a new grammar is compiled by the API
+        server, to validate it, and then here)."""
         try:
             await self.structured.prepare(seq.params.structured_outputs)
             if seq.seq_id in self._compiling:   # not aborted meanwhile
@@ -254,13 +258,24 @@ class EngineCore:
             if seq is not None:
                 self.abort(seq, reason)
 
+    def forget_and_fail(self, seq_id: int, message: str) -> None:
+        """A request whose intake failed part-way: out of the scheduler if it got there, and an
+        error row to the API server (which would otherwise wait for it forever)."""
+        seq = self.requests.get(seq_id)
+        if seq is not None:
+            try:
+                self.abort(seq, FinishReason.ERROR)
+            finally:
+                self._forget(seq)
+        self._fail_now(seq_id, message)
+
     def _forget(self, seq: Sequence) -> None:
         self.requests.pop(seq.seq_id, None)
         self._announced.discard(seq.seq_id)
 
     def _flush(self, iteration: IterationStats | None = None) -> None:
         if len(self.outputs) or iteration is not None:
-            self.emit(self.outputs.take(time.monotonic(), iteration))
+            self.emit(self.outputs.take(iteration))
 
     # -- the loop -----------------------------------------------------------------------------
     async def _loop(self) -> None:

@@ -20,7 +20,7 @@ def test_messages_round_trip():
     assert back.params == {"max_tokens": 4, "logit_bias": {5: 1.0}, "stop": ["x"]} and back.traceparent == "tp"
     out = EngineCoreOutputs(seq_ids=np.array([7, 8], np.int64), token_ids=np.array([9, NO_TOKEN], np.int32),
                             finish=np.array([RUNNING, finish_code(FinishReason.ERROR)], np.int8),
-                            stop_token=np.zeros(2, np.bool_), details={1: {"error": "boom"}}, timestamp=2.0,
+                            stop_token=np.zeros(2, np.bool_), details={1: {"error": "boom"}},
                             iteration=IterationStats(wall_s=0.01, plan="sequential").to_dict())
     back = decode(out.encode())
     assert back.details == {1: {"error": "boom"}} and finish_reason(int(back.finish[1])) is FinishReason.ERROR

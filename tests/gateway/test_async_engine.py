@@ -5,13 +5,14 @@ engine core on the other end of a real PAIR socket (the core itself runs in the 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
 import zmq.asyncio
 
 from neo_common.config import NeoConfig
-from neo_common.engine_core_protocol import (NO_TOKEN, RUNNING, AbortRequests, AddRequest, EngineCoreOutputs,
+from neo_common.engine_core_protocol import (CORE_SILENCE_S, NO_TOKEN, RUNNING, AbortRequests, AddRequest, EngineCoreOutputs,
                                              EngineStatus, core_address, decode, finish_code, finish_reason,
                                              pair_socket)
 from neo_common.enums import FinishReason
@@ -41,7 +42,7 @@ class CoreEnd:
         self.sock.send(EngineCoreOutputs(
             seq_ids=np.array([r[0] for r in rows], np.int64), token_ids=np.array([r[1] for r in rows], np.int32),
             finish=np.array([finish_code(r[2]) for r in rows], np.int8), stop_token=np.zeros(len(rows), np.bool_),
-            details={int(k): v for k, v in details.items()}, timestamp=1.0).encode())
+            details={int(k): v for k, v in details.items()}).encode())
 
 
 def scenario(tmp_path, tokenizer, body, *flags):
@@ -55,6 +56,7 @@ def scenario(tmp_path, tokenizer, body, *flags):
         core_sock.connect(core_address(str(tmp_path)))
         engine.status = EngineStatus(ready=True, max_model_len=256, vocab_size=tokenizer.vocab_size,
                                      gpu_blocks_total=16, block_size=16)
+        engine.heard_at = time.monotonic()
         reader = asyncio.ensure_future(engine._read())
         try:
             await body(engine, CoreEnd(core_sock))
@@ -103,6 +105,7 @@ def test_the_cores_failures_and_finishes_reach_each_stream(tmp_path, tokenizer):
         b = engine.submit("b", [6], SamplingParams(max_tokens=2))
         ids = [(await core.recv()).seq_id for _ in range(2)]
         reads = [asyncio.ensure_future(drain(s)) for s in (a, b)]
+        sent_at = time.monotonic()
         core.send_rows([(ids[0], 7, FinishReason.LENGTH), (ids[1], NO_TOKEN, FinishReason.ERROR)],
                        {0: {"logprob": [7, -0.5, 1, [[7, -0.5]]], "cumulative": -0.5},
                         1: {"error": "the GPU worker went away"}})
@@ -110,6 +113,9 @@ def test_the_cores_failures_and_finishes_reach_each_stream(tmp_path, tokenizer):
         assert out_a[-1].finish_reason == "length" and out_a[-1].logprobs[0].logprob == -0.5
         assert out_a[-1].cumulative_logprob == -0.5 and out_a[-1].completion_tokens == 1
         assert out_b[-1].finish_reason == "error" and out_b[-1].error == "the GPU worker went away"
+        # token times are the API server's, when it applied the row (vLLM's frontend stamps): TTFT
+        # includes any delay between the core and the client
+        assert a.req.first_token_time >= sent_at and a.req.last_token_time == a.req.first_token_time
         assert engine.requests == {}
 
     scenario(tmp_path, tokenizer, body)
@@ -137,3 +143,20 @@ def test_capacity_counts_live_requests_and_frees_with_them(tmp_path, tokenizer):
         assert finish_reason(aborts[0].finish) is FinishReason.ERROR and RUNNING == -1
 
     scenario(tmp_path, tokenizer, body, "--max-num-seqs", "2", "--max-waiting", "1")
+
+
+def test_a_silent_core_is_not_ready_until_it_speaks_again(tmp_path, tokenizer):
+    """The core sends a status every second at least; one not heard from for CORE_SILENCE_S is
+    wedged (a stopped process, a dead reader): no request is admitted to hang there."""
+    async def body(engine: AsyncEngine, core: CoreEnd) -> None:
+        assert engine.ready
+        engine.heard_at -= CORE_SILENCE_S + 1
+        assert not engine.ready and engine.core_silent_s > CORE_SILENCE_S
+        core.sock.send(EngineStatus(ready=True, max_model_len=256).encode())
+        for _ in range(100):
+            if engine.ready:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.ready and engine.core_silent_s < 1
+
+    scenario(tmp_path, tokenizer, body)

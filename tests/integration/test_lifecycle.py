@@ -156,3 +156,25 @@ def test_killed_engine_core_fails_in_flight_requests_and_the_replica_stops_nonze
     assert time.monotonic() - t_kill < 30
     assert r.proc.wait(timeout=30) != 0
     assert wait_until(lambda: not any(pid_alive(p) for p in descendants(r.proc.pid)), 15)
+
+
+def test_a_stopped_engine_core_is_reported_and_recovers(replica_factory):
+    """A wedged core (here SIGSTOP) must not look healthy while requests hang there: once it has
+    been silent for CORE_SILENCE_S, /health and /ready answer 503 and new requests are refused;
+    resumed, it serves again."""
+    from neo_common.engine_core_protocol import CORE_SILENCE_S
+
+    r = replica_factory("--num-gpu-blocks", "32")
+    core = _engine_core_pid(r.proc.pid)
+    os.kill(core, signal.SIGSTOP)
+    try:
+        assert wait_until(lambda: http_status(r.url + "/health") == 503, CORE_SILENCE_S + 10)
+        health = httpx.get(r.url + "/health").json()
+        assert "has not answered" in health["reason"] and http_status(r.url + "/ready") == 503
+        resp = httpx.post(r.url + "/v1/completions", timeout=10, json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+        assert resp.status_code == 503
+    finally:
+        os.kill(core, signal.SIGCONT)
+    assert wait_until(lambda: http_status(r.url + "/health") == 200, 10)
+    resp = httpx.post(r.url + "/v1/completions", timeout=60, json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+    assert resp.status_code == 200
