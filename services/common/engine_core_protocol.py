@@ -18,7 +18,8 @@ Engine core -> API server:
   few rows with more (logprobs, an error, the first output's scheduling time); ``iteration``: the
   iteration's timings for the metrics.
 - ``EngineStatus``: readiness, limits, the scheduler's and links' counters: sent when readiness
-  changes and in answer to a ``StatsRequest`` (the metrics never read the scheduler in place).
+  changes, every ``HEARTBEAT_S`` at least, and in answer to a ``StatsRequest`` (the metrics never
+  read the scheduler in place).
 """
 
 from __future__ import annotations
