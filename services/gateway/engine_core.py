@@ -519,10 +519,17 @@ class EngineCore:
 
     def _on_worker_down(self, reason: str) -> None:
         self._fail_running(reason)
+        self._tell_down()
 
     def _on_cpu_attention_down(self, reason: str) -> None:
         """CPU-resident requests cannot decode without the CPU process; GPU ones carry on."""
         self._fail_running(reason, (Place.CPU,))
+        self._tell_down()
+
+    def _tell_down(self) -> None:
+        """A link lost its worker: the API server hears it now, not at the next poll, so it never
+        admits requests (or answers /ready) on a status that still has the worker."""
+        self.emit(self.status())
 
     def _drain_cpu_errors(self) -> None:
         """The CPU process reports failed jobs asynchronously; the GPU worker's reply already failed

@@ -69,7 +69,11 @@ def test_killed_worker_with_offloading_fails_in_flight_then_serves_again(victim,
         assert code == 500 and "error" in body, (i, code, body)
     assert time.monotonic() - killed_at < BOUND_S
     assert wait_until(lambda: http_status(r.url + "/ready") == 200, 240), f"the restarted {victim} never got ready"
-    assert httpx.get(r.url + "/health").json()["workers"][victim]["pid"] != pids[victim]["pid"]
+    # /ready and /health are two reads of the engine core's state while the replica settles (the
+    # links' states come from its last status): the restarted worker must be reported healthy soon
+    assert wait_until(lambda: http_status(r.url + "/health") == 200, 60), httpx.get(r.url + "/health").text
+    health = httpx.get(r.url + "/health").json()
+    assert health["workers"][victim]["pid"] != pids[victim]["pid"], health
     resp = httpx.post(r.url + "/v1/completions", timeout=120, json={
         "model": MODEL, "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0})
     assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 6, resp.text
