@@ -63,7 +63,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from neo_bench.comparison import Spread, abba_order, describe, spread_bars, summarize_modes
-from neo_bench.neo_vs_gpu_only import add_serve_arguments, hardware, start_server
+from neo_bench.neo_vs_gpu_only import add_serve_arguments, hardware, variants_on_one_server
 from neo_bench.overhead import overhead
 from neo_bench.serve import one_request, summarize
 
@@ -549,29 +549,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     """Start the server, warm up both variants, run the ABBA bursts, stop it."""
-    try:
-        server, info = start_server(args, "load")
-    except Exception as exc:  # noqa: BLE001 (reported, exit 1)
-        log.error("neo serve did not come up: %s", exc)
-        return {"error": f"{type(exc).__name__}: {exc}"}, []
-    runs: list[dict] = []
-    try:
-        model = info["served_model"]
+    def warm_up(server, model: str, info: dict) -> None:
         for v in Variant:   # graphs, caches, allocator; the load's paths too
             try:
                 w = measure(args, server, model, v, -1, min(WARMUP_TOKENS, args.output_len))
                 info[f"warmup_{v.value}_problems"] = w["problems"]
             except Exception as exc:  # noqa: BLE001
                 info[f"warmup_{v.value}_problems"] = [f"{type(exc).__name__}: {exc}"]
-        for rep, v in abba_order(list(Variant), args.reps):
-            try:
-                runs.append(measure(args, server, model, v, rep))
-            except Exception as exc:  # noqa: BLE001
-                log.error("rep %d variant %s failed: %s", rep, v.value, exc)
-                runs.append({"mode": v.value, "rep": rep, "error": f"{type(exc).__name__}: {exc}"})
-    finally:
-        server.stop(args.stop_grace)
-    return info, runs
+
+    return variants_on_one_server(args, Variant, warm_up,
+                                  lambda server, model, v, rep: measure(args, server, model, v, rep))
 
 
 def main(argv=None) -> int:

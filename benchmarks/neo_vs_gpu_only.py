@@ -386,6 +386,31 @@ def start_server(args: argparse.Namespace, mode: str, tag: str = "") -> tuple[Se
     return server, info
 
 
+def variants_on_one_server(args: argparse.Namespace, variants, warm_up, measure_one) -> tuple[dict, list[dict]]:
+    """One `neo serve` (``start_server``'s tag "load") for variants that differ per request only:
+    ``warm_up(server, model, info)`` once, then ``measure_one(server, model, variant, rep)`` in ABBA
+    order; a failed run is recorded as an ``error`` entry, a server that never came up as the info's
+    ``error``. Returns (server info, runs); the server is stopped either way."""
+    try:
+        server, info = start_server(args, "load")
+    except Exception as exc:  # noqa: BLE001 (reported, exit 1)
+        log.error("neo serve did not come up: %s", exc)
+        return {"error": f"{type(exc).__name__}: {exc}"}, []
+    runs: list[dict] = []
+    try:
+        model = info["served_model"]
+        warm_up(server, model, info)
+        for rep, v in abba_order(list(variants), args.reps):
+            try:
+                runs.append(measure_one(server, model, v, rep))
+            except Exception as exc:  # noqa: BLE001
+                log.error("rep %d variant %s failed: %s", rep, v.value, exc)
+                runs.append({"mode": v.value, "rep": rep, "error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        server.stop(args.stop_grace)
+    return info, runs
+
+
 def measure(args: argparse.Namespace, server: Server, model: str, mode: str, rep: int, rates: list[float]) -> dict:
     """One repetition of one mode: the offline batch (whole-run makespan and the steady window),
     then each online rate. Every mode gets the same requests in a repetition; each repetition
