@@ -31,24 +31,31 @@ def test_ctrl_c_stops_every_child(replica_factory):
     assert wait_until(lambda: not any(pid_alive(p) for p in children), 15)
 
 
-def test_killed_worker_fails_in_flight_requests_and_the_launcher_exits_nonzero(replica_factory):
-    r = replica_factory("--num-gpu-blocks", "64", "--max-worker-restarts", "0")
-    worker = httpx.get(r.url + "/health").json()["workers"]["gpu_worker"]["pid"]
+def _long_request(url: str) -> tuple[threading.Thread, dict]:
+    """A 400-token completion on a thread; ``result`` gets its status (or the client error's name
+    when the gateway itself goes first), body and elapsed time."""
     result: dict = {}
 
     def long_request() -> None:
         t0 = time.monotonic()
         try:
-            resp = httpx.post(r.url + "/v1/completions", timeout=120, json={
+            resp = httpx.post(url + "/v1/completions", timeout=120, json={
                 "model": MODEL, "prompt": "Tell a long story.", "max_tokens": 400, "temperature": 0,
                 "ignore_eos": True})
-            result["status"] = resp.status_code
-        except httpx.HTTPError as exc:  # the gateway itself may go first when the launcher stops it
+            result["status"], result["body"] = resp.status_code, resp.text
+        except httpx.HTTPError as exc:
             result["status"] = type(exc).__name__
         result["elapsed"] = time.monotonic() - t0
 
     t = threading.Thread(target=long_request)
     t.start()
+    return t, result
+
+
+def test_killed_worker_fails_in_flight_requests_and_the_launcher_exits_nonzero(replica_factory):
+    r = replica_factory("--num-gpu-blocks", "64", "--max-worker-restarts", "0")
+    worker = httpx.get(r.url + "/health").json()["workers"]["gpu_worker"]["pid"]
+    t, result = _long_request(r.url)
     time.sleep(3.0)  # mid-decode
     os.kill(worker, signal.SIGKILL)
     t.join(timeout=60)
@@ -132,21 +139,7 @@ def test_killed_engine_core_fails_in_flight_requests_and_the_replica_stops_nonze
     at once (not a hang, not a truncated 200) and the gateway exits 1, so the supervisor sees it."""
     r = replica_factory("--num-gpu-blocks", "64")
     core = _engine_core_pid(r.proc.pid)
-    result: dict = {}
-
-    def long_request() -> None:
-        t0 = time.monotonic()
-        try:
-            resp = httpx.post(r.url + "/v1/completions", timeout=120, json={
-                "model": MODEL, "prompt": "Tell a long story.", "max_tokens": 400, "temperature": 0,
-                "ignore_eos": True})
-            result["status"], result["body"] = resp.status_code, resp.text
-        except httpx.HTTPError as exc:
-            result["status"] = type(exc).__name__
-        result["elapsed"] = time.monotonic() - t0
-
-    t = threading.Thread(target=long_request)
-    t.start()
+    t, result = _long_request(r.url)
     time.sleep(3.0)  # mid-decode
     t_kill = time.monotonic()
     os.kill(core, signal.SIGKILL)
