@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 from typing import Callable
@@ -87,8 +86,6 @@ class EngineCore:
         self.outputs = OutputBatch()
         self.max_model_len = 0
         self.eos_token_ids: tuple[int, ...] = ()
-        self._stats_ids = itertools.count(1)
-        self._status_key: tuple = ()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._ready_seen = 0
@@ -181,13 +178,13 @@ class EngineCore:
         """Tell the API server whenever readiness, limits or the workers change (it admits requests
         on what it last heard; link events come from several tasks, so they are polled here), and
         at least every ``HEARTBEAT_S``: a core it has not heard from in a while is wedged."""
-        last = 0.0
+        last, sent_key = 0.0, None
         while True:
             key = (self.ready, self.loop_alive, self.max_model_len,
                    tuple((link.alive, link.ready.pid if link.ready else 0) for link in self.links))
             now = time.monotonic()
-            if key != self._status_key or now - last >= HEARTBEAT_S:
-                self._status_key, last = key, now
+            if key != sent_key or now - last >= HEARTBEAT_S:
+                sent_key, last = key, now
                 self.emit(self.status())
             await asyncio.sleep(0.02)
 
