@@ -305,8 +305,9 @@ class EngineCore:
     async def _iterate(self, sched: Scheduler, output: SchedulerOutput, t_start: float) -> None:
         """Run ``output`` and, with async scheduling, the iterations scheduled ahead of it: each
         next one is sent before the current one's result is awaited, so the worker finds it queued
-        and the GPU does not wait while this process applies results. An iteration's wall time
-        is then the cycle between consecutive results. A plan scheduled ahead with
+        and the GPU does not wait while this process applies results; an iteration not scheduled
+        ahead is sent as soon as the current result is in the scheduler (``_send_next``). An
+        iteration's wall time is then the cycle between consecutive results. A plan scheduled ahead with
         grammar-constrained rows gets its masks as soon as the current result has advanced the
         grammars, before anything else is sent (``SchedulerOutput.bitmask_deferred``)."""
         generation = self.link.generation
@@ -334,6 +335,8 @@ class EngineCore:
                 updates = self._advance(current, result)
                 if sent and sent[0].bitmask_deferred:   # first: the device waits on them
                     await self._send_masks(sent[0], masked)
+                elif not sent:
+                    await self._send_next(sched, sent)  # the device is idle: the rows can wait for it
                 self._emit(current, result, updates)
                 sched.observe(current, result.forward_s - result.swap_s)
                 now = time.perf_counter()
@@ -346,6 +349,18 @@ class EngineCore:
                 self._fail_rows(out, "internal error in the engine core")
             await self._discard_replies(sent, generation, masked)  # the next iteration must not read them
             raise
+
+    async def _send_next(self, sched: Scheduler, sent: list[SchedulerOutput]) -> None:
+        """Schedule and send the next iteration at once when nothing is queued on the worker (no
+        plan was scheduled ahead), before this result's rows are built and sent: the device idles
+        from its last result to the next plan, not through the streaming. Left to the loop when
+        there is no work or a worker is down or was replaced (the loop waits for it and adopts it)."""
+        if (self._ready_seen != self.link.generation or not all(link.alive for link in self.links)
+                or not sched.has_work()):
+            return
+        output = sched.schedule()
+        if not output.is_empty:
+            await self._send(sched, output, sent)
 
     async def _discard_replies(self, sent: list[SchedulerOutput], generation: int, masked: set[int]) -> None:
         """Read and drop the replies to ``sent`` (failed already). A plan whose masks were never

@@ -154,8 +154,9 @@ class Scheduler:
     def schedule_ahead(self, prev: SchedulerOutput) -> SchedulerOutput | None:
         """The next iteration while ``prev`` still runs (async scheduling): every request of
         ``prev`` decodes the token ``prev`` samples for it, a placeholder the worker fills from its
-        own last sample. Only for steady decoding on the GPU (nothing waiting, no host-pool work,
-        every row of ``prev`` sampling); None otherwise, or when blocks run short: the caller then
+        own last sample. Only for steady decoding on the GPU (nothing waiting, no request moving
+        between pools, every row of ``prev`` sampling; the prefix cache's demotions and promotions
+        may ride either plan: the worker queues copies in plan order on one stream); None otherwise, or when blocks run short: the caller then
         waits for ``prev`` and schedules normally. A request that ends on ``prev``'s token by
         length is left out; one that ends by a stop token runs one wasted row, discarded by
         ``update`` (its blocks are reused only by later iterations, which the worker runs after).
@@ -163,7 +164,7 @@ class Scheduler:
         token ``prev`` samples, so the plan says its masks follow (``bitmask_deferred``) and the
         engine sends them once ``prev``'s tokens advanced the grammars, while the GPU runs this
         plan's forward."""
-        if (self.waiting or self.cpu_queue or prev.preempted or prev.swap_out_pairs or prev.swap_in_pairs
+        if (self.waiting or self.cpu_queue or prev.preempted or prev.swapped_out or prev.swapped_in
                 or prev.pipelined or not all(r.sample and r.seq.place is Place.GPU for r in prev.rows)):
             return None
         ahead = []

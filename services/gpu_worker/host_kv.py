@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from neo_common.segment import KvSegment, SegmentLayout
+from neo_gpu_worker.batch import to_device
+from neo_gpu_worker.cuda_dma import MAX_PITCH, Dma2d
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +27,7 @@ class HostKv:
     - ``segment``: the mapping (owned: removed by :meth:`close`).
     - ``pinned``: whether CUDA registered the mapping (only on a CUDA machine, once).
     - ``k_pool``/``v_pool``: ``[layers, blocks, kv_heads, block_size, head_dim]`` tensors over the pool.
+    - ``dma``: the 2-D copy swaps use on CUDA (``cuda_dma``; None: one copy per layer).
     """
 
     def __init__(self, name: str, layout: SegmentLayout, pin: bool | None = None) -> None:
@@ -39,6 +43,10 @@ class HostKv:
             self.pinned = True
         self.k_pool = self.region("k_pool")
         self.v_pool = self.region("v_pool")
+        self.dma = Dma2d.load() if self.pinned else None
+        if self.dma is not None and self.k_pool.stride(0) * self.k_pool.element_size() > MAX_PITCH:
+            log.info("host pool layers of over %d bytes: KV swaps copy layer by layer", MAX_PITCH)
+            self.dma = None
         log.info("host KV segment %s: %.2f GiB%s", name, self.segment.size / 2**30, " (pinned)" if self.pinned else "")
 
     def region(self, name: str, slot: int = 0) -> torch.Tensor:
@@ -48,21 +56,62 @@ class HostKv:
 
     # -- copies between the GPU pool layout [blocks, bs, H, D] and the host's [blocks, H, bs, D] ----
     def swap_out(self, kv_cache: torch.Tensor, runs) -> None:
-        """GPU pool blocks -> host pool blocks, all layers; ``runs`` rows are (gpu, host, count)."""
-        for src, dst, n in runs.tolist():
-            for layer in range(kv_cache.shape[0]):
-                for side, pool in ((0, self.k_pool), (1, self.v_pool)):
-                    pool[layer, dst:dst + n].copy_(kv_cache[layer, side, src:src + n].transpose(1, 2),
-                                                   non_blocking=True)
+        """GPU pool blocks -> host pool blocks, all layers; ``runs`` rows are (gpu, host, count).
+        On CUDA the copy is queued on the current stream (the host does not wait): one gather of
+        every run's blocks into the host layout, then one DMA per run and side. Work queued after
+        it on the stream (the forward overwriting those GPU blocks) runs after it."""
+        runs = np.asarray(runs, np.int64).reshape(-1, 3)
+        if not len(runs) or self._copy_on_cpu(kv_cache, runs, to_host=True):
+            return
+        blocks = to_device(kv_cache.device)(_block_ids(runs[:, 0], runs[:, 2]))
+        staged = kv_cache[:, :, blocks].permute(1, 0, 2, 4, 3, 5).contiguous()   # [2, L, N, H, bs, D]
+        self._copy_runs(staged, runs[:, 1], runs[:, 2], to_host=True)
 
     def swap_in(self, kv_cache: torch.Tensor, runs) -> None:
-        """Host pool blocks -> GPU pool blocks, all layers; ``runs`` rows are (host, gpu, count)."""
-        device = kv_cache.device
-        for src, dst, n in runs.tolist():
-            for layer in range(kv_cache.shape[0]):
-                for side, pool in ((0, self.k_pool), (1, self.v_pool)):
-                    block = pool[layer, src:src + n].to(device, non_blocking=True)  # contiguous: one DMA
-                    kv_cache[layer, side, dst:dst + n].copy_(block.transpose(1, 2))
+        """Host pool blocks -> GPU pool blocks, all layers; ``runs`` rows are (host, gpu, count).
+        On CUDA queued on the current stream like :meth:`swap_out`: one DMA per run and side into
+        a staging tensor, then one scatter into the pool."""
+        runs = np.asarray(runs, np.int64).reshape(-1, 3)
+        if not len(runs) or self._copy_on_cpu(kv_cache, runs, to_host=False):
+            return
+        layers, _, _, block_size, heads, head_dim = kv_cache.shape
+        staged = torch.empty((2, layers, int(runs[:, 2].sum()), heads, block_size, head_dim),
+                             dtype=kv_cache.dtype, device=kv_cache.device)
+        self._copy_runs(staged, runs[:, 0], runs[:, 2], to_host=False)
+        blocks = to_device(kv_cache.device)(_block_ids(runs[:, 1], runs[:, 2]))
+        kv_cache[:, :, blocks] = staged.permute(1, 0, 2, 4, 3, 5)
+
+    def _copy_on_cpu(self, kv_cache: torch.Tensor, runs: np.ndarray, to_host: bool) -> bool:
+        """The swap as strided copies, every layer of a run and side at once, when the pool is on
+        the CPU device (True); False on CUDA."""
+        if kv_cache.is_cuda:
+            return False
+        for a, b, n in runs.tolist():
+            gpu_start, host_start = (a, b) if to_host else (b, a)
+            for side, pool in enumerate((self.k_pool, self.v_pool)):
+                pooled = kv_cache[:, side, gpu_start:gpu_start + n].transpose(-3, -2)
+                host = pool[:, host_start:host_start + n]
+                (host if to_host else pooled).copy_(pooled if to_host else host)
+        return True
+
+    def _copy_runs(self, staged: torch.Tensor, host_starts: np.ndarray, counts: np.ndarray,
+                   to_host: bool) -> None:
+        """Between ``staged[side, :, offset:offset + n]`` (runs back to back) and host blocks
+        ``start .. start + n`` of every layer: one 2-D DMA per run and side, else one copy per
+        layer (no 2-D copy available)."""
+        size = staged.element_size()
+        offset = 0
+        for start, n in zip(host_starts.tolist(), counts.tolist()):
+            for side, pool in enumerate((self.k_pool, self.v_pool)):
+                dev, host = staged[side, :, offset:offset + n], pool[:, start:start + n]
+                dst, src = (host, dev) if to_host else (dev, host)
+                if self.dma is not None:
+                    self.dma.copy(dst, dst.stride(0) * size, src, src.stride(0) * size,
+                                  dev[0].numel() * size, dev.shape[0])
+                    continue
+                for layer in range(dev.shape[0]):
+                    dst[layer].copy_(src[layer], non_blocking=True)
+            offset += n
 
     def stream_out(self, layer: int, staging: torch.Tensor, runs, side_stream=None) -> None:
         """One layer of CPU-bound prefill KV from the staging area ``[2, blocks, bs, H, D]`` to its
@@ -96,3 +145,8 @@ class HostKv:
             self.pinned = False
         self.segment.close()
         self.segment.unlink()
+
+
+def _block_ids(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The block ids of runs ``start .. start + count``, run after run."""
+    return np.concatenate([np.arange(s, s + n) for s, n in zip(starts.tolist(), counts.tolist())])

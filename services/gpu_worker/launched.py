@@ -21,13 +21,14 @@ from neo_gpu_worker.logprobs import fill_result
 
 
 class Timer:
-    """Start, end-of-forward and end marks of one iteration: CUDA events on a GPU (the device's
-    own time, so an iteration queued behind another counts from when the GPU reached it), the
-    host clock elsewhere."""
+    """Start, end-of-swaps (``copied``: only when the plan swaps), end-of-forward and end marks of
+    one iteration: CUDA events on a GPU (the device's own time, so an iteration queued behind
+    another counts from when the GPU reached it), the host clock elsewhere."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self.marks = [self._now()]
+        self.copied = False
 
     def _now(self):
         if not self.cuda:
@@ -38,6 +39,11 @@ class Timer:
 
     def mark(self) -> None:
         self.marks.append(self._now())
+
+    def mark_copied(self) -> None:
+        """The plan's swaps are queued (the mark before the forward's)."""
+        self.copied = True
+        self.mark()
 
     def done(self) -> bool:
         return not self.cuda or self.marks[-1].query()
@@ -84,7 +90,10 @@ class Launched:
             result.token_ids = self.tokens.numpy()
         if self.logprobs is not None:
             fill_result(result, *self.logprobs)
-        result.forward_s, result.total_s = self.timer.seconds()
+        times = self.timer.seconds()
+        if self.timer.copied:
+            result.swap_s = times.pop(0)
+        result.forward_s, result.total_s = times
         result.sample_s = result.total_s - result.forward_s
         return result
 

@@ -8,7 +8,6 @@ contents the gateway's block managers account for.
 from __future__ import annotations
 
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -119,7 +118,7 @@ class ModelRunner:
         finally:
             self.last_sample = None  # set again only by a successful iteration
         result = IterationResult(iteration_id=plan.iteration_id)
-        result.swap_s = self.copy_blocks(plan)
+        self.copy_blocks(plan, timer)
         if plan.batch_size == 0:
             timer.mark()   # no forward
             return Launched(result, timer)
@@ -242,15 +241,14 @@ class ModelRunner:
         dev = to_device(self.device)
         return dev(rows), tokens[dev(src)]
 
-    def copy_blocks(self, plan: IterationPlan) -> float:
-        """Swaps between the pools, before the forward (whose rows may read or reuse those blocks)."""
+    def copy_blocks(self, plan: IterationPlan, timer: Timer) -> None:
+        """Swaps between the pools, queued before the forward (whose rows may read or reuse those
+        blocks) without the host waiting; ``timer`` marks their end (the result's ``swap_s``). The
+        host waits only for a plan with CPU rows that swaps out: the CPU may read those blocks."""
         if not len(plan.swap_out) and not len(plan.swap_in):
-            return 0.0
+            return
         if self.host is None:
             raise ValueError("plan asks for swaps but this worker has no host KV pool")
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # a launched-ahead plan: not the previous one's time
-        t0 = time.perf_counter()
         if self.emulator:
             self.emulator.main.begin()
         self.host.swap_out(self.kv_cache, plan.swap_out)
@@ -258,9 +256,9 @@ class ModelRunner:
         if self.emulator:
             blocks = int(np.asarray(plan.swap_out)[:, 2].sum()) + int(np.asarray(plan.swap_in)[:, 2].sum())
             self.emulator.main.copy(blocks * self.kv_cache[:, :, 0].numel() * self.kv_cache.element_size())
-        if self.device.type == "cuda":
+        timer.mark_copied()
+        if self.device.type == "cuda" and len(plan.swap_out) and np.any(plan.places != Place.GPU):
             torch.cuda.current_stream(self.device).synchronize()
-        return time.perf_counter() - t0
 
 
 def kv_block_bytes(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:

@@ -157,6 +157,7 @@ class World:
             out = sched.schedule()
             tables = self.shadow.capture(out)
             ahead = sched.schedule_ahead(out) if op[0] == "ahead" else None
+            TALLY["ahead_behind_copies"] += ahead is not None and bool(out.swap_out_pairs or out.swap_in_pairs)
             ahead_tables = self.shadow.capture(ahead) if ahead is not None else None
             self.note(out)
             self.execute(out, tables)
@@ -205,5 +206,6 @@ def test_block_accounting_and_kv_contents_under_random_operations():
     TALLY.clear()
     run_random()
     # the sequences did reach the paths under test
-    for what in ("demotions", "promotions", "cpu_direct_steps", "swaps", "preemptions", "failed_with_demotions"):
+    for what in ("demotions", "promotions", "cpu_direct_steps", "swaps", "preemptions", "failed_with_demotions",
+                 "ahead_behind_copies"):
         assert TALLY[what] > 0, (what, dict(TALLY))

@@ -99,6 +99,60 @@ def test_stream_out_puts_each_staged_block_in_its_host_block_in_the_host_layout(
         host.close()
 
 
+def _swap_round_trip(host: HostKv, lay: SegmentLayout, device: torch.device) -> None:
+    """swap_out then swap_in against a block-by-block reference: every run's blocks land in their
+    destination in the other layout, all layers, and nothing else changes."""
+    blocks = 12
+    kv = torch.randn((lay.num_layers, 2, blocks, lay.block_size, lay.num_kv_heads, lay.head_dim))
+    kv = kv.to(torch.bfloat16).to(device)
+    out_runs = np.array([[0, 5, 2], [7, 0, 1], [3, 2, 3]], np.int32)   # gpu, host, count
+    before = [host.k_pool.clone(), host.v_pool.clone()]
+    host.swap_out(kv, out_runs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    written = set()
+    for src, dst, n in out_runs.tolist():
+        for i in range(n):
+            written.add(dst + i)
+            for side, pool in ((0, host.k_pool), (1, host.v_pool)):
+                for layer in range(lay.num_layers):
+                    assert torch.equal(pool[layer, dst + i], kv[layer, side, src + i].transpose(0, 1).cpu())
+    untouched = [b for b in range(lay.num_blocks) if b not in written]
+    for pool, old in zip((host.k_pool, host.v_pool), before):
+        assert torch.equal(pool[:, untouched], old[:, untouched])
+
+    back = torch.zeros_like(kv)
+    in_runs = np.array([[2, 9, 3], [5, 0, 2]], np.int32)                # host, gpu, count
+    host.swap_in(back, in_runs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    assert torch.equal(back[:, :, 9:12], kv[:, :, 3:6]) and torch.equal(back[:, :, 0:2], kv[:, :, 0:2])
+    assert not back[:, :, 2:9].any()
+
+
+def test_swaps_move_every_layer_of_each_run_between_the_layouts():
+    lay = layout()
+    host = HostKv(f"neo-test-hostkv-swap-{os.getpid()}", lay, pin=False)
+    try:
+        _swap_round_trip(host, lay, torch.device("cpu"))
+    finally:
+        host.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the GPU host runs it)")
+@pytest.mark.parametrize("two_d", [True, False], ids=["dma-2d", "per-layer"])
+def test_cuda_swaps_match_the_reference_with_and_without_the_2d_copy(two_d):
+    lay = layout()
+    host = HostKv(f"neo-test-hostkv-swap-cuda-{os.getpid()}", lay)
+    try:
+        assert host.dma is not None, "libcudart not found: the 2-D copy is off on this GPU host"
+        if not two_d:
+            host.dma = None
+        _swap_round_trip(host, lay, torch.device("cuda"))
+    finally:
+        host.close()
+
+
 def test_a_cpu_process_replaced_mid_iteration_fails_the_wait_at_once():
     """The iteration's plan went to the process attached when it began; a restarted one that
     attaches meanwhile will never answer, so the worker must not wait out its timeout."""
