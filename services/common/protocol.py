@@ -27,8 +27,9 @@ import numpy as np
 from neo_common.cost_model import CostTables
 from neo_common.geometry import ModelGeometry
 
-PROTOCOL_VERSION = 6  # 2: placeholder tokens (async scheduling); 3: min_p, logit_bias, penalty columns; 4: logprobs;
-#                      5: grammar bitmask columns (structured outputs); 6: masks that follow their plan
+PROTOCOL_VERSION = 7  # 2: placeholder tokens (async scheduling); 3: min_p, logit_bias, penalty columns; 4: logprobs;
+#                      5: grammar bitmask columns (structured outputs); 6: masks that follow their plan;
+#                      7: demote runs (prefix-cache copies beside the forward)
 
 
 class MsgType(enum.IntEnum):
@@ -219,6 +220,9 @@ class IterationPlan(Message):
       masks come (docs/design.md, "Structured outputs").
     - ``swap_out``/``swap_in``: ``[n, 3]`` runs of (src_block, dst_block, count) copied before the
       forward, GPU->CPU and CPU->GPU pools.
+    - ``demote``: ``[n, 3]`` runs of (gpu_block, host_block, count) the prefix cache copies to the
+      host tier beside the forward (no row of the plan touches either side); the next plan's work
+      starts after them.
     """
 
     TYPE: ClassVar[MsgType] = MsgType.ITERATION_PLAN
@@ -256,6 +260,7 @@ class IterationPlan(Message):
     bitmask_deferred: bool = False
     swap_out: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.int32))
     swap_in: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.int32))
+    demote: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.int32))
     trace: dict = dataclasses.field(default_factory=dict)
     t_sent: float = 0.0
 

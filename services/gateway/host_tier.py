@@ -1,18 +1,26 @@
 """The host tier of the prefix cache: GPU blocks the GPU pool evicts are demoted to the host pool
 instead of dropped, and prompts find them there (docs/design.md, "Prefix caching").
 
-Copies ride the iteration's swaps (``SchedulerOutput.swap_out_pairs`` / ``swap_in_pairs``), which
-the worker runs before the forward, swap-outs first. That order decides what may share an
-iteration: a GPU block evicted by an allocation is read by its demotion before the forward (or a
-swap-in) overwrites it; a host block read by a swap-in this iteration must not be the destination of
-a demotion of the same iteration, so such blocks are held (``BlockManager.hold``/``park``) until the
-iteration's demotions are chosen (``flush``, the last step of scheduling). A demoted block is
-cached in the host tier only once its iteration has run (``confirm``, from ``Scheduler.update``):
-an iteration that fails leaves no block whose KV was never copied.
+Demotion happens mostly *ahead* of eviction: each iteration, the cached GPU blocks that the next
+allocations would take first (the LRU end of the GPU pool's ``evictable``, as many as ``lookahead``
+allocations could need beyond the free blocks) and that the host tier lacks are copied to host
+blocks through the plan's ``demote`` runs, which the worker runs beside the forward on a side
+stream (no row of the plan touches them: they are in no table) and which the next plan's work waits
+for. When such a block is evicted later its KV is in the host tier already, so the eviction needs
+no copy. A cached block evicted before it was copied ahead (an allocation burst beyond
+``lookahead``) is demoted at eviction instead, through ``swap_out`` runs, which the worker runs
+before the forward (swap-outs first, then swap-ins) so the copy reads the KV before the new owner
+overwrites it. That order decides what may share an iteration: a host block read by a swap-in this
+iteration must not be the destination of a demotion of the same iteration, so such blocks are held
+(``BlockManager.hold``/``park``) until the iteration's demotions are chosen (``flush``, the last
+step of scheduling). A demoted block is cached in the host tier only once its iteration has run
+(``confirm``, from ``Scheduler.update``): an iteration that fails leaves no block whose KV was never
+copied.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING
 
 from neo_common.protocol import Place
@@ -25,16 +33,22 @@ if TYPE_CHECKING:
 class HostTier:
     """Demotion and promotion bookkeeping between the GPU pool ``gpu`` and the host pool ``cpu``.
 
-    - ``demoting``: iteration id -> (host block, hash) copies it carries, cached once it has run.
+    - ``demoting``: iteration id -> (host block, hash) copies it carries, cached once it has run;
+      ``copying`` the hashes of all of them (a block whose copy is under way needs no other).
+    - ``lookahead``: blocks the next allocations may take (the engine's token budget of two
+      iterations, in blocks): the GPU blocks they would evict are copied ahead.
     - ``num_demoted_blocks`` / ``num_promoted_blocks``: blocks copied GPU -> host / host -> GPU for
       the cache, since start (``block_bytes`` each, when the tables gave the geometry; else 0).
     """
 
-    def __init__(self, gpu: BlockManager, cpu: BlockManager, budget: int, block_bytes: int = 0) -> None:
+    def __init__(self, gpu: BlockManager, cpu: BlockManager, budget: int, block_bytes: int = 0,
+                 lookahead: int = 0) -> None:
         self.gpu, self.cpu = gpu, cpu
         cpu.enable_host_tier(budget)
         gpu.evicted = []
+        self.lookahead = lookahead
         self.demoting: dict[int, list[tuple[int, bytes]]] = {}
+        self.copying: set[bytes] = set()
         self.num_demoted_blocks = 0
         self.num_promoted_blocks = 0
         self.block_bytes = block_bytes
@@ -64,24 +78,49 @@ class HostTier:
         self.num_promoted_blocks += len(host_blocks)
 
     def flush(self, out: "SchedulerOutput") -> None:
-        """Demote the cached GPU blocks this iteration's allocations evicted (copy-out before its
-        forward), then let go of the host blocks held while it was scheduled."""
-        pairs = []
-        for gpu_block, h in self.gpu.take_evicted():
-            host_block = self.cpu.take_for_copy(h)
-            if host_block is not None:
-                pairs.append((gpu_block, host_block, h))
-        if pairs:
-            out.swap_out_pairs.append(([p[0] for p in pairs], [p[1] for p in pairs]))
-            self.demoting[out.iteration_id] = [(p[1], p[2]) for p in pairs]
-            self.num_demoted_blocks += len(pairs)
+        """Demote the cached GPU blocks this iteration's allocations evicted uncopied (before its
+        forward) and copy ahead those the next ones would evict (beside it), then let go of the
+        host blocks held while it was scheduled."""
+        evicted = self._copies(self.gpu.take_evicted(), touch=True)
+        ahead = self._copies([(b, self.gpu.hash_of[b]) for b in self._next_evicted()], touch=False) if out.rows else []
+        for pairs, runs in ((evicted, out.swap_out_pairs), (ahead, out.demote_pairs)):
+            if pairs:
+                runs.append(([p[0] for p in pairs], [p[1] for p in pairs]))
+        if evicted or ahead:
+            self.demoting[out.iteration_id] = [(p[1], p[2]) for p in evicted + ahead]
+            self.copying.update(p[2] for p in evicted + ahead)
+            self.num_demoted_blocks += len(evicted) + len(ahead)
         self.cpu.release_held()
+
+    def _next_evicted(self) -> list[int]:
+        """The cached GPU blocks the next ``lookahead`` allocations would evict, oldest first."""
+        room = self.lookahead - len(self.gpu.free_blocks)
+        return list(itertools.islice(self.gpu.evictable, max(0, room)))
+
+    def _copies(self, blocks: list[tuple[int, bytes]], touch: bool) -> list[tuple[int, int, bytes]]:
+        """(GPU block, host block, hash) for each of ``blocks`` whose KV the host tier lacks and
+        is not being copied, while host blocks can be taken. With ``touch`` (evicted blocks, in
+        use until now) a copy the tier holds already counts as used now."""
+        pairs = []
+        for gpu_block, h in blocks:
+            if h in self.copying:
+                continue
+            if self.cpu.cached_block(h) is not None:
+                if touch:
+                    self.cpu.take_for_copy(h)   # moves it to the LRU's recent end; takes nothing
+                continue
+            host_block = self.cpu.take_for_copy(h)
+            if host_block is None:
+                break
+            pairs.append((gpu_block, host_block, h))
+        return pairs
 
     def confirm(self, iteration_id: int) -> None:
         """Iteration ``iteration_id`` ran: its demoted blocks join the host tier. Earlier ones
         still pending never ran (failed): their blocks go back unfilled."""
         for it in [i for i in self.demoting if i <= iteration_id]:
             for block, h in self.demoting.pop(it):
+                self.copying.discard(h)
                 if it == iteration_id:
                     self.cpu.commit_copy(block, h)
                 else:

@@ -47,6 +47,8 @@ class SchedulerOutput:
     - ``preempted``: requests that lost their KV (recompute) this iteration.
     - ``swapped_out``/``swapped_in``: requests moved between pools; ``swap_out_pairs`` and
       ``swap_in_pairs`` their (source blocks, destination blocks), copied before the forward.
+    - ``demote_pairs``: (GPU blocks, host blocks) the host tier copies beside the forward
+      (``HostTier.flush``).
     - ``decision``: the offload policy's plan (None in GPU-only mode).
     """
 
@@ -57,6 +59,7 @@ class SchedulerOutput:
     swapped_in: list[Sequence] = dataclasses.field(default_factory=list)
     swap_out_pairs: list[tuple[list[int], list[int]]] = dataclasses.field(default_factory=list)
     swap_in_pairs: list[tuple[list[int], list[int]]] = dataclasses.field(default_factory=list)
+    demote_pairs: list[tuple[list[int], list[int]]] = dataclasses.field(default_factory=list)
     decision: OffloadDecision | None = None
 
     @property
@@ -126,6 +129,7 @@ class SchedulerOutput:
             **_logprob_columns(rows),
             swap_out=_runs(self.swap_out_pairs),
             swap_in=_runs(self.swap_in_pairs),
+            demote=_runs(self.demote_pairs),
         )
 
     def to_cpu_plan(self, cpu: BlockManager) -> CpuAttentionPlan | None:

@@ -86,8 +86,9 @@ class Scheduler:
         self.calibration = PipelineCalibration(config.calibrate_pipeline)
         self.hasher = PrefixHasher(gpu_blocks.block_size, cache_salt) if gpu_blocks.caching else None
         budget = int(config.host_prefix_cache_fraction * cpu_blocks.num_blocks) if cpu_blocks is not None else 0
-        self.host = (HostTier(gpu_blocks, cpu_blocks, budget, prefix_cost.kv_block_bytes(costs) if costs else 0)
-                     if self.hasher is not None and budget > 0 else None)
+        lookahead = 2 * gpu_blocks.blocks_for(config.max_num_batched_tokens)   # two iterations' allocations
+        self.host = (HostTier(gpu_blocks, cpu_blocks, budget, prefix_cost.kv_block_bytes(costs) if costs else 0,
+                              lookahead) if self.hasher is not None and budget > 0 else None)
         self._hit: list[tuple[Place, int]] = []         # the admission under way: its cached prefix
 
     def observe(self, output: SchedulerOutput, forward_s: float) -> None:

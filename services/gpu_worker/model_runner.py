@@ -49,6 +49,9 @@ class ModelRunner:
       (``emulation.py``).
     - ``cpu_stream``: on the CPU device, the one thread launches run on (None on CUDA, where the
       device's stream already runs them behind the host's back).
+    - ``demote_stream``: on CUDA with a host pool, the side stream the prefix cache's demotions run
+      on beside the forward (None: they run in order with the swaps; also under GPU emulation,
+      which paces copies on the main stream); ``demoted``: the event the next plan waits for.
     """
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, device: torch.device,
@@ -74,6 +77,9 @@ class ModelRunner:
             model, self.kv_cache, host, block_size, staging_blocks, device, cpu_timeout_s, stage_graphs, emulator)
         self.emulator = emulator
         self.cpu_stream = None if device.type == "cuda" else ThreadPoolExecutor(1, "cpu-stream")
+        self.demote_stream = (torch.cuda.Stream(device) if device.type == "cuda" and host is not None
+                              and emulator is None else None)
+        self.demoted: torch.cuda.Event | None = None
 
     def close(self) -> None:
         """Let queued work end before the host segment it may read or write goes."""
@@ -118,7 +124,11 @@ class ModelRunner:
         finally:
             self.last_sample = None  # set again only by a successful iteration
         result = IterationResult(iteration_id=plan.iteration_id)
+        if self.demoted is not None:   # the previous plan's demotions end before this plan touches a block
+            torch.cuda.current_stream(self.device).wait_event(self.demoted)
+            self.demoted = None
         self.copy_blocks(plan, timer)
+        self.demote(plan)
         if plan.batch_size == 0:
             timer.mark()   # no forward
             return Launched(result, timer)
@@ -244,21 +254,40 @@ class ModelRunner:
     def copy_blocks(self, plan: IterationPlan, timer: Timer) -> None:
         """Swaps between the pools, queued before the forward (whose rows may read or reuse those
         blocks) without the host waiting; ``timer`` marks their end (the result's ``swap_s``). The
-        host waits only for a plan with CPU rows that swaps out: the CPU may read those blocks."""
-        if not len(plan.swap_out) and not len(plan.swap_in):
+        host waits only for a plan with CPU rows that swaps out: the CPU may read those blocks.
+        Without a side stream (the CPU device, GPU emulation) the plan's demotions go first here."""
+        swap_out = plan.swap_out
+        if self.demote_stream is None and len(plan.demote):
+            swap_out = np.concatenate([np.asarray(plan.demote).reshape(-1, 3), np.asarray(swap_out).reshape(-1, 3)])
+        if not len(swap_out) and not len(plan.swap_in):
             return
         if self.host is None:
             raise ValueError("plan asks for swaps but this worker has no host KV pool")
         if self.emulator:
             self.emulator.main.begin()
-        self.host.swap_out(self.kv_cache, plan.swap_out)
+        self.host.swap_out(self.kv_cache, swap_out)
         self.host.swap_in(self.kv_cache, plan.swap_in)
         if self.emulator:
-            blocks = int(np.asarray(plan.swap_out)[:, 2].sum()) + int(np.asarray(plan.swap_in)[:, 2].sum())
+            blocks = int(np.asarray(swap_out)[:, 2].sum()) + int(np.asarray(plan.swap_in)[:, 2].sum())
             self.emulator.main.copy(blocks * self.kv_cache[:, :, 0].numel() * self.kv_cache.element_size())
         timer.mark_copied()
         if self.device.type == "cuda" and len(plan.swap_out) and np.any(plan.places != Place.GPU):
             torch.cuda.current_stream(self.device).synchronize()
+
+
+    def demote(self, plan: IterationPlan) -> None:
+        """The plan's demotions (``plan.demote``) on the side stream, beside the forward: no row
+        touches those blocks; the next plan waits for them (``demoted``). Without a side stream
+        ``copy_blocks`` ran them."""
+        if self.demote_stream is None or not len(plan.demote):
+            return
+        queued = torch.cuda.Event()
+        queued.record()   # the blocks' KV is what the work queued so far leaves
+        self.demote_stream.wait_event(queued)
+        with torch.cuda.stream(self.demote_stream):
+            self.host.swap_out(self.kv_cache, plan.demote)
+            self.demoted = torch.cuda.Event()
+            self.demoted.record()
 
 
 def kv_block_bytes(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:

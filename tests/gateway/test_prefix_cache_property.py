@@ -4,7 +4,8 @@ scheduling ahead (hypothesis).
 
 Besides the books (reference counts = the tables and reservations that hold each block; every
 block exactly free, evictable or held; no leak once everything ends), a shadow KV memory runs each
-plan as the worker does: swap-outs, then swap-ins, then the forward, which first checks that every
+plan as the worker does: swap-outs, then swap-ins, the demotions beside the forward (whose blocks
+nothing else of the plan may touch), then the forward, which first checks that every
 position a row attends over holds the KV of that row's own tokens (a stale, overwritten or foreign
 block fails), then writes its new positions. So the copy order of shared iterations is checked too.
 """
@@ -59,7 +60,16 @@ class Shadow:
         written = [d for _, d in outs]
         assert len(set(written)) == len(written), "a host block written twice by one plan's swap-outs"
         assert not set(written) & {s for s, _ in ins}, "a host block read by a swap-in is overwritten first"
-        for s, d in outs:
+        # demotions beside the forward: neither side may be touched by anything else of the plan
+        beside = [(s, d) for src, dst in out.demote_pairs for s, d in zip(src, dst)]
+        host_dst = written + [d for _, d in beside]
+        assert len(set(host_dst)) == len(host_dst), "a host block written twice by one plan's copies"
+        rows_touch = {place: {b for p, t in tables if p is place for b in t} for place in (Place.GPU, Place.CPU)}
+        assert not {s for s, _ in beside} & (rows_touch[Place.GPU] | {d for _, d in ins}), \
+            "a GPU block copied beside the forward is written by the plan"
+        assert not {d for _, d in beside} & (rows_touch[Place.CPU] | {s for s, _ in ins}), \
+            "a host block written beside the forward is used by the plan"
+        for s, d in outs + beside:
             self.mem[Place.CPU][d] = list(self.mem[Place.GPU][s])
         for s, d in ins:
             self.mem[Place.GPU][d] = list(self.mem[Place.CPU][s])
@@ -135,6 +145,8 @@ class World:
 
     def note(self, out) -> None:
         TALLY["demotions"] += bool(self.sched.host and out.iteration_id in self.sched.host.demoting)
+        TALLY["demotions_beside"] += bool(out.demote_pairs)
+        TALLY["demotions_at_eviction"] += bool(out.swap_out_pairs and not out.swapped_out)
         TALLY["promotions"] += len(out.swap_in_pairs) > len(out.swapped_in)   # one pair per request swapped in
         TALLY["cpu_direct_steps"] += sum(r.cpu_decode and not r.sample for r in out.rows)
         TALLY["swaps"] += bool(out.swapped_out or out.swapped_in)
@@ -207,5 +219,6 @@ def test_block_accounting_and_kv_contents_under_random_operations():
     run_random()
     # the sequences did reach the paths under test
     for what in ("demotions", "promotions", "cpu_direct_steps", "swaps", "preemptions", "failed_with_demotions",
+                 "demotions_beside", "demotions_at_eviction",
                  "ahead_behind_copies"):
         assert TALLY[what] > 0, (what, dict(TALLY))
