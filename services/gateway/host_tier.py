@@ -36,7 +36,8 @@ class HostTier:
     - ``demoting``: iteration id -> (host block, hash) copies it carries, cached once it has run;
       ``copying`` the hashes of all of them (a block whose copy is under way needs no other).
     - ``lookahead``: blocks the next allocations may take (the engine's token budget of two
-      iterations, in blocks): the GPU blocks they would evict are copied ahead.
+      iterations, in blocks): the GPU blocks they would evict are copied ahead, at most half of
+      them per iteration.
     - ``num_demoted_blocks`` / ``num_promoted_blocks``: blocks copied GPU -> host / host -> GPU for
       the cache, since start (``block_bytes`` each, when the tables gave the geometry; else 0).
     """
@@ -82,7 +83,8 @@ class HostTier:
         forward) and copy ahead those the next ones would evict (beside it), then let go of the
         host blocks held while it was scheduled."""
         evicted = self._copies(self.gpu.take_evicted(), touch=True)
-        ahead = self._copies([(b, self.gpu.hash_of[b]) for b in self._next_evicted()], touch=False) if out.rows else []
+        ahead = (self._copies([(b, self.gpu.hash_of[b]) for b in self._next_evicted()], touch=False,
+                              limit=self.lookahead // 2) if out.rows else [])
         for pairs, runs in ((evicted, out.swap_out_pairs), (ahead, out.demote_pairs)):
             if pairs:
                 runs.append(([p[0] for p in pairs], [p[1] for p in pairs]))
@@ -97,12 +99,16 @@ class HostTier:
         room = self.lookahead - len(self.gpu.free_blocks)
         return list(itertools.islice(self.gpu.evictable, max(0, room)))
 
-    def _copies(self, blocks: list[tuple[int, bytes]], touch: bool) -> list[tuple[int, int, bytes]]:
+    def _copies(self, blocks: list[tuple[int, bytes]], touch: bool,
+                limit: int | None = None) -> list[tuple[int, int, bytes]]:
         """(GPU block, host block, hash) for each of ``blocks`` whose KV the host tier lacks and
-        is not being copied, while host blocks can be taken. With ``touch`` (evicted blocks, in
-        use until now) a copy the tier holds already counts as used now."""
+        is not being copied, while host blocks can be taken (at most ``limit`` of them: one
+        iteration's share of the copies ahead, so that no plan waits long for them). With
+        ``touch`` (evicted blocks, in use until now) a copy the tier holds already counts as used now."""
         pairs = []
         for gpu_block, h in blocks:
+            if limit is not None and len(pairs) >= limit:
+                break
             if h in self.copying:
                 continue
             if self.cpu.cached_block(h) is not None:

@@ -51,6 +51,40 @@ def test_an_evicted_cached_gpu_block_is_copied_to_the_host_before_the_forward_th
     assert plan.swap_out.tolist() and plan.swap_out[:, 2].sum() == 3, "the copies ride the plan's swap-out runs"
 
 
+def test_cached_gpu_blocks_next_in_line_for_eviction_are_copied_ahead_beside_the_forward():
+    sched = scheduler(gpu=12)   # the lookahead (two token budgets) exceeds the pool: every evictable block is next
+    a = seq(1, SYSTEM + [1])
+    sched.add(a)
+    finish(sched, a)            # a's three full blocks are cached and in no table
+    b = seq(2, [700, 701])
+    sched.add(b)
+    out = run(sched)            # nothing is evicted by b's prefill; a's blocks are copied beside it
+    hashes = sched.hasher.hashes(seq(9, SYSTEM + [1]), 3)
+    (src, dst), = out.demote_pairs
+    assert not out.swap_out_pairs and sorted(src) == sorted(sched.gpu.cached[h] for h in hashes)
+    assert not set(src) & set(sched.gpu.table(2)), "a block copied beside the forward is in no table"
+    assert sorted(sched.cpu.cached[h] for h in hashes) == sorted(dst), "cached in the host tier once it ran"
+    assert out.to_plan(sched.gpu, sched.cpu).demote[:, 2].sum() == 3
+    assert not run(sched).demote_pairs, "a block the host tier holds is not copied again"
+    c = seq(3, list(range(500, 500 + 12 * BS - 4)))   # the whole pool: evicts a's blocks, whose KV is on the host
+    sched.add(c)
+    out = run(sched)
+    assert not out.swap_out_pairs and not sched.gpu.cached.keys() & set(hashes)
+    assert sched.host.num_demoted_blocks == 3 and sorted(sched.cpu.cached[h] for h in hashes) == sorted(dst)
+
+
+def test_copies_ahead_stop_at_half_the_lookahead_per_iteration():
+    sched = scheduler(gpu=5)
+    sched.host.lookahead = 4    # two blocks per iteration, while fewer than four blocks are free
+    a = seq(1, SYSTEM + [1])
+    sched.add(a)
+    finish(sched, a)
+    b = seq(2, [700, 701])
+    sched.add(b)
+    counts = [sum(len(src) for src, _ in run(sched).demote_pairs) for _ in range(3)]
+    assert counts == [2, 1, 0], counts
+
+
 def test_a_host_hit_is_swapped_in_and_the_prefill_starts_after_it():
     sched = scheduler()
     _, b, _ = demoted_system(sched)
