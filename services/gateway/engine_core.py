@@ -297,9 +297,8 @@ class EngineCore:
                 continue
             try:
                 await self._iterate(sched, output, t_start)
-            except Exception as exc:  # noqa: BLE001 (the loop must survive; the requests in it may not)
-                log.exception("iteration %d failed in the engine core", output.iteration_id)
-                self._fail_rows(output, f"internal error: {type(exc).__name__}: {exc}")
+            except Exception:  # noqa: BLE001 (the loop must survive; _iterate failed the requests it held)
+                log.exception("an iteration failed in the engine core")
             self._flush()
 
     async def _iterate(self, sched: Scheduler, output: SchedulerOutput, t_start: float) -> None:
@@ -313,8 +312,11 @@ class EngineCore:
         generation = self.link.generation
         sent: list[SchedulerOutput] = []  # sent, reply not read yet (at most two)
         masked: set[int] = set()          # deferred-mask plans whose masks were sent
+        unsent: SchedulerOutput | None = output   # scheduled, not sent yet
+        applying: SchedulerOutput | None = None   # its result is being applied, its rows not all emitted
         try:
             await self._send(sched, output, sent)
+            unsent = None
             while sent:
                 current = sent[0]
                 if self.config.scheduler.async_scheduling and len(sent) == 1:
@@ -331,22 +333,28 @@ class EngineCore:
                     return
                 finally:
                     self._drain_cpu_errors()
-                sent.pop(0)
+                applying = sent.pop(0)
                 updates = self._advance(current, result)
-                if sent and sent[0].bitmask_deferred:   # first: the device waits on them
-                    await self._send_masks(sent[0], masked)
-                elif not sent:
-                    await self._send_next(sched, sent)  # the device is idle: the rows can wait for it
-                self._emit(current, result, updates)
+                try:
+                    if sent and sent[0].bitmask_deferred:   # first: the device waits on them
+                        await self._send_masks(sent[0], masked)
+                    elif not sent:
+                        await self._send_next(sched, sent)  # the device is idle: the rows can wait for it
+                finally:   # the rows go out whatever became of the next send (a finished request's last one too)
+                    self._emit(current, result, updates)
+                applying = None
                 sched.observe(current, result.forward_s - result.swap_s)
                 now = time.perf_counter()
                 self._flush(self._iteration_stats(current, result, now - t_start))
                 t_start = now
         except WorkerDown as exc:
             self._fail_running(str(exc))
-        except Exception:
-            for out in sent:
-                self._fail_rows(out, "internal error in the engine core")
+        except Exception as exc:
+            message = f"internal error in the engine core: {type(exc).__name__}: {exc}"
+            if applying is not None:   # requests it finished may not have had their last row
+                self._fail_rows(applying, message, finished_too=True)
+            for out in ([unsent] if unsent is not None else []) + sent:
+                self._fail_rows(out, message)
             await self._discard_replies(sent, generation, masked)  # the next iteration must not read them
             raise
 
@@ -508,13 +516,14 @@ class EngineCore:
             return FinishReason.STOP
         return reason
 
-    def _fail_rows(self, output: SchedulerOutput, message: str) -> None:
+    def _fail_rows(self, output: SchedulerOutput, message: str, finished_too: bool = False) -> None:
         """End the requests of a failed iteration, and those it moved between pools (their copies
-        may not have happened, so their KV cannot be trusted)."""
+        may not have happened, so their KV cannot be trusted). ``finished_too``: also those the
+        scheduler finished but the API server has not heard of (their result was being applied)."""
         seqs = {r.seq.seq_id: r.seq for r in output.rows}
         seqs.update((s.seq_id, s) for s in output.swapped_out + output.swapped_in)
         for seq in seqs.values():
-            if seq.seq_id in self.requests and seq.status is SeqStatus.RUNNING:   # not finished, nor requeued
+            if seq.seq_id in self.requests and (finished_too or seq.status is SeqStatus.RUNNING):
                 self.abort(seq, FinishReason.ERROR)
                 self.outputs.fail(seq.seq_id, message)
 

@@ -115,11 +115,24 @@ class HostTier:
                 if touch:
                     self.cpu.take_for_copy(h)   # moves it to the LRU's recent end; takes nothing
                 continue
+            if not touch and not self._room_ahead():
+                break
             host_block = self.cpu.take_for_copy(h)
             if host_block is None:
                 break
             pairs.append((gpu_block, host_block, h))
         return pairs
+
+    def _room_ahead(self) -> bool:
+        """Whether a copy ahead may take a host block: a free one while the tier is under its
+        budget, else the room of the tier's least recently used entry if that is not a copy ahead
+        itself (its KV still cached on the GPU).
+        A tier smaller than the lookahead would otherwise evict one copy ahead for the next and
+        copy the same blocks again every iteration."""
+        if self.cpu.free_blocks and len(self.cpu.evictable) + self.num_pending < (self.cpu.budget or 0):
+            return True
+        victim = next(iter(self.cpu.evictable), None)
+        return victim is not None and self.gpu.cached_block(self.cpu.hash_of[victim]) is None
 
     def confirm(self, iteration_id: int) -> None:
         """Iteration ``iteration_id`` ran: its demoted blocks join the host tier. Earlier ones

@@ -46,6 +46,8 @@ class Dma2d:
                        ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
         fn.restype = ctypes.c_int
         self._fn = fn
+        self._clear_error = lib.cudaGetLastError
+        self._clear_error.restype = ctypes.c_int
 
     @classmethod
     def load(cls) -> "Dma2d | None":
@@ -69,5 +71,6 @@ class Dma2d:
         err = self._fn(dst.data_ptr(), dst_pitch, src.data_ptr(), src_pitch, width, height,
                        _CUDA_MEMCPY_DEFAULT, stream)
         if err:
+            self._clear_error()   # else torch's next launch check reports it against another kernel
             raise RuntimeError(f"cudaMemcpy2DAsync failed with CUDA error {err} "
                                f"(width {width}, height {height}, pitches {dst_pitch}/{src_pitch})")

@@ -18,6 +18,8 @@ from neo_gpu_worker.cuda_dma import MAX_PITCH, Dma2d
 
 log = logging.getLogger(__name__)
 
+STAGING_BYTES = 64 * 2**20   # KV one swap stages on the device at a time (a swap may be a whole 32k context)
+
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -57,29 +59,32 @@ class HostKv:
     # -- copies between the GPU pool layout [blocks, bs, H, D] and the host's [blocks, H, bs, D] ----
     def swap_out(self, kv_cache: torch.Tensor, runs) -> None:
         """GPU pool blocks -> host pool blocks, all layers; ``runs`` rows are (gpu, host, count).
-        On CUDA the copy is queued on the current stream (the host does not wait): one gather of
-        every run's blocks into the host layout, then one DMA per run and side. Work queued after
-        it on the stream (the forward overwriting those GPU blocks) runs after it."""
+        On CUDA the copy is queued on the current stream (the host does not wait), in chunks of at
+        most :data:`STAGING_BYTES`: a gather of the chunk's blocks into the host layout, then one
+        DMA per run and side. Work queued after it on the stream (the forward overwriting those
+        GPU blocks) runs after it."""
         runs = np.asarray(runs, np.int64).reshape(-1, 3)
         if not len(runs) or self._copy_on_cpu(kv_cache, runs, to_host=True):
             return
-        blocks = to_device(kv_cache.device)(_block_ids(runs[:, 0], runs[:, 2]))
-        staged = kv_cache[:, :, blocks].permute(1, 0, 2, 4, 3, 5).contiguous()   # [2, L, N, H, bs, D]
-        self._copy_runs(staged, runs[:, 1], runs[:, 2], to_host=True)
+        for chunk in _chunks(runs, _staged_blocks(kv_cache)):
+            blocks = to_device(kv_cache.device)(_block_ids(chunk[:, 0], chunk[:, 2]))
+            staged = kv_cache[:, :, blocks].permute(1, 0, 2, 4, 3, 5).contiguous()   # [2, L, N, H, bs, D]
+            self._copy_runs(staged, chunk[:, 1], chunk[:, 2], to_host=True)
 
     def swap_in(self, kv_cache: torch.Tensor, runs) -> None:
         """Host pool blocks -> GPU pool blocks, all layers; ``runs`` rows are (host, gpu, count).
-        On CUDA queued on the current stream like :meth:`swap_out`: one DMA per run and side into
-        a staging tensor, then one scatter into the pool."""
+        On CUDA queued on the current stream like :meth:`swap_out`, chunk by chunk: one DMA per
+        run and side into a staging tensor, then one scatter into the pool."""
         runs = np.asarray(runs, np.int64).reshape(-1, 3)
         if not len(runs) or self._copy_on_cpu(kv_cache, runs, to_host=False):
             return
         layers, _, _, block_size, heads, head_dim = kv_cache.shape
-        staged = torch.empty((2, layers, int(runs[:, 2].sum()), heads, block_size, head_dim),
-                             dtype=kv_cache.dtype, device=kv_cache.device)
-        self._copy_runs(staged, runs[:, 0], runs[:, 2], to_host=False)
-        blocks = to_device(kv_cache.device)(_block_ids(runs[:, 1], runs[:, 2]))
-        kv_cache[:, :, blocks] = staged.permute(1, 0, 2, 4, 3, 5)
+        for chunk in _chunks(runs, _staged_blocks(kv_cache)):
+            staged = torch.empty((2, layers, int(chunk[:, 2].sum()), heads, block_size, head_dim),
+                                 dtype=kv_cache.dtype, device=kv_cache.device)
+            self._copy_runs(staged, chunk[:, 0], chunk[:, 2], to_host=False)
+            blocks = to_device(kv_cache.device)(_block_ids(chunk[:, 1], chunk[:, 2]))
+            kv_cache[:, :, blocks] = staged.permute(1, 0, 2, 4, 3, 5)
 
     def _copy_on_cpu(self, kv_cache: torch.Tensor, runs: np.ndarray, to_host: bool) -> bool:
         """The swap as strided copies, every layer of a run and side at once, when the pool is on
@@ -145,6 +150,28 @@ class HostKv:
             self.pinned = False
         self.segment.close()
         self.segment.unlink()
+
+
+def _staged_blocks(kv_cache: torch.Tensor) -> int:
+    """Blocks (every layer, both sides) one staging chunk holds."""
+    per_block = kv_cache[:, :, 0].numel() * kv_cache.element_size()
+    return max(1, STAGING_BYTES // per_block)
+
+
+def _chunks(runs: np.ndarray, max_blocks: int):
+    """``runs`` (src, dst, count) regrouped into chunks of at most ``max_blocks`` blocks, a run
+    longer than that split across chunks."""
+    chunk, size = [], 0
+    for src, dst, n in runs.tolist():
+        while n:
+            take = min(n, max_blocks - size)
+            chunk.append((src, dst, take))
+            src, dst, n, size = src + take, dst + take, n - take, size + take
+            if size == max_blocks:
+                yield np.array(chunk, np.int64)
+                chunk, size = [], 0
+    if chunk:
+        yield np.array(chunk, np.int64)
 
 
 def _block_ids(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -118,15 +118,15 @@ class ModelRunner:
         return self._sample(forwarded, (plan.bitmask, plan.bitmask_index))
 
     def _forward(self, plan: IterationPlan) -> "Forwarded | Launched":
-        timer = Timer(self.device)
+        if self.demoted is not None:   # the previous plan's demotions end before this plan touches a block
+            torch.cuda.current_stream(self.device).wait_event(self.demoted)
+            self.demoted = None
+        timer = Timer(self.device)     # (after that wait: this plan's times are its own)
         try:
             fill = self._placeholders(plan)
         finally:
             self.last_sample = None  # set again only by a successful iteration
         result = IterationResult(iteration_id=plan.iteration_id)
-        if self.demoted is not None:   # the previous plan's demotions end before this plan touches a block
-            torch.cuda.current_stream(self.device).wait_event(self.demoted)
-            self.demoted = None
         self.copy_blocks(plan, timer)
         self.demote(plan)
         if plan.batch_size == 0:

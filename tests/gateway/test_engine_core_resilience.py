@@ -93,3 +93,61 @@ def test_a_failing_iteration_fails_its_requests_and_the_loop_goes_on(tmp_path):
     assert token == NO_TOKEN and finish_reason(finish) == "error" and "simulated bug" in details["error"]
     token, finish, details = second[-1]
     assert token == 2 and finish_reason(finish) == "stop" and "error" not in details
+
+
+def test_a_worker_lost_while_the_next_plan_is_sent_still_delivers_the_finished_requests_last_rows(tmp_path):
+    """The core sends the next plan before it emits the rows of the result it just applied; if the
+    worker is gone by then, a request that result finished still gets its last row (and its finish),
+    and the one that would have run next fails with the worker's error instead of hanging."""
+    from neo_gateway.worker_link import WorkerDown
+
+    tokenizer = TextTokenizer.from_gguf(embedded_gguf_path())
+
+    async def scenario() -> dict:
+        ctx = zmq.asyncio.Context()
+        config = NeoConfig.from_args(["--runtime-dir", str(tmp_path / "run"), "--async-scheduling", "false"], env={})
+        rows: dict = {}
+        done = asyncio.Event()
+
+        def emit(msg) -> None:
+            if isinstance(msg, EngineCoreOutputs):
+                for i, sid in enumerate(msg.seq_ids.tolist()):
+                    rows.setdefault(sid, []).append((int(msg.token_ids[i]), finish_reason(int(msg.finish[i]))))
+                if all(r and r[-1][1] is not None for r in (rows.get(1), rows.get(2))):
+                    done.set()
+
+        engine = EngineCore(config, tokenizer, ctx, "m", emit)
+        engine.link.ready = WorkerReady(num_gpu_blocks=16, block_size=16, max_model_len=256,
+                                        geometry=GEOMETRIES["smollm2-135m"])
+        replies: list[IterationResult] = []
+
+        async def fake_worker_send(plan, awaits_reply=False):
+            """A FAKE worker that answers its first plan (token 9 for every sampled row) and is gone
+            when the second is sent."""
+            if replies or plan.iteration_id > 1:
+                raise WorkerDown("the GPU worker went away")
+            rows_ = np.flatnonzero(plan.sample)
+            replies.append(IterationResult(iteration_id=plan.iteration_id, seq_ids=plan.seq_ids[rows_],
+                                           token_ids=np.full(len(rows_), 9, np.int32)))
+
+        async def fake_worker_reply(generation, iteration_id):
+            return replies.pop(0)
+
+        engine.link.send, engine.link.reply = fake_worker_send, fake_worker_reply
+        engine._adopt_worker()
+        try:
+            for seq_id, max_tokens in ((1, 1), (2, 5)):   # 1 ends on the first plan's token, 2 goes on
+                engine.add(AddRequest(seq_id=seq_id, request_id=str(seq_id), prompt_ids=np.array([5, 6, 7], np.int32),
+                                      params=SamplingParams(max_tokens=max_tokens, temperature=0,
+                                                            ignore_eos=True).to_wire()))
+            engine._loop_task = asyncio.create_task(engine._loop())
+            await asyncio.wait_for(done.wait(), 10)
+            engine._loop_task.cancel()
+            await asyncio.gather(engine._loop_task, return_exceptions=True)
+            return rows
+        finally:
+            ctx.destroy(linger=0)
+
+    rows = asyncio.run(scenario())
+    assert rows[1] == [(9, "length")], rows
+    assert rows[2][-1][1] == "error", rows

@@ -85,6 +85,29 @@ def test_copies_ahead_stop_at_half_the_lookahead_per_iteration():
     assert counts == [2, 1, 0], counts
 
 
+def test_a_host_tier_smaller_than_the_lookahead_is_not_refilled_with_copies_ahead_every_iteration():
+    """Copies ahead that would evict each other (the tier holds fewer blocks than the lookahead)
+    stop once the tier is all copies ahead, instead of copying the same blocks again each time."""
+    from neo_gateway.host_tier import HostTier
+    from neo_gateway.schedule_output import SchedulerOutput
+
+    gpu, cpu = BlockManager(64, BS, Place.GPU, caching=True), BlockManager(16, BS, Place.CPU)
+    tier = HostTier(gpu, cpu, budget=16, lookahead=32)
+    gpu.allocate(1, BS * 64)
+    for i, block in enumerate(gpu.tables[1]):   # 64 cached blocks that no request holds any more
+        gpu.hash_of[block], gpu.cached[bytes([i])] = bytes([i]), block
+    gpu.free(1)
+    gpu.allocate(2, BS * 8)                      # a running request: 8 blocks taken from the LRU end
+    copied = []
+    for it in range(1, 6):
+        out = SchedulerOutput(it, [], [])
+        out.rows.append(None)                    # (a plan with rows: copies ahead ride it)
+        tier.flush(out)
+        tier.confirm(it)
+        copied.append(tier.num_demoted_blocks)
+    assert copied[1] == copied[-1] <= 16 + 8 + 8, copied   # 8 demoted at eviction, then at most the tier's 16
+
+
 def test_a_host_hit_is_swapped_in_and_the_prefill_starts_after_it():
     sched = scheduler()
     _, b, _ = demoted_system(sched)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from neo_common.segment import KvSegment, SegmentLayout
+from neo_gpu_worker import host_kv
 from neo_gpu_worker.host_kv import HostKv
 
 
@@ -139,10 +140,22 @@ def test_swaps_move_every_layer_of_each_run_between_the_layouts():
         host.close()
 
 
+def test_staging_chunks_split_runs_and_keep_every_block_once():
+    runs = np.array([[0, 10, 5], [7, 2, 1], [20, 30, 6]], np.int64)
+    chunks = list(host_kv._chunks(runs, 4))
+    assert [int(c[:, 2].sum()) for c in chunks] == [4, 4, 4]
+    flat = [(s + i, d + i) for c in chunks for s, d, n in c.tolist() for i in range(n)]
+    assert flat == [(s + i, d + i) for s, d, n in runs.tolist() for i in range(n)]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the GPU host runs it)")
 @pytest.mark.parametrize("two_d", [True, False], ids=["dma-2d", "per-layer"])
-def test_cuda_swaps_match_the_reference_with_and_without_the_2d_copy(two_d):
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "chunks-of-2-blocks"])
+def test_cuda_swaps_match_the_reference_with_and_without_the_2d_copy(two_d, chunked, monkeypatch):
     lay = layout()
+    if chunked:   # two blocks of every layer and side per staging chunk: runs split across chunks
+        block = 2 * lay.num_layers * lay.num_kv_heads * lay.block_size * lay.head_dim * 2
+        monkeypatch.setattr(host_kv, "STAGING_BYTES", 2 * block)
     host = HostKv(f"neo-test-hostkv-swap-cuda-{os.getpid()}", lay)
     try:
         assert host.dma is not None, "libcudart not found: the 2-D copy is off on this GPU host"
