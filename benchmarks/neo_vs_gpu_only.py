@@ -472,6 +472,8 @@ def run_all(args: argparse.Namespace, rates: list[float], measure=measure) -> tu
             try:
                 runs.append(measure(args, server, model, mode, rep, rates))
                 scraped[mode] = summarize_metrics(server.get("/metrics"))
+                # each run's figures as soon as it ends: a benchmark stopped part-way keeps them
+                log.info("measured rep %d mode %s: %s", rep, mode, json.dumps(runs[-1], default=str))
             except Exception as exc:  # noqa: BLE001
                 log.error("rep %d mode %s failed: %s", rep, mode, exc)
                 runs.append({"mode": mode, "rep": rep, "error": f"{type(exc).__name__}: {exc}", "online": [],
