@@ -82,9 +82,8 @@ class HostTier:
         """Demote the cached GPU blocks this iteration's allocations evicted uncopied (before its
         forward) and copy ahead those the next ones would evict (beside it), then let go of the
         host blocks held while it was scheduled."""
-        evicted = self._copies(self.gpu.take_evicted(), touch=True)
-        ahead = (self._copies([(b, self.gpu.hash_of[b]) for b in self._next_evicted()], touch=False,
-                              limit=self.lookahead // 2) if out.rows else [])
+        evicted = self._demotions(self.gpu.take_evicted())
+        ahead = self._copies_ahead() if out.rows else []
         for pairs, runs in ((evicted, out.swap_out_pairs), (ahead, out.demote_pairs)):
             if pairs:
                 runs.append(([p[0] for p in pairs], [p[1] for p in pairs]))
@@ -94,30 +93,35 @@ class HostTier:
             self.num_demoted_blocks += len(evicted) + len(ahead)
         self.cpu.release_held()
 
-    def _next_evicted(self) -> list[int]:
-        """The cached GPU blocks the next ``lookahead`` allocations would evict, oldest first."""
-        room = self.lookahead - len(self.gpu.free_blocks)
-        return list(itertools.islice(self.gpu.evictable, max(0, room)))
-
-    def _copies(self, blocks: list[tuple[int, bytes]], touch: bool,
-                limit: int | None = None) -> list[tuple[int, int, bytes]]:
-        """(GPU block, host block, hash) for each of ``blocks`` whose KV the host tier lacks and
-        is not being copied, while host blocks can be taken (at most ``limit`` of them: one
-        iteration's share of the copies ahead, so that no plan waits long for them). With
-        ``touch`` (evicted blocks, in use until now) a copy the tier holds already counts as used now."""
+    def _demotions(self, evicted: list[tuple[int, bytes]]) -> list[tuple[int, int, bytes]]:
+        """(GPU block, host block, hash) for each evicted cached block whose KV the host tier lacks
+        and is not being copied, while host blocks can be taken; one the tier holds counts as used
+        now (it was in use on the GPU until now)."""
         pairs = []
-        for gpu_block, h in blocks:
-            if limit is not None and len(pairs) >= limit:
-                break
+        for gpu_block, h in evicted:
             if h in self.copying:
                 continue
-            if self.cpu.cached_block(h) is not None:
-                if touch:
-                    self.cpu.take_for_copy(h)   # moves it to the LRU's recent end; takes nothing
-                continue
-            if not touch and not self._room_ahead():
+            host_block = self.cpu.take_for_copy(h)   # None: the tier holds h (now its most recent) or has no room
+            if host_block is not None:
+                pairs.append((gpu_block, host_block, h))
+            elif self.cpu.cached_block(h) is None:
                 break
-            host_block = self.cpu.take_for_copy(h)
+        return pairs
+
+    def _copies_ahead(self) -> list[tuple[int, int, bytes]]:
+        """(GPU block, host block, hash) for the cached GPU blocks the next ``lookahead``
+        allocations would evict (oldest first) whose KV the host tier lacks and is not being
+        copied: at most half the lookahead (one iteration's share, so that no plan waits long for
+        them), while ``_room_ahead``."""
+        pairs = []
+        room = self.lookahead - len(self.gpu.free_blocks)
+        for gpu_block in itertools.islice(self.gpu.evictable, max(0, room)):
+            if len(pairs) >= self.lookahead // 2:
+                break
+            h = self.gpu.hash_of[gpu_block]
+            if h in self.copying or self.cpu.cached_block(h) is not None:
+                continue
+            host_block = self.cpu.take_for_copy(h) if self._room_ahead() else None
             if host_block is None:
                 break
             pairs.append((gpu_block, host_block, h))

@@ -157,8 +157,9 @@ class Scheduler:
         ``prev`` decodes the token ``prev`` samples for it, a placeholder the worker fills from its
         own last sample. Only for steady decoding on the GPU (nothing waiting, no request moving
         between pools, every row of ``prev`` sampling; the prefix cache's demotions and promotions
-        may ride either plan: the worker orders every plan's copies before the next plan's work); None otherwise, or when blocks run short: the caller then
-        waits for ``prev`` and schedules normally. A request that ends on ``prev``'s token by
+        may ride either plan: the worker orders every plan's copies before the next plan's work);
+        None otherwise, or when blocks run short: the caller then waits for ``prev`` and schedules
+        normally. A request that ends on ``prev``'s token by
         length is left out; one that ends by a stop token runs one wasted row, discarded by
         ``update`` (its blocks are reused only by later iterations, which the worker runs after).
         A request with a grammar (structured outputs) is scheduled ahead too: its mask needs the

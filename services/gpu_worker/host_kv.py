@@ -64,7 +64,10 @@ class HostKv:
         DMA per run and side. Work queued after it on the stream (the forward overwriting those
         GPU blocks) runs after it."""
         runs = np.asarray(runs, np.int64).reshape(-1, 3)
-        if not len(runs) or self._copy_on_cpu(kv_cache, runs, to_host=True):
+        if not len(runs):
+            return
+        if not kv_cache.is_cuda:
+            self._copy_on_cpu(kv_cache, runs, to_host=True)
             return
         for chunk in _chunks(runs, _staged_blocks(kv_cache)):
             blocks = to_device(kv_cache.device)(_block_ids(chunk[:, 0], chunk[:, 2]))
@@ -76,7 +79,10 @@ class HostKv:
         On CUDA queued on the current stream like :meth:`swap_out`, chunk by chunk: one DMA per
         run and side into a staging tensor, then one scatter into the pool."""
         runs = np.asarray(runs, np.int64).reshape(-1, 3)
-        if not len(runs) or self._copy_on_cpu(kv_cache, runs, to_host=False):
+        if not len(runs):
+            return
+        if not kv_cache.is_cuda:
+            self._copy_on_cpu(kv_cache, runs, to_host=False)
             return
         layers, _, _, block_size, heads, head_dim = kv_cache.shape
         for chunk in _chunks(runs, _staged_blocks(kv_cache)):
@@ -86,18 +92,14 @@ class HostKv:
             blocks = to_device(kv_cache.device)(_block_ids(chunk[:, 1], chunk[:, 2]))
             kv_cache[:, :, blocks] = staged.permute(1, 0, 2, 4, 3, 5)
 
-    def _copy_on_cpu(self, kv_cache: torch.Tensor, runs: np.ndarray, to_host: bool) -> bool:
-        """The swap as strided copies, every layer of a run and side at once, when the pool is on
-        the CPU device (True); False on CUDA."""
-        if kv_cache.is_cuda:
-            return False
+    def _copy_on_cpu(self, kv_cache: torch.Tensor, runs: np.ndarray, to_host: bool) -> None:
+        """The swap on the CPU device: strided copies, every layer of a run and side at once."""
         for a, b, n in runs.tolist():
             gpu_start, host_start = (a, b) if to_host else (b, a)
             for side, pool in enumerate((self.k_pool, self.v_pool)):
                 pooled = kv_cache[:, side, gpu_start:gpu_start + n].transpose(-3, -2)
                 host = pool[:, host_start:host_start + n]
                 (host if to_host else pooled).copy_(pooled if to_host else host)
-        return True
 
     def _copy_runs(self, staged: torch.Tensor, host_starts: np.ndarray, counts: np.ndarray,
                    to_host: bool) -> None:

@@ -274,7 +274,6 @@ class ModelRunner:
         if self.device.type == "cuda" and len(plan.swap_out) and np.any(plan.places != Place.GPU):
             torch.cuda.current_stream(self.device).synchronize()
 
-
     def demote(self, plan: IterationPlan) -> None:
         """The plan's demotions (``plan.demote``) on the side stream, beside the forward: no row
         touches those blocks; the next plan waits for them (``demoted``). Without a side stream
